@@ -1,0 +1,1 @@
+"""fxquant backends: ways to run a QuantizedModel faster than its reference ops."""

@@ -1,0 +1,23 @@
+"""fxquant: post-training quantization of diffusion models as a torch.fx compiler plugin.
+
+    qmodel = fxquant.quantize(model, "w8a8", calibration)
+    fxquant.save(qmodel, "out/"); qmodel = fxquant.load("out/")
+    fast = torch.compile(qmodel, backend="fxquant")
+"""
+
+from . import ops  # noqa: F401  (registers the fxquant custom ops)
+from .api import convert, inspect_passes, prepare, quantize, quantize_pipeline
+from .checkpoint import load, save
+from .config import RECIPES, QuantConfig, W8A8DynamicConfig, W8A8StaticConfig, get_config
+from .errors import CalibrationError, CaptureError, CheckpointError, FxquantError, RecipeError
+from .model import PreparedModel, QuantizedModel
+from .plan import LayerPlan, QuantPlan
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "prepare", "convert", "quantize", "quantize_pipeline", "inspect_passes", "save", "load",
+    "QuantConfig", "W8A8DynamicConfig", "W8A8StaticConfig", "RECIPES", "get_config",
+    "QuantPlan", "LayerPlan", "PreparedModel", "QuantizedModel",
+    "FxquantError", "CaptureError", "RecipeError", "CalibrationError", "CheckpointError",
+]

@@ -1,0 +1,133 @@
+"""The public verbs: prepare, convert, quantize, quantize_pipeline, inspect_passes.
+
+    prepared = fxquant.prepare(model, recipe="w8a8")     # capture + annotate + observe
+    ... call `prepared` like the model (or put it in a diffusers pipeline and generate) ...
+    qmodel = fxquant.convert(prepared)                    # calibrate + lower: packed int8 weights
+
+The model is converted in place (its quantized layers are replaced); deepcopy it first to keep a float copy.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .capture import bind_arguments, capture
+from .config import QuantConfig, get_config
+from .errors import CalibrationError, FxquantError
+from .model import PreparedModel, QuantizedModel
+from .passes import CONVERT_PASSES, PASS_NAMES, PREPARE_PASSES, run_passes
+from .state import QuantState
+
+Calibration = Iterable[dict[str, Any]] | Callable[[PreparedModel], Any]
+DENOISER_ATTRIBUTES = ("transformer", "unet")
+
+
+def prepare(model: nn.Module, recipe: str | QuantConfig = "w8a8",
+            example_kwargs: dict[str, Any] | None = None) -> PreparedModel:
+    """Wrap `model` for calibration under `recipe`. Its graph is captured from `example_kwargs` if given, else
+    from the first call."""
+    if isinstance(model, (PreparedModel, QuantizedModel)):
+        raise FxquantError(f"The model is already a {type(model).__name__}; pass the original float model.")
+    if not isinstance(model, nn.Module):
+        raise FxquantError(f"prepare expects a torch.nn.Module, got {type(model).__name__}.")
+    config = get_config(recipe)
+    model.eval()
+    state = QuantState(model=model, config=config)
+    prepared = PreparedModel(model, state, lambda s: run_passes(s, PREPARE_PASSES))
+    if example_kwargs is not None:
+        prepared.capture_and_prepare(bind_arguments(model, (), example_kwargs))
+    return prepared
+
+
+def convert(prepared: PreparedModel) -> QuantizedModel:
+    """Calibrated PreparedModel -> QuantizedModel with packed int8 weights (in place)."""
+    if not isinstance(prepared, PreparedModel):
+        raise FxquantError(f"convert expects the PreparedModel returned by fxquant.prepare, got {type(prepared).__name__}.")
+    state = prepared._state
+    if state.captured is None:
+        raise CalibrationError(
+            "convert() was called before any calibration: call the prepared model (or a pipeline that holds it) on "
+            "representative inputs first, or use fxquant.quantize(model, recipe, calibration)."
+        )
+    run_passes(state, CONVERT_PASSES)
+    prepared._converted = True
+    return QuantizedModel(state.model, state.plan)
+
+
+def calibrate(prepared: PreparedModel, calibration: Calibration, description: str = "calibrating") -> None:
+    """Run `calibration` through `prepared`: a callable(prepared) or an iterable of forward-kwargs dicts."""
+    if callable(calibration) and not isinstance(calibration, (list, tuple)):
+        calibration(prepared)
+        return
+    batches = list(calibration)
+    for kwargs in tqdm(batches, desc=description, unit="batch"):
+        prepared(**kwargs)
+
+
+def quantize(model: nn.Module, recipe: str | QuantConfig, calibration: Calibration) -> QuantizedModel:
+    """prepare + calibrate + convert in one call."""
+    prepared = prepare(model, recipe)
+    calibrate(prepared, calibration)
+    return convert(prepared)
+
+
+def find_denoiser(pipe) -> str:
+    """Name of the pipeline attribute holding the denoiser ("transformer" or "unet")."""
+    for name in DENOISER_ATTRIBUTES:
+        if isinstance(getattr(pipe, name, None), nn.Module):
+            return name
+    raise FxquantError(
+        f"{type(pipe).__name__} has no denoiser at .transformer or .unet; pass the denoiser to fxquant.quantize."
+    )
+
+
+def quantize_pipeline(pipe, recipe: str | QuantConfig, prompts: list[str], num_inference_steps: int = 20,
+                      batch_size: int = 4, seed: int = 0, **pipe_kwargs) -> Any:
+    """Quantize a diffusers pipeline's denoiser by calibrating through the pipeline itself.
+
+    The prompts are generated in batches (latents only, no VAE decode) with the prepared denoiser in place; then
+    the QuantizedModel is swapped in and the pipeline is returned, ready to generate.
+    """
+    if not prompts:
+        raise CalibrationError("quantize_pipeline needs at least one calibration prompt.")
+    name = find_denoiser(pipe)
+    prepared = prepare(getattr(pipe, name), recipe)
+    setattr(pipe, name, prepared)
+    accepts_output_type = "output_type" in inspect.signature(pipe.__call__).parameters
+    extra = {"output_type": "latent"} if accepts_output_type and "output_type" not in pipe_kwargs else {}
+    try:
+        for start in tqdm(range(0, len(prompts), batch_size), desc=f"calibrating {recipe if isinstance(recipe, str) else recipe.name}", unit="batch"):
+            batch = prompts[start:start + batch_size]
+            generator = torch.Generator("cpu").manual_seed(seed + start)
+            pipe(batch, num_inference_steps=num_inference_steps, generator=generator, **extra, **pipe_kwargs)
+        qmodel = convert(prepared)
+    except BaseException:
+        setattr(pipe, name, prepared.model if not prepared._converted else prepared)
+        raise
+    setattr(pipe, name, qmodel)
+    return pipe
+
+
+def inspect_passes(model: nn.Module, recipe: str | QuantConfig, calibration: Calibration, until: str) -> QuantState:
+    """Run the compiler up to and including pass `until` and return its state (graph, plan, observers).
+
+    For users and tests who look inside: e.g. `inspect_passes(m, "w8a8", [kwargs], until="annotate").plan`.
+    """
+    if until not in PASS_NAMES:
+        raise ValueError(f"Unknown pass {until!r}; passes are {PASS_NAMES}.")
+    prepared = prepare(model, recipe)
+    state = prepared._state
+    batches = [calibration] if isinstance(calibration, dict) else list(calibration)
+    if until == "annotate":
+        state.captured = capture(model, bind_arguments(model, (), batches[0]))
+        return run_passes(state, ("annotate",))
+    calibrate(prepared, batches)
+    stop = PASS_NAMES.index(until)
+    run_passes(state, tuple(name for name in CONVERT_PASSES if PASS_NAMES.index(name) <= stop))
+    return state

@@ -1,0 +1,92 @@
+"""PreparedModel and QuantizedModel: modules callable exactly like the model they wrap.
+
+Both forward every call to the wrapped model and every unknown attribute too (`.config`, `.dtype`, ...), so a
+diffusers pipeline accepts them in place of its transformer / unet.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .capture import bind_arguments, capture
+from .errors import CalibrationError
+from .plan import QuantPlan
+from .state import QuantState
+
+
+class _Wrapper(nn.Module):
+    """Holds `self.model` and answers attribute look-ups the wrapper does not know from it."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["model"], name)
+
+
+class PreparedModel(_Wrapper):
+    """The model with observers attached. Call it like the model to calibrate; then `fxquant.convert(it)`.
+
+    The graph is captured on the first call (or at prepare time when example inputs were given); observers are
+    attached to the layers the plan quantizes. Calibration runs in full precision: outputs are the model's own.
+    """
+
+    def __init__(self, model: nn.Module, state: QuantState, prepare_passes):
+        super().__init__(model)
+        self._state = state
+        self._prepare_passes = prepare_passes
+        self._converted = False
+
+    @property
+    def plan(self) -> QuantPlan | None:
+        return self._state.plan
+
+    def capture_and_prepare(self, kwargs: dict[str, Any]) -> None:
+        """Capture the graph from one call's inputs and run the prepare passes."""
+        self._state.captured = capture(self.model, kwargs)
+        self._prepare_passes(self._state)
+
+    def forward(self, *args, **kwargs):
+        if self._converted:
+            raise CalibrationError(
+                "This prepared model has been converted; its layers now hold int8 weights. Use the QuantizedModel "
+                "that fxquant.convert returned."
+            )
+        if self._state.captured is None:
+            self.capture_and_prepare(bind_arguments(self.model, args, kwargs))
+        with torch.no_grad():
+            out = self.model(*args, **kwargs)
+        self._state.plan.calibration_calls += 1
+        return out
+
+
+class QuantizedModel(_Wrapper):
+    """The converted model: its quantized layers hold packed int8 weights and run fxquant ops.
+
+    `plan` holds every decision. Call it like the original model; `torch.compile(qmodel, backend="fxquant")`
+    fuses its ops into kernels.
+    """
+
+    def __init__(self, model: nn.Module, plan: QuantPlan):
+        super().__init__(model)
+        self.plan = plan
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def quantized_weight_bytes(self) -> tuple[int, int]:
+        """(bytes of the quantized layers as stored: packed weights, scales, biases; the same layers in bf16)."""
+        stored = bf16 = 0
+        for layer in self.plan.quantized_layers():
+            module = self.model.get_submodule(layer.fqn)
+            stored += sum(b.numel() * b.element_size() for b in module.buffers(recurse=False))
+            bias = getattr(module, "bias", None)
+            bf16 += 2 * (layer.num_params + (bias.numel() if bias is not None else 0))
+        return stored, bf16

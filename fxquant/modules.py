@@ -1,0 +1,141 @@
+"""Runtime modules of a converted model: packed int8 weights and fxquant ops, nothing in full precision.
+
+`QuantLinear` / `QuantConv2d` replace `nn.Linear` / `nn.Conv2d` at the module FQNs the plan quantizes. They are
+built either from the float module (`from_float`, at convert time) or as empty shells on the meta device
+(`from_plan`, when a checkpoint is loaded) so loading never materialises full-precision weights.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import ops  # noqa: F401  (registers torch.ops.fxquant)
+from .plan import LayerPlan
+from .quantizer import quantize_weight_per_channel
+
+fxq = torch.ops.fxquant
+
+
+def _static_act_params(layer: LayerPlan, device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(fp32 scale [G], int32 zero [G]) of a layer with static activations, else (None, None)."""
+    if layer.act_mode != "static_per_tensor":
+        return None, None
+    if not layer.act_scale or not layer.act_zero:
+        raise ValueError(f"Layer {layer.fqn!r} uses static activations but the plan holds no act_scale / act_zero.")
+    return (torch.tensor(layer.act_scale, dtype=torch.float32, device=device),
+            torch.tensor(layer.act_zero, dtype=torch.int32, device=device))
+
+
+def _weight_sum(weight_q: torch.Tensor) -> torch.Tensor:
+    """int32 [N]: per-output-channel sums of the int8 weights (the activation zero-point correction)."""
+    return weight_q.reshape(weight_q.shape[0], -1).sum(dim=1, dtype=torch.int32)
+
+
+class QuantLinear(nn.Module):
+    """y = int8_linear(quantize(x), weight_q, ...); x [..., K] -> y [..., N] in x's dtype.
+
+    Buffers: weight_q int8 [N, K], weight_scale fp32 [N], weight_sum int32 [N], bias (model dtype) or None;
+    act_scale fp32 [G] and act_zero int32 [G] for static activations (G timestep groups), None when activations
+    are quantized per token at run time.
+    """
+
+    def __init__(self, in_features: int, out_features: int, has_bias: bool, act_params: tuple,
+                 bias_dtype: torch.dtype, device=None):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.register_buffer("weight_q", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("weight_scale", torch.empty(out_features, dtype=torch.float32, device=device))
+        self.register_buffer("weight_sum", torch.empty(out_features, dtype=torch.int32, device=device))
+        bias = torch.empty(out_features, dtype=bias_dtype, device=device) if has_bias else None
+        self.register_buffer("bias", bias)
+        self.register_buffer("act_scale", act_params[0])
+        self.register_buffer("act_zero", act_params[1])
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, layer: LayerPlan) -> QuantLinear:
+        weight = linear.weight.detach()
+        module = cls(linear.in_features, linear.out_features, linear.bias is not None,
+                     _static_act_params(layer, weight.device), weight.dtype, device=weight.device)
+        module.weight_q, module.weight_scale = quantize_weight_per_channel(weight, layer.weight_bits)
+        module.weight_sum = _weight_sum(module.weight_q)
+        if linear.bias is not None:
+            module.bias = linear.bias.detach().clone()
+        return module
+
+    @classmethod
+    def from_plan(cls, layer: LayerPlan, has_bias: bool, bias_dtype: torch.dtype) -> QuantLinear:
+        return cls(layer.in_features, layer.out_features, has_bias, _static_act_params(layer, "meta"), bias_dtype,
+                   device="meta")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
+        if self.act_scale is None:
+            x_q, x_scale, x_zero = fxq.quantize_per_token(rows)
+        else:
+            x_scale, x_zero = self.act_scale[:1], self.act_zero[:1]
+            x_q = fxq.quantize_per_tensor(rows, x_scale, x_zero)
+        out = fxq.int8_linear(x_q, x_scale, x_zero, self.weight_q, self.weight_scale, self.weight_sum, self.bias,
+                              x.dtype)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        mode = "dynamic per-token" if self.act_scale is None else "static per-tensor"
+        return f"in={self.in_features}, out={self.out_features}, W8 per-channel, A8 {mode}"
+
+
+class QuantConv2d(nn.Module):
+    """Int8 conv2d: x [B, C, H, W] quantized inside the op, one scale per patch (dynamic) or per tensor (static)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: tuple[int, int], stride, padding,
+                 dilation, has_bias: bool, act_params: tuple, bias_dtype: torch.dtype, device=None):
+        super().__init__()
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = tuple(kernel_size)
+        self.stride = list(stride)
+        self.padding = list(padding)
+        self.dilation = list(dilation)
+        self.register_buffer(
+            "weight_q", torch.empty(out_channels, in_channels, *kernel_size, dtype=torch.int8, device=device)
+        )
+        self.register_buffer("weight_scale", torch.empty(out_channels, dtype=torch.float32, device=device))
+        self.register_buffer("weight_sum", torch.empty(out_channels, dtype=torch.int32, device=device))
+        bias = torch.empty(out_channels, dtype=bias_dtype, device=device) if has_bias else None
+        self.register_buffer("bias", bias)
+        self.register_buffer("act_scale", act_params[0])
+        self.register_buffer("act_zero", act_params[1])
+
+    @classmethod
+    def from_float(cls, conv: nn.Conv2d, layer: LayerPlan) -> QuantConv2d:
+        weight = conv.weight.detach()
+        module = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                     conv.dilation, conv.bias is not None, _static_act_params(layer, weight.device), weight.dtype,
+                     device=weight.device)
+        module.weight_q, module.weight_scale = quantize_weight_per_channel(weight, layer.weight_bits)
+        module.weight_sum = _weight_sum(module.weight_q)
+        if conv.bias is not None:
+            module.bias = conv.bias.detach().clone()
+        return module
+
+    @classmethod
+    def from_plan(cls, layer: LayerPlan, conv_meta: nn.Conv2d, bias_dtype: torch.dtype) -> QuantConv2d:
+        return cls(conv_meta.in_channels, conv_meta.out_channels, conv_meta.kernel_size, conv_meta.stride,
+                   conv_meta.padding, conv_meta.dilation, conv_meta.bias is not None,
+                   _static_act_params(layer, "meta"), bias_dtype, device="meta")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        static = self.act_scale is not None
+        act_scale = self.act_scale[:1] if static else None
+        act_zero = self.act_zero[:1] if static else None
+        return fxq.int8_conv2d(x, act_scale, act_zero, self.weight_q, self.weight_scale, self.weight_sum, self.bias,
+                               self.stride, self.padding, self.dilation)
+
+    def extra_repr(self) -> str:
+        mode = "dynamic per-patch" if self.act_scale is None else "static per-tensor"
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"W8 per-channel, A8 {mode}")
+
+
+QUANT_MODULES = (QuantLinear, QuantConv2d)

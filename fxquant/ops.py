@@ -1,0 +1,141 @@
+"""fxquant custom ops (`torch.library.custom_op`, namespace `fxquant`): the quantized model's only kernels.
+
+Each op has a plain PyTorch reference body that is obviously right (integer matmuls on `torch._int_mm`) and a fake
+implementation right below it, so torch.export, Dynamo and the compile backend see them as single nodes.
+Backends replace these nodes with fused kernels; tests check kernels against these bodies.
+
+Shapes: activations arrive 2-D ([M, K] rows = tokens); scales are fp32, zero points int32. Activations are
+asymmetric int8 (x ~ scale * (q - zero)), weights symmetric int8 per output channel.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .quantizer import asymmetric_params, quantize_asymmetric
+
+_CUDA_INT_MM_MIN_ROWS = 17  # cuBLAS int8 GEMM through torch._int_mm needs M > 16 and K, N multiples of 8
+
+
+def _int_matmul(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
+    """int8 a [M, K] @ int8 b_t [N, K].T -> int32 [M, N], exact.
+
+    CPU: torch._int_mm takes any shape. CUDA: operands are zero-padded to the shapes cuBLAS accepts (padding
+    adds zero products, so the result is unchanged).
+    """
+    if a.device.type != "cuda":
+        return torch._int_mm(a, b_t.t())
+    m, k = a.shape
+    n = b_t.shape[0]
+    pad_m = max(_CUDA_INT_MM_MIN_ROWS, -(-m // 8) * 8) - m
+    pad_k = -k % 8
+    pad_n = -n % 8
+    a = F.pad(a, (0, pad_k, 0, pad_m))
+    b_t = F.pad(b_t, (0, pad_k, 0, pad_n))
+    return torch._int_mm(a, b_t.t())[:m, :n]
+
+
+@torch.library.custom_op("fxquant::quantize_per_token", mutates_args=())
+def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [M, K] float -> (int8 q [M, K], fp32 scale [M, 1], int32 zero [M, 1]): asymmetric min-max per row."""
+    scale, zero = asymmetric_params(x.amin(dim=-1, keepdim=True), x.amax(dim=-1, keepdim=True))
+    return quantize_asymmetric(x, scale, zero), scale, zero
+
+
+@quantize_per_token.register_fake
+def _(x):
+    rows = (*x.shape[:-1], 1)
+    return (x.new_empty(x.shape, dtype=torch.int8), x.new_empty(rows, dtype=torch.float32),
+            x.new_empty(rows, dtype=torch.int32))
+
+
+@torch.library.custom_op("fxquant::quantize_per_tensor", mutates_args=())
+def quantize_per_tensor(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """x (any shape) float with static fp32 scale [1] and int32 zero [1] -> int8 of x's shape."""
+    return quantize_asymmetric(x, scale, zero)
+
+
+@quantize_per_tensor.register_fake
+def _(x, scale, zero):
+    return x.new_empty(x.shape, dtype=torch.int8)
+
+
+@torch.library.custom_op("fxquant::int8_linear", mutates_args=())
+def int8_linear(
+    x_q: torch.Tensor,
+    x_scale: torch.Tensor,
+    x_zero: torch.Tensor,
+    w_q: torch.Tensor,
+    w_scale: torch.Tensor,
+    w_sum: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """int8 x_q [M, K] (scale, zero [M, 1] or [1]) @ int8 w_q [N, K]^T (scale [N], row sums w_sum [N]) + bias.
+
+    out[m, n] = x_scale[m] * w_scale[n] * (sum_k x_q[m, k] w_q[n, k] - x_zero[m] * w_sum[n]) + bias[n], computed
+    in int32 then fp32, cast once to out_dtype.
+    """
+    acc = _int_matmul(x_q, w_q) - x_zero.reshape(-1, 1) * w_sum.reshape(1, -1)
+    out = acc.float() * x_scale.reshape(-1, 1) * w_scale.reshape(1, -1)
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(out_dtype)
+
+
+@int8_linear.register_fake
+def _(x_q, x_scale, x_zero, w_q, w_scale, w_sum, bias, out_dtype):
+    return x_q.new_empty((x_q.shape[0], w_q.shape[0]), dtype=out_dtype)
+
+
+def _conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+@torch.library.custom_op("fxquant::int8_conv2d", mutates_args=())
+def int8_conv2d(
+    x: torch.Tensor,
+    act_scale: torch.Tensor | None,
+    act_zero: torch.Tensor | None,
+    w_q: torch.Tensor,
+    w_scale: torch.Tensor,
+    w_sum: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+) -> torch.Tensor:
+    """Float x [B, C, H, W] conv int8 w_q [O, C, kh, kw] (scale [O]) -> x.dtype [B, O, H', W'].
+
+    The activation is quantized (asymmetric int8) inside the op. act_scale None: dynamic, one scale and zero point
+    per patch (the C*kh*kw input values of one output position: the convolution's "token"; a patch's min / max
+    are min- / max-pools of per-pixel channel min / max over the kernel window). act_scale, act_zero [1]:
+    static, one for the tensor. w_sum [O]: per-channel sums of w_q for the zero-point correction.
+    Reference: im2col, integer matmul, dequantisation with per-patch x per-channel scales, bias, one cast.
+    """
+    batch, _, height, width = x.shape
+    out_channels, _, kh, kw = w_q.shape
+    out_h = _conv_output_size(height, kh, stride[0], padding[0], dilation[0])
+    out_w = _conv_output_size(width, kw, stride[1], padding[1], dilation[1])
+    cols = F.unfold(x.float(), (kh, kw), dilation=dilation, padding=padding, stride=stride)  # [B, CKK, L]
+    cols = cols.transpose(1, 2).reshape(-1, cols.shape[1])  # [B*L, CKK]: one row per output position
+    if act_scale is None:
+        scale, zero = asymmetric_params(cols.amin(dim=1, keepdim=True), cols.amax(dim=1, keepdim=True))
+    else:
+        scale, zero = act_scale.reshape(1, 1), act_zero.reshape(1, 1)
+    acc = _int_matmul(quantize_asymmetric(cols, scale, zero), w_q.reshape(out_channels, -1))  # [B*L, O] int32
+    acc = acc - zero * w_sum.reshape(1, -1)
+    out = acc.float() * scale * w_scale.reshape(1, -1)
+    if bias is not None:
+        out = out + bias.float()
+    return out.reshape(batch, out_h, out_w, out_channels).permute(0, 3, 1, 2).to(x.dtype).contiguous()
+
+
+@int8_conv2d.register_fake
+def _(x, act_scale, act_zero, w_q, w_scale, w_sum, bias, stride, padding, dilation):
+    batch, _, height, width = x.shape
+    out_channels, _, kh, kw = w_q.shape
+    out_h = _conv_output_size(height, kh, stride[0], padding[0], dilation[0])
+    out_w = _conv_output_size(width, kw, stride[1], padding[1], dilation[1])
+    return x.new_empty((batch, out_channels, out_h, out_w))

@@ -1,0 +1,143 @@
+"""The QuantPlan: every quantization decision, keyed by module FQN.
+
+Passes write it, backends read it and never re-decide. It round-trips through readable JSON
+(`{"_type": "QuantPlan", "_version", "_data"}`, indent 2, sorted keys) and prints as a table with `summary()`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import CheckpointError
+
+PLAN_VERSION = 1
+FULL_PRECISION_BITS = 16  # what a kept layer counts for in average_weight_bits
+
+
+@dataclass
+class LayerPlan:
+    """One linear / conv2d / attention node of the captured graph.
+
+    fqn: module name; op: "linear" | "conv2d" | "sdpa"; group: self-attention, cross-attention,
+    temporal-attention, mlp, conv, embedding; role: "latent" (reached from the latent input), "condition"
+    (reached only from timestep / condition inputs) or "timestep" (reached only from the timestep).
+    weight_bits None means full precision, and keep_reason says why.
+    act_scale, act_zero: static per-tensor activation scale and zero point (asymmetric int8, from the calibrated
+    min / max) per timestep group, or None when activations are quantized per token at run time.
+    """
+
+    fqn: str
+    op: str
+    group: str
+    role: str
+    num_params: int = 0
+    in_features: int = 0
+    out_features: int = 0
+    weight_bits: int | None = None
+    weight_granularity: str | None = None
+    act_bits: int | None = None
+    act_mode: str | None = None
+    act_scale: list[float] | None = None
+    act_zero: list[int] | None = None
+    keep_reason: str | None = None
+
+    @property
+    def quantized(self) -> bool:
+        return self.weight_bits is not None
+
+    def keep(self, reason: str) -> None:
+        """Mark this layer full precision for `reason` (the first reason given wins)."""
+        if self.keep_reason is None:
+            self.keep_reason = reason
+        self.weight_bits = self.weight_granularity = self.act_bits = self.act_mode = None
+        self.act_scale = self.act_zero = None
+
+
+@dataclass
+class QuantPlan:
+    """All decisions for one model. `layers` is keyed by module FQN, in graph execution order."""
+
+    model_class: str
+    model_fingerprint: str
+    recipe: str
+    config: dict[str, Any]
+    input_roles: dict[str, str] = field(default_factory=dict)
+    layers: dict[str, LayerPlan] = field(default_factory=dict)
+    calibration_calls: int = 0
+
+    # -- queries -------------------------------------------------------------------------------------------------
+    def quantized_layers(self) -> list[LayerPlan]:
+        return [layer for layer in self.layers.values() if layer.quantized]
+
+    def weighted_layers(self) -> list[LayerPlan]:
+        """Layers that own weights (linear / conv2d)."""
+        return [layer for layer in self.layers.values() if layer.op != "sdpa"]
+
+    @property
+    def average_weight_bits(self) -> float:
+        """Parameter-weighted mean weight bits over linear / conv layers; full-precision layers count 16."""
+        layers = self.weighted_layers()
+        total = sum(layer.num_params for layer in layers)
+        if total == 0:
+            return float(FULL_PRECISION_BITS)
+        bits = sum(layer.num_params * (layer.weight_bits or FULL_PRECISION_BITS) for layer in layers)
+        return bits / total
+
+    # -- serialisation -------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["layers"] = [dataclasses.asdict(layer) for layer in self.layers.values()]
+        return {"_type": "QuantPlan", "_version": PLAN_VERSION, "_data": data}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> QuantPlan:
+        if data.get("_type") != "QuantPlan":
+            raise CheckpointError(f"Not a QuantPlan: _type is {data.get('_type')!r}.")
+        if data.get("_version") != PLAN_VERSION:
+            raise CheckpointError(
+                f"QuantPlan version {data.get('_version')} is not supported by this fxquant (plan version "
+                f"{PLAN_VERSION}); re-quantize the model with this release."
+            )
+        payload = dict(data["_data"])
+        layers = [LayerPlan(**layer) for layer in payload.pop("layers")]
+        return cls(**payload, layers={layer.fqn: layer for layer in layers})
+
+    @classmethod
+    def from_json(cls, text: str) -> QuantPlan:
+        return cls.from_dict(json.loads(text))
+
+    # -- display -------------------------------------------------------------------------------------------------
+    def summary(self) -> str:
+        """A readable table: layer, op, group, role, bits, granularity, activation mode, kept and why."""
+        header = ("layer", "op", "group", "role", "W", "A", "granularity", "activations", "kept in full precision: why")
+        rows = [header]
+        for layer in self.layers.values():
+            rows.append(
+                (
+                    layer.fqn,
+                    layer.op,
+                    layer.group,
+                    layer.role,
+                    str(layer.weight_bits or "-"),
+                    str(layer.act_bits or "-"),
+                    layer.weight_granularity or "-",
+                    layer.act_mode or "-",
+                    layer.keep_reason or "",
+                )
+            )
+        widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+        lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+        lines.insert(1, "  ".join("-" * width for width in widths))
+        quantized = self.quantized_layers()
+        lines.append(
+            f"{self.model_class}, recipe {self.recipe}: {len(quantized)}/{len(self.weighted_layers())} weighted "
+            f"layers quantized, average weight bits {self.average_weight_bits:.2f}, "
+            f"{self.calibration_calls} calibration calls"
+        )
+        return "\n".join(lines)

@@ -1,0 +1,59 @@
+"""Quantizer math shared by passes, ops and backends: integer grids, scales and zero points.
+
+Weights use symmetric grids without -2^(b-1) (int8 weights lie in [-127, 127]; scale = absmax / 127).
+Activations use asymmetric int8 (ViDiT-Q's min-max quantizer): x ~ scale * (q - zero), q in [-128, 127], the
+range always covering 0, so post-SiLU / post-GELU inputs use the whole grid. The integer matmul then subtracts
+zero * sum(w_q) per output channel, an exact correction.
+"""
+
+from __future__ import annotations
+
+import torch
+
+SCALE_EPS = 1e-8  # smallest scale: an all-zero row quantizes to zeros instead of dividing by zero
+
+
+def qmax(bits: int) -> int:
+    """Largest magnitude of a symmetric `bits`-bit grid (127 for 8 bits)."""
+    return 2 ** (bits - 1) - 1
+
+
+def absmax_scale(absmax: torch.Tensor, bits: int = 8) -> torch.Tensor:
+    """absmax (any shape) -> fp32 scale of the same shape, never below SCALE_EPS."""
+    return (absmax.float() / qmax(bits)).clamp_min(SCALE_EPS)
+
+
+def quantize_with_scale(x: torch.Tensor, scale: torch.Tensor, bits: int = 8) -> torch.Tensor:
+    """Round x / scale to the symmetric grid; returns int8 (scale broadcasts against x)."""
+    limit = qmax(bits)
+    return torch.clamp(torch.round(x.float() / scale), -limit, limit).to(torch.int8)
+
+
+def asymmetric_params(lo: torch.Tensor, hi: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Range [lo, hi] (extended to cover 0) -> (fp32 scale, int32 zero point) of an asymmetric signed grid."""
+    lo = lo.float().clamp(max=0)
+    hi = hi.float().clamp(min=0)
+    levels = 2**bits - 1
+    scale = ((hi - lo) / levels).clamp_min(SCALE_EPS)
+    zero = torch.round(-(2 ** (bits - 1)) - lo / scale).to(torch.int32)
+    return scale, zero
+
+
+def quantize_asymmetric(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int = 8) -> torch.Tensor:
+    """x -> int8 q = clamp(round(x / scale) + zero) (scale and zero broadcast against x)."""
+    low, high = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return torch.clamp(torch.round(x.float() / scale) + zero, low, high).to(torch.int8)
+
+
+def quantize_weight_per_channel(weight: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight [N, ...] -> (int8 [N, ...], fp32 scale [N]) with one symmetric scale per output channel."""
+    flat = weight.detach().reshape(weight.shape[0], -1)
+    scale = absmax_scale(flat.abs().amax(dim=1), bits)
+    q = quantize_with_scale(flat, scale[:, None], bits).reshape(weight.shape)
+    return q, scale
+
+
+def dequantize_weight_per_channel(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Inverse of quantize_weight_per_channel (for references and tests)."""
+    shape = (-1,) + (1,) * (q.dim() - 1)
+    return (q.float() * scale.reshape(shape)).to(dtype)

@@ -1,0 +1,33 @@
+"""QuantState: what the passes read and write between `prepare` and `convert`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .capture import CapturedGraph
+from .config import QuantConfig
+from .observers import ActivationObserver
+from .plan import QuantPlan
+
+
+@dataclass
+class QuantState:
+    """The model being quantized (modified in place by `lower`), its captured graph, the config and the plan.
+
+    observers: module FQN -> its calibration statistics; hooks: the handles that attach them to the model.
+    passes_run: names of the passes already applied, in order.
+    """
+
+    model: torch.nn.Module
+    config: QuantConfig
+    captured: CapturedGraph | None = None
+    plan: QuantPlan | None = None
+    observers: dict[str, ActivationObserver] = field(default_factory=dict)
+    hooks: list = field(default_factory=list)
+    passes_run: list[str] = field(default_factory=list)
+
+    @property
+    def graph(self) -> torch.fx.Graph:
+        return self.captured.graph

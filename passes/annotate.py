@@ -1,0 +1,199 @@
+"""annotate: give every node a role and every linear / conv2d / attention node a layer group; create the plan.
+
+Reads: the captured graph, its input roles, the model's modules (sizes), the config (keep rules).
+Writes: node.meta["fxquant_reach"] (input roles reaching the node), node.meta["fxquant_fqn"],
+node.meta["fxquant_role"], node.meta["fxquant_group"] on linear / conv2d / sdpa nodes; a new QuantPlan with one
+LayerPlan per module FQN (graph execution order), quantized or kept in full precision with the reason.
+
+Role, by graph reachability from the inputs: "latent" if the latent input reaches the node's activation input,
+"timestep" if only the timestep does, else "condition".
+Group, by graph structure: a linear whose output reaches an attention node's query / key / value without passing
+another linear, or that the attention output reaches first, belongs to that attention. The attention is
+cross-attention when no latent-path linear feeds its key, temporal-attention when its module name says
+"temporal" or "temp_", else self-attention. Other latent-path linears are "mlp", other condition / timestep-path
+linears "embedding", convolutions "conv".
+"""
+
+from __future__ import annotations
+
+import re
+from collections import deque
+
+from torch import fx, nn
+
+from fxquant.capture import model_fingerprint, node_op_kind
+from fxquant.config import config_to_dict
+from fxquant.plan import LayerPlan, QuantPlan
+from fxquant.state import QuantState
+
+from .base import PassResult, QuantPass
+
+_TEMPORAL_NAME = re.compile(r"temporal|temp_")
+_SEARCH_LIMIT = 64  # nodes visited per structural search; attention projections are a few reshapes away
+
+
+def _reachability(graph: fx.Graph, input_roles: dict[str, str]) -> None:
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            reach = {input_roles[node.name]} if node.name in input_roles else set()
+        else:
+            reach = set()
+            for source in node.all_input_nodes:
+                reach |= source.meta["fxquant_reach"]
+        node.meta["fxquant_reach"] = frozenset(reach)
+
+
+def _role(node: fx.Node) -> str:
+    reach = node.args[0].meta["fxquant_reach"] if isinstance(node.args[0], fx.Node) else frozenset()
+    if "latent" in reach:
+        return "latent"
+    if reach == {"timestep"}:
+        return "timestep"
+    return "condition"
+
+
+def _attention_slots(start: fx.Node) -> list[tuple[fx.Node, int]]:
+    """(attention node, argument slot 0=query 1=key 2=value) reached from `start` before any other compute op."""
+    found, seen, queue = [], {start}, deque(start.users)
+    while queue and len(seen) < _SEARCH_LIMIT:
+        node = queue.popleft()
+        if node in seen:
+            continue
+        seen.add(node)
+        kind = node_op_kind(node)
+        if kind == "sdpa":
+            found.extend((node, slot) for slot in range(3) if node.args[slot] in seen)
+        elif kind is None:
+            queue.extend(node.users)
+    return found
+
+
+def _output_projections(attention: fx.Node) -> list[fx.Node]:
+    """The linears the attention output reaches first."""
+    found, seen, queue = [], {attention}, deque(attention.users)
+    while queue and len(seen) < _SEARCH_LIMIT:
+        node = queue.popleft()
+        if node in seen:
+            continue
+        seen.add(node)
+        kind = node_op_kind(node)
+        if kind == "linear":
+            found.append(node)
+        elif kind is None:
+            queue.extend(node.users)
+    return found
+
+
+def _attention_groups(compute_nodes: list[fx.Node], fqn_of: dict[fx.Node, str]) -> dict[fx.Node, str]:
+    """Attention node and each linear attached to it -> self-attention / cross-attention / temporal-attention."""
+    slots: dict[fx.Node, list[tuple[fx.Node, int]]] = {}
+    for node in compute_nodes:
+        if node_op_kind(node) == "linear":
+            for attention, slot in _attention_slots(node):
+                slots.setdefault(attention, []).append((node, slot))
+    groups: dict[fx.Node, str] = {}
+    for attention in (n for n in compute_nodes if node_op_kind(n) == "sdpa"):
+        key_roles = {linear.meta["fxquant_role"] for linear, slot in slots.get(attention, []) if slot == 1}
+        if _TEMPORAL_NAME.search(fqn_of.get(attention, "")):
+            group = "temporal-attention"
+        elif key_roles and "latent" not in key_roles:
+            group = "cross-attention"
+        else:
+            group = "self-attention"
+        groups[attention] = group
+        attached = [linear for linear, _ in slots.get(attention, [])] + _output_projections(attention)
+        for linear in attached:
+            groups.setdefault(linear, group)
+    return groups
+
+
+def _conv_unsupported(module: nn.Module) -> str | None:
+    if module.groups != 1:
+        return f"grouped convolution (groups={module.groups}) has no int8 kernel"
+    if isinstance(module.padding, str) or module.padding_mode != "zeros":
+        return "convolution padding mode has no int8 kernel"
+    return None
+
+
+class AnnotatePass(QuantPass):
+    name = "annotate"
+
+    def requires(self, state):
+        assert state.captured is not None, "annotate needs a captured graph"
+
+    def call(self, state: QuantState) -> PassResult:
+        graph, config, model = state.graph, state.config, state.model
+        _reachability(graph, state.captured.input_roles)
+        compute = [n for n in graph.nodes if node_op_kind(n) and state.captured.module_fqn(n)]
+        fqn_of = {n: state.captured.module_fqn(n) for n in compute}
+        for node in compute:
+            node.meta["fxquant_fqn"] = fqn_of[node]
+            node.meta["fxquant_role"] = _role(node) if node_op_kind(node) != "sdpa" else "latent"
+        attention_group = _attention_groups(compute, fqn_of)
+        for node in compute:
+            kind = node_op_kind(node)
+            if node in attention_group:
+                group = attention_group[node]
+            elif kind == "conv2d":
+                group = "conv"
+            else:
+                group = "mlp" if node.meta["fxquant_role"] == "latent" else "embedding"
+            node.meta["fxquant_group"] = group
+
+        plan = QuantPlan(
+            model_class=f"{type(model).__module__}.{type(model).__qualname__}",
+            model_fingerprint=model_fingerprint(model),
+            recipe=config.name,
+            config=config_to_dict(config),
+            input_roles=dict(state.captured.argument_roles),
+        )
+        latent_weighted = [n for n in compute if node_op_kind(n) != "sdpa" and n.meta["fxquant_role"] == "latent"]
+        io_reason = {}
+        if latent_weighted and config.keep_io_layers:
+            io_reason[fqn_of[latent_weighted[-1]]] = "last latent-path layer (output projection), keep_io_layers"
+            io_reason[fqn_of[latent_weighted[0]]] = "first latent-path layer (input embedding), keep_io_layers"
+        for node in compute:
+            fqn = fqn_of[node]
+            if fqn in plan.layers:  # a module called twice: one plan entry, latent if any call is
+                if node.meta["fxquant_role"] == "latent":
+                    plan.layers[fqn].role = "latent"
+                continue
+            plan.layers[fqn] = self._layer_plan(node, fqn, model.get_submodule(fqn), config, io_reason,
+                                                node in attention_group)
+        state.plan = plan
+        return PassResult(modified=True)
+
+    @staticmethod
+    def _layer_plan(node, fqn, module, config, io_reason, in_attention) -> LayerPlan:
+        kind = node_op_kind(node)
+        role = node.meta["fxquant_role"]
+        layer = LayerPlan(fqn=fqn, op=kind, group=node.meta["fxquant_group"], role=role)
+        if kind != "sdpa":
+            layer.num_params = module.weight.numel()
+            layer.in_features = module.weight.shape[1]
+            layer.out_features = module.weight.shape[0]
+            layer.weight_bits, layer.weight_granularity = config.weight_bits, config.weight_granularity
+            layer.act_bits, layer.act_mode = config.act_bits, config.act_mode
+        user_reason = config.keep_reason(fqn)
+        if user_reason is not None:
+            layer.keep(f"recipe rule: {user_reason}")
+        elif kind == "sdpa":
+            layer.keep("attention matmuls are not quantized by this recipe")
+        elif role != "latent" and not in_attention and config.keep_condition_layers:
+            layer.keep(f"condition-only layer ({role} path, outside attention), keep_condition_layers")
+        elif fqn in io_reason:
+            layer.keep(io_reason[fqn])
+        elif kind == "linear" and not isinstance(module, nn.Linear):
+            layer.keep(f"module type {type(module).__name__} is not nn.Linear")
+        elif kind == "conv2d":
+            if not isinstance(module, nn.Conv2d):
+                layer.keep(f"module type {type(module).__name__} is not nn.Conv2d")
+            elif (reason := _conv_unsupported(module)) is not None:
+                layer.keep(reason)
+        return layer
+
+    def ensures(self, state):
+        for node in state.graph.nodes:
+            if "fxquant_fqn" in node.meta:
+                assert node.meta["fxquant_fqn"] in state.plan.layers, f"node {node.name} has no plan entry"
+

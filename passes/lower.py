@@ -1,0 +1,45 @@
+"""lower: replace every quantized nn.Linear / nn.Conv2d with its real-quant module (packed int8 weights).
+
+Reads: plan layers, the model's float modules.
+Writes: the model, in place: QuantLinear / QuantConv2d at each quantized FQN (the float weights are dropped);
+node.meta["fxquant_lowered"] = the runtime module's class name on their graph nodes.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from fxquant.modules import QUANT_MODULES, QuantConv2d, QuantLinear
+from fxquant.state import QuantState
+
+from .base import PassResult, QuantPass
+
+
+def replace_module(model: nn.Module, fqn: str, new: nn.Module) -> None:
+    """Set the submodule at `fqn` to `new`."""
+    parent_name, _, child = fqn.rpartition(".")
+    setattr(model.get_submodule(parent_name), child, new)
+
+
+class LowerPass(QuantPass):
+    name = "lower"
+
+    def requires(self, state):
+        assert not state.hooks, "lower needs calibrate to have detached the observers"
+
+    def call(self, state: QuantState) -> PassResult:
+        lowered = {}
+        for layer in state.plan.quantized_layers():
+            module = state.model.get_submodule(layer.fqn)
+            quant_cls = QuantConv2d if layer.op == "conv2d" else QuantLinear
+            replace_module(state.model, layer.fqn, quant_cls.from_float(module, layer))
+            lowered[layer.fqn] = quant_cls.__name__
+        for node in state.graph.nodes:
+            if node.meta.get("fxquant_fqn") in lowered:
+                node.meta["fxquant_lowered"] = lowered[node.meta["fxquant_fqn"]]
+        return PassResult(modified=bool(lowered))
+
+    def ensures(self, state):
+        for layer in state.plan.quantized_layers():
+            module = state.model.get_submodule(layer.fqn)
+            assert isinstance(module, QUANT_MODULES), f"{layer.fqn} was not lowered"

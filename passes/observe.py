@@ -1,0 +1,36 @@
+"""observe: attach an activation observer to every layer the plan quantizes.
+
+Reads: plan layers (quantized ones), the model's modules.
+Writes: state.observers (FQN -> ActivationObserver), state.hooks (forward pre-hooks on those modules),
+node.meta["fxquant_observed"] = True on the graph nodes of observed layers.
+"""
+
+from __future__ import annotations
+
+from fxquant.observers import ActivationObserver
+from fxquant.state import QuantState
+
+from .base import PassResult, QuantPass
+
+
+class ObservePass(QuantPass):
+    name = "observe"
+
+    def requires(self, state):
+        assert state.plan is not None, "observe needs the plan written by annotate"
+        assert not state.hooks, "observers are already attached"
+
+    def call(self, state: QuantState) -> PassResult:
+        for layer in state.plan.quantized_layers():
+            observer = ActivationObserver(layer.fqn, channel_dim=1 if layer.op == "conv2d" else -1)
+            module = state.model.get_submodule(layer.fqn)
+            state.hooks.append(module.register_forward_pre_hook(observer.hook))
+            state.observers[layer.fqn] = observer
+        for node in state.graph.nodes:
+            if node.meta.get("fxquant_fqn") in state.observers:
+                node.meta["fxquant_observed"] = True
+        return PassResult(modified=bool(state.observers))
+
+    def ensures(self, state):
+        missing = [layer.fqn for layer in state.plan.quantized_layers() if layer.fqn not in state.observers]
+        assert not missing, f"quantized layers without observers: {missing[:3]}"
