@@ -140,9 +140,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> Quantiz
     config = _read_json(root / CONFIG_NAME)
     if config.get("_class_name") != CHECKPOINT_CLASS:
         raise CheckpointError(f"{root / CONFIG_NAME} is not an fxquant checkpoint config (_class_name).")
-    plan = QuantPlan.from_json((root / PLAN_NAME).read_text()) if (root / PLAN_NAME).exists() else None
-    if plan is None:
-        raise CheckpointError(f"{root} is not an fxquant checkpoint: {PLAN_NAME} is missing.")
+    plan = QuantPlan.from_dict(_read_json(root / PLAN_NAME))
     weights = root / config["weights"]["file"]
     if not weights.exists():
         raise CheckpointError(f"{root} is incomplete: {weights.name} is missing.")

@@ -1,0 +1,96 @@
+"""Command line: `fxquant demo | quantize | inspect`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import FxquantError
+
+
+def _demo(args) -> None:
+    from .demo import run_demo
+
+    run_demo(recipes=args.recipes, out_dir=args.out, steps=args.steps, seed=args.seed)
+
+
+def _quantize(args) -> None:
+    from diffusers import DiffusionPipeline
+
+    from .api import find_denoiser, quantize_pipeline
+    from .checkpoint import save
+
+    prompts = [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
+    pipe = DiffusionPipeline.from_pretrained(args.pipeline)
+    pipe.set_progress_bar_config(disable=True)
+    quantize_pipeline(pipe, args.recipe, prompts[: args.num_prompts], num_inference_steps=args.steps,
+                      batch_size=args.batch_size, **dict(args.pipe_arg))
+    qmodel = getattr(pipe, find_denoiser(pipe))
+    print(qmodel.plan.summary())
+    print(f"saved: {save(qmodel, args.out)}")
+
+
+def _pipe_arg(text: str) -> tuple[str, object]:
+    """'key=value' -> (key, value parsed as JSON, or the raw string)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"--pipe-arg expects key=value, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def _inspect(args) -> None:
+    from .plan import QuantPlan
+
+    path = Path(args.checkpoint)
+    plan_file = path / "plan.json" if path.is_dir() else path
+    if not plan_file.exists():
+        raise FxquantError(f"No plan at {plan_file}; pass a checkpoint directory or a plan.json.")
+    print(QuantPlan.from_json(plan_file.read_text()).summary())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fxquant", description="Post-training quantization of diffusion models.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    demo = commands.add_parser("demo", help="quantize the built-in default pipeline and compare with full precision")
+    demo.add_argument("--recipes", nargs="+", default=["w8a8", "w8a8-static"])
+    demo.add_argument("--out", default="fxquant-demo", help="directory for demo.json")
+    demo.add_argument("--steps", type=int, default=8)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(run=_demo)
+
+    quantize = commands.add_parser("quantize", help="quantize a saved diffusers pipeline's denoiser and save it")
+    quantize.add_argument("--pipeline", required=True, help="directory written by save_pretrained")
+    quantize.add_argument("--recipe", default="w8a8")
+    quantize.add_argument("--prompts", required=True, help="text file, one calibration prompt per line")
+    quantize.add_argument("--num-prompts", type=int, default=32)
+    quantize.add_argument("--steps", type=int, default=20)
+    quantize.add_argument("--batch-size", type=int, default=4)
+    quantize.add_argument("--pipe-arg", type=_pipe_arg, action="append", default=[], metavar="KEY=VALUE",
+                          help="extra pipeline call argument, value as JSON (e.g. height=512); repeatable")
+    quantize.add_argument("--out", required=True, help="checkpoint directory to write")
+    quantize.set_defaults(run=_quantize)
+
+    inspect = commands.add_parser("inspect", help="print the plan of a checkpoint")
+    inspect.add_argument("checkpoint", help="checkpoint directory or plan.json")
+    inspect.set_defaults(run=_inspect)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except FxquantError as err:
+        print(f"fxquant {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""annotate: roles by reachability, layer groups by graph structure, the keep decisions of the plan."""
+
+import pytest
+
+import fxquant
+from families import FAMILIES
+
+
+def _annotated(name):
+    family = FAMILIES[name]
+    return fxquant.inspect_passes(family.build(), "w8a8", family.inputs(), until="annotate")
+
+
+@pytest.fixture(scope="module")
+def pixart():
+    return _annotated("pixart")
+
+
+def test_input_roles(pixart):
+    assert pixart.plan.input_roles == {"hidden_states": "latent", "encoder_hidden_states": "condition",
+                                       "timestep": "timestep"}
+
+
+def test_pixart_groups_and_roles(pixart):
+    layers = pixart.plan.layers
+    assert layers["transformer_blocks.0.attn1.to_q"].group == "self-attention"
+    assert layers["transformer_blocks.0.attn1.to_out.0"].group == "self-attention"
+    assert layers["transformer_blocks.0.attn2.to_q"].group == "cross-attention"
+    assert layers["transformer_blocks.0.attn2.to_k"].group == "cross-attention"
+    assert layers["transformer_blocks.0.attn2.to_k"].role == "condition"
+    assert layers["transformer_blocks.0.attn2.to_q"].role == "latent"
+    assert layers["transformer_blocks.0.ff.net.2"].group == "mlp"
+    assert layers["adaln_single.emb.timestep_embedder.linear_1"].role == "timestep"
+    assert layers["caption_projection.linear_1"].group == "embedding"
+    assert layers["transformer_blocks.0.attn1"].op == "sdpa"
+
+
+def test_condition_and_io_layers_kept_with_reasons(pixart):
+    layers = pixart.plan.layers
+    for fqn in ("adaln_single.linear", "adaln_single.emb.timestep_embedder.linear_2", "caption_projection.linear_2"):
+        assert not layers[fqn].quantized and "condition-only" in layers[fqn].keep_reason
+    assert "first latent-path layer" in layers["pos_embed.proj"].keep_reason
+    assert "last latent-path layer" in layers["proj_out"].keep_reason
+    assert layers["transformer_blocks.1.attn2.to_v"].quantized  # cross-attention K/V are quantized
+
+
+def test_graph_nodes_carry_annotations(pixart):
+    annotated = [n for n in pixart.graph.nodes if "fxquant_fqn" in n.meta]
+    assert {n.meta["fxquant_group"] for n in annotated} >= {"self-attention", "cross-attention", "mlp", "conv"}
+    assert all(n.meta["fxquant_fqn"] in pixart.plan.layers for n in annotated)
+
+
+def test_temporal_attention_in_latte():
+    groups = {layer.group for fqn, layer in _annotated("latte").plan.layers.items()
+              if fqn.startswith("temporal_transformer_blocks") and ".attn" in fqn}
+    assert groups == {"temporal-attention"}
+
+
+def test_unet_convs_and_cross_attention():
+    plan = _annotated("unet").plan
+    assert plan.layers["down_blocks.0.resnets.0.conv1"].group == "conv"
+    assert plan.layers["down_blocks.0.resnets.0.time_emb_proj"].role == "timestep"
+    assert plan.layers["mid_block.attentions.0.transformer_blocks.0.attn2.to_k"].group == "cross-attention"
+    assert not plan.layers["conv_in"].quantized and not plan.layers["conv_out"].quantized
+
+
+def test_user_rule_keeps_layer():
+    family = FAMILIES["pixart"]
+    config = fxquant.W8A8DynamicConfig(keep_full_precision={"re:attn2\\.to_(k|v)$": "sensitive text K/V"})
+    plan = fxquant.inspect_passes(family.build(), config, family.inputs(), until="annotate").plan
+    assert plan.layers["transformer_blocks.0.attn2.to_k"].keep_reason == "recipe rule: sensitive text K/V"
+    assert plan.layers["transformer_blocks.0.attn2.to_q"].quantized
+
+
+def test_run_until_each_pass():
+    family = FAMILIES["dit"]
+    calibration = [family.inputs(seed=1)]
+    observed = fxquant.inspect_passes(family.build(), "w8a8-static", calibration, until="observe")
+    assert observed.observers and all(o.calls == 1 for o in observed.observers.values())
+    calibrated = fxquant.inspect_passes(family.build(), "w8a8-static", calibration, until="calibrate")
+    assert all(layer.act_scale and layer.act_zero is not None for layer in calibrated.plan.quantized_layers())
+    lowered = fxquant.inspect_passes(family.build(), "w8a8-static", calibration, until="lower")
+    assert lowered.passes_run == ["annotate", "observe", "calibrate", "lower"]
+    assert all(n.meta.get("fxquant_lowered") for n in lowered.graph.nodes
+               if n.meta.get("fxquant_fqn") in {l.fqn for l in lowered.plan.quantized_layers()})
+
+
+def test_dump_writes_each_pass(tmp_path, monkeypatch):
+    monkeypatch.setenv("FXQUANT_DUMP", str(tmp_path))
+    family = FAMILIES["dit"]
+    fxquant.inspect_passes(family.build(), "w8a8", [family.inputs()], until="lower")
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["00-annotate.txt", "01-observe.txt", "02-calibrate.txt", "03-lower.txt"]
+    text = (tmp_path / "03-lower.txt").read_text()
+    assert "lowered=QuantLinear" in text and "group=self-attention" in text and "# plan" in text

@@ -1,0 +1,99 @@
+"""Bad input gets an error that names the problem and the fix."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import fxquant
+from families import FAMILIES
+
+
+class DataDependentModel(nn.Module):
+    """Branches on a tensor value: torch.export cannot capture it."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+
+    def forward(self, hidden_states, timestep):
+        if hidden_states.sum() > 0:
+            return self.proj(hidden_states)
+        return -self.proj(hidden_states)
+
+
+def test_model_that_cannot_be_captured():
+    prepared = fxquant.prepare(DataDependentModel(), "w8a8")
+    with pytest.raises(fxquant.CaptureError, match="(?s)could not capture DataDependentModel.*torch.cond"):
+        prepared(hidden_states=torch.randn(2, 4, 8), timestep=torch.tensor([1, 2]))
+
+
+def test_model_without_latent_input():
+    class NoLatent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(4, 4)
+
+        def forward(self, features):
+            return self.proj(features)
+
+    with pytest.raises(fxquant.CaptureError, match="no latent input"):
+        fxquant.prepare(NoLatent(), "w8a8", example_kwargs={"features": torch.randn(2, 4)})
+
+
+def test_unknown_recipe_lists_known_ones():
+    with pytest.raises(fxquant.RecipeError, match="Unknown recipe 'w3a3'.*w8a8, w8a8-static"):
+        fxquant.prepare(nn.Linear(2, 2), "w3a3")
+
+
+def test_invalid_config_values():
+    with pytest.raises(fxquant.RecipeError, match="act_mode"):
+        fxquant.W8A8DynamicConfig(act_mode="per_everything")
+    with pytest.raises(fxquant.RecipeError, match="not a valid regex"):
+        fxquant.W8A8DynamicConfig(keep_full_precision={"re:(": "x"})
+
+
+def test_convert_without_calibration():
+    family = FAMILIES["dit"]
+    with pytest.raises(fxquant.CalibrationError, match="before any calibration"):
+        fxquant.convert(fxquant.prepare(family.build(), "w8a8"))
+    prepared = fxquant.prepare(family.build(), "w8a8", example_kwargs=family.inputs())
+    with pytest.raises(fxquant.CalibrationError, match="before any calibration"):
+        fxquant.convert(prepared)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_nan_or_inf_in_calibration_names_the_layer(bad):
+    family = FAMILIES["pixart"]
+    prepared = fxquant.prepare(family.build(), "w8a8")
+    inputs = family.inputs()
+    inputs["hidden_states"][0, 0, 0, 0] = bad
+    with pytest.raises(fxquant.CalibrationError, match=r"(NaN|Inf) in the input of layer 'transformer_blocks\.0"):
+        prepared(**inputs)
+
+
+def test_converted_prepared_model_cannot_be_called_again():
+    family = FAMILIES["dit"]
+    prepared = fxquant.prepare(family.build(), "w8a8")
+    prepared(**family.inputs())
+    fxquant.convert(prepared)
+    with pytest.raises(fxquant.CalibrationError, match="has been converted"):
+        prepared(**family.inputs())
+
+
+def test_save_rejects_non_diffusers_model(tmp_path):
+    class Plain(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(8, 8)
+            self.out = nn.Linear(8, 8)
+            self.mid = nn.Linear(8, 8)
+
+        def forward(self, hidden_states):
+            return self.out(self.mid(self.proj(hidden_states)))
+
+    qmodel = fxquant.quantize(Plain(), "w8a8", [{"hidden_states": torch.randn(3, 8)}])
+    assert qmodel.plan.layers["mid"].quantized
+    with pytest.raises(fxquant.CheckpointError, match="needs a diffusers model"):
+        fxquant.save(qmodel, tmp_path / "x")

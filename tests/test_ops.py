@@ -1,0 +1,77 @@
+"""fxquant custom ops against plain float references; opcheck over odd and empty shapes."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fxquant  # noqa: F401
+from fxquant.quantizer import dequantize_weight_per_channel, quantize_weight_per_channel
+
+fxq = torch.ops.fxquant
+
+
+def _dequant_rows(q, scale, zero):
+    return (q.float() - zero.float()) * scale
+
+
+@pytest.mark.parametrize("shape", [(1, 3), (7, 33), (64, 128), (0, 16)])
+def test_quantize_per_token_roundtrip_error_within_half_step(shape):
+    x = torch.randn(shape) * 3 + 0.5
+    q, scale, zero = fxq.quantize_per_token(x)
+    assert q.dtype == torch.int8 and scale.shape == (shape[0], 1) and zero.dtype == torch.int32
+    if shape[0]:
+        assert ((_dequant_rows(q, scale, zero) - x).abs() <= scale / 2 + 1e-6).all()
+
+
+def test_quantize_per_token_uses_whole_grid_for_one_sided_rows():
+    x = torch.rand(4, 64) * 5  # all positive: asymmetric grid spans [0, max]
+    q, _, _ = fxq.quantize_per_token(x)
+    assert q.min() == -128 and q.max() == 127
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 8, 4), (5, 33, 17), (64, 96, 48)])
+def test_int8_linear_matches_dequantized_float_matmul(m, k, n):
+    x = torch.randn(m, k)
+    w = torch.randn(n, k)
+    bias = torch.randn(n)
+    x_q, x_scale, x_zero = fxq.quantize_per_token(x)
+    w_q, w_scale = quantize_weight_per_channel(w)
+    w_sum = w_q.sum(dim=1, dtype=torch.int32)
+    out = fxq.int8_linear(x_q, x_scale, x_zero, w_q, w_scale, w_sum, bias, torch.float32)
+    expected = _dequant_rows(x_q, x_scale, x_zero).double() @ dequantize_weight_per_channel(
+        w_q, w_scale, torch.float64).t() + bias.double()
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-4)
+    assert (out - (x @ w.t() + bias)).norm() / (x @ w.t() + bias).norm() < 0.02
+
+
+@pytest.mark.parametrize("stride,padding,dilation", [([1, 1], [1, 1], [1, 1]), ([2, 2], [0, 1], [1, 1]),
+                                                     ([1, 1], [2, 2], [2, 2])])
+def test_int8_conv2d_matches_float_conv(stride, padding, dilation):
+    x = torch.randn(2, 6, 9, 7)
+    w = torch.randn(5, 6, 3, 3)
+    bias = torch.randn(5)
+    w_q, w_scale = quantize_weight_per_channel(w)
+    w_sum = w_q.reshape(5, -1).sum(dim=1, dtype=torch.int32)
+    out = fxq.int8_conv2d(x, None, None, w_q, w_scale, w_sum, bias, stride, padding, dilation)
+    expected = F.conv2d(x, w, bias, stride=stride, padding=padding, dilation=dilation)
+    assert out.shape == expected.shape
+    assert (out - expected).norm() / expected.norm() < 0.02
+    static = fxq.int8_conv2d(x, torch.tensor([x.abs().max().item() / 127]), torch.tensor([0], dtype=torch.int32),
+                             w_q, w_scale, w_sum, bias, stride, padding, dilation)
+    assert (static - expected).norm() / expected.norm() < 0.05
+
+
+def test_opcheck_all_ops():
+    x = torch.randn(5, 24)
+    w_q, w_scale = quantize_weight_per_channel(torch.randn(12, 24))
+    w_sum = w_q.sum(dim=1, dtype=torch.int32)
+    x_q, x_scale, x_zero = fxq.quantize_per_token(x)
+    for rows in (x, torch.randn(0, 24)):
+        torch.library.opcheck(fxq.quantize_per_token, (rows,))
+    torch.library.opcheck(fxq.quantize_per_tensor, (x, torch.tensor([0.05]), torch.tensor([3], dtype=torch.int32)))
+    torch.library.opcheck(fxq.int8_linear, (x_q, x_scale, x_zero, w_q, w_scale, w_sum, None, torch.bfloat16))
+    torch.library.opcheck(fxq.int8_linear, (x_q, x_scale, x_zero, w_q, w_scale, w_sum, torch.randn(12), torch.float32))
+    cw_q, cw_scale = quantize_weight_per_channel(torch.randn(4, 3, 3, 3))
+    cw_sum = cw_q.reshape(4, -1).sum(dim=1, dtype=torch.int32)
+    torch.library.opcheck(fxq.int8_conv2d, (torch.randn(1, 3, 5, 6), None, None, cw_q, cw_scale, cw_sum, None,
+                                            [1, 1], [1, 1], [1, 1]))
