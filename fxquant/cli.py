@@ -1,4 +1,4 @@
-"""Command line: `fxquant demo | quantize | inspect`."""
+"""Command line: `fxquant demo | eval | quantize | inspect`."""
 
 from __future__ import annotations
 
@@ -7,13 +7,26 @@ import json
 import sys
 from pathlib import Path
 
+from .config import RECIPES
 from .errors import FxquantError
+from .reference.pipeline import REFERENCE_MODELS
 
 
 def _demo(args) -> None:
     from .demo import run_demo
 
-    run_demo(recipes=args.recipes, out_dir=args.out, steps=args.steps, seed=args.seed)
+    run_demo(recipes=args.recipes, out_dir=args.out, samples=args.samples, calibration=args.calibration,
+             seed=args.seed)
+
+
+def _eval(args) -> None:
+    from .quality import evaluate_all
+
+    models = list(REFERENCE_MODELS) if args.models == ["all"] else args.models
+    recipes = sorted(RECIPES) if args.recipes == ["all"] else args.recipes
+    table = evaluate_all(models, recipes, samples=args.samples, seed=args.seed, device=args.device, out_dir=args.out,
+                         batch=args.batch, calibration=args.calibration)
+    print("\n" + table)
 
 
 def _quantize(args) -> None:
@@ -57,12 +70,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fxquant", description="Post-training quantization of diffusion models.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    demo = commands.add_parser("demo", help="quantize the built-in default pipeline and compare with full precision")
+    demo = commands.add_parser("demo", help="quantize the built-in t2i-dit reference model and compare with full "
+                                            "precision")
     demo.add_argument("--recipes", nargs="+", default=["w8a8", "w8a8-static"])
-    demo.add_argument("--out", default="fxquant-demo", help="directory for demo.json")
-    demo.add_argument("--steps", type=int, default=8)
+    demo.add_argument("--out", default="fxquant-demo", help="directory for demo.json and image grids")
+    demo.add_argument("--samples", type=int, default=20)
+    demo.add_argument("--calibration", type=int, default=16, help="calibration prompts")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(run=_demo)
+
+    evaluate = commands.add_parser("eval", help="quality harness: recipes x reference models against full precision")
+    evaluate.add_argument("--models", nargs="+", default=["all"], help=f"{sorted(REFERENCE_MODELS)} or all")
+    evaluate.add_argument("--recipes", nargs="+", default=["all"], help=f"{sorted(RECIPES)} or all")
+    evaluate.add_argument("--samples", type=int, default=100, help="per image model (video: a quarter, 8 frames)")
+    evaluate.add_argument("--calibration", type=int, default=32, help="calibration prompts")
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--device", default="cpu")
+    evaluate.add_argument("--batch", type=int, default=100)
+    evaluate.add_argument("--out", default="fxquant-eval")
+    evaluate.set_defaults(run=_eval)
 
     quantize = commands.add_parser("quantize", help="quantize a saved diffusers pipeline's denoiser and save it")
     quantize.add_argument("--pipeline", required=True, help="directory written by save_pretrained")

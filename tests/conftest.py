@@ -34,12 +34,12 @@ def quantized_family():
 
 
 @pytest.fixture(scope="session")
-def demo_pipeline_dir(tmp_path_factory):
-    """The built-in demo pipeline saved with save_pretrained (to be reloaded with from_pretrained)."""
-    from fxquant.demo import build_demo_pipeline
+def tiny_pipeline_dir(tmp_path_factory):
+    """The tiny PixArt-alpha pipeline saved with save_pretrained (to be reloaded with from_pretrained)."""
+    from tiny_pipeline import build_tiny_pixart_pipeline
 
     path = tmp_path_factory.mktemp("pipeline")
-    build_demo_pipeline(seed=0).save_pretrained(path)
+    build_tiny_pixart_pipeline(seed=0).save_pretrained(path)
     return path
 
 

@@ -5,24 +5,25 @@ import json
 from fxquant.cli import main
 
 
-def test_demo_writes_table_and_json(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path), "--steps", "4"]) == 0
+def test_demo_writes_table_json_and_grids(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path), "--samples", "3", "--calibration", "2"]) == 0
     printed = capsys.readouterr().out
-    assert "| w8a8 |" in printed and "| w8a8-static |" in printed
+    assert "| t2i-dit | w8a8 |" in printed and "| t2i-dit | w8a8-static |" in printed
     result = json.loads((tmp_path / "demo.json").read_text())
     rows = {row["recipe"]: row for row in result["rows"]}
-    assert set(rows) == {"full precision", "w8a8", "w8a8-static"}
+    assert set(rows) == {"fp", "w8a8", "w8a8-static"}
     for recipe in ("w8a8", "w8a8-static"):
-        assert rows[recipe]["psnr_db"] > 30
-        assert rows[recipe]["denoiser_rel_l2"] < 0.02
-        assert rows[recipe]["denoiser_bytes"] < 0.5 * rows["full precision"]["denoiser_bytes"]  # fp32 -> int8
+        assert rows[recipe]["psnr_db"] > 30, rows[recipe]
+        assert rows[recipe]["weight_bytes"] < 0.5 * rows["fp"]["weight_bytes"]  # float32 -> int8
+        assert (tmp_path / f"t2i-dit-{recipe}.png").exists()
 
 
-def test_quantize_then_inspect(demo_pipeline_dir, tmp_path, capsys):
+def test_quantize_then_inspect(tiny_pipeline_dir, tmp_path, capsys):
+    """`fxquant quantize` on a diffusers pipeline directory (the tiny PixArt-alpha pipeline), then `inspect`."""
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a photo of a cat\na red car\n\na dog in the park\n")
     out = tmp_path / "ckpt"
-    assert main(["quantize", "--pipeline", str(demo_pipeline_dir), "--recipe", "w8a8-static", "--prompts",
+    assert main(["quantize", "--pipeline", str(tiny_pipeline_dir), "--recipe", "w8a8-static", "--prompts",
                  str(prompts), "--steps", "2", "--out", str(out), "--pipe-arg", "height=32", "--pipe-arg", "width=32",
                  "--pipe-arg", "use_resolution_binning=false", "--pipe-arg", "max_sequence_length=16",
                  "--pipe-arg", "clean_caption=false"]) == 0

@@ -6,23 +6,23 @@ import torch
 from diffusers import PixArtAlphaPipeline
 
 import fxquant
-from fxquant.demo import CALIBRATION_PROMPTS, EVAL_PROMPTS, pipeline_kwargs
+from tiny_pipeline import CALIBRATION_PROMPTS, EVAL_PROMPTS, pipeline_kwargs
 from fxquant.metrics import psnr
 
 
 def _generate(pipe, seed=3):
     return pipe(EVAL_PROMPTS[:2], num_inference_steps=4, generator=torch.Generator().manual_seed(seed),
-                output_type="np", **pipeline_kwargs(pipe)).images
+                output_type="np", **pipeline_kwargs()).images
 
 
 @pytest.fixture(scope="module")
-def pipelines(demo_pipeline_dir):
-    reference = PixArtAlphaPipeline.from_pretrained(demo_pipeline_dir)
-    pipe = PixArtAlphaPipeline.from_pretrained(demo_pipeline_dir)
+def pipelines(tiny_pipeline_dir):
+    reference = PixArtAlphaPipeline.from_pretrained(tiny_pipeline_dir)
+    pipe = PixArtAlphaPipeline.from_pretrained(tiny_pipeline_dir)
     for p in (reference, pipe):
         p.set_progress_bar_config(disable=True)
     fxquant.quantize_pipeline(pipe, "w8a8", CALIBRATION_PROMPTS[:4], num_inference_steps=4, batch_size=2,
-                              **pipeline_kwargs(pipe))
+                              **pipeline_kwargs())
     return reference, pipe
 
 
@@ -45,8 +45,8 @@ def test_quantized_transformer_saves_and_loads_into_pipeline(pipelines, tmp_path
     np.testing.assert_array_equal(_generate(pipe), before)
 
 
-def test_prepared_model_is_accepted_by_the_pipeline(demo_pipeline_dir):
-    pipe = PixArtAlphaPipeline.from_pretrained(demo_pipeline_dir)
+def test_prepared_model_is_accepted_by_the_pipeline(tiny_pipeline_dir):
+    pipe = PixArtAlphaPipeline.from_pretrained(tiny_pipeline_dir)
     pipe.set_progress_bar_config(disable=True)
     prepared = fxquant.prepare(pipe.transformer, "w8a8-static")
     reference = _generate(pipe)

@@ -12,7 +12,6 @@ the committed caption table, or the encoder when installed).
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,11 +71,11 @@ class FashionPipeline(DiffusionPipeline):
         return encode(prompts, *self._text_encoder)
 
     def _denoise(self, latents, timestep, embeds, mask):
+        """One denoiser call; the arguments follow the denoiser's config (wrappers hide forward's signature)."""
         kwargs = {"encoder_hidden_states": embeds, "timestep": timestep, "return_dict": False}
-        parameters = inspect.signature(self.denoiser.forward).parameters
-        if "added_cond_kwargs" in parameters and self.unet is None:
+        if "use_additional_conditions" in self.denoiser.config:  # PixArt's adaLN-single takes size conditions
             kwargs["added_cond_kwargs"] = {"resolution": None, "aspect_ratio": None}
-        if "encoder_attention_mask" in parameters and not self.is_video:  # Latte mis-shapes per-frame masks
+        if not self.is_video:  # Latte mis-shapes per-frame text masks; it is trained without one
             kwargs["encoder_attention_mask"] = mask
         latent_name = "sample" if self.unet is not None else "hidden_states"
         return self.denoiser(**{latent_name: latents}, **kwargs)[0]
