@@ -15,6 +15,21 @@ from .plan import LayerPlan, QuantPlan
 
 __version__ = "0.1.0"
 
+
+def _register_cuda_kernels() -> None:
+    """Use the Triton kernels for fxquant ops on CUDA when both are available."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return
+    try:
+        from .backends.triton import cuda_ops  # noqa: F401
+    except ImportError:  # no triton: the reference ops run on CUDA too
+        pass
+
+
+_register_cuda_kernels()
+
 __all__ = [
     "prepare", "convert", "quantize", "quantize_pipeline", "inspect_passes", "save", "load",
     "QuantConfig", "W8A8DynamicConfig", "W8A8StaticConfig", "RECIPES", "get_config",

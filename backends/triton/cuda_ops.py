@@ -1,0 +1,23 @@
+"""CUDA implementations of fxquant's custom ops, backed by the Triton kernels of this package.
+
+Importing this module registers them (`torch.library.register_kernel`); fxquant does so at import time when CUDA
+and Triton are available. Eager CUDA calls and graphs compiled with `backend="fxquant"` then run these kernels;
+the CPU keeps the reference bodies of fxquant.ops.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .quantize import quantize_per_token
+from .w8a8_gemm import w8a8_gemm
+
+
+@torch.library.register_kernel("fxquant::quantize_per_token", "cuda")
+def _quantize_per_token_cuda(x: torch.Tensor):
+    return quantize_per_token(x.contiguous())
+
+
+@torch.library.register_kernel("fxquant::int8_linear", "cuda")
+def _int8_linear_cuda(x_q, x_scale, x_zero, w_q, w_scale, w_sum, bias, out_dtype):
+    return w8a8_gemm(x_q, x_scale, x_zero, w_q, w_scale, w_sum, bias, out_dtype)

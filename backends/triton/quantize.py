@@ -1,0 +1,92 @@
+"""Per-token activation quantization: one program per row, the row held in registers.
+
+    int8: asymmetric min-max, scale = (max(hi, 0) - min(lo, 0)) / 255, zero = rint(-128 - lo / scale),
+          q = clamp(rint(x / scale) + zero, -128, 127)      (bit-exact with fxquant::quantize_per_token)
+    fp8:  symmetric, scale = absmax / 448, q = fp8_e4m3(x / scale)
+
+`quantize_per_token` / `quantize_per_token_fp8` are the launchers.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+SCALE_EPS = 1e-8
+FP8_MAX = 448.0
+
+
+@triton.jit
+def _rint(x):
+    # round half to even, as torch.round: floor(x + 0.5) corrected on exact ties
+    r = tl.floor(x + 0.5)
+    tie = (r - x) == 0.5
+    odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
+    return tl.where(tie & odd, r - 1.0, r)
+
+
+@triton.jit
+def _quantize_int8_kernel(
+    x_ptr, q_ptr, scale_ptr, zero_ptr,
+    K, stride_xm, stride_qm,
+    BLOCK_K: tl.constexpr,
+):
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK_K)
+    mask = offs < K
+    x = tl.load(x_ptr + row * stride_xm + offs, mask=mask, other=0.0).to(tl.float32)
+    lo = tl.minimum(tl.min(tl.where(mask, x, float("inf")), axis=0), 0.0)
+    hi = tl.maximum(tl.max(tl.where(mask, x, float("-inf")), axis=0), 0.0)
+    scale = tl.maximum(tl.div_rn(hi - lo, 255.0), SCALE_EPS)
+    zero = _rint(-128.0 - tl.div_rn(lo, scale))
+    q = tl.minimum(tl.maximum(_rint(tl.div_rn(x, scale)) + zero, -128.0), 127.0)
+    tl.store(q_ptr + row * stride_qm + offs, q.to(tl.int8), mask=mask)
+    tl.store(scale_ptr + row, scale)
+    tl.store(zero_ptr + row, zero.to(tl.int32))
+
+
+@triton.jit
+def _quantize_fp8_kernel(
+    x_ptr, q_ptr, scale_ptr,
+    K, stride_xm, stride_qm,
+    BLOCK_K: tl.constexpr,
+):
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK_K)
+    mask = offs < K
+    x = tl.load(x_ptr + row * stride_xm + offs, mask=mask, other=0.0).to(tl.float32)
+    scale = tl.maximum(tl.max(tl.abs(x), axis=0) / FP8_MAX, SCALE_EPS)
+    q = tl.minimum(tl.maximum(x / scale, -FP8_MAX), FP8_MAX)
+    tl.store(q_ptr + row * stride_qm + offs, q.to(q_ptr.dtype.element_ty), mask=mask)
+    tl.store(scale_ptr + row, scale)
+
+
+def _launch_config(k: int) -> tuple[int, int]:
+    block = triton.next_power_of_2(k)
+    return block, max(1, min(16, block // 512))
+
+
+def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [M, K] float -> (int8 [M, K], fp32 scale [M, 1], int32 zero [M, 1])."""
+    assert x.dim() == 2 and x.stride(1) == 1, "quantize_per_token expects a row-major 2-D tensor"
+    m, k = x.shape
+    q = torch.empty((m, k), dtype=torch.int8, device=x.device)
+    scale = torch.empty((m, 1), dtype=torch.float32, device=x.device)
+    zero = torch.empty((m, 1), dtype=torch.int32, device=x.device)
+    if m:
+        block, warps = _launch_config(k)
+        _quantize_int8_kernel[(m,)](x, q, scale, zero, k, x.stride(0), q.stride(0), BLOCK_K=block, num_warps=warps)
+    return q, scale, zero
+
+
+def quantize_per_token_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] float -> (fp8 e4m3 [M, K], fp32 scale [M, 1]) with symmetric per-row absmax scales."""
+    assert x.dim() == 2 and x.stride(1) == 1, "quantize_per_token_fp8 expects a row-major 2-D tensor"
+    m, k = x.shape
+    q = torch.empty((m, k), dtype=torch.float8_e4m3fn, device=x.device)
+    scale = torch.empty((m, 1), dtype=torch.float32, device=x.device)
+    if m:
+        block, warps = _launch_config(k)
+        _quantize_fp8_kernel[(m,)](x, q, scale, k, x.stride(0), q.stride(0), BLOCK_K=block, num_warps=warps)
+    return q, scale

@@ -1,0 +1,55 @@
+"""Triton kernels against fxquant's reference ops (TRITON_INTERPRET=1 on the CPU, set in conftest)."""
+
+import pytest
+import torch
+
+import fxquant  # noqa: F401
+from fxquant.quantizer import quantize_weight_per_channel
+
+triton = pytest.importorskip("triton")
+from fxquant.backends.triton.quantize import quantize_per_token, quantize_per_token_fp8  # noqa: E402
+from fxquant.backends.triton.w8a8_gemm import w8a8_gemm  # noqa: E402
+
+fxq = torch.ops.fxquant
+
+
+@pytest.mark.parametrize("shape", [(1, 8), (5, 33), (17, 200), (0, 16)])
+def test_int8_quantize_kernel_is_bit_exact(shape):
+    x = torch.randn(shape) * 3 + 0.4
+    q, scale, zero = quantize_per_token(x)
+    ref_q, ref_scale, ref_zero = fxq.quantize_per_token(x)
+    assert torch.equal(q, ref_q) and torch.equal(scale, ref_scale) and torch.equal(zero, ref_zero)
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 16, 8), (5, 33, 17), (70, 128, 40)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_int8_gemm_kernel_is_exact(m, k, n, with_bias):
+    x, w = torch.randn(m, k), torch.randn(n, k)
+    bias = torch.randn(n) if with_bias else None
+    x_q, x_scale, x_zero = fxq.quantize_per_token(x)
+    w_q, w_scale = quantize_weight_per_channel(w)
+    w_sum = w_q.sum(dim=1, dtype=torch.int32)
+    expected = fxq.int8_linear(x_q, x_scale, x_zero, w_q, w_scale, w_sum, bias, torch.float32)
+    out = w8a8_gemm(x_q, x_scale, x_zero, w_q, w_scale, w_sum, bias, torch.float32)
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)  # int32 accumulation: same numbers
+
+
+def test_fp8_quantize_and_gemm_match_float_reference():
+    x, w = torch.randn(9, 40), torch.randn(12, 40)
+    x_q, x_scale = quantize_per_token_fp8(x)
+    assert x_q.dtype == torch.float8_e4m3fn
+    assert ((x_q.float() * x_scale - x).norm() / x.norm()) < 0.05  # e4m3: 3 mantissa bits
+    w_scale = w.abs().amax(dim=1) / 448
+    w_q = (w / w_scale[:, None]).to(torch.float8_e4m3fn)
+    out = w8a8_gemm(x_q, x_scale, None, w_q, w_scale, None, None, torch.float32)
+    expected = (x_q.float() * x_scale) @ (w_q.float() * w_scale[:, None]).t()
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_launcher_rejects_bad_input():
+    with pytest.raises(AssertionError, match="shapes"):
+        w8a8_gemm(torch.zeros(2, 8, dtype=torch.int8), torch.ones(2), None, torch.zeros(3, 4, dtype=torch.int8),
+                  torch.ones(3), None, None, torch.float32)
+    with pytest.raises(AssertionError, match="zero point needs"):
+        w8a8_gemm(torch.zeros(2, 8, dtype=torch.int8), torch.ones(2), torch.zeros(2, dtype=torch.int32),
+                  torch.zeros(3, 8, dtype=torch.int8), torch.ones(3), None, None, torch.float32)
