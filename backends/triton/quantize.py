@@ -13,8 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-SCALE_EPS = 1e-8
-FP8_MAX = 448.0
+SCALE_EPS = tl.constexpr(1e-8)
+FP8_MAX = tl.constexpr(448.0)
 
 
 @triton.jit
