@@ -2,9 +2,11 @@
 
     python benchmarks/gpu_bench.py --sections kernels gemm pixart --out results.json
 
-Everything runs in one process on the same inputs; times are medians (triton.testing.do_bench, many calls);
-ratios are against bf16 cuBLAS / bf16 eager / bf16 torch.compile measured in the same run. Random weights: speed
-does not depend on their values. Writes one JSON with device, versions and date.
+Everything runs in one process on the same inputs; times are medians of many calls. GEMMs are timed as CUDA-graph
+replays (triton.testing.do_bench_cudagraph), so CPU launch overhead is excluded for every variant alike; the
+end-to-end model is timed both as plain calls and as CUDA-graph replays. Ratios are against bf16 cuBLAS / bf16
+eager / bf16 torch.compile measured in the same run. Random weights: speed does not depend on their values.
+Writes one JSON with device, versions and date.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import time
 
 import torch
 import triton
-from triton.testing import do_bench
+from triton.testing import do_bench, do_bench_cudagraph
 
 import fxquant
 from fxquant.backends.triton.quantize import quantize_per_token, quantize_per_token_fp8
@@ -30,6 +32,31 @@ FP8_MAX = 448.0
 
 def _median_ms(fn) -> float:
     return do_bench(fn, warmup=50, rep=300, return_mode="median")
+
+
+def _graph_median_ms(fn) -> float:
+    fn()  # autotune / compile outside the graph
+    torch.cuda.synchronize()
+    return do_bench_cudagraph(fn, rep=300, return_mode="median")
+
+
+def _cuda_graph(fn):
+    """Capture fn() (static inputs) once; return a replay callable that returns the captured output."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+
+    def replay():
+        graph.replay()
+        return out
+
+    return replay
 
 
 def _fp8_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,15 +125,15 @@ def gemm_benchmark() -> list[dict]:
             ws8_row = ws8[None, :].contiguous()
             flops = 2 * m * n * k
             times = {
-                "bf16_cublas": _median_ms(lambda: torch.nn.functional.linear(x, w, bias)),
-                "int8_cublas_int_mm": _median_ms(lambda: torch._int_mm(q, wq.t())) if m > 16 else None,
-                "fp8_cublas_scaled_mm": _median_ms(lambda: torch._scaled_mm(q8, w8_t, scale_a=s8, scale_b=ws8_row,
+                "bf16_cublas": _graph_median_ms(lambda: torch.nn.functional.linear(x, w, bias)),
+                "int8_cublas_int_mm": _graph_median_ms(lambda: torch._int_mm(q, wq.t())) if m > 16 else None,
+                "fp8_cublas_scaled_mm": _graph_median_ms(lambda: torch._scaled_mm(q8, w8_t, scale_a=s8, scale_b=ws8_row,
                                                                            bias=bias, out_dtype=torch.bfloat16)),
-                "fxquant_int8_gemm": _median_ms(lambda: w8a8_gemm(q, s, z, wq, ws, wsum, bias, torch.bfloat16)),
-                "fxquant_fp8_gemm": _median_ms(lambda: w8a8_gemm(q8, s8, None, w8, ws8, None, bias, torch.bfloat16)),
-                "fxquant_int8_quantize_plus_gemm": _median_ms(
+                "fxquant_int8_gemm": _graph_median_ms(lambda: w8a8_gemm(q, s, z, wq, ws, wsum, bias, torch.bfloat16)),
+                "fxquant_fp8_gemm": _graph_median_ms(lambda: w8a8_gemm(q8, s8, None, w8, ws8, None, bias, torch.bfloat16)),
+                "fxquant_int8_quantize_plus_gemm": _graph_median_ms(
                     lambda: w8a8_gemm(*quantize_per_token(x), wq, ws, wsum, bias, torch.bfloat16)),
-                "fxquant_int8_quantize_only": _median_ms(lambda: quantize_per_token(x)),
+                "fxquant_int8_quantize_only": _graph_median_ms(lambda: quantize_per_token(x)),
             }
             row = {"M": m, "K": k, "N": n, "ms": times,
                    "tflops": {name: (flops / (t * 1e-3) / 1e12 if t else None) for name, t in times.items()
@@ -148,10 +175,15 @@ def pixart_benchmark(layers: int = 28) -> dict:
             torch.cuda.synchronize()
             peak = torch.cuda.max_memory_allocated() - base
             ms = _median_ms(lambda: model(**inputs))
+            try:
+                graph_ms, graph_error = _median_ms(_cuda_graph(lambda: model(**inputs)[0])), None
+            except Exception as err:  # recorded, not hidden: some variants may not be capturable
+                graph_ms, graph_error = None, f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
         weights = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
-        print(f"pixart {name}: {ms:.2f} ms, activation peak {peak / 2**30:.2f} GiB, weights {weights / 2**20:.0f} MiB",
-              flush=True)
-        return out, {"ms": ms, "activation_peak_bytes": peak, "weight_bytes": weights,
+        print(f"pixart {name}: {ms:.2f} ms (CUDA graph {graph_ms}), activation peak {peak / 2**30:.2f} GiB, "
+              f"weights {weights / 2**20:.0f} MiB", flush=True)
+        return out, {"ms": ms, "cuda_graph_ms": graph_ms, "cuda_graph_error": graph_error,
+                     "activation_peak_bytes": peak, "weight_bytes": weights,
                      "compile_seconds": compile_seconds}
 
     results = {"config": {**config, "batch": 2, "tokens": 4096, "text_tokens": 120}, "variants": {}}
@@ -179,9 +211,12 @@ def pixart_benchmark(layers: int = 28) -> dict:
     results["variants"]["fxquant_w8a8_compile"]["rel_l2_vs_eager_quantized"] = relative_l2(out, eager_out)
     bf16_eager = results["variants"]["bf16_eager"]["ms"]
     bf16_compile = results["variants"]["bf16_compile"]["ms"]
+    bf16_graph = results["variants"]["bf16_eager"]["cuda_graph_ms"]
     for name, variant in results["variants"].items():
         variant["speedup_vs_bf16_eager"] = bf16_eager / variant["ms"]
         variant["speedup_vs_bf16_compile"] = bf16_compile / variant["ms"]
+        if variant["cuda_graph_ms"]:
+            variant["cuda_graph_speedup_vs_bf16_eager_cuda_graph"] = bf16_graph / variant["cuda_graph_ms"]
     return results
 
 
