@@ -40,9 +40,12 @@ def asymmetric_params(lo: torch.Tensor, hi: torch.Tensor, bits: int = 8) -> tupl
 
 
 def quantize_asymmetric(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int = 8) -> torch.Tensor:
-    """x -> int8 q = clamp(round(x / scale) + zero) (scale and zero broadcast against x)."""
+    """x -> int8 q = clamp(round(x * (1 / scale)) + zero) (scale and zero broadcast against x).
+
+    The reciprocal is taken once per scale and multiplied in (one correctly rounded fp32 multiply per element),
+    which kernels reproduce bit for bit; round is half-to-even."""
     low, high = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-    return torch.clamp(torch.round(x.float() / scale) + zero, low, high).to(torch.int8)
+    return torch.clamp(torch.round(x.float() * scale.reciprocal()) + zero, low, high).to(torch.int8)
 
 
 def quantize_weight_per_channel(weight: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:

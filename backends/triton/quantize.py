@@ -1,7 +1,7 @@
 """Per-token activation quantization: one program per row, the row held in registers.
 
     int8: asymmetric min-max, scale = (max(hi, 0) - min(lo, 0)) / 255, zero = rint(-128 - lo / scale),
-          q = clamp(rint(x / scale) + zero, -128, 127)      (bit-exact with fxquant::quantize_per_token)
+          q = clamp(rint(x * (1 / scale)) + zero, -128, 127)  (bit-exact with fxquant::quantize_per_token)
     fp8:  symmetric, scale = absmax / 448, q = fp8_e4m3(x / scale)
 
 `quantize_per_token` / `quantize_per_token_fp8` are the launchers.
@@ -13,17 +13,26 @@ import torch
 import triton
 import triton.language as tl
 
+from . import INTERPRET
+from triton.language.extra import libdevice
+
 SCALE_EPS = tl.constexpr(1e-8)
 FP8_MAX = tl.constexpr(448.0)
 
+if INTERPRET:  # the CPU interpreter has no libdevice: emulate round-half-to-even
 
-@triton.jit
-def _rint(x):
-    # round half to even, as torch.round: floor(x + 0.5) corrected on exact ties
-    r = tl.floor(x + 0.5)
-    tie = (r - x) == 0.5
-    odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
-    return tl.where(tie & odd, r - 1.0, r)
+    @triton.jit
+    def _rint(x):
+        r = tl.floor(x + 0.5)
+        tie = (r - x) == 0.5
+        odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
+        return tl.where(tie & odd, r - 1.0, r)
+
+else:
+
+    @triton.jit
+    def _rint(x):
+        return libdevice.rint(x)
 
 
 @triton.jit
@@ -40,7 +49,8 @@ def _quantize_int8_kernel(
     hi = tl.maximum(tl.max(tl.where(mask, x, float("-inf")), axis=0), 0.0)
     scale = tl.maximum(tl.div_rn(hi - lo, 255.0), SCALE_EPS)
     zero = _rint(-128.0 - tl.div_rn(lo, scale))
-    q = tl.minimum(tl.maximum(_rint(tl.div_rn(x, scale)) + zero, -128.0), 127.0)
+    inverse = tl.div_rn(1.0, scale)
+    q = tl.minimum(tl.maximum(_rint(x * inverse) + zero, -128.0), 127.0)
     tl.store(q_ptr + row * stride_qm + offs, q.to(tl.int8), mask=mask)
     tl.store(scale_ptr + row, scale)
     tl.store(zero_ptr + row, zero.to(tl.int32))

@@ -10,13 +10,12 @@ The launcher `w8a8_gemm` checks, allocates and launches; tests compare it with f
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from . import INTERPRET
+
 
 
 def get_autotune_config() -> list[triton.Config]:
