@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from . import INTERPRET
-from triton.language.extra import libdevice
 
 SCALE_EPS = tl.constexpr(1e-8)
 FP8_MAX = tl.constexpr(448.0)
