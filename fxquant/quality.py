@@ -175,8 +175,8 @@ def evaluate(model: str, recipes: list[str | QuantConfig], samples: int = 100, s
 def format_table(reports: list[dict[str, Any]]) -> str:
     """One markdown table for several reports (model x recipe rows)."""
     lines = ["| model | recipe | W bits | accuracy | FD-FMNIST | PSNR dB | SSIM | SQNR dB (mean over steps) | "
-             "temporal cons. | weight MB |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "temporal cons. | weight MB | quantize s | generate s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for report in reports:
         for row in report["rows"]:
             sqnr = row["sqnr_db_per_step"]
@@ -186,7 +186,7 @@ def format_table(reports: list[dict[str, Any]]) -> str:
                 f"{'-' if row['ssim'] is None else format(row['ssim'], '.4f')} | "
                 f"{'-' if sqnr is None else format(float(np.mean(sqnr)), '.1f')} | "
                 f"{format(row['temporal_consistency'], '.4f') if 'temporal_consistency' in row else '-'} | "
-                f"{row['weight_bytes'] / 1e6:.2f} |")
+                f"{row['weight_bytes'] / 1e6:.2f} | {row['quantize_seconds']:.1f} | {row['generate_seconds']:.1f} |")
     return "\n".join(lines)
 
 
