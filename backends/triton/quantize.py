@@ -36,15 +36,22 @@ else:
 
 
 @triton.jit
+def _load_row(x_ptr, stride_xm, K, BLOCK_K: tl.constexpr):
+    """This program's row as fp32 (zeros past K), its offsets and mask."""
+    offs = tl.arange(0, BLOCK_K)
+    mask = offs < K
+    x = tl.load(x_ptr + tl.program_id(0) * stride_xm + offs, mask=mask, other=0.0).to(tl.float32)
+    return x, offs, mask
+
+
+@triton.jit
 def _quantize_int8_kernel(
     x_ptr, q_ptr, scale_ptr, zero_ptr,
     K, stride_xm, stride_qm,
     BLOCK_K: tl.constexpr,
 ):
     row = tl.program_id(0)
-    offs = tl.arange(0, BLOCK_K)
-    mask = offs < K
-    x = tl.load(x_ptr + row * stride_xm + offs, mask=mask, other=0.0).to(tl.float32)
+    x, offs, mask = _load_row(x_ptr, stride_xm, K, BLOCK_K)
     lo = tl.minimum(tl.min(tl.where(mask, x, float("inf")), axis=0), 0.0)
     hi = tl.maximum(tl.max(tl.where(mask, x, float("-inf")), axis=0), 0.0)
     scale = tl.maximum(tl.div_rn(hi - lo, 255.0), SCALE_EPS)
@@ -63,9 +70,7 @@ def _quantize_fp8_kernel(
     BLOCK_K: tl.constexpr,
 ):
     row = tl.program_id(0)
-    offs = tl.arange(0, BLOCK_K)
-    mask = offs < K
-    x = tl.load(x_ptr + row * stride_xm + offs, mask=mask, other=0.0).to(tl.float32)
+    x, offs, mask = _load_row(x_ptr, stride_xm, K, BLOCK_K)
     scale = tl.maximum(tl.max(tl.abs(x), axis=0) / FP8_MAX, SCALE_EPS)
     q = tl.minimum(tl.maximum(x / scale, -FP8_MAX), FP8_MAX)
     tl.store(q_ptr + row * stride_qm + offs, q.to(q_ptr.dtype.element_ty), mask=mask)
