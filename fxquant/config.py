@@ -16,6 +16,7 @@ from .errors import RecipeError
 
 ACT_MODES = ("dynamic_per_token", "static_per_tensor")
 WEIGHT_GRANULARITIES = ("per_channel",)
+WEIGHT_BITS = (8, 4)
 
 
 @dataclass
@@ -34,6 +35,11 @@ class QuantConfig:
             full precision.
         keep_full_precision: extra layers to keep, pattern -> reason. A pattern is an exact module FQN or
             "re:<regex>" (searched); exact names win over regexes, the first matching regex wins.
+        smooth_alpha: static smoothing strength (SmoothQuant's alpha) for balanced linears; None = no smoothing.
+        rotate: rotate balanced linears' inputs with a block Hadamard matrix after smoothing (ViDiT-Q).
+        balance_threshold: balance only linears whose calibrated channel outlier ratio (max / median of the
+            per-channel |x| maxima) is at least this; 0 balances every quantized linear.
+        seed: seed of the rotation signs (stored with the model, never redrawn).
     """
 
     weight_bits: int = 8
@@ -43,13 +49,17 @@ class QuantConfig:
     keep_condition_layers: bool = True
     keep_io_layers: bool = True
     keep_full_precision: dict[str, str] = field(default_factory=dict)
+    smooth_alpha: float | None = None
+    rotate: bool = False
+    balance_threshold: float = 0.0
+    seed: int = 0
     version: int = 1
 
     recipe_name: ClassVar[str] = "custom"
 
     def __post_init__(self):
-        if self.weight_bits != 8:
-            raise RecipeError(f"weight_bits={self.weight_bits} is not supported yet; use weight_bits=8.")
+        if self.weight_bits not in WEIGHT_BITS:
+            raise RecipeError(f"weight_bits={self.weight_bits} is not supported; use one of {WEIGHT_BITS}.")
         if self.act_bits != 8:
             raise RecipeError(f"act_bits={self.act_bits} is not supported yet; use act_bits=8.")
         if self.act_mode not in ACT_MODES:
@@ -58,6 +68,10 @@ class QuantConfig:
             raise RecipeError(
                 f"weight_granularity={self.weight_granularity!r} is unknown; use one of {WEIGHT_GRANULARITIES}."
             )
+        if self.balances and self.act_mode != "dynamic_per_token":
+            raise RecipeError("Channel balancing (smooth_alpha / rotate) needs act_mode='dynamic_per_token'.")
+        if self.smooth_alpha is not None and not 0 <= self.smooth_alpha <= 1:
+            raise RecipeError(f"smooth_alpha={self.smooth_alpha} must lie in [0, 1].")
         for pattern in self.keep_full_precision:
             if pattern.startswith("re:"):
                 try:
@@ -70,8 +84,9 @@ class QuantConfig:
         return self.recipe_name
 
     @property
-    def needs_static_scales(self) -> bool:
-        return self.act_mode == "static_per_tensor"
+    def balances(self) -> bool:
+        """True when this config applies channel balancing (smoothing and / or rotation)."""
+        return self.smooth_alpha is not None or self.rotate
 
     def keep_reason(self, fqn: str) -> str | None:
         """The user's reason to keep `fqn` in full precision, or None. Exact names first, then regexes in order."""
@@ -98,10 +113,46 @@ class W8A8StaticConfig(QuantConfig):
     recipe_name: ClassVar[str] = "w8a8-static"
 
 
-_CONFIG_CLASSES: dict[str, type[QuantConfig]] = {
-    cls.__name__: cls for cls in (QuantConfig, W8A8DynamicConfig, W8A8StaticConfig)
-}
-RECIPES: dict[str, type[QuantConfig]] = {cls.recipe_name: cls for cls in (W8A8DynamicConfig, W8A8StaticConfig)}
+@dataclass
+class SmoothQuantW8A8Config(QuantConfig):
+    """W8A8 per-token with SmoothQuant's static smoothing (alpha 0.5) on every quantized linear."""
+
+    smooth_alpha: float | None = 0.5
+    recipe_name: ClassVar[str] = "smoothquant-w8a8"
+
+
+@dataclass
+class ViditqW8A8Config(QuantConfig):
+    """W8A8 per-token with ViDiT-Q's static-dynamic channel balancing (smoothing + Hadamard rotation) on linears
+    whose channel outlier ratio is at least balance_threshold."""
+
+    smooth_alpha: float | None = 0.5
+    rotate: bool = True
+    balance_threshold: float = 4.0
+    recipe_name: ClassVar[str] = "viditq-w8a8"
+
+
+@dataclass
+class W4A8DynamicConfig(QuantConfig):
+    """Int4 per-channel weights (packed two per byte), int8 per-token activations, no balancing (the baseline
+    that ViDiT-Q's W4A8 improves on)."""
+
+    weight_bits: int = 4
+    recipe_name: ClassVar[str] = "w4a8"
+
+
+@dataclass
+class ViditqW4A8Config(ViditqW8A8Config):
+    """Int4 per-channel weights with ViDiT-Q's channel balancing, int8 per-token activations."""
+
+    weight_bits: int = 4
+    recipe_name: ClassVar[str] = "viditq-w4a8"
+
+
+_ALL_CONFIGS = (QuantConfig, W8A8DynamicConfig, W8A8StaticConfig, SmoothQuantW8A8Config, ViditqW8A8Config,
+                W4A8DynamicConfig, ViditqW4A8Config)
+_CONFIG_CLASSES: dict[str, type[QuantConfig]] = {cls.__name__: cls for cls in _ALL_CONFIGS}
+RECIPES: dict[str, type[QuantConfig]] = {cls.recipe_name: cls for cls in _ALL_CONFIGS[1:]}
 
 
 def get_config(recipe: str | QuantConfig) -> QuantConfig:

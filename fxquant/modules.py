@@ -11,8 +11,9 @@ import torch
 from torch import nn
 
 from . import ops  # noqa: F401  (registers torch.ops.fxquant)
+from .balance import rotate, rotation_signs
 from .plan import LayerPlan
-from .quantizer import quantize_weight_per_channel
+from .quantizer import pack_int4, quantize_weight_per_channel
 
 fxq = torch.ops.fxquant
 
@@ -33,33 +34,53 @@ def _weight_sum(weight_q: torch.Tensor) -> torch.Tensor:
 
 
 class QuantLinear(nn.Module):
-    """y = int8_linear(quantize(x), weight_q, ...); x [..., K] -> y [..., N] in x's dtype.
+    """y = int8_linear(quantize(balance(x)), weight_q, ...); x [..., K] -> y [..., N] in x's dtype.
 
-    Buffers: weight_q int8 [N, K], weight_scale fp32 [N], weight_sum int32 [N], bias (model dtype) or None;
-    act_scale fp32 [G] and act_zero int32 [G] for static activations (G timestep groups), None when activations
-    are quantized per token at run time.
+    Buffers: weight_q int8 [N, K] (8-bit) or uint8 [N, K/2] (4-bit, two per byte), weight_scale fp32 [N],
+    weight_sum int32 [N], bias (model dtype) or None; act_scale fp32 [G] and act_zero int32 [G] for static
+    activations (G timestep groups), None when activations are quantized per token at run time; smooth_inv fp32 [K]
+    (1 / smoothing factors) and rotation_signs fp32 [K] when the layer is balanced (fxquant.balance).
     """
 
     def __init__(self, in_features: int, out_features: int, has_bias: bool, act_params: tuple,
-                 bias_dtype: torch.dtype, device=None):
+                 bias_dtype: torch.dtype, weight_bits: int = 8, smoothed: bool = False, rotation_block: int = 0,
+                 device=None):
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
-        self.register_buffer("weight_q", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+        self.weight_bits = weight_bits
+        self.rotation_block = rotation_block
+        packed = (out_features, in_features // 2) if weight_bits == 4 else (out_features, in_features)
+        self.register_buffer("weight_q", torch.empty(packed, dtype=torch.uint8 if weight_bits == 4 else torch.int8,
+                                                     device=device))
         self.register_buffer("weight_scale", torch.empty(out_features, dtype=torch.float32, device=device))
         self.register_buffer("weight_sum", torch.empty(out_features, dtype=torch.int32, device=device))
         bias = torch.empty(out_features, dtype=bias_dtype, device=device) if has_bias else None
         self.register_buffer("bias", bias)
         self.register_buffer("act_scale", act_params[0])
         self.register_buffer("act_zero", act_params[1])
+        vector = (lambda: torch.empty(in_features, dtype=torch.float32, device=device))
+        self.register_buffer("smooth_inv", vector() if smoothed else None)
+        self.register_buffer("rotation_signs", vector() if rotation_block else None)
 
     @classmethod
-    def from_float(cls, linear: nn.Linear, layer: LayerPlan) -> QuantLinear:
-        weight = linear.weight.detach()
+    def from_float(cls, linear: nn.Linear, layer: LayerPlan, seed: int = 0) -> QuantLinear:
+        """Fold the plan's balancing into the weight (W * s, then W R), quantize it per output channel, pack."""
+        weight = linear.weight.detach().float()
+        device = weight.device
         module = cls(linear.in_features, linear.out_features, linear.bias is not None,
-                     _static_act_params(layer, weight.device), weight.dtype, device=weight.device)
-        module.weight_q, module.weight_scale = quantize_weight_per_channel(weight, layer.weight_bits)
-        module.weight_sum = _weight_sum(module.weight_q)
+                     _static_act_params(layer, device), linear.weight.dtype, layer.weight_bits,
+                     smoothed=layer.smooth is not None, rotation_block=layer.rotation_block or 0, device=device)
+        if layer.smooth is not None:
+            smooth = torch.tensor(layer.smooth, dtype=torch.float32, device=device)
+            weight = weight * smooth
+            module.smooth_inv = smooth.reciprocal()
+        if layer.rotation_block:
+            module.rotation_signs = rotation_signs(linear.in_features, layer.fqn, seed).to(device)
+            weight = rotate(weight, module.rotation_signs, layer.rotation_block)
+        weight_q, module.weight_scale = quantize_weight_per_channel(weight, layer.weight_bits)
+        module.weight_sum = _weight_sum(weight_q)
+        module.weight_q = pack_int4(weight_q) if layer.weight_bits == 4 else weight_q
         if linear.bias is not None:
             module.bias = linear.bias.detach().clone()
         return module
@@ -67,22 +88,31 @@ class QuantLinear(nn.Module):
     @classmethod
     def from_plan(cls, layer: LayerPlan, has_bias: bool, bias_dtype: torch.dtype) -> QuantLinear:
         return cls(layer.in_features, layer.out_features, has_bias, _static_act_params(layer, "meta"), bias_dtype,
-                   device="meta")
+                   layer.weight_bits, smoothed=layer.smooth is not None,
+                   rotation_block=layer.rotation_block or 0, device="meta")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
+        if self.smooth_inv is not None:
+            rows = rows * self.smooth_inv.to(rows.dtype)
+        if self.rotation_signs is not None:
+            rows = rotate(rows, self.rotation_signs, self.rotation_block)
+        weight_q = self.weight_q if self.weight_bits == 8 else fxq.unpack_int4(self.weight_q)
         if self.act_scale is None:
             x_q, x_scale, x_zero = fxq.quantize_per_token(rows)
         else:
             x_scale, x_zero = self.act_scale[:1], self.act_zero[:1]
             x_q = fxq.quantize_per_tensor(rows, x_scale, x_zero)
-        out = fxq.int8_linear(x_q, x_scale, x_zero, self.weight_q, self.weight_scale, self.weight_sum, self.bias,
+        out = fxq.int8_linear(x_q, x_scale, x_zero, weight_q, self.weight_scale, self.weight_sum, self.bias,
                               x.dtype)
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         mode = "dynamic per-token" if self.act_scale is None else "static per-tensor"
-        return f"in={self.in_features}, out={self.out_features}, W8 per-channel, A8 {mode}"
+        balance = [name for name, on in (("smooth", self.smooth_inv is not None),
+                                         (f"rotate{self.rotation_block}", self.rotation_signs is not None)) if on]
+        return (f"in={self.in_features}, out={self.out_features}, W{self.weight_bits} per-channel, A8 {mode}"
+                + (f", {'+'.join(balance)}" if balance else ""))
 
 
 class QuantConv2d(nn.Module):

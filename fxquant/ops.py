@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .quantizer import asymmetric_params, quantize_asymmetric
+from .quantizer import asymmetric_params, quantize_asymmetric, unpack_int4
 
 _CUDA_INT_MM_MIN_ROWS = 17  # cuBLAS int8 GEMM through torch._int_mm needs M > 16 and K, N multiples of 8
 
@@ -87,6 +87,17 @@ def int8_linear(
 @int8_linear.register_fake
 def _(x_q, x_scale, x_zero, w_q, w_scale, w_sum, bias, out_dtype):
     return x_q.new_empty((x_q.shape[0], w_q.shape[0]), dtype=out_dtype)
+
+
+@torch.library.custom_op("fxquant::unpack_int4", mutates_args=())
+def unpack_int4_op(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, K/2] (two signed nibbles per byte, low first) -> int8 [N, K] for the int8 GEMM."""
+    return unpack_int4(packed)
+
+
+@unpack_int4_op.register_fake
+def _(packed):
+    return packed.new_empty((*packed.shape[:-1], packed.shape[-1] * 2), dtype=torch.int8)
 
 
 def _conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:

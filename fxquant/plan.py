@@ -27,6 +27,8 @@ class LayerPlan:
     weight_bits None means full precision, and keep_reason says why.
     act_scale, act_zero: static per-tensor activation scale and zero point (asymmetric int8, from the calibrated
     min / max) per timestep group, or None when activations are quantized per token at run time.
+    outlier_ratio: max / median of the calibrated per-channel |x| maxima (linears); balance: "smooth", "rotate",
+    "smooth+rotate" or None; smooth: the smoothing factors s (x / s, W * s); rotation_block: Hadamard block size.
     """
 
     fqn: str
@@ -42,6 +44,10 @@ class LayerPlan:
     act_mode: str | None = None
     act_scale: list[float] | None = None
     act_zero: list[int] | None = None
+    outlier_ratio: float | None = None
+    balance: str | None = None
+    smooth: list[float] | None = None
+    rotation_block: int | None = None
     keep_reason: str | None = None
 
     @property
@@ -54,6 +60,7 @@ class LayerPlan:
             self.keep_reason = reason
         self.weight_bits = self.weight_granularity = self.act_bits = self.act_mode = None
         self.act_scale = self.act_zero = None
+        self.balance = self.smooth = self.rotation_block = None
 
 
 @dataclass
@@ -114,8 +121,10 @@ class QuantPlan:
 
     # -- display -------------------------------------------------------------------------------------------------
     def summary(self) -> str:
-        """A readable table: layer, op, group, role, bits, granularity, activation mode, kept and why."""
-        header = ("layer", "op", "group", "role", "W", "A", "granularity", "activations", "kept in full precision: why")
+        """A readable table: layer, op, group, role, bits, granularity, activation mode, balancing, channel outlier
+        ratio, kept and why."""
+        header = ("layer", "op", "group", "role", "W", "A", "granularity", "activations", "balance", "outliers",
+                  "kept in full precision: why")
         rows = [header]
         for layer in self.layers.values():
             rows.append(
@@ -128,6 +137,8 @@ class QuantPlan:
                     str(layer.act_bits or "-"),
                     layer.weight_granularity or "-",
                     layer.act_mode or "-",
+                    layer.balance or "-",
+                    "-" if layer.outlier_ratio is None else f"{layer.outlier_ratio:.1f}",
                     layer.keep_reason or "",
                 )
             )

@@ -60,3 +60,19 @@ def dequantize_weight_per_channel(q: torch.Tensor, scale: torch.Tensor, dtype: t
     """Inverse of quantize_weight_per_channel (for references and tests)."""
     shape = (-1,) + (1,) * (q.dim() - 1)
     return (q.float() * scale.reshape(shape)).to(dtype)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """int8 [N, K] with values in [-8, 7] (K even) -> uint8 [N, K/2]: element 2i in the low nibble, 2i+1 high."""
+    if q.shape[-1] % 2:
+        raise ValueError(f"pack_int4 needs an even last dimension, got {tuple(q.shape)}")
+    nibbles = (q.to(torch.int16) & 0xF).to(torch.uint8)
+    return nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of pack_int4: uint8 [N, K/2] -> int8 [N, K] (sign-extended nibbles)."""
+    low = (packed & 0xF).to(torch.int8)
+    high = (packed >> 4).to(torch.int8)
+    both = torch.stack([low, high], dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
+    return torch.where(both > 7, both - 16, both)

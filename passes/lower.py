@@ -1,6 +1,6 @@
 """lower: replace every quantized nn.Linear / nn.Conv2d with its real-quant module (packed int8 weights).
 
-Reads: plan layers, the model's float modules.
+Reads: plan layers (bits, static scales, balancing), the model's float modules, config.seed (rotation signs).
 Writes: the model, in place: QuantLinear / QuantConv2d at each quantized FQN (the float weights are dropped);
 node.meta["fxquant_lowered"] = the runtime module's class name on their graph nodes.
 """
@@ -31,9 +31,12 @@ class LowerPass(QuantPass):
         lowered = {}
         for layer in state.plan.quantized_layers():
             module = state.model.get_submodule(layer.fqn)
-            quant_cls = QuantConv2d if layer.op == "conv2d" else QuantLinear
-            replace_module(state.model, layer.fqn, quant_cls.from_float(module, layer))
-            lowered[layer.fqn] = quant_cls.__name__
+            if layer.op == "conv2d":
+                new = QuantConv2d.from_float(module, layer)
+            else:
+                new = QuantLinear.from_float(module, layer, seed=state.config.seed)
+            replace_module(state.model, layer.fqn, new)
+            lowered[layer.fqn] = type(new).__name__
         for node in state.graph.nodes:
             if node.meta.get("fxquant_fqn") in lowered:
                 node.meta["fxquant_lowered"] = lowered[node.meta["fxquant_fqn"]]

@@ -1,0 +1,127 @@
+"""balance: ViDiT-Q's smoothing + block-Hadamard rotation, chosen from calibration statistics; int4 packing."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import fxquant
+from families import FAMILIES
+from fxquant.balance import hadamard, rotate, rotation_block, rotation_signs, smoothing_scale
+from fxquant.metrics import relative_l2
+from fxquant.quantizer import pack_int4, unpack_int4
+
+
+@pytest.mark.parametrize("width,block", [(1152, 128), (192, 64), (3072, 128), (1536, 128), (384, 128), (33, 1)])
+def test_rotation_block_for_non_power_of_two_widths(width, block):
+    assert rotation_block(width) == block
+
+
+@pytest.mark.parametrize("width", [1152, 192, 96])
+def test_rotation_is_orthogonal_and_exact_in_fp32(width):
+    block = rotation_block(width)
+    h = hadamard(block)
+    torch.testing.assert_close(h @ h.T, torch.eye(block), atol=1e-6, rtol=0)
+    x, w = torch.randn(7, width), torch.randn(5, width)
+    signs = rotation_signs(width, "blocks.0.attn1.to_q", seed=0)
+    torch.testing.assert_close(rotate(x, signs, block) @ rotate(w, signs, block).T, x @ w.T, atol=2e-4, rtol=1e-4)
+
+
+def test_rotation_signs_are_deterministic_per_layer_and_seed():
+    a = rotation_signs(256, "blocks.0.ff.net.2", seed=0)
+    assert torch.equal(a, rotation_signs(256, "blocks.0.ff.net.2", seed=0))
+    assert not torch.equal(a, rotation_signs(256, "blocks.1.ff.net.2", seed=0))
+    assert not torch.equal(a, rotation_signs(256, "blocks.0.ff.net.2", seed=1))
+    assert set(a.unique().tolist()) == {-1.0, 1.0}
+
+
+def test_smoothing_preserves_the_product():
+    x, w = torch.randn(9, 16) * torch.linspace(0.1, 30, 16), torch.randn(4, 16)
+    s = smoothing_scale(x.abs().amax(dim=0), w, alpha=0.5)
+    torch.testing.assert_close((x / s) @ (w * s).T, x @ w.T, atol=1e-3, rtol=1e-4)
+    assert (x / s).abs().amax(dim=0).std() < x.abs().amax(dim=0).std()  # channel ranges evened out
+
+
+def test_int4_pack_roundtrip():
+    q = torch.randint(-8, 8, (6, 10), dtype=torch.int8)
+    packed = pack_int4(q)
+    assert packed.dtype == torch.uint8 and packed.shape == (6, 5)
+    assert torch.equal(unpack_int4(packed), q)
+
+
+class OutlierMLP(nn.Module):
+    """Two linears whose input has a few channels 40x larger than the rest (the case balancing is for)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(8, 256)
+        self.mid = nn.Linear(256, 256)
+        self.mid2 = nn.Linear(256, 256)
+        self.out = nn.Linear(256, 8)
+        gain = torch.ones(256)
+        gain[::37] = 40.0
+        self.register_buffer("gain", gain)
+
+    def forward(self, hidden_states):
+        h = self.embed(hidden_states) * self.gain
+        return self.out(self.mid2(torch.relu(self.mid(h)) * self.gain))
+
+
+@pytest.fixture(scope="module")
+def outlier_inputs():
+    g = torch.Generator().manual_seed(0)
+    return [{"hidden_states": torch.randn(64, 8, generator=g)} for _ in range(2)]
+
+
+def _error(recipe, inputs):
+    torch.manual_seed(0)
+    model = OutlierMLP().eval()
+    reference = copy.deepcopy(model)
+    qmodel = fxquant.quantize(model, recipe, inputs)
+    test = {"hidden_states": torch.randn(32, 8, generator=torch.Generator().manual_seed(9))}
+    with torch.no_grad():
+        return relative_l2(qmodel(**test), reference(**test)), qmodel.plan
+
+
+def test_balancing_is_chosen_from_outlier_ratio_and_reduces_error(outlier_inputs):
+    plain, _ = _error("w8a8", outlier_inputs)
+    balanced, plan = _error("viditq-w8a8", outlier_inputs)
+    assert plan.layers["mid"].outlier_ratio > 20 and plan.layers["mid"].balance == "smooth+rotate"
+    assert plan.layers["mid2"].balance == "smooth+rotate"
+    assert balanced < 0.7 * plain, f"viditq-w8a8 {balanced:.4f} vs w8a8 {plain:.4f}"
+    smooth_only, _ = _error("smoothquant-w8a8", outlier_inputs)
+    assert smooth_only < plain, f"smoothquant-w8a8 {smooth_only:.4f} vs w8a8 {plain:.4f}"
+
+
+def test_threshold_decides_which_layers_are_balanced():
+    family = FAMILIES["pixart"]
+    calibration = [family.inputs(seed=1)]
+    everything = fxquant.inspect_passes(family.build(), fxquant.ViditqW8A8Config(balance_threshold=0.0),
+                                        calibration, until="balance").plan
+    nothing = fxquant.inspect_passes(family.build(), fxquant.ViditqW8A8Config(balance_threshold=1e9),
+                                     calibration, until="balance").plan
+    linears = [l for l in everything.quantized_layers() if l.op == "linear"]
+    assert linears and all(l.balance == "smooth+rotate" and l.outlier_ratio > 1 for l in linears)
+    assert all(l.balance is None and l.outlier_ratio is not None for l in nothing.quantized_layers()
+               if l.op == "linear")
+    assert "smooth+rotate" in everything.summary()
+
+
+@pytest.mark.parametrize("recipe", ["viditq-w8a8", "viditq-w4a8", "w4a8"])
+def test_balanced_and_int4_models_save_load_and_stay_close(quantized_family, tmp_path, recipe):
+    reference, _, calibration = quantized_family("pixart", "w8a8")
+    config = fxquant.get_config(recipe)
+    config.balance_threshold = 0.0
+    qmodel = fxquant.quantize(copy.deepcopy(reference), config, calibration)
+    inputs = FAMILIES["pixart"].inputs(seed=4)
+    with torch.no_grad():
+        out = qmodel(**inputs, return_dict=False)[0]
+        error = relative_l2(out, reference(**inputs, return_dict=False)[0])
+    assert error < (0.02 if "w8" in recipe else 0.05), f"{recipe}: {error:.4f}"
+    loaded = fxquant.load(fxquant.save(qmodel, tmp_path / recipe))
+    with torch.no_grad():
+        assert torch.equal(loaded(**inputs, return_dict=False)[0], out)
+    if "w4" in recipe:
+        layer = next(l for l in loaded.plan.quantized_layers() if l.op == "linear")
+        assert loaded.model.get_submodule(layer.fqn).weight_q.dtype == torch.uint8  # packed, two per byte
