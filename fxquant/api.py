@@ -107,8 +107,8 @@ def quantize_pipeline(pipe, recipe: str | QuantConfig, prompts: list[str], num_i
             generator = torch.Generator("cpu").manual_seed(seed + start)
             pipe(batch, num_inference_steps=num_inference_steps, generator=generator, **extra, **pipe_kwargs)
         qmodel = convert(prepared)
-    except BaseException:
-        setattr(pipe, name, prepared.model if not prepared._converted else prepared)
+    except BaseException:  # hand the pipeline its own model back (converted in part if convert itself failed)
+        setattr(pipe, name, prepared.model)
         raise
     setattr(pipe, name, qmodel)
     return pipe

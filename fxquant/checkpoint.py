@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .capture import model_fingerprint
@@ -163,8 +163,6 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> Quantiz
             f"The plan in {root} was made for another model than {config['model_class']} with this config "
             "(fingerprint mismatch)."
         )
-    from safetensors.torch import load_file
-
     tensors = load_file(str(weights), device=str(device))
     for layer in plan.quantized_layers():
         bias = tensors.get(f"{layer.fqn}.bias")

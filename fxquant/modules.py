@@ -33,6 +33,19 @@ def _weight_sum(weight_q: torch.Tensor) -> torch.Tensor:
     return weight_q.reshape(weight_q.shape[0], -1).sum(dim=1, dtype=torch.int32)
 
 
+def _register_quant_buffers(module: nn.Module, weight_q: torch.Tensor, has_bias: bool, bias_dtype: torch.dtype,
+                            act_params: tuple) -> None:
+    """Buffers every quantized layer has: weight_q (given, empty), per-output-channel weight_scale (fp32) and
+    weight_sum (int32), bias in the model's dtype or None, static act_scale / act_zero or None."""
+    out, device = weight_q.shape[0], weight_q.device
+    module.register_buffer("weight_q", weight_q)
+    module.register_buffer("weight_scale", torch.empty(out, dtype=torch.float32, device=device))
+    module.register_buffer("weight_sum", torch.empty(out, dtype=torch.int32, device=device))
+    module.register_buffer("bias", torch.empty(out, dtype=bias_dtype, device=device) if has_bias else None)
+    module.register_buffer("act_scale", act_params[0])
+    module.register_buffer("act_zero", act_params[1])
+
+
 class QuantLinear(nn.Module):
     """y = int8_linear(quantize(balance(x)), weight_q, ...); x [..., K] -> y [..., N] in x's dtype.
 
@@ -51,14 +64,9 @@ class QuantLinear(nn.Module):
         self.weight_bits = weight_bits
         self.rotation_block = rotation_block
         packed = (out_features, in_features // 2) if weight_bits == 4 else (out_features, in_features)
-        self.register_buffer("weight_q", torch.empty(packed, dtype=torch.uint8 if weight_bits == 4 else torch.int8,
-                                                     device=device))
-        self.register_buffer("weight_scale", torch.empty(out_features, dtype=torch.float32, device=device))
-        self.register_buffer("weight_sum", torch.empty(out_features, dtype=torch.int32, device=device))
-        bias = torch.empty(out_features, dtype=bias_dtype, device=device) if has_bias else None
-        self.register_buffer("bias", bias)
-        self.register_buffer("act_scale", act_params[0])
-        self.register_buffer("act_zero", act_params[1])
+        weight_dtype = torch.uint8 if weight_bits == 4 else torch.int8
+        _register_quant_buffers(self, torch.empty(packed, dtype=weight_dtype, device=device), has_bias, bias_dtype,
+                                act_params)
         vector = (lambda: torch.empty(in_features, dtype=torch.float32, device=device))
         self.register_buffer("smooth_inv", vector() if smoothed else None)
         self.register_buffer("rotation_signs", vector() if rotation_block else None)
@@ -127,15 +135,8 @@ class QuantConv2d(nn.Module):
         self.stride = list(stride)
         self.padding = list(padding)
         self.dilation = list(dilation)
-        self.register_buffer(
-            "weight_q", torch.empty(out_channels, in_channels, *kernel_size, dtype=torch.int8, device=device)
-        )
-        self.register_buffer("weight_scale", torch.empty(out_channels, dtype=torch.float32, device=device))
-        self.register_buffer("weight_sum", torch.empty(out_channels, dtype=torch.int32, device=device))
-        bias = torch.empty(out_channels, dtype=bias_dtype, device=device) if has_bias else None
-        self.register_buffer("bias", bias)
-        self.register_buffer("act_scale", act_params[0])
-        self.register_buffer("act_zero", act_params[1])
+        weight_q = torch.empty(out_channels, in_channels, *kernel_size, dtype=torch.int8, device=device)
+        _register_quant_buffers(self, weight_q, has_bias, bias_dtype, act_params)
 
     @classmethod
     def from_float(cls, conv: nn.Conv2d, layer: LayerPlan) -> QuantConv2d:

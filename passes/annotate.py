@@ -52,36 +52,32 @@ def _role(node: fx.Node) -> str:
     return "condition"
 
 
-def _attention_slots(start: fx.Node) -> list[tuple[fx.Node, int]]:
-    """(attention node, argument slot 0=query 1=key 2=value) reached from `start` before any other compute op."""
+def _first_compute_nodes(start: fx.Node) -> tuple[list[fx.Node], set[fx.Node]]:
+    """The linear / conv2d / attention nodes `start`'s output reaches before passing any other such node, and the
+    nodes visited on the way (reshapes, norms, rotary embeddings ...)."""
     found, seen, queue = [], {start}, deque(start.users)
     while queue and len(seen) < _SEARCH_LIMIT:
         node = queue.popleft()
         if node in seen:
             continue
         seen.add(node)
-        kind = node_op_kind(node)
-        if kind == "sdpa":
-            found.extend((node, slot) for slot in range(3) if node.args[slot] in seen)
-        elif kind is None:
+        if node_op_kind(node):
+            found.append(node)
+        else:
             queue.extend(node.users)
-    return found
+    return found, seen
+
+
+def _attention_slots(start: fx.Node) -> list[tuple[fx.Node, int]]:
+    """(attention node, argument slot 0=query 1=key 2=value) that a linear's output feeds."""
+    found, seen = _first_compute_nodes(start)
+    return [(node, slot) for node in found if node_op_kind(node) == "sdpa" for slot in range(3)
+            if node.args[slot] in seen]
 
 
 def _output_projections(attention: fx.Node) -> list[fx.Node]:
     """The linears the attention output reaches first."""
-    found, seen, queue = [], {attention}, deque(attention.users)
-    while queue and len(seen) < _SEARCH_LIMIT:
-        node = queue.popleft()
-        if node in seen:
-            continue
-        seen.add(node)
-        kind = node_op_kind(node)
-        if kind == "linear":
-            found.append(node)
-        elif kind is None:
-            queue.extend(node.users)
-    return found
+    return [node for node in _first_compute_nodes(attention)[0] if node_op_kind(node) == "linear"]
 
 
 def _attention_groups(compute_nodes: list[fx.Node], fqn_of: dict[fx.Node, str]) -> dict[fx.Node, str]:
