@@ -145,7 +145,7 @@ def gemm_benchmark() -> list[dict]:
     return rows
 
 
-def pixart_benchmark(layers: int = 28) -> dict:
+def pixart_benchmark(layers: int = 28, recipes: tuple[str, ...] = ("w8a8", "w8a8-fp8")) -> dict:
     """PixArt-alpha 1024 px transformer (hidden 1152, 4096 tokens, batch 2, 120 text tokens): latency + memory."""
     from diffusers import PixArtTransformer2DModel
 
@@ -163,6 +163,7 @@ def pixart_benchmark(layers: int = 28) -> dict:
     )
 
     def build():
+        torch.manual_seed(0)
         return PixArtTransformer2DModel(**config).to("cuda", torch.bfloat16).eval()
 
     def measure(model, name, compile_seconds=None):
@@ -195,20 +196,23 @@ def pixart_benchmark(layers: int = 28) -> dict:
         compiled(**inputs)
     _, results["variants"]["bf16_compile"] = measure(compiled, "bf16 compile", time.time() - start)
     del compiled
-    torch._dynamo.reset()
-    start = time.time()
-    qmodel = fxquant.quantize(model, "w8a8", [inputs])
-    quantize_seconds = time.time() - start
-    eager_out, results["variants"]["fxquant_w8a8_eager"] = measure(qmodel, "fxquant w8a8 eager")
-    results["variants"]["fxquant_w8a8_eager"]["rel_l2_vs_bf16"] = relative_l2(eager_out, reference)
-    results["variants"]["fxquant_w8a8_eager"]["quantize_seconds"] = quantize_seconds
-    start = time.time()
-    fast = torch.compile(qmodel, backend="fxquant")
-    with torch.no_grad():
-        fast(**inputs)
-    out, results["variants"]["fxquant_w8a8_compile"] = measure(fast, "fxquant w8a8 compile", time.time() - start)
-    results["variants"]["fxquant_w8a8_compile"]["rel_l2_vs_bf16"] = relative_l2(out, reference)
-    results["variants"]["fxquant_w8a8_compile"]["rel_l2_vs_eager_quantized"] = relative_l2(out, eager_out)
+    del model
+    for recipe in recipes:
+        torch._dynamo.reset()
+        start = time.time()
+        qmodel = fxquant.quantize(build(), recipe, [inputs])
+        quantize_seconds = time.time() - start
+        eager_out, eager = measure(qmodel, f"fxquant {recipe} eager")
+        eager.update(rel_l2_vs_bf16=relative_l2(eager_out, reference), quantize_seconds=quantize_seconds)
+        start = time.time()
+        fast = torch.compile(qmodel, backend="fxquant")
+        with torch.no_grad():
+            fast(**inputs)
+        out, compiled = measure(fast, f"fxquant {recipe} compile", time.time() - start)
+        compiled.update(rel_l2_vs_bf16=relative_l2(out, reference), rel_l2_vs_eager_quantized=relative_l2(out, eager_out))
+        results["variants"][f"fxquant_{recipe}_eager"] = eager
+        results["variants"][f"fxquant_{recipe}_compile"] = compiled
+        del qmodel, fast
     bf16_eager = results["variants"]["bf16_eager"]["ms"]
     bf16_compile = results["variants"]["bf16_compile"]["ms"]
     bf16_graph = results["variants"]["bf16_eager"]["cuda_graph_ms"]

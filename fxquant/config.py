@@ -40,6 +40,8 @@ class QuantConfig:
         balance_threshold: balance only linears whose calibrated channel outlier ratio (max / median of the
             per-channel |x| maxima) is at least this; 0 balances every quantized linear.
         seed: seed of the rotation signs (stored with the model, never redrawn).
+        fp8: use float8 e4m3 instead of int8 for the weights and activations of quantized linears (symmetric,
+            per-channel / per-token absmax / 448; Hopper's fast 8-bit path). Convolutions stay int8.
     """
 
     weight_bits: int = 8
@@ -53,6 +55,7 @@ class QuantConfig:
     rotate: bool = False
     balance_threshold: float = 0.0
     seed: int = 0
+    fp8: bool = False
     version: int = 1
 
     recipe_name: ClassVar[str] = "custom"
@@ -70,6 +73,8 @@ class QuantConfig:
             )
         if self.balances and self.act_mode != "dynamic_per_token":
             raise RecipeError("Channel balancing (smooth_alpha / rotate) needs act_mode='dynamic_per_token'.")
+        if self.fp8 and (self.weight_bits != 8 or self.act_mode != "dynamic_per_token"):
+            raise RecipeError("fp8 needs weight_bits=8 and act_mode='dynamic_per_token'.")
         if self.smooth_alpha is not None and not 0 <= self.smooth_alpha <= 1:
             raise RecipeError(f"smooth_alpha={self.smooth_alpha} must lie in [0, 1].")
         for pattern in self.keep_full_precision:
@@ -149,8 +154,16 @@ class ViditqW4A8Config(ViditqW8A8Config):
     recipe_name: ClassVar[str] = "viditq-w4a8"
 
 
+@dataclass
+class W8A8Fp8Config(QuantConfig):
+    """Float8 e4m3 per-channel weights and per-token activations on linears (convolutions int8)."""
+
+    fp8: bool = True
+    recipe_name: ClassVar[str] = "w8a8-fp8"
+
+
 _ALL_CONFIGS = (QuantConfig, W8A8DynamicConfig, W8A8StaticConfig, SmoothQuantW8A8Config, ViditqW8A8Config,
-                W4A8DynamicConfig, ViditqW4A8Config)
+                W4A8DynamicConfig, ViditqW4A8Config, W8A8Fp8Config)
 _CONFIG_CLASSES: dict[str, type[QuantConfig]] = {cls.__name__: cls for cls in _ALL_CONFIGS}
 RECIPES: dict[str, type[QuantConfig]] = {cls.recipe_name: cls for cls in _ALL_CONFIGS[1:]}
 

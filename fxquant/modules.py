@@ -13,7 +13,7 @@ from torch import nn
 from . import ops  # noqa: F401  (registers torch.ops.fxquant)
 from .balance import rotate, rotation_signs
 from .plan import LayerPlan
-from .quantizer import pack_int4, quantize_weight_per_channel
+from .quantizer import pack_int4, quantize_fp8, quantize_weight_per_channel
 
 fxq = torch.ops.fxquant
 
@@ -35,12 +35,14 @@ def _weight_sum(weight_q: torch.Tensor) -> torch.Tensor:
 
 def _register_quant_buffers(module: nn.Module, weight_q: torch.Tensor, has_bias: bool, bias_dtype: torch.dtype,
                             act_params: tuple) -> None:
-    """Buffers every quantized layer has: weight_q (given, empty), per-output-channel weight_scale (fp32) and
-    weight_sum (int32), bias in the model's dtype or None, static act_scale / act_zero or None."""
+    """Buffers every quantized layer has: weight_q (given, empty), per-output-channel weight_scale (fp32) and, for
+    integer weights, weight_sum (int32; None for fp8), bias in the model's dtype or None, static act_scale /
+    act_zero or None."""
     out, device = weight_q.shape[0], weight_q.device
+    integer = weight_q.dtype != torch.float8_e4m3fn
     module.register_buffer("weight_q", weight_q)
     module.register_buffer("weight_scale", torch.empty(out, dtype=torch.float32, device=device))
-    module.register_buffer("weight_sum", torch.empty(out, dtype=torch.int32, device=device))
+    module.register_buffer("weight_sum", torch.empty(out, dtype=torch.int32, device=device) if integer else None)
     module.register_buffer("bias", torch.empty(out, dtype=bias_dtype, device=device) if has_bias else None)
     module.register_buffer("act_scale", act_params[0])
     module.register_buffer("act_zero", act_params[1])
@@ -49,22 +51,23 @@ def _register_quant_buffers(module: nn.Module, weight_q: torch.Tensor, has_bias:
 class QuantLinear(nn.Module):
     """y = int8_linear(quantize(balance(x)), weight_q, ...); x [..., K] -> y [..., N] in x's dtype.
 
-    Buffers: weight_q int8 [N, K] (8-bit) or uint8 [N, K/2] (4-bit, two per byte), weight_scale fp32 [N],
-    weight_sum int32 [N], bias (model dtype) or None; act_scale fp32 [G] and act_zero int32 [G] for static
+    Buffers: weight_q int8 [N, K] (8-bit), uint8 [N, K/2] (4-bit, two per byte) or float8_e4m3fn [N, K] (fp8,
+    activations then fp8 per token too), weight_scale fp32 [N], weight_sum int32 [N] (integer formats), bias (model dtype) or None; act_scale fp32 [G] and act_zero int32 [G] for static
     activations (G timestep groups), None when activations are quantized per token at run time; smooth_inv fp32 [K]
     (1 / smoothing factors) and rotation_signs fp32 [K] when the layer is balanced (fxquant.balance).
     """
 
     def __init__(self, in_features: int, out_features: int, has_bias: bool, act_params: tuple,
                  bias_dtype: torch.dtype, weight_bits: int = 8, smoothed: bool = False, rotation_block: int = 0,
-                 device=None):
+                 fp8: bool = False, device=None):
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
         self.weight_bits = weight_bits
         self.rotation_block = rotation_block
+        self.fp8 = fp8
         packed = (out_features, in_features // 2) if weight_bits == 4 else (out_features, in_features)
-        weight_dtype = torch.uint8 if weight_bits == 4 else torch.int8
+        weight_dtype = torch.float8_e4m3fn if fp8 else torch.uint8 if weight_bits == 4 else torch.int8
         _register_quant_buffers(self, torch.empty(packed, dtype=weight_dtype, device=device), has_bias, bias_dtype,
                                 act_params)
         vector = (lambda: torch.empty(in_features, dtype=torch.float32, device=device))
@@ -78,7 +81,8 @@ class QuantLinear(nn.Module):
         device = weight.device
         module = cls(linear.in_features, linear.out_features, linear.bias is not None,
                      _static_act_params(layer, device), linear.weight.dtype, layer.weight_bits,
-                     smoothed=layer.smooth is not None, rotation_block=layer.rotation_block or 0, device=device)
+                     smoothed=layer.smooth is not None, rotation_block=layer.rotation_block or 0,
+                     fp8=layer.number_format == "fp8", device=device)
         if layer.smooth is not None:
             smooth = torch.tensor(layer.smooth, dtype=torch.float32, device=device)
             weight = weight * smooth
@@ -86,9 +90,13 @@ class QuantLinear(nn.Module):
         if layer.rotation_block:
             module.rotation_signs = rotation_signs(linear.in_features, layer.fqn, seed).to(device)
             weight = rotate(weight, module.rotation_signs, layer.rotation_block)
-        weight_q, module.weight_scale = quantize_weight_per_channel(weight, layer.weight_bits)
-        module.weight_sum = _weight_sum(weight_q)
-        module.weight_q = pack_int4(weight_q) if layer.weight_bits == 4 else weight_q
+        if module.fp8:
+            module.weight_q, scale = quantize_fp8(weight, dim=1)
+            module.weight_scale = scale.reshape(-1)
+        else:
+            weight_q, module.weight_scale = quantize_weight_per_channel(weight, layer.weight_bits)
+            module.weight_sum = _weight_sum(weight_q)
+            module.weight_q = pack_int4(weight_q) if layer.weight_bits == 4 else weight_q
         if linear.bias is not None:
             module.bias = linear.bias.detach().clone()
         return module
@@ -97,7 +105,7 @@ class QuantLinear(nn.Module):
     def from_plan(cls, layer: LayerPlan, has_bias: bool, bias_dtype: torch.dtype) -> QuantLinear:
         return cls(layer.in_features, layer.out_features, has_bias, _static_act_params(layer, "meta"), bias_dtype,
                    layer.weight_bits, smoothed=layer.smooth is not None,
-                   rotation_block=layer.rotation_block or 0, device="meta")
+                   rotation_block=layer.rotation_block or 0, fp8=layer.number_format == "fp8", device="meta")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
@@ -105,6 +113,10 @@ class QuantLinear(nn.Module):
             rows = rows * self.smooth_inv.to(rows.dtype)
         if self.rotation_signs is not None:
             rows = rotate(rows, self.rotation_signs, self.rotation_block)
+        if self.fp8:
+            x_q, x_scale = fxq.quantize_per_token_fp8(rows)
+            out = fxq.fp8_linear(x_q, x_scale, self.weight_q, self.weight_scale, self.bias, x.dtype)
+            return out.reshape(*x.shape[:-1], self.out_features)
         weight_q = self.weight_q if self.weight_bits == 8 else fxq.unpack_int4(self.weight_q)
         if self.act_scale is None:
             x_q, x_scale, x_zero = fxq.quantize_per_token(rows)
@@ -119,7 +131,8 @@ class QuantLinear(nn.Module):
         mode = "dynamic per-token" if self.act_scale is None else "static per-tensor"
         balance = [name for name, on in (("smooth", self.smooth_inv is not None),
                                          (f"rotate{self.rotation_block}", self.rotation_signs is not None)) if on]
-        return (f"in={self.in_features}, out={self.out_features}, W{self.weight_bits} per-channel, A8 {mode}"
+        weights = "fp8 e4m3" if self.fp8 else f"W{self.weight_bits}"
+        return (f"in={self.in_features}, out={self.out_features}, {weights} per-channel, A8 {mode}"
                 + (f", {'+'.join(balance)}" if balance else ""))
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .quantizer import asymmetric_params, quantize_asymmetric, unpack_int4
+from .quantizer import asymmetric_params, quantize_asymmetric, quantize_fp8, unpack_int4
 
 _CUDA_INT_MM_MIN_ROWS = 17  # cuBLAS int8 GEMM through torch._int_mm needs M > 16 and K, N multiples of 8
 
@@ -86,6 +86,41 @@ def int8_linear(
 
 @int8_linear.register_fake
 def _(x_q, x_scale, x_zero, w_q, w_scale, w_sum, bias, out_dtype):
+    return x_q.new_empty((x_q.shape[0], w_q.shape[0]), dtype=out_dtype)
+
+
+@torch.library.custom_op("fxquant::quantize_per_token_fp8", mutates_args=())
+def quantize_per_token_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] float -> (float8_e4m3fn [M, K], fp32 scale [M, 1]): symmetric absmax / 448 per row."""
+    return quantize_fp8(x, dim=-1)
+
+
+@quantize_per_token_fp8.register_fake
+def _(x):
+    return x.new_empty(x.shape, dtype=torch.float8_e4m3fn), x.new_empty((*x.shape[:-1], 1), dtype=torch.float32)
+
+
+@torch.library.custom_op("fxquant::fp8_linear", mutates_args=())
+def fp8_linear(
+    x_q: torch.Tensor,
+    x_scale: torch.Tensor,
+    w_q: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """fp8 x_q [M, K] (scale [M, 1]) @ fp8 w_q [N, K]^T (scale [N]) + bias -> out_dtype [M, N].
+
+    Reference: the fp8 values upcast to fp32 (exact), an fp32 matmul, per-row x per-column scales, bias, one cast.
+    """
+    out = (x_q.float() @ w_q.float().t()) * x_scale.reshape(-1, 1) * w_scale.reshape(1, -1)
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(out_dtype)
+
+
+@fp8_linear.register_fake
+def _(x_q, x_scale, w_q, w_scale, bias, out_dtype):
     return x_q.new_empty((x_q.shape[0], w_q.shape[0]), dtype=out_dtype)
 
 

@@ -24,7 +24,8 @@ class LayerPlan:
     fqn: module name; op: "linear" | "conv2d" | "sdpa"; group: self-attention, cross-attention,
     temporal-attention, mlp, conv, embedding; role: "latent" (reached from the latent input), "condition"
     (reached only from timestep / condition inputs) or "timestep" (reached only from the timestep).
-    weight_bits None means full precision, and keep_reason says why.
+    weight_bits None means full precision, and keep_reason says why. number_format: "int" or "fp8" (e4m3 weights
+    and activations).
     act_scale, act_zero: static per-tensor activation scale and zero point (asymmetric int8, from the calibrated
     min / max) per timestep group, or None when activations are quantized per token at run time.
     outlier_ratio: max / median of the calibrated per-channel |x| maxima (linears); balance: "smooth", "rotate",
@@ -40,6 +41,7 @@ class LayerPlan:
     out_features: int = 0
     weight_bits: int | None = None
     weight_granularity: str | None = None
+    number_format: str | None = None
     act_bits: int | None = None
     act_mode: str | None = None
     act_scale: list[float] | None = None
@@ -58,7 +60,7 @@ class LayerPlan:
         """Mark this layer full precision for `reason` (the first reason given wins)."""
         if self.keep_reason is None:
             self.keep_reason = reason
-        self.weight_bits = self.weight_granularity = self.act_bits = self.act_mode = None
+        self.weight_bits = self.weight_granularity = self.number_format = self.act_bits = self.act_mode = None
         self.act_scale = self.act_zero = None
         self.balance = self.smooth = self.rotation_block = None
 
@@ -133,7 +135,7 @@ class QuantPlan:
                     layer.op,
                     layer.group,
                     layer.role,
-                    str(layer.weight_bits or "-"),
+                    ("fp8" if layer.number_format == "fp8" else str(layer.weight_bits)) if layer.quantized else "-",
                     str(layer.act_bits or "-"),
                     layer.weight_granularity or "-",
                     layer.act_mode or "-",

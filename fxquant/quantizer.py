@@ -4,13 +4,15 @@ Weights use symmetric grids without -2^(b-1) (int8 weights lie in [-127, 127]; s
 Activations use asymmetric int8 (ViDiT-Q's min-max quantizer): x ~ scale * (q - zero), q in [-128, 127], the
 range always covering 0, so post-SiLU / post-GELU inputs use the whole grid. The integer matmul then subtracts
 zero * sum(w_q) per output channel, an exact correction.
+The fp8 format (e4m3) is symmetric for both: scale = absmax / 448 per output channel (weights) or per token.
 """
 
 from __future__ import annotations
 
 import torch
 
-SCALE_EPS = 1e-8  # smallest scale: an all-zero row quantizes to zeros instead of dividing by zero
+SCALE_EPS = 1e-8
+FP8_MAX = 448.0  # largest finite float8_e4m3fn  # smallest scale: an all-zero row quantizes to zeros instead of dividing by zero
 
 
 def qmax(bits: int) -> int:
@@ -76,3 +78,9 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     high = (packed >> 4).to(torch.int8)
     both = torch.stack([low, high], dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
     return torch.where(both > 7, both - 16, both)
+
+
+def quantize_fp8(x: torch.Tensor, dim: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
+    """x -> (float8_e4m3fn of x's shape, fp32 scale with `dim` kept as size 1): symmetric absmax / 448 along dim."""
+    scale = (x.detach().float().abs().amax(dim=dim, keepdim=True) / FP8_MAX).clamp_min(SCALE_EPS)
+    return (x.float() * scale.reciprocal()).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale

@@ -169,6 +169,7 @@ class AnnotatePass(QuantPass):
             layer.in_features = module.weight.shape[1]
             layer.out_features = module.weight.shape[0]
             layer.weight_bits, layer.weight_granularity = config.weight_bits, config.weight_granularity
+            layer.number_format = "fp8" if config.fp8 and kind == "linear" else "int"
             layer.act_bits, layer.act_mode = config.act_bits, config.act_mode
         user_reason = config.keep_reason(fqn)
         if user_reason is not None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .quantize import quantize_per_token
+from .quantize import quantize_per_token, quantize_per_token_fp8
 from .w8a8_gemm import w8a8_gemm
 
 
@@ -21,3 +21,13 @@ def _quantize_per_token_cuda(x: torch.Tensor):
 @torch.library.register_kernel("fxquant::int8_linear", "cuda")
 def _int8_linear_cuda(x_q, x_scale, x_zero, w_q, w_scale, w_sum, bias, out_dtype):
     return w8a8_gemm(x_q, x_scale, x_zero, w_q, w_scale, w_sum, bias, out_dtype)
+
+
+@torch.library.register_kernel("fxquant::quantize_per_token_fp8", "cuda")
+def _quantize_per_token_fp8_cuda(x: torch.Tensor):
+    return quantize_per_token_fp8(x.contiguous())
+
+
+@torch.library.register_kernel("fxquant::fp8_linear", "cuda")
+def _fp8_linear_cuda(x_q, x_scale, w_q, w_scale, bias, out_dtype):
+    return w8a8_gemm(x_q, x_scale, None, w_q, w_scale, None, bias, out_dtype)

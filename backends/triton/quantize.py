@@ -2,7 +2,7 @@
 
     int8: asymmetric min-max, scale = (max(hi, 0) - min(lo, 0)) / 255, zero = rint(-128 - lo / scale),
           q = clamp(rint(x * (1 / scale)) + zero, -128, 127)  (bit-exact with fxquant::quantize_per_token)
-    fp8:  symmetric, scale = absmax / 448, q = fp8_e4m3(x / scale)
+    fp8:  symmetric, scale = absmax / 448, q = fp8_e4m3(clamp(x * (1 / scale)))   (as fxquant::quantize_per_token_fp8)
 
 `quantize_per_token` / `quantize_per_token_fp8` are the launchers.
 """
@@ -71,8 +71,8 @@ def _quantize_fp8_kernel(
 ):
     row = tl.program_id(0)
     x, offs, mask = _load_row(x_ptr, stride_xm, K, BLOCK_K)
-    scale = tl.maximum(tl.max(tl.abs(x), axis=0) / FP8_MAX, SCALE_EPS)
-    q = tl.minimum(tl.maximum(x / scale, -FP8_MAX), FP8_MAX)
+    scale = tl.maximum(tl.div_rn(tl.max(tl.abs(x), axis=0), FP8_MAX), SCALE_EPS)
+    q = tl.minimum(tl.maximum(x * tl.div_rn(1.0, scale), -FP8_MAX), FP8_MAX)
     tl.store(q_ptr + row * stride_qm + offs, q.to(q_ptr.dtype.element_ty), mask=mask)
     tl.store(scale_ptr + row, scale)
 
