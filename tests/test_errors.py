@@ -52,6 +52,14 @@ def test_invalid_config_values():
         fxquant.W8A8DynamicConfig(act_mode="per_everything")
     with pytest.raises(fxquant.RecipeError, match="not a valid regex"):
         fxquant.W8A8DynamicConfig(keep_full_precision={"re:(": "x"})
+    with pytest.raises(fxquant.RecipeError, match="weight_bits=3 is not supported; use one of"):
+        fxquant.QuantConfig(weight_bits=3)
+    with pytest.raises(fxquant.RecipeError, match="balancing .* needs act_mode='dynamic_per_token'"):
+        fxquant.W8A8StaticConfig(smooth_alpha=0.5)
+    with pytest.raises(fxquant.RecipeError, match="smooth_alpha=1.5 must lie in"):
+        fxquant.SmoothQuantW8A8Config(smooth_alpha=1.5)
+    with pytest.raises(fxquant.RecipeError, match="fp8 needs weight_bits=8"):
+        fxquant.W8A8Fp8Config(weight_bits=4)
 
 
 def test_convert_without_calibration():
