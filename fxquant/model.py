@@ -56,7 +56,7 @@ class PreparedModel(_Wrapper):
     def forward(self, *args, **kwargs):
         if self._converted:
             raise CalibrationError(
-                "This prepared model has been converted; its layers now hold int8 weights. Use the QuantizedModel "
+                "This prepared model has been converted; its layers now hold quantized weights. Use the QuantizedModel "
                 "that fxquant.convert returned."
             )
         if self._state.captured is None:
@@ -68,10 +68,10 @@ class PreparedModel(_Wrapper):
 
 
 class QuantizedModel(_Wrapper):
-    """The converted model: its quantized layers hold packed int8 weights and run fxquant ops.
+    """The converted model: its quantized layers hold packed int8 / int4 / fp8 weights and run fxquant ops.
 
     `plan` holds every decision. Call it like the original model; `torch.compile(qmodel, backend="fxquant")`
-    fuses its ops into kernels.
+    compiles everything around fxquant's ops (Triton kernels on CUDA, reference ops on the CPU).
     """
 
     def __init__(self, model: nn.Module, plan: QuantPlan):
