@@ -3,7 +3,7 @@
     out/config.json        {"_class_name": "QuantizedModel", "_fxquant_version", "model_class", "model_config",
                             "model_fingerprint", "weights": {"file", "sha256", "bytes"}}
     out/plan.json          the QuantPlan
-    out/model.safetensors  packed int8 weights, scales, full-precision layers, all buffers
+    out/model.safetensors  packed int8 / int4 / fp8 weights, scales, balancing vectors, full-precision layers, buffers
 
 `save` validates, writes everything into a temporary sibling directory, then renames it into place, so a crash
 mid-save never leaves a directory that loads wrongly. `load` checks the checksum and that all three files come

@@ -1,4 +1,4 @@
-"""Runtime modules of a converted model: packed int8 weights and fxquant ops, nothing in full precision.
+"""Runtime modules of a converted model: packed int8 / int4 / fp8 weights and fxquant ops, no float weights.
 
 `QuantLinear` / `QuantConv2d` replace `nn.Linear` / `nn.Conv2d` at the module FQNs the plan quantizes. They are
 built either from the float module (`from_float`, at convert time) or as empty shells on the meta device
