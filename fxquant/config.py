@@ -40,6 +40,8 @@ class QuantConfig:
         balance_threshold: balance only linears whose calibrated channel outlier ratio (max / median of the
             per-channel |x| maxima) is at least this; 0 balances every quantized linear.
         seed: seed of the rotation signs (stored with the model, never redrawn).
+        timestep_groups: boundaries on the normalised 0-1000 timestep scale; static activation scales are then
+            calibrated per timestep group and chosen on the device from each call's timestep (fxquant.timestep).
         fp8: use float8 e4m3 instead of int8 for the weights and activations of quantized linears (symmetric,
             per-channel / per-token absmax / 448; Hopper's fast 8-bit path). Convolutions stay int8.
     """
@@ -55,6 +57,7 @@ class QuantConfig:
     rotate: bool = False
     balance_threshold: float = 0.0
     seed: int = 0
+    timestep_groups: list[float] = field(default_factory=list)
     fp8: bool = False
     version: int = 1
 
@@ -75,6 +78,13 @@ class QuantConfig:
             raise RecipeError("Channel balancing (smooth_alpha / rotate) needs act_mode='dynamic_per_token'.")
         if self.fp8 and (self.weight_bits != 8 or self.act_mode != "dynamic_per_token"):
             raise RecipeError("fp8 needs weight_bits=8 and act_mode='dynamic_per_token'.")
+        self.timestep_groups = [float(b) for b in self.timestep_groups]
+        if self.timestep_groups and self.act_mode != "static_per_tensor":
+            raise RecipeError("timestep_groups select static activation scales; use act_mode='static_per_tensor' "
+                              "(per-token activations need no per-group scales).")
+        if any(not 0 < b < 1000 for b in self.timestep_groups) or self.timestep_groups != sorted(
+                set(self.timestep_groups)):
+            raise RecipeError(f"timestep_groups={self.timestep_groups} must be increasing boundaries inside (0, 1000).")
         if self.smooth_alpha is not None and not 0 <= self.smooth_alpha <= 1:
             raise RecipeError(f"smooth_alpha={self.smooth_alpha} must lie in [0, 1].")
         for pattern in self.keep_full_precision:

@@ -13,8 +13,10 @@ from torch import nn
 
 from .capture import bind_arguments, capture
 from .errors import CalibrationError
+from .modules import QUANT_MODULES
 from .plan import QuantPlan
 from .state import QuantState
+from .timestep import TimestepGroup, group_index, timestep_scale
 
 
 class _Wrapper(nn.Module):
@@ -61,6 +63,13 @@ class PreparedModel(_Wrapper):
             )
         if self._state.captured is None:
             self.capture_and_prepare(bind_arguments(self.model, args, kwargs))
+        plan = self._state.plan
+        if plan.timestep_boundaries:
+            t = _timestep_argument(plan, args, kwargs)
+            if plan.calibration_calls == 0:
+                plan.timestep_scale = timestep_scale(t)
+            boundaries = torch.tensor(plan.timestep_boundaries)
+            self._state.timestep_group = int(group_index(t, boundaries, plan.timestep_scale))
         with torch.no_grad():
             out = self.model(*args, **kwargs)
         self._state.plan.calibration_calls += 1
@@ -77,8 +86,18 @@ class QuantizedModel(_Wrapper):
     def __init__(self, model: nn.Module, plan: QuantPlan):
         super().__init__(model)
         self.plan = plan
+        self._timestep = TimestepGroup() if plan.timestep_boundaries else None
+        if self._timestep is not None:
+            device = next(model.buffers()).device
+            self.register_buffer("timestep_boundaries", torch.tensor(plan.timestep_boundaries, device=device))
+            for module in model.modules():
+                if isinstance(module, QUANT_MODULES):
+                    module._timestep = self._timestep
 
     def forward(self, *args, **kwargs):
+        if self._timestep is not None:  # the group's static scales are picked on the device
+            t = _timestep_argument(self.plan, args, kwargs)
+            self._timestep.index = group_index(t, self.timestep_boundaries, self.plan.timestep_scale)
         return self.model(*args, **kwargs)
 
     def quantized_weight_bytes(self) -> tuple[int, int]:
@@ -90,3 +109,14 @@ class QuantizedModel(_Wrapper):
             bias = getattr(module, "bias", None)
             bf16 += 2 * (layer.num_params + (bias.numel() if bias is not None else 0))
         return stored, bf16
+
+
+def _timestep_argument(plan: QuantPlan, args: tuple, kwargs: dict[str, Any]):
+    """The call's timestep, by the argument name or position the plan recorded."""
+    if plan.timestep_argument in kwargs:
+        return kwargs[plan.timestep_argument]
+    if plan.timestep_position is not None and plan.timestep_position < len(args):
+        return args[plan.timestep_position]
+    raise CalibrationError(
+        f"This model was quantized with timestep groups, but the call passes no {plan.timestep_argument!r}."
+    )

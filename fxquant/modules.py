@@ -33,6 +33,14 @@ def _weight_sum(weight_q: torch.Tensor) -> torch.Tensor:
     return weight_q.reshape(weight_q.shape[0], -1).sum(dim=1, dtype=torch.int32)
 
 
+def _static_params_for_call(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """The static (scale [1], zero [1]) of the current call: group 0, or the group QuantizedModel selected."""
+    if module._timestep is None:
+        return module.act_scale[:1], module.act_zero[:1]
+    index = module._timestep.index
+    return module.act_scale.index_select(0, index), module.act_zero.index_select(0, index)
+
+
 def _register_quant_buffers(module: nn.Module, weight_q: torch.Tensor, has_bias: bool, bias_dtype: torch.dtype,
                             act_params: tuple) -> None:
     """Buffers every quantized layer has: weight_q (given, empty), per-output-channel weight_scale (fp32) and, for
@@ -52,10 +60,13 @@ class QuantLinear(nn.Module):
     """y = int8_linear(quantize(balance(x)), weight_q, ...); x [..., K] -> y [..., N] in x's dtype.
 
     Buffers: weight_q int8 [N, K] (8-bit), uint8 [N, K/2] (4-bit, two per byte) or float8_e4m3fn [N, K] (fp8,
-    activations then fp8 per token too), weight_scale fp32 [N], weight_sum int32 [N] (integer formats), bias (model dtype) or None; act_scale fp32 [G] and act_zero int32 [G] for static
-    activations (G timestep groups), None when activations are quantized per token at run time; smooth_inv fp32 [K]
-    (1 / smoothing factors) and rotation_signs fp32 [K] when the layer is balanced (fxquant.balance).
+    activations then fp8 per token too), weight_scale fp32 [N], weight_sum int32 [N] (integer formats), bias
+    (model dtype) or None; act_scale fp32 [G] and act_zero int32 [G] for static activations (G timestep groups),
+    None when activations are quantized per token at run time; smooth_inv fp32 [K] (1 / smoothing factors) and
+    rotation_signs fp32 [K] when the layer is balanced (fxquant.balance).
     """
+
+    _timestep = None  # a fxquant.timestep.TimestepGroup when static scales are per timestep group
 
     def __init__(self, in_features: int, out_features: int, has_bias: bool, act_params: tuple,
                  bias_dtype: torch.dtype, weight_bits: int = 8, smoothed: bool = False, rotation_block: int = 0,
@@ -121,7 +132,7 @@ class QuantLinear(nn.Module):
         if self.act_scale is None:
             x_q, x_scale, x_zero = fxq.quantize_per_token(rows)
         else:
-            x_scale, x_zero = self.act_scale[:1], self.act_zero[:1]
+            x_scale, x_zero = _static_params_for_call(self)
             x_q = fxq.quantize_per_tensor(rows, x_scale, x_zero)
         out = fxq.int8_linear(x_q, x_scale, x_zero, weight_q, self.weight_scale, self.weight_sum, self.bias,
                               x.dtype)
@@ -138,6 +149,8 @@ class QuantLinear(nn.Module):
 
 class QuantConv2d(nn.Module):
     """Int8 conv2d: x [B, C, H, W] quantized inside the op, one scale per patch (dynamic) or per tensor (static)."""
+
+    _timestep = None  # a fxquant.timestep.TimestepGroup when static scales are per timestep group
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: tuple[int, int], stride, padding,
                  dilation, has_bias: bool, act_params: tuple, bias_dtype: torch.dtype, device=None):
@@ -170,9 +183,7 @@ class QuantConv2d(nn.Module):
                    _static_act_params(layer, "meta"), bias_dtype, device="meta")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        static = self.act_scale is not None
-        act_scale = self.act_scale[:1] if static else None
-        act_zero = self.act_zero[:1] if static else None
+        act_scale, act_zero = _static_params_for_call(self) if self.act_scale is not None else (None, None)
         return fxq.int8_conv2d(x, act_scale, act_zero, self.weight_q, self.weight_scale, self.weight_sum, self.bias,
                                self.stride, self.padding, self.dilation)
 

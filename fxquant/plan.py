@@ -67,7 +67,12 @@ class LayerPlan:
 
 @dataclass
 class QuantPlan:
-    """All decisions for one model. `layers` is keyed by module FQN, in graph execution order."""
+    """All decisions for one model. `layers` is keyed by module FQN, in graph execution order.
+
+    Timestep groups (fxquant.timestep): boundaries on the 0-1000 scale, the forward argument (name, position)
+    carrying the timestep, the factor normalising it, and the groups calibration saw (unseen groups use the
+    statistics of all calls).
+    """
 
     model_class: str
     model_fingerprint: str
@@ -76,6 +81,11 @@ class QuantPlan:
     input_roles: dict[str, str] = field(default_factory=dict)
     layers: dict[str, LayerPlan] = field(default_factory=dict)
     calibration_calls: int = 0
+    timestep_boundaries: list[float] = field(default_factory=list)
+    timestep_argument: str | None = None
+    timestep_position: int | None = None
+    timestep_scale: float = 1.0
+    calibrated_groups: list[int] = field(default_factory=list)
 
     # -- queries -------------------------------------------------------------------------------------------------
     def quantized_layers(self) -> list[LayerPlan]:
@@ -152,5 +162,7 @@ class QuantPlan:
             f"{self.model_class}, recipe {self.recipe}: {len(quantized)}/{len(self.weighted_layers())} weighted "
             f"layers quantized, average weight bits {self.average_weight_bits:.2f}, "
             f"{self.calibration_calls} calibration calls"
+            + (f", timestep groups at {self.timestep_boundaries} (calibrated: {self.calibrated_groups})"
+               if self.timestep_boundaries else "")
         )
         return "\n".join(lines)

@@ -17,7 +17,8 @@ class QuantState:
     """The model being quantized (modified in place by `lower`), its captured graph, the config and the plan.
 
     observers: module FQN -> its calibration statistics; hooks: the handles that attach them to the model.
-    passes_run: names of the passes already applied, in order.
+    passes_run: names of the passes already applied, in order; timestep_group: the timestep group of the
+    calibration call in progress.
     """
 
     model: torch.nn.Module
@@ -27,6 +28,7 @@ class QuantState:
     observers: dict[str, ActivationObserver] = field(default_factory=dict)
     hooks: list = field(default_factory=list)
     passes_run: list[str] = field(default_factory=list)
+    timestep_group: int = 0
 
     @property
     def graph(self) -> torch.fx.Graph:

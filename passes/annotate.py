@@ -3,7 +3,8 @@
 Reads: the captured graph, its input roles, the model's modules (sizes), the config (keep rules).
 Writes: node.meta["fxquant_reach"] (input roles reaching the node), node.meta["fxquant_fqn"],
 node.meta["fxquant_role"], node.meta["fxquant_group"] on linear / conv2d / sdpa nodes; a new QuantPlan with one
-LayerPlan per module FQN (graph execution order), quantized or kept in full precision with the reason.
+LayerPlan per module FQN (graph execution order), quantized or kept in full precision with the reason; the plan's
+timestep fields (boundaries from the config, name and position of the forward argument carrying the timestep).
 
 Role, by graph reachability from the inputs: "latent" if the latent input reaches the node's activation input,
 "timestep" if only the timestep does, else "condition".
@@ -16,13 +17,15 @@ linears "embedding", convolutions "conv" (convolutions always get 8-bit weights:
 
 from __future__ import annotations
 
+import inspect
 import re
 from collections import deque
 
 from torch import fx, nn
 
-from fxquant.capture import model_fingerprint, node_op_kind
+from fxquant.capture import TIMESTEP_INPUT_NAMES, model_fingerprint, node_op_kind
 from fxquant.config import config_to_dict
+from fxquant.errors import CaptureError
 from fxquant.plan import LayerPlan, QuantPlan
 from fxquant.state import QuantState
 
@@ -156,8 +159,20 @@ class AnnotatePass(QuantPass):
                 continue
             plan.layers[fqn] = self._layer_plan(node, fqn, model.get_submodule(fqn), config, io_reason,
                                                 node in attention_group)
+        self._timestep_fields(plan, state)
         state.plan = plan
         return PassResult(modified=True)
+
+    @staticmethod
+    def _timestep_fields(plan: QuantPlan, state: QuantState) -> None:
+        """Timestep groups of the config, and where the forward receives the timestep (name and position)."""
+        plan.timestep_boundaries = list(state.config.timestep_groups)
+        plan.timestep_argument = next((n for n, r in state.captured.argument_roles.items() if r == "timestep"), None)
+        if plan.timestep_boundaries and plan.timestep_argument is None:
+            raise CaptureError(f"timestep_groups need a timestep input; {plan.model_class} received none of "
+                               f"{TIMESTEP_INPUT_NAMES} in the captured call.")
+        names = list(inspect.signature(state.model.forward).parameters)
+        plan.timestep_position = names.index(plan.timestep_argument) if plan.timestep_argument in names else None
 
     @staticmethod
     def _layer_plan(node, fqn, module, config, io_reason, in_attention) -> LayerPlan:

@@ -1,8 +1,9 @@
 """calibrate: turn the observers' statistics into plan fields, then detach the observers.
 
 Reads: state.observers (filled while the user's pipeline ran the prepared model), plan layers, config.
-Writes: LayerPlan.act_scale / act_zero (asymmetric int8 from the calibrated min / max, one timestep group) for
-layers with static activations. Removes the observer hooks from the model.
+Writes: LayerPlan.act_scale / act_zero (asymmetric int8 from the calibrated min / max, one entry per timestep
+group; a group calibration never saw uses the statistics of all calls) for layers with static activations;
+plan.calibrated_groups. Removes the observer hooks from the model.
 
 Raises CalibrationError when no calibration call reached the model, or a static layer was never called (it would
 have no scale): the message names the layer and how to fix the calibration set.
@@ -38,8 +39,13 @@ class CalibratePass(QuantPass):
                         "scale. Calibrate with inputs that exercise it, or keep it in full precision with "
                         f"keep_full_precision={{{layer.fqn!r}: 'not calibrated'}}."
                     )
-                scale, zero = asymmetric_params(observer.min, observer.max, layer.act_bits)
-                layer.act_scale, layer.act_zero = [scale.item()], [int(zero.item())]
+                groups = range(len(state.plan.timestep_boundaries) + 1)
+                ranges = [(observer.group_min.get(g, observer.min), observer.group_max.get(g, observer.max))
+                          for g in groups]
+                params = [asymmetric_params(lo, hi, layer.act_bits) for lo, hi in ranges]
+                layer.act_scale = [scale.item() for scale, _ in params]
+                layer.act_zero = [int(zero.item()) for _, zero in params]
+        state.plan.calibrated_groups = sorted({g for o in state.observers.values() for g in o.group_min})
         for handle in state.hooks:
             handle.remove()
         state.hooks.clear()

@@ -22,7 +22,8 @@ class ObservePass(QuantPass):
 
     def call(self, state: QuantState) -> PassResult:
         for layer in state.plan.quantized_layers():
-            observer = ActivationObserver(layer.fqn, channel_dim=1 if layer.op == "conv2d" else -1)
+            observer = ActivationObserver(layer.fqn, channel_dim=1 if layer.op == "conv2d" else -1,
+                                          group_of=lambda: state.timestep_group)
             module = state.model.get_submodule(layer.fqn)
             state.hooks.append(module.register_forward_pre_hook(observer.hook))
             state.observers[layer.fqn] = observer
