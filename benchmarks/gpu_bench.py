@@ -24,6 +24,7 @@ import fxquant
 from fxquant.backends.triton.quantize import quantize_per_token, quantize_per_token_fp8
 from fxquant.backends.triton.w8a8_gemm import w8a8_gemm
 from fxquant.metrics import relative_l2
+from fxquant.ops import int8_linear_reference, quantize_per_token_reference
 from fxquant.quantizer import quantize_weight_per_channel
 
 DIT_SHAPES = [(1152, 1152), (1152, 3456), (1152, 4608), (4608, 1152)]  # (K, N) of PixArt-alpha's linears
@@ -73,11 +74,11 @@ def check_kernels() -> list[dict]:
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.05
         bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
         q, s, z = quantize_per_token(x)
-        ref_q, ref_s, ref_z = _reference_quantize(x)
+        ref_q, ref_s, ref_z = quantize_per_token_reference(x.float())
         wq, ws = quantize_weight_per_channel(w)
         wsum = wq.sum(dim=1, dtype=torch.int32)
         out = w8a8_gemm(q, s, z, wq, ws, wsum, bias, torch.bfloat16)
-        ref = _reference_int8_linear(ref_q, ref_s, ref_z, wq, ws, wsum, bias)
+        ref = int8_linear_reference(ref_q, ref_s, ref_z, wq, ws, wsum, bias, torch.float32)
         q8, s8 = quantize_per_token_fp8(x)
         w8, ws8 = _fp8_weight(w)
         out8 = w8a8_gemm(q8, s8, None, w8, ws8, None, bias, torch.bfloat16)
@@ -93,19 +94,6 @@ def check_kernels() -> list[dict]:
         })
         print("kernels", rows[-1], flush=True)
     return rows
-
-
-def _reference_quantize(x):
-    from fxquant.quantizer import asymmetric_params, quantize_asymmetric
-
-    xf = x.float()
-    scale, zero = asymmetric_params(xf.amin(dim=-1, keepdim=True), xf.amax(dim=-1, keepdim=True))
-    return quantize_asymmetric(xf, scale, zero), scale, zero
-
-
-def _reference_int8_linear(x_q, x_scale, x_zero, w_q, w_scale, w_sum, bias):
-    acc = torch._int_mm(x_q, w_q.t()) - x_zero * w_sum[None, :]
-    return acc.float() * x_scale * w_scale[None, :] + bias.float()
 
 
 def gemm_benchmark() -> list[dict]:

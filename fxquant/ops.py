@@ -36,11 +36,25 @@ def _int_matmul(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
     return torch._int_mm(a, b_t.t())[:m, :n]
 
 
+def quantize_per_token_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The reference body of fxquant::quantize_per_token, on any device (kernels are checked against it)."""
+    scale, zero = asymmetric_params(x.amin(dim=-1, keepdim=True), x.amax(dim=-1, keepdim=True))
+    return quantize_asymmetric(x, scale, zero), scale, zero
+
+
+def int8_linear_reference(x_q, x_scale, x_zero, w_q, w_scale, w_sum, bias, out_dtype) -> torch.Tensor:
+    """The reference body of fxquant::int8_linear, on any device (kernels are checked against it)."""
+    acc = _int_matmul(x_q, w_q) - x_zero.reshape(-1, 1) * w_sum.reshape(1, -1)
+    out = acc.float() * x_scale.reshape(-1, 1) * w_scale.reshape(1, -1)
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(out_dtype)
+
+
 @torch.library.custom_op("fxquant::quantize_per_token", mutates_args=())
 def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x [M, K] float -> (int8 q [M, K], fp32 scale [M, 1], int32 zero [M, 1]): asymmetric min-max per row."""
-    scale, zero = asymmetric_params(x.amin(dim=-1, keepdim=True), x.amax(dim=-1, keepdim=True))
-    return quantize_asymmetric(x, scale, zero), scale, zero
+    return quantize_per_token_reference(x)
 
 
 @quantize_per_token.register_fake
@@ -77,11 +91,7 @@ def int8_linear(
     out[m, n] = x_scale[m] * w_scale[n] * (sum_k x_q[m, k] w_q[n, k] - x_zero[m] * w_sum[n]) + bias[n], computed
     in int32 then fp32, cast once to out_dtype.
     """
-    acc = _int_matmul(x_q, w_q) - x_zero.reshape(-1, 1) * w_sum.reshape(1, -1)
-    out = acc.float() * x_scale.reshape(-1, 1) * w_scale.reshape(1, -1)
-    if bias is not None:
-        out = out + bias.float()
-    return out.to(out_dtype)
+    return int8_linear_reference(x_q, x_scale, x_zero, w_q, w_scale, w_sum, bias, out_dtype)
 
 
 @int8_linear.register_fake
