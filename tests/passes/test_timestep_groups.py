@@ -92,3 +92,22 @@ def test_invalid_groups_are_clear_errors():
         fxquant.W8A8StaticConfig(timestep_groups=[700, 300])
     with pytest.raises(fxquant.RecipeError, match="timestep_groups select static activation scales"):
         fxquant.W8A8DynamicConfig(timestep_groups=[500])
+
+
+def test_timestep_groups_need_a_timestep_input_and_argument(grouped):
+    class NoTimestep(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.first, self.mid, self.last = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+
+        def forward(self, hidden_states):
+            return self.last(self.mid(self.first(hidden_states)))
+
+    config = fxquant.W8A8StaticConfig(timestep_groups=[500])
+    with pytest.raises(fxquant.CaptureError, match="timestep_groups need a timestep input"):
+        fxquant.quantize(NoTimestep(), config, [{"hidden_states": torch.randn(2, 8)}])
+    _, qmodel = grouped
+    inputs = _calibration(FAMILIES["dit"], [420])[0]
+    del inputs["timestep"]
+    with pytest.raises(fxquant.CalibrationError, match="passes no 'timestep'"):
+        qmodel(**inputs, return_dict=False)
