@@ -6,7 +6,7 @@
 """
 
 from . import ops  # noqa: F401  (registers the fxquant custom ops)
-from .api import convert, inspect_passes, prepare, quantize, quantize_pipeline
+from .api import convert, export_onnx, inspect_passes, prepare, quantize, quantize_pipeline
 from .checkpoint import load, save
 from .config import (RECIPES, QuantConfig, SmoothQuantW8A8Config, ViditqW4A8Config, ViditqW8A8Config,
                      W4A8DynamicConfig, W8A8DynamicConfig, W8A8Fp8Config, W8A8StaticConfig, get_config)
@@ -32,7 +32,7 @@ def _register_cuda_kernels() -> None:
 _register_cuda_kernels()
 
 __all__ = [
-    "prepare", "convert", "quantize", "quantize_pipeline", "inspect_passes", "save", "load",
+    "prepare", "convert", "quantize", "quantize_pipeline", "inspect_passes", "save", "load", "export_onnx",
     "QuantConfig", "W8A8DynamicConfig", "W8A8StaticConfig", "SmoothQuantW8A8Config", "ViditqW8A8Config",
     "W4A8DynamicConfig", "ViditqW4A8Config", "W8A8Fp8Config", "RECIPES", "get_config",
     "QuantPlan", "LayerPlan", "PreparedModel", "QuantizedModel",

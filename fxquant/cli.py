@@ -1,4 +1,4 @@
-"""Command line: `fxquant demo | eval | quantize | inspect`."""
+"""Command line: `fxquant demo | eval | quantize | export-onnx | inspect`."""
 
 from __future__ import annotations
 
@@ -43,6 +43,23 @@ def _quantize(args) -> None:
     qmodel = getattr(pipe, find_denoiser(pipe))
     print(qmodel.plan.summary())
     print(f"saved: {save(qmodel, args.out)}")
+
+
+def _export_onnx(args) -> None:
+    from diffusers import DiffusionPipeline
+
+    from .api import export_onnx, find_denoiser
+    from .backends.onnx import first_denoiser_call, integer_op_count
+    from .checkpoint import load
+
+    pipe = DiffusionPipeline.from_pretrained(args.pipeline)
+    pipe.set_progress_bar_config(disable=True)
+    name = find_denoiser(pipe)
+    setattr(pipe, name, load(args.checkpoint))
+    example = first_denoiser_call(pipe, name, prompt=args.prompt, **dict(args.pipe_arg))
+    path = export_onnx(getattr(pipe, name), args.out, example, act_form=args.act_form,
+                       dynamic_batch=args.dynamic_batch)
+    print(f"exported: {path} ({integer_op_count(path)} integer matmul / conv ops in ONNX Runtime's optimised graph)")
 
 
 def _pipe_arg(text: str) -> tuple[str, object]:
@@ -101,6 +118,19 @@ def build_parser() -> argparse.ArgumentParser:
                           help="extra pipeline call argument, value as JSON (e.g. height=512); repeatable")
     quantize.add_argument("--out", required=True, help="checkpoint directory to write")
     quantize.set_defaults(run=_quantize)
+
+    export = commands.add_parser("export-onnx", help="export a quantized checkpoint to ONNX for ONNX Runtime")
+    export.add_argument("--pipeline", required=True, help="the diffusers pipeline directory it was quantized from")
+    export.add_argument("--checkpoint", required=True, help="directory written by fxquant quantize / fxquant.save")
+    export.add_argument("--out", required=True, help="path of the .onnx file to write")
+    export.add_argument("--act-form", choices=["per_token", "per_tensor"], default="per_token",
+                        help="per_token: fxquant's activations, exact; per_tensor: ORT's fastest form")
+    export.add_argument("--dynamic-batch", action="store_true",
+                        help="keep the batch dimension symbolic (not every model exports so); default: the call's")
+    export.add_argument("--prompt", default="a photo", help="prompt of the pipeline call whose first denoiser call gives the example inputs")
+    export.add_argument("--pipe-arg", type=_pipe_arg, action="append", default=[], metavar="KEY=VALUE",
+                        help="extra pipeline call argument (the export's shapes follow it), value as JSON")
+    export.set_defaults(run=_export_onnx)
 
     inspect = commands.add_parser("inspect", help="print the plan of a checkpoint")
     inspect.add_argument("checkpoint", help="checkpoint directory or plan.json")

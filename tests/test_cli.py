@@ -37,3 +37,19 @@ def test_quantize_then_inspect(tiny_pipeline_dir, tmp_path, capsys):
 def test_inspect_missing_plan_is_a_clear_error(tmp_path, capsys):
     assert main(["inspect", str(tmp_path)]) == 2
     assert "No plan at" in capsys.readouterr().err
+
+
+def test_quantize_then_export_onnx(tiny_pipeline_dir, tmp_path, capsys):
+    """`fxquant export-onnx` records example inputs from a pipeline call and writes an integer-op ONNX graph."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of a cat\na red car\n")
+    pipe_args = ["--pipe-arg", "height=32", "--pipe-arg", "width=32", "--pipe-arg", "use_resolution_binning=false",
+                 "--pipe-arg", "max_sequence_length=16", "--pipe-arg", "clean_caption=false"]
+    checkpoint, out = tmp_path / "ckpt", tmp_path / "model.onnx"
+    assert main(["quantize", "--pipeline", str(tiny_pipeline_dir), "--prompts", str(prompts), "--steps", "2",
+                 "--out", str(checkpoint), *pipe_args]) == 0
+    capsys.readouterr()
+    assert main(["export-onnx", "--pipeline", str(tiny_pipeline_dir), "--checkpoint", str(checkpoint), "--out",
+                 str(out), *pipe_args]) == 0
+    assert out.exists()
+    assert "16 integer matmul / conv ops" in capsys.readouterr().out  # the tiny PixArt's 16 quantized linears

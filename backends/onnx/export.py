@@ -1,0 +1,114 @@
+"""`fxquant.export_onnx`: a QuantizedModel -> an ONNX graph that ONNX Runtime runs on integer kernels.
+
+torch.onnx's dynamo exporter captures the quantized model (the QuantizedModel wrapper included, so a timestep-group
+index is computed from the timestep input inside the graph) and translates each fxquant op with
+`translations.translation_table`; the plan's scales, zero points and packed weights go in unchanged as initializers.
+The result is checked with onnx.checker (full check) and saved, with external data beside it when over 2 GB.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+from typing import Any
+
+import onnx
+import torch
+from onnxscript import ir
+
+from ...errors import FxquantError
+from ...model import QuantizedModel
+from .translations import ACT_FORMS, translation_table
+
+PROTOBUF_LIMIT = 2 * 1024**3
+OUTPUT_NAME = "sample"
+
+
+def _check_exportable(qmodel: QuantizedModel) -> None:
+    if not isinstance(qmodel, QuantizedModel):
+        raise FxquantError(f"export_onnx expects a fxquant.QuantizedModel, got {type(qmodel).__name__}.")
+    fp8 = [layer.fqn for layer in qmodel.plan.quantized_layers() if layer.number_format == "fp8"]
+    if fp8:
+        raise FxquantError(f"export_onnx: {len(fp8)} layers use fp8 weights (e.g. {fp8[0]!r}); ONNX Runtime's CPU "
+                           "provider has no fp8 matmul. Export an int8 recipe (w8a8, w4a8, ...).")
+    float_types = {t.dtype for t in list(qmodel.parameters()) + list(qmodel.buffers())}
+    if float_types & {torch.float16, torch.bfloat16}:
+        raise FxquantError(f"export_onnx needs a float32 model on the CPU (ORT's integer kernels take float32 "
+                           f"activations); this one holds {sorted(map(str, float_types))}. Quantize the float32 model.")
+
+
+def _uniform_cast_types(program) -> None:
+    """Give every Cast output the type its `to` attribute says: the fxquant translations carry activations as uint8
+    (ORT's fast u8 x s8 path) where the torch op declares int8, and the exporter copies the declared types."""
+    for node in program.model.graph:
+        if node.op_type == "Cast":
+            node.outputs[0].dtype = ir.DataType(node.attributes["to"].value)
+
+
+class _PositionalInputs(torch.nn.Module):
+    """Calls the QuantizedModel with the example's tensors given positionally and its other kwargs fixed:
+    torch.export's dynamic shapes cannot describe QuantizedModel.forward(*args, **kwargs)'s keywords."""
+
+    def __init__(self, qmodel: QuantizedModel, names: list[str], constants: dict[str, Any]):
+        super().__init__()
+        self.qmodel = qmodel
+        self.names = names
+        self.constants = constants
+
+    def forward(self, *tensors):
+        return self.qmodel(**dict(zip(self.names, tensors)), **self.constants)
+
+
+def _split_inputs(model: torch.nn.Module, example_kwargs: dict[str, Any]) -> tuple[dict, dict]:
+    """(tensor kwargs, other kwargs), with return_dict=False when forward takes it (the graph returns a tensor)."""
+    tensors = {k: v for k, v in example_kwargs.items() if isinstance(v, torch.Tensor)}
+    constants = {k: v for k, v in example_kwargs.items() if k not in tensors}
+    if "return_dict" in inspect.signature(model.forward).parameters:
+        constants["return_dict"] = False
+    return tensors, constants
+
+
+def export_onnx(qmodel: QuantizedModel, path: str | Path, example_kwargs: dict[str, Any],
+                act_form: str = "per_token", dynamic_batch: bool = True) -> Path:
+    """Export `qmodel` called with `example_kwargs` to `path` (.onnx); returns the path.
+
+    act_form: "per_token" (fxquant's per-token activations, exact) or "per_tensor" (ORT's DynamicQuantizeLinear,
+    faster, measured accuracy cost); see fxquant.backends.onnx.translations. dynamic_batch: the first dimension of
+    the first tensor input (the latent) and of every tensor input of the same size is symbolic (CFG doubling, other
+    batch sizes; give an example whose batch differs from other leading sizes); other dimensions are fixed.
+    Graph inputs are the tensor kwargs by name; the single output is named "sample".
+    """
+    _check_exportable(qmodel)
+    if act_form not in ACT_FORMS:
+        raise FxquantError(f"act_form must be one of {ACT_FORMS}, got {act_form!r}.")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors, constants = _split_inputs(qmodel.model, example_kwargs)
+    dynamic_shapes = None
+    if dynamic_batch:
+        batch = torch.export.Dim("batch", min=1, max=4096)
+        size = next(iter(tensors.values())).shape[0]  # the latent's batch: inputs sharing it are batched
+        dynamic_shapes = {"tensors": tuple({0: batch} if t.dim() and t.shape[0] == size else None
+                                           for t in tensors.values())}
+    try:
+        with torch.no_grad():
+            program = torch.onnx.export(
+                _PositionalInputs(qmodel, list(tensors), constants).eval(), tuple(tensors.values()), dynamo=True,
+                optimize=False, custom_translation_table=translation_table(act_form), dynamic_shapes=dynamic_shapes,
+                input_names=list(tensors), output_names=[OUTPUT_NAME], verbose=False)
+    except torch.onnx.errors.OnnxExporterError as err:
+        if not dynamic_batch:
+            raise
+        raise FxquantError("torch.export could not keep the batch dimension symbolic for this model (some "
+                           "diffusers attention-mask paths reshape by it); export with dynamic_batch=False, "
+                           "one graph per batch size (OrtDenoiser does this).") from err
+    _uniform_cast_types(program)
+    program.optimize()
+    metadata = {"fxquant_act_form": act_form, "fxquant_plan": qmodel.plan.to_json(),
+                "fxquant_inputs": json.dumps(list(tensors))}
+    program.model.metadata_props.update(metadata)
+    large = sum(t.numel() * t.element_size() for t in qmodel.buffers()) > PROTOBUF_LIMIT // 2
+    program.save(str(path), external_data=large)
+    onnx.checker.check_model(str(path), full_check=True)
+    return path

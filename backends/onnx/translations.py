@@ -1,0 +1,171 @@
+"""ONNX translations of the fxquant ops (onnxscript functions for torch.onnx's `custom_translation_table`).
+
+Every quantized layer becomes standard ONNX integer ops that ONNX Runtime runs on its integer GEMM (MLAS u8 x s8):
+QuantizeLinear / DynamicQuantizeLinear for the activation, MatMulInteger / ConvInteger for the product, then the
+dequantisation (per-row x per-channel scales) and bias in float. Activations travel as uint8 (ORT's fast path is
+u8 x s8): fxquant's asymmetric int8 q with zero point z is the same grid as uint8 q + 128 with zero point z + 128.
+
+Two forms of the dynamic activations (`act_form`):
+- "per_token": fxquant's own quantizer, one (scale, zero point) per row (per im2col patch for convs), computed in
+  the graph with ReduceMin / ReduceMax and applied by a per-axis QuantizeLinear; the zero point is corrected
+  exactly in int32 with the weights' row sums (MatMulInteger accepts only a scalar zero point). Matches the torch
+  reference up to rounding ties.
+- "per_tensor": ONNX's DynamicQuantizeLinear (one uint8 scale / zero point per call), the form ORT fuses and runs
+  fastest; it changes the numbers (one range for all tokens), and its cost is measured, not assumed.
+Static (calibrated) activations use the plan's scale and zero point unchanged in either form.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from onnxscript import ir
+from onnxscript import opset20 as op
+
+F32 = ir.DataType.FLOAT
+I32 = ir.DataType.INT32
+U8 = ir.DataType.UINT8
+ACT_FORMS = ("per_token", "per_tensor")
+
+
+def _const(value: float):
+    return op.Constant(value_float=value)
+
+
+def _int32(value: int):
+    return op.Constant(value=ir.tensor(np.array(value, dtype=np.int32)))
+
+
+def _axes(*axes: int):
+    return op.Constant(value_ints=list(axes))
+
+
+def _per_row_params(rows):
+    """rows [M, K] -> (scale [M, 1], uint8-grid zero point [M, 1] as float): fxquant's asymmetric min-max."""
+    low = op.Min(op.ReduceMin(rows, _axes(-1), keepdims=1), _const(0.0))
+    high = op.Max(op.ReduceMax(rows, _axes(-1), keepdims=1), _const(0.0))
+    scale = op.Max(op.Div(op.Sub(high, low), _const(255.0)), _const(1e-8))
+    return scale, op.Round(op.Neg(op.Div(low, scale)))  # the uint8-grid zero = fxquant's int8 zero + 128
+
+
+def _quantize_rows(rows, scale, zero_u8_grid):
+    """Per-row QuantizeLinear (axis 0, scale and uint8 zero point as [M] vectors) -> uint8 [M, K]."""
+    return op.QuantizeLinear(rows, op.Reshape(scale, _axes(-1)), op.Cast(op.Reshape(zero_u8_grid, _axes(-1)), to=U8),
+                             axis=0)
+
+
+def _dequantize_product(acc_int32, x_scale, w_scale, bias):
+    """int32 accumulator [M, N] -> float: acc * x_scale [M, 1] * w_scale [N] + bias [N]."""
+    out = op.Mul(op.Mul(op.Cast(acc_int32, to=F32), x_scale), w_scale)
+    return out if bias is None else op.Add(out, bias)
+
+
+def _corrected_product(x_u8, weight_kn, zero_u8_grid_int32, w_sum):
+    """sum_k (q_u8 - zero_u8) w = MatMulInteger(q_u8, w) - zero_u8 [M, 1] * w_sum [N], exact in int32
+    (MatMulInteger takes only a scalar zero point)."""
+    return op.Sub(op.MatMulInteger(x_u8, weight_kn), op.Mul(zero_u8_grid_int32, op.Unsqueeze(w_sum, _axes(0))))
+
+
+def _shift_to_uint8_grid(zero_int32):
+    """fxquant's int8-grid zero point (int32) -> the uint8-grid one (int32)."""
+    return op.Add(zero_int32, _int32(128))
+
+
+def _first_element(tensor):
+    """A [M, 1] tensor whose rows are all equal -> its scalar value."""
+    return op.Reshape(op.Slice(op.Reshape(tensor, _axes(-1)), _axes(0), _axes(1)), _axes())
+
+
+def translation_table(act_form: str = "per_token") -> dict:
+    """{torch op overload: onnxscript function} for torch.onnx.export(custom_translation_table=...)."""
+    if act_form not in ACT_FORMS:
+        raise ValueError(f"act_form must be one of {ACT_FORMS}, got {act_form!r}.")
+    per_token = act_form == "per_token"
+
+    # fxquant::quantize_per_token's outputs (q, scale, zero) are declared int8 / fp32 [M, 1] / int32 [M, 1]; here
+    # q is uint8 (export_onnx re-types Cast outputs) and, in the per-tensor form, scale / zero are one value
+    # broadcast to [M, 1] so the declared shapes hold.
+    def quantize_per_token(x):
+        if per_token:
+            scale, zero = _per_row_params(x)
+            return _quantize_rows(x, scale, zero), scale, op.Sub(op.Cast(zero, to=I32), _int32(128))
+        q, scale, zero = op.DynamicQuantizeLinear(x)
+        column = op.Concat(op.Slice(op.Shape(x), _axes(0), _axes(1)), _axes(1), axis=0)
+        zero = op.Sub(op.Cast(zero, to=I32), _int32(128))
+        return q, op.Expand(scale, column), op.Expand(zero, column)
+
+    def quantize_per_tensor(x, scale, zero):
+        zero_u8 = op.Cast(_shift_to_uint8_grid(zero), to=U8)
+        return op.QuantizeLinear(x, op.Reshape(scale, _axes()), op.Reshape(zero_u8, _axes()))
+
+    def int8_linear(x_q, x_scale, x_zero, w_q, w_scale, w_sum, bias, out_dtype):
+        weight = op.Transpose(w_q, perm=[1, 0])  # [K, N], folded into the initializer
+        if per_token:
+            acc = _corrected_product(x_q, weight, _shift_to_uint8_grid(x_zero), w_sum)
+        else:  # one zero point for the call (per-tensor form, or static activations): MatMulInteger takes it
+            acc = op.MatMulInteger(x_q, weight, op.Cast(_first_element(_shift_to_uint8_grid(x_zero)), to=U8))
+        return _dequantize_product(acc, x_scale, w_scale, bias)
+
+    def unpack_int4(packed):
+        low = op.BitwiseAnd(packed, op.Constant(value=ir.tensor(np.array(15, dtype=np.uint8))))
+        high = op.BitShift(packed, op.Constant(value=ir.tensor(np.array(4, dtype=np.uint8))), direction="RIGHT")
+        both = op.Concat(op.Unsqueeze(low, _axes(-1)), op.Unsqueeze(high, _axes(-1)), axis=-1)
+        nibbles = op.Cast(op.Reshape(both, op.Concat(op.Slice(op.Shape(packed), _axes(0), _axes(-1)), _axes(-1),
+                                                    axis=0)), to=I32)
+        signed = op.Sub(nibbles, op.Mul(op.Cast(op.Greater(nibbles, _int32(7)), to=I32),
+                                        _int32(16)))
+        return op.Cast(signed, to=ir.DataType.INT8)
+
+    def int8_conv2d(x, act_scale, act_zero, w_q, w_scale, w_sum, bias, stride, padding, dilation):
+        out_channels, in_channels, kh, kw = w_q.shape
+        pads = [padding[0], padding[1], padding[0], padding[1]]
+        if act_scale is not None or not per_token:
+            if act_scale is not None:  # static: the plan's scale and zero point
+                q, scale = quantize_per_tensor(x, act_scale, act_zero), op.Reshape(act_scale, _axes())
+                zero = op.Reshape(op.Cast(_shift_to_uint8_grid(act_zero), to=U8), _axes())
+            else:
+                q, scale, zero = op.DynamicQuantizeLinear(x)
+            acc = op.ConvInteger(q, w_q, zero, strides=stride, pads=pads, dilations=dilation)
+            out = op.Mul(op.Mul(op.Cast(acc, to=F32), scale), op.Reshape(w_scale, _axes(-1, 1, 1)))
+            return out if bias is None else op.Add(out, op.Reshape(bias, _axes(-1, 1, 1)))
+        # per patch: im2col as a depthwise convolution with one-hot kernels (exact copies of the inputs), channels
+        # ordered (c, i, j) like torch's unfold; then one quantized row per output position
+        patch = in_channels * kh * kw
+        one_hot = np.zeros((patch, 1, kh, kw), dtype=np.float32)
+        one_hot[np.arange(patch), 0, np.tile(np.repeat(np.arange(kh), kw), in_channels),
+                np.tile(np.arange(kw), kh * in_channels)] = 1.0
+        cols = op.Conv(x, op.Constant(value=ir.tensor(one_hot)), group=in_channels, strides=stride, pads=pads,
+                       dilations=dilation)  # [B, patch, H', W']
+        out_shape = op.Shape(cols)
+        rows = op.Reshape(op.Transpose(cols, perm=[0, 2, 3, 1]), op.Constant(value_ints=[-1, patch]))
+        scale, zero = _per_row_params(rows)
+        weight = op.Transpose(op.Reshape(w_q, op.Constant(value_ints=[out_channels, patch])), perm=[1, 0])
+        acc = _corrected_product(_quantize_rows(rows, scale, zero), weight, op.Cast(zero, to=I32), w_sum)
+        out = _dequantize_product(acc, scale, w_scale, bias)  # [B*H'*W', O]
+        batch_hw = op.Concat(op.Slice(out_shape, _axes(0), _axes(1)), op.Slice(out_shape, _axes(2), _axes(4)),
+                             axis=0)
+        out = op.Reshape(out, op.Concat(batch_hw, op.Constant(value_ints=[out_channels]), axis=0))
+        return op.Transpose(out, perm=[0, 3, 1, 2])
+
+    def squeeze_dim(x, dim):
+        """torch's squeeze(dim) is a no-op when that dim is not 1; torchlib's translation emits a failing Squeeze."""
+        if x.shape is not None and isinstance(x.shape[dim], int) and x.shape[dim] != 1:
+            return op.Identity(x)
+        return op.Squeeze(x, _axes(dim))
+
+    def bucketize(t, boundaries, out_int32=False, right=False):
+        """torch.bucketize for the timestep-group index: the number of boundaries at or below (right) each value."""
+        below = op.LessOrEqual(boundaries, op.Unsqueeze(t, _axes(-1))) if right else op.Less(
+            boundaries, op.Unsqueeze(t, _axes(-1)))
+        return op.ReduceSum(op.Cast(below, to=ir.DataType.INT64), _axes(-1), keepdims=0)
+
+    fxq = torch.ops.fxquant
+    return {
+        fxq.quantize_per_token.default: quantize_per_token,
+        fxq.quantize_per_tensor.default: quantize_per_tensor,
+        fxq.int8_linear.default: int8_linear,
+        fxq.unpack_int4.default: unpack_int4,
+        fxq.int8_conv2d.default: int8_conv2d,
+        torch.ops.aten.squeeze.dim: squeeze_dim,
+        torch.ops.aten.bucketize.Tensor: bucketize,
+    }
