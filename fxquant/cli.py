@@ -25,7 +25,7 @@ def _eval(args) -> None:
     models = list(REFERENCE_MODELS) if args.models == ["all"] else args.models
     recipes = sorted(RECIPES) if args.recipes == ["all"] else args.recipes
     table = evaluate_all(models, recipes, samples=args.samples, seed=args.seed, device=args.device, out_dir=args.out,
-                         batch=args.batch, calibration=args.calibration)
+                         batch=args.batch, calibration=args.calibration, runner=args.runner)
     print("\n" + table)
 
 
@@ -105,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", default="cpu")
     evaluate.add_argument("--batch", type=int, default=100)
     evaluate.add_argument("--out", default="fxquant-eval")
+    evaluate.add_argument("--runner", choices=["torch", "onnx"], default="torch",
+                          help="onnx: quantized denoisers exported and run on ONNX Runtime (CPU)")
     evaluate.set_defaults(run=_eval)
 
     quantize = commands.add_parser("quantize", help="quantize a saved diffusers pipeline's denoiser and save it")

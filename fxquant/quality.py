@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import json
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .api import quantize_pipeline
+from .api import find_denoiser, quantize_pipeline
 from .config import QuantConfig
 from .metrics import psnr, sqnr_db, ssim
 from .reference.classifier import classify, feature_stats, frechet_distance, load_classifier, load_test_feature_stats
@@ -118,8 +119,14 @@ def save_grid(reference: torch.Tensor, quantized: torch.Tensor, path: Path, colu
 
 def evaluate(model: str, recipes: list[str | QuantConfig], samples: int = 100, seed: int = 0,
              device: str = "cpu", out_dir: str | Path | None = None, batch: int = 100,
-             calibration: int = CALIBRATION_PROMPTS, echo=print) -> dict[str, Any]:
-    """Run the harness on reference `model` for `recipes`; returns (and writes, if out_dir) the report."""
+             calibration: int = CALIBRATION_PROMPTS, echo=print, runner: str = "torch") -> dict[str, Any]:
+    """Run the harness on reference `model` for `recipes`; returns (and writes, if out_dir) the report.
+
+    runner "onnx": each quantized denoiser is exported and runs on ONNX Runtime (CPU, per-token activations;
+    rows are named "<recipe> (onnx)").
+    """
+    if runner not in ("torch", "onnx"):
+        raise ValueError(f"runner must be 'torch' or 'onnx', got {runner!r}.")
     steps, guidance = REFERENCE_MODELS[model]
     classifier = load_classifier(device)
     base = load_reference_pipeline(model, device=device)
@@ -143,6 +150,11 @@ def evaluate(model: str, recipes: list[str | QuantConfig], samples: int = 100, s
         quantize_pipeline(pipe, recipe, calibration_prompts(calibration), num_inference_steps=steps, batch_size=16,
                           guidance_scale=guidance)
         quantize_seconds = time.perf_counter() - start
+        if runner == "onnx":
+            from .backends.onnx import OrtDenoiser
+
+            name = f"{name} (onnx)"
+            setattr(pipe, find_denoiser(pipe), OrtDenoiser(pipe.denoiser, tempfile.mkdtemp(prefix="fxquant-onnx-")))
         qmodel = pipe.denoiser
         with torch.no_grad():
             outputs = [qmodel(*args, **kwargs)[0] for args, kwargs in calls]
@@ -191,10 +203,10 @@ def format_table(reports: list[dict[str, Any]]) -> str:
 
 
 def evaluate_all(models: list[str], recipes: list[str], samples: int, seed: int, device: str, out_dir: str | Path,
-                 batch: int = 100, calibration: int = CALIBRATION_PROMPTS, echo=print) -> str:
+                 batch: int = 100, calibration: int = CALIBRATION_PROMPTS, echo=print, runner: str = "torch") -> str:
     """The harness over several models (video: a quarter of the samples, 8 frames each); writes quality.md."""
     reports = [evaluate(m, recipes, samples if m != "video-dit" else max(1, samples // 4), seed, device, out_dir,
-                        batch, calibration, echo) for m in tqdm(models, desc="reference models", disable=len(models) < 2)]
+                        batch, calibration, echo, runner) for m in tqdm(models, desc="reference models", disable=len(models) < 2)]
     table = format_table(reports)
     Path(out_dir, "quality.md").write_text(table + "\n")
     return table
