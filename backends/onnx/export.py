@@ -3,7 +3,8 @@
 torch.onnx's dynamo exporter captures the quantized model (the QuantizedModel wrapper included, so a timestep-group
 index is computed from the timestep input inside the graph) and translates each fxquant op with
 `translations.translation_table`; the plan's scales, zero points and packed weights go in unchanged as initializers.
-The result is checked with onnx.checker (full check) and saved, with external data beside it when over 2 GB.
+The result is checked with onnx.checker (full check) and saved, with external data beside it when the weights
+exceed 1 GB (protobuf caps a file at 2 GB).
 """
 
 from __future__ import annotations
@@ -47,17 +48,17 @@ def _uniform_cast_types(program) -> None:
 
 
 class _PositionalInputs(torch.nn.Module):
-    """Calls the QuantizedModel with the example's tensors given positionally and its other kwargs fixed:
-    torch.export's dynamic shapes cannot describe QuantizedModel.forward(*args, **kwargs)'s keywords."""
+    """Calls the module with the example's tensors given positionally and its other kwargs fixed: torch.export's
+    dynamic shapes cannot describe QuantizedModel.forward(*args, **kwargs)'s keywords."""
 
-    def __init__(self, qmodel: QuantizedModel, names: list[str], constants: dict[str, Any]):
+    def __init__(self, module: torch.nn.Module, names: list[str], constants: dict[str, Any]):
         super().__init__()
-        self.qmodel = qmodel
+        self.module = module
         self.names = names
         self.constants = constants
 
     def forward(self, *tensors):
-        return self.qmodel(**dict(zip(self.names, tensors)), **self.constants)
+        return self.module(**dict(zip(self.names, tensors)), **self.constants)
 
 
 def _split_inputs(model: torch.nn.Module, example_kwargs: dict[str, Any]) -> tuple[dict, dict]:
@@ -82,9 +83,23 @@ def export_onnx(qmodel: QuantizedModel, path: str | Path, example_kwargs: dict[s
     _check_exportable(qmodel)
     if act_form not in ACT_FORMS:
         raise FxquantError(f"act_form must be one of {ACT_FORMS}, got {act_form!r}.")
+    return _export(qmodel, qmodel.model, path, example_kwargs, act_form, dynamic_batch,
+                   {"fxquant_act_form": act_form, "fxquant_plan": qmodel.plan.to_json()})
+
+
+def export_float_onnx(model: torch.nn.Module, path: str | Path, example_kwargs: dict[str, Any],
+                      dynamic_batch: bool = True) -> Path:
+    """The full-precision model exported the same way (the fp32 ONNX Runtime baseline of benchmarks)."""
+    return _export(model, model, path, example_kwargs, ACT_FORMS[0], dynamic_batch, {})
+
+
+def _export(module: torch.nn.Module, model: torch.nn.Module, path: str | Path, example_kwargs: dict[str, Any],
+            act_form: str, dynamic_batch: bool, metadata: dict[str, str]) -> Path:
+    """torch.onnx (dynamo) export of module(**example_kwargs) with fxquant's translations; `model` is the wrapped
+    diffusers model (its forward's signature decides return_dict)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors, constants = _split_inputs(qmodel.model, example_kwargs)
+    tensors, constants = _split_inputs(model, example_kwargs)
     dynamic_shapes = None
     if dynamic_batch:
         batch = torch.export.Dim("batch", min=1, max=4096)
@@ -94,7 +109,7 @@ def export_onnx(qmodel: QuantizedModel, path: str | Path, example_kwargs: dict[s
     try:
         with torch.no_grad():
             program = torch.onnx.export(
-                _PositionalInputs(qmodel, list(tensors), constants).eval(), tuple(tensors.values()), dynamo=True,
+                _PositionalInputs(module, list(tensors), constants).eval(), tuple(tensors.values()), dynamo=True,
                 optimize=False, custom_translation_table=translation_table(act_form), dynamic_shapes=dynamic_shapes,
                 input_names=list(tensors), output_names=[OUTPUT_NAME], verbose=False)
     except torch.onnx.errors.OnnxExporterError as err:
@@ -105,10 +120,9 @@ def export_onnx(qmodel: QuantizedModel, path: str | Path, example_kwargs: dict[s
                            "one graph per batch size (OrtDenoiser does this).") from err
     _uniform_cast_types(program)
     program.optimize()
-    metadata = {"fxquant_act_form": act_form, "fxquant_plan": qmodel.plan.to_json(),
-                "fxquant_inputs": json.dumps(list(tensors))}
-    program.model.metadata_props.update(metadata)
-    large = sum(t.numel() * t.element_size() for t in qmodel.buffers()) > PROTOBUF_LIMIT // 2
+    program.model.metadata_props.update({**metadata, "fxquant_inputs": json.dumps(list(tensors))})
+    large = sum(t.numel() * t.element_size() for t in module.buffers()) + \
+        sum(t.numel() * t.element_size() for t in module.parameters()) > PROTOBUF_LIMIT // 2
     program.save(str(path), external_data=large)
     onnx.checker.check_model(str(path), full_check=True)
     return path

@@ -27,13 +27,17 @@ INTEGER_OPS = frozenset({"MatMulInteger", "ConvInteger", "MatMulIntegerToFloat",
                          "QLinearMatMul", "QLinearConv", "DynamicQuantizeLSTM", "QAttention"})
 
 
-def session(path: str | Path, threads: int = 2, optimized_path: str | Path | None = None) -> ort.InferenceSession:
+def session(path: str | Path, threads: int = 2, optimized_path: str | Path | None = None,
+            spin: bool = True) -> ort.InferenceSession:
     """An ORT CPU session with `threads` intra-op threads (all graph optimisations on); optionally saves the
-    optimised graph to `optimized_path`."""
+    optimised graph to `optimized_path`. spin=False stops its threads from busy-waiting between runs (needed when
+    several sessions or torch share the cores, as in a benchmark)."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
+    if not spin:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if optimized_path is not None:
         options.optimized_model_filepath = str(optimized_path)
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])

@@ -1,0 +1,156 @@
+"""ONNX Runtime on this CPU: fp32 ORT vs fxquant's int8 graphs (per-token and per-tensor activations) vs torch.
+
+    python benchmarks/onnx_cpu.py --out benchmarks/results/onnx-cpu.json
+
+Models: a PixArt-alpha-width block stack (hidden 1152 = 16 heads x 72, 1024 tokens, 4096-wide captions, random
+weights) and the t2i-dit reference denoiser at a classifier-free-guidance batch. One process, the same inputs,
+2 threads for both ORT and torch, median of --runs calls per variant, variants interleaved round-robin. Also: the accuracy of each ORT graph
+against torch (fp32 and fxquant W8A8 per-token), ORT-vs-torch parity of W8A8 on the three reference models'
+recorded denoiser calls with the integer-op census. Timings are reported, never asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import onnxruntime
+import torch
+from diffusers import PixArtTransformer2DModel
+
+import fxquant
+from fxquant.backends.onnx import export_float_onnx, integer_op_count, session
+from fxquant.metrics import relative_l2
+from fxquant.quality import calibration_prompts, record_denoiser_calls
+from fxquant.reference.pipeline import REFERENCE_MODELS, load_reference_pipeline
+
+THREADS = 2
+
+
+def pixart_width_stack(layers: int) -> tuple[torch.nn.Module, dict]:
+    """PixArt-alpha's block at full width (1152, 16 heads, 4096-wide T5 captions, 120 tokens), 64x64 latent /
+    patch 2 = 1024 tokens, `layers` blocks, random weights; and one batch-1 input."""
+    torch.manual_seed(0)
+    model = PixArtTransformer2DModel(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8,
+                                     num_layers=layers, cross_attention_dim=1152, caption_channels=4096,
+                                     sample_size=64, patch_size=2, norm_type="ada_norm_single",
+                                     use_additional_conditions=False).eval()
+    generator = torch.Generator().manual_seed(1)
+    inputs = dict(hidden_states=torch.randn(1, 4, 64, 64, generator=generator),
+                  encoder_hidden_states=torch.randn(1, 120, 4096, generator=generator),
+                  timestep=torch.tensor([500]))
+    return model, inputs
+
+
+def reference_denoiser(name: str, prompts: int) -> tuple[torch.nn.Module, list[dict]]:
+    """A reference model's denoiser and its recorded calls while generating `prompts` prompts (CFG batch)."""
+    pipe = load_reference_pipeline(name)
+    calls: list = []
+    steps, guidance = REFERENCE_MODELS[name]
+    with record_denoiser_calls(pipe.denoiser, calls):
+        pipe(calibration_prompts(prompts, seed=7), num_inference_steps=steps, guidance_scale=guidance,
+             generator=torch.Generator().manual_seed(0))
+    return pipe.denoiser, [kwargs for _args, kwargs in calls]
+
+
+def interleaved_medians(calls: dict, runs: int) -> dict[str, float]:
+    """Median seconds per call, the variants timed round-robin (one call each per round, after 3 warm-up rounds)
+    so that drift in this shared machine's speed hits every variant alike."""
+    times = {label: [] for label in calls}
+    for round_index in range(runs + 3):
+        for label, call in calls.items():
+            start = time.perf_counter()
+            call()
+            if round_index >= 3:
+                times[label].append(time.perf_counter() - start)
+    return {label: statistics.median(values) for label, values in times.items()}
+
+
+def _ort_call(path: Path, inputs: dict):
+    ort_session = session(path, THREADS, spin=False)  # idle sessions must not busy-wait on the shared cores
+    feed = {i.name: inputs[i.name].numpy() for i in ort_session.get_inputs()}
+    return lambda: torch.from_numpy(ort_session.run(None, feed)[0])
+
+
+def _torch_call(model, inputs: dict):
+    def call():
+        with torch.no_grad():
+            return model(**{**inputs, "return_dict": False})[0]
+    return call
+
+
+def speed_and_accuracy(name: str, model: torch.nn.Module, inputs: dict, calibration: list[dict], runs: int,
+                       directory: Path) -> dict:
+    """Every variant timed on `inputs`; accuracy of each against torch fp32 and torch W8A8."""
+    qmodel = fxquant.quantize(copy.deepcopy(model), "w8a8", calibration)
+    variants = {"torch fp32": _torch_call(model, inputs), "torch fxquant w8a8": _torch_call(qmodel, inputs),
+                "ort fp32": _ort_call(export_float_onnx(model, directory / f"{name}-fp32.onnx", inputs,
+                                                      dynamic_batch=False), inputs)}
+    for form in ("per_token", "per_tensor"):
+        path = fxquant.export_onnx(qmodel, directory / f"{name}-{form}.onnx", inputs, act_form=form,
+                                   dynamic_batch=False)
+        variants[f"ort int8 {form}"] = _ort_call(path, inputs)
+        assert integer_op_count(path) == len(qmodel.plan.quantized_layers()), (name, form)
+    outputs = {label: call() for label, call in variants.items()}
+    rows = []
+    for label, seconds in interleaved_medians(variants, runs).items():
+        rows.append({"variant": label, "median_ms": seconds * 1e3,
+                     "rel_l2_vs_torch_fp32": relative_l2(outputs[label], outputs["torch fp32"]),
+                     "rel_l2_vs_torch_w8a8": relative_l2(outputs[label], outputs["torch fxquant w8a8"])})
+        print(f"{name:24s} {label:22s} {seconds * 1e3:9.1f} ms  vs fp32 {rows[-1]['rel_l2_vs_torch_fp32']:.4f}  "
+              f"vs w8a8 {rows[-1]['rel_l2_vs_torch_w8a8']:.4f}", flush=True)
+    fp32_ort = next(r["median_ms"] for r in rows if r["variant"] == "ort fp32")
+    for row in rows:
+        row["speedup_vs_ort_fp32"] = fp32_ort / row["median_ms"]
+    return {"model": name, "quantized_layers": len(qmodel.plan.quantized_layers()),
+            "input_shapes": {k: list(v.shape) for k, v in inputs.items() if isinstance(v, torch.Tensor)}, "rows": rows}
+
+
+def reference_parity(name: str, directory: Path) -> dict:
+    """W8A8 per-token ORT vs torch on a reference model's recorded denoiser calls (CFG batch of 4 prompts)."""
+    model, calls = reference_denoiser(name, prompts=4)
+    qmodel = fxquant.quantize(copy.deepcopy(model), "w8a8", calls[::4])
+    path = fxquant.export_onnx(qmodel, directory / f"{name}-parity.onnx", calls[0], dynamic_batch=False)
+    ort_session = session(path, THREADS, spin=False)
+    errors = []
+    for kwargs in calls:
+        ort_out = torch.from_numpy(ort_session.run(None, {i.name: kwargs[i.name].numpy()
+                                                          for i in ort_session.get_inputs()})[0])
+        errors.append(relative_l2(ort_out, _torch_call(qmodel, kwargs)()))
+    result = {"model": name, "calls": len(calls), "max_rel_l2": max(errors), "mean_rel_l2": statistics.mean(errors),
+              "integer_ops": integer_op_count(path), "quantized_layers": len(qmodel.plan.quantized_layers())}
+    print(f"parity {name}: {result}", flush=True)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--layers", type=int, default=2, help="blocks of the PixArt-width stack")
+    parser.add_argument("--out", default="benchmarks/results/onnx-cpu.json")
+    args = parser.parse_args()
+    torch.set_num_threads(THREADS)
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = Path(tmp)
+        stack, stack_inputs = pixart_width_stack(args.layers)
+        t2i, t2i_calls = reference_denoiser("t2i-dit", prompts=16)
+        speed = [speed_and_accuracy(f"pixart-width-{args.layers}-blocks", stack, stack_inputs, [stack_inputs],
+                                    args.runs, directory),
+                 speed_and_accuracy("t2i-dit (batch 32)", t2i, t2i_calls[10], t2i_calls[::5], args.runs, directory)]
+        parity = [reference_parity(name, directory) for name in REFERENCE_MODELS]
+    result = {"date": time.strftime("%Y-%m-%d"), "cpu": platform.processor() or platform.machine(),
+              "threads": THREADS, "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
+              "runs": args.runs, "speed": speed, "reference_parity": parity}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
