@@ -85,14 +85,19 @@ def translation_table(act_form: str = "per_token") -> dict:
     # fxquant::quantize_per_token's outputs (q, scale, zero) are declared int8 / fp32 [M, 1] / int32 [M, 1]; here
     # q is uint8 (export_onnx re-types Cast outputs) and, in the per-tensor form, scale / zero are one value
     # broadcast to [M, 1] so the declared shapes hold.
+    # per-tensor form: the [M, 1]-broadcast scale / zero handed on (their declared shapes) -> DynamicQuantizeLinear's
+    # own scalars, so int8_linear can use those and ORT fuses the layer into DynamicQuantizeMatMul
+    scalar_of: dict[int, tuple] = {}
+
     def quantize_per_token(x):
         if per_token:
             scale, zero = _per_row_params(x)
             return _quantize_rows(x, scale, zero), scale, op.Sub(op.Cast(zero, to=I32), _int32(128))
         q, scale, zero = op.DynamicQuantizeLinear(x)
         column = op.Concat(op.Slice(op.Shape(x), _axes(0), _axes(1)), _axes(1), axis=0)
-        zero = op.Sub(op.Cast(zero, to=I32), _int32(128))
-        return q, op.Expand(scale, column), op.Expand(zero, column)
+        scale_rows, zero_rows = op.Expand(scale, column), op.Expand(op.Sub(op.Cast(zero, to=I32), _int32(128)), column)
+        scalar_of[id(scale_rows)] = scale, zero
+        return q, scale_rows, zero_rows
 
     def quantize_per_tensor(x, scale, zero):
         zero_u8 = op.Cast(_shift_to_uint8_grid(zero), to=U8)
@@ -100,9 +105,13 @@ def translation_table(act_form: str = "per_token") -> dict:
 
     def int8_linear(x_q, x_scale, x_zero, w_q, w_scale, w_sum, bias, out_dtype):
         weight = op.Transpose(w_q, perm=[1, 0])  # [K, N], folded into the initializer
+        if id(x_scale) in scalar_of:  # DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul(a_scale * b_scale)
+            scale, zero = scalar_of[id(x_scale)]
+            out = op.Mul(op.Cast(op.MatMulInteger(x_q, weight, zero), to=F32), op.Mul(scale, w_scale))
+            return out if bias is None else op.Add(out, bias)
         if per_token:
             acc = _corrected_product(x_q, weight, _shift_to_uint8_grid(x_zero), w_sum)
-        else:  # one zero point for the call (per-tensor form, or static activations): MatMulInteger takes it
+        else:  # static activations: one zero point, which MatMulInteger takes
             acc = op.MatMulInteger(x_q, weight, op.Cast(_first_element(_shift_to_uint8_grid(x_zero)), to=U8))
         return _dequantize_product(acc, x_scale, w_scale, bias)
 
