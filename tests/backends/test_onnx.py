@@ -145,3 +145,11 @@ def test_pipeline_generates_with_the_ort_denoiser(tiny_pipeline_dir, tmp_path):
     images = generate()
     assert len(pipe.transformer.sessions) == 1  # one shape, one graph, reused for all three steps
     assert relative_l2(images, reference) <= MAX_PARITY
+
+
+def test_bad_export_arguments_are_clear_errors(quantized_family, tmp_path):
+    reference, qmodel, _ = quantized_family("pixart", "w8a8")
+    with pytest.raises(FxquantError, match="act_form"):
+        fxquant.export_onnx(qmodel, tmp_path / "m.onnx", FAMILIES["pixart"].inputs(), act_form="per_row")
+    with pytest.raises(FxquantError, match="QuantizedModel"):
+        fxquant.export_onnx(reference, tmp_path / "m.onnx", FAMILIES["pixart"].inputs())
