@@ -19,11 +19,15 @@ import mip
 from .errors import RecipeError
 
 
-def allocate_bits(sizes: Mapping[str, int], scores: Mapping[str, Mapping[int, float]], target_bits: float,
+def allocate_bits(sizes: Mapping[str, int], scores: Mapping[str, Mapping], target_bits: float,
                   tolerance: float = 0.02, latency: Mapping[str, Mapping[int, float]] | None = None,
-                  latency_budget: float | None = None, time_limit: float = 10.0) -> dict[str, int]:
+                  latency_budget: float | None = None, executed_bits: float | None = None,
+                  time_limit: float = 10.0) -> dict[str, int | dict[int, int]]:
     """layer -> chosen bit-width. sizes: parameter counts; scores[layer][bits]: quality if the layer runs at bits.
 
+    Per-timestep-group layers (ViDiT-Q): scores[layer] = {group: {bits: score}}; the layer then gets a width per
+    group ({group: bits}) and is stored at the largest (nested planes), which is what the memory budget counts.
+    executed_bits bounds the parameter-weighted average of the widths run, over groups (the weight traffic).
     Raises RecipeError when no choice meets the budget (naming the reachable range) or the inputs disagree.
     """
     layers = list(sizes)
@@ -32,8 +36,10 @@ def allocate_bits(sizes: Mapping[str, int], scores: Mapping[str, Mapping[int, fl
     total = sum(sizes.values())
     if total <= 0:
         raise RecipeError("allocate_bits needs layers with a positive parameter count.")
-    lowest = sum(sizes[n] * min(scores[n]) for n in layers) / total
-    highest = sum(sizes[n] * max(scores[n]) for n in layers) / total
+    grouped = {n: dict(scores[n]) if _per_group(scores[n]) else {None: dict(scores[n])} for n in layers}
+    widths = {n: sorted({b for table in grouped[n].values() for b in table}) for n in layers}
+    lowest = sum(sizes[n] * max(min(t) for t in grouped[n].values()) for n in layers) / total
+    highest = sum(sizes[n] * widths[n][-1] for n in layers) / total
     if target_bits + tolerance < lowest or target_bits - tolerance > highest:
         raise RecipeError(
             f"Average weight bits {target_bits} ± {tolerance} is out of reach: the candidate bit-widths give "
@@ -41,27 +47,47 @@ def allocate_bits(sizes: Mapping[str, int], scores: Mapping[str, Mapping[int, fl
         )
     model = mip.Model(sense=mip.MAXIMIZE, solver_name=mip.CBC)
     model.verbose = 0
-    choice = {(n, b): model.add_var(var_type=mip.BINARY) for n in layers for b in scores[n]}
+    run = {(n, g, b): model.add_var(var_type=mip.BINARY) for n in layers for g, t in grouped[n].items() for b in t}
+    stored = {(n, b): model.add_var(var_type=mip.BINARY) for n in layers for b in widths[n]}
     for n in layers:
-        model += mip.xsum(choice[n, b] for b in scores[n]) == 1
-    weighted_bits = mip.xsum(sizes[n] * b * choice[n, b] for n in layers for b in scores[n])
+        model += mip.xsum(stored[n, b] for b in widths[n]) == 1
+        for g, table in grouped[n].items():
+            model += mip.xsum(run[n, g, b] for b in table) == 1
+            for b in table:  # a group runs at most the stored width
+                model += run[n, g, b] <= mip.xsum(stored[n, w] for w in widths[n] if w >= b)
+        for b in widths[n]:  # the stored width is the widest one run
+            model += stored[n, b] <= mip.xsum(run[n, g, b] for g, t in grouped[n].items() if b in t)
+    weighted_bits = mip.xsum(sizes[n] * b * stored[n, b] for n in layers for b in widths[n])
     model += weighted_bits <= (target_bits + tolerance) * total
     model += weighted_bits >= (target_bits - tolerance) * total
+    if executed_bits is not None:
+        model += mip.xsum(sizes[n] * b * run[n, g, b] / len(grouped[n])
+                          for n in layers for g, t in grouped[n].items() for b in t) <= executed_bits * total
     if latency_budget is not None:
         if latency is None:
             raise RecipeError("latency_budget needs a per-layer latency table (latency[layer][bits]).")
-        model += mip.xsum(latency[n][b] * choice[n, b] for n in layers for b in scores[n]) <= latency_budget
-    model.objective = mip.xsum(scores[n][b] * choice[n, b] for n in layers for b in scores[n])
+        model += mip.xsum(latency[n][b] * run[n, g, b] / len(grouped[n])
+                          for n in layers for g, t in grouped[n].items() for b in t) <= latency_budget
+    model.objective = mip.xsum(grouped[n][g][b] * run[n, g, b]
+                               for n in layers for g, t in grouped[n].items() for b in t)
     status = model.optimize(max_seconds=time_limit)
     if status not in (mip.OptimizationStatus.OPTIMAL, mip.OptimizationStatus.FEASIBLE):
         raise RecipeError(
             f"No bit allocation meets average {target_bits} ± {tolerance} bits"
+            + (f", executed bits ≤ {executed_bits}" if executed_bits is not None else "")
             + (f" and latency ≤ {latency_budget}" if latency_budget is not None else "")
             + f" (solver status {status.name}). Loosen the budget or add candidate bit-widths."
         )
-    return {n: next(b for b in scores[n] if choice[n, b].x >= 0.5) for n in layers}
+    choice = {n: {g: next(b for b in t if run[n, g, b].x >= 0.5) for g, t in grouped[n].items()} for n in layers}
+    return {n: choice[n] if _per_group(scores[n]) else choice[n][None] for n in layers}
 
 
-def average_bits(sizes: Mapping[str, int], bits: Mapping[str, int]) -> float:
-    """Parameter-weighted mean bit-width of an allocation."""
-    return sum(sizes[n] * bits[n] for n in sizes) / sum(sizes.values())
+def _per_group(table: Mapping) -> bool:
+    """True when a layer's scores are {group: {bits: score}} rather than {bits: score}."""
+    return any(isinstance(value, Mapping) for value in table.values())
+
+
+def average_bits(sizes: Mapping[str, int], bits: Mapping[str, int | Mapping[int, int]]) -> float:
+    """Parameter-weighted mean stored bit-width of an allocation (a per-group choice stores its largest width)."""
+    stored = {n: max(b.values()) if isinstance(b, Mapping) else b for n, b in bits.items()}
+    return sum(sizes[n] * stored[n] for n in sizes) / sum(sizes.values())

@@ -16,7 +16,9 @@ from .errors import RecipeError
 
 ACT_MODES = ("dynamic_per_token", "static_per_tensor")
 WEIGHT_GRANULARITIES = ("per_channel",)
-WEIGHT_BITS = (8, 4)
+WEIGHT_BITS = (8, 4, 2)
+MIXED_PRECISION = (None, "layer", "block-group")
+CANDIDATE_BITS = (2, 4, 6, 8)
 
 
 @dataclass
@@ -44,6 +46,19 @@ class QuantConfig:
             calibrated per timestep group and chosen on the device from each call's timestep (fxquant.timestep).
         fp8: use float8 e4m3 instead of int8 for the weights and activations of quantized linears (symmetric,
             per-channel / per-token absmax / 448; Hopper's fast 8-bit path). Convolutions stay int8.
+        bos_aware: find leading text tokens whose magnitude alone stretches the range of the cross-attention
+            key / value inputs (MixDQ's BOS token: |x| at least bos_ratio times every later token's) from
+            calibration; they skip activation quantization (full-precision activations, cached outputs when the
+            tokens are the same in every calibration call) and the static range is calibrated without them.
+        mixed_precision: choose weight bits from sensitivity probing and integer programming (passes/sensitivity):
+            "layer" (MixDQ: one choice per linear), "block-group" (ViDiT-Q: one per block x layer group) or None.
+        candidate_bits: the weight bit-widths the allocation chooses from (2, 4, 6, 8; 6-bit weights are stored
+            as a 4-bit and a 2-bit plane).
+        target_bits: parameter-weighted average weight bits of the quantized linears (± 0.02).
+        bits_per_timestep_group: let the allocation give a layer other bits in each timestep group (one nested
+            weight copy, the group's planes chosen on the device); needs timestep_groups.
+        sensitivity_calls: recorded calibration calls (the full-precision trajectory) the probes replay.
+        sensitivity_rows: samples of each recorded call the probes replay (a guidance batch keeps both halves).
     """
 
     weight_bits: int = 8
@@ -59,6 +74,14 @@ class QuantConfig:
     seed: int = 0
     timestep_groups: list[float] = field(default_factory=list)
     fp8: bool = False
+    bos_aware: bool = False
+    bos_ratio: float = 2.0
+    mixed_precision: str | None = None
+    candidate_bits: list[int] = field(default_factory=lambda: [4, 8])
+    target_bits: float = 8.0
+    bits_per_timestep_group: bool = False
+    sensitivity_calls: int = 20
+    sensitivity_rows: int = 4
     version: int = 1
 
     recipe_name: ClassVar[str] = "custom"
@@ -79,9 +102,25 @@ class QuantConfig:
         if self.fp8 and (self.weight_bits != 8 or self.act_mode != "dynamic_per_token"):
             raise RecipeError("fp8 needs weight_bits=8 and act_mode='dynamic_per_token'.")
         self.timestep_groups = [float(b) for b in self.timestep_groups]
-        if self.timestep_groups and self.act_mode != "static_per_tensor":
-            raise RecipeError("timestep_groups select static activation scales; use act_mode='static_per_tensor' "
-                              "(per-token activations need no per-group scales).")
+        if self.timestep_groups and self.act_mode != "static_per_tensor" and not self.bits_per_timestep_group:
+            raise RecipeError("timestep_groups select static activation scales or per-group weight bits; use "
+                              "act_mode='static_per_tensor' or bits_per_timestep_group=True (per-token activations "
+                              "need no per-group scales).")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise RecipeError(f"mixed_precision={self.mixed_precision!r} is unknown; use one of {MIXED_PRECISION}.")
+        self.candidate_bits = sorted(set(int(b) for b in self.candidate_bits))
+        if not self.candidate_bits or any(b not in CANDIDATE_BITS for b in self.candidate_bits):
+            raise RecipeError(f"candidate_bits={self.candidate_bits} must be a non-empty subset of {CANDIDATE_BITS}.")
+        if self.mixed_precision and not (min(self.candidate_bits) <= self.target_bits <= max(self.candidate_bits)):
+            raise RecipeError(f"target_bits={self.target_bits} lies outside candidate_bits {self.candidate_bits}.")
+        if self.bits_per_timestep_group and (not self.timestep_groups or not self.mixed_precision):
+            raise RecipeError("bits_per_timestep_group needs timestep_groups and a mixed_precision setting.")
+        if self.bits_per_timestep_group and 2 in self.candidate_bits:
+            raise RecipeError("2-bit weights cannot vary per timestep group; use candidate_bits from 4, 6, 8.")
+        if self.mixed_precision and self.fp8:
+            raise RecipeError("mixed_precision chooses integer weight bits; it cannot be combined with fp8.")
+        if self.bos_ratio <= 1:
+            raise RecipeError(f"bos_ratio={self.bos_ratio} must be above 1.")
         if any(not 0 < b < 1000 for b in self.timestep_groups) or self.timestep_groups != sorted(
                 set(self.timestep_groups)):
             raise RecipeError(f"timestep_groups={self.timestep_groups} must be increasing boundaries inside (0, 1000).")
@@ -172,8 +211,44 @@ class W8A8Fp8Config(QuantConfig):
     recipe_name: ClassVar[str] = "w8a8-fp8"
 
 
+@dataclass
+class ViditqW4A8MPConfig(ViditqW8A8Config):
+    """ViDiT-Q-MP: channel balancing, per-token activations, weight bits 4 / 6 / 8 chosen per block x layer group
+    and per timestep group (two groups, split at t = 500) by metric-decoupled sensitivity and integer programming,
+    at most 5 average weight bits."""
+
+    timestep_groups: list[float] = field(default_factory=lambda: [500.0])
+    mixed_precision: str | None = "block-group"
+    candidate_bits: list[int] = field(default_factory=lambda: [4, 6, 8])
+    target_bits: float = 4.98
+    bits_per_timestep_group: bool = True
+    recipe_name: ClassVar[str] = "viditq-w4a8-mp"
+
+
+@dataclass
+class MixdqW8A8Config(QuantConfig):
+    """MixDQ's W8A8: int8 per-channel weights, static per-tensor activations, BOS-aware text key / value
+    projections."""
+
+    act_mode: str = "static_per_tensor"
+    bos_aware: bool = True
+    recipe_name: ClassVar[str] = "mixdq-w8a8"
+
+
+@dataclass
+class MixdqW4A8MPConfig(MixdqW8A8Config):
+    """MixDQ's mixed precision: weight bits 2 / 4 / 8 per linear from metric-decoupled sensitivity and integer
+    programming at target_bits average (4.0 by default), 8-bit static activations, BOS-aware."""
+
+    mixed_precision: str | None = "layer"
+    candidate_bits: list[int] = field(default_factory=lambda: [2, 4, 8])
+    target_bits: float = 4.0
+    recipe_name: ClassVar[str] = "mixdq-w4a8-mp"
+
+
 _ALL_CONFIGS = (QuantConfig, W8A8DynamicConfig, W8A8StaticConfig, SmoothQuantW8A8Config, ViditqW8A8Config,
-                W4A8DynamicConfig, ViditqW4A8Config, W8A8Fp8Config)
+                W4A8DynamicConfig, ViditqW4A8Config, W8A8Fp8Config, ViditqW4A8MPConfig, MixdqW8A8Config,
+                MixdqW4A8MPConfig)
 _CONFIG_CLASSES: dict[str, type[QuantConfig]] = {cls.__name__: cls for cls in _ALL_CONFIGS}
 RECIPES: dict[str, type[QuantConfig]] = {cls.recipe_name: cls for cls in _ALL_CONFIGS[1:]}
 

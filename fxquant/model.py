@@ -70,6 +70,10 @@ class PreparedModel(_Wrapper):
                 plan.timestep_scale = timestep_scale(t)
             boundaries = torch.tensor(plan.timestep_boundaries)
             self._state.timestep_group = int(group_index(t, boundaries, plan.timestep_scale))
+        config = self._state.config
+        if config.mixed_precision and len(self._state.recorded_calls) < config.sensitivity_calls:
+            inputs = torch.utils._pytree.tree_map_only(torch.Tensor, torch.clone, (args, kwargs))
+            self._state.recorded_calls.append((*inputs, self._state.timestep_group))
         with torch.no_grad():
             out = self.model(*args, **kwargs)
         self._state.plan.calibration_calls += 1

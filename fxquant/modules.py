@@ -8,12 +8,13 @@ built either from the float module (`from_float`, at convert time) or as empty s
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import ops  # noqa: F401  (registers torch.ops.fxquant)
 from .balance import rotate, rotation_signs
 from .plan import LayerPlan
-from .quantizer import pack_int4, quantize_fp8, quantize_weight_per_channel
+from .quantizer import pack_bits, plane_widths, quantize_fp8, quantize_weight_per_channel, quantize_weight_planes
 
 fxq = torch.ops.fxquant
 
@@ -57,43 +58,66 @@ def _register_quant_buffers(module: nn.Module, weight_q: torch.Tensor, has_bias:
 
 
 class QuantLinear(nn.Module):
-    """y = int8_linear(quantize(balance(x)), weight_q, ...); x [..., K] -> y [..., N] in x's dtype.
+    """y = int8_linear(quantize(balance(x)), weights, ...); x [..., K] -> y [..., N] in x's dtype.
 
-    Buffers: weight_q int8 [N, K] (8-bit), uint8 [N, K/2] (4-bit, two per byte) or float8_e4m3fn [N, K] (fp8,
-    activations then fp8 per token too), weight_scale fp32 [N], weight_sum int32 [N] (integer formats), bias
-    (model dtype) or None; act_scale fp32 [G] and act_zero int32 [G] for static activations (G timestep groups),
-    None when activations are quantized per token at run time; smooth_inv fp32 [K] (1 / smoothing factors) and
-    rotation_signs fp32 [K] when the layer is balanced (fxquant.balance).
+    Weights are stored as planes (fxquant.quantizer.quantize_weight_planes): one plane of 8 bits (int8 [N, K]),
+    4 bits (uint8 [N, K/2]) or 2 bits (uint8 [N, K/4]); or nested planes (e.g. 4 + 4) when the bits differ per
+    timestep group, of which each group uses the first few (plane_multipliers int32 [G, P] combines them into the
+    group's int8 codes on the device, level_divisor fp32 [G] refines the scale). Buffers: weight_q (plane 0),
+    weight_q1, weight_q2 (further planes), weight_scale fp32 [N] (of plane 0), weight_sum int32 [N] (row sums of
+    the codes; [P, N] per plane when nested), bias or None; fp8: weight_q float8_e4m3fn [N, K] and fp8 per-token
+    activations. act_scale fp32 [G] / act_zero int32 [G] for static activations, None when per token;
+    smooth_inv / rotation_signs fp32 [K] when balanced (fxquant.balance). fp_tokens > 0 (BOS-aware): the first
+    fp_tokens tokens of x [..., L, K] skip activation quantization (full-precision x against the dequantized
+    weights), or take the stored fp_token_out [fp_tokens, N] when they are the same for every prompt.
     """
 
-    _timestep = None  # a fxquant.timestep.TimestepGroup when static scales are per timestep group
+    _timestep = None  # a fxquant.timestep.TimestepGroup when scales or weight bits are per timestep group
 
     def __init__(self, in_features: int, out_features: int, has_bias: bool, act_params: tuple,
-                 bias_dtype: torch.dtype, weight_bits: int = 8, smoothed: bool = False, rotation_block: int = 0,
-                 fp8: bool = False, device=None):
+                 bias_dtype: torch.dtype, planes: list[int] = (8,), group_planes: list[int] | None = None,
+                 smoothed: bool = False, rotation_block: int = 0, fp8: bool = False, fp_tokens: int = 0,
+                 fp_tokens_cached: bool = False, device=None):
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
-        self.weight_bits = weight_bits
+        self.planes = list(planes)
         self.rotation_block = rotation_block
         self.fp8 = fp8
-        packed = (out_features, in_features // 2) if weight_bits == 4 else (out_features, in_features)
-        weight_dtype = torch.float8_e4m3fn if fp8 else torch.uint8 if weight_bits == 4 else torch.int8
-        _register_quant_buffers(self, torch.empty(packed, dtype=weight_dtype, device=device), has_bias, bias_dtype,
-                                act_params)
+        self.fp_tokens = fp_tokens
+        first = torch.empty((out_features, in_features), dtype=torch.float8_e4m3fn if fp8 else torch.int8,
+                            device=device) if self.planes[0] == 8 else _packed_plane(out_features, in_features,
+                                                                                     self.planes[0], device)
+        _register_quant_buffers(self, first, has_bias, bias_dtype, act_params)
+        for index, width in enumerate(self.planes[1:], start=1):
+            self.register_buffer(f"weight_q{index}", _packed_plane(out_features, in_features, width, device))
+        if len(self.planes) > 1:
+            multipliers, divisors = _plane_tables(self.planes, group_planes)
+            self.weight_sum = torch.empty(len(self.planes), out_features, dtype=torch.int32, device=device)
+            self.register_buffer("plane_multipliers", multipliers.to(device))
+            self.register_buffer("level_divisor", divisors.to(device))
         vector = (lambda: torch.empty(in_features, dtype=torch.float32, device=device))
         self.register_buffer("smooth_inv", vector() if smoothed else None)
         self.register_buffer("rotation_signs", vector() if rotation_block else None)
+        self.register_buffer("fp_token_out", torch.empty(fp_tokens, out_features, dtype=torch.float32,
+                                                         device=device) if fp_tokens_cached else None)
 
     @classmethod
-    def from_float(cls, linear: nn.Linear, layer: LayerPlan, seed: int = 0) -> QuantLinear:
-        """Fold the plan's balancing into the weight (W * s, then W R), quantize it per output channel, pack."""
+    def from_float(cls, linear: nn.Linear, layer: LayerPlan, seed: int = 0,
+                   fp_rows: torch.Tensor | None = None) -> QuantLinear:
+        """Fold the plan's balancing into the weight (W * s, then W R), quantize it per output channel into its
+        planes, pack. fp_rows [fp_tokens, K]: the constant leading tokens whose outputs are stored (BOS-aware)."""
         weight = linear.weight.detach().float()
         device = weight.device
+        planes = plane_widths(layer.group_weight_bits or [layer.weight_bits])
+        cached = layer.fp_tokens_cached and fp_rows is not None
         module = cls(linear.in_features, linear.out_features, linear.bias is not None,
-                     _static_act_params(layer, device), linear.weight.dtype, layer.weight_bits,
-                     smoothed=layer.smooth is not None, rotation_block=layer.rotation_block or 0,
-                     fp8=layer.number_format == "fp8", device=device)
+                     _static_act_params(layer, device), linear.weight.dtype, planes,
+                     _group_planes(planes, layer.group_weight_bits), smoothed=layer.smooth is not None,
+                     rotation_block=layer.rotation_block or 0, fp8=layer.number_format == "fp8",
+                     fp_tokens=layer.fp_tokens, fp_tokens_cached=cached, device=device)
+        if cached:
+            module.fp_token_out = linear(fp_rows.to(device, linear.weight.dtype)).detach().float()
         if layer.smooth is not None:
             smooth = torch.tensor(layer.smooth, dtype=torch.float32, device=device)
             weight = weight * smooth
@@ -105,20 +129,41 @@ class QuantLinear(nn.Module):
             module.weight_q, scale = quantize_fp8(weight, dim=1)
             module.weight_scale = scale.reshape(-1)
         else:
-            weight_q, module.weight_scale = quantize_weight_per_channel(weight, layer.weight_bits)
-            module.weight_sum = _weight_sum(weight_q)
-            module.weight_q = pack_int4(weight_q) if layer.weight_bits == 4 else weight_q
+            codes, module.weight_scale = quantize_weight_planes(weight, planes)
+            sums = [_weight_sum(code) for code in codes]
+            module.weight_sum = sums[0] if len(codes) == 1 else torch.stack(sums)
+            for index, (code, width) in enumerate(zip(codes, planes)):
+                setattr(module, "weight_q" if index == 0 else f"weight_q{index}",
+                        code if width == 8 else pack_bits(code, width))
         if linear.bias is not None:
             module.bias = linear.bias.detach().clone()
         return module
 
     @classmethod
     def from_plan(cls, layer: LayerPlan, has_bias: bool, bias_dtype: torch.dtype) -> QuantLinear:
+        planes = plane_widths(layer.group_weight_bits or [layer.weight_bits])
         return cls(layer.in_features, layer.out_features, has_bias, _static_act_params(layer, "meta"), bias_dtype,
-                   layer.weight_bits, smoothed=layer.smooth is not None,
-                   rotation_block=layer.rotation_block or 0, fp8=layer.number_format == "fp8", device="meta")
+                   planes, _group_planes(planes, layer.group_weight_bits), smoothed=layer.smooth is not None,
+                   rotation_block=layer.rotation_block or 0, fp8=layer.number_format == "fp8",
+                   fp_tokens=layer.fp_tokens, fp_tokens_cached=layer.fp_tokens_cached, device="meta")
+
+    def _weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(int8 codes [N, K], fp32 scale [N], int32 row sums [N]) of the current call (its timestep group's
+        planes when they are nested)."""
+        if len(self.planes) == 1:
+            return _unpack_plane(self.weight_q, self.planes[0]), self.weight_scale, self.weight_sum
+        index = self._timestep.index if self.plane_multipliers.shape[0] > 1 else self.plane_multipliers.new_zeros(
+            1, dtype=torch.int64)
+        multipliers = self.plane_multipliers.index_select(0, index).reshape(-1)
+        codes = _unpack_plane(self.weight_q, self.planes[0]).to(torch.int32) * multipliers[0]
+        for plane in range(1, len(self.planes)):
+            codes = codes + _unpack_plane(getattr(self, f"weight_q{plane}"), self.planes[plane]) * multipliers[plane]
+        weight_sum = (self.weight_sum * multipliers.reshape(-1, 1)).sum(dim=0, dtype=torch.int32)
+        return codes.to(torch.int8), self.weight_scale / self.level_divisor.index_select(0, index), weight_sum
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fp_tokens:
+            head, x = x[..., :self.fp_tokens, :], x[..., self.fp_tokens:, :]
         rows = x.reshape(-1, self.in_features)
         if self.smooth_inv is not None:
             rows = rows * self.smooth_inv.to(rows.dtype)
@@ -128,32 +173,83 @@ class QuantLinear(nn.Module):
             x_q, x_scale = fxq.quantize_per_token_fp8(rows)
             out = fxq.fp8_linear(x_q, x_scale, self.weight_q, self.weight_scale, self.bias, x.dtype)
             return out.reshape(*x.shape[:-1], self.out_features)
-        weight_q = self.weight_q if self.weight_bits == 8 else fxq.unpack_int4(self.weight_q)
+        weight_q, weight_scale, weight_sum = self._weights()
         if self.act_scale is None:
             x_q, x_scale, x_zero = fxq.quantize_per_token(rows)
         else:
             x_scale, x_zero = _static_params_for_call(self)
             x_q = fxq.quantize_per_tensor(rows, x_scale, x_zero)
-        out = fxq.int8_linear(x_q, x_scale, x_zero, weight_q, self.weight_scale, self.weight_sum, self.bias,
-                              x.dtype)
-        return out.reshape(*x.shape[:-1], self.out_features)
+        out = fxq.int8_linear(x_q, x_scale, x_zero, weight_q, weight_scale, weight_sum, self.bias, x.dtype)
+        out = out.reshape(*x.shape[:-1], self.out_features)
+        if self.fp_tokens:
+            out = torch.cat([self._full_precision_tokens(head, weight_q, weight_scale).to(out.dtype), out], dim=-2)
+        return out
+
+    def _full_precision_tokens(self, head: torch.Tensor, weight_q: torch.Tensor,
+                               weight_scale: torch.Tensor) -> torch.Tensor:
+        """Outputs [..., fp_tokens, N] of the leading tokens: stored, or x (balanced like the other tokens) against
+        the dequantized weights, in fp32."""
+        if self.fp_token_out is not None:
+            return self.fp_token_out.expand(*head.shape[:-1], self.out_features)
+        if self.smooth_inv is not None:
+            head = head * self.smooth_inv.to(head.dtype)
+        if self.rotation_signs is not None:
+            head = rotate(head, self.rotation_signs, self.rotation_block)
+        weight = weight_q.float() * weight_scale.reshape(-1, 1)
+        return F.linear(head.float(), weight, None if self.bias is None else self.bias.float())
 
     def extra_repr(self) -> str:
         mode = "dynamic per-token" if self.act_scale is None else "static per-tensor"
         balance = [name for name, on in (("smooth", self.smooth_inv is not None),
                                          (f"rotate{self.rotation_block}", self.rotation_signs is not None)) if on]
-        weights = "fp8 e4m3" if self.fp8 else f"W{self.weight_bits}"
+        weights = "fp8 e4m3" if self.fp8 else "W" + "+".join(map(str, self.planes))
         return (f"in={self.in_features}, out={self.out_features}, {weights} per-channel, A8 {mode}"
-                + (f", {'+'.join(balance)}" if balance else ""))
+                + (f", {'+'.join(balance)}" if balance else "")
+                + (f", first {self.fp_tokens} tokens full precision" if self.fp_tokens else ""))
+
+
+def _packed_plane(out_features: int, in_features: int, width: int, device) -> torch.Tensor:
+    return torch.empty(out_features, in_features * width // 8, dtype=torch.uint8, device=device)
+
+
+def _unpack_plane(plane: torch.Tensor, width: int) -> torch.Tensor:
+    """A stored plane -> its int8 codes [N, K] (unpacked by the fxquant ops the backends replace)."""
+    return plane if width == 8 else fxq.unpack_int4(plane) if width == 4 else fxq.unpack_int2(plane)
+
+
+def _group_planes(planes: list[int], group_bits: list[int] | None) -> list[int] | None:
+    """Per timestep group: how many of the nested planes its bit-width uses (None for a single plane; one entry
+    when the layer runs at one width stored in several planes, e.g. 6 = 4 + 2)."""
+    if len(planes) == 1:
+        return None
+    if group_bits is None:
+        return [len(planes)]
+    totals = [sum(planes[:count]) for count in range(1, len(planes) + 1)]
+    return [totals.index(bits) + 1 for bits in group_bits]
+
+
+def _plane_tables(planes: list[int], group_planes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int32 [G, P] multipliers: codes = sum_p plane_p * m[g, p]; fp32 [G] scale divisors 2^(refinement bits))."""
+    multipliers = torch.zeros(len(group_planes), len(planes), dtype=torch.int32)
+    divisors = torch.ones(len(group_planes), dtype=torch.float32)
+    for group, used in enumerate(group_planes):
+        for plane in range(used):
+            multipliers[group, plane] = 2 ** sum(planes[plane + 1:used])
+        divisors[group] = 2.0 ** sum(planes[1:used])
+    return multipliers, divisors
 
 
 class QuantConv2d(nn.Module):
-    """Int8 conv2d: x [B, C, H, W] quantized inside the op, one scale per patch (dynamic) or per tensor (static)."""
+    """Int8 conv2d: x [B, C, H, W] quantized inside the op, one scale per patch (dynamic) or per tensor (static).
+
+    weight_q: int8 [O, C, kh, kw] (8-bit) or the codes packed over C*kh*kw, uint8 [O, C*kh*kw*bits/8] (4 / 2
+    bits, unpacked for the op)."""
 
     _timestep = None  # a fxquant.timestep.TimestepGroup when static scales are per timestep group
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: tuple[int, int], stride, padding,
-                 dilation, has_bias: bool, act_params: tuple, bias_dtype: torch.dtype, device=None):
+                 dilation, has_bias: bool, act_params: tuple, bias_dtype: torch.dtype, weight_bits: int = 8,
+                 device=None):
         super().__init__()
         self.in_channels = in_channels
         self.out_channels = out_channels
@@ -161,7 +257,10 @@ class QuantConv2d(nn.Module):
         self.stride = list(stride)
         self.padding = list(padding)
         self.dilation = list(dilation)
-        weight_q = torch.empty(out_channels, in_channels, *kernel_size, dtype=torch.int8, device=device)
+        self.weight_bits = weight_bits
+        patch = in_channels * self.kernel_size[0] * self.kernel_size[1]
+        weight_q = torch.empty(out_channels, in_channels, *kernel_size, dtype=torch.int8, device=device) \
+            if weight_bits == 8 else _packed_plane(out_channels, patch, weight_bits, device)
         _register_quant_buffers(self, weight_q, has_bias, bias_dtype, act_params)
 
     @classmethod
@@ -169,9 +268,11 @@ class QuantConv2d(nn.Module):
         weight = conv.weight.detach()
         module = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
                      conv.dilation, conv.bias is not None, _static_act_params(layer, weight.device), weight.dtype,
-                     device=weight.device)
-        module.weight_q, module.weight_scale = quantize_weight_per_channel(weight, layer.weight_bits)
-        module.weight_sum = _weight_sum(module.weight_q)
+                     layer.weight_bits, device=weight.device)
+        codes, module.weight_scale = quantize_weight_per_channel(weight, layer.weight_bits)
+        module.weight_sum = _weight_sum(codes)
+        module.weight_q = codes if layer.weight_bits == 8 else pack_bits(codes.reshape(codes.shape[0], -1),
+                                                                        layer.weight_bits)
         if conv.bias is not None:
             module.bias = conv.bias.detach().clone()
         return module
@@ -180,17 +281,19 @@ class QuantConv2d(nn.Module):
     def from_plan(cls, layer: LayerPlan, conv_meta: nn.Conv2d, bias_dtype: torch.dtype) -> QuantConv2d:
         return cls(conv_meta.in_channels, conv_meta.out_channels, conv_meta.kernel_size, conv_meta.stride,
                    conv_meta.padding, conv_meta.dilation, conv_meta.bias is not None,
-                   _static_act_params(layer, "meta"), bias_dtype, device="meta")
+                   _static_act_params(layer, "meta"), bias_dtype, layer.weight_bits, device="meta")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         act_scale, act_zero = _static_params_for_call(self) if self.act_scale is not None else (None, None)
-        return fxq.int8_conv2d(x, act_scale, act_zero, self.weight_q, self.weight_scale, self.weight_sum, self.bias,
+        weight_q = self.weight_q if self.weight_bits == 8 else _unpack_plane(self.weight_q, self.weight_bits).reshape(
+            self.out_channels, self.in_channels, *self.kernel_size)
+        return fxq.int8_conv2d(x, act_scale, act_zero, weight_q, self.weight_scale, self.weight_sum, self.bias,
                                self.stride, self.padding, self.dilation)
 
     def extra_repr(self) -> str:
         mode = "dynamic per-patch" if self.act_scale is None else "static per-tensor"
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-                f"W8 per-channel, A8 {mode}")
+                f"W{self.weight_bits} per-channel, A8 {mode}")
 
 
 QUANT_MODULES = (QuantLinear, QuantConv2d)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .quantizer import asymmetric_params, quantize_asymmetric, quantize_fp8, unpack_int4
+from .quantizer import asymmetric_params, quantize_asymmetric, quantize_fp8, unpack_bits, unpack_int4
 
 _CUDA_INT_MM_MIN_ROWS = 17  # cuBLAS int8 GEMM through torch._int_mm needs M > 16 and K, N multiples of 8
 
@@ -143,6 +143,17 @@ def unpack_int4_op(packed: torch.Tensor) -> torch.Tensor:
 @unpack_int4_op.register_fake
 def _(packed):
     return packed.new_empty((*packed.shape[:-1], packed.shape[-1] * 2), dtype=torch.int8)
+
+
+@torch.library.custom_op("fxquant::unpack_int2", mutates_args=())
+def unpack_int2_op(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, K/4] (four signed 2-bit fields per byte, lowest bits first) -> int8 [N, K] for the int8 GEMM."""
+    return unpack_bits(packed, 2)
+
+
+@unpack_int2_op.register_fake
+def _(packed):
+    return packed.new_empty((*packed.shape[:-1], packed.shape[-1] * 4), dtype=torch.int8)
 
 
 def _conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:

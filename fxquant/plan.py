@@ -30,6 +30,10 @@ class LayerPlan:
     min / max) per timestep group, or None when activations are quantized per token at run time.
     outlier_ratio: max / median of the calibrated per-channel |x| maxima (linears); balance: "smooth", "rotate",
     "smooth+rotate" or None; smooth: the smoothing factors s (x / s, W * s); rotation_block: Hadamard block size.
+    group_weight_bits: weight bits per timestep group when they differ (weight_bits is then their maximum, the
+    stored width of the nested planes). fp_tokens: leading tokens that skip activation quantization (BOS-aware);
+    fp_tokens_cached: their outputs are the same for every prompt and stored. sensitivity: the probe's damage
+    (lower is better) per candidate, keyed "bits" or "group:bits", measured by sensitivity_metric.
     """
 
     fqn: str
@@ -50,6 +54,11 @@ class LayerPlan:
     balance: str | None = None
     smooth: list[float] | None = None
     rotation_block: int | None = None
+    group_weight_bits: list[int] | None = None
+    fp_tokens: int = 0
+    fp_tokens_cached: bool = False
+    sensitivity: dict[str, float] | None = None
+    sensitivity_metric: str | None = None
     keep_reason: str | None = None
 
     @property
@@ -62,7 +71,8 @@ class LayerPlan:
             self.keep_reason = reason
         self.weight_bits = self.weight_granularity = self.number_format = self.act_bits = self.act_mode = None
         self.act_scale = self.act_zero = None
-        self.balance = self.smooth = self.rotation_block = None
+        self.balance = self.smooth = self.rotation_block = self.group_weight_bits = None
+        self.fp_tokens, self.fp_tokens_cached = 0, False
 
 
 @dataclass
@@ -86,6 +96,7 @@ class QuantPlan:
     timestep_position: int | None = None
     timestep_scale: float = 1.0
     calibrated_groups: list[int] = field(default_factory=list)
+    sensitivity_seconds: float | None = None
 
     # -- queries -------------------------------------------------------------------------------------------------
     def quantized_layers(self) -> list[LayerPlan]:
@@ -104,6 +115,14 @@ class QuantPlan:
             return float(FULL_PRECISION_BITS)
         bits = sum(layer.num_params * (layer.weight_bits or FULL_PRECISION_BITS) for layer in layers)
         return bits / total
+
+    @property
+    def quantized_average_weight_bits(self) -> float | None:
+        """Parameter-weighted mean stored weight bits over the quantized layers only (what mixed precision
+        targets), or None when nothing is quantized."""
+        layers = [layer for layer in self.quantized_layers() if layer.op != "sdpa"]
+        total = sum(layer.num_params for layer in layers)
+        return sum(layer.num_params * layer.weight_bits for layer in layers) / total if total else None
 
     # -- serialisation -------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -145,7 +164,7 @@ class QuantPlan:
                     layer.op,
                     layer.group,
                     layer.role,
-                    ("fp8" if layer.number_format == "fp8" else str(layer.weight_bits)) if layer.quantized else "-",
+                    _bits_cell(layer),
                     str(layer.act_bits or "-"),
                     layer.weight_granularity or "-",
                     layer.act_mode or "-",
@@ -160,9 +179,19 @@ class QuantPlan:
         quantized = self.quantized_layers()
         lines.append(
             f"{self.model_class}, recipe {self.recipe}: {len(quantized)}/{len(self.weighted_layers())} weighted "
-            f"layers quantized, average weight bits {self.average_weight_bits:.2f}, "
+            f"layers quantized, average weight bits {self.average_weight_bits:.2f} (quantized layers "
+            f"{self.quantized_average_weight_bits or 0:.2f}), "
             f"{self.calibration_calls} calibration calls"
             + (f", timestep groups at {self.timestep_boundaries} (calibrated: {self.calibrated_groups})"
                if self.timestep_boundaries else "")
         )
         return "\n".join(lines)
+
+
+def _bits_cell(layer: LayerPlan) -> str:
+    """The W column: "-", "fp8", "8", "4/8" (per timestep group), with "+bos1" when leading tokens stay fp."""
+    if not layer.quantized:
+        return "-"
+    bits = "fp8" if layer.number_format == "fp8" else (
+        "/".join(map(str, layer.group_weight_bits)) if layer.group_weight_bits else str(layer.weight_bits))
+    return bits + (f" +bos{layer.fp_tokens}" if layer.fp_tokens else "")

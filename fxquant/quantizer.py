@@ -51,11 +51,25 @@ def quantize_asymmetric(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
 
 
 def quantize_weight_per_channel(weight: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
-    """weight [N, ...] -> (int8 [N, ...], fp32 scale [N]) with one symmetric scale per output channel."""
-    flat = weight.detach().reshape(weight.shape[0], -1)
-    scale = absmax_scale(flat.abs().amax(dim=1), bits)
-    q = quantize_with_scale(flat, scale[:, None], bits).reshape(weight.shape)
-    return q, scale
+    """weight [N, ...] -> (int8 [N, ...], fp32 scale [N]) with one symmetric scale per output channel.
+
+    8 and 4 bits: the grid [-qmax, qmax], scale = absmax / qmax. 2 bits: [-1, 1] wastes a quarter of the grid and
+    rounds most weights to 0, so the full grid [-2, 1] is used with the per-channel scale that minimises the
+    squared error over clipping ratios (absmax * r / 2, r in [0.3, 1])."""
+    flat = weight.detach().float().reshape(weight.shape[0], -1)
+    if bits != 2:
+        scale = absmax_scale(flat.abs().amax(dim=1), bits)
+        return quantize_with_scale(flat, scale[:, None], bits).reshape(weight.shape), scale
+    absmax = flat.abs().amax(dim=1, keepdim=True)
+    best_scale, best_error = None, None
+    for ratio in torch.linspace(0.3, 1.0, 15).tolist():
+        scale = (absmax * ratio / 2).clamp_min(SCALE_EPS)
+        error = (torch.clamp(torch.round(flat / scale), -2, 1) * scale - flat).pow(2).sum(dim=1, keepdim=True)
+        better = error < best_error if best_error is not None else torch.ones_like(error, dtype=torch.bool)
+        best_scale = scale if best_scale is None else torch.where(better, scale, best_scale)
+        best_error = error if best_error is None else torch.minimum(error, best_error)
+    q = torch.clamp(torch.round(flat / best_scale), -2, 1).to(torch.int8)
+    return q.reshape(weight.shape), best_scale.reshape(-1)
 
 
 def dequantize_weight_per_channel(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -64,20 +78,79 @@ def dequantize_weight_per_channel(q: torch.Tensor, scale: torch.Tensor, dtype: t
     return (q.float() * scale.reshape(shape)).to(dtype)
 
 
+def pack_bits(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """int8 [N, K] with values on a signed `bits`-bit grid (bits 2 or 4; K a multiple of 8 / bits) -> uint8
+    [N, K * bits / 8]: element i of each group of 8 / bits in bits [i * bits, (i + 1) * bits) of its byte."""
+    per_byte = 8 // bits
+    if bits not in (2, 4) or q.shape[-1] % per_byte:
+        raise ValueError(f"pack_bits packs 2- or 4-bit values with the last dimension a multiple of {per_byte}, "
+                         f"got bits={bits}, shape {tuple(q.shape)}")
+    fields = (q.to(torch.int16) & (2**bits - 1)).to(torch.uint8)
+    packed = fields[..., 0::per_byte]
+    for i in range(1, per_byte):
+        packed = packed | (fields[..., i::per_byte] << (i * bits))
+    return packed
+
+
+def unpack_bits(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of pack_bits: uint8 [N, K * bits / 8] -> int8 [N, K] (sign-extended fields)."""
+    per_byte, mask, half = 8 // bits, 2**bits - 1, 2 ** (bits - 1)
+    fields = [((packed >> (i * bits)) & mask).to(torch.int8) for i in range(per_byte)]
+    both = torch.stack(fields, dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * per_byte)
+    return torch.where(both >= half, both - 2**bits, both)
+
+
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
     """int8 [N, K] with values in [-8, 7] (K even) -> uint8 [N, K/2]: element 2i in the low nibble, 2i+1 high."""
-    if q.shape[-1] % 2:
-        raise ValueError(f"pack_int4 needs an even last dimension, got {tuple(q.shape)}")
-    nibbles = (q.to(torch.int16) & 0xF).to(torch.uint8)
-    return nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)
+    return pack_bits(q, 4)
 
 
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     """Inverse of pack_int4: uint8 [N, K/2] -> int8 [N, K] (sign-extended nibbles)."""
-    low = (packed & 0xF).to(torch.int8)
-    high = (packed >> 4).to(torch.int8)
-    both = torch.stack([low, high], dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
-    return torch.where(both > 7, both - 16, both)
+    return unpack_bits(packed, 4)
+
+
+def plane_widths(levels: list[int]) -> list[int]:
+    """Bit-widths a layer runs at (e.g. [4, 8]: W4 in some timestep groups, W8 in others) -> the widths of the
+    weight planes that store them (e.g. [4, 4]). Running at levels[i] bits uses the first planes whose widths add
+    up to it. One level is one plane (2, 4 or 8 bits; 6 bits are 4 + 2); several levels nest from a 4-bit first
+    plane."""
+    levels = sorted(set(levels))
+    if len(levels) == 1 and levels[0] in (2, 4, 8):
+        return levels
+    if levels == [6]:
+        return [4, 2]
+    if levels[0] < 4 or any(b not in (4, 6, 8) for b in levels):
+        raise ValueError(f"a layer runs at 2, 4 or 8 bits, or at several of 4, 6 and 8 bits; got {levels}")
+    planes, stored = [], 0
+    for level in levels:
+        planes += [4, 2] if level - stored == 6 else [level - stored]
+        stored = level
+    return planes
+
+
+def quantize_weight_planes(weight: torch.Tensor, planes: list[int]) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """weight [N, ...] -> (int8 codes of each plane, shaped [N, prod(...)]; fp32 scale [N] of the first plane).
+
+    One plane: quantize_weight_per_channel. Several (nested grids): the finest code q = round(w / (s / 2^R)),
+    s = absmax / qmax(planes[0]) and R the refinement bits, is split from the finest plane up: a plane of r bits
+    keeps p = q - 2^r q' in [-2^(r-1), 2^(r-1) - 1] with q' = floor((q + 2^(r-1)) / 2^r) the next coarser code.
+    Running at the first i planes means weight ~ q_(i-1) * s / 2^(r_1 + ... + r_(i-1)): one stored copy serves
+    every level.
+    """
+    flat = weight.detach().float().reshape(weight.shape[0], -1)
+    if len(planes) == 1:
+        codes, scale = quantize_weight_per_channel(flat, planes[0])
+        return [codes], scale
+    scale = absmax_scale(flat.abs().amax(dim=1), planes[0])
+    refine = sum(planes[1:])
+    code = torch.round(flat / (scale[:, None] / 2**refine)).to(torch.int32)
+    fine_codes = []
+    for width in reversed(planes[1:]):
+        coarse = torch.div(code + 2 ** (width - 1), 2**width, rounding_mode="floor")
+        fine_codes.append((code - coarse * 2**width).to(torch.int8))
+        code = coarse
+    return [code.to(torch.int8)] + fine_codes[::-1], scale
 
 
 def quantize_fp8(x: torch.Tensor, dim: int = -1) -> tuple[torch.Tensor, torch.Tensor]:

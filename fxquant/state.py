@@ -18,7 +18,8 @@ class QuantState:
 
     observers: module FQN -> its calibration statistics; hooks: the handles that attach them to the model.
     passes_run: names of the passes already applied, in order; timestep_group: the timestep group of the
-    calibration call in progress.
+    calibration call in progress; recorded_calls: (args, kwargs, timestep group) of the first calibration calls,
+    kept for sensitivity probing when the config is mixed precision.
     """
 
     model: torch.nn.Module
@@ -29,6 +30,7 @@ class QuantState:
     hooks: list = field(default_factory=list)
     passes_run: list[str] = field(default_factory=list)
     timestep_group: int = 0
+    recorded_calls: list = field(default_factory=list)
 
     @property
     def graph(self) -> torch.fx.Graph:

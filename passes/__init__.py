@@ -1,7 +1,7 @@
 """fxquant's graph passes, run in one fixed order by `run_passes`.
 
     annotate -> observe -> [calibration: the user's pipeline runs the prepared model] -> calibrate -> balance
-    -> lower
+    -> sensitivity -> lower
 
 `prepare` runs PREPARE_PASSES, `convert` runs CONVERT_PASSES. After every pass the validator checks the graph and
 the plan; with FXQUANT_DUMP=<dir> each pass's graph and plan are written there as text. A failing pass is named
@@ -22,11 +22,13 @@ from .base import PassResult, QuantPass
 from .calibrate import CalibratePass
 from .lower import LowerPass
 from .observe import ObservePass
+from .sensitivity import SensitivityPass
 
-PASSES: tuple[QuantPass, ...] = (AnnotatePass(), ObservePass(), CalibratePass(), BalancePass(), LowerPass())
+PASSES: tuple[QuantPass, ...] = (AnnotatePass(), ObservePass(), CalibratePass(), BalancePass(), SensitivityPass(),
+                                 LowerPass())
 PASS_NAMES = tuple(p.name for p in PASSES)
 PREPARE_PASSES = ("annotate", "observe")
-CONVERT_PASSES = ("calibrate", "balance", "lower")
+CONVERT_PASSES = ("calibrate", "balance", "sensitivity", "lower")
 
 _META_KEYS = ("fxquant_fqn", "fxquant_role", "fxquant_group", "fxquant_observed", "fxquant_lowered")
 

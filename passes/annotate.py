@@ -12,7 +12,7 @@ Group, by graph structure: a linear whose output reaches an attention node's que
 another linear, or that the attention output reaches first, belongs to that attention. The attention is
 cross-attention when no latent-path linear feeds its key, temporal-attention when its module name says
 "temporal" or "temp_", else self-attention. Other latent-path linears are "mlp", other condition / timestep-path
-linears "embedding", convolutions "conv" (convolutions always get 8-bit weights: no packed int4 conv yet).
+linears "embedding", convolutions "conv".
 """
 
 from __future__ import annotations
@@ -197,15 +197,14 @@ class AnnotatePass(QuantPass):
             layer.keep(io_reason[fqn])
         elif kind == "linear" and not isinstance(module, nn.Linear):
             layer.keep(f"module type {type(module).__name__} is not nn.Linear")
-        elif kind == "linear" and layer.weight_bits == 4 and layer.in_features % 2:
-            layer.keep("int4 weights need an even input width to pack two per byte")
+        elif layer.weight_bits < 8 and (layer.num_params // layer.out_features) % (8 // layer.weight_bits):
+            layer.keep(f"int{layer.weight_bits} weights need an input width (per output channel) divisible by "
+                       f"{8 // layer.weight_bits} to pack")
         elif kind == "conv2d":
             if not isinstance(module, nn.Conv2d):
                 layer.keep(f"module type {type(module).__name__} is not nn.Conv2d")
             elif (reason := _conv_unsupported(module)) is not None:
                 layer.keep(reason)
-            else:
-                layer.weight_bits = 8  # packed int4 convolutions are not implemented: convs keep 8-bit weights
         return layer
 
     def ensures(self, state):

@@ -3,7 +3,9 @@
 Reads: state.observers (filled while the user's pipeline ran the prepared model), plan layers, config.
 Writes: LayerPlan.act_scale / act_zero (asymmetric int8 from the calibrated min / max, one entry per timestep
 group; a group calibration never saw uses the statistics of all calls) for layers with static activations;
-plan.calibrated_groups. Removes the observer hooks from the model.
+BOS-aware configs: LayerPlan.fp_tokens / fp_tokens_cached for text key / value layers whose leading tokens are
+range outliers (their static range then excludes those tokens); plan.calibrated_groups. Removes the observer
+hooks from the model.
 
 Raises CalibrationError when no calibration call reached the model, or a static layer was never called (it would
 have no scale): the message names the layer and how to fix the calibration set.
@@ -32,6 +34,10 @@ class CalibratePass(QuantPass):
             )
         for layer in state.plan.quantized_layers():
             observer = state.observers[layer.fqn]
+            if observer.track_positions:
+                layer.fp_tokens = observer.leading_outliers(state.config.bos_ratio)
+                layer.fp_tokens_cached = bool(layer.fp_tokens) and bool(
+                    observer.leading_constant[:layer.fp_tokens].all())
             if layer.act_mode == "static_per_tensor":
                 if observer.calls == 0:
                     raise CalibrationError(
@@ -42,6 +48,9 @@ class CalibratePass(QuantPass):
                 groups = range(len(state.plan.timestep_boundaries) + 1)
                 ranges = [(observer.group_min.get(g, observer.min), observer.group_max.get(g, observer.max))
                           for g in groups]
+                if layer.fp_tokens:  # the text does not change with the timestep: one range without the outliers
+                    ranges = [(observer.position_min[layer.fp_tokens:].min(),
+                               observer.position_max[layer.fp_tokens:].max())] * len(groups)
                 params = [asymmetric_params(lo, hi, layer.act_bits) for lo, hi in ranges]
                 layer.act_scale = [scale.item() for scale, _ in params]
                 layer.act_zero = [int(zero.item()) for _, zero in params]

@@ -1,6 +1,7 @@
 """lower: replace every quantized nn.Linear / nn.Conv2d with its real-quant module (packed int8 weights).
 
-Reads: plan layers (bits, static scales, balancing), the model's float modules, config.seed (rotation signs).
+Reads: plan layers (bits, static scales, balancing, full-precision tokens), the model's float modules,
+config.seed (rotation signs), the observers' leading token rows (cached BOS outputs).
 Writes: the model, in place: QuantLinear / QuantConv2d at each quantized FQN (the float weights are dropped);
 node.meta["fxquant_lowered"] = the runtime module's class name on their graph nodes.
 """
@@ -34,7 +35,9 @@ class LowerPass(QuantPass):
             if layer.op == "conv2d":
                 new = QuantConv2d.from_float(module, layer)
             else:
-                new = QuantLinear.from_float(module, layer, seed=state.config.seed)
+                observer = state.observers.get(layer.fqn)
+                fp_rows = observer.leading_rows[:layer.fp_tokens] if layer.fp_tokens_cached else None
+                new = QuantLinear.from_float(module, layer, seed=state.config.seed, fp_rows=fp_rows)
             replace_module(state.model, layer.fqn, new)
             lowered[layer.fqn] = type(new).__name__
         for node in state.graph.nodes:

@@ -1,7 +1,8 @@
 """observe: attach an activation observer to every layer the plan quantizes.
 
 Reads: plan layers (quantized ones), the model's modules.
-Writes: state.observers (FQN -> ActivationObserver), state.hooks (forward pre-hooks on those modules),
+Writes: state.observers (FQN -> ActivationObserver; per-position statistics on cross-attention key / value
+inputs when the config is BOS-aware), state.hooks (forward pre-hooks on those modules),
 node.meta["fxquant_observed"] = True on the graph nodes of observed layers.
 """
 
@@ -22,8 +23,10 @@ class ObservePass(QuantPass):
 
     def call(self, state: QuantState) -> PassResult:
         for layer in state.plan.quantized_layers():
+            text_key_value = layer.group == "cross-attention" and layer.role != "latent"
             observer = ActivationObserver(layer.fqn, channel_dim=1 if layer.op == "conv2d" else -1,
-                                          group_of=lambda: state.timestep_group)
+                                          group_of=lambda: state.timestep_group,
+                                          track_positions=state.config.bos_aware and text_key_value)
             module = state.model.get_submodule(layer.fqn)
             state.hooks.append(module.register_forward_pre_hook(observer.hook))
             state.observers[layer.fqn] = observer

@@ -80,7 +80,7 @@ def test_run_until_each_pass():
     calibrated = fxquant.inspect_passes(family.build(), "w8a8-static", calibration, until="calibrate")
     assert all(layer.act_scale and layer.act_zero is not None for layer in calibrated.plan.quantized_layers())
     lowered = fxquant.inspect_passes(family.build(), "w8a8-static", calibration, until="lower")
-    assert lowered.passes_run == ["annotate", "observe", "calibrate", "balance", "lower"]
+    assert lowered.passes_run == ["annotate", "observe", "calibrate", "balance", "sensitivity", "lower"]
     assert all(n.meta.get("fxquant_lowered") for n in lowered.graph.nodes
                if n.meta.get("fxquant_fqn") in {l.fqn for l in lowered.plan.quantized_layers()})
 
@@ -90,6 +90,7 @@ def test_dump_writes_each_pass(tmp_path, monkeypatch):
     family = FAMILIES["dit"]
     fxquant.inspect_passes(family.build(), "w8a8", [family.inputs()], until="lower")
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == ["00-annotate.txt", "01-observe.txt", "02-calibrate.txt", "03-balance.txt", "04-lower.txt"]
-    text = (tmp_path / "04-lower.txt").read_text()
+    assert names == ["00-annotate.txt", "01-observe.txt", "02-calibrate.txt", "03-balance.txt", "04-sensitivity.txt",
+                     "05-lower.txt"]
+    text = (tmp_path / "05-lower.txt").read_text()
     assert "lowered=QuantLinear" in text and "group=self-attention" in text and "# plan" in text

@@ -1,0 +1,214 @@
+"""sensitivity: metric-decoupled sensitivity probing, then bit allocation by integer programming (mixed precision).
+
+Reads: config (mixed_precision, candidate_bits, target_bits, bits_per_timestep_group), state.recorded_calls (the
+full-precision trajectory recorded during calibration), plan layers (groups, balancing, static scales), the float
+model. Writes: LayerPlan.weight_bits / group_weight_bits, LayerPlan.sensitivity / sensitivity_metric,
+plan.sensitivity_seconds. Runs only when the config asks for mixed precision.
+
+Units: "layer" = each quantized layer (MixDQ); "block-group" = the quantized layers of one block and layer group
+(ViDiT-Q), the block being the FQN up to its first numeric component. For each unit x candidate bits (x timestep
+group) the unit's layers are lowered to the real QuantLinear / QuantConv2d at those bits, everything else stays
+full precision, the recorded calls (of that timestep group) are replayed and the output is compared with full
+precision by the unit's metric, as relative noise power (10^(-SQNR/10), additive across layers):
+  - "text-alignment" (cross-attention; MixDQ also feed-forward): the guidance direction, conditional minus
+    unconditional half of a classifier-free-guidance batch (detected when the first half of the text input repeats
+    one embedding); calls without that structure use fidelity;
+  - "temporal" (temporal attention, 5-D outputs [B, C, F, H, W]): the frame-to-frame differences along F;
+  - "fidelity" (everything else): the whole output.
+The damages of each metric are normalised to sum 1 over its units at the lowest candidate bits, so each metric
+weighs alike (MixDQ's decoupling), and fxquant.bit_allocation picks the widths that minimise the summed damage
+within target_bits ± 0.02 (parameter-weighted average over the quantized layers, as stored).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+from collections import defaultdict
+
+import torch
+from tqdm.auto import tqdm
+
+from fxquant.bit_allocation import allocate_bits
+from fxquant.errors import CalibrationError
+from fxquant.modules import QuantConv2d, QuantLinear
+from fxquant.plan import LayerPlan
+from fxquant.state import QuantState
+from fxquant.timestep import TimestepGroup
+
+from .base import PassResult, QuantPass
+from .lower import replace_module
+
+_BLOCK = re.compile(r"^(.*?\.\d+)\.")
+_CONTENT_GROUPS = {"layer": ("cross-attention", "mlp"), "block-group": ("cross-attention",)}
+
+
+def _unit_name(layer: LayerPlan, granularity: str) -> str:
+    if granularity == "layer":
+        return layer.fqn
+    block = _BLOCK.match(layer.fqn)
+    return f"{block.group(1) if block else '(top)'}/{layer.group}"
+
+
+def _metric(layers: list[LayerPlan], granularity: str) -> str:
+    groups = {layer.group for layer in layers}
+    if groups & set(_CONTENT_GROUPS[granularity]):
+        return "text-alignment"
+    return "temporal" if "temporal-attention" in groups else "fidelity"
+
+
+def _packable(layer: LayerPlan, bits: int) -> bool:
+    """Whether the layer's per-output-channel width packs at `bits` (2-bit fields four to a byte, 4-bit two)."""
+    return bits >= 6 or (layer.num_params // layer.out_features) % (8 // bits) == 0
+
+
+def _first_tensor(output) -> torch.Tensor:
+    return output if isinstance(output, torch.Tensor) else output[0]
+
+
+def _noise_power(output: torch.Tensor, reference: torch.Tensor) -> float:
+    """||output - reference||^2 / ||reference||^2 (10^(-SQNR/10))."""
+    reference = reference.double()
+    return ((output.double() - reference).pow(2).sum() / reference.pow(2).sum().clamp_min(1e-30)).item()
+
+
+def _cfg_split(kwargs: dict, args: tuple, condition_names: list[str]) -> bool:
+    """True when the call is a classifier-free-guidance batch: its 3-D condition input's first half is one
+    repeated embedding (the empty prompt) and its second half is not."""
+    for name in condition_names:
+        text = kwargs.get(name)
+        if isinstance(text, torch.Tensor) and text.dim() == 3 and text.shape[0] % 2 == 0 and text.shape[0] > 1:
+            half = text.shape[0] // 2
+            return bool((text[:half] == text[:1]).all()) and not bool((text[half:] == text[:1]).all())
+    return False
+
+
+def _fewer_rows(args: tuple, kwargs: dict, rows: int, cfg: bool) -> tuple[tuple, dict]:
+    """The call on at most `rows` samples: every tensor whose first dimension is the batch is sliced (a guidance
+    batch keeps the same samples from both halves)."""
+    batch = next(t.shape[0] for t in torch.utils._pytree.tree_leaves((args, kwargs))
+                 if isinstance(t, torch.Tensor) and t.dim() > 1)
+    if batch <= rows:
+        return args, kwargs
+    index = torch.arange(rows // 2)
+    index = torch.cat([index, index + batch // 2]) if cfg else torch.arange(rows)
+
+    def slice_rows(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor[index.to(tensor.device)] if tensor.dim() and tensor.shape[0] == batch else tensor
+
+    return torch.utils._pytree.tree_map_only(torch.Tensor, slice_rows, (args, kwargs))
+
+
+def _view(output: torch.Tensor, metric: str, cfg: bool) -> torch.Tensor:
+    """The part of the output a metric compares."""
+    if metric == "text-alignment" and cfg:
+        uncond, cond = output.chunk(2)
+        return cond - uncond
+    if metric == "temporal" and output.dim() == 5 and output.shape[2] > 1:
+        return output[:, :, 1:] - output[:, :, :-1]
+    return output
+
+
+class SensitivityPass(QuantPass):
+    name = "sensitivity"
+
+    def requires(self, state):
+        assert not state.hooks, "sensitivity needs calibrate to have detached the observers"
+
+    def call(self, state: QuantState) -> PassResult:
+        config, plan = state.config, state.plan
+        if not config.mixed_precision:
+            return PassResult(modified=False)
+        if not state.recorded_calls:
+            raise RuntimeError("mixed precision needs recorded calibration calls; none were recorded.")
+        start = time.perf_counter()
+        units: dict[str, list[LayerPlan]] = defaultdict(list)
+        for layer in plan.quantized_layers():
+            if layer.number_format == "int":
+                units[_unit_name(layer, config.mixed_precision)].append(layer)
+        groups = [None]
+        if config.bits_per_timestep_group:
+            groups = list(range(len(plan.timestep_boundaries) + 1))
+            missing = set(groups) - {group for *_, group in state.recorded_calls}
+            if missing:
+                raise CalibrationError(
+                    f"The recorded calibration calls reach no call in timestep groups {sorted(missing)}, so their "
+                    f"bits cannot be probed: raise sensitivity_calls (now {config.sensitivity_calls}) or calibrate "
+                    "with whole trajectories first.")
+        condition_names = [name for name, role in plan.input_roles.items() if role == "condition"]
+        calls = []
+        for args, kwargs, group in state.recorded_calls:
+            cfg = _cfg_split(kwargs, args, condition_names)
+            calls.append((*_fewer_rows(args, kwargs, config.sensitivity_rows, cfg), group, cfg))
+        with torch.no_grad():
+            reference = [_first_tensor(state.model(*args, **kwargs)) for args, kwargs, *_ in calls]
+        damage: dict[str, dict] = {}
+        probes = [(name, group, bits) for name, layers in units.items() for group in groups
+                  for bits in config.candidate_bits if bits == 8 or all(_packable(l, bits) for l in layers)]
+        for name, group, bits in tqdm(probes, desc=f"sensitivity ({len(units)} units)", unit="probe"):
+            metric = _metric(units[name], config.mixed_precision)
+            selected = [i for i, call in enumerate(calls) if group is None or call[2] == group]
+            outputs = self._probe(state, units[name], bits, [calls[i] for i in selected])
+            value = sum(_noise_power(_view(out, metric, calls[i][3]), _view(reference[i], metric, calls[i][3]))
+                        for out, i in zip(outputs, selected)) / len(selected)
+            damage.setdefault(name, {}).setdefault(group, {})[bits] = value
+        self._allocate(state, units, damage, groups)
+        plan.sensitivity_seconds = time.perf_counter() - start
+        return PassResult(modified=True)
+
+    @staticmethod
+    def _probe(state: QuantState, layers: list[LayerPlan], bits: int, calls: list) -> list[torch.Tensor]:
+        """Outputs of the recorded `calls` with `layers` lowered at `bits` (the rest full precision)."""
+        originals, timestep = {}, TimestepGroup()
+        for layer in layers:
+            module = state.model.get_submodule(layer.fqn)
+            probe_layer = dataclasses.replace(layer, weight_bits=bits, group_weight_bits=None)
+            new = QuantConv2d.from_float(module, probe_layer) if layer.op == "conv2d" else \
+                QuantLinear.from_float(module, probe_layer, seed=state.config.seed)
+            if state.plan.timestep_boundaries:
+                new._timestep = timestep
+            replace_module(state.model, layer.fqn, new)
+            originals[layer.fqn] = module
+        try:
+            outputs = []
+            with torch.no_grad():
+                for args, kwargs, group, _ in calls:
+                    device = next(iter(originals.values())).weight.device
+                    timestep.index = torch.tensor([group or 0], device=device)
+                    outputs.append(_first_tensor(state.model(*args, **kwargs)))
+            return outputs
+        finally:
+            for fqn, module in originals.items():
+                replace_module(state.model, fqn, module)
+
+    @staticmethod
+    def _allocate(state: QuantState, units: dict, damage: dict, groups: list) -> None:
+        """Normalise each metric's damages, solve the integer program, write the bits into the plan."""
+        config = state.config
+        metric_of = {name: _metric(layers, config.mixed_precision) for name, layers in units.items()}
+        lowest = min(config.candidate_bits)
+        totals: dict[str, float] = defaultdict(float)
+        for name, per_group in damage.items():
+            for table in per_group.values():
+                totals[metric_of[name]] += table.get(lowest, max(table.values()))
+        scores = {name: {g: {b: -d / (totals[metric_of[name]] or 1.0) for b, d in table.items()}
+                         for g, table in per_group.items()} for name, per_group in damage.items()}
+        flat = {name: per_group if groups != [None] else per_group[None] for name, per_group in scores.items()}
+        sizes = {name: sum(layer.num_params for layer in units[name]) for name in units}
+        choice = allocate_bits(sizes, flat, config.target_bits)
+        for name, layers in units.items():
+            picked = choice[name]
+            per_group = [picked[g] for g in groups] if isinstance(picked, dict) else None
+            for layer in layers:
+                layer.weight_bits = max(per_group) if per_group else picked
+                layer.group_weight_bits = per_group if per_group and len(set(per_group)) > 1 else None
+                layer.sensitivity_metric = metric_of[name]
+                layer.sensitivity = {(f"{g}:{b}" if g is not None else str(b)): d
+                                     for g, table in damage[name].items() for b, d in table.items()}
+
+    def ensures(self, state):
+        if state.config.mixed_precision:
+            for layer in state.plan.quantized_layers():
+                if layer.number_format == "int":
+                    assert layer.weight_bits in state.config.candidate_bits, layer.fqn

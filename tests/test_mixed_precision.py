@@ -1,0 +1,228 @@
+"""Mixed precision for real: 2 / 4 / 6 / 8-bit packed weights, nested planes switched per timestep group on the
+device, sensitivity probing + integer programming (MixDQ / ViDiT-Q-MP recipes), BOS-aware text key / value."""
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+
+import fxquant
+from families import FAMILIES
+from fxquant.backends.triton.backend import compile_counter
+from fxquant.metrics import relative_l2
+from fxquant.modules import QuantConv2d, QuantLinear
+from fxquant.ops import int8_linear_reference, quantize_per_token_reference
+from fxquant.plan import LayerPlan
+from fxquant.quantizer import pack_bits, plane_widths, quantize_weight_planes, unpack_bits
+from fxquant.timestep import TimestepGroup
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_pack_bits_round_trips(bits):
+    codes = torch.randint(-(2 ** (bits - 1)), 2 ** (bits - 1), (5, 32), dtype=torch.int8)
+    packed = pack_bits(codes, bits)
+    assert packed.dtype == torch.uint8 and packed.shape == (5, 32 * bits // 8)
+    assert torch.equal(unpack_bits(packed, bits), codes)
+
+
+def test_nested_planes_store_every_level_in_one_copy():
+    weight = torch.randn(16, 64)
+    assert plane_widths([4, 8]) == [4, 4] and plane_widths([4, 6, 8]) == [4, 2, 2] and plane_widths([6]) == [4, 2]
+    codes, scale = quantize_weight_planes(weight, [4, 2, 2])
+    assert codes[0].abs().max() <= 7 and all(c.min() >= -2 and c.max() <= 1 for c in codes[1:])
+    errors, code = [], codes[0].int()
+    for level, fine in enumerate([None] + codes[1:]):
+        if fine is not None:
+            code = code * 4 + fine.int()
+        errors.append(relative_l2(code.float() * scale[:, None] / 4**level, weight))
+    assert errors[0] > errors[1] > errors[2]  # 4, 6, 8 bits
+    assert errors[2] < 0.01 and errors[0] < 0.16
+    with pytest.raises(ValueError, match="2, 4 or 8 bits, or at several"):
+        plane_widths([2, 8])
+
+
+def _layer(linear: torch.nn.Linear, **fields) -> LayerPlan:
+    return LayerPlan(fqn="probe", op="linear", group="mlp", role="latent", num_params=linear.weight.numel(),
+                     in_features=linear.in_features, out_features=linear.out_features,
+                     weight_granularity="per_channel", number_format="int", act_bits=8,
+                     act_mode="dynamic_per_token", **{"weight_bits": 8, **fields})
+
+
+def _reference_output(x, codes, scale, bias):
+    x_q, x_scale, x_zero = quantize_per_token_reference(x)
+    return int8_linear_reference(x_q, x_scale, x_zero, codes, scale, codes.sum(1, dtype=torch.int32), bias,
+                                 x.dtype)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 6, 8])
+def test_packed_linear_runs_the_integer_reference(bits):
+    linear = torch.nn.Linear(64, 24)
+    module = QuantLinear.from_float(linear, _layer(linear, weight_bits=bits))
+    x = torch.randn(10, 64)
+    codes, scale = quantize_weight_planes(linear.weight, plane_widths([bits]))
+    code = codes[0].int()
+    for fine, width in zip(codes[1:], plane_widths([bits])[1:]):
+        code = code * 2**width + fine.int()
+    expected = _reference_output(x, code.to(torch.int8), scale / 2 ** (sum(plane_widths([bits])[1:])), linear.bias)
+    assert torch.allclose(module(x), expected, atol=1e-5, rtol=1e-5)
+    stored = sum(b.numel() * b.element_size() for n, b in module.named_buffers() if n.startswith("weight_q"))
+    assert stored == 64 * 24 * bits // 8  # really packed: bits per weight, nothing in fp16
+
+
+def test_per_timestep_group_bits_switch_on_the_device():
+    linear = torch.nn.Linear(64, 24)
+    nested = QuantLinear.from_float(linear, _layer(linear, weight_bits=8, group_weight_bits=[8, 4]))
+    nested._timestep = TimestepGroup()
+    x = torch.randn(6, 64)
+    outputs = []
+    for group in (0, 1):
+        nested._timestep.index = torch.tensor([group])
+        outputs.append(nested(x))
+    codes, scale = quantize_weight_planes(linear.weight, [4, 4])
+    as_w8 = _reference_output(x, (codes[0].int() * 16 + codes[1].int()).to(torch.int8), scale / 16, linear.bias)
+    as_w4 = _reference_output(x, codes[0], scale, linear.bias)
+    assert torch.allclose(outputs[0], as_w8, atol=1e-5) and torch.allclose(outputs[1], as_w4, atol=1e-5)
+    exact = linear(x)
+    assert relative_l2(outputs[0], exact) < relative_l2(outputs[1], exact) / 4
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_packed_conv_matches_its_8bit_codes(bits):
+    conv = torch.nn.Conv2d(8, 6, 3, padding=1)
+    layer = LayerPlan(fqn="c", op="conv2d", group="conv", role="latent", num_params=conv.weight.numel(),
+                      in_features=8, out_features=6, weight_bits=bits, number_format="int", act_bits=8,
+                      act_mode="dynamic_per_token")
+    packed = QuantConv2d.from_float(conv, layer)
+    assert packed.weight_q.numel() == conv.weight.numel() * bits // 8
+    unpacked = QuantConv2d.from_float(conv, dataclasses.replace(layer, weight_bits=8))
+    codes, scale = fxquant.quantizer.quantize_weight_per_channel(conv.weight, bits)
+    unpacked.weight_q, unpacked.weight_scale = codes, scale
+    unpacked.weight_sum = codes.flatten(1).sum(1, dtype=torch.int32)
+    x = torch.randn(2, 8, 6, 6)
+    assert torch.equal(packed(x), unpacked(x))
+
+
+def _calibration(family, timesteps):
+    batches = []
+    for seed, t in enumerate(timesteps):
+        inputs = family.inputs(batch=2, seed=seed)
+        inputs["timestep"] = torch.full_like(inputs["timestep"], t)
+        batches.append(inputs)
+    return batches
+
+
+@pytest.fixture(scope="module")
+def viditq_mp():
+    family = FAMILIES["pixart"]
+    reference = family.build()
+    config = fxquant.ViditqW4A8MPConfig(target_bits=6.0)
+    qmodel = fxquant.quantize(copy.deepcopy(reference), config, _calibration(family, [950, 700, 300, 50]))
+    return reference, qmodel
+
+
+def test_viditq_mp_allocates_per_block_group_and_timestep_group(viditq_mp):
+    reference, qmodel = viditq_mp
+    plan = qmodel.plan
+    assert abs(plan.quantized_average_weight_bits - 6.0) <= 0.02 + 1e-9
+    layers = [layer for layer in plan.quantized_layers()]
+    assert all(layer.sensitivity and layer.sensitivity_metric for layer in layers)
+    assert {layer.sensitivity_metric for layer in layers} >= {"fidelity", "text-alignment"}
+    assert all(set(layer.sensitivity) == {f"{g}:{b}" for g in (0, 1) for b in (4, 6, 8)} for layer in layers)
+    for layer in layers:  # one block x group shares its bits
+        peers = [p for p in layers if p.fqn.split(".")[:2] == layer.fqn.split(".")[:2] and p.group == layer.group]
+        assert {p.weight_bits for p in peers} == {layer.weight_bits}
+    inputs = _calibration(FAMILIES["pixart"], [500])[0]
+    with torch.no_grad():
+        error = relative_l2(qmodel(**inputs, return_dict=False)[0], reference(**inputs, return_dict=False)[0])
+    assert error < 0.1
+
+
+def test_mixed_precision_compiles_once_and_round_trips(viditq_mp, tmp_path):
+    _, qmodel = viditq_mp
+    layer = next(l for l in qmodel.plan.quantized_layers() if l.op == "linear")
+    layer.weight_bits, layer.group_weight_bits = 8, [8, 4]  # a layer that switches widths between the groups
+    module = qmodel.model.get_submodule(layer.fqn)
+    rebuilt = QuantLinear.from_float(torch.nn.Linear(layer.in_features, layer.out_features), layer)
+    rebuilt._timestep = module._timestep
+    parent, _, child = layer.fqn.rpartition(".")
+    setattr(qmodel.model.get_submodule(parent), child, rebuilt)
+    torch._dynamo.reset()
+    compile_counter.clear()
+    compiled = torch.compile(qmodel, backend="fxquant")
+    outputs = {}
+    for t in (900, 100, 800):  # groups 1, 0, 1
+        inputs = _calibration(FAMILIES["pixart"], [t])[0]
+        with torch.no_grad():
+            eager = qmodel(**inputs, return_dict=False)[0]
+            outputs[t] = compiled(**inputs, return_dict=False)[0]
+        assert relative_l2(outputs[t], eager) <= 1e-3
+    assert compile_counter["graphs"] == 1, f"{compile_counter['graphs']} graphs for two timestep groups"
+    loaded = fxquant.load(fxquant.save(qmodel, tmp_path / "mp"))
+    assert loaded.model.get_submodule(layer.fqn).planes == [4, 4]
+    inputs = _calibration(FAMILIES["pixart"], [100])[0]
+    with torch.no_grad():
+        assert torch.equal(loaded(**inputs, return_dict=False)[0], qmodel(**inputs, return_dict=False)[0])
+
+
+def test_mixdq_mp_meets_the_budget_with_2_4_8_bit_layers():
+    family = FAMILIES["unet"]
+    reference = family.build()
+    calibration = [family.inputs(batch=2, seed=seed) for seed in range(2)]
+    qmodel = fxquant.quantize(copy.deepcopy(reference), fxquant.MixdqW4A8MPConfig(target_bits=4.0), calibration)
+    plan = qmodel.plan
+    assert abs(plan.quantized_average_weight_bits - 4.0) <= 0.02 + 1e-9
+    assert {layer.weight_bits for layer in plan.quantized_layers()} <= {2, 4, 8}
+    assert len({layer.weight_bits for layer in plan.quantized_layers()}) > 1
+    convs = [layer for layer in plan.quantized_layers() if layer.op == "conv2d"]
+    assert convs and all(layer.sensitivity_metric == "fidelity" for layer in convs)
+    stored, bf16 = qmodel.quantized_weight_bytes()
+    assert stored < 0.3 * bf16 + 4 * 3 * sum(l.out_features for l in plan.quantized_layers())  # + scales, sums
+
+
+def test_bos_outlier_is_found_kept_full_precision_and_cached():
+    """A CLIP-like text input: token 0 is one large embedding in every prompt (MixDQ's BOS)."""
+    family = FAMILIES["pixart"]
+    reference = family.build()
+    bos = torch.randn(24) * 40
+
+    def with_bos(inputs):
+        inputs["encoder_hidden_states"][:, 0] = bos
+        return inputs
+
+    calibration = [with_bos(family.inputs(batch=2, seed=seed)) for seed in range(3)]
+    evaluation = with_bos(family.inputs(batch=2, seed=9))
+    errors = {}
+    for aware in (True, False):
+        qmodel = fxquant.quantize(copy.deepcopy(reference), fxquant.MixdqW8A8Config(bos_aware=aware), calibration)
+        text_layers = [l for l in qmodel.plan.quantized_layers()
+                       if l.group == "cross-attention" and l.role != "latent"]
+        assert text_layers
+        if aware:
+            assert all(l.fp_tokens == 1 and l.fp_tokens_cached for l in text_layers)
+            assert "+bos1" in qmodel.plan.summary()
+            assert qmodel.model.get_submodule(text_layers[0].fqn).fp_token_out.shape == (
+                1, text_layers[0].out_features)
+        else:
+            assert all(l.fp_tokens == 0 for l in text_layers)
+        inputs = {}
+        handles = [reference.get_submodule(l.fqn).register_forward_pre_hook(
+            lambda module, args, fqn=l.fqn: inputs.setdefault(fqn, args[0])) for l in text_layers]
+        with torch.no_grad():
+            reference(**evaluation)
+            for handle in handles:
+                handle.remove()
+            errors[aware] = max(relative_l2(qmodel.model.get_submodule(fqn)(x), reference.get_submodule(fqn)(x))
+                                for fqn, x in inputs.items())
+    assert errors[True] < errors[False] / 5, errors  # the content tokens get a 40x finer static grid
+
+
+def test_mixed_precision_config_errors():
+    with pytest.raises(fxquant.RecipeError, match="target_bits=9.0 lies outside"):
+        fxquant.MixdqW4A8MPConfig(target_bits=9.0)
+    with pytest.raises(fxquant.RecipeError, match="mixed_precision='tensor' is unknown"):
+        fxquant.QuantConfig(mixed_precision="tensor")
+    with pytest.raises(fxquant.RecipeError, match="bits_per_timestep_group needs timestep_groups"):
+        fxquant.QuantConfig(mixed_precision="layer", bits_per_timestep_group=True)
+    with pytest.raises(fxquant.RecipeError, match="2-bit weights cannot vary per timestep group"):
+        fxquant.ViditqW4A8MPConfig(candidate_bits=[2, 4, 8])
