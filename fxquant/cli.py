@@ -98,7 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("eval", help="quality harness: recipes x reference models against full precision")
     evaluate.add_argument("--models", nargs="+", default=["all"], help=f"{sorted(REFERENCE_MODELS)} or all")
-    evaluate.add_argument("--recipes", nargs="+", default=["all"], help=f"{sorted(RECIPES)} or all")
+    evaluate.add_argument("--recipes", nargs="+", default=["all"],
+                          help=f"{sorted(RECIPES)} or all; overrides as NAME:field=value,... "
+                               "(e.g. mixdq-w4a8-mp:target_bits=5.0)")
     evaluate.add_argument("--samples", type=int, default=100, help="per image model (video: a quarter, 8 frames)")
     evaluate.add_argument("--calibration", type=int, default=32, help="calibration prompts")
     evaluate.add_argument("--seed", type=int, default=0)
@@ -111,7 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     quantize = commands.add_parser("quantize", help="quantize a saved diffusers pipeline's denoiser and save it")
     quantize.add_argument("--pipeline", required=True, help="directory written by save_pretrained")
-    quantize.add_argument("--recipe", default="w8a8")
+    quantize.add_argument("--recipe", default="w8a8",
+                          help=f"{sorted(RECIPES)}, with overrides as NAME:field=value,... "
+                               "(e.g. mixdq-w4a8-mp:target_bits=5.0)")
     quantize.add_argument("--prompts", required=True, help="text file, one calibration prompt per line")
     quantize.add_argument("--num-prompts", type=int, default=32)
     quantize.add_argument("--steps", type=int, default=20)

@@ -8,6 +8,7 @@ A recipe is data: a `QuantConfig` dataclass named for what it does, validated in
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -133,9 +134,12 @@ class QuantConfig:
                 except re.error as err:
                     raise RecipeError(f"keep_full_precision pattern {pattern!r} is not a valid regex: {err}") from err
 
+    label: ClassVar[str | None] = None  # the recipe string with overrides that made this config, if any
+
     @property
     def name(self) -> str:
-        return self.recipe_name
+        """The recipe name, with its overrides when get_config parsed any (e.g. "mixdq-w4a8-mp:target_bits=5")."""
+        return self.label or self.recipe_name
 
     @property
     def balances(self) -> bool:
@@ -254,15 +258,33 @@ RECIPES: dict[str, type[QuantConfig]] = {cls.recipe_name: cls for cls in _ALL_CO
 
 
 def get_config(recipe: str | QuantConfig) -> QuantConfig:
-    """A recipe name or a config -> the config. Raises RecipeError naming the known recipes."""
+    """A recipe name, optionally with overrides ("mixdq-w4a8-mp:target_bits=5.0,bos_aware=false"), or a config ->
+    the config. Raises RecipeError naming the known recipes, or the fields when an override is unknown."""
     if isinstance(recipe, QuantConfig):
         return recipe
-    if not isinstance(recipe, str) or recipe not in RECIPES:
+    name, _, overrides = recipe.partition(":") if isinstance(recipe, str) else (recipe, "", "")
+    if name not in RECIPES:
         raise RecipeError(
             f"Unknown recipe {recipe!r}. Known recipes: {', '.join(sorted(RECIPES))}; "
             "or pass a fxquant.QuantConfig."
         )
-    return RECIPES[recipe]()
+    config = RECIPES[name]()
+    if not overrides:
+        return config
+    fields = {f.name for f in dataclasses.fields(config)}
+    values = {}
+    for item in overrides.split(","):
+        key, _, text = item.partition("=")
+        if key.strip() not in fields:
+            raise RecipeError(f"Recipe override {key.strip()!r} is not a config field; fields: {sorted(fields)}.")
+        try:
+            values[key.strip()] = json.loads(text.strip().lower() if text.strip().lower() in ("true", "false",
+                                                                                               "null") else text)
+        except json.JSONDecodeError:
+            values[key.strip()] = text.strip()
+    config = dataclasses.replace(config, **values)
+    config.label = recipe
+    return config
 
 
 def config_to_dict(config: QuantConfig) -> dict[str, Any]:

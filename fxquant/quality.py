@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import tempfile
 import time
 from contextlib import contextmanager
@@ -141,6 +142,7 @@ def evaluate(model: str, recipes: list[str | QuantConfig], samples: int = 100, s
     reference_bytes = module_bytes(base.denoiser)
     rows = [{"recipe": "fp", **image_scores(reference_images, labels, classifier), "psnr_db": None, "ssim": None,
              "sqnr_db_per_step": None, "weight_bytes": reference_bytes, "average_weight_bits": 16.0,
+             "quantized_weight_bits": None, "sensitivity_seconds": None,
              "quantize_seconds": 0.0, "generate_seconds": reference_seconds}]
     echo(f"{model} fp: accuracy {rows[0]['accuracy']:.3f}, FD-FMNIST {rows[0]['fd_fmnist']:.3f}")
     for recipe in recipes:
@@ -166,13 +168,15 @@ def evaluate(model: str, recipes: list[str | QuantConfig], samples: int = 100, s
                "ssim": float(np.mean(ssim(frames, reference_frames))),
                "sqnr_db_per_step": [float(np.mean(per_step[i::steps])) for i in range(steps)],
                "weight_bytes": module_bytes(qmodel), "average_weight_bits": qmodel.plan.average_weight_bits,
+               "quantized_weight_bits": qmodel.plan.quantized_average_weight_bits,
+               "sensitivity_seconds": qmodel.plan.sensitivity_seconds,
                "quantize_seconds": quantize_seconds, "generate_seconds": seconds}
         rows.append(row)
         echo(f"{model} {name}: accuracy {row['accuracy']:.3f}, FD-FMNIST {row['fd_fmnist']:.3f}, "
              f"PSNR {row['psnr_db']:.2f} dB")
         if out_dir is not None:
             Path(out_dir).mkdir(parents=True, exist_ok=True)
-            save_grid(reference_images, images, Path(out_dir) / f"{model}-{name}.png")
+            save_grid(reference_images, images, Path(out_dir) / f"{model}-{re.sub(r'[^A-Za-z0-9._-]+', '_', name)}.png")
     report = {"model": model, "samples": samples, "calibration_prompts": calibration, "steps": steps,
               "guidance_scale": guidance, "seed": seed,
               "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
@@ -186,14 +190,16 @@ def evaluate(model: str, recipes: list[str | QuantConfig], samples: int = 100, s
 
 def format_table(reports: list[dict[str, Any]]) -> str:
     """One markdown table for several reports (model x recipe rows)."""
-    lines = ["| model | recipe | W bits | accuracy | FD-FMNIST | PSNR dB | SSIM | SQNR dB (mean over steps) | "
+    lines = ["| model | recipe | W bits (quantized layers) | W bits (all, fp = 16) | accuracy | FD-FMNIST | PSNR dB | SSIM | SQNR dB (mean over steps) | "
              "temporal cons. | weight MB | quantize s | generate s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for report in reports:
         for row in report["rows"]:
             sqnr = row["sqnr_db_per_step"]
             lines.append(
-                f"| {report['model']} | {row['recipe']} | {row['average_weight_bits']:.2f} | {row['accuracy']:.3f} | "
+                f"| {report['model']} | {row['recipe']} | "
+                f"{'-' if row.get('quantized_weight_bits') is None else format(row['quantized_weight_bits'], '.2f')} | "
+                f"{row['average_weight_bits']:.2f} | {row['accuracy']:.3f} | "
                 f"{row['fd_fmnist']:.3f} | {'-' if row['psnr_db'] is None else format(row['psnr_db'], '.2f')} | "
                 f"{'-' if row['ssim'] is None else format(row['ssim'], '.4f')} | "
                 f"{'-' if sqnr is None else format(float(np.mean(sqnr)), '.1f')} | "

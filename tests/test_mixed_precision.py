@@ -138,15 +138,21 @@ def test_viditq_mp_allocates_per_block_group_and_timestep_group(viditq_mp):
     assert error < 0.1
 
 
+def _with_a_switching_layer(qmodel) -> LayerPlan:
+    """Make the first quantized linear run W8 in timestep group 0 and W4 in group 1 (nested 4 + 4 planes)."""
+    layer = next(l for l in qmodel.plan.quantized_layers() if l.op == "linear")
+    if layer.group_weight_bits != [8, 4]:
+        layer.weight_bits, layer.group_weight_bits = 8, [8, 4]
+        rebuilt = QuantLinear.from_float(torch.nn.Linear(layer.in_features, layer.out_features), layer)
+        rebuilt._timestep = qmodel.model.get_submodule(layer.fqn)._timestep
+        parent, _, child = layer.fqn.rpartition(".")
+        setattr(qmodel.model.get_submodule(parent), child, rebuilt)
+    return layer
+
+
 def test_mixed_precision_compiles_once_and_round_trips(viditq_mp, tmp_path):
     _, qmodel = viditq_mp
-    layer = next(l for l in qmodel.plan.quantized_layers() if l.op == "linear")
-    layer.weight_bits, layer.group_weight_bits = 8, [8, 4]  # a layer that switches widths between the groups
-    module = qmodel.model.get_submodule(layer.fqn)
-    rebuilt = QuantLinear.from_float(torch.nn.Linear(layer.in_features, layer.out_features), layer)
-    rebuilt._timestep = module._timestep
-    parent, _, child = layer.fqn.rpartition(".")
-    setattr(qmodel.model.get_submodule(parent), child, rebuilt)
+    layer = _with_a_switching_layer(qmodel)
     torch._dynamo.reset()
     compile_counter.clear()
     compiled = torch.compile(qmodel, backend="fxquant")
@@ -163,6 +169,23 @@ def test_mixed_precision_compiles_once_and_round_trips(viditq_mp, tmp_path):
     inputs = _calibration(FAMILIES["pixart"], [100])[0]
     with torch.no_grad():
         assert torch.equal(loaded(**inputs, return_dict=False)[0], qmodel(**inputs, return_dict=False)[0])
+
+
+def test_mixed_precision_exports_to_onnx_on_integer_ops(viditq_mp, tmp_path):
+    from fxquant.backends.onnx import integer_op_count, session
+
+    _, qmodel = viditq_mp
+    _with_a_switching_layer(qmodel)
+    inputs = _calibration(FAMILIES["pixart"], [900])[0]
+    path = fxquant.export_onnx(qmodel, tmp_path / "mp.onnx", inputs, dynamic_batch=False)
+    assert integer_op_count(path) == len(qmodel.plan.quantized_layers())
+    ort = session(path)
+    for t in (900, 100):  # both timestep groups, one graph
+        inputs = _calibration(FAMILIES["pixart"], [t])[0]
+        feed = {i.name: inputs[i.name].numpy() for i in ort.get_inputs()}
+        with torch.no_grad():
+            expected = qmodel(**inputs, return_dict=False)[0]
+        assert relative_l2(torch.from_numpy(ort.run(None, feed)[0]), expected) <= 1e-3
 
 
 def test_mixdq_mp_meets_the_budget_with_2_4_8_bit_layers():
@@ -226,3 +249,14 @@ def test_mixed_precision_config_errors():
         fxquant.QuantConfig(mixed_precision="layer", bits_per_timestep_group=True)
     with pytest.raises(fxquant.RecipeError, match="2-bit weights cannot vary per timestep group"):
         fxquant.ViditqW4A8MPConfig(candidate_bits=[2, 4, 8])
+
+
+def test_recipe_strings_take_overrides():
+    config = fxquant.get_config("mixdq-w4a8-mp:target_bits=5.0,bos_aware=false")
+    assert isinstance(config, fxquant.MixdqW4A8MPConfig) and config.target_bits == 5.0 and not config.bos_aware
+    assert config.name == "mixdq-w4a8-mp:target_bits=5.0,bos_aware=false"
+    assert fxquant.get_config("viditq-w4a8-mp:bits_per_timestep_group=false,timestep_groups=[]").timestep_groups == []
+    with pytest.raises(fxquant.RecipeError, match="'target_bitz' is not a config field"):
+        fxquant.get_config("mixdq-w4a8-mp:target_bitz=5")
+    with pytest.raises(fxquant.RecipeError, match="target_bits=1.0 lies outside"):
+        fxquant.get_config("mixdq-w4a8-mp:target_bits=1.0")

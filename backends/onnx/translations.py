@@ -115,15 +115,24 @@ def translation_table(act_form: str = "per_token") -> dict:
             acc = op.MatMulInteger(x_q, weight, op.Cast(_first_element(_shift_to_uint8_grid(x_zero)), to=U8))
         return _dequantize_product(acc, x_scale, w_scale, bias)
 
-    def unpack_int4(packed):
-        low = op.BitwiseAnd(packed, op.Constant(value=ir.tensor(np.array(15, dtype=np.uint8))))
-        high = op.BitShift(packed, op.Constant(value=ir.tensor(np.array(4, dtype=np.uint8))), direction="RIGHT")
-        both = op.Concat(op.Unsqueeze(low, _axes(-1)), op.Unsqueeze(high, _axes(-1)), axis=-1)
-        nibbles = op.Cast(op.Reshape(both, op.Concat(op.Slice(op.Shape(packed), _axes(0), _axes(-1)), _axes(-1),
-                                                    axis=0)), to=I32)
-        signed = op.Sub(nibbles, op.Mul(op.Cast(op.Greater(nibbles, _int32(7)), to=I32),
-                                        _int32(16)))
+    def unpack(packed, bits: int):
+        """uint8 [N, K * bits / 8] -> int8 [N, K]: the 8 / bits fields of each byte, lowest bits first,
+        sign-extended (fxquant.quantizer.unpack_bits)."""
+        mask = op.Constant(value=ir.tensor(np.array(2**bits - 1, dtype=np.uint8)))
+        fields = [op.Unsqueeze(op.BitwiseAnd(op.BitShift(packed, op.Constant(
+            value=ir.tensor(np.array(i * bits, dtype=np.uint8))), direction="RIGHT"), mask), _axes(-1))
+            for i in range(8 // bits)]
+        unsigned = op.Cast(op.Reshape(op.Concat(*fields, axis=-1), op.Concat(
+            op.Slice(op.Shape(packed), _axes(0), _axes(-1)), _axes(-1), axis=0)), to=I32)
+        signed = op.Sub(unsigned, op.Mul(op.Cast(op.Greater(unsigned, _int32(2 ** (bits - 1) - 1)), to=I32),
+                                         _int32(2**bits)))
         return op.Cast(signed, to=ir.DataType.INT8)
+
+    def unpack_int4(packed):
+        return unpack(packed, 4)
+
+    def unpack_int2(packed):
+        return unpack(packed, 2)
 
     def int8_conv2d(x, act_scale, act_zero, w_q, w_scale, w_sum, bias, stride, padding, dilation):
         out_channels, in_channels, kh, kw = w_q.shape
@@ -174,6 +183,7 @@ def translation_table(act_form: str = "per_token") -> dict:
         fxq.quantize_per_tensor.default: quantize_per_tensor,
         fxq.int8_linear.default: int8_linear,
         fxq.unpack_int4.default: unpack_int4,
+        fxq.unpack_int2.default: unpack_int2,
         fxq.int8_conv2d.default: int8_conv2d,
         torch.ops.aten.squeeze.dim: squeeze_dim,
         torch.ops.aten.bucketize.Tensor: bucketize,

@@ -89,8 +89,8 @@ def test_per_tensor_form_fuses_to_integer_ops_at_a_measured_cost(exported):
     assert relative_l2(_run(path, inputs), _torch(qmodel, inputs)) <= MAX_PARITY
 
 
-@pytest.mark.parametrize("recipe", ["w8a8-static", "w4a8"])
-def test_static_and_4bit_plans_export(exported, recipe):
+@pytest.mark.parametrize("recipe", ["w8a8-static", "w4a8", "mixdq-w4a8-mp"])
+def test_static_4bit_and_mixed_plans_export(exported, recipe):
     qmodel, path = exported("pixart", recipe)
     assert integer_op_count(path) == len(qmodel.plan.quantized_layers())
     inputs = FAMILIES["pixart"].inputs(batch=2, seed=7)
