@@ -170,12 +170,12 @@ class SensitivityPass(QuantPass):
                 new._timestep = timestep
             replace_module(state.model, layer.fqn, new)
             originals[layer.fqn] = module
+        device = next(iter(originals.values())).weight.device
         try:
             outputs = []
             with torch.no_grad():
-                for args, kwargs, group, _ in calls:
-                    device = next(iter(originals.values())).weight.device
-                    timestep.index = torch.tensor([group or 0], device=device)
+                for args, kwargs, group, _ in calls:  # static scales: each call's own timestep group
+                    timestep.index = torch.tensor([group], device=device)
                     outputs.append(_first_tensor(state.model(*args, **kwargs)))
             return outputs
         finally:

@@ -103,6 +103,17 @@ FAMILIES = {
 }
 
 
+def inputs_at_timesteps(family: Family, timesteps: list[float]) -> list[dict]:
+    """One batch of 2 per timestep (seeds 0, 1, ...), every sample at that timestep: calibration sets that reach
+    chosen timestep groups."""
+    batches = []
+    for seed, t in enumerate(timesteps):
+        inputs = family.inputs(batch=2, seed=seed)
+        inputs["timestep"] = torch.full_like(inputs["timestep"], t)
+        batches.append(inputs)
+    return batches
+
+
 def _flux_image_ids(side: int) -> torch.Tensor:
     rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
     return torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(-1, 3).float()

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fxquant
-from families import FAMILIES
+from families import FAMILIES, inputs_at_timesteps
 from fxquant.backends.triton.backend import compile_counter
 from fxquant.metrics import relative_l2
 from fxquant.modules import QuantConv2d, QuantLinear
@@ -103,21 +103,12 @@ def test_packed_conv_matches_its_8bit_codes(bits):
     assert torch.equal(packed(x), unpacked(x))
 
 
-def _calibration(family, timesteps):
-    batches = []
-    for seed, t in enumerate(timesteps):
-        inputs = family.inputs(batch=2, seed=seed)
-        inputs["timestep"] = torch.full_like(inputs["timestep"], t)
-        batches.append(inputs)
-    return batches
-
-
 @pytest.fixture(scope="module")
 def viditq_mp():
     family = FAMILIES["pixart"]
     reference = family.build()
     config = fxquant.ViditqW4A8MPConfig(target_bits=6.0)
-    qmodel = fxquant.quantize(copy.deepcopy(reference), config, _calibration(family, [950, 700, 300, 50]))
+    qmodel = fxquant.quantize(copy.deepcopy(reference), config, inputs_at_timesteps(family, [950, 700, 300, 50]))
     return reference, qmodel
 
 
@@ -132,7 +123,7 @@ def test_viditq_mp_allocates_per_block_group_and_timestep_group(viditq_mp):
     for layer in layers:  # one block x group shares its bits
         peers = [p for p in layers if p.fqn.split(".")[:2] == layer.fqn.split(".")[:2] and p.group == layer.group]
         assert {p.weight_bits for p in peers} == {layer.weight_bits}
-    inputs = _calibration(FAMILIES["pixart"], [500])[0]
+    inputs = inputs_at_timesteps(FAMILIES["pixart"], [500])[0]
     with torch.no_grad():
         error = relative_l2(qmodel(**inputs, return_dict=False)[0], reference(**inputs, return_dict=False)[0])
     assert error < 0.1
@@ -158,7 +149,7 @@ def test_mixed_precision_compiles_once_and_round_trips(viditq_mp, tmp_path):
     compiled = torch.compile(qmodel, backend="fxquant")
     outputs = {}
     for t in (900, 100, 800):  # groups 1, 0, 1
-        inputs = _calibration(FAMILIES["pixart"], [t])[0]
+        inputs = inputs_at_timesteps(FAMILIES["pixart"], [t])[0]
         with torch.no_grad():
             eager = qmodel(**inputs, return_dict=False)[0]
             outputs[t] = compiled(**inputs, return_dict=False)[0]
@@ -166,7 +157,7 @@ def test_mixed_precision_compiles_once_and_round_trips(viditq_mp, tmp_path):
     assert compile_counter["graphs"] == 1, f"{compile_counter['graphs']} graphs for two timestep groups"
     loaded = fxquant.load(fxquant.save(qmodel, tmp_path / "mp"))
     assert loaded.model.get_submodule(layer.fqn).planes == [4, 4]
-    inputs = _calibration(FAMILIES["pixart"], [100])[0]
+    inputs = inputs_at_timesteps(FAMILIES["pixart"], [100])[0]
     with torch.no_grad():
         assert torch.equal(loaded(**inputs, return_dict=False)[0], qmodel(**inputs, return_dict=False)[0])
 
@@ -176,12 +167,12 @@ def test_mixed_precision_exports_to_onnx_on_integer_ops(viditq_mp, tmp_path):
 
     _, qmodel = viditq_mp
     _with_a_switching_layer(qmodel)
-    inputs = _calibration(FAMILIES["pixart"], [900])[0]
+    inputs = inputs_at_timesteps(FAMILIES["pixart"], [900])[0]
     path = fxquant.export_onnx(qmodel, tmp_path / "mp.onnx", inputs, dynamic_batch=False)
     assert integer_op_count(path) == len(qmodel.plan.quantized_layers())
     ort = session(path)
     for t in (900, 100):  # both timestep groups, one graph
-        inputs = _calibration(FAMILIES["pixart"], [t])[0]
+        inputs = inputs_at_timesteps(FAMILIES["pixart"], [t])[0]
         feed = {i.name: inputs[i.name].numpy() for i in ort.get_inputs()}
         with torch.no_grad():
             expected = qmodel(**inputs, return_dict=False)[0]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fxquant
-from families import FAMILIES
+from families import FAMILIES, inputs_at_timesteps
 from fxquant.backends.triton.backend import compile_counter
 from fxquant.metrics import relative_l2
 from fxquant.timestep import group_index, timestep_scale
@@ -14,21 +14,12 @@ from fxquant.timestep import group_index, timestep_scale
 BOUNDARIES = [300.0, 700.0]
 
 
-def _calibration(family, timesteps):
-    batches = []
-    for seed, t in enumerate(timesteps):
-        inputs = family.inputs(batch=2, seed=seed)
-        inputs["timestep"] = torch.full_like(inputs["timestep"], t)
-        batches.append(inputs)
-    return batches
-
-
 @pytest.fixture(scope="module")
 def grouped():
     family = FAMILIES["dit"]
     reference = family.build()
     config = fxquant.W8A8StaticConfig(timestep_groups=BOUNDARIES)
-    qmodel = fxquant.quantize(copy.deepcopy(reference), config, _calibration(family, [950, 500, 100, 50]))
+    qmodel = fxquant.quantize(copy.deepcopy(reference), config, inputs_at_timesteps(family, [950, 500, 100, 50]))
     return reference, qmodel
 
 
@@ -54,7 +45,7 @@ def test_group_selected_on_device_per_call(grouped):
     reference, qmodel = grouped
     family = FAMILIES["dit"]
     for t, group in ((80, 0), (420, 1), (990, 2)):
-        inputs = _calibration(family, [t])[0]
+        inputs = inputs_at_timesteps(family, [t])[0]
         with torch.no_grad():
             out = qmodel(**inputs, return_dict=False)[0]
             expected = reference(**inputs, return_dict=False)[0]
@@ -70,7 +61,7 @@ def test_compiles_once_for_all_timestep_groups(grouped):
     compiled = torch.compile(qmodel, backend="fxquant")
     family = FAMILIES["dit"]
     for t in (990, 420, 80):  # three steps, three groups
-        inputs = _calibration(family, [t])[0]
+        inputs = inputs_at_timesteps(family, [t])[0]
         with torch.no_grad():
             eager = qmodel(**inputs, return_dict=False)[0]
             fast = compiled(**inputs, return_dict=False)[0]
@@ -81,7 +72,7 @@ def test_compiles_once_for_all_timestep_groups(grouped):
 def test_save_load_keeps_groups(grouped, tmp_path):
     _, qmodel = grouped
     loaded = fxquant.load(fxquant.save(qmodel, tmp_path / "ckpt"))
-    inputs = _calibration(FAMILIES["dit"], [420])[0]
+    inputs = inputs_at_timesteps(FAMILIES["dit"], [420])[0]
     with torch.no_grad():
         assert torch.equal(loaded(**inputs, return_dict=False)[0], qmodel(**inputs, return_dict=False)[0])
     assert loaded._timestep.index.tolist() == [1]
@@ -107,7 +98,7 @@ def test_timestep_groups_need_a_timestep_input_and_argument(grouped):
     with pytest.raises(fxquant.CaptureError, match="timestep_groups need a timestep input"):
         fxquant.quantize(NoTimestep(), config, [{"hidden_states": torch.randn(2, 8)}])
     _, qmodel = grouped
-    inputs = _calibration(FAMILIES["dit"], [420])[0]
+    inputs = inputs_at_timesteps(FAMILIES["dit"], [420])[0]
     del inputs["timestep"]
     with pytest.raises(fxquant.CalibrationError, match="passes no 'timestep'"):
         qmodel(**inputs, return_dict=False)
