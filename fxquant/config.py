@@ -273,7 +273,7 @@ def get_config(recipe: str | QuantConfig) -> QuantConfig:
         return config
     fields = {f.name for f in dataclasses.fields(config)}
     values = {}
-    for item in overrides.split(","):
+    for item in re.split(r",(?![^\[]*\])", overrides):  # commas inside [...] belong to a list value
         key, _, text = item.partition("=")
         if key.strip() not in fields:
             raise RecipeError(f"Recipe override {key.strip()!r} is not a config field; fields: {sorted(fields)}.")

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .api import find_denoiser, quantize_pipeline
-from .config import QuantConfig
+from .config import QuantConfig, get_config
 from .metrics import psnr, sqnr_db, ssim
 from .reference.classifier import classify, feature_stats, frechet_distance, load_classifier, load_test_feature_stats
 from .reference.data import CLASS_NAMES, TEMPLATES, TRAIN_TEMPLATES, caption
@@ -128,6 +128,8 @@ def evaluate(model: str, recipes: list[str | QuantConfig], samples: int = 100, s
     """
     if runner not in ("torch", "onnx"):
         raise ValueError(f"runner must be 'torch' or 'onnx', got {runner!r}.")
+    for recipe in recipes:  # a bad recipe string fails now, not after the full-precision generation
+        get_config(recipe)
     steps, guidance = REFERENCE_MODELS[model]
     classifier = load_classifier(device)
     base = load_reference_pipeline(model, device=device)

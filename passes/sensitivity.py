@@ -59,8 +59,13 @@ def _metric(layers: list[LayerPlan], granularity: str) -> str:
 
 
 def _packable(layer: LayerPlan, bits: int) -> bool:
-    """Whether the layer's per-output-channel width packs at `bits` (2-bit fields four to a byte, 4-bit two)."""
-    return bits >= 6 or (layer.num_params // layer.out_features) % (8 // bits) == 0
+    """Whether the layer can store `bits`: convolutions take one plane (2, 4 or 8 bits, not 6 = 4 + 2), and the
+    per-output-channel width must pack (2-bit fields four to a byte, 4-bit two; 6 bits: both)."""
+    if bits == 8:
+        return True
+    if layer.op == "conv2d" and bits == 6:
+        return False
+    return (layer.num_params // layer.out_features) % (8 // bits if bits != 6 else 4) == 0
 
 
 def _first_tensor(output) -> torch.Tensor:
@@ -145,7 +150,7 @@ class SensitivityPass(QuantPass):
             reference = [_first_tensor(state.model(*args, **kwargs)) for args, kwargs, *_ in calls]
         damage: dict[str, dict] = {}
         probes = [(name, group, bits) for name, layers in units.items() for group in groups
-                  for bits in config.candidate_bits if bits == 8 or all(_packable(l, bits) for l in layers)]
+                  for bits in config.candidate_bits if all(_packable(l, bits) for l in layers)]
         for name, group, bits in tqdm(probes, desc=f"sensitivity ({len(units)} units)", unit="probe"):
             metric = _metric(units[name], config.mixed_precision)
             selected = [i for i, call in enumerate(calls) if group is None or call[2] == group]

@@ -179,17 +179,19 @@ def test_mixed_precision_exports_to_onnx_on_integer_ops(viditq_mp, tmp_path):
         assert relative_l2(torch.from_numpy(ort.run(None, feed)[0]), expected) <= 1e-3
 
 
-def test_mixdq_mp_meets_the_budget_with_2_4_8_bit_layers():
+def test_mixdq_mp_meets_the_budget_with_2_4_6_8_bit_layers():
     family = FAMILIES["unet"]
     reference = family.build()
     calibration = [family.inputs(batch=2, seed=seed) for seed in range(2)]
-    qmodel = fxquant.quantize(copy.deepcopy(reference), fxquant.MixdqW4A8MPConfig(target_bits=4.0), calibration)
+    config = fxquant.MixdqW4A8MPConfig(target_bits=4.0, candidate_bits=[2, 4, 6, 8])
+    qmodel = fxquant.quantize(copy.deepcopy(reference), config, calibration)
     plan = qmodel.plan
     assert abs(plan.quantized_average_weight_bits - 4.0) <= 0.02 + 1e-9
-    assert {layer.weight_bits for layer in plan.quantized_layers()} <= {2, 4, 8}
+    assert {layer.weight_bits for layer in plan.quantized_layers()} <= {2, 4, 6, 8}
     assert len({layer.weight_bits for layer in plan.quantized_layers()}) > 1
     convs = [layer for layer in plan.quantized_layers() if layer.op == "conv2d"]
     assert convs and all(layer.sensitivity_metric == "fidelity" for layer in convs)
+    assert all("6" not in layer.sensitivity for layer in convs)  # convs take one plane: 6 = 4 + 2 is not probed
     stored, bf16 = qmodel.quantized_weight_bytes()
     assert stored < 0.3 * bf16 + 4 * 3 * sum(l.out_features for l in plan.quantized_layers())  # + scales, sums
 
@@ -247,6 +249,7 @@ def test_recipe_strings_take_overrides():
     assert isinstance(config, fxquant.MixdqW4A8MPConfig) and config.target_bits == 5.0 and not config.bos_aware
     assert config.name == "mixdq-w4a8-mp:target_bits=5.0,bos_aware=false"
     assert fxquant.get_config("viditq-w4a8-mp:bits_per_timestep_group=false,timestep_groups=[]").timestep_groups == []
+    assert fxquant.get_config("mixdq-w4a8-mp:candidate_bits=[2,4,6,8],target_bits=4").candidate_bits == [2, 4, 6, 8]
     with pytest.raises(fxquant.RecipeError, match="'target_bitz' is not a config field"):
         fxquant.get_config("mixdq-w4a8-mp:target_bitz=5")
     with pytest.raises(fxquant.RecipeError, match="target_bits=1.0 lies outside"):
