@@ -58,6 +58,9 @@ class QuantConfig:
         target_bits: parameter-weighted average weight bits of the quantized linears (± 0.02).
         bits_per_timestep_group: let the allocation give a layer other bits in each timestep group (one nested
             weight copy, the group's planes chosen on the device); needs timestep_groups.
+        executed_bits: with bits_per_timestep_group, an upper bound on the parameter-weighted average of the widths
+            run (over timestep groups): the weight traffic. Under the memory budget alone every group runs the stored
+            width; this budget is what makes the groups differ.
         sensitivity_calls: recorded calibration calls (the full-precision trajectory) the probes replay.
         sensitivity_rows: samples of each recorded call the probes replay (a guidance batch keeps both halves).
     """
@@ -81,6 +84,7 @@ class QuantConfig:
     candidate_bits: list[int] = field(default_factory=lambda: [4, 8])
     target_bits: float = 8.0
     bits_per_timestep_group: bool = False
+    executed_bits: float | None = None
     sensitivity_calls: int = 20
     sensitivity_rows: int = 4
     version: int = 1
@@ -116,6 +120,11 @@ class QuantConfig:
             raise RecipeError(f"target_bits={self.target_bits} lies outside candidate_bits {self.candidate_bits}.")
         if self.bits_per_timestep_group and (not self.timestep_groups or not self.mixed_precision):
             raise RecipeError("bits_per_timestep_group needs timestep_groups and a mixed_precision setting.")
+        if self.executed_bits is not None and not (self.bits_per_timestep_group and
+                                                   min(self.candidate_bits) <= self.executed_bits <= self.target_bits):
+            raise RecipeError(f"executed_bits={self.executed_bits} needs bits_per_timestep_group and must lie between "
+                              f"the smallest candidate ({min(self.candidate_bits)}) and target_bits "
+                              f"({self.target_bits}).")
         if self.bits_per_timestep_group and 2 in self.candidate_bits:
             raise RecipeError("2-bit weights cannot vary per timestep group; use candidate_bits from 4, 6, 8.")
         if self.mixed_precision and self.fp8:

@@ -17,7 +17,8 @@ precision by the unit's metric, as relative noise power (10^(-SQNR/10), additive
   - "fidelity" (everything else): the whole output.
 The damages of each metric are normalised to sum 1 over its units at the lowest candidate bits, so each metric
 weighs alike (MixDQ's decoupling), and fxquant.bit_allocation picks the widths that minimise the summed damage
-within target_bits ± 0.02 (parameter-weighted average over the quantized layers, as stored).
+within target_bits ± 0.02 (parameter-weighted average over the quantized layers, as stored) and, if set,
+executed_bits (the average width run over timestep groups).
 """
 
 from __future__ import annotations
@@ -201,7 +202,7 @@ class SensitivityPass(QuantPass):
                          for g, table in per_group.items()} for name, per_group in damage.items()}
         flat = {name: per_group if groups != [None] else per_group[None] for name, per_group in scores.items()}
         sizes = {name: sum(layer.num_params for layer in units[name]) for name in units}
-        choice = allocate_bits(sizes, flat, config.target_bits)
+        choice = allocate_bits(sizes, flat, config.target_bits, executed_bits=config.executed_bits)
         for name, layers in units.items():
             picked = choice[name]
             per_group = [picked[g] for g in groups] if isinstance(picked, dict) else None

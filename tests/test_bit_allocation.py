@@ -82,3 +82,17 @@ def test_800_layer_problem_solves_within_10_seconds():
     assert abs(average_bits(sizes, choice) - 4.0) <= 0.02
     assert seconds <= 10, f"{seconds:.1f} s"
     assert len(set(choice.values())) > 1  # a real mix, not one width everywhere
+
+
+def test_per_timestep_group_widths_store_the_widest_and_obey_the_executed_budget():
+    """Two groups per layer: storage counts the widest width run; an executed-bits budget makes groups differ."""
+    sizes = {"a": 100, "b": 100}
+    # group 0 (noisy steps) cares little about bits, group 1 a lot
+    scores = {n: {0: {4: -1.0, 8: 0.0}, 1: {4: -10.0, 8: 0.0}} for n in sizes}
+    unconstrained = allocate_bits(sizes, scores, 8.0)
+    assert unconstrained == {"a": {0: 8, 1: 8}, "b": {0: 8, 1: 8}}
+    budgeted = allocate_bits(sizes, scores, 8.0, executed_bits=6.0)
+    assert budgeted == {"a": {0: 4, 1: 8}, "b": {0: 4, 1: 8}}  # stored at 8, the noisy group runs 4 planes
+    assert average_bits(sizes, budgeted) == 8.0
+    with pytest.raises(RecipeError, match="executed bits ≤ 3.0"):
+        allocate_bits(sizes, scores, 8.0, executed_bits=3.0)

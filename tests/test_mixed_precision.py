@@ -240,6 +240,8 @@ def test_mixed_precision_config_errors():
         fxquant.QuantConfig(mixed_precision="tensor")
     with pytest.raises(fxquant.RecipeError, match="bits_per_timestep_group needs timestep_groups"):
         fxquant.QuantConfig(mixed_precision="layer", bits_per_timestep_group=True)
+    with pytest.raises(fxquant.RecipeError, match="executed_bits=7.0 needs bits_per_timestep_group and must lie"):
+        fxquant.ViditqW4A8MPConfig(executed_bits=7.0)
     with pytest.raises(fxquant.RecipeError, match="2-bit weights cannot vary per timestep group"):
         fxquant.ViditqW4A8MPConfig(candidate_bits=[2, 4, 8])
 
