@@ -79,9 +79,10 @@ def _noise_power(output: torch.Tensor, reference: torch.Tensor) -> float:
     return ((output.double() - reference).pow(2).sum() / reference.pow(2).sum().clamp_min(1e-30)).item()
 
 
-def _cfg_split(kwargs: dict, args: tuple, condition_names: list[str]) -> bool:
-    """True when the call is a classifier-free-guidance batch: its 3-D condition input's first half is one
-    repeated embedding (the empty prompt) and its second half is not."""
+def _cfg_split(kwargs: dict, condition_names: list[str]) -> bool:
+    """True when the call is a classifier-free-guidance batch: its 3-D condition input (passed by keyword, as
+    diffusers pipelines do) has a first half that repeats one embedding (the empty prompt) and a second half that
+    does not."""
     for name in condition_names:
         text = kwargs.get(name)
         if isinstance(text, torch.Tensor) and text.dim() == 3 and text.shape[0] % 2 == 0 and text.shape[0] > 1:
@@ -145,7 +146,7 @@ class SensitivityPass(QuantPass):
         condition_names = [name for name, role in plan.input_roles.items() if role == "condition"]
         calls = []
         for args, kwargs, group in state.recorded_calls:
-            cfg = _cfg_split(kwargs, args, condition_names)
+            cfg = _cfg_split(kwargs, condition_names)
             calls.append((*_fewer_rows(args, kwargs, config.sensitivity_rows, cfg), group, cfg))
         with torch.no_grad():
             reference = [_first_tensor(state.model(*args, **kwargs)) for args, kwargs, *_ in calls]
