@@ -113,7 +113,7 @@ class QuantLinear(nn.Module):
         cached = layer.fp_tokens_cached and fp_rows is not None
         module = cls(linear.in_features, linear.out_features, linear.bias is not None,
                      _static_act_params(layer, device), linear.weight.dtype, planes,
-                     _group_planes(planes, layer.group_weight_bits), smoothed=layer.smooth is not None,
+                     _group_planes(planes, layer.group_weight_bits), smoothed=_smooths_at_run_time(layer),
                      rotation_block=layer.rotation_block or 0, fp8=layer.number_format == "fp8",
                      fp_tokens=layer.fp_tokens, fp_tokens_cached=cached, device=device)
         if cached:
@@ -121,7 +121,8 @@ class QuantLinear(nn.Module):
         if layer.smooth is not None:
             smooth = torch.tensor(layer.smooth, dtype=torch.float32, device=device)
             weight = weight * smooth
-            module.smooth_inv = smooth.reciprocal()
+            if module.smooth_inv is not None:
+                module.smooth_inv = smooth.reciprocal()
         if layer.rotation_block:
             module.rotation_signs = rotation_signs(linear.in_features, layer.fqn, seed).to(device)
             weight = rotate(weight, module.rotation_signs, layer.rotation_block)
@@ -143,7 +144,7 @@ class QuantLinear(nn.Module):
     def from_plan(cls, layer: LayerPlan, has_bias: bool, bias_dtype: torch.dtype) -> QuantLinear:
         planes = plane_widths(layer.group_weight_bits or [layer.weight_bits])
         return cls(layer.in_features, layer.out_features, has_bias, _static_act_params(layer, "meta"), bias_dtype,
-                   planes, _group_planes(planes, layer.group_weight_bits), smoothed=layer.smooth is not None,
+                   planes, _group_planes(planes, layer.group_weight_bits), smoothed=_smooths_at_run_time(layer),
                    rotation_block=layer.rotation_block or 0, fp8=layer.number_format == "fp8",
                    fp_tokens=layer.fp_tokens, fp_tokens_cached=layer.fp_tokens_cached, device="meta")
 
@@ -206,6 +207,11 @@ class QuantLinear(nn.Module):
         return (f"in={self.in_features}, out={self.out_features}, {weights} per-channel, A8 {mode}"
                 + (f", {'+'.join(balance)}" if balance else "")
                 + (f", first {self.fp_tokens} tokens full precision" if self.fp_tokens else ""))
+
+
+def _smooths_at_run_time(layer: LayerPlan) -> bool:
+    """Smoothed, and the 1 / s not folded into a preceding norm: x / s is a multiply in forward."""
+    return layer.smooth is not None and layer.smooth_folded_into is None
 
 
 def _packed_plane(out_features: int, in_features: int, width: int, device) -> torch.Tensor:

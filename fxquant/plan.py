@@ -29,7 +29,8 @@ class LayerPlan:
     act_scale, act_zero: static per-tensor activation scale and zero point (asymmetric int8, from the calibrated
     min / max) per timestep group, or None when activations are quantized per token at run time.
     outlier_ratio: max / median of the calibrated per-channel |x| maxima (linears); balance: "smooth", "rotate",
-    "smooth+rotate" or None; smooth: the smoothing factors s (x / s, W * s); rotation_block: Hadamard block size.
+    "smooth+rotate" or None; smooth: the smoothing factors s (x / s, W * s); smooth_folded_into: the LayerNorm whose
+    weight and bias carry the 1 / s (else x / s runs as a multiply); rotation_block: Hadamard block size.
     group_weight_bits: weight bits per timestep group when they differ (weight_bits is then their maximum, the
     stored width of the nested planes). fp_tokens: leading tokens that skip activation quantization (BOS-aware);
     fp_tokens_cached: their outputs are the same for every prompt and stored. sensitivity: the probe's damage
@@ -53,6 +54,7 @@ class LayerPlan:
     outlier_ratio: float | None = None
     balance: str | None = None
     smooth: list[float] | None = None
+    smooth_folded_into: str | None = None
     rotation_block: int | None = None
     group_weight_bits: list[int] | None = None
     fp_tokens: int = 0
@@ -71,7 +73,7 @@ class LayerPlan:
             self.keep_reason = reason
         self.weight_bits = self.weight_granularity = self.number_format = self.act_bits = self.act_mode = None
         self.act_scale = self.act_zero = None
-        self.balance = self.smooth = self.rotation_block = self.group_weight_bits = None
+        self.balance = self.smooth = self.smooth_folded_into = self.rotation_block = self.group_weight_bits = None
         self.fp_tokens, self.fp_tokens_cached = 0, False
 
 
@@ -168,7 +170,8 @@ class QuantPlan:
                     str(layer.act_bits or "-"),
                     layer.weight_granularity or "-",
                     layer.act_mode or "-",
-                    layer.balance or "-",
+                    (layer.balance or "-") + (f" (1/s in {layer.smooth_folded_into})" if layer.smooth_folded_into
+                                              else ""),
                     "-" if layer.outlier_ratio is None else f"{layer.outlier_ratio:.1f}",
                     layer.keep_reason or "",
                 )

@@ -170,7 +170,8 @@ class SensitivityPass(QuantPass):
         originals, timestep = {}, TimestepGroup()
         for layer in layers:
             module = state.model.get_submodule(layer.fqn)
-            probe_layer = dataclasses.replace(layer, weight_bits=bits, group_weight_bits=None)
+            # the norm is folded only at lower: probes multiply by 1 / s themselves
+            probe_layer = dataclasses.replace(layer, weight_bits=bits, group_weight_bits=None, smooth_folded_into=None)
             new = QuantConv2d.from_float(module, probe_layer) if layer.op == "conv2d" else \
                 QuantLinear.from_float(module, probe_layer, seed=state.config.seed)
             if state.plan.timestep_boundaries:

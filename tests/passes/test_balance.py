@@ -125,3 +125,29 @@ def test_balanced_and_int4_models_save_load_and_stay_close(quantized_family, tmp
     if "w4" in recipe:
         layer = next(l for l in loaded.plan.quantized_layers() if l.op == "linear")
         assert loaded.model.get_submodule(layer.fqn).weight_q.dtype == torch.uint8  # packed, two per byte
+
+
+def test_smoothing_folds_into_an_affine_layer_norm(quantized_family, tmp_path):
+    """UNet transformer blocks: norm1 (affine LayerNorm) feeds attn1's q / k / v alone (norm2 attn2's q, norm3 the
+    feed-forward); the consumers of a norm share one s and the 1 / s moves into the norm's weight and bias (no
+    multiply left at run time)."""
+    reference, _, calibration = quantized_family("unet", "w8a8")
+    qmodel = fxquant.quantize(copy.deepcopy(reference), fxquant.SmoothQuantW8A8Config(), calibration)
+    folded = [l for l in qmodel.plan.quantized_layers() if l.smooth_folded_into]
+    assert folded, qmodel.plan.summary()
+    assert any(l.fqn.endswith("attn1.to_k") and l.smooth_folded_into.endswith("norm1") for l in folded)
+    for layer in folded:
+        peers = [p for p in folded if p.smooth_folded_into == layer.smooth_folded_into]
+        assert all(p.smooth == layer.smooth for p in peers)
+        assert qmodel.model.get_submodule(layer.fqn).smooth_inv is None
+        norm, original = (m.get_submodule(layer.smooth_folded_into) for m in (qmodel.model, reference))
+        torch.testing.assert_close(norm.weight * torch.tensor(layer.smooth), original.weight, rtol=1e-5, atol=1e-6)
+    assert "(1/s in " in qmodel.plan.summary()
+    inputs = FAMILIES["unet"].inputs(seed=4)
+    with torch.no_grad():
+        out = qmodel(**inputs, return_dict=False)[0]
+        expected = reference(**inputs, return_dict=False)[0]
+    assert relative_l2(out, expected) < 0.05
+    loaded = fxquant.load(fxquant.save(qmodel, tmp_path / "folded"))
+    with torch.no_grad():
+        assert torch.equal(loaded(**inputs, return_dict=False)[0], out)
