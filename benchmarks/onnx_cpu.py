@@ -127,8 +127,8 @@ def reference_parity(name: str, directory: Path) -> dict:
         ort_out = torch.from_numpy(ort_session.run(None, {i.name: kwargs[i.name].numpy()
                                                           for i in ort_session.get_inputs()})[0])
         torch_out, fp_out = _torch_call(qmodel, kwargs)(), _torch_call(model, kwargs)()
-        nudged = {**kwargs, "sample" if "sample" in kwargs else "hidden_states":
-                  kwargs.get("sample", kwargs.get("hidden_states")) * (1 + 1e-6)}
+        latent = "sample" if "sample" in kwargs else "hidden_states"
+        nudged = {**kwargs, latent: kwargs[latent] * (1 + 1e-6)}
         per_call.append({"timestep": float(kwargs["timestep"].flatten()[0]),
                          "ort_vs_torch": relative_l2(ort_out, torch_out),
                          "torch_vs_torch_nudged_1e-6": relative_l2(_torch_call(qmodel, nudged)(), torch_out),

@@ -2,7 +2,7 @@
 
     prepared = fxquant.prepare(model, recipe="w8a8")     # capture + annotate + observe
     ... call `prepared` like the model (or put it in a diffusers pipeline and generate) ...
-    qmodel = fxquant.convert(prepared)                    # calibrate + balance + lower: packed weights
+    qmodel = fxquant.convert(prepared)                    # calibrate, balance, sensitivity, lower
 
 The model is converted in place (its quantized layers are replaced); deepcopy it first to keep a float copy.
 """
@@ -46,7 +46,7 @@ def prepare(model: nn.Module, recipe: str | QuantConfig = "w8a8",
 
 
 def convert(prepared: PreparedModel) -> QuantizedModel:
-    """Calibrated PreparedModel -> QuantizedModel with packed int8 / int4 / fp8 weights (in place)."""
+    """Calibrated PreparedModel -> QuantizedModel with packed int8 / int4 / int2 / fp8 weights (in place)."""
     if not isinstance(prepared, PreparedModel):
         raise FxquantError(f"convert expects the PreparedModel returned by fxquant.prepare, got {type(prepared).__name__}.")
     state = prepared._state

@@ -129,6 +129,10 @@ class QuantConfig:
             raise RecipeError("2-bit weights cannot vary per timestep group; use candidate_bits from 4, 6, 8.")
         if self.mixed_precision and self.fp8:
             raise RecipeError("mixed_precision chooses integer weight bits; it cannot be combined with fp8.")
+        if self.sensitivity_calls < 1 or self.sensitivity_rows < 2:
+            raise RecipeError(f"sensitivity_calls={self.sensitivity_calls} must be at least 1 and "
+                              f"sensitivity_rows={self.sensitivity_rows} at least 2 (a guidance batch keeps both "
+                              "halves).")
         if self.bos_ratio <= 1:
             raise RecipeError(f"bos_ratio={self.bos_ratio} must be above 1.")
         if any(not 0 < b < 1000 for b in self.timestep_groups) or self.timestep_groups != sorted(

@@ -81,7 +81,7 @@ class PreparedModel(_Wrapper):
 
 
 class QuantizedModel(_Wrapper):
-    """The converted model: its quantized layers hold packed int8 / int4 / fp8 weights and run fxquant ops.
+    """The converted model: its quantized layers hold packed int8 / int4 / int2 / fp8 weights and run fxquant ops.
 
     `plan` holds every decision. Call it like the original model; `torch.compile(qmodel, backend="fxquant")`
     compiles everything around fxquant's ops (Triton kernels on CUDA, reference ops on the CPU).
@@ -99,7 +99,7 @@ class QuantizedModel(_Wrapper):
                     module._timestep = self._timestep
 
     def forward(self, *args, **kwargs):
-        if self._timestep is not None:  # the group's static scales are picked on the device
+        if self._timestep is not None:  # the group's static scales / weight planes are picked on the device
             t = _timestep_argument(self.plan, args, kwargs)
             self._timestep.index = group_index(t, self.timestep_boundaries, self.plan.timestep_scale)
         return self.model(*args, **kwargs)

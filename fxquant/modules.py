@@ -165,11 +165,7 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fp_tokens:
             head, x = x[..., :self.fp_tokens, :], x[..., self.fp_tokens:, :]
-        rows = x.reshape(-1, self.in_features)
-        if self.smooth_inv is not None:
-            rows = rows * self.smooth_inv.to(rows.dtype)
-        if self.rotation_signs is not None:
-            rows = rotate(rows, self.rotation_signs, self.rotation_block)
+        rows = self._balance(x.reshape(-1, self.in_features))
         if self.fp8:
             x_q, x_scale = fxq.quantize_per_token_fp8(rows)
             out = fxq.fp8_linear(x_q, x_scale, self.weight_q, self.weight_scale, self.bias, x.dtype)
@@ -186,16 +182,21 @@ class QuantLinear(nn.Module):
             out = torch.cat([self._full_precision_tokens(head, weight_q, weight_scale).to(out.dtype), out], dim=-2)
         return out
 
+    def _balance(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., K] -> (x / s) R: the run-time part of channel balancing (either step may be absent)."""
+        if self.smooth_inv is not None:
+            x = x * self.smooth_inv.to(x.dtype)
+        if self.rotation_signs is not None:
+            x = rotate(x, self.rotation_signs, self.rotation_block)
+        return x
+
     def _full_precision_tokens(self, head: torch.Tensor, weight_q: torch.Tensor,
                                weight_scale: torch.Tensor) -> torch.Tensor:
         """Outputs [..., fp_tokens, N] of the leading tokens: stored, or x (balanced like the other tokens) against
         the dequantized weights, in fp32."""
         if self.fp_token_out is not None:
             return self.fp_token_out.expand(*head.shape[:-1], self.out_features)
-        if self.smooth_inv is not None:
-            head = head * self.smooth_inv.to(head.dtype)
-        if self.rotation_signs is not None:
-            head = rotate(head, self.rotation_signs, self.rotation_block)
+        head = self._balance(head)
         weight = weight_q.float() * weight_scale.reshape(-1, 1)
         return F.linear(head.float(), weight, None if self.bias is None else self.bias.float())
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-SCALE_EPS = 1e-8
-FP8_MAX = 448.0  # largest finite float8_e4m3fn  # smallest scale: an all-zero row quantizes to zeros instead of dividing by zero
+SCALE_EPS = 1e-8  # smallest scale: an all-zero row quantizes to zeros instead of dividing by zero
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
 
 def qmax(bits: int) -> int:
@@ -76,6 +76,12 @@ def dequantize_weight_per_channel(q: torch.Tensor, scale: torch.Tensor, dtype: t
     """Inverse of quantize_weight_per_channel (for references and tests)."""
     shape = (-1,) + (1,) * (q.dim() - 1)
     return (q.float() * scale.reshape(shape)).to(dtype)
+
+
+def packable(row_width: int, bits: int) -> bool:
+    """Whether rows of `row_width` weights pack at `bits`: 2-bit fields go four to a byte, 4-bit two, 6 bits are a
+    4-bit and a 2-bit plane, 8 bits are plain int8."""
+    return bits == 8 or row_width % (4 if bits in (2, 6) else 2) == 0
 
 
 def pack_bits(q: torch.Tensor, bits: int) -> torch.Tensor:

@@ -27,6 +27,7 @@ from fxquant.capture import TIMESTEP_INPUT_NAMES, model_fingerprint, node_op_kin
 from fxquant.config import config_to_dict
 from fxquant.errors import CaptureError
 from fxquant.plan import LayerPlan, QuantPlan
+from fxquant.quantizer import packable
 from fxquant.state import QuantState
 
 from .base import PassResult, QuantPass
@@ -197,7 +198,7 @@ class AnnotatePass(QuantPass):
             layer.keep(io_reason[fqn])
         elif kind == "linear" and not isinstance(module, nn.Linear):
             layer.keep(f"module type {type(module).__name__} is not nn.Linear")
-        elif layer.weight_bits < 8 and (layer.num_params // layer.out_features) % (8 // layer.weight_bits):
+        elif not packable(layer.num_params // layer.out_features, layer.weight_bits):
             layer.keep(f"int{layer.weight_bits} weights need an input width (per output channel) divisible by "
                        f"{8 // layer.weight_bits} to pack")
         elif kind == "conv2d":

@@ -35,6 +35,7 @@ from fxquant.bit_allocation import allocate_bits
 from fxquant.errors import CalibrationError
 from fxquant.modules import QuantConv2d, QuantLinear
 from fxquant.plan import LayerPlan
+from fxquant.quantizer import packable
 from fxquant.state import QuantState
 from fxquant.timestep import TimestepGroup
 
@@ -59,14 +60,10 @@ def _metric(layers: list[LayerPlan], granularity: str) -> str:
     return "temporal" if "temporal-attention" in groups else "fidelity"
 
 
-def _packable(layer: LayerPlan, bits: int) -> bool:
+def _can_store(layer: LayerPlan, bits: int) -> bool:
     """Whether the layer can store `bits`: convolutions take one plane (2, 4 or 8 bits, not 6 = 4 + 2), and the
-    per-output-channel width must pack (2-bit fields four to a byte, 4-bit two; 6 bits: both)."""
-    if bits == 8:
-        return True
-    if layer.op == "conv2d" and bits == 6:
-        return False
-    return (layer.num_params // layer.out_features) % (8 // bits if bits != 6 else 4) == 0
+    per-output-channel width must pack."""
+    return not (layer.op == "conv2d" and bits == 6) and packable(layer.num_params // layer.out_features, bits)
 
 
 def _first_tensor(output) -> torch.Tensor:
@@ -127,8 +124,6 @@ class SensitivityPass(QuantPass):
         config, plan = state.config, state.plan
         if not config.mixed_precision:
             return PassResult(modified=False)
-        if not state.recorded_calls:
-            raise RuntimeError("mixed precision needs recorded calibration calls; none were recorded.")
         start = time.perf_counter()
         units: dict[str, list[LayerPlan]] = defaultdict(list)
         for layer in plan.quantized_layers():
@@ -152,7 +147,7 @@ class SensitivityPass(QuantPass):
             reference = [_first_tensor(state.model(*args, **kwargs)) for args, kwargs, *_ in calls]
         damage: dict[str, dict] = {}
         probes = [(name, group, bits) for name, layers in units.items() for group in groups
-                  for bits in config.candidate_bits if all(_packable(l, bits) for l in layers)]
+                  for bits in config.candidate_bits if all(_can_store(l, bits) for l in layers)]
         for name, group, bits in tqdm(probes, desc=f"sensitivity ({len(units)} units)", unit="probe"):
             metric = _metric(units[name], config.mixed_precision)
             selected = [i for i, call in enumerate(calls) if group is None or call[2] == group]

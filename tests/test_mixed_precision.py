@@ -242,6 +242,10 @@ def test_mixed_precision_config_errors():
         fxquant.QuantConfig(mixed_precision="layer", bits_per_timestep_group=True)
     with pytest.raises(fxquant.RecipeError, match="executed_bits=7.0 needs bits_per_timestep_group and must lie"):
         fxquant.ViditqW4A8MPConfig(executed_bits=7.0)
+    with pytest.raises(fxquant.RecipeError, match="sensitivity_rows=1 at least 2"):
+        fxquant.MixdqW4A8MPConfig(sensitivity_rows=1)
+    with pytest.raises(fxquant.RecipeError, match="sensitivity_calls=0 must be at least 1"):
+        fxquant.MixdqW4A8MPConfig(sensitivity_calls=0)
     with pytest.raises(fxquant.RecipeError, match="2-bit weights cannot vary per timestep group"):
         fxquant.ViditqW4A8MPConfig(candidate_bits=[2, 4, 8])
 
@@ -256,3 +260,10 @@ def test_recipe_strings_take_overrides():
         fxquant.get_config("mixdq-w4a8-mp:target_bitz=5")
     with pytest.raises(fxquant.RecipeError, match="target_bits=1.0 lies outside"):
         fxquant.get_config("mixdq-w4a8-mp:target_bits=1.0")
+
+
+def test_per_group_bits_need_calibration_in_every_timestep_group():
+    family = FAMILIES["pixart"]
+    with pytest.raises(fxquant.CalibrationError, match=r"reach no call in timestep groups \[0\]"):
+        fxquant.quantize(family.build(), fxquant.ViditqW4A8MPConfig(target_bits=6.0),
+                         inputs_at_timesteps(family, [950, 700]))
