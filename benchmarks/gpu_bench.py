@@ -1,12 +1,14 @@
-"""GPU benchmark: kernel correctness at full shapes, GEMM microbenchmark, end-to-end PixArt-alpha-1024 latency.
+"""GPU benchmark: kernel correctness at full shapes, GEMM microbenchmark, end-to-end denoiser latency and memory.
 
-    python benchmarks/gpu_bench.py --sections kernels gemm pixart --out results.json
+    python benchmarks/gpu_bench.py --sections kernels gemm models --models pixart flux --out results.json
 
-Everything runs in one process on the same inputs; times are medians of many calls. GEMMs are timed as CUDA-graph
+Everything runs in one process on the same inputs; times are medians of >= 20 calls. GEMMs are timed as CUDA-graph
 replays (triton.testing.do_bench_cudagraph), so CPU launch overhead is excluded for every variant alike; the
-end-to-end model is timed both as plain calls and as CUDA-graph replays. Ratios are against bf16 cuBLAS / bf16
-eager / bf16 torch.compile measured in the same run. Random weights: speed does not depend on their values.
-Writes one JSON with device, versions and date.
+denoisers are timed both as plain calls and as CUDA-graph replays. Ratios are against bf16 cuBLAS / bf16 eager /
+bf16 torch.compile measured in the same run. Random weights: speed does not depend on their values. Model variants:
+bf16 eager / torch.compile, fxquant recipes compiled with backend="fxquant", torchao float8 / int8 dynamic (when
+torchao imports; failures are recorded as such). The JSON (device, versions, date) is rewritten after every
+variant, so a run cut short keeps what it measured.
 """
 
 from __future__ import annotations
@@ -14,25 +16,39 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import time
 
 import torch
 import triton
-from triton.testing import do_bench, do_bench_cudagraph
+from triton.testing import do_bench_cudagraph
 
 import fxquant
+from fxquant.backends.triton.gemm import quantized_gemm
 from fxquant.backends.triton.quantize import quantize_per_token, quantize_per_token_fp8
-from fxquant.backends.triton.w8a8_gemm import w8a8_gemm
 from fxquant.metrics import relative_l2
 from fxquant.ops import int8_linear_reference, quantize_per_token_reference
-from fxquant.quantizer import quantize_weight_per_channel
+from fxquant.quantizer import pack_bits, quantize_weight_per_channel
 
 DIT_SHAPES = [(1152, 1152), (1152, 3456), (1152, 4608), (4608, 1152)]  # (K, N) of PixArt-alpha's linears
 FP8_MAX = 448.0
+CALLS = 20
 
 
-def _median_ms(fn) -> float:
-    return do_bench(fn, warmup=50, rep=300, return_mode="median")
+def _median_ms(fn, calls: int = CALLS) -> float:
+    """Median wall time of `calls` synchronised calls (after 3 warm-up calls), in ms."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(calls):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
 
 
 def _graph_median_ms(fn) -> float:
@@ -65,6 +81,12 @@ def _fp8_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (w.float() / scale[:, None]).to(torch.float8_e4m3fn), scale
 
 
+def _packed_weight(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(packed uint8 codes, fp32 scale, int32 row sums) of w at 4 or 2 bits."""
+    codes, scale = quantize_weight_per_channel(w, bits)
+    return pack_bits(codes, bits), scale, codes.sum(dim=1, dtype=torch.int32)
+
+
 def check_kernels() -> list[dict]:
     """Triton kernels against fxquant's reference ops at full DiT shapes (fresh random inputs each)."""
     rows = []
@@ -77,13 +99,20 @@ def check_kernels() -> list[dict]:
         ref_q, ref_s, ref_z = quantize_per_token_reference(x.float())
         wq, ws = quantize_weight_per_channel(w)
         wsum = wq.sum(dim=1, dtype=torch.int32)
-        out = w8a8_gemm(q, s, z, wq, ws, wsum, bias, torch.bfloat16)
+        out = quantized_gemm(q, s, z, wq, ws, wsum, bias, torch.bfloat16)
         ref = int8_linear_reference(ref_q, ref_s, ref_z, wq, ws, wsum, bias, torch.float32)
         q8, s8 = quantize_per_token_fp8(x)
         w8, ws8 = _fp8_weight(w)
-        out8 = w8a8_gemm(q8, s8, None, w8, ws8, None, bias, torch.bfloat16)
+        out8 = quantized_gemm(q8, s8, None, w8, ws8, None, bias, torch.bfloat16)
         ref8 = (q8.float() * s8) @ (w8.float() * ws8[:, None]).t() + bias.float()
         exact = x.float() @ w.float().t() + bias.float()
+        packed_errors = {}
+        for bits in (4, 2):
+            packed, scale, sums = _packed_weight(w, bits)
+            out_packed = quantized_gemm(q, s, z, packed, scale, sums, bias, torch.bfloat16, bits)
+            codes, _ = quantize_weight_per_channel(w, bits)
+            ref_packed = int8_linear_reference(q, s, z, codes, scale, sums, bias, torch.float32)
+            packed_errors[f"w{bits}a8_gemm_rel_err_vs_reference"] = relative_l2(out_packed, ref_packed)
         rows.append({
             "M": m, "K": k, "N": n,
             "int8_quantize_mismatch_fraction": (q != ref_q).float().mean().item(),
@@ -91,13 +120,15 @@ def check_kernels() -> list[dict]:
             "fp8_gemm_rel_err_vs_reference": relative_l2(out8, ref8),
             "int8_linear_rel_err_vs_bf16_linear": relative_l2(out, exact),
             "fp8_linear_rel_err_vs_bf16_linear": relative_l2(out8, exact),
+            **packed_errors,
         })
         print("kernels", rows[-1], flush=True)
     return rows
 
 
 def gemm_benchmark() -> list[dict]:
-    """TFLOP/s of bf16 / int8 / fp8 cuBLAS and fxquant's Triton kernels at DiT shapes, M = 8192 and 256."""
+    """TFLOP/s of bf16 / int8 / fp8 cuBLAS and fxquant's Triton kernels (W8A8 int8 / fp8, W4A8, W2A8) at DiT
+    shapes, M = 8192 (compute-bound) and 256 (memory-bound)."""
     rows = []
     for m in (8192, 256):
         for k, n in DIT_SHAPES:
@@ -109,6 +140,8 @@ def gemm_benchmark() -> list[dict]:
             wsum = wq.sum(dim=1, dtype=torch.int32)
             q8, s8 = quantize_per_token_fp8(x)
             w8, ws8 = _fp8_weight(w)
+            w4, ws4, wsum4 = _packed_weight(w, 4)
+            w2, ws2, wsum2 = _packed_weight(w, 2)
             w8_t = w8.t()
             ws8_row = ws8[None, :].contiguous()
             flops = 2 * m * n * k
@@ -117,10 +150,14 @@ def gemm_benchmark() -> list[dict]:
                 "int8_cublas_int_mm": _graph_median_ms(lambda: torch._int_mm(q, wq.t())) if m > 16 else None,
                 "fp8_cublas_scaled_mm": _graph_median_ms(lambda: torch._scaled_mm(q8, w8_t, scale_a=s8, scale_b=ws8_row,
                                                                            bias=bias, out_dtype=torch.bfloat16)),
-                "fxquant_int8_gemm": _graph_median_ms(lambda: w8a8_gemm(q, s, z, wq, ws, wsum, bias, torch.bfloat16)),
-                "fxquant_fp8_gemm": _graph_median_ms(lambda: w8a8_gemm(q8, s8, None, w8, ws8, None, bias, torch.bfloat16)),
+                "fxquant_int8_gemm": _graph_median_ms(lambda: quantized_gemm(q, s, z, wq, ws, wsum, bias, torch.bfloat16)),
+                "fxquant_fp8_gemm": _graph_median_ms(lambda: quantized_gemm(q8, s8, None, w8, ws8, None, bias, torch.bfloat16)),
+                "fxquant_w4a8_gemm": _graph_median_ms(
+                    lambda: quantized_gemm(q, s, z, w4, ws4, wsum4, bias, torch.bfloat16, 4)),
+                "fxquant_w2a8_gemm": _graph_median_ms(
+                    lambda: quantized_gemm(q, s, z, w2, ws2, wsum2, bias, torch.bfloat16, 2)),
                 "fxquant_int8_quantize_plus_gemm": _graph_median_ms(
-                    lambda: w8a8_gemm(*quantize_per_token(x), wq, ws, wsum, bias, torch.bfloat16)),
+                    lambda: quantized_gemm(*quantize_per_token(x), wq, ws, wsum, bias, torch.bfloat16)),
                 "fxquant_int8_quantize_only": _graph_median_ms(lambda: quantize_per_token(x)),
             }
             row = {"M": m, "K": k, "N": n, "ms": times,
@@ -133,102 +170,209 @@ def gemm_benchmark() -> list[dict]:
     return rows
 
 
-def pixart_benchmark(layers: int = 28, recipes: tuple[str, ...] = ("w8a8", "w8a8-fp8")) -> dict:
-    """PixArt-alpha 1024 px transformer (hidden 1152, 4096 tokens, batch 2, 120 text tokens): latency + memory."""
+def _pixart(layers=28):
     from diffusers import PixArtTransformer2DModel
 
-    torch.manual_seed(0)
     config = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=layers,
                   cross_attention_dim=1152, caption_channels=4096, sample_size=128, patch_size=2,
                   norm_type="ada_norm_single", use_additional_conditions=True)
-    inputs = dict(
-        hidden_states=torch.randn(2, 4, 128, 128, device="cuda", dtype=torch.bfloat16),
-        encoder_hidden_states=torch.randn(2, 120, 4096, device="cuda", dtype=torch.bfloat16),
-        timestep=torch.tensor([999, 500], device="cuda"),
-        added_cond_kwargs={"resolution": torch.tensor([[1024.0, 1024.0]] * 2, device="cuda", dtype=torch.bfloat16),
-                           "aspect_ratio": torch.tensor([[1.0]] * 2, device="cuda", dtype=torch.bfloat16)},
-        return_dict=False,
-    )
+    inputs = dict(hidden_states=torch.randn(2, 4, 128, 128), encoder_hidden_states=torch.randn(2, 120, 4096),
+                  timestep=torch.tensor([999, 500]),
+                  added_cond_kwargs={"resolution": torch.tensor([[1024.0, 1024.0]] * 2),
+                                     "aspect_ratio": torch.tensor([[1.0]] * 2)})
+    return lambda: PixArtTransformer2DModel(**config), inputs, {**config, "batch": 2, "tokens": 4096, "text_tokens": 120}
+
+
+def _sd3_medium():
+    from diffusers import SD3Transformer2DModel
+
+    config = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
+                  num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+                  pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192)
+    inputs = dict(hidden_states=torch.randn(2, 16, 128, 128), encoder_hidden_states=torch.randn(2, 333, 4096),
+                  pooled_projections=torch.randn(2, 2048), timestep=torch.tensor([999.0, 500.0]))
+    return lambda: SD3Transformer2DModel(**config), inputs, {**config, "batch": 2, "tokens": 4096, "text_tokens": 333}
+
+
+def _flux_stack():
+    from diffusers import FluxTransformer2DModel
+
+    config = dict(patch_size=1, in_channels=64, num_layers=4, num_single_layers=8, attention_head_dim=128,
+                  num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True)
+    inputs = dict(hidden_states=torch.randn(1, 4096, 64), encoder_hidden_states=torch.randn(1, 512, 4096),
+                  pooled_projections=torch.randn(1, 768), timestep=torch.tensor([0.5]),
+                  img_ids=torch.zeros(4096, 3), txt_ids=torch.zeros(512, 3), guidance=torch.tensor([3.5]))
+    return lambda: FluxTransformer2DModel(**config), inputs, {**config, "batch": 1, "tokens": 4096, "text_tokens": 512}
+
+
+def _cogvideox_2b():
+    from diffusers import CogVideoXTransformer3DModel
+
+    config = dict(num_attention_heads=30, attention_head_dim=64, in_channels=16, out_channels=16, num_layers=30,
+                  text_embed_dim=4096, time_embed_dim=512, sample_width=90, sample_height=60, sample_frames=49,
+                  patch_size=2)
+    inputs = dict(hidden_states=torch.randn(2, 13, 16, 60, 90), encoder_hidden_states=torch.randn(2, 226, 4096),
+                  timestep=torch.tensor([999, 500]))
+    return (lambda: CogVideoXTransformer3DModel(**config), inputs,
+            {**config, "batch": 2, "tokens": 13 * 30 * 45, "text_tokens": 226})
+
+
+def _sdxl_unet():
+    from diffusers import UNet2DConditionModel
+
+    config = dict(sample_size=128, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280),
+                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                  up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), layers_per_block=2,
+                  transformer_layers_per_block=[1, 2, 10], attention_head_dim=[5, 10, 20], cross_attention_dim=2048,
+                  addition_embed_type="text_time", addition_time_embed_dim=256,
+                  projection_class_embeddings_input_dim=2816, use_linear_projection=True)
+    inputs = dict(sample=torch.randn(2, 4, 128, 128), timestep=torch.tensor([999, 500]),
+                  encoder_hidden_states=torch.randn(2, 77, 2048),
+                  added_cond_kwargs={"text_embeds": torch.randn(2, 1280), "time_ids": torch.randn(2, 6)})
+    return lambda: UNet2DConditionModel(**config), inputs, {**config, "batch": 2, "latent": 128, "text_tokens": 77}
+
+
+MODELS = {"pixart": _pixart, "sd3": _sd3_medium, "flux": _flux_stack, "cogvideox": _cogvideox_2b, "sdxl": _sdxl_unet}
+# SDXL's convolutions: fxquant's int8 conv runs the reference (im2col) path on CUDA, so its rows quantize linears only
+LINEARS_ONLY = {"sdxl": {"re:conv": "convolutions: no fused int8 conv kernel yet"}}
+
+
+def _to_cuda(value):
+    if isinstance(value, dict):
+        return {key: _to_cuda(item) for key, item in value.items()}
+    if value.is_floating_point():
+        return value.to("cuda", torch.bfloat16)
+    return value.to("cuda")
+
+
+def _first_output(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _measure(model, inputs: dict) -> dict:
+    """Plain-call and CUDA-graph medians, activation peak over the resident weights, weight bytes."""
+    with torch.no_grad():
+        call = lambda: model(**inputs, return_dict=False)  # noqa: E731
+        call()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        call()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+        ms = _median_ms(call)
+        try:
+            graph_ms, graph_error = _median_ms(_cuda_graph(call)), None
+        except Exception as err:  # recorded, not hidden: some variants may not be capturable
+            graph_ms, graph_error = None, f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+    weights = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+    return {"ms": ms, "cuda_graph_ms": graph_ms, "cuda_graph_error": graph_error, "activation_peak_bytes": peak,
+            "weight_bytes": weights, "peak_bytes": weights + peak}
+
+
+def _error_row(err: Exception) -> dict:
+    return {"error": f"{type(err).__name__}: {str(err).strip().splitlines()[0][:300] if str(err).strip() else ''}"}
+
+
+def _torchao(model, kind: str):
+    from torchao.quantization import (Float8DynamicActivationFloat8WeightConfig,
+                                      Int8DynamicActivationInt8WeightConfig, PerRow, quantize_)
+
+    config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()) if kind == "float8" else \
+        Int8DynamicActivationInt8WeightConfig()
+    quantize_(model, config)
+    return model
+
+
+def model_benchmark(name: str, variants: list[str], results: dict, save) -> None:
+    """One model: every variant measured on the same inputs into `results`; `save()` is called after each."""
+    build_fn, cpu_inputs, config = MODELS[name]()
+    inputs = _to_cuda(cpu_inputs)
 
     def build():
         torch.manual_seed(0)
-        return PixArtTransformer2DModel(**config).to("cuda", torch.bfloat16).eval()
+        return build_fn().to("cuda", torch.bfloat16).eval()
 
-    def measure(model, name, compile_seconds=None):
-        with torch.no_grad():
-            out = model(**inputs)[0]
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            model(**inputs)
-            torch.cuda.synchronize()
-            peak = torch.cuda.max_memory_allocated() - base
-            ms = _median_ms(lambda: model(**inputs))
-            try:
-                graph_ms, graph_error = _median_ms(_cuda_graph(lambda: model(**inputs)[0])), None
-            except Exception as err:  # recorded, not hidden: some variants may not be capturable
-                graph_ms, graph_error = None, f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
-        weights = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
-        print(f"pixart {name}: {ms:.2f} ms (CUDA graph {graph_ms}), activation peak {peak / 2**30:.2f} GiB, "
-              f"weights {weights / 2**20:.0f} MiB", flush=True)
-        return out, {"ms": ms, "cuda_graph_ms": graph_ms, "cuda_graph_error": graph_error,
-                     "activation_peak_bytes": peak, "weight_bytes": weights,
-                     "compile_seconds": compile_seconds}
-
-    results = {"config": {**config, "batch": 2, "tokens": 4096, "text_tokens": 120}, "variants": {}}
-    model = build()
-    reference, results["variants"]["bf16_eager"] = measure(model, "bf16 eager")
-    start = time.time()
-    compiled = torch.compile(model)
-    with torch.no_grad():
-        compiled(**inputs)
-    _, results["variants"]["bf16_compile"] = measure(compiled, "bf16 compile", time.time() - start)
-    del compiled
-    del model
-    for recipe in recipes:
+    results.update(config=config, variants={})
+    reference = None
+    for variant in variants:
         torch._dynamo.reset()
-        start = time.time()
-        qmodel = fxquant.quantize(build(), recipe, [inputs])
-        quantize_seconds = time.time() - start
-        eager_out, eager = measure(qmodel, f"fxquant {recipe} eager")
-        eager.update(rel_l2_vs_bf16=relative_l2(eager_out, reference), quantize_seconds=quantize_seconds)
-        start = time.time()
-        fast = torch.compile(qmodel, backend="fxquant")
-        with torch.no_grad():
-            fast(**inputs)
-        out, compiled = measure(fast, f"fxquant {recipe} compile", time.time() - start)
-        compiled.update(rel_l2_vs_bf16=relative_l2(out, reference), rel_l2_vs_eager_quantized=relative_l2(out, eager_out))
-        results["variants"][f"fxquant_{recipe}_eager"] = eager
-        results["variants"][f"fxquant_{recipe}_compile"] = compiled
-        del qmodel, fast
-    bf16_eager = results["variants"]["bf16_eager"]["ms"]
-    bf16_compile = results["variants"]["bf16_compile"]["ms"]
-    bf16_graph = results["variants"]["bf16_eager"]["cuda_graph_ms"]
-    for name, variant in results["variants"].items():
-        variant["speedup_vs_bf16_eager"] = bf16_eager / variant["ms"]
-        variant["speedup_vs_bf16_compile"] = bf16_compile / variant["ms"]
-        if variant["cuda_graph_ms"]:
-            variant["cuda_graph_speedup_vs_bf16_eager_cuda_graph"] = bf16_graph / variant["cuda_graph_ms"]
+        torch.cuda.empty_cache()
+        row = {}
+        results["variants"][variant] = row
+        try:
+            model = build()
+            start = time.time()
+            if variant.startswith("fxquant:"):
+                recipe = fxquant.get_config(variant.split(":", 1)[1])
+                if name in LINEARS_ONLY:
+                    recipe.keep_full_precision.update(LINEARS_ONLY[name])
+                model = fxquant.quantize(model, recipe, [inputs])
+                row["quantize_seconds"] = time.time() - start
+                with torch.no_grad():
+                    eager_out = _first_output(model(**inputs, return_dict=False))
+                start = time.time()
+                model = torch.compile(model, backend="fxquant")
+            elif variant.startswith("torchao:"):
+                model = torch.compile(_torchao(model, variant.split(":", 1)[1]))
+            elif variant == "bf16_compile":
+                model = torch.compile(model)
+            with torch.no_grad():
+                out = _first_output(model(**inputs, return_dict=False))
+            torch.cuda.synchronize()
+            row["compile_seconds"] = None if variant == "bf16_eager" else time.time() - start
+            row.update(_measure(model, inputs))
+            if reference is None:
+                reference = out.float()
+            row["rel_l2_vs_bf16_eager"] = relative_l2(out, reference)
+            if variant.startswith("fxquant:"):
+                row["rel_l2_compiled_vs_eager_quantized"] = relative_l2(out, eager_out)
+        except Exception as err:  # a variant that fails is a result (e.g. torchao int8 on small linears)
+            row.update(_error_row(err))
+        print(name, variant, {k: v for k, v in row.items() if k != "cuda_graph_error"}, flush=True)
+        model = None
+        save()
+    base = results["variants"].get("bf16_eager", {})
+    base_compile = results["variants"].get("bf16_compile", {})
+    for row in results["variants"].values():
+        for label, ref in (("bf16_eager", base), ("bf16_compile", base_compile)):
+            for key in ("ms", "cuda_graph_ms"):
+                if row.get(key) and ref.get(key):
+                    row[f"speedup_{key}_vs_{label}"] = ref[key] / row[key]
+        for key in ("weight_bytes", "peak_bytes"):
+            if row.get(key) and base.get(key):
+                row[f"{key}_vs_bf16"] = row[key] / base[key]
     return results
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sections", nargs="+", default=["kernels", "gemm", "pixart"])
+    parser.add_argument("--sections", nargs="+", default=["kernels", "gemm", "models"])
+    parser.add_argument("--models", nargs="+", default=["pixart"], choices=sorted(MODELS))
+    parser.add_argument("--variants", nargs="+",
+                        default=["bf16_eager", "bf16_compile", "fxquant:w8a8", "fxquant:w8a8-fp8", "fxquant:w4a8"])
     parser.add_argument("--out", required=True)
-    parser.add_argument("--layers", type=int, default=28)
     args = parser.parse_args()
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
               "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+    def save():
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+            f.write("\n")
+
     if "kernels" in args.sections:
         result["kernels"] = check_kernels()
+        save()
     if "gemm" in args.sections:
         result["gemm"] = gemm_benchmark()
-    if "pixart" in args.sections:
-        result["pixart_alpha_1024"] = pixart_benchmark(args.layers)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
-        f.write("\n")
+        save()
+    if "models" in args.sections:
+        result["models"] = {}
+        for name in args.models:
+            result["models"][name] = {}
+            model_benchmark(name, args.variants, result["models"][name], save)
+            save()
 
 
 if __name__ == "__main__":

@@ -99,6 +99,32 @@ def _(x_q, x_scale, x_zero, w_q, w_scale, w_sum, bias, out_dtype):
     return x_q.new_empty((x_q.shape[0], w_q.shape[0]), dtype=out_dtype)
 
 
+@torch.library.custom_op("fxquant::packed_int8_linear", mutates_args=())
+def packed_int8_linear(
+    x_q: torch.Tensor,
+    x_scale: torch.Tensor,
+    x_zero: torch.Tensor,
+    w_packed: torch.Tensor,
+    weight_bits: int,
+    w_scale: torch.Tensor,
+    w_sum: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """int8_linear with 4- or 2-bit weight codes packed uint8 [N, K * weight_bits / 8] (quantizer.pack_bits).
+
+    The compile backend puts it in place of unpack_int4 / unpack_int2 -> int8_linear, so that kernels unpack the
+    weights inside the GEMM (the int8 codes never reach memory). Reference: unpack, then int8_linear.
+    """
+    return int8_linear_reference(x_q, x_scale, x_zero, unpack_bits(w_packed, weight_bits), w_scale, w_sum, bias,
+                                 out_dtype)
+
+
+@packed_int8_linear.register_fake
+def _(x_q, x_scale, x_zero, w_packed, weight_bits, w_scale, w_sum, bias, out_dtype):
+    return x_q.new_empty((x_q.shape[0], w_packed.shape[0]), dtype=out_dtype)
+
+
 @torch.library.custom_op("fxquant::quantize_per_token_fp8", mutates_args=())
 def quantize_per_token_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] float -> (float8_e4m3fn [M, K], fp32 scale [M, 1]): symmetric absmax / 448 per row."""

@@ -27,3 +27,19 @@ def test_compiled_matches_eager_and_does_not_recompile_per_step(quantized_family
         assert relative_l2(fast, eager) <= 1e-3, f"step {step}"
     assert compile_counter["graphs"] == 1, f"{compile_counter['graphs']} graphs compiled for 3 steps"
     assert compile_counter["fxquant_ops"] >= len(qmodel.plan.quantized_layers())
+
+
+@pytest.mark.parametrize("name", ["pixart", "unet"])
+def test_backend_fuses_packed_weight_unpacking_into_the_gemm(quantized_family, name):
+    torch._dynamo.reset()
+    compile_counter.clear()
+    _, qmodel, _ = quantized_family(name, "w4a8")
+    packed = [layer for layer in qmodel.plan.quantized_layers() if layer.op == "linear" and layer.weight_bits == 4]
+    assert packed, "the family has 4-bit linears"
+    compiled = torch.compile(qmodel, backend="fxquant")
+    inputs = FAMILIES[name].inputs(batch=2, seed=3)
+    with torch.no_grad():
+        eager = qmodel(**inputs, return_dict=False)[0]
+        fast = compiled(**inputs, return_dict=False)[0]
+    assert compile_counter["packed_linears"] == len(packed)  # every 4-bit linear runs packed_int8_linear
+    assert torch.equal(fast, eager)

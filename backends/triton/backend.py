@@ -1,9 +1,17 @@
 """`torch.compile(qmodel, backend="fxquant")`, registered through the torch_dynamo_backends entry point.
 
 Dynamo hands over the graph of the quantized model, in which every quantized layer is a chain of fxquant ops.
-On CUDA the graph goes to Inductor (which keeps fxquant ops as opaque calls and fuses everything around them); on
-the CPU the reference ops run as traced, with no Inductor compile. `compile_counter` counts graphs compiled, so
-tests can check that a model compiles once and never again per step.
+The backend rewrites it with patterns, then compiles:
+- every device: `unpack_int4` / `unpack_int2` -> `int8_linear` becomes one `packed_int8_linear` (4- / 2-bit weights
+  are unpacked inside the GEMM's K loop; the int8 codes never reach memory);
+- CUDA: the quantize ops are replaced by their plain-PyTorch bodies, so that Inductor fuses each into the ops that
+  produce its input (LayerNorm / RMSNorm, adaLN modulate x * (1 + scale) + shift, GELU / SiLU, the balancing
+  multiply) as one reduction kernel, and deduplicates the quantization shared by q / k / v; the GEMM ops become
+  calls of fxquant's Triton GEMM (`gemm.quantized_gemm`, traced through `wrap_triton`), which Inductor launches
+  from its own generated code. Inductor compiles the rest (`mode="max-autotune"` / `"reduce-overhead"` honoured).
+- CPU: the reference ops run as traced, with no Inductor compile.
+`compile_counter` counts graphs compiled and rewrites, so tests can check that a model compiles once and never
+again per step.
 """
 
 from __future__ import annotations
@@ -13,22 +21,111 @@ from collections import Counter
 import torch
 from torch import fx
 
+from ...ops import quantize_per_token_reference
+from ...quantizer import quantize_asymmetric, quantize_fp8
+
 compile_counter: Counter = Counter()
+fxq = torch.ops.fxquant
+
+_UNPACK_BITS = {fxq.unpack_int4.default: 4, fxq.unpack_int2.default: 2}
+
+
+def _is_fxquant(node: fx.Node) -> bool:
+    return node.op == "call_function" and "fxquant" in str(node.target)
+
+
+def _target(node: fx.Node):
+    """The OpOverload a call_function node calls (Dynamo may record the packet instead of `.default`)."""
+    target = node.target
+    return target.default if isinstance(target, torch._ops.OpOverloadPacket) else target
+
+
+def _node_args(node: fx.Node, op: torch._ops.OpOverload) -> list:
+    """The node's arguments in schema order, keyword arguments and defaults filled in."""
+    args = list(node.args)
+    for argument in op._schema.arguments[len(args):]:
+        args.append(node.kwargs.get(argument.name, argument.default_value))
+    return args
+
+
+def fuse_packed_weights(gm: fx.GraphModule) -> int:
+    """Rewrite unpack_int4 / unpack_int2 -> int8_linear into packed_int8_linear; returns how many."""
+    fused = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or _target(node) != fxq.int8_linear.default:
+            continue
+        x_q, x_scale, x_zero, w_q, w_scale, w_sum, bias, out_dtype = _node_args(node, fxq.int8_linear.default)
+        if not (isinstance(w_q, fx.Node) and w_q.op == "call_function" and _target(w_q) in _UNPACK_BITS):
+            continue
+        with gm.graph.inserting_before(node):
+            packed = gm.graph.call_function(
+                fxq.packed_int8_linear.default,
+                (x_q, x_scale, x_zero, w_q.args[0], _UNPACK_BITS[_target(w_q)], w_scale, w_sum, bias, out_dtype))
+        node.replace_all_uses_with(packed)
+        gm.graph.erase_node(node)
+        if not w_q.users:
+            gm.graph.erase_node(w_q)
+        fused += 1
+    gm.graph.lint()
+    gm.recompile()
+    return fused
+
+
+def _triton_int8_linear(x_q, x_scale, x_zero, w_q, w_scale, w_sum, bias, out_dtype):
+    from .gemm import quantized_gemm
+
+    return quantized_gemm(x_q, x_scale, x_zero, w_q, w_scale, w_sum, bias, out_dtype)
+
+
+def _triton_packed_int8_linear(x_q, x_scale, x_zero, w_packed, weight_bits, w_scale, w_sum, bias, out_dtype):
+    from .gemm import quantized_gemm
+
+    return quantized_gemm(x_q, x_scale, x_zero, w_packed, w_scale, w_sum, bias, out_dtype, weight_bits)
+
+
+def _triton_fp8_linear(x_q, x_scale, w_q, w_scale, bias, out_dtype):
+    from .gemm import quantized_gemm
+
+    return quantized_gemm(x_q, x_scale, None, w_q, w_scale, None, bias, out_dtype)
+
+
+# CUDA: fxquant op -> the function Inductor traces in its place (plain PyTorch for quantizers, Triton for GEMMs)
+_CUDA_REWRITES = {
+    fxq.quantize_per_token.default: quantize_per_token_reference,
+    fxq.quantize_per_tensor.default: quantize_asymmetric,
+    fxq.quantize_per_token_fp8.default: quantize_fp8,
+    fxq.int8_linear.default: _triton_int8_linear,
+    fxq.packed_int8_linear.default: _triton_packed_int8_linear,
+    fxq.fp8_linear.default: _triton_fp8_linear,
+}
+
+
+def lower_to_inductor(gm: fx.GraphModule) -> int:
+    """Point every fxquant op that has a CUDA rewrite at it (arguments in schema order); returns how many."""
+    lowered = 0
+    for node in gm.graph.nodes:
+        op = _target(node) if node.op == "call_function" else None
+        if op in _CUDA_REWRITES:
+            node.args, node.kwargs = tuple(_node_args(node, op)), {}
+            node.target = _CUDA_REWRITES[op]
+            lowered += 1
+    gm.recompile()
+    return lowered
 
 
 def _on_cuda(example_inputs) -> bool:
     return any(isinstance(x, torch.Tensor) and x.is_cuda for x in example_inputs)
 
 
-def fxquant_backend(gm: fx.GraphModule, example_inputs, **kwargs):
-    """Dynamo backend: graph module + example inputs -> a callable."""
+def fxquant_backend(gm: fx.GraphModule, example_inputs, mode: str | None = None, options: dict | None = None):
+    """Dynamo backend: graph module + example inputs (+ torch.compile's mode / options) -> a callable."""
     compile_counter["graphs"] += 1
-    fxquant_nodes = sum(
-        1 for node in gm.graph.nodes if node.op == "call_function" and "fxquant" in str(node.target)
-    )
-    compile_counter["fxquant_ops"] += fxquant_nodes
-    if _on_cuda(example_inputs):
-        from torch._inductor.compile_fx import compile_fx
+    compile_counter["fxquant_ops"] += sum(1 for node in gm.graph.nodes if _is_fxquant(node))
+    compile_counter["packed_linears"] += fuse_packed_weights(gm)
+    if not _on_cuda(example_inputs):
+        return gm.forward
+    from torch._inductor import list_mode_options
+    from torch._inductor.compile_fx import compile_fx
 
-        return compile_fx(gm, example_inputs)
-    return gm.forward
+    compile_counter["lowered_ops"] += lower_to_inductor(gm)
+    return compile_fx(gm, example_inputs, config_patches={**list_mode_options(mode), **(options or {})})

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from .quantize import quantize_per_token, quantize_per_token_fp8
-from .w8a8_gemm import w8a8_gemm
+from .gemm import quantized_gemm
 
 
 @torch.library.register_kernel("fxquant::quantize_per_token", "cuda")
@@ -20,7 +20,12 @@ def _quantize_per_token_cuda(x: torch.Tensor):
 
 @torch.library.register_kernel("fxquant::int8_linear", "cuda")
 def _int8_linear_cuda(x_q, x_scale, x_zero, w_q, w_scale, w_sum, bias, out_dtype):
-    return w8a8_gemm(x_q, x_scale, x_zero, w_q, w_scale, w_sum, bias, out_dtype)
+    return quantized_gemm(x_q, x_scale, x_zero, w_q, w_scale, w_sum, bias, out_dtype)
+
+
+@torch.library.register_kernel("fxquant::packed_int8_linear", "cuda")
+def _packed_int8_linear_cuda(x_q, x_scale, x_zero, w_packed, weight_bits, w_scale, w_sum, bias, out_dtype):
+    return quantized_gemm(x_q, x_scale, x_zero, w_packed, w_scale, w_sum, bias, out_dtype, weight_bits)
 
 
 @torch.library.register_kernel("fxquant::quantize_per_token_fp8", "cuda")
@@ -30,4 +35,4 @@ def _quantize_per_token_fp8_cuda(x: torch.Tensor):
 
 @torch.library.register_kernel("fxquant::fp8_linear", "cuda")
 def _fp8_linear_cuda(x_q, x_scale, w_q, w_scale, bias, out_dtype):
-    return w8a8_gemm(x_q, x_scale, None, w_q, w_scale, None, bias, out_dtype)
+    return quantized_gemm(x_q, x_scale, None, w_q, w_scale, None, bias, out_dtype)

@@ -4,11 +4,11 @@ import pytest
 import torch
 
 import fxquant  # noqa: F401
-from fxquant.quantizer import quantize_weight_per_channel
+from fxquant.quantizer import pack_bits, quantize_weight_per_channel
 
 triton = pytest.importorskip("triton")
 from fxquant.backends.triton.quantize import quantize_per_token, quantize_per_token_fp8  # noqa: E402
-from fxquant.backends.triton.w8a8_gemm import w8a8_gemm  # noqa: E402
+from fxquant.backends.triton.gemm import quantized_gemm  # noqa: E402
 
 fxq = torch.ops.fxquant
 
@@ -30,8 +30,22 @@ def test_int8_gemm_kernel_is_exact(m, k, n, with_bias):
     w_q, w_scale = quantize_weight_per_channel(w)
     w_sum = w_q.sum(dim=1, dtype=torch.int32)
     expected = fxq.int8_linear(x_q, x_scale, x_zero, w_q, w_scale, w_sum, bias, torch.float32)
-    out = w8a8_gemm(x_q, x_scale, x_zero, w_q, w_scale, w_sum, bias, torch.float32)
+    out = quantized_gemm(x_q, x_scale, x_zero, w_q, w_scale, w_sum, bias, torch.float32)
     torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)  # int32 accumulation: same numbers
+
+
+@pytest.mark.parametrize("bits", [4, 2])
+@pytest.mark.parametrize("m,k,n", [(3, 64, 8), (70, 128, 40), (5, 96, 17)])
+def test_packed_weight_gemm_unpacks_in_the_kernel_exactly(bits, m, k, n):
+    x, w, bias = torch.randn(m, k), torch.randn(n, k), torch.randn(n)
+    x_q, x_scale, x_zero = fxq.quantize_per_token(x)
+    w_q, w_scale = quantize_weight_per_channel(w, bits)
+    w_sum = w_q.sum(dim=1, dtype=torch.int32)
+    expected = fxq.int8_linear(x_q, x_scale, x_zero, w_q, w_scale, w_sum, bias, torch.float32)
+    out = quantized_gemm(x_q, x_scale, x_zero, pack_bits(w_q, bits), w_scale, w_sum, bias, torch.float32, bits)
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+    assert torch.equal(fxq.packed_int8_linear(x_q, x_scale, x_zero, pack_bits(w_q, bits), bits, w_scale, w_sum, bias,
+                                              torch.float32), expected)
 
 
 def test_fp8_quantize_and_gemm_match_float_reference():
@@ -41,15 +55,18 @@ def test_fp8_quantize_and_gemm_match_float_reference():
     assert ((x_q.float() * x_scale - x).norm() / x.norm()) < 0.05  # e4m3: 3 mantissa bits
     w_scale = w.abs().amax(dim=1) / 448
     w_q = (w / w_scale[:, None]).to(torch.float8_e4m3fn)
-    out = w8a8_gemm(x_q, x_scale, None, w_q, w_scale, None, None, torch.float32)
+    out = quantized_gemm(x_q, x_scale, None, w_q, w_scale, None, None, torch.float32)
     expected = (x_q.float() * x_scale) @ (w_q.float() * w_scale[:, None]).t()
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_launcher_rejects_bad_input():
     with pytest.raises(AssertionError, match="shapes"):
-        w8a8_gemm(torch.zeros(2, 8, dtype=torch.int8), torch.ones(2), None, torch.zeros(3, 4, dtype=torch.int8),
+        quantized_gemm(torch.zeros(2, 8, dtype=torch.int8), torch.ones(2), None, torch.zeros(3, 4, dtype=torch.int8),
                   torch.ones(3), None, None, torch.float32)
+    with pytest.raises(AssertionError, match="operand dtypes"):
+        quantized_gemm(torch.zeros(2, 8, dtype=torch.int8), torch.ones(2), None, torch.zeros(3, 4, dtype=torch.int8),
+                       torch.ones(3), None, None, torch.float32, weight_bits=4)
     with pytest.raises(AssertionError, match="zero point needs"):
-        w8a8_gemm(torch.zeros(2, 8, dtype=torch.int8), torch.ones(2), torch.zeros(2, dtype=torch.int32),
+        quantized_gemm(torch.zeros(2, 8, dtype=torch.int8), torch.ones(2), torch.zeros(2, dtype=torch.int32),
                   torch.zeros(3, 8, dtype=torch.int8), torch.ones(3), None, None, torch.float32)

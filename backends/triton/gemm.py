@@ -1,11 +1,16 @@
-"""W8A8 GEMM: int8 x int8 -> int32 (or fp8 e4m3 x fp8 e4m3 -> fp32) with the dequantisation fused in the epilogue.
+"""Quantized GEMM: int8 x int8 -> int32 (or fp8 e4m3 x fp8 e4m3 -> fp32) with the dequantisation fused in the
+epilogue; int8 activations against 8-, 4- or 2-bit weights (W8A8, W4A8, W2A8), the packed ones unpacked in the K loop.
 
     out[m, n] = a_scale[m] * b_scale[n] * (sum_k a[m, k] b[n, k] - a_zero[m] * b_sum[n]) + bias[n]
 
-a: activations [M, K] (row-major), b: weights [N, K] (row-major, i.e. B^T), per-token a_scale / a_zero (int8 path:
-asymmetric activations; the zero-point term uses the precomputed weight row sums b_sum), per-channel b_scale,
-optional bias, one cast to the output dtype at the store. Accumulation is exact int32 for int8 and fp32 for fp8.
-The launcher `w8a8_gemm` checks, allocates and launches; tests compare it with fxquant::int8_linear's reference.
+a: activations [M, K] (row-major), b: weights [N, K] (row-major, i.e. B^T) as int8 / fp8 codes, or packed uint8
+[N, K * bits / 8] (fxquant.quantizer.pack_bits: field i of a byte holds element 8 / bits * j + i, lowest bits first);
+per-token a_scale / a_zero (int8 path: asymmetric activations; the zero-point term uses the precomputed weight row
+sums b_sum), per-channel b_scale, optional bias, one cast to the output dtype at the store. Accumulation is exact
+int32 for int8 and fp32 for fp8. The launcher `quantized_gemm` checks, allocates and launches; tests compare it with
+fxquant::int8_linear's reference. The
+launch goes through `torch.library.wrap_triton`, so that the compile backend's graphs trace into the kernel and
+Inductor launches it from its own generated code.
 """
 
 from __future__ import annotations
@@ -13,9 +18,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 from . import INTERPRET
-
 
 
 def get_autotune_config() -> list[triton.Config]:
@@ -33,19 +38,34 @@ def get_autotune_config() -> list[triton.Config]:
     ]
 
 
-@triton.autotune(configs=get_autotune_config(), key=["M", "N", "K", "HAS_ZERO"])
 @triton.jit
-def _w8a8_gemm_kernel(
+def _unpack_tile(packed, WEIGHT_BITS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """uint8 [BLOCK_K * WEIGHT_BITS / 8, BLOCK_N] (pack_bits fields along K) -> int8 codes [BLOCK_K, BLOCK_N]."""
+    p = packed.to(tl.int8, bitcast=True)  # signed: >> sign-extends each field
+    if WEIGHT_BITS == 4:
+        fields = tl.join((p << 4) >> 4, p >> 4)  # [BLOCK_K / 2, BLOCK_N, 2]: element 2 j + i at [j, :, i]
+        return tl.reshape(tl.permute(fields, (0, 2, 1)), (BLOCK_K, BLOCK_N))
+    else:
+        low = tl.join((p << 6) >> 6, (p << 4) >> 6)
+        high = tl.join((p << 2) >> 6, p >> 6)
+        fields = tl.join(low, high)  # [BLOCK_K / 4, BLOCK_N, 2, 2]: element 4 j + 2 c + i at [j, :, i, c]
+        return tl.reshape(tl.permute(fields, (0, 3, 2, 1)), (BLOCK_K, BLOCK_N))
+
+
+@triton.autotune(configs=get_autotune_config(), key=["M", "N", "K", "HAS_ZERO", "WEIGHT_BITS"])
+@triton.jit
+def _gemm_kernel(
     # pointers
     a_ptr, b_ptr, out_ptr, a_scale_ptr, a_zero_ptr, b_scale_ptr, b_sum_ptr, bias_ptr,
-    # sizes
+    # sizes (K: logical, before packing)
     M, N, K,
-    # strides
+    # strides (b's in its stored, possibly packed, units)
     stride_am, stride_ak, stride_bn, stride_bk, stride_om, stride_on,
     # meta-parameters
-    HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, INT_ACC: tl.constexpr,
+    HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, INT_ACC: tl.constexpr, WEIGHT_BITS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
+    PER_BYTE: tl.constexpr = 8 // WEIGHT_BITS if INT_ACC else 1
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -58,16 +78,19 @@ def _w8a8_gemm_kernel(
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M
     offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
     offs_k = tl.arange(0, BLOCK_K)
+    offs_kb = tl.arange(0, BLOCK_K // PER_BYTE)
     a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
-    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
+    b_ptrs = b_ptr + offs_kb[:, None] * stride_bk + offs_n[None, :] * stride_bn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32 if INT_ACC else tl.float32)
     for k_start in range(0, K, BLOCK_K):
         k_left = K - k_start
         a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
-        b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+        b = tl.load(b_ptrs, mask=offs_kb[:, None] < k_left // PER_BYTE, other=0.0)
+        if PER_BYTE > 1:
+            b = _unpack_tile(b, WEIGHT_BITS, BLOCK_K, BLOCK_N)
         acc = tl.dot(a, b, acc, out_dtype=tl.int32 if INT_ACC else tl.float32)
         a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += BLOCK_K * stride_bk
+        b_ptrs += (BLOCK_K // PER_BYTE) * stride_bk
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -86,13 +109,19 @@ def _w8a8_gemm_kernel(
     tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
-def w8a8_gemm(a: torch.Tensor, a_scale: torch.Tensor, a_zero: torch.Tensor | None, b: torch.Tensor,
-              b_scale: torch.Tensor, b_sum: torch.Tensor | None, bias: torch.Tensor | None,
-              out_dtype: torch.dtype) -> torch.Tensor:
+def quantized_gemm(a: torch.Tensor, a_scale: torch.Tensor, a_zero: torch.Tensor | None, b: torch.Tensor,
+                   b_scale: torch.Tensor, b_sum: torch.Tensor | None, bias: torch.Tensor | None,
+                   out_dtype: torch.dtype, weight_bits: int = 8) -> torch.Tensor:
     """a [M, K] int8 or fp8, a_scale fp32 [M] or [1] (broadcast), a_zero int32 like a_scale or None; b [N, K] same
-    dtype as a, b_scale fp32 [N], b_sum int32 [N] (needed with a_zero); bias [N] or None -> out [M, N]."""
-    assert a.dim() == 2 and b.dim() == 2 and a.shape[1] == b.shape[1], f"shapes {tuple(a.shape)} x {tuple(b.shape)}"
-    assert a.dtype == b.dtype and a.dtype in (torch.int8, torch.float8_e4m3fn), f"operand dtypes {a.dtype}, {b.dtype}"
+    dtype as a, or (int8 a, weight_bits 4 / 2) uint8 [N, K * weight_bits / 8] packed codes; b_scale fp32 [N], b_sum
+    int32 [N] (needed with a_zero); bias [N] or None -> out [M, N]."""
+    packed = weight_bits != 8
+    assert weight_bits in (8, 4, 2), f"weight_bits {weight_bits}"
+    assert a.dim() == 2 and b.dim() == 2 and a.shape[1] == b.shape[1] * 8 // weight_bits, \
+        f"shapes {tuple(a.shape)} x {tuple(b.shape)} at {weight_bits} weight bits"
+    operands_ok = (a.dtype == torch.int8 and b.dtype == torch.uint8) if packed else (
+        a.dtype == b.dtype and a.dtype in (torch.int8, torch.float8_e4m3fn))
+    assert operands_ok, f"operand dtypes {a.dtype}, {b.dtype} at {weight_bits} weight bits"
     assert (a_zero is None) or (b_sum is not None), "a zero point needs the weight row sums b_sum"
     m, k = a.shape
     n = b.shape[0]
@@ -106,11 +135,12 @@ def w8a8_gemm(a: torch.Tensor, a_scale: torch.Tensor, a_zero: torch.Tensor | Non
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
-    _w8a8_gemm_kernel[grid](
+    wrap_triton(_gemm_kernel)[grid](
         a, b, out, a_scale, a_zero if a_zero is not None else dummy, b_scale,
         b_sum if b_sum is not None else dummy, bias if bias is not None else dummy,
         m, n, k,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
         HAS_ZERO=a_zero is not None, HAS_BIAS=bias is not None, INT_ACC=a.dtype == torch.int8,
+        WEIGHT_BITS=weight_bits,
     )
     return out
