@@ -18,6 +18,7 @@ import json
 import platform
 import statistics
 import time
+import traceback
 
 import torch
 import triton
@@ -329,6 +330,7 @@ def model_benchmark(name: str, variants: list[str], results: dict, save) -> None
                 row["rel_l2_compiled_vs_eager_quantized"] = relative_l2(out, eager_out)
         except Exception as err:  # a variant that fails is a result (e.g. torchao int8 on small linears)
             row.update(_error_row(err))
+            traceback.print_exc()
         print(name, variant, {k: v for k, v in row.items() if k != "cuda_graph_error"}, flush=True)
         model = None
         save()
