@@ -162,7 +162,7 @@ def _(x_q, x_scale, w_q, w_scale, bias, out_dtype):
 
 @torch.library.custom_op("fxquant::unpack_int4", mutates_args=())
 def unpack_int4_op(packed: torch.Tensor) -> torch.Tensor:
-    """uint8 [N, K/2] (two signed nibbles per byte, low first) -> int8 [N, K] for the int8 GEMM."""
+    """uint8 [N, K/2] (two signed nibbles per byte, quantizer.pack_bits) -> int8 [N, K] for the int8 GEMM."""
     return unpack_int4(packed)
 
 
@@ -173,7 +173,7 @@ def _(packed):
 
 @torch.library.custom_op("fxquant::unpack_int2", mutates_args=())
 def unpack_int2_op(packed: torch.Tensor) -> torch.Tensor:
-    """uint8 [N, K/4] (four signed 2-bit fields per byte, lowest bits first) -> int8 [N, K] for the int8 GEMM."""
+    """uint8 [N, K/4] (four signed 2-bit fields per byte, quantizer.pack_bits) -> int8 [N, K] for the int8 GEMM."""
     return unpack_bits(packed, 2)
 
 

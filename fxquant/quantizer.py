@@ -86,28 +86,30 @@ def packable(row_width: int, bits: int) -> bool:
 
 def pack_bits(q: torch.Tensor, bits: int) -> torch.Tensor:
     """int8 [N, K] with values on a signed `bits`-bit grid (bits 2 or 4; K a multiple of 8 / bits) -> uint8
-    [N, K * bits / 8]: element i of each group of 8 / bits in bits [i * bits, (i + 1) * bits) of its byte."""
+    [N, K / f] with f = 8 / bits fields per byte: field i (bits [i * bits, (i + 1) * bits)) of byte j holds element
+    i * K / f + j. Each field thus covers one contiguous quarter / half of K, which a GEMM's K loop reads as f
+    contiguous activation ranges against one packed tile, with no shuffles."""
     per_byte = 8 // bits
     if bits not in (2, 4) or q.shape[-1] % per_byte:
         raise ValueError(f"pack_bits packs 2- or 4-bit values with the last dimension a multiple of {per_byte}, "
                          f"got bits={bits}, shape {tuple(q.shape)}")
-    fields = (q.to(torch.int16) & (2**bits - 1)).to(torch.uint8)
-    packed = fields[..., 0::per_byte]
+    fields = (q.to(torch.int16) & (2**bits - 1)).to(torch.uint8).chunk(per_byte, dim=-1)
+    packed = fields[0].clone()
     for i in range(1, per_byte):
-        packed = packed | (fields[..., i::per_byte] << (i * bits))
+        packed |= fields[i] << (i * bits)
     return packed
 
 
 def unpack_bits(packed: torch.Tensor, bits: int) -> torch.Tensor:
     """Inverse of pack_bits: uint8 [N, K * bits / 8] -> int8 [N, K] (sign-extended fields)."""
     per_byte, mask, half = 8 // bits, 2**bits - 1, 2 ** (bits - 1)
-    fields = [((packed >> (i * bits)) & mask).to(torch.int8) for i in range(per_byte)]
-    both = torch.stack(fields, dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * per_byte)
+    both = torch.cat([((packed >> (i * bits)) & mask).to(torch.int8) for i in range(per_byte)], dim=-1)
     return torch.where(both >= half, both - 2**bits, both)
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
-    """int8 [N, K] with values in [-8, 7] (K even) -> uint8 [N, K/2]: element 2i in the low nibble, 2i+1 high."""
+    """int8 [N, K] with values in [-8, 7] (K even) -> uint8 [N, K/2]: element j in the low nibble of byte j,
+    element K/2 + j in its high nibble."""
     return pack_bits(q, 4)
 
 

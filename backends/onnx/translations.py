@@ -116,14 +116,12 @@ def translation_table(act_form: str = "per_token") -> dict:
         return _dequantize_product(acc, x_scale, w_scale, bias)
 
     def unpack(packed, bits: int):
-        """uint8 [N, K * bits / 8] -> int8 [N, K]: the 8 / bits fields of each byte, lowest bits first,
-        sign-extended (fxquant.quantizer.unpack_bits)."""
+        """uint8 [N, K * bits / 8] -> int8 [N, K]: field i of every byte, for i = 0 .. 8 / bits - 1 (lowest bits
+        first), concatenated along K and sign-extended (fxquant.quantizer.unpack_bits)."""
         mask = op.Constant(value=ir.tensor(np.array(2**bits - 1, dtype=np.uint8)))
-        fields = [op.Unsqueeze(op.BitwiseAnd(op.BitShift(packed, op.Constant(
-            value=ir.tensor(np.array(i * bits, dtype=np.uint8))), direction="RIGHT"), mask), _axes(-1))
-            for i in range(8 // bits)]
-        unsigned = op.Cast(op.Reshape(op.Concat(*fields, axis=-1), op.Concat(
-            op.Slice(op.Shape(packed), _axes(0), _axes(-1)), _axes(-1), axis=0)), to=I32)
+        fields = [op.BitwiseAnd(op.BitShift(packed, op.Constant(value=ir.tensor(np.array(i * bits, dtype=np.uint8))),
+                                            direction="RIGHT"), mask) for i in range(8 // bits)]
+        unsigned = op.Cast(op.Concat(*fields, axis=-1), to=I32)
         signed = op.Sub(unsigned, op.Mul(op.Cast(op.Greater(unsigned, _int32(2 ** (bits - 1) - 1)), to=I32),
                                          _int32(2**bits)))
         return op.Cast(signed, to=ir.DataType.INT8)

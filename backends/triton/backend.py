@@ -128,4 +128,4 @@ def fxquant_backend(gm: fx.GraphModule, example_inputs, mode: str | None = None,
     from torch._inductor.compile_fx import compile_fx
 
     compile_counter["lowered_ops"] += lower_to_inductor(gm)
-    return compile_fx(gm, example_inputs, config_patches={**list_mode_options(mode), **(options or {})})
+    return compile_fx(gm, example_inputs, config_patches={**(list_mode_options(mode) if mode else {}), **(options or {})})

@@ -4,7 +4,7 @@ epilogue; int8 activations against 8-, 4- or 2-bit weights (W8A8, W4A8, W2A8), t
     out[m, n] = a_scale[m] * b_scale[n] * (sum_k a[m, k] b[n, k] - a_zero[m] * b_sum[n]) + bias[n]
 
 a: activations [M, K] (row-major), b: weights [N, K] (row-major, i.e. B^T) as int8 / fp8 codes, or packed uint8
-[N, K * bits / 8] (fxquant.quantizer.pack_bits: field i of a byte holds element 8 / bits * j + i, lowest bits first);
+[N, K * bits / 8] (fxquant.quantizer.pack_bits: field i of byte j holds element i * K * bits / 8 + j);
 per-token a_scale / a_zero (int8 path: asymmetric activations; the zero-point term uses the precomputed weight row
 sums b_sum), per-channel b_scale, optional bias, one cast to the output dtype at the store. Accumulation is exact
 int32 for int8 and fp32 for fp8. The launcher `quantized_gemm` checks, allocates and launches; tests compare it with
@@ -24,32 +24,19 @@ from . import INTERPRET
 
 
 def get_autotune_config() -> list[triton.Config]:
-    """Hopper-sized tiles; one small tile under the CPU interpreter (tests)."""
+    """Hopper-sized tiles (BLOCK_K >= 128, so that a 2-bit tile still feeds the dot 32 values of K); one small tile
+    under the CPU interpreter (tests)."""
     if INTERPRET:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4, num_stages=1)]
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
         for bm, bn, bk, w, s in [
             (128, 256, 128, 8, 3), (256, 128, 128, 8, 3), (128, 128, 128, 8, 4), (128, 128, 128, 4, 4),
-            (128, 256, 64, 8, 4), (64, 128, 128, 4, 4), (64, 64, 128, 4, 4), (128, 64, 128, 4, 4),
+            (64, 128, 128, 4, 4), (64, 64, 128, 4, 4), (128, 64, 128, 4, 4),
             # few tokens (M <= 256): narrow tiles so that enough programs fill the SMs
             (32, 64, 128, 4, 4), (32, 128, 128, 4, 4), (16, 64, 256, 4, 3), (64, 64, 256, 4, 3),
         ]
     ]
-
-
-@triton.jit
-def _unpack_tile(packed, WEIGHT_BITS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
-    """uint8 [BLOCK_K * WEIGHT_BITS / 8, BLOCK_N] (pack_bits fields along K) -> int8 codes [BLOCK_K, BLOCK_N]."""
-    p = packed.to(tl.int8, bitcast=True)  # signed: >> sign-extends each field
-    if WEIGHT_BITS == 4:
-        fields = tl.join((p << 4) >> 4, p >> 4)  # [BLOCK_K / 2, BLOCK_N, 2]: element 2 j + i at [j, :, i]
-        return tl.reshape(tl.permute(fields, (0, 2, 1)), (BLOCK_K, BLOCK_N))
-    else:
-        low = tl.join((p << 6) >> 6, (p << 4) >> 6)
-        high = tl.join((p << 2) >> 6, p >> 6)
-        fields = tl.join(low, high)  # [BLOCK_K / 4, BLOCK_N, 2, 2]: element 4 j + 2 c + i at [j, :, i, c]
-        return tl.reshape(tl.permute(fields, (0, 3, 2, 1)), (BLOCK_K, BLOCK_N))
 
 
 @triton.autotune(configs=get_autotune_config(), key=["M", "N", "K", "HAS_ZERO", "WEIGHT_BITS"])
@@ -66,6 +53,7 @@ def _gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     PER_BYTE: tl.constexpr = 8 // WEIGHT_BITS if INT_ACC else 1
+    BLOCK_KP: tl.constexpr = BLOCK_K // PER_BYTE  # packed rows per step; each field covers BLOCK_KP values of K
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -77,20 +65,25 @@ def _gemm_kernel(
 
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M
     offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
-    offs_k = tl.arange(0, BLOCK_K)
-    offs_kb = tl.arange(0, BLOCK_K // PER_BYTE)
+    offs_k = tl.arange(0, BLOCK_KP)
+    packed_k = K // PER_BYTE  # stored rows of b; field i of packed row j is K index i * packed_k + j
     a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
-    b_ptrs = b_ptr + offs_kb[:, None] * stride_bk + offs_n[None, :] * stride_bn
+    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32 if INT_ACC else tl.float32)
-    for k_start in range(0, K, BLOCK_K):
-        k_left = K - k_start
-        a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
-        b = tl.load(b_ptrs, mask=offs_kb[:, None] < k_left // PER_BYTE, other=0.0)
-        if PER_BYTE > 1:
-            b = _unpack_tile(b, WEIGHT_BITS, BLOCK_K, BLOCK_N)
-        acc = tl.dot(a, b, acc, out_dtype=tl.int32 if INT_ACC else tl.float32)
-        a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += (BLOCK_K // PER_BYTE) * stride_bk
+    for k_start in range(0, packed_k, BLOCK_KP):
+        k_left = packed_k - k_start
+        b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+        if PER_BYTE == 1:
+            a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+            acc = tl.dot(a, b, acc, out_dtype=tl.int32 if INT_ACC else tl.float32)
+        else:
+            b = b.to(tl.int8, bitcast=True)  # signed: >> sign-extends each field
+            for field in tl.static_range(PER_BYTE):
+                codes = (b << (8 - WEIGHT_BITS * (field + 1))) >> (8 - WEIGHT_BITS)
+                a = tl.load(a_ptrs + field * packed_k * stride_ak, mask=offs_k[None, :] < k_left, other=0.0)
+                acc = tl.dot(a, codes, acc, out_dtype=tl.int32)
+        a_ptrs += BLOCK_KP * stride_ak
+        b_ptrs += BLOCK_KP * stride_bk
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
