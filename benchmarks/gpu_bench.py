@@ -171,7 +171,7 @@ def gemm_benchmark() -> list[dict]:
     return rows
 
 
-def _pixart(layers=28):
+def _pixart(layers: int = 28):
     from diffusers import PixArtTransformer2DModel
 
     config = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=layers,
@@ -285,9 +285,42 @@ def _torchao(model, kind: str):
     return model
 
 
-def model_benchmark(name: str, variants: list[str], results: dict, save) -> None:
-    """One model: every variant measured on the same inputs into `results`; `save()` is called after each."""
-    build_fn, cpu_inputs, config = MODELS[name]()
+def _profile_table(model, inputs: dict) -> str:
+    """CUDA time per kernel over 3 calls (top 25)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            model(**inputs, return_dict=False)
+        torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
+
+
+def _variant_model(variant: str, model, inputs: dict, name: str):
+    """(the model of a variant, ready to call, fxquant's eager output or None). Variants: bf16_eager, bf16_compile,
+    fxquant:<recipe>[@<backend option>=<0|1>,...], torchao:float8|int8."""
+    if variant == "bf16_compile":
+        return torch.compile(model), None
+    if variant.startswith("torchao:"):
+        return torch.compile(_torchao(model, variant.split(":", 1)[1])), None
+    if not variant.startswith("fxquant:"):
+        return model, None
+    recipe_name, _, option_text = variant.split(":", 1)[1].partition("@")
+    options = {key: value == "1" for key, value in (item.split("=") for item in option_text.split(",") if item)}
+    recipe = fxquant.get_config(recipe_name)
+    if name in LINEARS_ONLY:
+        recipe.keep_full_precision.update(LINEARS_ONLY[name])
+    qmodel = fxquant.quantize(model, recipe, [inputs])
+    with torch.no_grad():
+        eager_out = _first_output(qmodel(**inputs, return_dict=False))
+    return torch.compile(qmodel, backend="fxquant", options=options or None), eager_out
+
+
+def model_benchmark(name: str, variants: list[str], results: dict, save, layers: int | None = None,
+                    profile_to: str | None = None) -> None:
+    """One model: every variant measured on the same inputs into `results`; `save()` is called after each.
+    profile_to: a text file that gets each variant's kernel profile."""
+    build_fn, cpu_inputs, config = MODELS[name](layers) if layers else MODELS[name]()
     inputs = _to_cuda(cpu_inputs)
 
     def build():
@@ -302,32 +335,21 @@ def model_benchmark(name: str, variants: list[str], results: dict, save) -> None
         row = {}
         results["variants"][variant] = row
         try:
-            model = build()
             start = time.time()
-            if variant.startswith("fxquant:"):
-                recipe = fxquant.get_config(variant.split(":", 1)[1])
-                if name in LINEARS_ONLY:
-                    recipe.keep_full_precision.update(LINEARS_ONLY[name])
-                model = fxquant.quantize(model, recipe, [inputs])
-                row["quantize_seconds"] = time.time() - start
-                with torch.no_grad():
-                    eager_out = _first_output(model(**inputs, return_dict=False))
-                start = time.time()
-                model = torch.compile(model, backend="fxquant")
-            elif variant.startswith("torchao:"):
-                model = torch.compile(_torchao(model, variant.split(":", 1)[1]))
-            elif variant == "bf16_compile":
-                model = torch.compile(model)
+            model, eager_out = _variant_model(variant, build(), inputs, name)
             with torch.no_grad():
                 out = _first_output(model(**inputs, return_dict=False))
             torch.cuda.synchronize()
-            row["compile_seconds"] = None if variant == "bf16_eager" else time.time() - start
+            row["setup_seconds"] = time.time() - start  # build (+ quantize) (+ compile) + first call
             row.update(_measure(model, inputs))
             if reference is None:
                 reference = out.float()
             row["rel_l2_vs_bf16_eager"] = relative_l2(out, reference)
-            if variant.startswith("fxquant:"):
+            if eager_out is not None:
                 row["rel_l2_compiled_vs_eager_quantized"] = relative_l2(out, eager_out)
+            if profile_to:
+                with open(profile_to, "a") as f:
+                    f.write(f"\n## {name} {variant}\n{_profile_table(model, inputs)}\n")
         except Exception as err:  # a variant that fails is a result (e.g. torchao int8 on small linears)
             row.update(_error_row(err))
             traceback.print_exc()
@@ -353,6 +375,8 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["pixart"], choices=sorted(MODELS))
     parser.add_argument("--variants", nargs="+",
                         default=["bf16_eager", "bf16_compile", "fxquant:w8a8", "fxquant:w8a8-fp8", "fxquant:w4a8"])
+    parser.add_argument("--layers", type=int, help="blocks of the model (pixart only; default: the full model)")
+    parser.add_argument("--profile", help="write each variant's kernel profile to this text file")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
@@ -373,7 +397,7 @@ def main() -> None:
         result["models"] = {}
         for name in args.models:
             result["models"][name] = {}
-            model_benchmark(name, args.variants, result["models"][name], save)
+            model_benchmark(name, args.variants, result["models"][name], save, args.layers, args.profile)
             save()
 
 

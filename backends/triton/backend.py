@@ -90,24 +90,27 @@ def _triton_fp8_linear(x_q, x_scale, w_q, w_scale, bias, out_dtype):
 
 
 # CUDA: fxquant op -> the function Inductor traces in its place (plain PyTorch for quantizers, Triton for GEMMs)
-_CUDA_REWRITES = {
+_QUANTIZE_BODIES = {
     fxq.quantize_per_token.default: quantize_per_token_reference,
     fxq.quantize_per_tensor.default: quantize_asymmetric,
     fxq.quantize_per_token_fp8.default: quantize_fp8,
+}
+_GEMM_KERNELS = {
     fxq.int8_linear.default: _triton_int8_linear,
     fxq.packed_int8_linear.default: _triton_packed_int8_linear,
     fxq.fp8_linear.default: _triton_fp8_linear,
 }
 
 
-def lower_to_inductor(gm: fx.GraphModule) -> int:
+def lower_to_inductor(gm: fx.GraphModule, fuse_quantize: bool = True, inline_gemm: bool = True) -> int:
     """Point every fxquant op that has a CUDA rewrite at it (arguments in schema order); returns how many."""
+    rewrites = {**(_QUANTIZE_BODIES if fuse_quantize else {}), **(_GEMM_KERNELS if inline_gemm else {})}
     lowered = 0
     for node in gm.graph.nodes:
         op = _target(node) if node.op == "call_function" else None
-        if op in _CUDA_REWRITES:
+        if op in rewrites:
             node.args, node.kwargs = tuple(_node_args(node, op)), {}
-            node.target = _CUDA_REWRITES[op]
+            node.target = rewrites[op]
             lowered += 1
     gm.recompile()
     return lowered
@@ -117,8 +120,21 @@ def _on_cuda(example_inputs) -> bool:
     return any(isinstance(x, torch.Tensor) and x.is_cuda for x in example_inputs)
 
 
+BACKEND_OPTIONS = {
+    "fxquant.fuse_quantize": "hand quantize ops to Inductor as plain PyTorch, fused with their producers (True)",
+    "fxquant.inline_gemm": "trace the Triton GEMMs into Inductor's graph instead of calling the opaque op (True)",
+}
+
+
 def fxquant_backend(gm: fx.GraphModule, example_inputs, mode: str | None = None, options: dict | None = None):
-    """Dynamo backend: graph module + example inputs (+ torch.compile's mode / options) -> a callable."""
+    """Dynamo backend: graph module + example inputs (+ torch.compile's mode / options) -> a callable.
+
+    options: Inductor's, plus BACKEND_OPTIONS (e.g. `options={"fxquant.inline_gemm": False}`)."""
+    options = dict(options or {})
+    ours = {key: bool(options.pop(key)) for key in list(options) if key.startswith("fxquant.")}
+    unknown = set(ours) - set(BACKEND_OPTIONS)
+    if unknown:
+        raise ValueError(f"Unknown fxquant backend options {sorted(unknown)}; known: {BACKEND_OPTIONS}")
     compile_counter["graphs"] += 1
     compile_counter["fxquant_ops"] += sum(1 for node in gm.graph.nodes if _is_fxquant(node))
     compile_counter["packed_linears"] += fuse_packed_weights(gm)
@@ -127,5 +143,6 @@ def fxquant_backend(gm: fx.GraphModule, example_inputs, mode: str | None = None,
     from torch._inductor import list_mode_options
     from torch._inductor.compile_fx import compile_fx
 
-    compile_counter["lowered_ops"] += lower_to_inductor(gm)
-    return compile_fx(gm, example_inputs, config_patches={**(list_mode_options(mode) if mode else {}), **(options or {})})
+    compile_counter["lowered_ops"] += lower_to_inductor(gm, ours.get("fxquant.fuse_quantize", True),
+                                                        ours.get("fxquant.inline_gemm", True))
+    return compile_fx(gm, example_inputs, config_patches={**(list_mode_options(mode) if mode else {}), **options})

@@ -67,23 +67,33 @@ def _gemm_kernel(
     offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
     offs_k = tl.arange(0, BLOCK_KP)
     packed_k = K // PER_BYTE  # stored rows of b; field i of packed row j is K index i * packed_k + j
-    a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
-    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32 if INT_ACC else tl.float32)
-    for k_start in range(0, packed_k, BLOCK_KP):
-        k_left = packed_k - k_start
-        b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
-        if PER_BYTE == 1:
+    if PER_BYTE == 1:
+        a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
+        b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32 if INT_ACC else tl.float32)
+        for k_start in range(0, K, BLOCK_K):
+            k_left = K - k_start
             a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+            b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
             acc = tl.dot(a, b, acc, out_dtype=tl.int32 if INT_ACC else tl.float32)
-        else:
-            b = b.to(tl.int8, bitcast=True)  # signed: >> sign-extends each field
+            a_ptrs += BLOCK_K * stride_ak
+            b_ptrs += BLOCK_K * stride_bk
+    else:
+        # packed weights: the product runs transposed (acc^T = W a^T), so that the unpacked codes are the left
+        # operand, which the tensor cores read from registers: no trip through shared memory after the shifts
+        a_ptrs = a_ptr + offs_k[:, None] * stride_ak + offs_m[None, :] * stride_am  # [BLOCK_KP, BLOCK_M]
+        b_ptrs = b_ptr + offs_n[:, None] * stride_bn + offs_k[None, :] * stride_bk  # [BLOCK_N, BLOCK_KP]
+        acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32)
+        for k_start in range(0, packed_k, BLOCK_KP):
+            k_left = packed_k - k_start
+            b = tl.load(b_ptrs, mask=offs_k[None, :] < k_left, other=0).to(tl.int8, bitcast=True)
             for field in tl.static_range(PER_BYTE):
-                codes = (b << (8 - WEIGHT_BITS * (field + 1))) >> (8 - WEIGHT_BITS)
-                a = tl.load(a_ptrs + field * packed_k * stride_ak, mask=offs_k[None, :] < k_left, other=0.0)
-                acc = tl.dot(a, codes, acc, out_dtype=tl.int32)
-        a_ptrs += BLOCK_KP * stride_ak
-        b_ptrs += BLOCK_KP * stride_bk
+                codes = (b << (8 - WEIGHT_BITS * (field + 1))) >> (8 - WEIGHT_BITS)  # signed: >> sign-extends
+                a = tl.load(a_ptrs + field * packed_k * stride_ak, mask=offs_k[:, None] < k_left, other=0)
+                acc_t = tl.dot(codes, a, acc_t, out_dtype=tl.int32)
+            a_ptrs += BLOCK_KP * stride_ak
+            b_ptrs += BLOCK_KP * stride_bk
+        acc = tl.trans(acc_t)
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
