@@ -12,6 +12,14 @@ def test_backend_registered_through_entry_point():
     assert "fxquant" in torch._dynamo.list_backends()
 
 
+def test_backend_rejects_unknown_options(quantized_family):
+    torch._dynamo.reset()
+    _, qmodel, _ = quantized_family("pixart", "w8a8")
+    compiled = torch.compile(qmodel, backend="fxquant", options={"fxquant.fuse_quantise": True})
+    with pytest.raises(Exception, match="Unknown fxquant backend options"), torch.no_grad():
+        compiled(**FAMILIES["pixart"].inputs(batch=1), return_dict=False)
+
+
 @pytest.mark.parametrize("name", ["pixart", "unet"])
 def test_compiled_matches_eager_and_does_not_recompile_per_step(quantized_family, name):
     torch._dynamo.reset()
@@ -27,6 +35,8 @@ def test_compiled_matches_eager_and_does_not_recompile_per_step(quantized_family
         assert relative_l2(fast, eager) <= 1e-3, f"step {step}"
     assert compile_counter["graphs"] == 1, f"{compile_counter['graphs']} graphs compiled for 3 steps"
     assert compile_counter["fxquant_ops"] >= len(qmodel.plan.quantized_layers())
+    if name == "pixart":  # to_q / to_k / to_v of self-attention read the same hidden states: one quantization
+        assert compile_counter["shared_quantizations"] >= 2 * len(qmodel.model.transformer_blocks)
 
 
 @pytest.mark.parametrize("name", ["pixart", "unet"])

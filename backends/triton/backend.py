@@ -2,13 +2,14 @@
 
 Dynamo hands over the graph of the quantized model, in which every quantized layer is a chain of fxquant ops.
 The backend rewrites it with patterns, then compiles:
-- every device: `unpack_int4` / `unpack_int2` -> `int8_linear` becomes one `packed_int8_linear` (4- / 2-bit weights
-  are unpacked inside the GEMM's K loop; the int8 codes never reach memory);
-- CUDA: the quantize ops are replaced by their plain-PyTorch bodies, so that Inductor fuses each into the ops that
-  produce its input (LayerNorm / RMSNorm, adaLN modulate x * (1 + scale) + shift, GELU / SiLU, the balancing
-  multiply) as one reduction kernel, and deduplicates the quantization shared by q / k / v; the GEMM ops become
-  calls of fxquant's Triton GEMM (`gemm.quantized_gemm`, traced through `wrap_triton`), which Inductor launches
-  from its own generated code. Inductor compiles the rest (`mode="max-autotune"` / `"reduce-overhead"` honoured).
+- every device: identical quantizations of one input (q / k / v projections of the same hidden states) run once;
+  `unpack_int4` / `unpack_int2` -> `int8_linear` becomes one `packed_int8_linear` (4- / 2-bit weights are unpacked
+  inside the GEMM's K loop; the int8 codes never reach memory);
+- CUDA: the quantize and GEMM ops become calls of fxquant's Triton kernels traced through `wrap_triton`, which
+  Inductor launches from its own generated code (no Python dispatch per op); static per-tensor quantization
+  (pointwise) and, with the option `fxquant.fuse_quantize`, per-token quantization go to Inductor as plain
+  PyTorch, fused into the ops producing their input (norm, adaLN modulate, GELU, the balancing multiply).
+  Inductor compiles the rest (`mode="max-autotune"` / `"reduce-overhead"` honoured).
 - CPU: the reference ops run as traced, with no Inductor compile.
 `compile_counter` counts graphs compiled and rewrites, so tests can check that a model compiles once and never
 again per step.
@@ -48,6 +49,42 @@ def _node_args(node: fx.Node, op: torch._ops.OpOverload) -> list:
     return args
 
 
+_QUANTIZE_OPS = (fxq.quantize_per_token.default, fxq.quantize_per_token_fp8.default, fxq.quantize_per_tensor.default)
+
+
+_VIEWS = {"reshape", "view", "contiguous", torch.reshape}
+
+
+def _canonical(value):
+    """A hashable stand-in for a node argument: reshapes / views of the same value with the same sizes are equal
+    (each QuantLinear flattens its input itself)."""
+    if isinstance(value, fx.Node) and value.target in _VIEWS and value.op in ("call_method", "call_function"):
+        return ("view", _canonical(value.args[0]), tuple(_canonical(a) for a in value.args[1:]),
+                tuple(sorted((k, _canonical(v)) for k, v in value.kwargs.items())))
+    if isinstance(value, (list, tuple)):
+        return tuple(_canonical(item) for item in value)
+    return value
+
+
+def deduplicate_quantization(gm: fx.GraphModule) -> int:
+    """Merge quantize nodes with the same op and (canonical) arguments into the first; returns how many."""
+    seen: dict[tuple, fx.Node] = {}
+    removed = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or _target(node) not in _QUANTIZE_OPS:
+            continue
+        key = (_target(node), _canonical(_node_args(node, _target(node))))
+        if key in seen:
+            node.replace_all_uses_with(seen[key])
+            gm.graph.erase_node(node)
+            removed += 1
+        else:
+            seen[key] = node
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return removed
+
+
 def fuse_packed_weights(gm: fx.GraphModule) -> int:
     """Rewrite unpack_int4 / unpack_int2 -> int8_linear into packed_int8_linear; returns how many."""
     fused = 0
@@ -74,37 +111,52 @@ def fuse_packed_weights(gm: fx.GraphModule) -> int:
 def _triton_int8_linear(x_q, x_scale, x_zero, w_q, w_scale, w_sum, bias, out_dtype):
     from .gemm import quantized_gemm
 
-    return quantized_gemm(x_q, x_scale, x_zero, w_q, w_scale, w_sum, bias, out_dtype)
+    return quantized_gemm(x_q, x_scale, x_zero, w_q, w_scale, w_sum, bias, out_dtype, traced=True)
 
 
 def _triton_packed_int8_linear(x_q, x_scale, x_zero, w_packed, weight_bits, w_scale, w_sum, bias, out_dtype):
     from .gemm import quantized_gemm
 
-    return quantized_gemm(x_q, x_scale, x_zero, w_packed, w_scale, w_sum, bias, out_dtype, weight_bits)
+    return quantized_gemm(x_q, x_scale, x_zero, w_packed, w_scale, w_sum, bias, out_dtype, weight_bits, traced=True)
 
 
 def _triton_fp8_linear(x_q, x_scale, w_q, w_scale, bias, out_dtype):
     from .gemm import quantized_gemm
 
-    return quantized_gemm(x_q, x_scale, None, w_q, w_scale, None, bias, out_dtype)
+    return quantized_gemm(x_q, x_scale, None, w_q, w_scale, None, bias, out_dtype, traced=True)
 
 
-# CUDA: fxquant op -> the function Inductor traces in its place (plain PyTorch for quantizers, Triton for GEMMs)
-_QUANTIZE_BODIES = {
+def _triton_quantize_per_token(x):
+    from .quantize import quantize_per_token
+
+    return quantize_per_token(x.reshape(-1, x.shape[-1]).contiguous(), traced=True)
+
+
+def _triton_quantize_per_token_fp8(x):
+    from .quantize import quantize_per_token_fp8
+
+    return quantize_per_token_fp8(x.reshape(-1, x.shape[-1]).contiguous(), traced=True)
+
+
+# CUDA: fxquant op -> the function Inductor traces in its place
+_QUANTIZE_BODIES = {  # plain PyTorch, which Inductor fuses into the ops producing the input
     fxq.quantize_per_token.default: quantize_per_token_reference,
-    fxq.quantize_per_tensor.default: quantize_asymmetric,
     fxq.quantize_per_token_fp8.default: quantize_fp8,
 }
-_GEMM_KERNELS = {
+_KERNELS = {  # fxquant's Triton kernels, launched from Inductor's generated code
+    fxq.quantize_per_token.default: _triton_quantize_per_token,
+    fxq.quantize_per_token_fp8.default: _triton_quantize_per_token_fp8,
     fxq.int8_linear.default: _triton_int8_linear,
     fxq.packed_int8_linear.default: _triton_packed_int8_linear,
     fxq.fp8_linear.default: _triton_fp8_linear,
 }
 
 
-def lower_to_inductor(gm: fx.GraphModule, fuse_quantize: bool = True, inline_gemm: bool = True) -> int:
-    """Point every fxquant op that has a CUDA rewrite at it (arguments in schema order); returns how many."""
-    rewrites = {**(_QUANTIZE_BODIES if fuse_quantize else {}), **(_GEMM_KERNELS if inline_gemm else {})}
+def lower_to_inductor(gm: fx.GraphModule, fuse_quantize: bool = False, inline_kernels: bool = True) -> int:
+    """Point every fxquant op that has a CUDA rewrite at it (arguments in schema order); returns how many.
+    Static per-tensor quantization (pointwise) always goes to Inductor as plain PyTorch."""
+    rewrites = {fxq.quantize_per_tensor.default: quantize_asymmetric, **(_KERNELS if inline_kernels else {}),
+                **(_QUANTIZE_BODIES if fuse_quantize else {})}
     lowered = 0
     for node in gm.graph.nodes:
         op = _target(node) if node.op == "call_function" else None
@@ -121,8 +173,9 @@ def _on_cuda(example_inputs) -> bool:
 
 
 BACKEND_OPTIONS = {
-    "fxquant.fuse_quantize": "hand quantize ops to Inductor as plain PyTorch, fused with their producers (True)",
-    "fxquant.inline_gemm": "trace the Triton GEMMs into Inductor's graph instead of calling the opaque op (True)",
+    "fxquant.inline_kernels": "trace fxquant's Triton kernels into Inductor's graph (True; False: opaque op calls)",
+    "fxquant.fuse_quantize": "hand per-token quantization to Inductor as plain PyTorch, fused with the ops producing "
+                             "its input (False: fxquant's one-pass quantize kernel, measured faster on Hopper)",
 }
 
 
@@ -137,12 +190,13 @@ def fxquant_backend(gm: fx.GraphModule, example_inputs, mode: str | None = None,
         raise ValueError(f"Unknown fxquant backend options {sorted(unknown)}; known: {BACKEND_OPTIONS}")
     compile_counter["graphs"] += 1
     compile_counter["fxquant_ops"] += sum(1 for node in gm.graph.nodes if _is_fxquant(node))
+    compile_counter["shared_quantizations"] += deduplicate_quantization(gm)
     compile_counter["packed_linears"] += fuse_packed_weights(gm)
     if not _on_cuda(example_inputs):
         return gm.forward
     from torch._inductor import list_mode_options
     from torch._inductor.compile_fx import compile_fx
 
-    compile_counter["lowered_ops"] += lower_to_inductor(gm, ours.get("fxquant.fuse_quantize", True),
-                                                        ours.get("fxquant.inline_gemm", True))
+    compile_counter["lowered_ops"] += lower_to_inductor(gm, ours.get("fxquant.fuse_quantize", False),
+                                                        ours.get("fxquant.inline_kernels", True))
     return compile_fx(gm, example_inputs, config_patches={**(list_mode_options(mode) if mode else {}), **options})

@@ -8,7 +8,7 @@ a: activations [M, K] (row-major), b: weights [N, K] (row-major, i.e. B^T) as in
 per-token a_scale / a_zero (int8 path: asymmetric activations; the zero-point term uses the precomputed weight row
 sums b_sum), per-channel b_scale, optional bias, one cast to the output dtype at the store. Accumulation is exact
 int32 for int8 and fp32 for fp8. The launcher `quantized_gemm` checks, allocates and launches; tests compare it with
-fxquant::int8_linear's reference. The
+fxquant::int8_linear's reference. With `traced=True` the
 launch goes through `torch.library.wrap_triton`, so that the compile backend's graphs trace into the kernel and
 Inductor launches it from its own generated code.
 """
@@ -112,12 +112,26 @@ def _gemm_kernel(
     tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
+def fixed_config(m: int, n: int) -> dict:
+    """The tile config of graphs traced by the compile backend, from the problem size (Inductor would otherwise
+    autotune every call site, minutes of compile for a 28-block DiT)."""
+    if INTERPRET:
+        return {**get_autotune_config()[0].all_kwargs()}
+    if m >= 1024:
+        return dict(BLOCK_M=128, BLOCK_N=256 if n >= 2048 else 128, BLOCK_K=128, GROUP_M=8, num_warps=8,
+                    num_stages=3 if n >= 2048 else 4)
+    return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4)
+
+
 def quantized_gemm(a: torch.Tensor, a_scale: torch.Tensor, a_zero: torch.Tensor | None, b: torch.Tensor,
                    b_scale: torch.Tensor, b_sum: torch.Tensor | None, bias: torch.Tensor | None,
-                   out_dtype: torch.dtype, weight_bits: int = 8) -> torch.Tensor:
+                   out_dtype: torch.dtype, weight_bits: int = 8, traced: bool = False) -> torch.Tensor:
     """a [M, K] int8 or fp8, a_scale fp32 [M] or [1] (broadcast), a_zero int32 like a_scale or None; b [N, K] same
     dtype as a, or (int8 a, weight_bits 4 / 2) uint8 [N, K * weight_bits / 8] packed codes; b_scale fp32 [N], b_sum
-    int32 [N] (needed with a_zero); bias [N] or None -> out [M, N]."""
+    int32 [N] (needed with a_zero); bias [N] or None -> out [M, N].
+
+    traced: launch through torch.library.wrap_triton with `fixed_config` (graphs the compile backend hands to
+    Inductor); otherwise the autotuned kernel is launched directly (eager calls)."""
     packed = weight_bits != 8
     assert weight_bits in (8, 4, 2), f"weight_bits {weight_bits}"
     assert a.dim() == 2 and b.dim() == 2 and a.shape[1] == b.shape[1] * 8 // weight_bits, \
@@ -135,15 +149,15 @@ def quantized_gemm(a: torch.Tensor, a_scale: torch.Tensor, a_zero: torch.Tensor 
     a_zero = a_zero.reshape(-1).expand(m).contiguous() if a_zero is not None else None
     dummy = b_scale  # never read when the matching constexpr flag is off
 
-    def grid(meta):
-        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
-
-    wrap_triton(_gemm_kernel)[grid](
-        a, b, out, a_scale, a_zero if a_zero is not None else dummy, b_scale,
-        b_sum if b_sum is not None else dummy, bias if bias is not None else dummy,
-        m, n, k,
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
-        HAS_ZERO=a_zero is not None, HAS_BIAS=bias is not None, INT_ACC=a.dtype == torch.int8,
-        WEIGHT_BITS=weight_bits,
-    )
+    args = (a, b, out, a_scale, a_zero if a_zero is not None else dummy, b_scale,
+            b_sum if b_sum is not None else dummy, bias if bias is not None else dummy,
+            m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1))
+    flags = dict(HAS_ZERO=a_zero is not None, HAS_BIAS=bias is not None, INT_ACC=a.dtype == torch.int8,
+                 WEIGHT_BITS=weight_bits)
+    if traced:
+        config = fixed_config(m, n)
+        grid = (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"]),)
+        wrap_triton(_gemm_kernel.fn)[grid](*args, **flags, **config)
+    else:
+        _gemm_kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)](*args, **flags)
     return out

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 from triton.language.extra import libdevice
 
 from . import INTERPRET
@@ -82,8 +83,13 @@ def _launch_config(k: int) -> tuple[int, int]:
     return block, max(1, min(16, block // 512))
 
 
-def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x [M, K] float -> (int8 [M, K], fp32 scale [M, 1], int32 zero [M, 1])."""
+def _launcher(kernel, traced: bool):
+    """The kernel itself, or wrapped for tracing into an Inductor graph (torch.library.wrap_triton)."""
+    return wrap_triton(kernel) if traced else kernel
+
+
+def quantize_per_token(x: torch.Tensor, traced: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [M, K] float -> (int8 [M, K], fp32 scale [M, 1], int32 zero [M, 1]). traced: see _launcher."""
     assert x.dim() == 2 and x.stride(1) == 1, "quantize_per_token expects a row-major 2-D tensor"
     m, k = x.shape
     q = torch.empty((m, k), dtype=torch.int8, device=x.device)
@@ -91,11 +97,12 @@ def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tor
     zero = torch.empty((m, 1), dtype=torch.int32, device=x.device)
     if m:
         block, warps = _launch_config(k)
-        _quantize_int8_kernel[(m,)](x, q, scale, zero, k, x.stride(0), q.stride(0), BLOCK_K=block, num_warps=warps)
+        _launcher(_quantize_int8_kernel, traced)[(m,)](x, q, scale, zero, k, x.stride(0), q.stride(0), BLOCK_K=block,
+                                                       num_warps=warps)
     return q, scale, zero
 
 
-def quantize_per_token_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_per_token_fp8(x: torch.Tensor, traced: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] float -> (fp8 e4m3 [M, K], fp32 scale [M, 1]) with symmetric per-row absmax scales."""
     assert x.dim() == 2 and x.stride(1) == 1, "quantize_per_token_fp8 expects a row-major 2-D tensor"
     m, k = x.shape
@@ -103,5 +110,6 @@ def quantize_per_token_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     scale = torch.empty((m, 1), dtype=torch.float32, device=x.device)
     if m:
         block, warps = _launch_config(k)
-        _quantize_fp8_kernel[(m,)](x, q, scale, k, x.stride(0), q.stride(0), BLOCK_K=block, num_warps=warps)
+        _launcher(_quantize_fp8_kernel, traced)[(m,)](x, q, scale, k, x.stride(0), q.stride(0), BLOCK_K=block,
+                                                      num_warps=warps)
     return q, scale
