@@ -37,6 +37,7 @@ CONFIG_NAME = "config.json"
 PLAN_NAME = "plan.json"
 WEIGHTS_NAME = "model.safetensors"
 CHECKPOINT_CLASS = "QuantizedModel"
+PACKING_FORMAT = 2  # 4- / 2-bit fields: field i of byte j holds element i * K / f + j (1: element f * j + i)
 ALLOWED_MODEL_MODULES = ("diffusers.",)  # model classes a checkpoint may name
 
 
@@ -96,6 +97,7 @@ def save(qmodel: QuantizedModel, path: str | os.PathLike) -> Path:
             "model_class": model_class,
             "model_config": {k: v for k, v in dict(model.config).items()},
             "model_fingerprint": fingerprint,
+            "packing_format": PACKING_FORMAT,
             "weights": {"file": WEIGHTS_NAME, "sha256": _sha256(weights), "bytes": weights.stat().st_size},
         }
         _write_text(tmp / PLAN_NAME, qmodel.plan.to_json())
@@ -141,6 +143,10 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> Quantiz
     if config.get("_class_name") != CHECKPOINT_CLASS:
         raise CheckpointError(f"{root / CONFIG_NAME} is not an fxquant checkpoint config (_class_name).")
     plan = QuantPlan.from_dict(_read_json(root / PLAN_NAME))
+    packed = any(min(layer.group_weight_bits or [layer.weight_bits]) < 8 for layer in plan.quantized_layers())
+    if packed and config.get("packing_format", 1) != PACKING_FORMAT:
+        raise CheckpointError(f"{root} stores packed 4- / 2-bit weights in the interleaved layout of fxquant before "
+                              "packing format 2; quantize the model again and save it.")
     weights = root / config["weights"]["file"]
     if not weights.exists():
         raise CheckpointError(f"{root} is incomplete: {weights.name} is missing.")

@@ -112,3 +112,14 @@ def test_config_of_another_model_rejected(quantized_family, tmp_path):
     (a / CONFIG_NAME).write_text(json.dumps(config))
     with pytest.raises(fxquant.CheckpointError, match="another model"):
         fxquant.load(a)
+
+
+def test_checkpoint_with_old_packing_layout_rejected(quantized_family, tmp_path):
+    _, qmodel, _ = quantized_family("pixart", "w4a8")
+    fxquant.save(qmodel, tmp_path / "ckpt")
+    config_path = tmp_path / "ckpt" / "config.json"
+    config = json.loads(config_path.read_text())
+    del config["packing_format"]
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(fxquant.CheckpointError, match="interleaved layout"):
+        fxquant.load(tmp_path / "ckpt")
