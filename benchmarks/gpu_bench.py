@@ -127,6 +127,13 @@ def check_kernels() -> list[dict]:
     return rows
 
 
+def _autotuned_configs(m: int, n: int, k: int) -> dict:
+    """The tile configs the autotuner chose for this problem, per kernel variant (its cache key -> config)."""
+    from fxquant.backends.triton.gemm import _gemm_kernel
+
+    return {str(key): str(config) for key, config in _gemm_kernel.cache.items() if tuple(key[:3]) == (m, n, k)}
+
+
 def gemm_benchmark() -> list[dict]:
     """TFLOP/s of bf16 / int8 / fp8 cuBLAS and fxquant's Triton kernels (W8A8 int8 / fp8, W4A8, W2A8) at DiT
     shapes, M = 8192 (compute-bound) and 256 (memory-bound)."""
@@ -152,7 +159,11 @@ def gemm_benchmark() -> list[dict]:
                 "fp8_cublas_scaled_mm": _graph_median_ms(lambda: torch._scaled_mm(q8, w8_t, scale_a=s8, scale_b=ws8_row,
                                                                            bias=bias, out_dtype=torch.bfloat16)),
                 "fxquant_int8_gemm": _graph_median_ms(lambda: quantized_gemm(q, s, z, wq, ws, wsum, bias, torch.bfloat16)),
+                "fxquant_int8_gemm_fixed_config": _graph_median_ms(
+                    lambda: quantized_gemm(q, s, z, wq, ws, wsum, bias, torch.bfloat16, traced=True)),
                 "fxquant_fp8_gemm": _graph_median_ms(lambda: quantized_gemm(q8, s8, None, w8, ws8, None, bias, torch.bfloat16)),
+                "fxquant_fp8_gemm_fixed_config": _graph_median_ms(
+                    lambda: quantized_gemm(q8, s8, None, w8, ws8, None, bias, torch.bfloat16, traced=True)),
                 "fxquant_w4a8_gemm": _graph_median_ms(
                     lambda: quantized_gemm(q, s, z, w4, ws4, wsum4, bias, torch.bfloat16, 4)),
                 "fxquant_w2a8_gemm": _graph_median_ms(
@@ -161,7 +172,7 @@ def gemm_benchmark() -> list[dict]:
                     lambda: quantized_gemm(*quantize_per_token(x), wq, ws, wsum, bias, torch.bfloat16)),
                 "fxquant_int8_quantize_only": _graph_median_ms(lambda: quantize_per_token(x)),
             }
-            row = {"M": m, "K": k, "N": n, "ms": times,
+            row = {"M": m, "K": k, "N": n, "ms": times, "autotuned_configs": _autotuned_configs(m, n, k),
                    "tflops": {name: (flops / (t * 1e-3) / 1e12 if t else None) for name, t in times.items()
                               if name != "fxquant_int8_quantize_only"}}
             bf16 = times["bf16_cublas"]
