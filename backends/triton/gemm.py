@@ -112,15 +112,19 @@ def _gemm_kernel(
     tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
-def fixed_config(m: int, n: int) -> dict:
+def fixed_config(m: int, n: int, k: int, integer: bool) -> dict:
     """The tile config of graphs traced by the compile backend, from the problem size (Inductor would otherwise
-    autotune every call site, minutes of compile for a 28-block DiT)."""
+    autotune every call site: minutes of compile for a 28-block DiT). The rules follow the autotuner's choices on an
+    H100 at DiT shapes (benchmarks/results/gpu-bench-h100/gemm-autotuned-configs-and-pixart-1024-fp8.json)."""
     if INTERPRET:
         return {**get_autotune_config()[0].all_kwargs()}
-    if m >= 1024:
-        return dict(BLOCK_M=128, BLOCK_N=256 if n >= 2048 else 128, BLOCK_K=128, GROUP_M=8, num_warps=8,
-                    num_stages=3 if n >= 2048 else 4)
-    return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4)
+    if m < 1024:  # few tokens: small tiles so that enough programs fill the SMs
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=256, GROUP_M=8, num_warps=4, num_stages=3)
+    if n >= 2048 or (not integer and k <= 2048):
+        return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)
+    if k <= 2048:  # int8, narrow N: more, smaller tiles
+        return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4)
+    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4)
 
 
 def quantized_gemm(a: torch.Tensor, a_scale: torch.Tensor, a_zero: torch.Tensor | None, b: torch.Tensor,
@@ -155,7 +159,7 @@ def quantized_gemm(a: torch.Tensor, a_scale: torch.Tensor, a_zero: torch.Tensor 
     flags = dict(HAS_ZERO=a_zero is not None, HAS_BIAS=bias is not None, INT_ACC=a.dtype == torch.int8,
                  WEIGHT_BITS=weight_bits)
     if traced:
-        config = fixed_config(m, n)
+        config = fixed_config(m, n, k, a.dtype == torch.int8)
         grid = (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"]),)
         wrap_triton(_gemm_kernel.fn)[grid](*args, **flags, **config)
     else:

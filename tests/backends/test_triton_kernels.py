@@ -48,6 +48,21 @@ def test_packed_weight_gemm_unpacks_in_the_kernel_exactly(bits, m, k, n):
                                               torch.float32), expected)
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_traced_launch_with_fixed_config_matches(bits):
+    """The launch the compile backend traces into Inductor (wrap_triton, fixed tile config) computes the same."""
+    x, w = torch.randn(40, 64), torch.randn(24, 64)
+    x_q, x_scale, x_zero = fxq.quantize_per_token(x)
+    traced_q = quantize_per_token(x, traced=True)
+    assert all(torch.equal(a, b) for a, b in zip(traced_q, (x_q, x_scale, x_zero)))
+    w_q, w_scale = quantize_weight_per_channel(w, bits)
+    w_sum = w_q.sum(dim=1, dtype=torch.int32)
+    stored = w_q if bits == 8 else pack_bits(w_q, bits)
+    expected = fxq.int8_linear(x_q, x_scale, x_zero, w_q, w_scale, w_sum, None, torch.float32)
+    out = quantized_gemm(x_q, x_scale, x_zero, stored, w_scale, w_sum, None, torch.float32, bits, traced=True)
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+
+
 def test_fp8_quantize_and_gemm_match_float_reference():
     x, w = torch.randn(9, 40), torch.randn(12, 40)
     x_q, x_scale = quantize_per_token_fp8(x)
