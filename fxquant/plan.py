@@ -81,6 +81,9 @@ class LayerPlan:
 class QuantPlan:
     """All decisions for one model. `layers` is keyed by module FQN, in graph execution order.
 
+    allocation_checks (mixed precision): joint damage of each candidate allocation the sensitivity pass compared,
+    keyed by its candidate bits ("2,4,8"); the plan holds the lowest.
+
     Timestep groups (fxquant.timestep): boundaries on the 0-1000 scale, the forward argument (name, position)
     carrying the timestep, the factor normalising it, and the groups calibration saw (unseen groups use the
     statistics of all calls).
@@ -99,6 +102,7 @@ class QuantPlan:
     timestep_scale: float = 1.0
     calibrated_groups: list[int] = field(default_factory=list)
     sensitivity_seconds: float | None = None
+    allocation_checks: dict[str, float] = field(default_factory=dict)
 
     # -- queries -------------------------------------------------------------------------------------------------
     def quantized_layers(self) -> list[LayerPlan]:
