@@ -390,6 +390,8 @@ def main() -> None:
     parser.add_argument("--profile", help="write each variant's kernel profile to this text file")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
+    if args.layers and args.models != ["pixart"]:
+        parser.error("--layers applies to --models pixart alone")
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
               "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 

@@ -50,8 +50,6 @@ def _node_args(node: fx.Node, op: torch._ops.OpOverload) -> list:
 
 
 _QUANTIZE_OPS = (fxq.quantize_per_token.default, fxq.quantize_per_token_fp8.default, fxq.quantize_per_tensor.default)
-
-
 _VIEWS = {"reshape", "view", "contiguous", torch.reshape}
 
 
@@ -108,6 +106,7 @@ def fuse_packed_weights(gm: fx.GraphModule) -> int:
     return fused
 
 
+# The launchers import Triton lazily: the backend also serves CPU-only installs, where Triton may be absent.
 def _triton_int8_linear(x_q, x_scale, x_zero, w_q, w_scale, w_sum, bias, out_dtype):
     from .gemm import quantized_gemm
 
@@ -182,7 +181,7 @@ BACKEND_OPTIONS = {
 def fxquant_backend(gm: fx.GraphModule, example_inputs, mode: str | None = None, options: dict | None = None):
     """Dynamo backend: graph module + example inputs (+ torch.compile's mode / options) -> a callable.
 
-    options: Inductor's, plus BACKEND_OPTIONS (e.g. `options={"fxquant.inline_gemm": False}`)."""
+    options: Inductor's, plus BACKEND_OPTIONS (e.g. `options={"fxquant.inline_kernels": False}`)."""
     options = dict(options or {})
     ours = {key: bool(options.pop(key)) for key in list(options) if key.startswith("fxquant.")}
     unknown = set(ours) - set(BACKEND_OPTIONS)

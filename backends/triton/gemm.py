@@ -8,9 +8,9 @@ a: activations [M, K] (row-major), b: weights [N, K] (row-major, i.e. B^T) as in
 per-token a_scale / a_zero (int8 path: asymmetric activations; the zero-point term uses the precomputed weight row
 sums b_sum), per-channel b_scale, optional bias, one cast to the output dtype at the store. Accumulation is exact
 int32 for int8 and fp32 for fp8. The launcher `quantized_gemm` checks, allocates and launches; tests compare it with
-fxquant::int8_linear's reference. With `traced=True` the
-launch goes through `torch.library.wrap_triton`, so that the compile backend's graphs trace into the kernel and
-Inductor launches it from its own generated code.
+fxquant::int8_linear's reference. With `traced=True` the launch goes through `torch.library.wrap_triton` with a
+fixed tile config, so that the compile backend's graphs trace into the kernel and Inductor launches it from its own
+generated code.
 """
 
 from __future__ import annotations
