@@ -4,7 +4,9 @@ One binary variable per (layer, candidate bit-width); each layer takes exactly o
 summed sensitivity scores (higher = better quality, e.g. SQNR or SSIM of the output with that layer at that
 width) subject to a memory budget: the parameter-weighted average bit-width lies within ±tolerance of the target.
 An optional latency budget bounds the summed per-layer latencies. A "layer" may be any unit the caller scores —
-ViDiT-Q's (layer, timestep group) pairs fit the same program.
+ViDiT-Q's (layer, timestep group) pairs fit the same program. Candidates may also be (weight bits, activation
+bits) pairs (MixDQ's activation allocation): the memory budget counts their weight bits, and act_target_bits bounds
+the act_sizes-weighted average of their activation bits.
 
     choice = allocate_bits(sizes={"a": 1000, "b": 10}, scores={"a": {4: -3.0, 8: 0.0}, "b": {4: -0.1, 8: 0.0}},
                            target_bits=4.1)
@@ -22,8 +24,11 @@ from .errors import RecipeError
 def allocate_bits(sizes: Mapping[str, int], scores: Mapping[str, Mapping], target_bits: float,
                   tolerance: float = 0.02, latency: Mapping[str, Mapping[int, float]] | None = None,
                   latency_budget: float | None = None, executed_bits: float | None = None,
-                  time_limit: float = 10.0) -> dict[str, int | dict[int, int]]:
-    """layer -> chosen bit-width. sizes: parameter counts; scores[layer][bits]: quality if the layer runs at bits.
+                  act_sizes: Mapping[str, int] | None = None, act_target_bits: float | None = None,
+                  time_limit: float = 10.0) -> dict[str, int | tuple | dict[int, int]]:
+    """layer -> chosen bit-width. sizes: parameter counts; scores[layer][bits]: quality if the layer runs at bits
+    (bits: an int, or a (weight bits, activation bits) pair; act_target_bits then bounds the average activation
+    bits weighted by act_sizes).
 
     Per-timestep-group layers (ViDiT-Q): scores[layer] = {group: {bits: score}}; the layer then gets a width per
     group ({group: bits}) and is stored at the largest (nested planes), which is what the memory budget counts.
@@ -37,9 +42,9 @@ def allocate_bits(sizes: Mapping[str, int], scores: Mapping[str, Mapping], targe
     if total <= 0:
         raise RecipeError("allocate_bits needs layers with a positive parameter count.")
     grouped = {n: dict(scores[n]) if _per_group(scores[n]) else {None: dict(scores[n])} for n in layers}
-    widths = {n: sorted({b for table in grouped[n].values() for b in table}) for n in layers}
-    lowest = sum(sizes[n] * max(min(t) for t in grouped[n].values()) for n in layers) / total
-    highest = sum(sizes[n] * widths[n][-1] for n in layers) / total
+    widths = {n: sorted({b for table in grouped[n].values() for b in table}, key=weight_bits_of) for n in layers}
+    lowest = sum(sizes[n] * max(min(map(weight_bits_of, t)) for t in grouped[n].values()) for n in layers) / total
+    highest = sum(sizes[n] * weight_bits_of(widths[n][-1]) for n in layers) / total
     if target_bits + tolerance < lowest or target_bits - tolerance > highest:
         raise RecipeError(
             f"Average weight bits {target_bits} ± {tolerance} is out of reach: the candidate bit-widths give "
@@ -54,15 +59,20 @@ def allocate_bits(sizes: Mapping[str, int], scores: Mapping[str, Mapping], targe
         for g, table in grouped[n].items():
             model += mip.xsum(run[n, g, b] for b in table) == 1
             for b in table:  # a group runs at most the stored width
-                model += run[n, g, b] <= mip.xsum(stored[n, w] for w in widths[n] if w >= b)
+                model += run[n, g, b] <= mip.xsum(stored[n, w] for w in widths[n]
+                                                  if weight_bits_of(w) >= weight_bits_of(b))
         for b in widths[n]:  # the stored width is the widest one run
             model += stored[n, b] <= mip.xsum(run[n, g, b] for g, t in grouped[n].items() if b in t)
-    weighted_bits = mip.xsum(sizes[n] * b * stored[n, b] for n in layers for b in widths[n])
+    weighted_bits = mip.xsum(sizes[n] * weight_bits_of(b) * stored[n, b] for n in layers for b in widths[n])
     model += weighted_bits <= (target_bits + tolerance) * total
     model += weighted_bits >= (target_bits - tolerance) * total
     if executed_bits is not None:
-        model += mip.xsum(sizes[n] * b * run[n, g, b] / len(grouped[n])
+        model += mip.xsum(sizes[n] * weight_bits_of(b) * run[n, g, b] / len(grouped[n])
                           for n in layers for g, t in grouped[n].items() for b in t) <= executed_bits * total
+    if act_target_bits is not None:
+        act_total = sum(act_sizes[n] for n in layers)
+        model += mip.xsum(act_sizes[n] * b[1] * stored[n, b] for n in layers for b in widths[n]) \
+            <= act_target_bits * act_total
     if latency_budget is not None:
         if latency is None:
             raise RecipeError("latency_budget needs a per-layer latency table (latency[layer][bits]).")
@@ -75,11 +85,17 @@ def allocate_bits(sizes: Mapping[str, int], scores: Mapping[str, Mapping], targe
         raise RecipeError(
             f"No bit allocation meets average {target_bits} ± {tolerance} bits"
             + (f", executed bits ≤ {executed_bits}" if executed_bits is not None else "")
+            + (f", activation bits ≤ {act_target_bits}" if act_target_bits is not None else "")
             + (f" and latency ≤ {latency_budget}" if latency_budget is not None else "")
             + f" (solver status {status.name}). Loosen the budget or add candidate bit-widths."
         )
     choice = {n: {g: next(b for b in t if run[n, g, b].x >= 0.5) for g, t in grouped[n].items()} for n in layers}
     return {n: choice[n] if _per_group(scores[n]) else choice[n][None] for n in layers}
+
+
+def weight_bits_of(candidate: int | tuple) -> int:
+    """The weight bits of a candidate: the int itself or the first of a (weight, activation) pair."""
+    return candidate[0] if isinstance(candidate, tuple) else candidate
 
 
 def _per_group(table: Mapping) -> bool:
@@ -89,5 +105,5 @@ def _per_group(table: Mapping) -> bool:
 
 def average_bits(sizes: Mapping[str, int], bits: Mapping[str, int | Mapping[int, int]]) -> float:
     """Parameter-weighted mean stored bit-width of an allocation (a per-group choice stores its largest width)."""
-    stored = {n: max(b.values()) if isinstance(b, Mapping) else b for n, b in bits.items()}
+    stored = {n: max(b.values()) if isinstance(b, Mapping) else weight_bits_of(b) for n, b in bits.items()}
     return sum(sizes[n] * stored[n] for n in sizes) / sum(sizes.values())

@@ -20,6 +20,7 @@ WEIGHT_GRANULARITIES = ("per_channel",)
 WEIGHT_BITS = (8, 4, 2)
 MIXED_PRECISION = (None, "layer", "block-group")
 CANDIDATE_BITS = (2, 4, 6, 8)
+ACT_CANDIDATE_BITS = (4, 8, 16)
 
 
 @dataclass
@@ -61,6 +62,11 @@ class QuantConfig:
         executed_bits: with bits_per_timestep_group, an upper bound on the parameter-weighted average of the widths
             run (over timestep groups): the weight traffic. Under the memory budget alone every group runs the stored
             width; this budget is what makes the groups differ.
+        act_candidate_bits: activation bit-widths the "layer" allocation chooses from for linears (MixDQ): 8, 4
+            (static activations on a 4-bit grid, run by the int8 kernels) and 16 (no activation quantization: the
+            layer runs its dequantized weights in the model's dtype). [8] = every layer A8.
+        act_target_bits: with several act_candidate_bits, the in_features-weighted average activation bits of the
+            quantized linears must not exceed this (activation bytes per token).
         sensitivity_calls: recorded calibration calls (the full-precision trajectory) the probes replay.
         sensitivity_rows: samples of each recorded call the probes replay (a guidance batch keeps both halves).
     """
@@ -85,6 +91,8 @@ class QuantConfig:
     target_bits: float = 8.0
     bits_per_timestep_group: bool = False
     executed_bits: float | None = None
+    act_candidate_bits: list[int] = field(default_factory=lambda: [8])
+    act_target_bits: float | None = None
     sensitivity_calls: int = 20
     sensitivity_rows: int = 4
     version: int = 1
@@ -127,6 +135,21 @@ class QuantConfig:
                               f"({self.target_bits}).")
         if self.bits_per_timestep_group and 2 in self.candidate_bits:
             raise RecipeError("2-bit weights cannot vary per timestep group; use candidate_bits from 4, 6, 8.")
+        self.act_candidate_bits = sorted(set(int(b) for b in self.act_candidate_bits))
+        if not self.act_candidate_bits or any(b not in ACT_CANDIDATE_BITS for b in self.act_candidate_bits):
+            raise RecipeError(f"act_candidate_bits={self.act_candidate_bits} must be a non-empty subset of "
+                              f"{ACT_CANDIDATE_BITS}.")
+        if self.act_candidate_bits != [8]:
+            if self.mixed_precision != "layer" or self.bits_per_timestep_group or 8 not in self.candidate_bits:
+                raise RecipeError("act_candidate_bits other than [8] need mixed_precision='layer' without "
+                                  "bits_per_timestep_group, and 8 among candidate_bits (the W8A8 probe is shared).")
+            if 4 in self.act_candidate_bits and self.act_mode != "static_per_tensor":
+                raise RecipeError("4-bit activations are static per tensor; use act_mode='static_per_tensor' or "
+                                  "act_candidate_bits from 8, 16.")
+            if self.act_target_bits is None or not (min(self.act_candidate_bits) <= self.act_target_bits
+                                                     <= max(self.act_candidate_bits)):
+                raise RecipeError(f"act_target_bits={self.act_target_bits} must lie within act_candidate_bits "
+                                  f"{self.act_candidate_bits}.")
         if self.mixed_precision and self.fp8:
             raise RecipeError("mixed_precision chooses integer weight bits; it cannot be combined with fp8.")
         if self.sensitivity_calls < 1 or self.sensitivity_rows < 2:

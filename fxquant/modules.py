@@ -21,7 +21,7 @@ fxq = torch.ops.fxquant
 
 def _static_act_params(layer: LayerPlan, device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(fp32 scale [G], int32 zero [G]) of a layer with static activations, else (None, None)."""
-    if layer.act_mode != "static_per_tensor":
+    if layer.act_mode != "static_per_tensor" or layer.act_bits == 16:
         return None, None
     if not layer.act_scale or not layer.act_zero:
         raise ValueError(f"Layer {layer.fqn!r} uses static activations but the plan holds no act_scale / act_zero.")
@@ -77,10 +77,11 @@ class QuantLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, has_bias: bool, act_params: tuple,
                  bias_dtype: torch.dtype, planes: list[int] = (8,), group_planes: list[int] | None = None,
                  smoothed: bool = False, rotation_block: int = 0, fp8: bool = False, fp_tokens: int = 0,
-                 fp_tokens_cached: bool = False, device=None):
+                 fp_tokens_cached: bool = False, act_bits: int = 8, device=None):
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
+        self.act_bits = act_bits
         self.planes = list(planes)
         self.rotation_block = rotation_block
         self.fp8 = fp8
@@ -115,7 +116,8 @@ class QuantLinear(nn.Module):
                      _static_act_params(layer, device), linear.weight.dtype, planes,
                      _group_planes(planes, layer.group_weight_bits), smoothed=_smooths_at_run_time(layer),
                      rotation_block=layer.rotation_block or 0, fp8=layer.number_format == "fp8",
-                     fp_tokens=layer.fp_tokens, fp_tokens_cached=cached, device=device)
+                     fp_tokens=layer.fp_tokens, fp_tokens_cached=cached, act_bits=layer.act_bits or 8,
+                     device=device)
         if cached:
             module.fp_token_out = linear(fp_rows.to(device, linear.weight.dtype)).detach().float()
         if layer.smooth is not None:
@@ -146,7 +148,8 @@ class QuantLinear(nn.Module):
         return cls(layer.in_features, layer.out_features, has_bias, _static_act_params(layer, "meta"), bias_dtype,
                    planes, _group_planes(planes, layer.group_weight_bits), smoothed=_smooths_at_run_time(layer),
                    rotation_block=layer.rotation_block or 0, fp8=layer.number_format == "fp8",
-                   fp_tokens=layer.fp_tokens, fp_tokens_cached=layer.fp_tokens_cached, device="meta")
+                   fp_tokens=layer.fp_tokens, fp_tokens_cached=layer.fp_tokens_cached,
+                   act_bits=layer.act_bits or 8, device="meta")
 
     def _weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(int8 codes [N, K], fp32 scale [N], int32 row sums [N]) of the current call (its timestep group's
@@ -171,12 +174,16 @@ class QuantLinear(nn.Module):
             out = fxq.fp8_linear(x_q, x_scale, self.weight_q, self.weight_scale, self.bias, x.dtype)
             return out.reshape(*x.shape[:-1], self.out_features)
         weight_q, weight_scale, weight_sum = self._weights()
-        if self.act_scale is None:
+        if self.act_bits == 16:  # weight-only: the dequantized weights in the activations' dtype
+            weight = (weight_q.float() * weight_scale.reshape(-1, 1)).to(rows.dtype)
+            out = F.linear(rows, weight, None if self.bias is None else self.bias.to(rows.dtype)).to(x.dtype)
+        elif self.act_scale is None:
             x_q, x_scale, x_zero = fxq.quantize_per_token(rows)
+            out = fxq.int8_linear(x_q, x_scale, x_zero, weight_q, weight_scale, weight_sum, self.bias, x.dtype)
         else:
             x_scale, x_zero = _static_params_for_call(self)
-            x_q = fxq.quantize_per_tensor(rows, x_scale, x_zero)
-        out = fxq.int8_linear(x_q, x_scale, x_zero, weight_q, weight_scale, weight_sum, self.bias, x.dtype)
+            x_q = fxq.quantize_per_tensor(rows, x_scale, x_zero, self.act_bits)
+            out = fxq.int8_linear(x_q, x_scale, x_zero, weight_q, weight_scale, weight_sum, self.bias, x.dtype)
         out = out.reshape(*x.shape[:-1], self.out_features)
         if self.fp_tokens:
             out = torch.cat([self._full_precision_tokens(head, weight_q, weight_scale).to(out.dtype), out], dim=-2)
@@ -201,11 +208,12 @@ class QuantLinear(nn.Module):
         return F.linear(head.float(), weight, None if self.bias is None else self.bias.float())
 
     def extra_repr(self) -> str:
-        mode = "dynamic per-token" if self.act_scale is None else "static per-tensor"
+        mode = "A16 (not quantized)" if self.act_bits == 16 else \
+            f"A{self.act_bits} " + ("dynamic per-token" if self.act_scale is None else "static per-tensor")
         balance = [name for name, on in (("smooth", self.smooth_inv is not None),
                                          (f"rotate{self.rotation_block}", self.rotation_signs is not None)) if on]
         weights = "fp8 e4m3" if self.fp8 else "W" + "+".join(map(str, self.planes))
-        return (f"in={self.in_features}, out={self.out_features}, {weights} per-channel, A8 {mode}"
+        return (f"in={self.in_features}, out={self.out_features}, {weights} per-channel, {mode}"
                 + (f", {'+'.join(balance)}" if balance else "")
                 + (f", first {self.fp_tokens} tokens full precision" if self.fp_tokens else ""))
 

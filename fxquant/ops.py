@@ -65,13 +65,15 @@ def _(x):
 
 
 @torch.library.custom_op("fxquant::quantize_per_tensor", mutates_args=())
-def quantize_per_tensor(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-    """x (any shape) float with static fp32 scale [1] and int32 zero [1] -> int8 of x's shape."""
-    return quantize_asymmetric(x, scale, zero)
+def quantize_per_tensor(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                        bits: int = 8) -> torch.Tensor:
+    """x (any shape) float with static fp32 scale [1] and int32 zero [1] -> int8 of x's shape, on the signed
+    `bits`-bit grid (bits 4: values in [-8, 7], run by the int8 kernels)."""
+    return quantize_asymmetric(x, scale, zero, bits)
 
 
 @quantize_per_tensor.register_fake
-def _(x, scale, zero):
+def _(x, scale, zero, bits=8):
     return x.new_empty(x.shape, dtype=torch.int8)
 
 

@@ -41,6 +41,12 @@ def asymmetric_params(lo: torch.Tensor, hi: torch.Tensor, bits: int = 8) -> tupl
     return scale, zero
 
 
+def asymmetric_range(scale: float, zero: int, bits: int = 8) -> tuple[float, float]:
+    """Inverse of asymmetric_params: the range [lo, hi] a (scale, zero) pair covers (lo exact to half a step)."""
+    lo = scale * (-(2 ** (bits - 1)) - zero)
+    return lo, lo + scale * (2**bits - 1)
+
+
 def quantize_asymmetric(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int = 8) -> torch.Tensor:
     """x -> int8 q = clamp(round(x * (1 / scale)) + zero) (scale and zero broadcast against x).
 

@@ -37,11 +37,11 @@ from collections import defaultdict
 import torch
 from tqdm.auto import tqdm
 
-from fxquant.bit_allocation import allocate_bits
+from fxquant.bit_allocation import allocate_bits, weight_bits_of
 from fxquant.errors import CalibrationError
 from fxquant.modules import QuantConv2d, QuantLinear
 from fxquant.plan import LayerPlan
-from fxquant.quantizer import packable
+from fxquant.quantizer import asymmetric_params, asymmetric_range, packable
 from fxquant.state import QuantState
 from fxquant.timestep import TimestepGroup
 
@@ -120,6 +120,43 @@ def _view(output: torch.Tensor, metric: str, cfg: bool) -> torch.Tensor:
     return output
 
 
+def _act_allocated(layers: list[LayerPlan]) -> bool:
+    """Whether a unit's activation bits are allocated: linears only (convolutions quantize inside their op, A8)."""
+    return all(layer.op == "linear" for layer in layers)
+
+
+def _at_bits(layer: LayerPlan, weight_bits: int, act_bits: int = 8) -> LayerPlan:
+    """The layer's plan at other weight / activation bits, for probing or for the final choice: static scales are
+    re-derived for other activation bits from the calibrated range; the norm fold is cleared (it happens only at
+    lower, and probes multiply by 1 / s themselves)."""
+    changes = dict(weight_bits=weight_bits, group_weight_bits=None, smooth_folded_into=None)
+    if act_bits != layer.act_bits:
+        changes["act_bits"] = act_bits
+        if layer.act_scale is not None and act_bits != 16:
+            params = [asymmetric_params(*map(torch.tensor, asymmetric_range(scale, zero, layer.act_bits)), act_bits)
+                      for scale, zero in zip(layer.act_scale, layer.act_zero)]
+            changes.update(act_scale=[scale.item() for scale, _ in params],
+                           act_zero=[int(zero.item()) for _, zero in params])
+    return dataclasses.replace(layer, **changes)
+
+
+def _pair(choice) -> tuple[int, int]:
+    """An allocation's choice as (weight bits, activation bits)."""
+    return choice if isinstance(choice, tuple) else (choice, 8)
+
+
+def _with_activations(table: dict, allocated: bool) -> dict:
+    """With activation allocation: {bits: score, "a4": score, ...} -> {(weight bits, act bits): score} (an
+    activation's damage adds to the weight damage, less the shared W8A8 probe; units without activation probes get
+    (bits, 8) only). Without: the table unchanged."""
+    if not allocated:
+        return table
+    weights = {bits: score for bits, score in table.items() if not isinstance(bits, str)}
+    acts = {int(key[1:]): score for key, score in table.items() if isinstance(key, str)}
+    acts[8] = weights[8]
+    return {(w, a): weights[w] + acts[a] - weights[8] for w in weights for a in acts}
+
+
 class SensitivityPass(QuantPass):
     name = "sensitivity"
 
@@ -152,29 +189,31 @@ class SensitivityPass(QuantPass):
         with torch.no_grad():
             reference = [_first_tensor(state.model(*args, **kwargs)) for args, kwargs, *_ in calls]
         damage: dict[str, dict] = {}
-        probes = [(name, group, bits) for name, layers in units.items() for group in groups
+        probes = [(name, group, bits, 8) for name, layers in units.items() for group in groups
                   for bits in config.candidate_bits if all(_can_store(l, bits) for l in layers)]
-        for name, group, bits in tqdm(probes, desc=f"sensitivity ({len(units)} units)", unit="probe"):
+        probes += [(name, None, 8, act) for name, layers in units.items() for act in config.act_candidate_bits
+                   if act != 8 and _act_allocated(layers)]  # activations alone: weights at 8 bits
+        for name, group, bits, act in tqdm(probes, desc=f"sensitivity ({len(units)} units)", unit="probe"):
             metric = _metric(units[name], config.mixed_precision)
             selected = [i for i, call in enumerate(calls) if group is None or call[2] == group]
-            outputs = self._probe(state, [(layer, bits) for layer in units[name]], [calls[i] for i in selected])
+            outputs = self._probe(state, [_at_bits(layer, bits, act) for layer in units[name]],
+                                  [calls[i] for i in selected])
             value = sum(_noise_power(_view(out, metric, calls[i][3]), _view(reference[i], metric, calls[i][3]))
                         for out, i in zip(outputs, selected)) / len(selected)
-            damage.setdefault(name, {}).setdefault(group, {})[bits] = value
+            damage.setdefault(name, {}).setdefault(group, {})[bits if act == 8 else f"a{act}"] = value
         self._allocate(state, units, damage, groups, calls, reference)
         plan.sensitivity_seconds = time.perf_counter() - start
         return PassResult(modified=True)
 
     @staticmethod
-    def _probe(state: QuantState, lowered: list[tuple[LayerPlan, int]], calls: list) -> list[torch.Tensor]:
-        """Outputs of the recorded `calls` with each (layer, bits) of `lowered` lowered (the rest full precision)."""
+    def _probe(state: QuantState, lowered: list[LayerPlan], calls: list) -> list[torch.Tensor]:
+        """Outputs of the recorded `calls` with the `lowered` layer plans (from _at_bits) lowered, the rest full
+        precision."""
         originals, timestep = {}, TimestepGroup()
-        for layer, bits in lowered:
+        for layer in lowered:
             module = state.model.get_submodule(layer.fqn)
-            # the norm is folded only at lower: probes multiply by 1 / s themselves
-            probe_layer = dataclasses.replace(layer, weight_bits=bits, group_weight_bits=None, smooth_folded_into=None)
-            new = QuantConv2d.from_float(module, probe_layer) if layer.op == "conv2d" else \
-                QuantLinear.from_float(module, probe_layer, seed=state.config.seed)
+            new = QuantConv2d.from_float(module, layer) if layer.op == "conv2d" else \
+                QuantLinear.from_float(module, layer, seed=state.config.seed)
             if state.plan.timestep_boundaries:
                 new._timestep = timestep
             replace_module(state.model, layer.fqn, new)
@@ -194,7 +233,7 @@ class SensitivityPass(QuantPass):
     def _joint_damage(self, state: QuantState, units: dict, choice: dict, calls: list, reference: list) -> float:
         """Every unit lowered at its chosen bits at once: the mean over calls and the metrics in use of the noise
         power of each metric's view of the output."""
-        lowered = [(layer, choice[name]) for name, layers in units.items() for layer in layers]
+        lowered = [_at_bits(layer, *_pair(choice[name])) for name, layers in units.items() for layer in layers]
         metrics = {_metric(layers, state.config.mixed_precision) for layers in units.values()}
         outputs = self._probe(state, lowered, calls)
         total = 0.0
@@ -216,13 +255,17 @@ class SensitivityPass(QuantPass):
                 totals[metric_of[name]] += table.get(lowest, max(table.values()))
         scores = {name: {g: {b: -d / (totals[metric_of[name]] or 1.0) for b, d in table.items()}
                          for g, table in per_group.items()} for name, per_group in damage.items()}
-        flat = {name: per_group if groups != [None] else per_group[None] for name, per_group in scores.items()}
+        allocated = config.act_candidate_bits != [8]
+        flat = {name: per_group if groups != [None] else _with_activations(per_group[None], allocated)
+                for name, per_group in scores.items()}
         sizes = {name: sum(layer.num_params for layer in units[name]) for name in units}
-        choice = allocate_bits(sizes, flat, config.target_bits, executed_bits=config.executed_bits)
+        budgets = dict(act_sizes={name: sum(layer.in_features for layer in units[name]) for name in units},
+                       act_target_bits=config.act_target_bits) if allocated else {}
+        choice = allocate_bits(sizes, flat, config.target_bits, executed_bits=config.executed_bits, **budgets)
         higher = config.candidate_bits[1:]
         if groups == [None] and higher and config.target_bits >= higher[0] - 0.02:
-            without = allocate_bits(sizes, {name: {b: s for b, s in table.items() if b in higher}
-                                            for name, table in flat.items()}, config.target_bits)
+            without = allocate_bits(sizes, {name: {b: s for b, s in table.items() if weight_bits_of(b) in higher}
+                                            for name, table in flat.items()}, config.target_bits, **budgets)
             candidates = {",".join(map(str, config.candidate_bits)): choice, ",".join(map(str, higher)): without}
             joint = {key: self._joint_damage(state, units, picked, calls, reference)
                      for key, picked in candidates.items()}
@@ -232,7 +275,10 @@ class SensitivityPass(QuantPass):
             picked = choice[name]
             per_group = [picked[g] for g in groups] if isinstance(picked, dict) else None
             for layer in layers:
-                layer.weight_bits = max(per_group) if per_group else picked
+                if not per_group:
+                    chosen = _at_bits(layer, *_pair(picked))
+                    layer.act_bits, layer.act_scale, layer.act_zero = chosen.act_bits, chosen.act_scale, chosen.act_zero
+                layer.weight_bits = max(per_group) if per_group else _pair(picked)[0]
                 layer.group_weight_bits = per_group if per_group and len(set(per_group)) > 1 else None
                 layer.sensitivity_metric = metric_of[name]
                 layer.sensitivity = {(f"{g}:{b}" if g is not None else str(b)): d
@@ -243,3 +289,4 @@ class SensitivityPass(QuantPass):
             for layer in state.plan.quantized_layers():
                 if layer.number_format == "int":
                     assert layer.weight_bits in state.config.candidate_bits, layer.fqn
+                    assert layer.act_bits in state.config.act_candidate_bits, layer.fqn

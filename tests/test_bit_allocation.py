@@ -96,3 +96,26 @@ def test_per_timestep_group_widths_store_the_widest_and_obey_the_executed_budget
     assert average_bits(sizes, budgeted) == 8.0
     with pytest.raises(RecipeError, match="executed bits ≤ 3.0"):
         allocate_bits(sizes, scores, 8.0, executed_bits=3.0)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_weight_and_activation_pairs_against_brute_force(seed):
+    """(weight bits, activation bits) candidates: the memory budget counts weights, act_target_bits activations."""
+    rng = random.Random(seed)
+    pairs = [(w, a) for w in (2, 4, 8) for a in (4, 8, 16)]
+    names = [f"l{i}" for i in range(4)]
+    sizes = {n: rng.randint(10, 100) for n in names}
+    act_sizes = {n: rng.randint(1, 10) for n in names}
+    scores = {n: {(w, a): -rng.random() * (8 / w) * (8 / a) for w, a in pairs} for n in names}
+    target, act_target = 4.5, 8.0
+    best = None
+    for combo in itertools.product(pairs, repeat=len(names)):
+        choice = dict(zip(names, combo))
+        act_average = sum(act_sizes[n] * choice[n][1] for n in names) / sum(act_sizes.values())
+        if abs(average_bits(sizes, choice) - target) > 0.5 + 1e-9 or act_average > act_target + 1e-9:
+            continue
+        value = sum(scores[n][choice[n]] for n in names)
+        best = value if best is None or value > best else best
+    choice = allocate_bits(sizes, scores, target, tolerance=0.5, act_sizes=act_sizes, act_target_bits=act_target)
+    assert sum(act_sizes[n] * choice[n][1] for n in names) <= act_target * sum(act_sizes.values()) + 1e-9
+    assert sum(scores[n][choice[n]] for n in names) == pytest.approx(best)

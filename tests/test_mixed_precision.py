@@ -270,3 +270,63 @@ def test_per_group_bits_need_calibration_in_every_timestep_group():
     with pytest.raises(fxquant.CalibrationError, match=r"reach no call in timestep groups \[0\]"):
         fxquant.quantize(family.build(), fxquant.ViditqW4A8MPConfig(target_bits=6.0),
                          inputs_at_timesteps(family, [950, 700]))
+
+
+@pytest.fixture(scope="module")
+def mixdq_with_activation_bits():
+    family = FAMILIES["pixart"]
+    reference = family.build()
+    config = fxquant.MixdqW4A8MPConfig(target_bits=5.0, act_candidate_bits=[4, 8, 16], act_target_bits=7.0)
+    qmodel = fxquant.quantize(copy.deepcopy(reference), config, [family.inputs(batch=2, seed=s) for s in range(2)])
+    return reference, qmodel
+
+
+def test_activation_bits_are_allocated_within_their_budget(mixdq_with_activation_bits):
+    reference, qmodel = mixdq_with_activation_bits
+    linears = [layer for layer in qmodel.plan.quantized_layers() if layer.op == "linear"]
+    assert all(layer.sensitivity.keys() >= {"a4", "a16"} for layer in linears)  # activations probed alone
+    act_average = sum(l.in_features * l.act_bits for l in linears) / sum(l.in_features for l in linears)
+    assert act_average <= 7.0 + 1e-9 and {l.act_bits for l in linears} > {8}
+    inputs = FAMILIES["pixart"].inputs(batch=2, seed=7)
+    with torch.no_grad():
+        assert relative_l2(qmodel(**inputs, return_dict=False)[0], reference(**inputs, return_dict=False)[0]) < 0.1
+
+
+def test_a4_layers_quantize_on_a_4_bit_grid_and_a16_layers_run_weight_only():
+    layer = LayerPlan("proj", "linear", "mlp", "latent", num_params=48 * 32, in_features=32, out_features=48,
+                      weight_bits=8, weight_granularity="per_channel", number_format="int", act_bits=4,
+                      act_mode="static_per_tensor", act_scale=[0.5], act_zero=[-1])
+    linear = torch.nn.Linear(32, 48)
+    x = torch.randn(3, 32) * 3
+    codes = torch.ops.fxquant.quantize_per_tensor(x, torch.tensor([0.5]), torch.tensor([-1], dtype=torch.int32), 4)
+    assert codes.min() >= -8 and codes.max() <= 7 and (codes == 7).any()  # clipped to the 4-bit grid
+    a4 = QuantLinear.from_float(linear, layer)
+    assert a4.act_bits == 4 and "A4 static" in repr(a4)
+    a16 = QuantLinear.from_float(linear, dataclasses.replace(layer, act_bits=16))
+    weight = a16.weight_q.float() * a16.weight_scale[:, None]
+    torch.testing.assert_close(a16(x), torch.nn.functional.linear(x, weight, linear.bias), rtol=1e-6, atol=1e-6)
+
+
+def test_activation_bits_survive_save_load_and_onnx_export(mixdq_with_activation_bits, tmp_path):
+    from fxquant.backends.onnx import session
+
+    _, qmodel = mixdq_with_activation_bits
+    loaded = fxquant.load(fxquant.save(qmodel, tmp_path / "ckpt"))
+    inputs = FAMILIES["pixart"].inputs(batch=2, seed=8)
+    with torch.no_grad():
+        expected = qmodel(**inputs, return_dict=False)[0]
+        assert torch.equal(loaded(**inputs, return_dict=False)[0], expected)
+    ort = session(fxquant.export_onnx(qmodel, tmp_path / "act.onnx", inputs, dynamic_batch=False))
+    feed = {i.name: inputs[i.name].numpy() for i in ort.get_inputs()}
+    assert relative_l2(torch.from_numpy(ort.run(None, feed)[0]), expected) <= 1e-3
+
+
+def test_activation_allocation_config_errors():
+    with pytest.raises(fxquant.RecipeError, match="4-bit activations are static"):
+        fxquant.get_config("mixdq-w4a8-mp:act_mode=dynamic_per_token,act_candidate_bits=[4,8],act_target_bits=6")
+    with pytest.raises(fxquant.RecipeError, match="act_target_bits"):
+        fxquant.get_config("mixdq-w4a8-mp:act_candidate_bits=[4,8]")
+    with pytest.raises(fxquant.RecipeError, match="mixed_precision='layer'"):
+        fxquant.get_config("viditq-w4a8-mp:act_candidate_bits=[8,16],act_target_bits=10")
+    with pytest.raises(fxquant.RecipeError, match="subset"):
+        fxquant.get_config("mixdq-w4a8-mp:act_candidate_bits=[6,8],act_target_bits=7")

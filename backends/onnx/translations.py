@@ -99,9 +99,14 @@ def translation_table(act_form: str = "per_token") -> dict:
         scalar_of[id(scale_rows)] = scale, zero
         return q, scale_rows, zero_rows
 
-    def quantize_per_tensor(x, scale, zero):
+    def quantize_per_tensor(x, scale, zero, bits: int = 8):
         zero_u8 = op.Cast(_shift_to_uint8_grid(zero), to=U8)
-        return op.QuantizeLinear(x, op.Reshape(scale, _axes()), op.Reshape(zero_u8, _axes()))
+        q = op.QuantizeLinear(x, op.Reshape(scale, _axes()), op.Reshape(zero_u8, _axes()))
+        if bits == 8:
+            return q
+        bounds = [op.Constant(value=ir.tensor(np.array(128 + v, dtype=np.uint8)))
+                  for v in (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)]
+        return op.Clip(q, *bounds)  # the uint8 grid shifted by 128: a signed bits-bit grid
 
     def int8_linear(x_q, x_scale, x_zero, w_q, w_scale, w_sum, bias, out_dtype):
         weight = op.Transpose(w_q, perm=[1, 0])  # [K, N], folded into the initializer
