@@ -25,6 +25,11 @@ fewstep-unet at 4.0 bits, 31.1 dB with {2, 4, 8} against 37.2 dB with {4, 8}). S
 dropped and the target still reached, the program is solved both with and without it, both allocations are lowered
 together and replayed (joint damage: each metric's noise power on the whole model's output, averaged), and the
 lower joint damage wins (plan.allocation_checks records both).
+
+Activation bits (config.act_candidate_bits, "layer" units of linears): each unit is also probed with its activations
+alone at the other widths (weights at 8 bits; 4: static scales re-derived on a 4-bit grid, 16: not quantized), the
+program's candidates become (weight bits, activation bits) pairs scored by the sum of both damages less the shared
+W8A8 probe, and act_target_bits bounds their in_features-weighted average activation bits.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fxquant.bit_allocation import allocate_bits, weight_bits_of
-from fxquant.errors import CalibrationError
+from fxquant.errors import CalibrationError, RecipeError
 from fxquant.modules import QuantConv2d, QuantLinear
 from fxquant.plan import LayerPlan
 from fxquant.quantizer import asymmetric_params, asymmetric_range, packable
@@ -264,8 +269,11 @@ class SensitivityPass(QuantPass):
         choice = allocate_bits(sizes, flat, config.target_bits, executed_bits=config.executed_bits, **budgets)
         higher = config.candidate_bits[1:]
         if groups == [None] and higher and config.target_bits >= higher[0] - 0.02:
-            without = allocate_bits(sizes, {name: {b: s for b, s in table.items() if weight_bits_of(b) in higher}
-                                            for name, table in flat.items()}, config.target_bits, **budgets)
+            try:
+                without = allocate_bits(sizes, {name: {b: s for b, s in table.items() if weight_bits_of(b) in higher}
+                                                for name, table in flat.items()}, config.target_bits, **budgets)
+            except RecipeError:  # the budget needs the lowest width: nothing to compare
+                without = choice
             candidates = {",".join(map(str, config.candidate_bits)): choice, ",".join(map(str, higher)): without}
             joint = {key: self._joint_damage(state, units, picked, calls, reference)
                      for key, picked in candidates.items()}
