@@ -80,7 +80,7 @@ def generate(pipe: FashionPipeline, prompts: list[str], noise: torch.Tensor, ste
     """Images in [0, 1] as [N, 1, H, W] (video [N, F, 1, H, W]) on the CPU, and seconds taken."""
     start = time.perf_counter()
     outputs = []
-    for i in range(0, len(prompts), batch):
+    for i in tqdm(range(0, len(prompts), batch), desc="generating", unit="batch", leave=False):
         out = pipe(prompts[i:i + batch], num_inference_steps=steps, guidance_scale=guidance,
                    latents=noise[i:i + batch], output_type="pt").images
         outputs.append(out.float().cpu())
