@@ -144,7 +144,7 @@ def evaluate(model: str, recipes: list[str | QuantConfig], samples: int = 100, s
     reference_bytes = module_bytes(base.denoiser)
     rows = [{"recipe": "fp", **image_scores(reference_images, labels, classifier), "psnr_db": None, "ssim": None,
              "sqnr_db_per_step": None, "weight_bytes": reference_bytes, "average_weight_bits": 16.0,
-             "quantized_weight_bits": None, "sensitivity_seconds": None,
+             "quantized_weight_bits": None, "sensitivity_seconds": None, "allocation_checks": {},
              "quantize_seconds": 0.0, "generate_seconds": reference_seconds}]
     echo(f"{model} fp: accuracy {rows[0]['accuracy']:.3f}, FD-FMNIST {rows[0]['fd_fmnist']:.3f}")
     for recipe in recipes:
@@ -172,6 +172,7 @@ def evaluate(model: str, recipes: list[str | QuantConfig], samples: int = 100, s
                "weight_bytes": module_bytes(qmodel), "average_weight_bits": qmodel.plan.average_weight_bits,
                "quantized_weight_bits": qmodel.plan.quantized_average_weight_bits,
                "sensitivity_seconds": qmodel.plan.sensitivity_seconds,
+               "allocation_checks": qmodel.plan.allocation_checks,
                "quantize_seconds": quantize_seconds, "generate_seconds": seconds}
         rows.append(row)
         echo(f"{model} {name}: accuracy {row['accuracy']:.3f}, FD-FMNIST {row['fd_fmnist']:.3f}, "
