@@ -3,6 +3,7 @@ device, sensitivity probing + integer programming (MixDQ / ViDiT-Q-MP recipes), 
 
 import copy
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -236,21 +237,23 @@ def test_bos_outlier_is_found_kept_full_precision_and_cached():
     assert errors[True] < errors[False] / 5, errors  # the content tokens get a 40x finer static grid
 
 
-def test_mixed_precision_config_errors():
-    with pytest.raises(fxquant.RecipeError, match="target_bits=9.0 lies outside"):
-        fxquant.MixdqW4A8MPConfig(target_bits=9.0)
-    with pytest.raises(fxquant.RecipeError, match="mixed_precision='tensor' is unknown"):
-        fxquant.QuantConfig(mixed_precision="tensor")
-    with pytest.raises(fxquant.RecipeError, match="bits_per_timestep_group needs timestep_groups"):
-        fxquant.QuantConfig(mixed_precision="layer", bits_per_timestep_group=True)
-    with pytest.raises(fxquant.RecipeError, match="executed_bits=7.0 needs bits_per_timestep_group and must lie"):
-        fxquant.ViditqW4A8MPConfig(executed_bits=7.0)
-    with pytest.raises(fxquant.RecipeError, match="sensitivity_rows=1 at least 2"):
-        fxquant.MixdqW4A8MPConfig(sensitivity_rows=1)
-    with pytest.raises(fxquant.RecipeError, match="sensitivity_calls=0 must be at least 1"):
-        fxquant.MixdqW4A8MPConfig(sensitivity_calls=0)
-    with pytest.raises(fxquant.RecipeError, match="2-bit weights cannot vary per timestep group"):
-        fxquant.ViditqW4A8MPConfig(candidate_bits=[2, 4, 8])
+@pytest.mark.parametrize("recipe,message", [
+    ("mixdq-w4a8-mp:target_bits=9.0", "target_bits=9.0 lies outside"),
+    ("w8a8:mixed_precision=tensor", "mixed_precision='tensor' is unknown"),
+    ("w8a8:mixed_precision=layer,bits_per_timestep_group=true", "bits_per_timestep_group needs timestep_groups"),
+    ("viditq-w4a8-mp:executed_bits=7.0", "executed_bits=7.0 needs bits_per_timestep_group and must lie"),
+    ("mixdq-w4a8-mp:sensitivity_rows=1", "sensitivity_rows=1 at least 2"),
+    ("mixdq-w4a8-mp:sensitivity_calls=0", "sensitivity_calls=0 must be at least 1"),
+    ("viditq-w4a8-mp:candidate_bits=[2,4,8]", "2-bit weights cannot vary per timestep group"),
+    ("mixdq-w4a8-mp:act_mode=dynamic_per_token,act_candidate_bits=[4,8],act_target_bits=6",
+     "4-bit activations are static"),
+    ("mixdq-w4a8-mp:act_candidate_bits=[4,8]", "act_target_bits=None must lie within"),
+    ("viditq-w4a8-mp:act_candidate_bits=[8,16],act_target_bits=10", "need mixed_precision='layer'"),
+    ("mixdq-w4a8-mp:act_candidate_bits=[6,8],act_target_bits=7", "must be a non-empty subset"),
+])
+def test_mixed_precision_config_errors(recipe, message):
+    with pytest.raises(fxquant.RecipeError, match=re.escape(message)):
+        fxquant.get_config(recipe)
 
 
 def test_recipe_strings_take_overrides():
@@ -319,14 +322,3 @@ def test_activation_bits_survive_save_load_and_onnx_export(mixdq_with_activation
     ort = session(fxquant.export_onnx(qmodel, tmp_path / "act.onnx", inputs, dynamic_batch=False))
     feed = {i.name: inputs[i.name].numpy() for i in ort.get_inputs()}
     assert relative_l2(torch.from_numpy(ort.run(None, feed)[0]), expected) <= 1e-3
-
-
-def test_activation_allocation_config_errors():
-    with pytest.raises(fxquant.RecipeError, match="4-bit activations are static"):
-        fxquant.get_config("mixdq-w4a8-mp:act_mode=dynamic_per_token,act_candidate_bits=[4,8],act_target_bits=6")
-    with pytest.raises(fxquant.RecipeError, match="act_target_bits"):
-        fxquant.get_config("mixdq-w4a8-mp:act_candidate_bits=[4,8]")
-    with pytest.raises(fxquant.RecipeError, match="mixed_precision='layer'"):
-        fxquant.get_config("viditq-w4a8-mp:act_candidate_bits=[8,16],act_target_bits=10")
-    with pytest.raises(fxquant.RecipeError, match="subset"):
-        fxquant.get_config("mixdq-w4a8-mp:act_candidate_bits=[6,8],act_target_bits=7")
