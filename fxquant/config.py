@@ -21,6 +21,7 @@ WEIGHT_BITS = (8, 4, 2)
 MIXED_PRECISION = (None, "layer", "block-group")
 CANDIDATE_BITS = (2, 4, 6, 8)
 ACT_CANDIDATE_BITS = (4, 8, 16)
+ATTENTION_FORMATS = (None, "int8", "int8-fp8")
 
 
 @dataclass
@@ -67,6 +68,10 @@ class QuantConfig:
             layer runs its dequantized weights in the model's dtype). [8] = every layer A8.
         act_target_bits: with several act_candidate_bits, the in_features-weighted average activation bits of the
             quantized linears must not exceed this (activation bytes per token).
+        attention: quantize the attention matmuls (SageAttention-style, fxquant.attention): "int8" = Q K^T on int8
+            per-token Q and K (K minus its mean over tokens), P V in the model's dtype; "int8-fp8" = the same with
+            P and V in float8 e4m3 (V scaled per channel). None keeps attention in full precision. Calls with a mask,
+            dropout, causal masking or grouped heads keep the model's own attention.
         sensitivity_calls: recorded calibration calls (the full-precision trajectory) the probes replay.
         sensitivity_rows: samples of each recorded call the probes replay (a guidance batch keeps both halves).
     """
@@ -93,6 +98,7 @@ class QuantConfig:
     executed_bits: float | None = None
     act_candidate_bits: list[int] = field(default_factory=lambda: [8])
     act_target_bits: float | None = None
+    attention: str | None = None
     sensitivity_calls: int = 20
     sensitivity_rows: int = 4
     version: int = 1
@@ -150,6 +156,8 @@ class QuantConfig:
                                                      <= max(self.act_candidate_bits)):
                 raise RecipeError(f"act_target_bits={self.act_target_bits} must lie within act_candidate_bits "
                                   f"{self.act_candidate_bits}.")
+        if self.attention not in ATTENTION_FORMATS:
+            raise RecipeError(f"attention={self.attention!r} is unknown; use one of {ATTENTION_FORMATS}.")
         if self.mixed_precision and self.fp8:
             raise RecipeError("mixed_precision chooses integer weight bits; it cannot be combined with fp8.")
         if self.sensitivity_calls < 1 or self.sensitivity_rows < 2:

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import attention
 from .capture import bind_arguments, capture
 from .errors import CalibrationError
 from .modules import QUANT_MODULES
@@ -81,7 +82,8 @@ class PreparedModel(_Wrapper):
 
 
 class QuantizedModel(_Wrapper):
-    """The converted model: its quantized layers hold packed int8 / int4 / int2 / fp8 weights and run fxquant ops.
+    """The converted model: its quantized layers hold packed int8 / int4 / int2 / fp8 weights and run fxquant ops;
+    attention layers the plan quantizes run fxquant::quantized_attention (fxquant.attention).
 
     `plan` holds every decision. Call it like the original model; `torch.compile(qmodel, backend="fxquant")`
     compiles everything around fxquant's ops (Triton kernels on CUDA, reference ops on the CPU).
@@ -90,6 +92,7 @@ class QuantizedModel(_Wrapper):
     def __init__(self, model: nn.Module, plan: QuantPlan):
         super().__init__(model)
         self.plan = plan
+        attention.install(model, plan)
         self._timestep = TimestepGroup() if plan.timestep_boundaries else None
         if self._timestep is not None:
             device = next(model.buffers()).device

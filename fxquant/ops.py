@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .quantizer import asymmetric_params, quantize_asymmetric, quantize_fp8, unpack_bits, unpack_int4
+from .quantizer import (FP8_MAX, asymmetric_params, attention_operands, quantize_asymmetric, quantize_fp8, unpack_bits,
+                        unpack_int4)
 
 _CUDA_INT_MM_MIN_ROWS = 17  # cuBLAS int8 GEMM through torch._int_mm needs M > 16 and K, N multiples of 8
 
@@ -160,6 +161,38 @@ def fp8_linear(
 @fp8_linear.register_fake
 def _(x_q, x_scale, w_q, w_scale, bias, out_dtype):
     return x_q.new_empty((x_q.shape[0], w_q.shape[0]), dtype=out_dtype)
+
+
+def heads_last(x: torch.Tensor) -> torch.Tensor:
+    """[B, H, N, D] -> the same values stored as [B, N, H, D] (so the caller's transpose(1, 2).reshape is free)."""
+    return x.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def quantized_attention_reference(q, k, v, scale: float, pv_fp8: bool) -> torch.Tensor:
+    """The reference body of fxquant::quantized_attention, on any device: the whole score matrix at once (the
+    kernel's online softmax quantizes P against running row maxima instead, so the two agree to rounding)."""
+    q_q, q_scale, k_q, k_scale, v_op, v_scale = attention_operands(q, k, v, pv_fp8)
+    scores = (q_q.float() @ k_q.float().transpose(-1, -2)) * (q_scale[..., :, None] * k_scale[..., None, :] * scale)
+    p = torch.exp(scores - scores.amax(dim=-1, keepdim=True))
+    if pv_fp8:
+        out = ((p * FP8_MAX).to(torch.float8_e4m3fn).float() @ v_op.float()) * (v_scale / FP8_MAX)
+    else:
+        out = p.to(v.dtype).float() @ v.float()
+    return heads_last((out / p.sum(dim=-1, keepdim=True)).to(q.dtype))
+
+
+@torch.library.custom_op("fxquant::quantized_attention", mutates_args=())
+def quantized_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                        pv_fp8: bool) -> torch.Tensor:
+    """softmax(Q K^T * scale) V with int8 Q K^T (quantizer.attention_operands) and, with pv_fp8, float8 P V.
+
+    q [B, H, Nq, D], k / v [B, H, Nk, D] -> [B, H, Nq, D] in q's dtype, stored as [B, Nq, H, D]."""
+    return quantized_attention_reference(q, k, v, scale, pv_fp8)
+
+
+@quantized_attention.register_fake
+def _(q, k, v, scale, pv_fp8):
+    return heads_last(torch.empty_like(q))
 
 
 @torch.library.custom_op("fxquant::unpack_int4", mutates_args=())

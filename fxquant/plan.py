@@ -33,7 +33,8 @@ class LayerPlan:
     weight and bias carry the 1 / s (else x / s runs as a multiply); rotation_block: Hadamard block size.
     group_weight_bits: weight bits per timestep group when they differ (weight_bits is then their maximum, the
     stored width of the nested planes). fp_tokens: leading tokens that skip activation quantization (BOS-aware);
-    fp_tokens_cached: their outputs are the same for every prompt and stored. sensitivity: the probe's damage
+    fp_tokens_cached: their outputs are the same for every prompt and stored. attention_format (sdpa layers): how
+    the attention matmuls run quantized (config.attention), None when they run in full precision. sensitivity: the probe's damage
     (lower is better) per candidate, keyed "bits" or "group:bits", measured by sensitivity_metric.
     """
 
@@ -59,6 +60,7 @@ class LayerPlan:
     group_weight_bits: list[int] | None = None
     fp_tokens: int = 0
     fp_tokens_cached: bool = False
+    attention_format: str | None = None
     sensitivity: dict[str, float] | None = None
     sensitivity_metric: str | None = None
     keep_reason: str | None = None
@@ -75,6 +77,7 @@ class LayerPlan:
         self.act_scale = self.act_zero = None
         self.balance = self.smooth = self.smooth_folded_into = self.rotation_block = self.group_weight_bits = None
         self.fp_tokens, self.fp_tokens_cached = 0, False
+        self.attention_format = None
 
 
 @dataclass
@@ -107,6 +110,10 @@ class QuantPlan:
     # -- queries -------------------------------------------------------------------------------------------------
     def quantized_layers(self) -> list[LayerPlan]:
         return [layer for layer in self.layers.values() if layer.quantized]
+
+    def quantized_attention(self) -> list[LayerPlan]:
+        """Attention (sdpa) layers whose matmuls run quantized (attention_format set)."""
+        return [layer for layer in self.layers.values() if layer.op == "sdpa" and layer.attention_format]
 
     def weighted_layers(self) -> list[LayerPlan]:
         """Layers that own weights (linear / conv2d)."""
@@ -171,7 +178,7 @@ class QuantPlan:
                     layer.group,
                     layer.role,
                     _bits_cell(layer),
-                    str(layer.act_bits or "-"),
+                    layer.attention_format or str(layer.act_bits or "-"),
                     layer.weight_granularity or "-",
                     layer.act_mode or "-",
                     (layer.balance or "-") + (f" (1/s in {layer.smooth_folded_into})" if layer.smooth_folded_into
@@ -189,6 +196,7 @@ class QuantPlan:
             f"layers quantized, average weight bits {self.average_weight_bits:.2f} (quantized layers "
             f"{self.quantized_average_weight_bits or 0:.2f}), "
             f"{self.calibration_calls} calibration calls"
+            + (f", {len(self.quantized_attention())} attention layers quantized" if self.quantized_attention() else "")
             + (f", timestep groups at {self.timestep_boundaries} (calibrated: {self.calibrated_groups})"
                if self.timestep_boundaries else "")
         )

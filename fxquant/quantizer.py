@@ -171,3 +171,21 @@ def quantize_fp8(x: torch.Tensor, dim: int = -1) -> tuple[torch.Tensor, torch.Te
     """x -> (float8_e4m3fn of x's shape, fp32 scale with `dim` kept as size 1): symmetric absmax / 448 along dim."""
     scale = (x.detach().float().abs().amax(dim=dim, keepdim=True) / FP8_MAX).clamp_min(SCALE_EPS)
     return (x.float() * scale.reciprocal()).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
+
+
+def attention_operands(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pv_fp8: bool):
+    """One attention call's quantized operands (SageAttention): q [B, H, Nq, D], k / v [B, H, Nk, D] float ->
+    (int8 q_q, fp32 q_scale [B, H, Nq], int8 k_q, fp32 k_scale [B, H, Nk], v_op, fp32 v_scale [B, H, 1, D] or None).
+
+    Q and K are symmetric int8 per token (absmax / 127); K first loses its mean over tokens, which shifts every score
+    of a query row by the same q . mean (softmax unchanged) and frees K's range of the offset all keys share. With
+    pv_fp8, v_op is V in float8 e4m3 with one scale per channel (absmax over tokens / 448); else V itself."""
+    q_scale = absmax_scale(q.detach().abs().amax(dim=-1))
+    k = k.float() - k.float().mean(dim=-2, keepdim=True)
+    k_scale = absmax_scale(k.abs().amax(dim=-1))
+    q_q = quantize_with_scale(q, q_scale[..., None])
+    k_q = quantize_with_scale(k, k_scale[..., None])
+    if not pv_fp8:
+        return q_q, q_scale, k_q, k_scale, v, None
+    v_q, v_scale = quantize_fp8(v, dim=-2)
+    return q_q, q_scale, k_q, k_scale, v_q, v_scale

@@ -67,7 +67,8 @@ def validate(state: QuantState) -> None:
         if fqn is not None and fqn not in state.plan.layers:
             raise AssertionError(f"node {node.name} is tied to {fqn!r}, which has no plan entry")
     for layer in state.plan.layers.values():
-        if layer.quantized == (layer.keep_reason is not None):
+        active = layer.attention_format is not None if layer.op == "sdpa" else layer.quantized
+        if active == (layer.keep_reason is not None):
             raise AssertionError(f"layer {layer.fqn!r} must be either quantized or kept with a reason")
 
 

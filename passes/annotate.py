@@ -191,7 +191,10 @@ class AnnotatePass(QuantPass):
         if user_reason is not None:
             layer.keep(f"recipe rule: {user_reason}")
         elif kind == "sdpa":
-            layer.keep("attention matmuls are not quantized by this recipe")
+            if config.attention is None:
+                layer.keep("attention matmuls are not quantized by this recipe (attention=None)")
+            else:
+                layer.attention_format = config.attention
         elif role != "latent" and not in_attention and config.keep_condition_layers:
             layer.keep(f"condition-only layer ({role} path, outside attention), keep_condition_layers")
         elif fqn in io_reason:

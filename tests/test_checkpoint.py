@@ -15,7 +15,8 @@ def _out(model, inputs):
         return model(**inputs, return_dict=False)[0]
 
 
-@pytest.mark.parametrize("name,recipe", [(n, "w8a8") for n in FAMILIES] + [("unet", "w8a8-static")])
+@pytest.mark.parametrize("name,recipe", [(n, "w8a8") for n in FAMILIES] + [("unet", "w8a8-static"),
+                                                                              ("sd3", "w8a8:attention=int8-fp8")])
 def test_save_load_identical_outputs(quantized_family, tmp_path, name, recipe):
     _, qmodel, _ = quantized_family(name, recipe)
     fxquant.save(qmodel, tmp_path / "ckpt")

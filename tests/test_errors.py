@@ -60,6 +60,8 @@ def test_invalid_config_values():
         fxquant.SmoothQuantW8A8Config(smooth_alpha=1.5)
     with pytest.raises(fxquant.RecipeError, match="fp8 needs weight_bits=8"):
         fxquant.W8A8Fp8Config(weight_bits=4)
+    with pytest.raises(fxquant.RecipeError, match=r"attention='int4' is unknown; use one of \(None, 'int8', "):
+        fxquant.get_config("w8a8:attention=int4")
 
 
 def test_convert_without_calibration():

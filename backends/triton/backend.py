@@ -5,7 +5,7 @@ The backend rewrites it with patterns, then compiles:
 - every device: identical quantizations of one input (q / k / v projections of the same hidden states) run once;
   `unpack_int4` / `unpack_int2` -> `int8_linear` becomes one `packed_int8_linear` (4- / 2-bit weights are unpacked
   inside the GEMM's K loop; the int8 codes never reach memory);
-- CUDA: the quantize and GEMM ops become calls of fxquant's Triton kernels traced through `wrap_triton`, which
+- CUDA: the quantize, GEMM and attention ops become calls of fxquant's Triton kernels traced through `wrap_triton`, which
   Inductor launches from its own generated code (no Python dispatch per op); static per-tensor quantization
   (pointwise) and, with the option `fxquant.fuse_quantize`, per-token quantization go to Inductor as plain
   PyTorch, fused into the ops producing their input (norm, adaLN modulate, GELU, the balancing multiply).
@@ -125,6 +125,12 @@ def _triton_fp8_linear(x_q, x_scale, w_q, w_scale, bias, out_dtype):
     return quantized_gemm(x_q, x_scale, None, w_q, w_scale, None, bias, out_dtype, traced=True)
 
 
+def _triton_quantized_attention(q, k, v, scale, pv_fp8):
+    from .attention import quantized_attention
+
+    return quantized_attention(q, k, v, scale, pv_fp8, traced=True)
+
+
 def _triton_quantize_per_token(x):
     from .quantize import quantize_per_token
 
@@ -148,6 +154,7 @@ _KERNELS = {  # fxquant's Triton kernels, launched from Inductor's generated cod
     fxq.int8_linear.default: _triton_int8_linear,
     fxq.packed_int8_linear.default: _triton_packed_int8_linear,
     fxq.fp8_linear.default: _triton_fp8_linear,
+    fxq.quantized_attention.default: _triton_quantized_attention,
 }
 
 
@@ -189,6 +196,8 @@ def fxquant_backend(gm: fx.GraphModule, example_inputs, mode: str | None = None,
         raise ValueError(f"Unknown fxquant backend options {sorted(unknown)}; known: {BACKEND_OPTIONS}")
     compile_counter["graphs"] += 1
     compile_counter["fxquant_ops"] += sum(1 for node in gm.graph.nodes if _is_fxquant(node))
+    compile_counter["attention_ops"] += sum(1 for node in gm.graph.nodes if _is_fxquant(node) and
+                                            _target(node) == fxq.quantized_attention.default)
     compile_counter["shared_quantizations"] += deduplicate_quantization(gm)
     compile_counter["packed_linears"] += fuse_packed_weights(gm)
     if not _on_cuda(example_inputs):

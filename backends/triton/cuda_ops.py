@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from .quantize import quantize_per_token, quantize_per_token_fp8
+from .attention import quantized_attention
 from .gemm import quantized_gemm
+from .quantize import quantize_per_token, quantize_per_token_fp8
 
 
 @torch.library.register_kernel("fxquant::quantize_per_token", "cuda")
@@ -36,3 +37,8 @@ def _quantize_per_token_fp8_cuda(x: torch.Tensor):
 @torch.library.register_kernel("fxquant::fp8_linear", "cuda")
 def _fp8_linear_cuda(x_q, x_scale, w_q, w_scale, bias, out_dtype):
     return quantized_gemm(x_q, x_scale, None, w_q, w_scale, None, bias, out_dtype)
+
+
+@torch.library.register_kernel("fxquant::quantized_attention", "cuda")
+def _quantized_attention_cuda(q, k, v, scale, pv_fp8):
+    return quantized_attention(q, k, v, scale, pv_fp8)

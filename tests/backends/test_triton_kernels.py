@@ -4,11 +4,13 @@ import pytest
 import torch
 
 import fxquant  # noqa: F401
+from fxquant.metrics import relative_l2
 from fxquant.quantizer import pack_bits, quantize_weight_per_channel
 
 triton = pytest.importorskip("triton")
 from fxquant.backends.triton.quantize import quantize_per_token, quantize_per_token_fp8  # noqa: E402
 from fxquant.backends.triton.gemm import quantized_gemm  # noqa: E402
+from fxquant.backends.triton.attention import quantized_attention  # noqa: E402
 
 fxq = torch.ops.fxquant
 
@@ -85,3 +87,25 @@ def test_launcher_rejects_bad_input():
     with pytest.raises(AssertionError, match="zero point needs"):
         quantized_gemm(torch.zeros(2, 8, dtype=torch.int8), torch.ones(2), torch.zeros(2, dtype=torch.int32),
                   torch.zeros(3, 8, dtype=torch.int8), torch.ones(3), None, None, torch.float32)
+
+
+@pytest.mark.parametrize("batch,heads,n_q,n_k,head_dim", [(1, 2, 40, 50, 32), (2, 1, 33, 70, 72), (1, 3, 64, 64, 64)])
+@pytest.mark.parametrize("pv_fp8", [False, True])
+def test_attention_kernel_matches_reference(batch, heads, n_q, n_k, head_dim, pv_fp8):
+    """Query / key counts off the tile size, a head dim with a tail (72 = 64 + 8), keys with a shared offset."""
+    q = torch.randn(batch, n_q, heads, head_dim).transpose(1, 2)  # diffusers' layout: heads strided
+    k = torch.randn(batch, heads, n_k, head_dim) * 2 + 0.5
+    v = torch.randn(batch, n_k, heads, head_dim).transpose(1, 2)
+    scale = head_dim**-0.5
+    exact = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    reference = fxq.quantized_attention(q, k, v, scale, pv_fp8)
+    out = quantized_attention(q, k, v, scale, pv_fp8)
+    assert out.stride() == torch.empty(batch, n_q, heads, head_dim).transpose(1, 2).stride()
+    if pv_fp8:  # P rounds to fp8 against running row maxima (reference: final maxima)
+        assert relative_l2(out, reference) < 0.05
+        assert relative_l2(out, exact) < 0.06
+    else:  # int8 scores are exact; only the softmax's summation order differs
+        torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
+        assert relative_l2(out, exact) < 0.02
+    traced = quantized_attention(q, k, v, scale, pv_fp8, traced=True)
+    assert torch.equal(traced, out)

@@ -1,0 +1,90 @@
+"""Quantized attention (recipe field `attention`): which calls it takes, the plan, compile, and what it refuses."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fxquant
+from families import FAMILIES
+from fxquant.attention import QuantizedAttention
+from fxquant.backends.triton.backend import compile_counter
+from fxquant.metrics import relative_l2
+
+fxq = torch.ops.fxquant
+
+
+class _CountOps(TorchDispatchMode):
+    """Counts fxquant::quantized_attention calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls += func is fxq.quantized_attention.default
+        return func(*args, **(kwargs or {}))
+
+
+def test_mode_quantizes_plain_calls_and_leaves_the_others():
+    q, k, v = (torch.randn(2, 3, 20, 16) for _ in range(3))
+    mask = torch.rand(20, 20) > 0.3
+    with QuantizedAttention("int8-fp8"):
+        plain = F.scaled_dot_product_attention(q, k, v)
+        scaled = F.scaled_dot_product_attention(q, k, v, scale=0.1)
+        masked = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        causal = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert torch.equal(plain, fxq.quantized_attention(q, k, v, 16**-0.5, True))
+    assert torch.equal(scaled, fxq.quantized_attention(q, k, v, 0.1, True))
+    assert torch.equal(masked, F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+    assert torch.equal(causal, F.scaled_dot_product_attention(q, k, v, is_causal=True))
+    assert relative_l2(plain, F.scaled_dot_product_attention(q, k, v)) < 0.05
+
+
+@pytest.mark.parametrize("name", ["pixart", "flux", "unet"])
+def test_plan_quantizes_attention_layers_and_they_run_the_op(quantized_family, name):
+    reference, qmodel, _ = quantized_family(name, "w8a8:attention=int8-fp8")
+    _, plain, _ = quantized_family(name, "w8a8")
+    attention = qmodel.plan.quantized_attention()
+    sdpa = [layer for layer in qmodel.plan.layers.values() if layer.op == "sdpa"]
+    assert attention and len(attention) == len(sdpa) and not plain.plan.quantized_attention()
+    assert all(layer.attention_format == "int8-fp8" and layer.keep_reason is None for layer in attention)
+    assert f"{len(attention)} attention layers quantized" in qmodel.plan.summary()
+    inputs = FAMILIES[name].inputs(seed=4)
+    with torch.no_grad(), _CountOps() as counter:
+        out = qmodel(**inputs, return_dict=False)[0]
+    assert counter.calls >= len(attention)
+    with torch.no_grad():
+        fp = reference(**inputs, return_dict=False)[0]
+        w8a8 = plain(**inputs, return_dict=False)[0]
+    assert relative_l2(out, fp) < 2 * relative_l2(w8a8, fp) + 0.005
+
+
+def test_recipe_rule_keeps_chosen_attention_in_full_precision():
+    family = FAMILIES["pixart"]
+    config = fxquant.get_config("w8a8:attention=int8")
+    config.keep_full_precision["re:attn2$"] = "cross-attention stays exact"
+    qmodel = fxquant.quantize(family.build(), config, [family.inputs()])
+    kept = {layer.fqn for layer in qmodel.plan.layers.values() if layer.op == "sdpa" and layer.keep_reason}
+    assert kept == {layer.fqn for layer in qmodel.plan.layers.values() if layer.fqn.endswith("attn2")}
+    assert all(layer.fqn.endswith("attn1") for layer in qmodel.plan.quantized_attention())
+
+
+def test_compiled_graph_holds_one_attention_op_per_layer(quantized_family):
+    torch._dynamo.reset()
+    compile_counter.clear()
+    _, qmodel, _ = quantized_family("pixart", "w8a8:attention=int8-fp8")
+    compiled = torch.compile(qmodel, backend="fxquant")
+    inputs = FAMILIES["pixart"].inputs(seed=6)
+    with torch.no_grad():
+        eager = qmodel(**inputs, return_dict=False)[0]
+        fast = compiled(**inputs, return_dict=False)[0]
+    assert compile_counter["graphs"] == 1  # the mode is traced, no graph break
+    assert compile_counter["attention_ops"] == len(qmodel.plan.quantized_attention())
+    assert torch.equal(fast, eager)
+
+
+def test_onnx_export_refuses_quantized_attention(quantized_family, tmp_path):
+    _, qmodel, calibration = quantized_family("pixart", "w8a8:attention=int8")
+    with pytest.raises(fxquant.FxquantError, match="quantizes attention .* no ONNX translation"):
+        fxquant.export_onnx(qmodel, tmp_path / "m.onnx", calibration[0])
