@@ -1,6 +1,7 @@
-"""GPU benchmark: kernel correctness at full shapes, GEMM microbenchmark, end-to-end denoiser latency and memory.
+"""GPU benchmark: kernel correctness at full shapes, GEMM and attention microbenchmarks, end-to-end denoiser latency
+and memory.
 
-    python benchmarks/gpu_bench.py --sections kernels gemm models --models pixart flux --out results.json
+    python benchmarks/gpu_bench.py --sections kernels gemm attention models --models pixart flux --out results.json
 
 Everything runs in one process on the same inputs; times are medians of >= 20 calls. GEMMs are timed as CUDA-graph
 replays (triton.testing.do_bench_cudagraph), so CPU launch overhead is excluded for every variant alike; the
@@ -25,15 +26,19 @@ import triton
 from triton.testing import do_bench_cudagraph
 
 import fxquant
+from fxquant.backends.triton.attention import _attention_kernel, quantized_attention
 from fxquant.backends.triton.gemm import quantized_gemm
 from fxquant.backends.triton.quantize import quantize_per_token, quantize_per_token_fp8
 from fxquant.metrics import relative_l2
-from fxquant.ops import int8_linear_reference, quantize_per_token_reference
-from fxquant.quantizer import pack_bits, quantize_weight_per_channel
+from fxquant.ops import int8_linear_reference, quantize_per_token_reference, quantized_attention_reference
+from fxquant.quantizer import attention_operands, pack_bits, quantize_weight_per_channel
 
 DIT_SHAPES = [(1152, 1152), (1152, 3456), (1152, 4608), (4608, 1152)]  # (K, N) of PixArt-alpha's linears
 FP8_MAX = 448.0
 CALLS = 20
+# (batch, heads, tokens, head dim) of the benchmarked models' self / joint attention (image + text tokens)
+ATTENTION_SHAPES = {"pixart": (2, 16, 4096, 72), "sd3": (2, 24, 4096 + 333, 64), "flux": (1, 24, 4096 + 512, 128),
+                    "cogvideox": (2, 30, 13 * 30 * 45 + 226, 64)}
 
 
 def _median_ms(fn, calls: int = CALLS) -> float:
@@ -179,6 +184,53 @@ def gemm_benchmark() -> list[dict]:
             row["speedup_vs_bf16"] = {name: (bf16 / t if t else None) for name, t in times.items()}
             rows.append(row)
             print("gemm", m, k, n, {kk: round(v, 1) for kk, v in row["tflops"].items() if v}, flush=True)
+    return rows
+
+
+def _attention_inputs(batch: int, heads: int, tokens: int, head_dim: int):
+    """bf16 q / k / v in diffusers' layout ([B, H, N, D] views of [B, N, H, D]); keys share an offset."""
+    q, k, v = (torch.randn(batch, tokens, heads, head_dim, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+               for _ in range(3))
+    return q, k * 2 + 0.5, v
+
+
+def attention_benchmark() -> list[dict]:
+    """fxquant's quantized attention against SDPA (bf16, PyTorch's fastest backend) at the models' shapes: errors
+    against fp32 SDPA and (PixArt) against the reference op, times of SDPA, the whole op (operands + kernel; eager and
+    compiled, where Inductor fuses the operand quantization) and of the operand quantization alone."""
+    rows = []
+    for name, (batch, heads, tokens, head_dim) in ATTENTION_SHAPES.items():
+        q, k, v = _attention_inputs(batch, heads, tokens, head_dim)
+        scale = head_dim**-0.5
+        exact = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float())
+        sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        row = {"model": name, "batch": batch, "heads": heads, "tokens": tokens, "head_dim": head_dim,
+               "rel_err_vs_fp32": {"sdpa_bf16": relative_l2(sdpa, exact)}, "ms": {}}
+        row["ms"]["sdpa_bf16"] = _graph_median_ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
+        for label, pv_fp8 in (("int8", False), ("int8_fp8", True)):
+            out = quantized_attention(q, k, v, scale, pv_fp8)
+            row["rel_err_vs_fp32"][f"fxquant_{label}"] = relative_l2(out, exact)
+            if name == "pixart":  # the reference materialises the whole score matrix
+                row.setdefault("rel_err_vs_reference", {})[f"fxquant_{label}"] = relative_l2(
+                    out, quantized_attention_reference(q, k, v, scale, pv_fp8))
+            row["ms"][f"fxquant_{label}"] = _graph_median_ms(lambda: quantized_attention(q, k, v, scale, pv_fp8))
+            row["ms"][f"fxquant_{label}_operands_only"] = _graph_median_ms(lambda: attention_operands(q, k, v, pv_fp8))
+        try:
+            compiled = torch.compile(lambda q, k, v: quantized_attention(q, k, v, scale, True, traced=True))
+            row["rel_err_vs_fp32"]["fxquant_int8_fp8_compiled"] = relative_l2(compiled(q, k, v), exact)
+            row["ms"]["fxquant_int8_fp8_compiled"] = _graph_median_ms(lambda: compiled(q, k, v))
+        except Exception as err:  # recorded; the eager rows stand
+            row.update(_error_row(err))
+            traceback.print_exc()
+        flops = 4 * batch * heads * tokens * tokens * head_dim
+        row["tflops"] = {key: flops / (t * 1e-3) / 1e12 for key, t in row["ms"].items() if "operands" not in key}
+        row["speedup_vs_sdpa_bf16"] = {key: row["ms"]["sdpa_bf16"] / t for key, t in row["ms"].items()}
+        row["autotuned_configs"] = {str(key): str(config) for key, config in _attention_kernel.cache.items()
+                                    if tuple(key[:3]) == (tokens, tokens, head_dim)}
+        rows.append(row)
+        print("attention", name, {key: round(t, 3) for key, t in row["ms"].items()}, row["rel_err_vs_fp32"],
+              flush=True)
+        torch._dynamo.reset()
     return rows
 
 
@@ -382,7 +434,8 @@ def model_benchmark(name: str, variants: list[str], results: dict, save, layers:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sections", nargs="+", default=["kernels", "gemm", "models"])
+    parser.add_argument("--sections", nargs="+", default=["kernels", "gemm", "attention", "models"],
+                        choices=["kernels", "gemm", "attention", "models"])
     parser.add_argument("--models", nargs="+", default=["pixart"], choices=sorted(MODELS))
     parser.add_argument("--variants", nargs="+",
                         default=["bf16_eager", "bf16_compile", "fxquant:w8a8", "fxquant:w8a8-fp8", "fxquant:w4a8"])
@@ -405,6 +458,9 @@ def main() -> None:
         save()
     if "gemm" in args.sections:
         result["gemm"] = gemm_benchmark()
+        save()
+    if "attention" in args.sections:
+        result["attention"] = attention_benchmark()
         save()
     if "models" in args.sections:
         result["models"] = {}

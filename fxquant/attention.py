@@ -3,7 +3,7 @@
 Diffusers' attention processors (and its attention dispatcher) all end in `F.scaled_dot_product_attention`.
 `QuantizedAttention` is a torch function mode that catches those calls and answers the ones it can quantize with
 `fxquant::quantized_attention` (int8 Q K^T, optionally fp8 P V); the others (a mask, dropout, causal masking,
-grouped heads, unequal head dims) run the original call. `install` puts the mode around the forward of every
+grouped heads, unequal head dims or head dims under MIN_HEAD_DIM) run the original call. `install` puts the mode around the forward of every
 attention module the plan quantizes (`LayerPlan.attention_format`), so the choice is per layer and Dynamo traces
 the mode into the graph: the op is one node the compile backend lowers to the Triton kernel.
 """
@@ -17,6 +17,8 @@ from torch.overrides import TorchFunctionMode
 
 from .plan import QuantPlan
 
+MIN_HEAD_DIM = 16
+
 
 def _quantizable(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
     """The (q, k, v, scale) of an SDPA call the quantized op computes exactly as asked, else None."""
@@ -24,6 +26,8 @@ def _quantizable(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fal
         return None
     if not (query.shape[:2] == key.shape[:2] == value.shape[:2] and query.shape[-1] == key.shape[-1] == value.shape[-1]
             and key.shape[-2] == value.shape[-2] and query.is_floating_point()):
+        return None
+    if query.shape[-1] < MIN_HEAD_DIM:  # too narrow for the kernel's int8 MMA, and too little work to gain from it
         return None
     return query, key, value, scale if scale is not None else query.shape[-1] ** -0.5
 

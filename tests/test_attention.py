@@ -34,10 +34,12 @@ def test_mode_quantizes_plain_calls_and_leaves_the_others():
         scaled = F.scaled_dot_product_attention(q, k, v, scale=0.1)
         masked = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         causal = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        narrow = F.scaled_dot_product_attention(q[..., :3], k[..., :3], v[..., :3])
     assert torch.equal(plain, fxq.quantized_attention(q, k, v, 16**-0.5, True))
     assert torch.equal(scaled, fxq.quantized_attention(q, k, v, 0.1, True))
     assert torch.equal(masked, F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
     assert torch.equal(causal, F.scaled_dot_product_attention(q, k, v, is_causal=True))
+    assert torch.equal(narrow, F.scaled_dot_product_attention(q[..., :3], k[..., :3], v[..., :3]))
     assert relative_l2(plain, F.scaled_dot_product_attention(q, k, v)) < 0.05
 
 
@@ -53,11 +55,14 @@ def test_plan_quantizes_attention_layers_and_they_run_the_op(quantized_family, n
     inputs = FAMILIES[name].inputs(seed=4)
     with torch.no_grad(), _CountOps() as counter:
         out = qmodel(**inputs, return_dict=False)[0]
-    assert counter.calls >= len(attention)
     with torch.no_grad():
         fp = reference(**inputs, return_dict=False)[0]
         w8a8 = plain(**inputs, return_dict=False)[0]
-    assert relative_l2(out, fp) < 2 * relative_l2(w8a8, fp) + 0.005
+    if name == "unet":  # the tiny UNet's heads are 8 wide, under MIN_HEAD_DIM: its attention stays as it was
+        assert counter.calls == 0 and torch.equal(out, w8a8)
+    else:
+        assert counter.calls >= len(attention)
+        assert relative_l2(out, fp) < 2 * relative_l2(w8a8, fp) + 0.005
 
 
 def test_recipe_rule_keeps_chosen_attention_in_full_precision():
