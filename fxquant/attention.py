@@ -3,9 +3,10 @@
 Diffusers' attention processors (and its attention dispatcher) all end in `F.scaled_dot_product_attention`.
 `QuantizedAttention` is a torch function mode that catches those calls and answers the ones it can quantize with
 `fxquant::quantized_attention` (int8 Q K^T, optionally fp8 P V); the others (a mask, dropout, causal masking,
-grouped heads, unequal head dims or head dims under MIN_HEAD_DIM) run the original call. `install` puts the mode around the forward of every
-attention module the plan quantizes (`LayerPlan.attention_format`), so the choice is per layer and Dynamo traces
-the mode into the graph: the op is one node the compile backend lowers to the Triton kernel.
+grouped heads, unequal head dims or head dims under MIN_HEAD_DIM) run the original call. `install` puts the mode
+around the forward of every attention module the plan quantizes (`LayerPlan.attention_format`), so the choice is
+per layer and Dynamo traces the mode into the graph: the op is one node the compile backend lowers to the Triton
+kernel.
 """
 
 from __future__ import annotations

@@ -48,7 +48,8 @@ def _attend_tile(acc_a, acc_b, row_max, row_sum, q_a, q_b, q_scale, k_base, k_sc
     """One key / value tile into the running softmax state. MASKED: the last, partial tile (keys past N_K)."""
     key_ok = keys < N_K
     k_rows = k_base + keys[:, None] * stride_kn
-    k_a = tl.load(k_rows + dims_a[None, :], mask=key_ok[:, None], other=0) if MASKED else tl.load(k_rows + dims_a[None, :])
+    k_a = tl.load(k_rows + dims_a[None, :], mask=key_ok[:, None], other=0) if MASKED else \
+        tl.load(k_rows + dims_a[None, :])
     acc = tl.dot(q_a, tl.trans(k_a))
     if HAS_TAIL:
         k_b = tl.load(k_rows + dims_b[None, :], mask=key_ok[:, None], other=0) if MASKED else \
