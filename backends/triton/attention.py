@@ -2,8 +2,9 @@
 
 One program owns BLOCK_M queries of one (batch, head) and streams the keys / values in BLOCK_N tiles with an online
 softmax (exp2, running row maxima). Scores are int8 dots (int32, exact) scaled by q_scale[m] * k_scale[n] * scale *
-log2(e); with PV_FP8 the tile's P (in [0, 1]) is multiplied by 448 and cast to float8 e4m3, V arrives as float8
-with one scale per channel, and the output is divided by 448 and multiplied by V's scales at the end.
+log2(e); with PV_FP8 the tile's P (in [0, 448]: the factor enters through the exponent and cancels against the row
+sum) is cast to float8 e4m3, V arrives as float8 with one scale per channel, and the output is multiplied by V's
+scales at the end.
 Head dims that are not a power of two (PixArt: 72) run as a power-of-two part and a tail (64 + 32) of two dots, on
 operands the launcher zero-pads to that width. Full key tiles load unmasked; only the last, partial one is masked.
 
@@ -27,7 +28,7 @@ from ...quantizer import attention_operands
 
 from . import INTERPRET
 
-FP8_MAX = tl.constexpr(448.0)
+LOG2_FP8_MAX = tl.constexpr(math.log2(448.0))
 LOG2E = math.log2(math.e)
 MIN_TAIL = 32  # int8 MMA reduces over at least 32 values
 
@@ -62,12 +63,14 @@ def _attend_tile(acc_a, acc_b, row_max, row_sum, q_a, q_b, q_scale, k_base, k_sc
         scaled = tl.where(key_ok[None, :], scaled, float("-inf"))
     new_max = tl.maximum(row_max, tl.max(scaled, axis=1) * q_scale)
     rescale = tl.exp2(row_max - new_max)
-    p = tl.exp2(scaled * q_scale[:, None] - new_max[:, None])
+    # fp8: P arrives multiplied by 448 (e4m3's range) through the exponent; row_sum carries the factor, so it cancels
+    bias = new_max - LOG2_FP8_MAX if PV_FP8 else new_max
+    p = tl.exp2(scaled * q_scale[:, None] - bias[:, None])
     row_sum = row_sum * rescale + tl.sum(p, axis=1)
     v_rows = v_base + keys[:, None] * stride_vn
     v_a = tl.load(v_rows + dims_a[None, :] * stride_vd, mask=key_ok[:, None], other=0.0) if MASKED else \
         tl.load(v_rows + dims_a[None, :] * stride_vd)
-    p_op = (p * FP8_MAX).to(v_a.dtype) if PV_FP8 else p.to(v_a.dtype)
+    p_op = p.to(v_a.dtype)
     acc_a = acc_a * rescale[:, None] + tl.dot(p_op, v_a, out_dtype=tl.float32)
     if HAS_TAIL:
         v_b = tl.load(v_rows + dims_b[None, :] * stride_vd, mask=key_ok[:, None], other=0.0) if MASKED else \
@@ -125,12 +128,12 @@ def _attention_kernel(
     v_scales = v_scale_ptr + batch_head * (DIM_A + DIM_B if HAS_TAIL else DIM_A)
     out_a = acc_a * norm[:, None]
     if PV_FP8:
-        out_a *= tl.load(v_scales + dims_a)[None, :] / FP8_MAX
+        out_a *= tl.load(v_scales + dims_a)[None, :]
     tl.store(out_rows + dims_a[None, :], out_a.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
     if HAS_TAIL:
         out_b = acc_b * norm[:, None]
         if PV_FP8:
-            out_b *= tl.load(v_scales + dims_b)[None, :] / FP8_MAX
+            out_b *= tl.load(v_scales + dims_b)[None, :]
         tl.store(out_rows + dims_b[None, :], out_b.to(out_ptr.dtype.element_ty),
                  mask=row_ok[:, None] & (dims_b < HEAD_DIM)[None, :])
 
@@ -152,14 +155,29 @@ def _pad_last(x: torch.Tensor, pad: int) -> torch.Tensor:
 
 
 FIXED_CONFIG = dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)  # the autotuner's H100 choice at PixArt's shape
+_TUNED: dict[tuple, dict] = {}  # (n_q, n_k, head_dim, pv_fp8, dtype) -> tile config of traced launches
+
+
+def tune(batch: int, heads: int, n_q: int, n_k: int, head_dim: int, pv_fp8: bool, dtype: torch.dtype) -> dict:
+    """Autotune the kernel once for this problem on random CUDA operands (the timing does not depend on the values)
+    and keep the winner for traced launches: the compile backend calls this before handing the graph to Inductor,
+    outside any tracing, so compiled graphs run the tile the autotuner picks for each attention shape."""
+    key = (n_q, n_k, head_dim, pv_fp8, dtype)
+    if key not in _TUNED:
+        q, k, v = (torch.randn(batch, heads, n, head_dim, device="cuda", dtype=dtype) for n in (n_q, n_k, n_k))
+        quantized_attention(q, k, v, head_dim**-0.5, pv_fp8)
+        best = _attention_kernel.best_config
+        _TUNED[key] = dict(**best.kwargs, num_warps=best.num_warps, num_stages=best.num_stages)
+    return _TUNED[key]
 
 
 def quantized_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, pv_fp8: bool,
                         traced: bool = False) -> torch.Tensor:
     """q [B, H, Nq, D], k / v [B, H, Nk, D] (head dim >= 16) -> [B, H, Nq, D] in q's dtype, stored [B, Nq, H, D].
 
-    traced: launch through torch.library.wrap_triton with FIXED_CONFIG (graphs the compile backend hands to
-    Inductor); otherwise the autotuned kernel is launched directly (eager calls)."""
+    traced: launch through torch.library.wrap_triton with the config `tune` found for this problem, else
+    FIXED_CONFIG (graphs the compile backend hands to Inductor); otherwise the autotuned kernel is launched directly
+    (eager calls)."""
     batch, heads, n_q, head_dim = q.shape
     n_k = k.shape[2]
     assert head_dim >= 16 and k.shape[-1] == v.shape[-1] == head_dim, f"head dims {q.shape}, {k.shape}, {v.shape}"
@@ -181,7 +199,8 @@ def quantized_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale
             n_q, n_k, heads, scale * LOG2E, *q_q.stride()[:3], *k_q.stride()[:3], *v_op.stride(), *out.stride()[:3])
     flags = dict(HEAD_DIM=head_dim, DIM_A=dim_a, DIM_B=dim_b, HAS_TAIL=head_dim > dim_a, PV_FP8=pv_fp8)
     if traced:
-        config = get_autotune_config()[0].all_kwargs() if INTERPRET else FIXED_CONFIG
+        config = get_autotune_config()[0].all_kwargs() if INTERPRET else _TUNED.get(
+            (n_q, n_k, head_dim, pv_fp8, q.dtype), FIXED_CONFIG)
         wrap_triton(_attention_kernel.fn)[(triton.cdiv(n_q, config["BLOCK_M"]) * batch * heads,)](*args, **flags,
                                                                                                 **config)
     else:

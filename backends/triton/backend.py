@@ -5,8 +5,9 @@ The backend rewrites it with patterns, then compiles:
 - every device: identical quantizations of one input (q / k / v projections of the same hidden states) run once;
   `unpack_int4` / `unpack_int2` -> `int8_linear` becomes one `packed_int8_linear` (4- / 2-bit weights are unpacked
   inside the GEMM's K loop; the int8 codes never reach memory);
-- CUDA: the quantize, GEMM and attention ops become calls of fxquant's Triton kernels traced through `wrap_triton`, which
-  Inductor launches from its own generated code (no Python dispatch per op); static per-tensor quantization
+- CUDA: the quantize, GEMM and attention ops become calls of fxquant's Triton kernels traced through
+  `wrap_triton`, which Inductor launches from its own generated code (no Python dispatch per op; the attention
+  kernel's tile is autotuned per shape before tracing, GEMM tiles are fixed rules); static per-tensor quantization
   (pointwise) and, with the option `fxquant.fuse_quantize`, per-token quantization go to Inductor as plain
   PyTorch, fused into the ops producing their input (norm, adaLN modulate, GELU, the balancing multiply).
   Inductor compiles the rest (`mode="max-autotune"` / `"reduce-overhead"` honoured).
@@ -174,6 +175,23 @@ def lower_to_inductor(gm: fx.GraphModule, fuse_quantize: bool = False, inline_ke
     return lowered
 
 
+def tune_attention(gm: fx.GraphModule) -> int:
+    """Autotune the attention kernel for every quantized_attention shape in the graph (real launches on random
+    operands, before Inductor traces the graph); returns how many attention nodes were seen."""
+    from .attention import tune
+
+    seen = 0
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and _target(node) == fxq.quantized_attention.default:
+            q, k, _, _, pv_fp8 = _node_args(node, fxq.quantized_attention.default)
+            q_value, k_value = q.meta["example_value"], k.meta["example_value"]
+            sizes = (*q_value.shape[:3], k_value.shape[2], q_value.shape[3])
+            if all(isinstance(size, int) for size in sizes):  # dynamic shapes keep the fixed tile config
+                tune(*sizes, pv_fp8, q_value.dtype)
+            seen += 1
+    return seen
+
+
 def _on_cuda(example_inputs) -> bool:
     return any(isinstance(x, torch.Tensor) and x.is_cuda for x in example_inputs)
 
@@ -205,6 +223,8 @@ def fxquant_backend(gm: fx.GraphModule, example_inputs, mode: str | None = None,
     from torch._inductor import list_mode_options
     from torch._inductor.compile_fx import compile_fx
 
+    if ours.get("fxquant.inline_kernels", True):
+        tune_attention(gm)
     compile_counter["lowered_ops"] += lower_to_inductor(gm, ours.get("fxquant.fuse_quantize", False),
                                                         ours.get("fxquant.inline_kernels", True))
     return compile_fx(gm, example_inputs, config_patches={**(list_mode_options(mode) if mode else {}), **options})
