@@ -214,7 +214,8 @@ def attention_benchmark() -> list[dict]:
                 row.setdefault("rel_err_vs_reference", {})[f"fxquant_{label}"] = relative_l2(
                     out, quantized_attention_reference(q, k, v, scale, pv_fp8))
             row["ms"][f"fxquant_{label}"] = _graph_median_ms(lambda: quantized_attention(q, k, v, scale, pv_fp8))
-            row["ms"][f"fxquant_{label}_operands_only"] = _graph_median_ms(lambda: attention_operands(q, k, v, pv_fp8))
+            row["ms"][f"fxquant_{label}_operands_only"] = _graph_median_ms(
+                lambda: attention_operands(q, k, v, pv_fp8))
         for label, pv_fp8 in (("int8", False), ("int8_fp8", True)):
             try:  # as the compile backend does: tile autotuned for the shape, then traced into Inductor
                 tune(batch, heads, tokens, tokens, head_dim, pv_fp8, q.dtype)

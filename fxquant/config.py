@@ -71,8 +71,7 @@ class QuantConfig:
         attention: quantize the attention matmuls (SageAttention-style, fxquant.attention): "int8" = Q K^T on int8
             per-token Q and K (K minus its mean over tokens), P V in the model's dtype; "int8-fp8" = the same with
             P and V in float8 e4m3 (V scaled per channel). None keeps attention in full precision. Calls with a mask,
-            dropout, causal masking, grouped heads or heads narrower than 16 keep the model's own
-            attention.
+            dropout, causal masking, grouped heads or heads narrower than 16 keep the model's own attention.
         sensitivity_calls: recorded calibration calls (the full-precision trajectory) the probes replay.
         sensitivity_rows: samples of each recorded call the probes replay (a guidance batch keeps both halves).
     """

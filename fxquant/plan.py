@@ -34,8 +34,8 @@ class LayerPlan:
     group_weight_bits: weight bits per timestep group when they differ (weight_bits is then their maximum, the
     stored width of the nested planes). fp_tokens: leading tokens that skip activation quantization (BOS-aware);
     fp_tokens_cached: their outputs are the same for every prompt and stored. attention_format (sdpa layers): how
-    the attention matmuls run quantized (config.attention), None when they run in full precision. sensitivity: the probe's damage
-    (lower is better) per candidate, keyed "bits" or "group:bits", measured by sensitivity_metric.
+    the attention matmuls run quantized (config.attention), None when they run in full precision. sensitivity: the
+    probe's damage (lower is better) per candidate, keyed "bits" or "group:bits", measured by sensitivity_metric.
     """
 
     fqn: str
