@@ -1,0 +1,96 @@
+"""What Triton makes of fxquant's kernels for Hopper, read on any machine (no GPU): compile for sm_90 and count.
+
+    python benchmarks/kernel_ir.py --out kernel-ir-sm90.json
+
+Each kernel is compiled as a real launch would specialise it (16-divisible pointers / sizes, unit strides as
+constants) and its TTGIR / PTX is searched for: wgmma ops and how many are left in flight at each wait (`pendings`:
+0 = every MMA waited on at once, no overlap with the next tile's work), cp.async copies (software pipelining),
+register -> shared round trips (`local_alloc` of computed values), layout conversions, exp2 / cvt counts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+import fxquant  # noqa: F401  (registers the ops the kernels' modules import)
+from fxquant.backends.triton.attention import _attention_kernel
+from fxquant.backends.triton.gemm import _gemm_kernel
+
+TARGET = GPUTarget("cuda", 90, 32)
+
+
+def _report(fn, types: dict, constants: dict, num_warps: int, num_stages: int) -> dict:
+    """Compile `fn` with the given argument types (default i32) and constexprs for sm_90; counts from its IR."""
+    names = fn.arg_names
+    signature = {name: types.get(name, "i32") for name in names}
+    signature.update({name: "constexpr" for name in constants})
+    aligned = [name for name in names if name not in constants and signature[name] != "fp32"]
+    source = ASTSource(fn=fn, signature=signature,
+                       constexprs={(names.index(name),): value for name, value in constants.items()},
+                       attrs={(names.index(name),): [["tt.divisibility", 16]] for name in aligned})
+    kernel = triton.compile(source, target=TARGET, options=dict(num_warps=num_warps, num_stages=num_stages))
+    ttgir, ptx = kernel.asm["ttgir"], kernel.asm["ptx"]
+    return {
+        "wgmma_ops": ttgir.count("ttng.warp_group_dot "),
+        "wgmma_wait_pendings": [int(p) for p in re.findall(r"pendings = (\d+)", ttgir)],
+        "async_copies": ttgir.count("async_copy_global_to_local"),
+        "local_allocs": ttgir.count("ttg.local_alloc"),
+        "local_loads": ttgir.count("ttg.local_load"),
+        "convert_layouts": ttgir.count("ttg.convert_layout"),
+        "ptx_wgmma": ptx.count("wgmma.mma_async"),
+        "ptx_exp2": ptx.count("ex2.approx"),
+        "ptx_cvt": ptx.count("cvt."),
+        "shared_bytes": kernel.metadata.shared,
+    }
+
+
+def gemm_reports() -> dict:
+    """The GEMM kernel at W8A8 int8, fp8 and packed W4 / W2, 128 x 128 x 128 tiles, 8 warps, 3 stages."""
+    pointers = {"a_ptr": "*i8", "b_ptr": "*i8", "out_ptr": "*bf16", "a_scale_ptr": "*fp32", "a_zero_ptr": "*i32",
+                "b_scale_ptr": "*fp32", "b_sum_ptr": "*i32", "bias_ptr": "*bf16"}
+    reports = {}
+    for label, bits, a_type, b_type in (("int8", 8, "*i8", "*i8"), ("fp8", 8, "*fp8e4nv", "*fp8e4nv"),
+                                        ("w4a8", 4, "*i8", "*u8"), ("w2a8", 2, "*i8", "*u8")):
+        constants = dict(HAS_ZERO=label != "fp8", HAS_BIAS=True, INT_ACC=label != "fp8", WEIGHT_BITS=bits,
+                         BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, stride_ak=1, stride_bk=1, stride_on=1)
+        reports[label] = _report(_gemm_kernel.fn, {**pointers, "a_ptr": a_type, "b_ptr": b_type}, constants, 8, 3)
+    return reports
+
+
+def attention_reports() -> dict:
+    """The attention kernel, P V in bf16 and fp8, head dims 64 and 72 (64 + 32 tail), 128 x 128 tiles, 8 warps."""
+    reports = {}
+    for head_dim in (64, 72):
+        for pv_fp8 in (False, True):
+            types = {"q_ptr": "*i8", "q_scale_ptr": "*fp32", "k_ptr": "*i8", "k_scale_ptr": "*fp32",
+                     "v_ptr": "*fp8e4nv" if pv_fp8 else "*bf16", "v_scale_ptr": "*fp32", "out_ptr": "*bf16",
+                     "score_scale": "fp32"}
+            constants = dict(HEAD_DIM=head_dim, DIM_A=64, DIM_B=32, HAS_TAIL=head_dim > 64, PV_FP8=pv_fp8,
+                             BLOCK_M=128, BLOCK_N=128, **({"stride_vn": 1} if pv_fp8 else {"stride_vd": 1}))
+            reports[f"d{head_dim}_{'fp8' if pv_fp8 else 'bf16'}_pv"] = _report(
+                _attention_kernel.fn, types, constants, 8, 3)
+    return reports
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    result = {"target": "cuda sm_90", "triton": triton.__version__, "gemm": gemm_reports(),
+              "attention": attention_reports()}
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+        f.write("\n")
+    for family in ("gemm", "attention"):
+        for name, report in result[family].items():
+            print(family, name, report)
+
+
+if __name__ == "__main__":
+    main()
