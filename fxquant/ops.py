@@ -168,17 +168,29 @@ def heads_last(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).contiguous().transpose(1, 2)
 
 
+REFERENCE_SCORE_ELEMENTS = 2**26  # the reference holds at most this many fp32 scores at once (256 MiB)
+
+
 def quantized_attention_reference(q, k, v, scale: float, pv_fp8: bool) -> torch.Tensor:
-    """The reference body of fxquant::quantized_attention, on any device: the whole score matrix at once (the
+    """The reference body of fxquant::quantized_attention, on any device: whole score rows at once, in chunks of
+    queries that keep the score block under REFERENCE_SCORE_ELEMENTS (each row's softmax is exact either way; the
     kernel's online softmax quantizes P against running row maxima instead, so the two agree to rounding)."""
     q_q, q_scale, k_q, k_scale, v_op, v_scale = attention_operands(q, k, v, pv_fp8)
-    scores = (q_q.float() @ k_q.float().transpose(-1, -2)) * (q_scale[..., :, None] * k_scale[..., None, :] * scale)
-    p = torch.exp(scores - scores.amax(dim=-1, keepdim=True))
-    if pv_fp8:
-        out = ((p * FP8_MAX).to(torch.float8_e4m3fn).float() @ v_op.float()) * (v_scale / FP8_MAX)
-    else:
-        out = p.to(v.dtype).float() @ v.float()
-    return heads_last((out / p.sum(dim=-1, keepdim=True)).to(q.dtype))
+    k_t = k_q.float().transpose(-1, -2)
+    v_float = v_op.float()
+    batch, heads, n_q, _ = q.shape
+    rows = max(1, REFERENCE_SCORE_ELEMENTS // max(1, batch * heads * k.shape[-2]))
+    chunks = []
+    for start in range(0, n_q, rows):
+        block = slice(start, start + rows)
+        scores = (q_q[..., block, :].float() @ k_t) * (q_scale[..., block, None] * k_scale[..., None, :] * scale)
+        p = torch.exp(scores - scores.amax(dim=-1, keepdim=True))
+        if pv_fp8:
+            out = ((p * FP8_MAX).to(torch.float8_e4m3fn).float() @ v_float) * (v_scale / FP8_MAX)
+        else:
+            out = p.to(v.dtype).float() @ v_float
+        chunks.append(out / p.sum(dim=-1, keepdim=True))
+    return heads_last(torch.cat(chunks, dim=-2).to(q.dtype))
 
 
 @torch.library.custom_op("fxquant::quantized_attention", mutates_args=())

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fxquant
+import fxquant.ops
 from families import FAMILIES
 from fxquant.attention import QuantizedAttention
 from fxquant.backends.triton.backend import compile_counter
@@ -93,3 +94,13 @@ def test_onnx_export_refuses_quantized_attention(quantized_family, tmp_path):
     _, qmodel, calibration = quantized_family("pixart", "w8a8:attention=int8")
     with pytest.raises(fxquant.FxquantError, match="quantizes attention .* no ONNX translation"):
         fxquant.export_onnx(qmodel, tmp_path / "m.onnx", calibration[0])
+
+
+@pytest.mark.parametrize("pv_fp8", [False, True])
+def test_reference_in_query_chunks_equals_whole_rows(monkeypatch, pv_fp8):
+    q, k, v = torch.randn(2, 3, 50, 16), torch.randn(2, 3, 40, 16), torch.randn(2, 3, 40, 16)
+    whole = fxq.quantized_attention(q, k, v, 0.25, pv_fp8)
+    monkeypatch.setattr(fxquant.ops, "REFERENCE_SCORE_ELEMENTS", 2 * 3 * 40 * 7)  # 7 query rows per chunk
+    chunked = fxq.quantized_attention(q, k, v, 0.25, pv_fp8)
+    torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=1e-6)  # same rows; only matmul blocking differs
+    assert chunked.stride() == whole.stride()
