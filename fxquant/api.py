@@ -92,7 +92,8 @@ def quantize_pipeline(pipe, recipe: str | QuantConfig, prompts: list[str], num_i
     """Quantize a diffusers pipeline's denoiser by calibrating through the pipeline itself.
 
     The prompts are generated in batches (latents only, no VAE decode) with the prepared denoiser in place; then
-    the QuantizedModel is swapped in and the pipeline is returned, ready to generate.
+    the QuantizedModel is swapped in and the pipeline is returned, ready to generate. Mixed-precision recipes with
+    content_metric="render" score content layers by generating the first prompts again with the pipeline.
     """
     if not prompts:
         raise CalibrationError("quantize_pipeline needs at least one calibration prompt.")
@@ -101,6 +102,19 @@ def quantize_pipeline(pipe, recipe: str | QuantConfig, prompts: list[str], num_i
     setattr(pipe, name, prepared)
     accepts_output_type = "output_type" in inspect.signature(pipe.__call__).parameters
     extra = {"output_type": "latent"} if accepts_output_type and "output_type" not in pipe_kwargs else {}
+    state = prepared._state
+
+    def render() -> torch.Tensor:
+        """The first config.render_prompts prompts generated with the denoiser as it is now (fixed seed)."""
+        state.rendering = True
+        try:
+            out = pipe(prompts[:state.config.render_prompts], num_inference_steps=num_inference_steps,
+                       generator=torch.Generator("cpu").manual_seed(seed), **extra, **pipe_kwargs)
+        finally:
+            state.rendering = False
+        return torch.as_tensor(out.images if hasattr(out, "images") else out[0])
+
+    state.render = render
     try:
         for start in tqdm(range(0, len(prompts), batch_size), desc=f"calibrating {recipe if isinstance(recipe, str) else recipe.name}", unit="batch"):
             batch = prompts[start:start + batch_size]

@@ -22,6 +22,7 @@ MIXED_PRECISION = (None, "layer", "block-group")
 CANDIDATE_BITS = (2, 4, 6, 8)
 ACT_CANDIDATE_BITS = (4, 8, 16)
 ATTENTION_FORMATS = (None, "int8", "int8-fp8")
+CONTENT_METRICS = ("proxy", "render")
 
 
 @dataclass
@@ -72,6 +73,12 @@ class QuantConfig:
             per-token Q and K (K minus its mean over tokens), P V in the model's dtype; "int8-fp8" = the same with
             P and V in float8 e4m3 (V scaled per channel). None keeps attention in full precision. Calls with a mask,
             dropout, causal masking, grouped heads or heads narrower than 16 keep the model's own attention.
+        content_metric: how mixed precision scores content layers (cross-attention; MixDQ also feed-forward):
+            "proxy" = the guidance direction of the denoiser output on the recorded calls; "render" = SSIM of samples
+            the pipeline generates with the unit quantized against full precision (MixDQ's metric; needs
+            fxquant.quantize_pipeline, which provides the sampler; one generation of render_prompts prompts per
+            probe).
+        render_prompts: calibration prompts (the first ones) generated per rendered probe.
         sensitivity_calls: recorded calibration calls (the full-precision trajectory) the probes replay.
         sensitivity_rows: samples of each recorded call the probes replay (a guidance batch keeps both halves).
     """
@@ -99,6 +106,8 @@ class QuantConfig:
     act_candidate_bits: list[int] = field(default_factory=lambda: [8])
     act_target_bits: float | None = None
     attention: str | None = None
+    content_metric: str = "proxy"
+    render_prompts: int = 4
     sensitivity_calls: int = 20
     sensitivity_rows: int = 4
     version: int = 1
@@ -158,6 +167,12 @@ class QuantConfig:
                                   f"{self.act_candidate_bits}.")
         if self.attention not in ATTENTION_FORMATS:
             raise RecipeError(f"attention={self.attention!r} is unknown; use one of {ATTENTION_FORMATS}.")
+        if self.content_metric not in CONTENT_METRICS:
+            raise RecipeError(f"content_metric={self.content_metric!r} is unknown; use one of {CONTENT_METRICS}.")
+        if self.content_metric == "render" and (not self.mixed_precision or self.bits_per_timestep_group
+                                                or self.render_prompts < 1):
+            raise RecipeError("content_metric='render' scores whole generations: it needs a mixed_precision setting, "
+                              "no bits_per_timestep_group, and render_prompts >= 1.")
         if self.mixed_precision and self.fp8:
             raise RecipeError("mixed_precision chooses integer weight bits; it cannot be combined with fp8.")
         if self.sensitivity_calls < 1 or self.sensitivity_rows < 2:

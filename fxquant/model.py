@@ -57,6 +57,9 @@ class PreparedModel(_Wrapper):
         self._prepare_passes(self._state)
 
     def forward(self, *args, **kwargs):
+        if self._state.rendering:  # a sensitivity probe generating samples: the model as it is, nothing recorded
+            with torch.no_grad():
+                return self.model(*args, **kwargs)
         if self._converted:
             raise CalibrationError(
                 "This prepared model has been converted; its layers now hold quantized weights. Use the QuantizedModel "

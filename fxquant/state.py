@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -19,7 +20,9 @@ class QuantState:
     observers: module FQN -> its calibration statistics; hooks: the handles that attach them to the model.
     passes_run: names of the passes already applied, in order; timestep_group: the timestep group of the
     calibration call in progress; recorded_calls: (args, kwargs, timestep group) of the first calibration calls,
-    kept for sensitivity probing when the config is mixed precision.
+    kept for sensitivity probing when the config is mixed precision. render: generates a fixed small batch of
+    samples with the model as it is at the time of the call (set by quantize_pipeline; the rendered content metric
+    uses it); rendering: True while it runs, so the prepared model passes calls through without recording them.
     """
 
     model: torch.nn.Module
@@ -31,6 +34,8 @@ class QuantState:
     passes_run: list[str] = field(default_factory=list)
     timestep_group: int = 0
     recorded_calls: list = field(default_factory=list)
+    render: Callable[[], torch.Tensor] | None = None
+    rendering: bool = False
 
     @property
     def graph(self) -> torch.fx.Graph:

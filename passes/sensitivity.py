@@ -1,8 +1,8 @@
 """sensitivity: metric-decoupled sensitivity probing, then bit allocation by integer programming (mixed precision).
 
-Reads: config (mixed_precision, candidate_bits, target_bits, bits_per_timestep_group), state.recorded_calls (the
-full-precision trajectory recorded during calibration), plan layers (groups, balancing, static scales), the float
-model. Writes: LayerPlan.weight_bits / group_weight_bits, LayerPlan.sensitivity / sensitivity_metric,
+Reads: config (mixed_precision, candidate_bits, target_bits, bits_per_timestep_group, content_metric),
+state.recorded_calls (the full-precision trajectory recorded during calibration), state.render (the pipeline's
+sampler, for the rendered content metric), plan layers (groups, balancing, static scales), the float model. Writes: LayerPlan.weight_bits / group_weight_bits, LayerPlan.sensitivity / sensitivity_metric,
 plan.sensitivity_seconds. Runs only when the config asks for mixed precision.
 
 Units: "layer" = each quantized layer (MixDQ); "block-group" = the quantized layers of one block and layer group
@@ -14,7 +14,10 @@ precision by the unit's metric, as relative noise power (10^(-SQNR/10), additive
     unconditional half of a classifier-free-guidance batch (detected when the first half of the text input repeats
     one embedding); calls without that structure use fidelity;
   - "temporal" (temporal attention, 5-D outputs [B, C, F, H, W]): the frame-to-frame differences along F;
-  - "fidelity" (everything else): the whole output.
+  - "fidelity" (everything else): the whole output;
+  - "rendered-ssim" (content layers with config.content_metric "render", MixDQ's own metric): the pipeline
+    generates the first render_prompts calibration prompts again (state.render, from quantize_pipeline) with the unit
+    quantized, damage = 1 - mean SSIM of those samples against the full-precision ones.
 The damages of each metric are normalised to sum 1 over its units at the lowest candidate bits, so each metric
 weighs alike (MixDQ's decoupling), and fxquant.bit_allocation picks the widths that minimise the summed damage
 within target_bits ± 0.02 (parameter-weighted average over the quantized layers, as stored) and, if set,
@@ -38,12 +41,14 @@ import dataclasses
 import re
 import time
 from collections import defaultdict
+from contextlib import contextmanager
 
 import torch
 from tqdm.auto import tqdm
 
 from fxquant.bit_allocation import allocate_bits, weight_bits_of
 from fxquant.errors import CalibrationError, RecipeError
+from fxquant.metrics import ssim
 from fxquant.modules import QuantConv2d, QuantLinear
 from fxquant.plan import LayerPlan
 from fxquant.quantizer import asymmetric_params, asymmetric_range, packable
@@ -64,11 +69,24 @@ def _unit_name(layer: LayerPlan, granularity: str) -> str:
     return f"{block.group(1) if block else '(top)'}/{layer.group}"
 
 
-def _metric(layers: list[LayerPlan], granularity: str) -> str:
+def _metric(layers: list[LayerPlan], granularity: str, content_metric: str = "proxy") -> str:
     groups = {layer.group for layer in layers}
     if groups & set(_CONTENT_GROUPS[granularity]):
-        return "text-alignment"
+        return "rendered-ssim" if content_metric == "render" else "text-alignment"
     return "temporal" if "temporal-attention" in groups else "fidelity"
+
+
+def _frames(samples: torch.Tensor) -> torch.Tensor:
+    """Samples [N, C, H, W] or clips [N, C, F, H, W] -> float64 CPU frames [N * F, C, H, W]."""
+    samples = samples.detach().double().cpu()
+    return samples.movedim(2, 1).flatten(0, 1) if samples.dim() == 5 else samples
+
+
+def _ssim_damage(samples: torch.Tensor, reference: torch.Tensor) -> float:
+    """1 - mean SSIM of the samples against the full-precision ones (data range: the reference's)."""
+    frames, reference = _frames(samples), _frames(reference)
+    data_range = (reference.max() - reference.min()).item() or 1.0
+    return 1.0 - sum(ssim(frames, reference, data_range)) / len(frames)
 
 
 def _can_store(layer: LayerPlan, bits: int) -> bool:
@@ -193,27 +211,40 @@ class SensitivityPass(QuantPass):
             calls.append((*_fewer_rows(args, kwargs, config.sensitivity_rows, cfg), group, cfg))
         with torch.no_grad():
             reference = [_first_tensor(state.model(*args, **kwargs)) for args, kwargs, *_ in calls]
+        metric_of = {name: _metric(layers, config.mixed_precision, config.content_metric)
+                     for name, layers in units.items()}
+        rendered = None  # the full-precision samples, when content layers are scored by rendering
+        if "rendered-ssim" in metric_of.values():
+            if state.render is None:
+                raise CalibrationError("content_metric='render' generates samples with the pipeline: quantize with "
+                                       "fxquant.quantize_pipeline, or use content_metric='proxy'.")
+            rendered = state.render()
         damage: dict[str, dict] = {}
         probes = [(name, group, bits, 8) for name, layers in units.items() for group in groups
                   for bits in config.candidate_bits if all(_can_store(l, bits) for l in layers)]
         probes += [(name, None, 8, act) for name, layers in units.items() for act in config.act_candidate_bits
                    if act != 8 and _act_allocated(layers)]  # activations alone: weights at 8 bits
         for name, group, bits, act in tqdm(probes, desc=f"sensitivity ({len(units)} units)", unit="probe"):
-            metric = _metric(units[name], config.mixed_precision)
-            selected = [i for i, call in enumerate(calls) if group is None or call[2] == group]
-            outputs = self._probe(state, [_at_bits(layer, bits, act) for layer in units[name]],
-                                  [calls[i] for i in selected])
-            value = sum(_noise_power(_view(out, metric, calls[i][3]), _view(reference[i], metric, calls[i][3]))
-                        for out, i in zip(outputs, selected)) / len(selected)
+            lowered = [_at_bits(layer, bits, act) for layer in units[name]]
+            if metric_of[name] == "rendered-ssim":
+                with self._lowered(state, lowered):
+                    value = _ssim_damage(state.render(), rendered)
+            else:
+                selected = [i for i, call in enumerate(calls) if group is None or call[2] == group]
+                outputs = self._probe(state, lowered, [calls[i] for i in selected])
+                value = sum(_noise_power(_view(out, metric_of[name], calls[i][3]),
+                                         _view(reference[i], metric_of[name], calls[i][3]))
+                            for out, i in zip(outputs, selected)) / len(selected)
             damage.setdefault(name, {}).setdefault(group, {})[bits if act == 8 else f"a{act}"] = value
-        self._allocate(state, units, damage, groups, calls, reference)
+        self._allocate(state, units, damage, groups, calls, (reference, rendered), metric_of)
         plan.sensitivity_seconds = time.perf_counter() - start
         return PassResult(modified=True)
 
     @staticmethod
-    def _probe(state: QuantState, lowered: list[LayerPlan], calls: list) -> list[torch.Tensor]:
-        """Outputs of the recorded `calls` with the `lowered` layer plans (from _at_bits) lowered, the rest full
-        precision."""
+    @contextmanager
+    def _lowered(state: QuantState, lowered: list[LayerPlan]):
+        """Within: the `lowered` layer plans (from _at_bits) run as their real quantized modules, the rest full
+        precision; yields the TimestepGroup their static scales read."""
         originals, timestep = {}, TimestepGroup()
         for layer in lowered:
             module = state.model.get_submodule(layer.fqn)
@@ -223,36 +254,45 @@ class SensitivityPass(QuantPass):
                 new._timestep = timestep
             replace_module(state.model, layer.fqn, new)
             originals[layer.fqn] = module
-        device = next(iter(originals.values())).weight.device
         try:
-            outputs = []
-            with torch.no_grad():
-                for args, kwargs, group, _ in calls:  # static scales: each call's own timestep group
-                    timestep.index = torch.tensor([group], device=device)
-                    outputs.append(_first_tensor(state.model(*args, **kwargs)))
-            return outputs
+            yield timestep
         finally:
             for fqn, module in originals.items():
                 replace_module(state.model, fqn, module)
 
-    def _joint_damage(self, state: QuantState, units: dict, choice: dict, calls: list, reference: list) -> float:
-        """Every unit lowered at its chosen bits at once: the mean over calls and the metrics in use of the noise
-        power of each metric's view of the output."""
+    def _probe(self, state: QuantState, lowered: list[LayerPlan], calls: list) -> list[torch.Tensor]:
+        """Outputs of the recorded `calls` with the `lowered` layer plans lowered, the rest full precision."""
+        device = state.model.get_submodule(lowered[0].fqn).weight.device
+        outputs = []
+        with self._lowered(state, lowered) as timestep, torch.no_grad():
+            for args, kwargs, group, _ in calls:  # static scales: each call's own timestep group
+                timestep.index = torch.tensor([group], device=device)
+                outputs.append(_first_tensor(state.model(*args, **kwargs)))
+        return outputs
+
+    def _joint_damage(self, state: QuantState, units: dict, choice: dict, calls: list, reference: tuple,
+                      metric_of: dict) -> float:
+        """Every unit lowered at its chosen bits at once: the mean over the metrics in use of each metric's damage
+        (noise power of its view of the recorded calls' outputs, averaged over calls; rendered-ssim: 1 - SSIM of
+        one rendering). reference: (the recorded calls' full-precision outputs, the full-precision samples or None)."""
+        outputs_fp, rendered = reference
         lowered = [_at_bits(layer, *_pair(choice[name])) for name, layers in units.items() for layer in layers]
-        metrics = {_metric(layers, state.config.mixed_precision) for layers in units.values()}
+        metrics = set(metric_of.values())
         outputs = self._probe(state, lowered, calls)
-        total = 0.0
-        for out, ref, call in zip(outputs, reference, calls):
-            total += sum(_noise_power(_view(out, metric, call[3]), _view(ref, metric, call[3]))
-                         for metric in metrics) / len(metrics)
-        return total / len(calls)
+        per_metric = []
+        for metric in metrics - {"rendered-ssim"}:
+            per_metric.append(sum(_noise_power(_view(out, metric, call[3]), _view(ref, metric, call[3]))
+                                  for out, ref, call in zip(outputs, outputs_fp, calls)) / len(calls))
+        if "rendered-ssim" in metrics:
+            with self._lowered(state, lowered):
+                per_metric.append(_ssim_damage(state.render(), rendered))
+        return sum(per_metric) / len(per_metric)
 
     def _allocate(self, state: QuantState, units: dict, damage: dict, groups: list, calls: list,
-                  reference: list) -> None:
+                  reference: tuple, metric_of: dict) -> None:
         """Normalise each metric's damages, solve the integer program (checking jointly whether to drop the lowest
         candidate), write the bits into the plan."""
         config = state.config
-        metric_of = {name: _metric(layers, config.mixed_precision) for name, layers in units.items()}
         lowest = min(config.candidate_bits)
         totals: dict[str, float] = defaultdict(float)
         for name, per_group in damage.items():
@@ -275,7 +315,7 @@ class SensitivityPass(QuantPass):
             except RecipeError:  # the budget needs the lowest width: nothing to compare
                 without = choice
             candidates = {",".join(map(str, config.candidate_bits)): choice, ",".join(map(str, higher)): without}
-            joint = {key: self._joint_damage(state, units, picked, calls, reference)
+            joint = {key: self._joint_damage(state, units, picked, calls, reference, metric_of)
                      for key, picked in candidates.items()}
             state.plan.allocation_checks = joint
             choice = candidates[min(joint, key=joint.get)]

@@ -250,6 +250,9 @@ def test_bos_outlier_is_found_kept_full_precision_and_cached():
     ("mixdq-w4a8-mp:act_candidate_bits=[4,8]", "act_target_bits=None must lie within"),
     ("viditq-w4a8-mp:act_candidate_bits=[8,16],act_target_bits=10", "need mixed_precision='layer'"),
     ("mixdq-w4a8-mp:act_candidate_bits=[6,8],act_target_bits=7", "must be a non-empty subset"),
+    ("mixdq-w4a8-mp:content_metric=clip", "content_metric='clip' is unknown"),
+    ("viditq-w4a8-mp:content_metric=render", "content_metric='render' scores whole generations"),
+    ("w8a8:content_metric=render", "content_metric='render' scores whole generations"),
 ])
 def test_mixed_precision_config_errors(recipe, message):
     with pytest.raises(fxquant.RecipeError, match=re.escape(message)):
@@ -322,3 +325,31 @@ def test_activation_bits_survive_save_load_and_onnx_export(mixdq_with_activation
     ort = session(fxquant.export_onnx(qmodel, tmp_path / "act.onnx", inputs, dynamic_batch=False))
     feed = {i.name: inputs[i.name].numpy() for i in ort.get_inputs()}
     assert relative_l2(torch.from_numpy(ort.run(None, feed)[0]), expected) <= 1e-3
+
+
+def test_rendered_content_metric_scores_content_layers_by_generated_samples(tiny_pipeline_dir):
+    """content_metric='render': cross-attention / feed-forward units are scored by SSIM of samples the pipeline
+    generates with the unit quantized; the renders are not recorded as calibration calls."""
+    from diffusers import PixArtAlphaPipeline
+    from tiny_pipeline import CALIBRATION_PROMPTS, pipeline_kwargs
+
+    pipe = PixArtAlphaPipeline.from_pretrained(tiny_pipeline_dir)
+    pipe.set_progress_bar_config(disable=True)
+    fxquant.quantize_pipeline(pipe, "mixdq-w4a8-mp:content_metric=render,render_prompts=2", CALIBRATION_PROMPTS[:4],
+                              num_inference_steps=2, batch_size=2, **pipeline_kwargs())
+    plan = pipe.transformer.plan
+    assert plan.calibration_calls == 2 * 2  # 2 batches x 2 steps: probes' generations are not calibration
+    layers = plan.quantized_layers()
+    content = [layer for layer in layers if layer.group in ("cross-attention", "mlp")]
+    assert content and all(layer.sensitivity_metric == "rendered-ssim" for layer in content)
+    assert all(layer.sensitivity_metric != "rendered-ssim" for layer in layers if layer not in content)
+    damages = [layer.sensitivity for layer in content]
+    assert all(0 <= value <= 2 for table in damages for value in table.values())
+    assert sum(table["2"] for table in damages) > sum(table["8"] for table in damages)
+
+
+def test_rendered_content_metric_needs_the_pipeline():
+    family = FAMILIES["pixart"]
+    with pytest.raises(fxquant.CalibrationError, match="generates samples with the pipeline: quantize with "
+                                                       "fxquant.quantize_pipeline"):
+        fxquant.quantize(family.build(), "mixdq-w4a8-mp:content_metric=render", [family.inputs()])
