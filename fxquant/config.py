@@ -77,7 +77,7 @@ class QuantConfig:
             "proxy" = the guidance direction of the denoiser output on the recorded calls; "render" = SSIM of samples
             the pipeline generates with the unit quantized against full precision (MixDQ's metric; needs
             fxquant.quantize_pipeline, which provides the sampler; one generation of render_prompts prompts per
-            probe).
+            probe; not with timestep_groups).
         render_prompts: calibration prompts (the first ones) generated per rendered probe.
         sensitivity_calls: recorded calibration calls (the full-precision trajectory) the probes replay.
         sensitivity_rows: samples of each recorded call the probes replay (a guidance batch keeps both halves).
@@ -169,10 +169,10 @@ class QuantConfig:
             raise RecipeError(f"attention={self.attention!r} is unknown; use one of {ATTENTION_FORMATS}.")
         if self.content_metric not in CONTENT_METRICS:
             raise RecipeError(f"content_metric={self.content_metric!r} is unknown; use one of {CONTENT_METRICS}.")
-        if self.content_metric == "render" and (not self.mixed_precision or self.bits_per_timestep_group
+        if self.content_metric == "render" and (not self.mixed_precision or self.timestep_groups
                                                 or self.render_prompts < 1):
             raise RecipeError("content_metric='render' scores whole generations: it needs a mixed_precision setting, "
-                              "no bits_per_timestep_group, and render_prompts >= 1.")
+                              "no timestep_groups (a probe's generation spans them all), and render_prompts >= 1.")
         if self.mixed_precision and self.fp8:
             raise RecipeError("mixed_precision chooses integer weight bits; it cannot be combined with fp8.")
         if self.sensitivity_calls < 1 or self.sensitivity_rows < 2:

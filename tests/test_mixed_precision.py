@@ -253,6 +253,7 @@ def test_bos_outlier_is_found_kept_full_precision_and_cached():
     ("mixdq-w4a8-mp:content_metric=clip", "content_metric='clip' is unknown"),
     ("viditq-w4a8-mp:content_metric=render", "content_metric='render' scores whole generations"),
     ("w8a8:content_metric=render", "content_metric='render' scores whole generations"),
+    ("mixdq-w4a8-mp:content_metric=render,render_prompts=0", "render_prompts >= 1"),
 ])
 def test_mixed_precision_config_errors(recipe, message):
     with pytest.raises(fxquant.RecipeError, match=re.escape(message)):
