@@ -62,10 +62,9 @@ class _QuantizedAttentionForward:
             return self.forward(*args, **kwargs)
 
 
-def install(model: nn.Module, plan: QuantPlan) -> int:
-    """Run the attention of every layer in plan.quantized_attention() quantized; returns how many modules."""
+def install(model: nn.Module, plan: QuantPlan) -> None:
+    """Run the attention of every layer in plan.quantized_attention() quantized (once per module)."""
     for layer in plan.quantized_attention():
         module = model.get_submodule(layer.fqn)
         if not isinstance(module.forward, _QuantizedAttentionForward):
             module.forward = _QuantizedAttentionForward(module.forward, layer.attention_format)
-    return len(plan.quantized_attention())

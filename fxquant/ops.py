@@ -168,6 +168,12 @@ def heads_last(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).contiguous().transpose(1, 2)
 
 
+def empty_heads_last(q: torch.Tensor) -> torch.Tensor:
+    """An uninitialised tensor shaped and typed like q [B, H, N, D], stored as [B, N, H, D] (no copy)."""
+    batch, heads, tokens, head_dim = q.shape
+    return q.new_empty((batch, tokens, heads, head_dim)).transpose(1, 2)
+
+
 REFERENCE_SCORE_ELEMENTS = 2**26  # the reference holds at most this many fp32 scores at once (256 MiB)
 
 
@@ -204,7 +210,7 @@ def quantized_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale
 
 @quantized_attention.register_fake
 def _(q, k, v, scale, pv_fp8):
-    return heads_last(torch.empty_like(q))
+    return empty_heads_last(q)
 
 
 @torch.library.custom_op("fxquant::unpack_int4", mutates_args=())

@@ -181,7 +181,8 @@ def attention_operands(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pv_fp8
     of a query row by the same q . mean (softmax unchanged) and frees K's range of the offset all keys share. With
     pv_fp8, v_op is V in float8 e4m3 with one scale per channel (absmax over tokens / 448); else V itself."""
     q_scale = absmax_scale(q.detach().abs().amax(dim=-1))
-    k = k.float() - k.float().mean(dim=-2, keepdim=True)
+    k = k.float()
+    k = k - k.mean(dim=-2, keepdim=True)
     k_scale = absmax_scale(k.abs().amax(dim=-1))
     q_q = quantize_with_scale(q, q_scale[..., None])
     k_q = quantize_with_scale(k, k_scale[..., None])

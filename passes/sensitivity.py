@@ -227,11 +227,10 @@ class SensitivityPass(QuantPass):
         for name, group, bits, act in tqdm(probes, desc=f"sensitivity ({len(units)} units)", unit="probe"):
             lowered = [_at_bits(layer, bits, act) for layer in units[name]]
             if metric_of[name] == "rendered-ssim":
-                with self._lowered(state, lowered):
-                    value = _ssim_damage(state.render(), rendered)
+                value = _ssim_damage(self._probe(state, lowered, [], render=True)[1], rendered)
             else:
                 selected = [i for i, call in enumerate(calls) if group is None or call[2] == group]
-                outputs = self._probe(state, lowered, [calls[i] for i in selected])
+                outputs, _ = self._probe(state, lowered, [calls[i] for i in selected])
                 value = sum(_noise_power(_view(out, metric_of[name], calls[i][3]),
                                          _view(reference[i], metric_of[name], calls[i][3]))
                             for out, i in zip(outputs, selected)) / len(selected)
@@ -260,15 +259,18 @@ class SensitivityPass(QuantPass):
             for fqn, module in originals.items():
                 replace_module(state.model, fqn, module)
 
-    def _probe(self, state: QuantState, lowered: list[LayerPlan], calls: list) -> list[torch.Tensor]:
-        """Outputs of the recorded `calls` with the `lowered` layer plans lowered, the rest full precision."""
+    def _probe(self, state: QuantState, lowered: list[LayerPlan], calls: list,
+               render: bool = False) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """With the `lowered` layer plans lowered once (the rest full precision): the outputs of the recorded `calls`
+        and, if `render`, the pipeline's samples (state.render)."""
         device = state.model.get_submodule(lowered[0].fqn).weight.device
         outputs = []
         with self._lowered(state, lowered) as timestep, torch.no_grad():
             for args, kwargs, group, _ in calls:  # static scales: each call's own timestep group
                 timestep.index = torch.tensor([group], device=device)
                 outputs.append(_first_tensor(state.model(*args, **kwargs)))
-        return outputs
+            samples = state.render() if render else None
+        return outputs, samples
 
     def _joint_damage(self, state: QuantState, units: dict, choice: dict, calls: list, reference: tuple,
                       metric_of: dict) -> float:
@@ -278,14 +280,13 @@ class SensitivityPass(QuantPass):
         outputs_fp, rendered = reference
         lowered = [_at_bits(layer, *_pair(choice[name])) for name, layers in units.items() for layer in layers]
         metrics = set(metric_of.values())
-        outputs = self._probe(state, lowered, calls)
+        outputs, samples = self._probe(state, lowered, calls, render="rendered-ssim" in metrics)
         per_metric = []
         for metric in metrics - {"rendered-ssim"}:
             per_metric.append(sum(_noise_power(_view(out, metric, call[3]), _view(ref, metric, call[3]))
                                   for out, ref, call in zip(outputs, outputs_fp, calls)) / len(calls))
-        if "rendered-ssim" in metrics:
-            with self._lowered(state, lowered):
-                per_metric.append(_ssim_damage(state.render(), rendered))
+        if samples is not None:
+            per_metric.append(_ssim_damage(samples, rendered))
         return sum(per_metric) / len(per_metric)
 
     def _allocate(self, state: QuantState, units: dict, damage: dict, groups: list, calls: list,

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from ...ops import heads_last
+from ...ops import empty_heads_last
 from ...quantizer import attention_operands
 
 from . import INTERPRET
@@ -192,7 +192,7 @@ def quantized_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale
         v_scale = F.pad(v_scale, (0, pad)).contiguous()
     elif v_op.stride(-1) != 1:
         v_op = v_op.contiguous()
-    out = heads_last(torch.empty_like(q))
+    out = empty_heads_last(q)
     if out.numel() == 0:
         return out
     args = (q_q, q_scale.contiguous(), k_q, k_scale.contiguous(), v_op, v_scale if pv_fp8 else q_scale, out,
