@@ -1,7 +1,8 @@
 """GPU benchmark: kernel correctness at full shapes, GEMM and attention microbenchmarks, end-to-end denoiser latency
 and memory.
 
-    python benchmarks/gpu_bench.py --sections kernels gemm attention models --models pixart flux --out results.json
+    python benchmarks/gpu_bench.py --sections kernels prologue gemm attention models --models pixart flux \
+        --out results.json
 
 Everything runs in one process on the same inputs; times are medians of >= 20 calls. GEMMs are timed as CUDA-graph
 replays (triton.testing.do_bench_cudagraph), so CPU launch overhead is excluded for every variant alike; the
@@ -28,10 +29,11 @@ from triton.testing import do_bench_cudagraph
 import fxquant
 from fxquant.backends.triton.attention import _attention_kernel, quantized_attention, tune
 from fxquant.backends.triton.gemm import quantized_gemm
-from fxquant.backends.triton.quantize import quantize_per_token, quantize_per_token_fp8
+from fxquant.backends.triton.quantize import fused_quantize_per_token, quantize_per_token, quantize_per_token_fp8
 from fxquant.metrics import relative_l2
-from fxquant.ops import int8_linear_reference, quantize_per_token_reference, quantized_attention_reference
-from fxquant.quantizer import attention_operands, pack_bits, quantize_weight_per_channel
+from fxquant.ops import (int8_linear_reference, prologue_reference, quantize_per_token_reference,
+                         quantized_attention_reference)
+from fxquant.quantizer import attention_operands, pack_bits, quantize_fp8, quantize_weight_per_channel
 
 DIT_SHAPES = [(1152, 1152), (1152, 3456), (1152, 4608), (4608, 1152)]  # (K, N) of PixArt-alpha's linears
 FP8_MAX = 448.0
@@ -39,6 +41,11 @@ CALLS = 20
 # (batch, heads, tokens, head dim) of the benchmarked models' self / joint attention (image + text tokens)
 ATTENTION_SHAPES = {"pixart": (2, 16, 4096, 72), "sd3": (2, 24, 4096 + 333, 64), "flux": (1, 24, 4096 + 512, 128),
                     "cogvideox": (2, 30, 13 * 30 * 45 + 226, 64)}
+# input shape and prologue of the quantizations the backend fuses: PixArt-1024's norm + adaLN and feed-forward
+# GELU, SDXL's 1280-wide GEGLU at 32 x 32 latents
+PROLOGUE_CASES = {"pixart_layernorm_adaln": ((2, 4096, 1152), dict(norm="layer", eps=1e-6), True),
+                  "pixart_gelu_tanh": ((2, 4096, 4608), dict(activation="gelu_tanh"), False),
+                  "sdxl_geglu": ((2, 1024, 2 * 5120), dict(activation="geglu"), False)}
 
 
 def _median_ms(fn, calls: int = CALLS) -> float:
@@ -129,6 +136,49 @@ def check_kernels() -> list[dict]:
             **packed_errors,
         })
         print("kernels", rows[-1], flush=True)
+    return rows
+
+
+def prologue_benchmark() -> list[dict]:
+    """The fused norm / modulation / activation + quantize kernel at full shapes: code mismatches against the fp32
+    reference, and its time against the unfused path (Inductor's kernel for the prologue writing bf16 rows, then
+    fxquant's quantize kernel) and against Inductor fusing prologue and quantization itself."""
+    rows = []
+    for name, (shape, spec, adaln) in PROLOGUE_CASES.items():
+        x = torch.randn(shape, device="cuda", dtype=torch.bfloat16) * 2 + 0.1
+        kwargs = dict(weight=None, bias=None, mul=None, add=None, norm="none", eps=0.0, activation="none")
+        kwargs.update(spec)
+        if adaln:  # [B, 1, C] chunks of a [B, 6, C] table, as PixArt makes them
+            table = torch.randn(shape[0], 6, shape[-1], device="cuda", dtype=torch.bfloat16) * 0.3
+            kwargs.update(mul=1 + table[:, 1:2], add=table[:, 0:1])
+        exact = prologue_reference(x, *kwargs.values())
+        prologue_bf16 = torch.compile(lambda x: prologue_reference(x, *kwargs.values()).to(torch.bfloat16))
+        row = {"case": name, "shape": list(shape), "ms": {}, "int8_code_mismatch_fraction": {}}
+        for label, fp8, reference_quantize, kernel_quantize in (
+                ("int8", False, quantize_per_token_reference, quantize_per_token),
+                ("fp8", True, lambda rows: quantize_fp8(rows, dim=-1), quantize_per_token_fp8)):
+            fused = lambda: fused_quantize_per_token(x, *kwargs.values(), fp8=fp8)  # noqa: E731
+            unfused = lambda: kernel_quantize(prologue_bf16(x))  # noqa: E731
+            inductor = torch.compile(lambda x: reference_quantize(prologue_reference(x, *kwargs.values())))
+            if not fp8:
+                reference_codes = quantize_per_token_reference(exact)[0]
+                row["int8_code_mismatch_fraction"] = {
+                    "fused": (fused()[0] != reference_codes).float().mean().item(),
+                    "unfused_bf16_rows": (unfused()[0] != reference_codes).float().mean().item()}
+            else:
+                codes, scales, _ = fused()
+                row["fp8_rel_err_vs_exact"] = relative_l2(codes.float() * scales, exact)
+            row["ms"][f"{label}_fused"] = _graph_median_ms(fused)
+            row["ms"][f"{label}_unfused"] = _graph_median_ms(unfused)
+            row["ms"][f"{label}_inductor_fused"] = _graph_median_ms(lambda: inductor(x))
+            row[f"{label}_speedup_vs_unfused"] = row["ms"][f"{label}_unfused"] / row["ms"][f"{label}_fused"]
+            torch._dynamo.reset()
+        read_write = x.numel() * x.element_size() + exact.numel() * 1  # bf16 in, 8-bit codes out
+        row["fused_bandwidth_TBps"] = {key: read_write / (row["ms"][key] * 1e-3) / 1e12 for key in row["ms"]
+                                       if key.endswith("_fused") and "inductor" not in key}
+        rows.append(row)
+        print("prologue", name, {key: round(t, 4) for key, t in row["ms"].items()},
+              row["int8_code_mismatch_fraction"], flush=True)
     return rows
 
 
@@ -437,8 +487,8 @@ def model_benchmark(name: str, variants: list[str], results: dict, save, layers:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sections", nargs="+", default=["kernels", "gemm", "attention", "models"],
-                        choices=["kernels", "gemm", "attention", "models"])
+    parser.add_argument("--sections", nargs="+", default=["kernels", "prologue", "gemm", "attention", "models"],
+                        choices=["kernels", "prologue", "gemm", "attention", "models"])
     parser.add_argument("--models", nargs="+", default=["pixart"], choices=sorted(MODELS))
     parser.add_argument("--variants", nargs="+",
                         default=["bf16_eager", "bf16_compile", "fxquant:w8a8", "fxquant:w8a8-fp8", "fxquant:w4a8"])
@@ -458,6 +508,9 @@ def main() -> None:
 
     if "kernels" in args.sections:
         result["kernels"] = check_kernels()
+        save()
+    if "prologue" in args.sections:
+        result["prologue"] = prologue_benchmark()
         save()
     if "gemm" in args.sections:
         result["gemm"] = gemm_benchmark()

@@ -65,6 +65,79 @@ def _(x):
             x.new_empty(rows, dtype=torch.int32))
 
 
+PROLOGUE_NORMS = ("none", "layer", "rms")
+PROLOGUE_ACTIVATIONS = ("none", "gelu", "gelu_tanh", "silu", "geglu", "geglu_tanh")  # geglu*: gated (a * gelu(g))
+
+
+def check_prologue(norm: str, activation: str, has_modulation: bool) -> None:
+    """Raise ValueError for a prologue fused_quantize_per_token does not define."""
+    if norm not in PROLOGUE_NORMS or activation not in PROLOGUE_ACTIVATIONS:
+        raise ValueError(f"prologue norm {norm!r} / activation {activation!r}: norms are {PROLOGUE_NORMS}, "
+                         f"activations {PROLOGUE_ACTIVATIONS}")
+    if activation.startswith("geglu") and (norm != "none" or has_modulation):
+        raise ValueError("a gated activation (geglu) takes no norm, affine or modulation before it")
+
+
+def prologue_reference(x, weight, bias, mul, add, norm: str, eps: float, activation: str) -> torch.Tensor:
+    """The prologue of fxquant::fused_quantize_per_token in fp32: x [..., C_in] -> rows [M, C].
+
+    y = activation((norm(x) * weight + bias) * mul + add); norm over the last dim ("layer": LayerNorm, "rms":
+    RMSNorm, eps inside the root); weight / bias [C] (the norm's affine) and mul / add (adaLN modulation, shaped
+    [B, 1, ..., C] or [C]) are optional. Gated activations split x into halves (a, g) and give a * act(g), C = C_in / 2.
+    """
+    check_prologue(norm, activation, any(t is not None for t in (weight, bias, mul, add)))
+    y = x.float()
+    if activation.startswith("geglu"):
+        y, gate = y.chunk(2, dim=-1)
+    if norm == "layer":
+        y = F.layer_norm(y, y.shape[-1:], eps=eps)
+    elif norm == "rms":
+        y = y * torch.rsqrt(y.pow(2).mean(dim=-1, keepdim=True) + eps)
+    for operand, combine in ((weight, torch.mul), (bias, torch.add), (mul, torch.mul), (add, torch.add)):
+        if operand is not None:
+            y = combine(y, operand.float())
+    if activation.startswith("geglu"):
+        y = y * F.gelu(gate, approximate="tanh" if activation == "geglu_tanh" else "none")
+    elif activation.startswith("gelu"):
+        y = F.gelu(y, approximate="tanh" if activation == "gelu_tanh" else "none")
+    elif activation == "silu":
+        y = F.silu(y)
+    return y.reshape(-1, y.shape[-1])
+
+
+@torch.library.custom_op("fxquant::fused_quantize_per_token", mutates_args=())
+def fused_quantize_per_token(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    mul: torch.Tensor | None,
+    add: torch.Tensor | None,
+    norm: str,
+    eps: float,
+    activation: str,
+    fp8: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Norm / modulation / activation, then per-token quantization, in one op (the compile backend puts it in place
+    of such chains ending in quantize_per_token or quantize_per_token_fp8; kernels never write the float rows).
+
+    x [..., C_in] float -> (q [M, C], fp32 scale [M, 1], int32 zero [M, 1]) as quantize_per_token of
+    prologue_reference(...), or with fp8: (float8_e4m3fn q, scale, an empty int32 zero [M, 0]).
+    """
+    rows = prologue_reference(x, weight, bias, mul, add, norm, eps, activation)
+    if fp8:
+        q, scale = quantize_fp8(rows, dim=-1)
+        return q, scale, rows.new_empty((rows.shape[0], 0), dtype=torch.int32)
+    return quantize_per_token_reference(rows)
+
+
+@fused_quantize_per_token.register_fake
+def _(x, weight, bias, mul, add, norm, eps, activation, fp8):
+    width = x.shape[-1] // 2 if activation.startswith("geglu") else x.shape[-1]
+    rows = x.numel() // x.shape[-1]
+    return (x.new_empty((rows, width), dtype=torch.float8_e4m3fn if fp8 else torch.int8),
+            x.new_empty((rows, 1), dtype=torch.float32), x.new_empty((rows, 0 if fp8 else 1), dtype=torch.int32))
+
+
 @torch.library.custom_op("fxquant::quantize_per_tensor", mutates_args=())
 def quantize_per_tensor(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
                         bits: int = 8) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from diffusers.models.attention import BasicTransformerBlock
 
 from families import FAMILIES
 from fxquant.backends.triton.backend import compile_counter
@@ -53,3 +54,22 @@ def test_backend_fuses_packed_weight_unpacking_into_the_gemm(quantized_family, n
         fast = compiled(**inputs, return_dict=False)[0]
     assert compile_counter["packed_linears"] == len(packed)  # every 4-bit linear runs packed_int8_linear
     assert torch.equal(fast, eager)
+
+
+@pytest.mark.parametrize("name,recipe,per_block",
+                         [("pixart", "w8a8", 3), ("pixart", "w8a8-fp8", 3), ("unet", "w8a8", 4)])
+def test_backend_fuses_norm_modulation_and_activation_into_quantization(quantized_family, name, recipe, per_block):
+    """PixArt blocks: two LayerNorm + adaLN modulations and the GELU before the feed-forward's second linear; UNet
+    blocks: three affine LayerNorms and the GEGLU. Each chain and its quantization become one fused op."""
+    _, qmodel, _ = quantized_family(name, recipe)
+    blocks = [m for m in qmodel.model.modules() if isinstance(m, BasicTransformerBlock)]
+    inputs = FAMILIES[name].inputs(batch=2, seed=4)
+    outputs = {}
+    for fuse in (True, False):
+        torch._dynamo.reset()
+        compile_counter.clear()
+        compiled = torch.compile(qmodel, backend="fxquant", options={"fxquant.fuse_prologues": fuse})
+        with torch.no_grad():
+            outputs[fuse] = compiled(**inputs, return_dict=False)[0]
+        assert compile_counter["fused_prologues"] == (per_block * len(blocks) if fuse else 0)
+    assert relative_l2(outputs[True], outputs[False]) <= 1e-5  # fp32 model: the same arithmetic, fused

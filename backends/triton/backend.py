@@ -3,6 +3,9 @@
 Dynamo hands over the graph of the quantized model, in which every quantized layer is a chain of fxquant ops.
 The backend rewrites it with patterns, then compiles:
 - every device: identical quantizations of one input (q / k / v projections of the same hidden states) run once;
+  a per-token quantization whose input is made by a LayerNorm / RMSNorm (+ affine), adaLN modulation
+  (x * (1 + scale) + shift), GELU / SiLU or GEGLU becomes one `fused_quantize_per_token` with that prologue (the
+  float rows between them never reach memory);
   `unpack_int4` / `unpack_int2` -> `int8_linear` becomes one `packed_int8_linear` (4- / 2-bit weights are unpacked
   inside the GEMM's K loop; the int8 codes never reach memory);
 - CUDA: the quantize, GEMM and attention ops become calls of fxquant's Triton kernels traced through
@@ -18,9 +21,11 @@ again per step.
 
 from __future__ import annotations
 
+import operator
 from collections import Counter
 
 import torch
+import torch.nn.functional as F
 from torch import fx
 
 from ...ops import quantize_per_token_reference
@@ -107,6 +112,157 @@ def fuse_packed_weights(gm: fx.GraphModule) -> int:
     return fused
 
 
+_ADD, _MUL = {operator.add, torch.add}, {operator.mul, torch.mul}
+_GELU, _SILU = {F.gelu, torch._C._nn.gelu}, {F.silu}
+_LAYER_NORM, _RMS_NORM = {F.layer_norm, torch.layer_norm}, {F.rms_norm, torch.rms_norm}
+_ROW_VIEWS = {"reshape", "view", "contiguous"}
+_TOKEN_QUANTIZE_FP8 = {fxq.quantize_per_token.default: False, fxq.quantize_per_token_fp8.default: True}
+
+
+def _call(node, targets) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in targets
+
+
+def _arg(node: fx.Node, index: int, name: str, default):
+    """A call's argument by position or keyword."""
+    return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
+
+
+def _value(node):
+    """The example tensor Dynamo recorded for a node (None for constants and untensored nodes)."""
+    value = node.meta.get("example_value") if isinstance(node, fx.Node) else None
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def _only_use(node) -> bool:
+    """The node feeds exactly one other node (so fusing that one leaves it dead)."""
+    return isinstance(node, fx.Node) and len(node.users) == 1
+
+
+def _through_row_views(node):
+    """Step back over single-use reshapes / views that keep the last dim and over eval-mode dropout."""
+    while _only_use(node):
+        if node.op == "call_method" and node.target in _ROW_VIEWS or _call(node, {torch.reshape}):
+            source = node.args[0]
+        elif _call(node, {F.dropout}) and (_arg(node, 1, "p", 0.5) == 0 or not _arg(node, 2, "training", True)):
+            source = node.args[0]
+        else:
+            return node
+        if _value(source) is None or _value(node).shape[-1] != _value(source).shape[-1]:
+            return node
+        node = source
+    return node
+
+
+def _gelu_kind(node: fx.Node, gated: bool) -> str:
+    tanh = _arg(node, 1, "approximate", "none") == "tanh"
+    return ("geglu" if gated else "gelu") + ("_tanh" if tanh else "")
+
+
+def _chunk_halves(hidden, gate):
+    """The tensor y when hidden, gate = y.chunk(2, dim=-1) (each half used once), else None."""
+    if not (_call(hidden, {operator.getitem}) and _call(gate, {operator.getitem}) and _only_use(hidden)
+            and _only_use(gate) and hidden.args[0] is gate.args[0] and (hidden.args[1], gate.args[1]) == (0, 1)):
+        return None
+    chunk = hidden.args[0]
+    is_chunk = chunk.op == "call_method" and chunk.target == "chunk" or _call(chunk, {torch.chunk})
+    source = chunk.args[0] if is_chunk else None
+    if not (is_chunk and len(chunk.users) == 2 and _arg(chunk, 1, "chunks", None) == 2 and _value(source) is not None
+            and _arg(chunk, 2, "dim", 0) in (-1, _value(source).dim() - 1)):
+        return None
+    return source
+
+
+def _activation(node):
+    """(input, activation name) when node is GELU / SiLU of its input or GEGLU (a * gelu(g), a, g = y.chunk(2)),
+    else None."""
+    if not _only_use(node):
+        return None
+    if _call(node, _GELU):
+        return node.args[0], _gelu_kind(node, gated=False)
+    if _call(node, _SILU) and not _arg(node, 1, "inplace", False):
+        return node.args[0], "silu"
+    if _call(node, _MUL) and len(node.args) == 2:
+        for hidden, gelu in (node.args, node.args[::-1]):
+            if _call(gelu, _GELU) and _only_use(gelu):
+                source = _chunk_halves(hidden, gelu.args[0])
+                if source is not None:
+                    return source, _gelu_kind(gelu, gated=True)
+    return None
+
+
+def _per_sample(operand, shape) -> bool:
+    """operand broadcasts over shape varying at most along the first (sample) and last (channel) dims."""
+    value = _value(operand)
+    if value is None or not value.is_floating_point() or value.dim() > len(shape):
+        return False
+    padded = (1,) * (len(shape) - value.dim()) + tuple(value.shape)
+    return (all(size == 1 for size in padded[1:-1]) and padded[0] in (1, shape[0])
+            and padded[-1] in (1, shape[-1]))
+
+
+def _modulation(node, combine):
+    """(full-shaped input, per-sample operand) when node is `combine` (add / mul) of the two, else None."""
+    if not (_call(node, combine) and _only_use(node) and len(node.args) == 2 and not node.kwargs):
+        return None
+    shape = _value(node).shape if _value(node) is not None else None
+    for full, operand in (node.args, node.args[::-1]):
+        if _value(full) is not None and _value(full).shape == shape and _per_sample(operand, shape):
+            return full, operand
+    return None
+
+
+_NO_PROLOGUE = {"weight": None, "bias": None, "mul": None, "add": None, "norm": "none", "eps": 0.0}
+
+
+def _norm_prologue(node) -> dict:
+    """Match (norm(x) * weight + bias) * mul + add backwards from node: the prologue's x and the parts found."""
+    parts = dict(_NO_PROLOGUE, x=node)
+    for name, combine in (("add", _ADD), ("mul", _MUL)):
+        found = _modulation(node, combine)
+        if found:
+            node, parts[name] = found
+    width = _value(node).shape[-1] if _value(node) is not None else None
+    normalized_shape = list(_arg(node, 1, "normalized_shape", ())) if _call(node, _LAYER_NORM | _RMS_NORM) else None
+    if _only_use(node) and normalized_shape == [width]:
+        layer = _call(node, _LAYER_NORM)
+        eps = _arg(node, 4 if layer else 3, "eps", 1e-5 if layer else None)
+        parts.update(x=node.args[0], norm="layer" if layer else "rms", weight=_arg(node, 2, "weight", None),
+                     bias=_arg(node, 3, "bias", None) if layer else None,
+                     eps=torch.finfo(_value(node).dtype).eps if eps is None else float(eps))
+    else:
+        parts["x"] = node
+    return parts
+
+
+def fuse_quantize_prologues(gm: fx.GraphModule) -> int:
+    """Rewrite [norm (+ affine)] -> [modulation] -> [activation] -> quantize_per_token(_fp8) chains, and GEGLU ->
+    quantize, into fused_quantize_per_token nodes; returns how many. Every node folded in must have no other use."""
+    fused = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or _target(node) not in _TOKEN_QUANTIZE_FP8:
+            continue
+        top = _through_row_views(node.args[0])
+        activation = _activation(top)
+        if activation and activation[1].startswith("geglu"):  # takes nothing in front (it reads a GEMM's output)
+            parts = dict(_NO_PROLOGUE, x=activation[0])
+        else:
+            parts = _norm_prologue(activation[0] if activation else top)
+        if not activation and parts["norm"] == "none" and parts["mul"] is None and parts["add"] is None:
+            continue
+        with gm.graph.inserting_before(node):
+            replacement = gm.graph.call_function(fxq.fused_quantize_per_token.default, (
+                parts["x"], parts["weight"], parts["bias"], parts["mul"], parts["add"], parts["norm"], parts["eps"],
+                activation[1] if activation else "none", _TOKEN_QUANTIZE_FP8[_target(node)]))
+        node.replace_all_uses_with(replacement)
+        gm.graph.erase_node(node)
+        fused += 1
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    gm.recompile()
+    return fused
+
+
 # The launchers import Triton lazily: the backend also serves CPU-only installs, where Triton may be absent.
 def _triton_int8_linear(x_q, x_scale, x_zero, w_q, w_scale, w_sum, bias, out_dtype):
     from .gemm import quantized_gemm
@@ -130,6 +286,12 @@ def _triton_quantized_attention(q, k, v, scale, pv_fp8):
     from .attention import quantized_attention
 
     return quantized_attention(q, k, v, scale, pv_fp8, traced=True)
+
+
+def _triton_fused_quantize_per_token(x, weight, bias, mul, add, norm, eps, activation, fp8):
+    from .quantize import fused_quantize_per_token
+
+    return fused_quantize_per_token(x, weight, bias, mul, add, norm, eps, activation, fp8, traced=True)
 
 
 def _triton_quantize_per_token(x):
@@ -156,6 +318,7 @@ _KERNELS = {  # fxquant's Triton kernels, launched from Inductor's generated cod
     fxq.packed_int8_linear.default: _triton_packed_int8_linear,
     fxq.fp8_linear.default: _triton_fp8_linear,
     fxq.quantized_attention.default: _triton_quantized_attention,
+    fxq.fused_quantize_per_token.default: _triton_fused_quantize_per_token,
 }
 
 
@@ -198,6 +361,8 @@ def _on_cuda(example_inputs) -> bool:
 
 BACKEND_OPTIONS = {
     "fxquant.inline_kernels": "trace fxquant's Triton kernels into Inductor's graph (True; False: opaque op calls)",
+    "fxquant.fuse_prologues": "fuse the norm / modulation / activation producing a per-token quantization's input "
+                              "into it (True)",
     "fxquant.fuse_quantize": "hand per-token quantization to Inductor as plain PyTorch, fused with the ops producing "
                              "its input (False: fxquant's one-pass quantize kernel, measured faster on Hopper)",
 }
@@ -218,6 +383,8 @@ def fxquant_backend(gm: fx.GraphModule, example_inputs, mode: str | None = None,
                                             _target(node) == fxq.quantized_attention.default)
     compile_counter["shared_quantizations"] += deduplicate_quantization(gm)
     compile_counter["packed_linears"] += fuse_packed_weights(gm)
+    if ours.get("fxquant.fuse_prologues", True):
+        compile_counter["fused_prologues"] += fuse_quantize_prologues(gm)
     if not _on_cuda(example_inputs):
         return gm.forward
     from torch._inductor import list_mode_options

@@ -11,12 +11,17 @@ import torch
 
 from .attention import quantized_attention
 from .gemm import quantized_gemm
-from .quantize import quantize_per_token, quantize_per_token_fp8
+from .quantize import fused_quantize_per_token, quantize_per_token, quantize_per_token_fp8
 
 
 @torch.library.register_kernel("fxquant::quantize_per_token", "cuda")
 def _quantize_per_token_cuda(x: torch.Tensor):
     return quantize_per_token(x.contiguous())
+
+
+@torch.library.register_kernel("fxquant::fused_quantize_per_token", "cuda")
+def _fused_quantize_per_token_cuda(x, weight, bias, mul, add, norm, eps, activation, fp8):
+    return fused_quantize_per_token(x, weight, bias, mul, add, norm, eps, activation, fp8)
 
 
 @torch.library.register_kernel("fxquant::int8_linear", "cuda")

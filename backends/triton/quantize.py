@@ -1,10 +1,13 @@
-"""Per-token activation quantization: each program holds a few whole rows in registers (one pass over memory).
+"""Per-token activation quantization, optionally with the norm / modulation / activation that produces its input
+fused in front: each program holds a few whole rows in registers (one pass over memory, the float rows never
+written).
 
+    prologue (fxquant::fused_quantize_per_token): y = act((norm(x) * w + b) * mul + add), in fp32
     int8: asymmetric min-max, scale = (max(hi, 0) - min(lo, 0)) / 255, zero = rint(-128 - lo / scale),
-          q = clamp(rint(x * (1 / scale)) + zero, -128, 127)  (bit-exact with fxquant::quantize_per_token)
-    fp8:  symmetric, scale = absmax / 448, q = fp8_e4m3(clamp(x * (1 / scale)))   (as fxquant::quantize_per_token_fp8)
+          q = clamp(rint(y * (1 / scale)) + zero, -128, 127)  (bit-exact with fxquant::quantize_per_token)
+    fp8:  symmetric, scale = absmax / 448, q = fp8_e4m3(clamp(y * (1 / scale)))   (as fxquant::quantize_per_token_fp8)
 
-`quantize_per_token` / `quantize_per_token_fp8` are the launchers.
+`quantize_per_token` / `quantize_per_token_fp8` / `fused_quantize_per_token` are the launchers.
 """
 
 from __future__ import annotations
@@ -16,9 +19,13 @@ from torch.library import wrap_triton
 from triton.language.extra import libdevice
 
 from . import INTERPRET
+from ...ops import check_prologue
 
 SCALE_EPS = tl.constexpr(1e-8)
 FP8_MAX = tl.constexpr(448.0)
+NORM_CODES = {"none": 0, "layer": 1, "rms": 2}
+ACTIVATION_CODES = {"none": 0, "gelu": 1, "gelu_tanh": 2, "silu": 3, "geglu": 1, "geglu_tanh": 2}
+TANH_GELU_SCALE = tl.constexpr(1.5957691216057308)  # 2 sqrt(2 / pi): 0.5 (1 + tanh(u)) = sigmoid(2 u)
 
 if INTERPRET:  # the CPU interpreter has no libdevice: emulate round-half-to-even
 
@@ -47,32 +54,59 @@ def _load_rows(x_ptr, M, K, stride_xm, ROWS: tl.constexpr, BLOCK_K: tl.constexpr
 
 
 @triton.jit
-def _quantize_int8_kernel(
-    x_ptr, q_ptr, scale_ptr, zero_ptr,
-    M, K, stride_xm, stride_qm,
-    ROWS: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    x, rows, offs, mask = _load_rows(x_ptr, M, K, stride_xm, ROWS, BLOCK_K)
-    lo = tl.minimum(tl.min(tl.where(mask, x, float("inf")), axis=1), 0.0)
-    hi = tl.maximum(tl.max(tl.where(mask, x, float("-inf")), axis=1), 0.0)
-    scale = tl.maximum(tl.div_rn(hi - lo, 255.0), SCALE_EPS)
-    zero = _rint(-128.0 - tl.div_rn(lo, scale))
-    inverse = tl.div_rn(1.0, scale)
-    q = tl.minimum(tl.maximum(_rint(x * inverse[:, None]) + zero[:, None], -128.0), 127.0)
-    tl.store(q_ptr + rows[:, None] * stride_qm + offs[None, :], q.to(tl.int8), mask=mask)
-    tl.store(scale_ptr + rows, scale, mask=rows < M)
-    tl.store(zero_ptr + rows, zero.to(tl.int32), mask=rows < M)
+def _load_per_group(ptr, rows, offs, mask, rows_per_group, stride_g, stride_c):
+    """An operand broadcast over rows in groups (adaLN's per-sample vectors; [C] vectors: stride_g = 0) as fp32."""
+    group = rows // rows_per_group
+    return tl.load(ptr + group[:, None] * stride_g + offs[None, :] * stride_c, mask=mask, other=0.0).to(tl.float32)
 
 
 @triton.jit
-def _quantize_fp8_kernel(
-    x_ptr, q_ptr, scale_ptr,
-    M, K, stride_xm, stride_qm,
-    ROWS: tl.constexpr, BLOCK_K: tl.constexpr,
+def _activation(x, ACT: tl.constexpr):
+    if ACT == 1:  # gelu (erf)
+        x = 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
+    elif ACT == 2:  # gelu, tanh approximation
+        x = x * tl.sigmoid(TANH_GELU_SCALE * (x + 0.044715 * x * x * x))
+    elif ACT == 3:  # silu
+        x = x * tl.sigmoid(x)
+    return x
+
+
+@triton.jit
+def _quantize_rows_kernel(
+    x_ptr, q_ptr, scale_ptr, zero_ptr, w_ptr, b_ptr, mul_ptr, add_ptr,
+    M, K, stride_xm, stride_qm, eps,
+    rows_per_mul, stride_mul_g, stride_mul_c, rows_per_add, stride_add_g, stride_add_c,
+    NORM: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_MUL: tl.constexpr, HAS_ADD: tl.constexpr,
+    ACT: tl.constexpr, GATED: tl.constexpr, FP8: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     x, rows, offs, mask = _load_rows(x_ptr, M, K, stride_xm, ROWS, BLOCK_K)
-    scale = tl.maximum(tl.div_rn(tl.max(tl.abs(x), axis=1), FP8_MAX), SCALE_EPS)
-    q = tl.minimum(tl.maximum(x * tl.div_rn(1.0, scale)[:, None], -FP8_MAX), FP8_MAX)
+    if NORM == 1:
+        x = tl.where(mask, x - (tl.sum(x, axis=1) / K)[:, None], 0.0)
+    if NORM != 0:  # layer: centred above; rms: as loaded
+        x = x * tl.math.rsqrt((tl.sum(x * x, axis=1) / K + eps).to(tl.float32))[:, None]
+    if HAS_W:
+        x = x * tl.load(w_ptr + offs, mask=offs < K, other=0.0).to(tl.float32)[None, :]
+    if HAS_B:
+        x = x + tl.load(b_ptr + offs, mask=offs < K, other=0.0).to(tl.float32)[None, :]
+    if HAS_MUL:
+        x = x * _load_per_group(mul_ptr, rows, offs, mask, rows_per_mul, stride_mul_g, stride_mul_c)
+    if HAS_ADD:
+        x = x + _load_per_group(add_ptr, rows, offs, mask, rows_per_add, stride_add_g, stride_add_c)
+    if GATED:  # x holds the first half of each 2K-wide row, the gate is the second
+        gate, _, _, _ = _load_rows(x_ptr + K, M, K, stride_xm, ROWS, BLOCK_K)
+        x = x * _activation(gate, ACT)
+    else:
+        x = _activation(x, ACT)
+    if FP8:
+        scale = tl.maximum(tl.div_rn(tl.max(tl.where(mask, tl.abs(x), 0.0), axis=1), FP8_MAX), SCALE_EPS)
+        q = tl.minimum(tl.maximum(x * tl.div_rn(1.0, scale)[:, None], -FP8_MAX), FP8_MAX)
+    else:
+        lo = tl.minimum(tl.min(tl.where(mask, x, float("inf")), axis=1), 0.0)
+        hi = tl.maximum(tl.max(tl.where(mask, x, float("-inf")), axis=1), 0.0)
+        scale = tl.maximum(tl.div_rn(hi - lo, 255.0), SCALE_EPS)
+        zero = _rint(-128.0 - tl.div_rn(lo, scale))
+        q = tl.minimum(tl.maximum(_rint(x * tl.div_rn(1.0, scale)[:, None]) + zero[:, None], -128.0), 127.0)
+        tl.store(zero_ptr + rows, zero.to(tl.int32), mask=rows < M)
     tl.store(q_ptr + rows[:, None] * stride_qm + offs[None, :], q.to(q_ptr.dtype.element_ty), mask=mask)
     tl.store(scale_ptr + rows, scale, mask=rows < M)
 
@@ -89,28 +123,52 @@ def _launcher(kernel, traced: bool):
     return wrap_triton(kernel) if traced else kernel
 
 
+def _per_group(operand: torch.Tensor | None, shape: torch.Size, rows: int, fallback: torch.Tensor):
+    """An adaLN-style operand (broadcastable to shape, size 1 on every dim but the first and last) -> (2-D tensor,
+    rows per group, group stride, channel stride) for _load_per_group; None -> a placeholder never read."""
+    if operand is None:
+        return fallback, 1, 0, 0
+    padded = (1,) * (len(shape) - operand.dim()) + tuple(operand.shape)
+    assert all(size == 1 for size in padded[1:-1]), f"operand {tuple(operand.shape)} varies inside a sample"
+    table = operand.reshape(padded[0], padded[-1])
+    return (table, rows // padded[0], table.stride(0) if padded[0] > 1 else 0,
+            table.stride(1) if padded[-1] > 1 else 0)
+
+
+def fused_quantize_per_token(x: torch.Tensor, weight=None, bias=None, mul=None, add=None, norm: str = "none",
+                             eps: float = 0.0, activation: str = "none", fp8: bool = False, traced: bool = False):
+    """fxquant::fused_quantize_per_token on the GPU: x [..., C_in] float -> (q [M, C] int8 or fp8, fp32 scale
+    [M, 1], int32 zero [M, 1] (fp8: [M, 0])). Arguments as fxquant.ops.prologue_reference; traced: see _launcher."""
+    check_prologue(norm, activation, any(t is not None for t in (weight, bias, mul, add)))
+    gated = activation.startswith("geglu")
+    rows = x.reshape(-1, x.shape[-1])
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    m, width = rows.shape[0], rows.shape[1] // 2 if gated else rows.shape[1]
+    q = torch.empty((m, width), dtype=torch.float8_e4m3fn if fp8 else torch.int8, device=x.device)
+    scale = torch.empty((m, 1), dtype=torch.float32, device=x.device)
+    zero = torch.empty((m, 0 if fp8 else 1), dtype=torch.int32, device=x.device)
+    if m:
+        mul_table, rows_per_mul, stride_mul_g, stride_mul_c = _per_group(mul, x.shape, m, rows)
+        add_table, rows_per_add, stride_add_g, stride_add_c = _per_group(add, x.shape, m, rows)
+        rows_per_program, block, warps = _launch_config(width)
+        _launcher(_quantize_rows_kernel, traced)[(triton.cdiv(m, rows_per_program),)](
+            rows, q, scale, scale if fp8 else zero, rows if weight is None else weight, rows if bias is None else bias,
+            mul_table, add_table, m, width, rows.stride(0), q.stride(0), eps,
+            rows_per_mul, stride_mul_g, stride_mul_c, rows_per_add, stride_add_g, stride_add_c,
+            NORM=NORM_CODES[norm], HAS_W=weight is not None, HAS_B=bias is not None, HAS_MUL=mul is not None,
+            HAS_ADD=add is not None, ACT=ACTIVATION_CODES[activation], GATED=gated, FP8=fp8,
+            ROWS=rows_per_program, BLOCK_K=block, num_warps=warps)
+    return q, scale, zero
+
+
 def quantize_per_token(x: torch.Tensor, traced: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x [M, K] float -> (int8 [M, K], fp32 scale [M, 1], int32 zero [M, 1]). traced: see _launcher."""
     assert x.dim() == 2 and x.stride(1) == 1, "quantize_per_token expects a row-major 2-D tensor"
-    m, k = x.shape
-    q = torch.empty((m, k), dtype=torch.int8, device=x.device)
-    scale = torch.empty((m, 1), dtype=torch.float32, device=x.device)
-    zero = torch.empty((m, 1), dtype=torch.int32, device=x.device)
-    if m:
-        rows, block, warps = _launch_config(k)
-        _launcher(_quantize_int8_kernel, traced)[(triton.cdiv(m, rows),)](
-            x, q, scale, zero, m, k, x.stride(0), q.stride(0), ROWS=rows, BLOCK_K=block, num_warps=warps)
-    return q, scale, zero
+    return fused_quantize_per_token(x, traced=traced)
 
 
 def quantize_per_token_fp8(x: torch.Tensor, traced: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] float -> (fp8 e4m3 [M, K], fp32 scale [M, 1]) with symmetric per-row absmax scales."""
     assert x.dim() == 2 and x.stride(1) == 1, "quantize_per_token_fp8 expects a row-major 2-D tensor"
-    m, k = x.shape
-    q = torch.empty((m, k), dtype=torch.float8_e4m3fn, device=x.device)
-    scale = torch.empty((m, 1), dtype=torch.float32, device=x.device)
-    if m:
-        rows, block, warps = _launch_config(k)
-        _launcher(_quantize_fp8_kernel, traced)[(triton.cdiv(m, rows),)](
-            x, q, scale, m, k, x.stride(0), q.stride(0), ROWS=rows, BLOCK_K=block, num_warps=warps)
-    return q, scale
+    return fused_quantize_per_token(x, fp8=True, traced=traced)[:2]

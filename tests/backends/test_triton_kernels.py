@@ -5,10 +5,12 @@ import torch
 
 import fxquant  # noqa: F401
 from fxquant.metrics import relative_l2
+from fxquant.ops import prologue_reference
 from fxquant.quantizer import pack_bits, quantize_weight_per_channel
 
 triton = pytest.importorskip("triton")
-from fxquant.backends.triton.quantize import quantize_per_token, quantize_per_token_fp8  # noqa: E402
+from fxquant.backends.triton.quantize import (fused_quantize_per_token, quantize_per_token,  # noqa: E402
+                                              quantize_per_token_fp8)
 from fxquant.backends.triton.gemm import quantized_gemm  # noqa: E402
 from fxquant.backends.triton.attention import quantized_attention  # noqa: E402
 
@@ -21,6 +23,48 @@ def test_int8_quantize_kernel_is_bit_exact(shape):
     q, scale, zero = quantize_per_token(x)
     ref_q, ref_scale, ref_zero = fxq.quantize_per_token(x)
     assert torch.equal(q, ref_q) and torch.equal(scale, ref_scale) and torch.equal(zero, ref_zero)
+
+
+def _adaln_operands(batch: int, width: int):
+    """(1 + scale, shift) as PixArt makes them: [B, 1, C] chunks of a [B, 6, C] table (strided, not contiguous)."""
+    table = torch.randn(batch, 6, width) * 0.3
+    return 1 + table[:, 1:2], table[:, 0:1]
+
+
+PROLOGUES = {  # name -> (x shape, kwargs builder)
+    "layer+adaln": ((2, 9, 40), lambda: dict(norm="layer", eps=1e-6, **dict(zip(("mul", "add"),
+                                                                                  _adaln_operands(2, 40))))),
+    "layer+affine": ((3, 5, 33), lambda: dict(norm="layer", eps=1e-5, weight=torch.randn(33), bias=torch.randn(33))),
+    "rms+weight+shift": ((2, 7, 48), lambda: dict(norm="rms", eps=1e-6, weight=torch.randn(48), add=torch.randn(48))),
+    "gelu": ((17, 64), lambda: dict(activation="gelu")),
+    "gelu_tanh": ((2, 11, 72), lambda: dict(activation="gelu_tanh")),
+    "silu+scale": ((2, 6, 24), lambda: dict(activation="silu", mul=torch.randn(2, 1, 24))),
+    "geglu": ((2, 13, 2 * 40), lambda: dict(activation="geglu")),
+}
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("name", list(PROLOGUES))
+def test_fused_quantize_kernel_matches_reference(name, fp8):
+    shape, make_kwargs = PROLOGUES[name]
+    x = torch.randn(shape) * 2 + 0.3
+    kwargs = dict(weight=None, bias=None, mul=None, add=None, norm="none", eps=0.0, activation="none", fp8=fp8)
+    kwargs.update(make_kwargs())
+    q, scale, zero = fused_quantize_per_token(x, **kwargs)
+    ref_q, ref_scale, ref_zero = fxq.fused_quantize_per_token(x, *kwargs.values())
+    assert q.shape == ref_q.shape and q.dtype == ref_q.dtype and zero.shape == ref_zero.shape
+    torch.testing.assert_close(scale, ref_scale, rtol=1e-5, atol=0)  # fp32 sums in a different order
+    if fp8:  # each code must be an fp8 neighbour of the exact value (the interpreter truncates, torch rounds) ...
+        exact = prologue_reference(x, *list(kwargs.values())[:-1]) / ref_scale
+        step = torch.exp2(torch.floor(torch.log2(exact.abs().clamp_min(2.0**-6))) - 3)  # e4m3 spacing at |exact|
+        # ... except within a step below a power of two, where Triton 3.6's interpreter loses the exponent carry
+        # (126.8 -> 64; GPUs convert in hardware)
+        carry = torch.exp2(torch.ceil(torch.log2(exact.abs().clamp_min(2.0**-12)))) - exact.abs() < step
+        assert ((q.float() - exact).abs() <= step * 1.0001)[~carry].all()
+    else:
+        assert torch.equal(zero, ref_zero)
+        codes = (q.int() - ref_q.int()).abs()
+        assert codes.max() <= 1 and (codes > 0).float().mean() < 0.01  # rounding-boundary ties only
 
 
 @pytest.mark.parametrize("m,k,n", [(1, 16, 8), (5, 33, 17), (70, 128, 40)])
