@@ -8,7 +8,7 @@ Rows per model (recipe strings with overrides, see fxquant.get_config):
   without balancing, with balancing (viditq-w4a8), mixed precision without balancing, without timestep groups,
   and the full viditq-w4a8-mp.
 - MixDQ (t2i-dit, fewstep-unet): mixdq-w8a8 and mixdq-w4a8-mp at 4.0 and 5.0 average weight bits, each with and
-  without BOS-awareness.
+  without BOS-awareness, and 4.0 bits with activation bits allocated too (4 / 8 / 16 per linear, 8.0 on average).
 Writes <out>/<method>/<model>.json / .md and grids (one sub-run per model and method, so each can be redone).
 """
 
@@ -25,7 +25,8 @@ VIDITQ = ["w8a8-static", "w8a8", "smoothquant-w8a8", "viditq-w8a8", "w4a8", "vid
           "viditq-w4a8-mp"]
 MIXDQ = ["mixdq-w8a8", "mixdq-w8a8:bos_aware=false",
          "mixdq-w4a8-mp", "mixdq-w4a8-mp:bos_aware=false",
-         "mixdq-w4a8-mp:target_bits=5.0", "mixdq-w4a8-mp:target_bits=5.0,bos_aware=false"]
+         "mixdq-w4a8-mp:target_bits=5.0", "mixdq-w4a8-mp:target_bits=5.0,bos_aware=false",
+         "mixdq-w4a8-mp:act_candidate_bits=[4,8,16],act_target_bits=8.0"]
 RECIPES = {"t2i-dit": {"viditq": VIDITQ, "mixdq": MIXDQ}, "video-dit": {"viditq": VIDITQ},
            "fewstep-unet": {"mixdq": ["w8a8-static", "w8a8"] + MIXDQ}}
 

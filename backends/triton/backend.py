@@ -297,13 +297,13 @@ def _triton_fused_quantize_per_token(x, weight, bias, mul, add, norm, eps, activ
 def _triton_quantize_per_token(x):
     from .quantize import quantize_per_token
 
-    return quantize_per_token(x.reshape(-1, x.shape[-1]).contiguous(), traced=True)
+    return quantize_per_token(x, traced=True)
 
 
 def _triton_quantize_per_token_fp8(x):
     from .quantize import quantize_per_token_fp8
 
-    return quantize_per_token_fp8(x.reshape(-1, x.shape[-1]).contiguous(), traced=True)
+    return quantize_per_token_fp8(x, traced=True)
 
 
 # CUDA: fxquant op -> the function Inductor traces in its place

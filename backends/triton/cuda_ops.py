@@ -16,7 +16,7 @@ from .quantize import fused_quantize_per_token, quantize_per_token, quantize_per
 
 @torch.library.register_kernel("fxquant::quantize_per_token", "cuda")
 def _quantize_per_token_cuda(x: torch.Tensor):
-    return quantize_per_token(x.contiguous())
+    return quantize_per_token(x)
 
 
 @torch.library.register_kernel("fxquant::fused_quantize_per_token", "cuda")
@@ -36,7 +36,7 @@ def _packed_int8_linear_cuda(x_q, x_scale, x_zero, w_packed, weight_bits, w_scal
 
 @torch.library.register_kernel("fxquant::quantize_per_token_fp8", "cuda")
 def _quantize_per_token_fp8_cuda(x: torch.Tensor):
-    return quantize_per_token_fp8(x.contiguous())
+    return quantize_per_token_fp8(x)
 
 
 @torch.library.register_kernel("fxquant::fp8_linear", "cuda")

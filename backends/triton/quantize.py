@@ -44,16 +44,6 @@ else:
 
 
 @triton.jit
-def _load_rows(x_ptr, M, K, stride_xm, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
-    """This program's ROWS rows as fp32 [ROWS, BLOCK_K] (zeros outside), their row indices and the mask."""
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    offs = tl.arange(0, BLOCK_K)
-    mask = (rows[:, None] < M) & (offs[None, :] < K)
-    x = tl.load(x_ptr + rows[:, None] * stride_xm + offs[None, :], mask=mask, other=0.0).to(tl.float32)
-    return x, rows, offs, mask
-
-
-@triton.jit
 def _load_per_group(ptr, rows, offs, mask, rows_per_group, stride_g, stride_c):
     """An operand broadcast over rows in groups (adaLN's per-sample vectors; [C] vectors: stride_g = 0) as fp32."""
     group = rows // rows_per_group
@@ -79,7 +69,13 @@ def _quantize_rows_kernel(
     NORM: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_MUL: tl.constexpr, HAS_ADD: tl.constexpr,
     ACT: tl.constexpr, GATED: tl.constexpr, FP8: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    x, rows, offs, mask = _load_rows(x_ptr, M, K, stride_xm, ROWS, BLOCK_K)
+    # loads of x stay in this body: torch's analysis of which pointers a kernel writes (Inductor copies every
+    # argument it thinks written) marks a pointer passed into a helper returning several values as written
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    offs = tl.arange(0, BLOCK_K)
+    mask = (rows[:, None] < M) & (offs[None, :] < K)
+    row_ptrs = x_ptr + rows[:, None] * stride_xm + offs[None, :]  # gated: the first half of each row
+    x = tl.load(row_ptrs, mask=mask, other=0.0).to(tl.float32)
     if NORM == 1:
         x = tl.where(mask, x - (tl.sum(x, axis=1) / K)[:, None], 0.0)
     if NORM != 0:  # layer: centred above; rms: as loaded
@@ -92,9 +88,8 @@ def _quantize_rows_kernel(
         x = x * _load_per_group(mul_ptr, rows, offs, mask, rows_per_mul, stride_mul_g, stride_mul_c)
     if HAS_ADD:
         x = x + _load_per_group(add_ptr, rows, offs, mask, rows_per_add, stride_add_g, stride_add_c)
-    if GATED:  # x holds the first half of each 2K-wide row, the gate is the second
-        gate, _, _, _ = _load_rows(x_ptr + K, M, K, stride_xm, ROWS, BLOCK_K)
-        x = x * _activation(gate, ACT)
+    if GATED:  # the gate is the second half of each 2K-wide row
+        x = x * _activation(tl.load(row_ptrs + K, mask=mask, other=0.0).to(tl.float32), ACT)
     else:
         x = _activation(x, ACT)
     if FP8:
@@ -123,38 +118,47 @@ def _launcher(kernel, traced: bool):
     return wrap_triton(kernel) if traced else kernel
 
 
-def _per_group(operand: torch.Tensor | None, shape: torch.Size, rows: int, fallback: torch.Tensor):
-    """An adaLN-style operand (broadcastable to shape, size 1 on every dim but the first and last) -> (2-D tensor,
+def _row_strided(x: torch.Tensor) -> torch.Tensor:
+    """x itself when its rows (all dims but the last, flattened) are evenly strided and its last dim contiguous, else
+    a contiguous copy. The kernel gets the tensor, not a reshaped view: under Inductor a view of a value not yet in
+    memory is copied into a buffer of its own for each argument it is passed as."""
+    collapsible = all(x.stride(i) == x.stride(i + 1) * x.size(i + 1) for i in range(x.dim() - 2))
+    return x if x.stride(-1) == 1 and collapsible else x.contiguous()
+
+
+def _per_group(operand: torch.Tensor | None, shape: torch.Size, rows: int, placeholder: torch.Tensor):
+    """An adaLN-style operand (broadcastable to shape, size 1 on every dim but the first and last) -> (the operand,
     rows per group, group stride, channel stride) for _load_per_group; None -> a placeholder never read."""
     if operand is None:
-        return fallback, 1, 0, 0
-    padded = (1,) * (len(shape) - operand.dim()) + tuple(operand.shape)
-    assert all(size == 1 for size in padded[1:-1]), f"operand {tuple(operand.shape)} varies inside a sample"
-    table = operand.reshape(padded[0], padded[-1])
-    return (table, rows // padded[0], table.stride(0) if padded[0] > 1 else 0,
-            table.stride(1) if padded[-1] > 1 else 0)
+        return placeholder, 1, 0, 0
+    leading = len(shape) - operand.dim()
+    assert all(size == 1 for size in operand.shape[max(0, 1 - leading):-1]), \
+        f"operand {tuple(operand.shape)} varies inside a sample"
+    groups = operand.shape[0] if leading == 0 else 1
+    return (operand, rows // groups, operand.stride(0) if groups > 1 else 0,
+            operand.stride(-1) if operand.shape[-1] > 1 else 0)
 
 
 def fused_quantize_per_token(x: torch.Tensor, weight=None, bias=None, mul=None, add=None, norm: str = "none",
                              eps: float = 0.0, activation: str = "none", fp8: bool = False, traced: bool = False):
     """fxquant::fused_quantize_per_token on the GPU: x [..., C_in] float -> (q [M, C] int8 or fp8, fp32 scale
-    [M, 1], int32 zero [M, 1] (fp8: [M, 0])). Arguments as fxquant.ops.prologue_reference; traced: see _launcher."""
+    [M, 1], int32 zero [M, 1] (fp8: [M, 0])). Arguments as fxquant.ops.prologue_reference; traced: see _launcher.
+    Absent operands are passed as x (never read)."""
     check_prologue(norm, activation, any(t is not None for t in (weight, bias, mul, add)))
     gated = activation.startswith("geglu")
-    rows = x.reshape(-1, x.shape[-1])
-    if rows.stride(-1) != 1:
-        rows = rows.contiguous()
-    m, width = rows.shape[0], rows.shape[1] // 2 if gated else rows.shape[1]
+    x = _row_strided(x)
+    m = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    width = x.shape[-1] // 2 if gated else x.shape[-1]
     q = torch.empty((m, width), dtype=torch.float8_e4m3fn if fp8 else torch.int8, device=x.device)
     scale = torch.empty((m, 1), dtype=torch.float32, device=x.device)
     zero = torch.empty((m, 0 if fp8 else 1), dtype=torch.int32, device=x.device)
     if m:
-        mul_table, rows_per_mul, stride_mul_g, stride_mul_c = _per_group(mul, x.shape, m, rows)
-        add_table, rows_per_add, stride_add_g, stride_add_c = _per_group(add, x.shape, m, rows)
+        mul_arg, rows_per_mul, stride_mul_g, stride_mul_c = _per_group(mul, x.shape, m, x)
+        add_arg, rows_per_add, stride_add_g, stride_add_c = _per_group(add, x.shape, m, x)
         rows_per_program, block, warps = _launch_config(width)
         _launcher(_quantize_rows_kernel, traced)[(triton.cdiv(m, rows_per_program),)](
-            rows, q, scale, scale if fp8 else zero, rows if weight is None else weight, rows if bias is None else bias,
-            mul_table, add_table, m, width, rows.stride(0), q.stride(0), eps,
+            x, q, scale, scale if fp8 else zero, x if weight is None else weight, x if bias is None else bias,
+            mul_arg, add_arg, m, width, x.stride(-2) if x.dim() > 1 else 0, q.stride(0), eps,
             rows_per_mul, stride_mul_g, stride_mul_c, rows_per_add, stride_add_g, stride_add_c,
             NORM=NORM_CODES[norm], HAS_W=weight is not None, HAS_B=bias is not None, HAS_MUL=mul is not None,
             HAS_ADD=add is not None, ACT=ACTIVATION_CODES[activation], GATED=gated, FP8=fp8,
@@ -163,12 +167,10 @@ def fused_quantize_per_token(x: torch.Tensor, weight=None, bias=None, mul=None, 
 
 
 def quantize_per_token(x: torch.Tensor, traced: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x [M, K] float -> (int8 [M, K], fp32 scale [M, 1], int32 zero [M, 1]). traced: see _launcher."""
-    assert x.dim() == 2 and x.stride(1) == 1, "quantize_per_token expects a row-major 2-D tensor"
+    """x [..., K] float -> (int8 [M, K], fp32 scale [M, 1], int32 zero [M, 1]). traced: see _launcher."""
     return fused_quantize_per_token(x, traced=traced)
 
 
 def quantize_per_token_fp8(x: torch.Tensor, traced: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] float -> (fp8 e4m3 [M, K], fp32 scale [M, 1]) with symmetric per-row absmax scales."""
-    assert x.dim() == 2 and x.stride(1) == 1, "quantize_per_token_fp8 expects a row-major 2-D tensor"
+    """x [..., K] float -> (fp8 e4m3 [M, K], fp32 scale [M, 1]) with symmetric per-row absmax scales."""
     return fused_quantize_per_token(x, fp8=True, traced=traced)[:2]

@@ -1,0 +1,74 @@
+"""Which pointer arguments torch's Triton-kernel analysis thinks fxquant's kernels write (run as a script, without
+TRITON_INTERPRET: the analysis compiles each kernel to TTIR for an sm_90 target, no GPU needed). Prints JSON
+{case: sorted written argument names}. Inductor copies every argument it thinks written before launching a traced
+kernel, so a read-only operand reported here would cost a full copy per call."""
+
+import json
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+
+import fxquant.backends.triton.attention as attention
+import fxquant.backends.triton.gemm as gemm
+import fxquant.backends.triton.quantize as quantize
+
+
+class _Sm90Driver:  # what the TTIR generation asks the active driver for
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+
+def written_arguments(kernel, kwargs: dict) -> list[str]:
+    from torch._higher_order_ops import triton_kernel_wrap as wrap
+
+    if hasattr(wrap, "identify_accessed_tensors"):  # torch >= 2.12
+        writes = wrap.identify_accessed_tensors(kernel, kwargs, {}).read_writes.writes
+        return sorted(dep.name for dep in writes)
+    return sorted(wrap.identify_mutated_tensors(kernel, kwargs, {}))
+
+
+def main() -> None:
+    triton.runtime.driver.set_active(_Sm90Driver())
+    launches = []
+
+    def recording_wrap_triton(kernel):
+        class Grid:
+            def __getitem__(self, grid):
+                def launch(*args, **kwargs):
+                    names = kernel.arg_names
+                    launches.append((kernel, {**dict(zip(names, args)), **kwargs}))
+                return launch
+        return Grid()
+
+    for module in (quantize, gemm, attention):
+        module.wrap_triton = recording_wrap_triton
+    x = torch.randn(2, 64, 96, dtype=torch.bfloat16)
+    table = torch.randn(2, 6, 96, dtype=torch.bfloat16)
+    cases = {
+        "quantize_int8": lambda: quantize.quantize_per_token(x, traced=True),
+        "quantize_norm_adaln_fp8": lambda: quantize.fused_quantize_per_token(
+            x, mul=table[:, 1:2], add=table[:, 0:1], norm="layer", eps=1e-6, fp8=True, traced=True),
+        "quantize_geglu": lambda: quantize.fused_quantize_per_token(x, activation="geglu", traced=True),
+        "gemm_int8": lambda: gemm.quantized_gemm(
+            torch.zeros(64, 96, dtype=torch.int8), torch.ones(64), torch.zeros(64, dtype=torch.int32),
+            torch.zeros(32, 96, dtype=torch.int8), torch.ones(32), torch.zeros(32, dtype=torch.int32), torch.ones(32),
+            torch.bfloat16, traced=True),
+        "attention_fp8": lambda: attention.quantized_attention(
+            *(torch.randn(1, 2, 64, 72, dtype=torch.bfloat16) for _ in range(3)), 0.1, True, traced=True),
+    }
+    report = {}
+    for name, launch in cases.items():
+        launches.clear()
+        launch()
+        (kernel, kwargs), = launches
+        kwargs = {key: value for key, value in kwargs.items() if key not in ("num_warps", "num_stages")}
+        report[name] = written_arguments(kernel, kwargs)
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()
