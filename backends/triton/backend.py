@@ -148,7 +148,7 @@ def _through_row_views(node):
             source = node.args[0]
         else:
             return node
-        if _value(source) is None or _value(node).shape[-1] != _value(source).shape[-1]:
+        if _value(source) is None or _value(node) is None or _value(node).shape[-1] != _value(source).shape[-1]:
             return node
         node = source
     return node

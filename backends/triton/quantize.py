@@ -52,6 +52,7 @@ def _load_per_group(ptr, rows, offs, mask, rows_per_group, stride_g, stride_c):
 
 @triton.jit
 def _activation(x, ACT: tl.constexpr):
+    """act(x) for an ACTIVATION_CODES value: 0 identity, 1 GELU (erf), 2 GELU (tanh), 3 SiLU."""
     if ACT == 1:  # gelu (erf)
         x = 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
     elif ACT == 2:  # gelu, tanh approximation
