@@ -9,6 +9,7 @@ The model is converted in place (its quantized layers are replaced); deepcopy it
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -87,6 +88,20 @@ def find_denoiser(pipe) -> str:
     )
 
 
+@contextlib.contextmanager
+def _pipeline_progress_hidden(pipe):
+    """Hide a diffusers pipeline's own per-call progress bar inside the block; the user's setting comes back after."""
+    if not hasattr(pipe, "set_progress_bar_config"):
+        yield
+        return
+    previous = dict(getattr(pipe, "_progress_bar_config", {}))
+    pipe.set_progress_bar_config(**{**previous, "disable": True})
+    try:
+        yield
+    finally:
+        pipe._progress_bar_config = previous
+
+
 def quantize_pipeline(pipe, recipe: str | QuantConfig, prompts: list[str], num_inference_steps: int = 20,
                       batch_size: int = 4, seed: int = 0, **pipe_kwargs) -> Any:
     """Quantize a diffusers pipeline's denoiser by calibrating through the pipeline itself.
@@ -115,12 +130,14 @@ def quantize_pipeline(pipe, recipe: str | QuantConfig, prompts: list[str], num_i
         return torch.as_tensor(out.images if hasattr(out, "images") else out[0])
 
     state.render = render
+    label = recipe if isinstance(recipe, str) else recipe.name
     try:
-        for start in tqdm(range(0, len(prompts), batch_size), desc=f"calibrating {recipe if isinstance(recipe, str) else recipe.name}", unit="batch"):
-            batch = prompts[start:start + batch_size]
-            generator = torch.Generator("cpu").manual_seed(seed + start)
-            pipe(batch, num_inference_steps=num_inference_steps, generator=generator, **extra, **pipe_kwargs)
-        qmodel = convert(prepared)
+        with _pipeline_progress_hidden(pipe):  # one bar for calibration (and the sensitivity pass's), not one per call
+            for start in tqdm(range(0, len(prompts), batch_size), desc=f"calibrating {label}", unit="batch"):
+                batch = prompts[start:start + batch_size]
+                generator = torch.Generator("cpu").manual_seed(seed + start)
+                pipe(batch, num_inference_steps=num_inference_steps, generator=generator, **extra, **pipe_kwargs)
+            qmodel = convert(prepared)
     except BaseException:  # hand the pipeline its own model back (converted in part if convert itself failed)
         setattr(pipe, name, prepared.model)
         raise

@@ -54,3 +54,16 @@ def test_prepared_model_is_accepted_by_the_pipeline(tiny_pipeline_dir):
     np.testing.assert_array_equal(_generate(pipe), reference)  # calibration runs in full precision
     pipe.transformer = fxquant.convert(prepared)
     assert min(psnr(_generate(pipe), reference)) > 25
+
+
+def test_quantize_pipeline_hides_the_pipeline_bar_and_restores_it(tiny_pipeline_dir, capsys):
+    """Calibration shows fxquant's one bar, not the pipeline's per-call bars; the user's bar settings come back."""
+    pipe = PixArtAlphaPipeline.from_pretrained(tiny_pipeline_dir)
+    pipe.set_progress_bar_config(desc="pipeline steps")
+    fxquant.quantize_pipeline(pipe, "w8a8", CALIBRATION_PROMPTS[:2], num_inference_steps=2, batch_size=2,
+                              **pipeline_kwargs())
+    calibration_output = capsys.readouterr().err
+    assert "calibrating w8a8" in calibration_output and "pipeline steps" not in calibration_output
+    assert pipe._progress_bar_config == {"desc": "pipeline steps"}
+    _generate(pipe)
+    assert "pipeline steps" in capsys.readouterr().err

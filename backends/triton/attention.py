@@ -155,14 +155,19 @@ def _pad_last(x: torch.Tensor, pad: int) -> torch.Tensor:
 
 
 FIXED_CONFIG = dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)  # the autotuner's H100 choice at PixArt's shape
-_TUNED: dict[tuple, dict] = {}  # (n_q, n_k, head_dim, pv_fp8, dtype) -> tile config of traced launches
+_TUNED: dict[tuple, dict] = {}  # _tuning_key(...) -> tile config of traced launches
+
+
+def _tuning_key(n_q: int, n_k: int, head_dim: int, pv_fp8: bool, dtype: torch.dtype) -> tuple:
+    """What a tuned tile depends on: the autotuner's key (N_Q, N_K, HEAD_DIM, PV_FP8) and the operands' dtype."""
+    return n_q, n_k, head_dim, pv_fp8, dtype
 
 
 def tune(batch: int, heads: int, n_q: int, n_k: int, head_dim: int, pv_fp8: bool, dtype: torch.dtype) -> dict:
     """Autotune the kernel once for this problem on random CUDA operands (the timing does not depend on the values)
     and keep the winner for traced launches: the compile backend calls this before handing the graph to Inductor,
     outside any tracing, so compiled graphs run the tile the autotuner picks for each attention shape."""
-    key = (n_q, n_k, head_dim, pv_fp8, dtype)
+    key = _tuning_key(n_q, n_k, head_dim, pv_fp8, dtype)
     if key not in _TUNED:
         q, k, v = (torch.randn(batch, heads, n, head_dim, device="cuda", dtype=dtype) for n in (n_q, n_k, n_k))
         quantized_attention(q, k, v, head_dim**-0.5, pv_fp8)
@@ -200,7 +205,7 @@ def quantized_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale
     flags = dict(HEAD_DIM=head_dim, DIM_A=dim_a, DIM_B=dim_b, HAS_TAIL=head_dim > dim_a, PV_FP8=pv_fp8)
     if traced:
         config = get_autotune_config()[0].all_kwargs() if INTERPRET else _TUNED.get(
-            (n_q, n_k, head_dim, pv_fp8, q.dtype), FIXED_CONFIG)
+            _tuning_key(n_q, n_k, head_dim, pv_fp8, q.dtype), FIXED_CONFIG)
         wrap_triton(_attention_kernel.fn)[(triton.cdiv(n_q, config["BLOCK_M"]) * batch * heads,)](*args, **flags,
                                                                                                 **config)
     else:
