@@ -1,8 +1,11 @@
 """W8A8 on all seven diffusers families: accuracy against full precision, real int8 storage, other resolutions."""
 
+import copy
+
 import pytest
 import torch
 
+import fxquant
 from families import FAMILIES
 from fxquant.metrics import relative_l2
 from fxquant.modules import QUANT_MODULES
@@ -76,3 +79,18 @@ def test_quantized_layer_bytes_at_most_055_of_bf16(quantized_family):
     stored, bf16 = qmodel.quantized_weight_bytes()
     assert stored / bf16 <= 0.55, f"quantized layers take {stored / bf16:.3f}x their bf16 bytes"
     assert qmodel(**inputs, return_dict=False)[0].dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("name", ["pixart", "flux"])
+def test_fused_qkv_projections_quantize_as_attention(name):
+    """diffusers' `fuse_qkv_projections()` (one q / k / v linear, a wider GEMM) before quantizing: the fused linears are
+    grouped as self-attention, quantized, and W8A8 stays within the bar."""
+    family = FAMILIES[name]
+    model = family.build()
+    model.fuse_qkv_projections()
+    reference = copy.deepcopy(model)
+    qmodel = fxquant.quantize(model, "w8a8", [family.inputs(batch=2, seed=seed) for seed in range(2)])
+    fused = [layer for layer in qmodel.plan.quantized_layers() if layer.fqn.endswith(("to_qkv", "to_added_qkv"))]
+    assert fused and all(layer.group == "self-attention" for layer in fused)
+    inputs = family.inputs(batch=2, seed=7)
+    assert relative_l2(_output(qmodel, inputs), _output(reference, inputs)) <= MAX_W8A8_REL_L2
