@@ -77,6 +77,18 @@ def test_opcheck_all_ops():
                                             [1, 1], [1, 1], [1, 1]))
 
 
+def test_fused_quantize_op_opcheck_and_bad_prologues():
+    x, table = torch.randn(2, 5, 24), torch.randn(2, 6, 24)
+    for args in ((x, None, None, 1 + table[:, 1:2], table[:, 0:1], "layer", 1e-6, "none", False),
+                 (x, torch.randn(24), None, None, None, "rms", 1e-6, "silu", True),
+                 (torch.randn(7, 48), None, None, None, None, "none", 0.0, "geglu_tanh", False)):
+        torch.library.opcheck(fxq.fused_quantize_per_token, args)
+    with pytest.raises(ValueError, match="activations"):
+        fxq.fused_quantize_per_token(x, None, None, None, None, "none", 0.0, "relu", False)
+    with pytest.raises(ValueError, match="gated"):
+        fxq.fused_quantize_per_token(x, None, None, None, None, "layer", 1e-6, "geglu", False)
+
+
 def test_fp8_ops_match_float_reference_and_opcheck():
     x, w, bias = torch.randn(7, 48) * 3, torch.randn(16, 48), torch.randn(16)
     x_q, x_scale = fxq.quantize_per_token_fp8(x)
