@@ -78,6 +78,15 @@ def check_prologue(norm: str, activation: str, has_modulation: bool) -> None:
         raise ValueError("a gated activation (geglu) takes no norm, affine or modulation before it")
 
 
+def varies_per_sample(operand_shape, shape) -> bool:
+    """An operand of operand_shape broadcasts against shape varying at most along the first (sample) and last
+    (channel) dims: adaLN's per-sample vectors, [C] vectors, scalars."""
+    if len(operand_shape) > len(shape):
+        return False
+    padded = (1,) * (len(shape) - len(operand_shape)) + tuple(operand_shape)
+    return all(size == 1 for size in padded[1:-1]) and padded[0] in (1, shape[0]) and padded[-1] in (1, shape[-1])
+
+
 def prologue_reference(x, weight, bias, mul, add, norm: str, eps: float, activation: str) -> torch.Tensor:
     """The prologue of fxquant::fused_quantize_per_token in fp32: x [..., C_in] -> rows [M, C].
 

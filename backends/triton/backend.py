@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from ...ops import quantize_per_token_reference
+from ...ops import quantize_per_token_reference, varies_per_sample
 from ...quantizer import quantize_asymmetric, quantize_fp8
 
 compile_counter: Counter = Counter()
@@ -192,13 +192,9 @@ def _activation(node):
 
 
 def _per_sample(operand, shape) -> bool:
-    """operand broadcasts over shape varying at most along the first (sample) and last (channel) dims."""
+    """A floating-point operand that ops.varies_per_sample allows against shape."""
     value = _value(operand)
-    if value is None or not value.is_floating_point() or value.dim() > len(shape):
-        return False
-    padded = (1,) * (len(shape) - value.dim()) + tuple(value.shape)
-    return (all(size == 1 for size in padded[1:-1]) and padded[0] in (1, shape[0])
-            and padded[-1] in (1, shape[-1]))
+    return value is not None and value.is_floating_point() and varies_per_sample(value.shape, shape)
 
 
 def _modulation(node, combine):

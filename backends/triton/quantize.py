@@ -19,7 +19,7 @@ from torch.library import wrap_triton
 from triton.language.extra import libdevice
 
 from . import INTERPRET
-from ...ops import check_prologue
+from ...ops import check_prologue, varies_per_sample
 
 SCALE_EPS = tl.constexpr(1e-8)
 FP8_MAX = tl.constexpr(448.0)
@@ -132,10 +132,8 @@ def _per_group(operand: torch.Tensor | None, shape: torch.Size, rows: int, place
     rows per group, group stride, channel stride) for _load_per_group; None -> a placeholder never read."""
     if operand is None:
         return placeholder, 1, 0, 0
-    leading = len(shape) - operand.dim()
-    assert all(size == 1 for size in operand.shape[max(0, 1 - leading):-1]), \
-        f"operand {tuple(operand.shape)} varies inside a sample"
-    groups = operand.shape[0] if leading == 0 else 1
+    assert varies_per_sample(operand.shape, shape), f"operand {tuple(operand.shape)} varies inside a sample"
+    groups = operand.shape[0] if operand.dim() == len(shape) else 1
     return (operand, rows // groups, operand.stride(0) if groups > 1 else 0,
             operand.stride(-1) if operand.shape[-1] > 1 else 0)
 
