@@ -16,8 +16,11 @@ variant, so a run cut short keeps what it measured.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import cProfile
 import json
 import platform
+import pstats
 import statistics
 import time
 import traceback
@@ -119,6 +122,8 @@ def check_kernels() -> list[dict]:
         out8 = quantized_gemm(q8, s8, None, w8, ws8, None, bias, torch.bfloat16)
         ref8 = (q8.float() * s8) @ (w8.float() * ws8[:, None]).t() + bias.float()
         exact = x.float() @ w.float().t() + bias.float()
+        residual, gate = x.new_empty(2, m // 2, n).normal_(), bias.new_empty(2, 1, n).normal_()
+        out8_residual = quantized_gemm(q8, s8, None, w8, ws8, None, bias, torch.bfloat16, gate=gate, residual=residual)
         packed_errors = {}
         for bits in (4, 2):
             packed, scale, sums = _packed_weight(w, bits)
@@ -131,6 +136,8 @@ def check_kernels() -> list[dict]:
             "int8_quantize_mismatch_fraction": (q != ref_q).float().mean().item(),
             "int8_gemm_rel_err_vs_reference": relative_l2(out, ref),
             "fp8_gemm_rel_err_vs_reference": relative_l2(out8, ref8),
+            "fp8_gemm_gate_residual_rel_err_vs_reference": relative_l2(
+                out8_residual, residual.float() + gate.float() * ref8.view(residual.shape)),
             "int8_linear_rel_err_vs_bf16_linear": relative_l2(out, exact),
             "fp8_linear_rel_err_vs_bf16_linear": relative_l2(out8, exact),
             **packed_errors,
@@ -182,6 +189,63 @@ def prologue_benchmark() -> list[dict]:
     return rows
 
 
+# (input shape, prologue) of the quantizations whose launch config is swept: every benchmarked model's widths
+QUANTIZE_SWEEP_CASES = {"pixart_1152_layernorm_adaln": ((8192, 1152), dict(norm="layer", eps=1e-6), True),
+                        "pixart_1152_plain": ((8192, 1152), {}, False),
+                        "pixart_4608_gelu_tanh": ((8192, 4608), dict(activation="gelu_tanh"), False),
+                        "sd3_1536_layernorm_adaln": ((8192, 1536), dict(norm="layer", eps=1e-6), True),
+                        "flux_3072_layernorm_adaln": ((4608, 3072), dict(norm="layer", eps=1e-6), True),
+                        "sdxl_640_layernorm": ((8192, 640), dict(norm="layer", eps=1e-5), False),
+                        "sdxl_1280_geglu": ((2048, 2 * 5120), dict(activation="geglu"), False)}
+
+
+def quantize_config_sweep() -> list[dict]:
+    """Time the quantize kernel over (rows per program, warps) at every case's shape, int8 and fp8, against the
+    launcher's current rule (`_launch_config`)."""
+    from fxquant.backends.triton import quantize as kernels
+
+    rows = []
+    for name, (shape, spec, adaln) in QUANTIZE_SWEEP_CASES.items():
+        x = torch.randn(shape, device="cuda", dtype=torch.bfloat16) * 2 + 0.1
+        m, width = shape[0], shape[1] // (2 if spec.get("activation") == "geglu" else 1)
+        mul = torch.randn(1, width, device="cuda", dtype=torch.bfloat16) if adaln else None
+        block = triton.next_power_of_2(width)
+        default = kernels._launch_config(width, spec.get("activation") == "geglu")
+        for fp8 in (False, True):
+            q = torch.empty((m, width), device="cuda", dtype=torch.float8_e4m3fn if fp8 else torch.int8)
+            scale = torch.empty((m, 1), device="cuda")
+            zero = torch.empty((m, 1), device="cuda", dtype=torch.int32)
+            norm = spec.get("norm", "none")
+            times = {}
+            for rows_per_program in (1, 2, 4, 8, 16):
+                for warps in (1, 2, 4, 8, 16):
+                    if rows_per_program * block // (32 * warps) > 128 or rows_per_program * block < 32 * warps:
+                        continue  # register spill / idle threads
+
+                    def launch():
+                        kernels._quantize_rows_kernel[(triton.cdiv(m, rows_per_program),)](
+                            x, q, scale, scale if fp8 else zero, x, x, x if mul is None else mul,
+                            x if mul is None else mul, m, width, x.stride(0), q.stride(0), 1e-6,
+                            m, 0, 1, m, 0, 1, NORM=kernels.NORM_CODES[norm], HAS_W=False, HAS_B=False,
+                            HAS_MUL=mul is not None, HAS_ADD=mul is not None,
+                            ACT=kernels.ACTIVATION_CODES[spec.get("activation", "none")],
+                            GATED=spec.get("activation") == "geglu", FP8=fp8, ROWS=rows_per_program,
+                            BLOCK_K=block, num_warps=warps)
+
+                    launch()
+                    torch.cuda.synchronize()
+                    times[f"{rows_per_program}x{warps}"] = do_bench_cudagraph(launch, rep=100, return_mode="median")
+            best = min(times, key=times.get)
+            current = times.get(f"{default[0]}x{default[2]}")
+            bytes_moved = x.numel() * x.element_size() + m * width
+            rows.append({"case": name, "shape": list(shape), "fp8": fp8, "ms_by_rows_x_warps": times,
+                         "best": best, "best_ms": times[best], "current": f"{default[0]}x{default[2]}",
+                         "current_ms": current, "best_TBps": bytes_moved / (times[best] * 1e-3) / 1e12})
+            print("quantize_configs", name, "fp8" if fp8 else "int8", "best", best, round(times[best], 4),
+                  "current", rows[-1]["current"], current and round(current, 4), flush=True)
+    return rows
+
+
 def _autotuned_configs(m: int, n: int, k: int) -> dict:
     """The tile configs the autotuner chose for this problem, per kernel variant (its cache key -> config)."""
     from fxquant.backends.triton.gemm import _gemm_kernel
@@ -191,8 +255,10 @@ def _autotuned_configs(m: int, n: int, k: int) -> dict:
 
 def gemm_benchmark() -> list[dict]:
     """TFLOP/s of bf16 / int8 / fp8 cuBLAS and fxquant's Triton kernels (W8A8 int8 / fp8, W4A8, W2A8) at DiT
-    shapes, M = 8192 (compute-bound) and 256 (memory-bound)."""
+    shapes, M = 8192 (compute-bound) and 256 (memory-bound); the fp8 GEMM with a gated residual add in its
+    epilogue against the same GEMM followed by Inductor's fused gate + residual kernel."""
     rows = []
+    gated_residual = torch.compile(lambda residual, gate, out: residual + gate * out.view(residual.shape))
     for m in (8192, 256):
         for k, n in DIT_SHAPES:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
@@ -207,6 +273,8 @@ def gemm_benchmark() -> list[dict]:
             w2, ws2, wsum2 = _packed_weight(w, 2)
             w8_t = w8.t()
             ws8_row = ws8[None, :].contiguous()
+            residual = torch.randn(2, m // 2, n, device="cuda", dtype=torch.bfloat16)  # 2 samples, adaLN-Zero gate
+            gate = torch.randn(2, 1, n, device="cuda", dtype=torch.bfloat16)
             flops = 2 * m * n * k
             times = {
                 "bf16_cublas": _graph_median_ms(lambda: torch.nn.functional.linear(x, w, bias)),
@@ -219,6 +287,12 @@ def gemm_benchmark() -> list[dict]:
                 "fxquant_fp8_gemm": _graph_median_ms(lambda: quantized_gemm(q8, s8, None, w8, ws8, None, bias, torch.bfloat16)),
                 "fxquant_fp8_gemm_fixed_config": _graph_median_ms(
                     lambda: quantized_gemm(q8, s8, None, w8, ws8, None, bias, torch.bfloat16, traced=True)),
+                "fxquant_fp8_gemm_gate_residual_fixed_config": _graph_median_ms(
+                    lambda: quantized_gemm(q8, s8, None, w8, ws8, None, bias, torch.bfloat16, traced=True, gate=gate,
+                                           residual=residual)),
+                "fxquant_fp8_gemm_fixed_config_then_inductor_gate_residual": _graph_median_ms(
+                    lambda: gated_residual(residual, gate, quantized_gemm(q8, s8, None, w8, ws8, None, bias,
+                                                                          torch.bfloat16, traced=True))),
                 "fxquant_w4a8_gemm": _graph_median_ms(
                     lambda: quantized_gemm(q, s, z, w4, ws4, wsum4, bias, torch.bfloat16, 4)),
                 "fxquant_w2a8_gemm": _graph_median_ms(
@@ -433,9 +507,10 @@ def _variant_model(variant: str, model, inputs: dict, name: str):
 
 
 def model_benchmark(name: str, variants: list[str], results: dict, save, layers: int | None = None,
-                    profile_to: str | None = None) -> None:
+                    profile_to: str | None = None, compile_profile_to: str | None = None) -> None:
     """One model: every variant measured on the same inputs into `results`; `save()` is called after each.
-    profile_to: a text file that gets each variant's kernel profile."""
+    profile_to: a text file that gets each variant's kernel profile; compile_profile_to: one that gets a cProfile
+    of each variant's first call (where torch.compile spends its time)."""
     build_fn, cpu_inputs, config = MODELS[name](layers) if layers else MODELS[name]()
     inputs = _to_cuda(cpu_inputs)
 
@@ -453,9 +528,14 @@ def model_benchmark(name: str, variants: list[str], results: dict, save, layers:
         try:
             start = time.time()
             model, eager_out = _variant_model(variant, build(), inputs, name)
-            with torch.no_grad():
+            profiler = cProfile.Profile() if compile_profile_to else contextlib.nullcontext()
+            with torch.no_grad(), profiler:
                 out = _first_output(model(**inputs, return_dict=False))
             torch.cuda.synchronize()
+            if compile_profile_to:
+                with open(compile_profile_to, "a") as f:
+                    f.write(f"\n## {name} {variant}: first call (compile), by cumulative time\n")
+                    pstats.Stats(profiler, stream=f).sort_stats("cumulative").print_stats(60)
             row["setup_seconds"] = time.time() - start  # build (+ quantize) (+ compile) + first call
             row.update(_measure(model, inputs))
             if reference is None:
@@ -488,12 +568,13 @@ def model_benchmark(name: str, variants: list[str], results: dict, save, layers:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sections", nargs="+", default=["kernels", "prologue", "gemm", "attention", "models"],
-                        choices=["kernels", "prologue", "gemm", "attention", "models"])
+                        choices=["kernels", "prologue", "quantize_configs", "gemm", "attention", "models"])
     parser.add_argument("--models", nargs="+", default=["pixart"], choices=sorted(MODELS))
     parser.add_argument("--variants", nargs="+",
                         default=["bf16_eager", "bf16_compile", "fxquant:w8a8", "fxquant:w8a8-fp8", "fxquant:w4a8"])
     parser.add_argument("--layers", type=int, help="blocks of the model (pixart only; default: the full model)")
     parser.add_argument("--profile", help="write each variant's kernel profile to this text file")
+    parser.add_argument("--compile-profile", help="write a cProfile of each variant's first (compiling) call here")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     if args.layers and args.models != ["pixart"]:
@@ -512,6 +593,9 @@ def main() -> None:
     if "prologue" in args.sections:
         result["prologue"] = prologue_benchmark()
         save()
+    if "quantize_configs" in args.sections:
+        result["quantize_configs"] = quantize_config_sweep()
+        save()
     if "gemm" in args.sections:
         result["gemm"] = gemm_benchmark()
         save()
@@ -522,7 +606,8 @@ def main() -> None:
         result["models"] = {}
         for name in args.models:
             result["models"][name] = {}
-            model_benchmark(name, args.variants, result["models"][name], save, args.layers, args.profile)
+            model_benchmark(name, args.variants, result["models"][name], save, args.layers, args.profile,
+                            args.compile_profile)
             save()
 
 

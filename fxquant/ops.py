@@ -52,6 +52,14 @@ def int8_linear_reference(x_q, x_scale, x_zero, w_q, w_scale, w_sum, bias, out_d
     return out.to(out_dtype)
 
 
+def fp8_linear_reference(x_q, x_scale, w_q, w_scale, bias, out_dtype) -> torch.Tensor:
+    """The reference body of fxquant::fp8_linear, on any device."""
+    out = (x_q.float() @ w_q.float().t()) * x_scale.reshape(-1, 1) * w_scale.reshape(1, -1)
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(out_dtype)
+
+
 @torch.library.custom_op("fxquant::quantize_per_token", mutates_args=())
 def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x [M, K] float -> (int8 q [M, K], fp32 scale [M, 1], int32 zero [M, 1]): asymmetric min-max per row."""
@@ -234,15 +242,50 @@ def fp8_linear(
 
     Reference: the fp8 values upcast to fp32 (exact), an fp32 matmul, per-row x per-column scales, bias, one cast.
     """
-    out = (x_q.float() @ w_q.float().t()) * x_scale.reshape(-1, 1) * w_scale.reshape(1, -1)
-    if bias is not None:
-        out = out + bias.float()
-    return out.to(out_dtype)
+    return fp8_linear_reference(x_q, x_scale, w_q, w_scale, bias, out_dtype)
 
 
 @fp8_linear.register_fake
 def _(x_q, x_scale, w_q, w_scale, bias, out_dtype):
     return x_q.new_empty((x_q.shape[0], w_q.shape[0]), dtype=out_dtype)
+
+
+@torch.library.custom_op("fxquant::linear_residual", mutates_args=())
+def linear_residual(
+    x_q: torch.Tensor,
+    x_scale: torch.Tensor,
+    x_zero: torch.Tensor | None,
+    w: torch.Tensor,
+    weight_bits: int,
+    w_scale: torch.Tensor,
+    w_sum: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    gate: torch.Tensor | None,
+    residual: torch.Tensor,
+) -> torch.Tensor:
+    """residual + gate * linear(x) in one op: the compile backend puts it in place of a quantized linear whose
+    output (through row views) is scaled by a per-sample gate (adaLN-Zero's `gate * out`, optional) and added to a
+    residual stream, so that kernels apply both in the GEMM's epilogue and never write the linear's output.
+
+    The linear is fp8_linear (fp8 x_q, x_zero / w_sum None, weight_bits 8), int8_linear (weight_bits 8) or
+    packed_int8_linear (weight_bits 4 / 2) with these arguments; its rows [M, N] are viewed as residual [..., N];
+    gate broadcasts against residual varying at most per sample (varies_per_sample). Computed in fp32, cast once
+    to residual's dtype; the output has residual's shape.
+    """
+    if x_q.dtype == torch.float8_e4m3fn:
+        out = fp8_linear_reference(x_q, x_scale, w, w_scale, bias, torch.float32)
+    else:
+        codes = w if weight_bits == 8 else unpack_bits(w, weight_bits)
+        out = int8_linear_reference(x_q, x_scale, x_zero, codes, w_scale, w_sum, bias, torch.float32)
+    out = out.reshape(residual.shape)
+    if gate is not None:
+        out = out * gate.float()
+    return (residual.float() + out).to(residual.dtype)
+
+
+@linear_residual.register_fake
+def _(x_q, x_scale, x_zero, w, weight_bits, w_scale, w_sum, bias, gate, residual):
+    return torch.empty_like(residual, memory_format=torch.contiguous_format)
 
 
 def heads_last(x: torch.Tensor) -> torch.Tensor:

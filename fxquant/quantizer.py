@@ -31,12 +31,18 @@ def quantize_with_scale(x: torch.Tensor, scale: torch.Tensor, bits: int = 8) -> 
     return torch.clamp(torch.round(x.float() / scale), -limit, limit).to(torch.int8)
 
 
+def divide(x: torch.Tensor, divisor: float) -> torch.Tensor:
+    """x / divisor, correctly rounded on every device (as fxquant's kernels divide). CUDA torch turns a division
+    by a Python number into a multiply by its reciprocal, one ulp off in places: a scale one ulp off moves codes."""
+    return x / torch.full_like(x, divisor) if x.is_cuda else x / divisor
+
+
 def asymmetric_params(lo: torch.Tensor, hi: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     """Range [lo, hi] (extended to cover 0) -> (fp32 scale, int32 zero point) of an asymmetric signed grid."""
     lo = lo.float().clamp(max=0)
     hi = hi.float().clamp(min=0)
     levels = 2**bits - 1
-    scale = ((hi - lo) / levels).clamp_min(SCALE_EPS)
+    scale = divide(hi - lo, levels).clamp_min(SCALE_EPS)
     zero = torch.round(-(2 ** (bits - 1)) - lo / scale).to(torch.int32)
     return scale, zero
 
@@ -169,7 +175,7 @@ def quantize_weight_planes(weight: torch.Tensor, planes: list[int]) -> tuple[lis
 
 def quantize_fp8(x: torch.Tensor, dim: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
     """x -> (float8_e4m3fn of x's shape, fp32 scale with `dim` kept as size 1): symmetric absmax / 448 along dim."""
-    scale = (x.detach().float().abs().amax(dim=dim, keepdim=True) / FP8_MAX).clamp_min(SCALE_EPS)
+    scale = divide(x.detach().float().abs().amax(dim=dim, keepdim=True), FP8_MAX).clamp_min(SCALE_EPS)
     return (x.float() * scale.reciprocal()).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
 
 

@@ -73,3 +73,22 @@ def test_backend_fuses_norm_modulation_and_activation_into_quantization(quantize
             outputs[fuse] = compiled(**inputs, return_dict=False)[0]
         assert compile_counter["fused_prologues"] == (per_block * len(blocks) if fuse else 0)
     assert relative_l2(outputs[True], outputs[False]) <= 1e-5  # fp32 model: the same arithmetic, fused
+
+
+@pytest.mark.parametrize("name,recipe,per_block",
+                         [("pixart", "w8a8-fp8", 3), ("pixart", "w4a8", 3), ("unet", "w8a8", 3), ("dit", "w8a8", 2)])
+def test_backend_applies_gated_residual_adds_in_the_gemm_epilogue(quantized_family, name, recipe, per_block):
+    """Every `h + [gate *] proj(...)` of a block (attention outputs, feed-forward) becomes one linear_residual;
+    the next block's add matches through the previous replacement."""
+    _, qmodel, _ = quantized_family(name, recipe)
+    blocks = [m for m in qmodel.model.modules() if isinstance(m, BasicTransformerBlock)]
+    inputs = FAMILIES[name].inputs(batch=2, seed=5)
+    outputs = {}
+    for fuse in (True, False):
+        torch._dynamo.reset()
+        compile_counter.clear()
+        compiled = torch.compile(qmodel, backend="fxquant", options={"fxquant.fuse_residuals": fuse})
+        with torch.no_grad():
+            outputs[fuse] = compiled(**inputs, return_dict=False)[0]
+        assert compile_counter["fused_residuals"] == (per_block * len(blocks) if fuse else 0)
+    assert relative_l2(outputs[True], outputs[False]) <= 1e-5  # fp32 model: the same arithmetic, fused

@@ -71,6 +71,9 @@ def test_opcheck_all_ops():
     torch.library.opcheck(fxq.quantize_per_tensor, (x, torch.tensor([0.05]), torch.tensor([3], dtype=torch.int32)))
     torch.library.opcheck(fxq.int8_linear, (x_q, x_scale, x_zero, w_q, w_scale, w_sum, None, torch.bfloat16))
     torch.library.opcheck(fxq.int8_linear, (x_q, x_scale, x_zero, w_q, w_scale, w_sum, torch.randn(12), torch.float32))
+    residual, table = torch.randn(1, 5, 12, dtype=torch.bfloat16), torch.randn(1, 6, 12, dtype=torch.bfloat16)
+    torch.library.opcheck(fxq.linear_residual, (x_q, x_scale, x_zero, w_q, 8, w_scale, w_sum, None, table[:, 2:3],
+                                                residual))
     cw_q, cw_scale = quantize_weight_per_channel(torch.randn(4, 3, 3, 3))
     cw_sum = cw_q.reshape(4, -1).sum(dim=1, dtype=torch.int32)
     torch.library.opcheck(fxq.int8_conv2d, (torch.randn(1, 3, 5, 6), None, None, cw_q, cw_scale, cw_sum, None,

@@ -7,7 +7,8 @@ The backend rewrites it with patterns, then compiles:
   (x * (1 + scale) + shift), GELU / SiLU or GEGLU becomes one `fused_quantize_per_token` with that prologue (the
   float rows between them never reach memory);
   `unpack_int4` / `unpack_int2` -> `int8_linear` becomes one `packed_int8_linear` (4- / 2-bit weights are unpacked
-  inside the GEMM's K loop; the int8 codes never reach memory);
+  inside the GEMM's K loop; the int8 codes never reach memory); `residual + gate * linear(...)` (a transformer
+  block's gated residual) becomes one `linear_residual` (applied in the GEMM's epilogue);
 - CUDA: the quantize, GEMM and attention ops become calls of fxquant's Triton kernels traced through
   `wrap_triton`, which Inductor launches from its own generated code (no Python dispatch per op; the attention
   kernel's tile is autotuned per shape before tracing, GEMM tiles are fixed rules); static per-tensor quantization
@@ -102,6 +103,7 @@ def fuse_packed_weights(gm: fx.GraphModule) -> int:
             packed = gm.graph.call_function(
                 fxq.packed_int8_linear.default,
                 (x_q, x_scale, x_zero, w_q.args[0], _UNPACK_BITS[_target(w_q)], w_scale, w_sum, bias, out_dtype))
+        packed.meta.update(node.meta)  # its example value, which later rewrites match on
         node.replace_all_uses_with(packed)
         gm.graph.erase_node(node)
         if not w_q.users:
@@ -259,6 +261,64 @@ def fuse_quantize_prologues(gm: fx.GraphModule) -> int:
     return fused
 
 
+_LINEARS = (fxq.int8_linear.default, fxq.packed_int8_linear.default, fxq.fp8_linear.default)
+
+
+def _linear_residual_args(node) -> tuple | None:
+    """linear_residual's leading arguments (x_q, x_scale, x_zero, w, weight_bits, w_scale, w_sum, bias) for a node
+    of an fxquant linear op, else None."""
+    if not (isinstance(node, fx.Node) and node.op == "call_function" and _target(node) in _LINEARS):
+        return None
+    args = _node_args(node, _target(node))
+    if _target(node) == fxq.fp8_linear.default:
+        x_q, x_scale, w_q, w_scale, bias, _ = args
+        return x_q, x_scale, None, w_q, 8, w_scale, None, bias
+    if _target(node) == fxq.int8_linear.default:
+        return (*args[:4], 8, *args[4:7])
+    return tuple(args[:8])
+
+
+def _through_output_views(node):
+    """Step back over single-use row views, eval dropout and x / 1.0 or x * 1.0 (diffusers' attention processors
+    divide by `rescale_output_factor`, 1.0 by default)."""
+    while True:
+        node = _through_row_views(node)
+        if not (_only_use(node) and _call(node, _MUL | {operator.truediv}) and len(node.args) == 2
+                and isinstance(node.args[1], (int, float)) and node.args[1] == 1):
+            return node
+        node = node.args[0]
+
+
+def fuse_residual_epilogues(gm: fx.GraphModule) -> int:
+    """Rewrite `residual + [gate *] linear(...)` (an fxquant linear seen through row views, its output used only
+    there; gate per sample) into linear_residual nodes; returns how many."""
+    fused = 0
+    for node in list(gm.graph.nodes):
+        if not (_call(node, _ADD) and len(node.args) == 2 and not node.kwargs and _value(node) is not None):
+            continue
+        for branch, residual in (node.args, node.args[::-1]):
+            if _value(residual) is None or (_value(residual).shape, _value(residual).dtype) != (
+                    _value(node).shape, _value(node).dtype):
+                continue
+            gated = _modulation(branch, _MUL)
+            gate = gated[1] if gated else None
+            linear = _through_output_views(gated[0] if gated else branch)
+            linear_args = _linear_residual_args(linear) if _only_use(linear) else None
+            if linear_args is None:
+                continue
+            with gm.graph.inserting_before(node):
+                replacement = gm.graph.call_function(fxq.linear_residual.default, (*linear_args, gate, residual))
+            replacement.meta.update(node.meta)  # its example value: the next block's residual add matches through it
+            node.replace_all_uses_with(replacement)
+            gm.graph.erase_node(node)
+            fused += 1
+            break
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    gm.recompile()
+    return fused
+
+
 # The launchers import Triton lazily: the backend also serves CPU-only installs, where Triton may be absent.
 def _triton_int8_linear(x_q, x_scale, x_zero, w_q, w_scale, w_sum, bias, out_dtype):
     from .gemm import quantized_gemm
@@ -276,6 +336,13 @@ def _triton_fp8_linear(x_q, x_scale, w_q, w_scale, bias, out_dtype):
     from .gemm import quantized_gemm
 
     return quantized_gemm(x_q, x_scale, None, w_q, w_scale, None, bias, out_dtype, traced=True)
+
+
+def _triton_linear_residual(x_q, x_scale, x_zero, w, weight_bits, w_scale, w_sum, bias, gate, residual):
+    from .gemm import quantized_gemm
+
+    return quantized_gemm(x_q, x_scale, x_zero, w, w_scale, w_sum, bias, residual.dtype, weight_bits, traced=True,
+                          gate=gate, residual=residual)
 
 
 def _triton_quantized_attention(q, k, v, scale, pv_fp8):
@@ -313,6 +380,7 @@ _KERNELS = {  # fxquant's Triton kernels, launched from Inductor's generated cod
     fxq.int8_linear.default: _triton_int8_linear,
     fxq.packed_int8_linear.default: _triton_packed_int8_linear,
     fxq.fp8_linear.default: _triton_fp8_linear,
+    fxq.linear_residual.default: _triton_linear_residual,
     fxq.quantized_attention.default: _triton_quantized_attention,
     fxq.fused_quantize_per_token.default: _triton_fused_quantize_per_token,
 }
@@ -359,6 +427,8 @@ BACKEND_OPTIONS = {
     "fxquant.inline_kernels": "trace fxquant's Triton kernels into Inductor's graph (True; False: opaque op calls)",
     "fxquant.fuse_prologues": "fuse the norm / modulation / activation producing a per-token quantization's input "
                               "into it (True)",
+    "fxquant.fuse_residuals": "apply a per-sample gate and the residual add after a quantized linear in its GEMM's "
+                              "epilogue (True)",
     "fxquant.fuse_quantize": "hand per-token quantization to Inductor as plain PyTorch, fused with the ops producing "
                              "its input (False: fxquant's one-pass quantize kernel, measured faster on Hopper)",
 }
@@ -381,6 +451,8 @@ def fxquant_backend(gm: fx.GraphModule, example_inputs, mode: str | None = None,
     compile_counter["packed_linears"] += fuse_packed_weights(gm)
     if ours.get("fxquant.fuse_prologues", True):
         compile_counter["fused_prologues"] += fuse_quantize_prologues(gm)
+    if ours.get("fxquant.fuse_residuals", True):
+        compile_counter["fused_residuals"] += fuse_residual_epilogues(gm)
     if not _on_cuda(example_inputs):
         return gm.forward
     from torch._inductor import list_mode_options

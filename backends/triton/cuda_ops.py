@@ -44,6 +44,12 @@ def _fp8_linear_cuda(x_q, x_scale, w_q, w_scale, bias, out_dtype):
     return quantized_gemm(x_q, x_scale, None, w_q, w_scale, None, bias, out_dtype)
 
 
+@torch.library.register_kernel("fxquant::linear_residual", "cuda")
+def _linear_residual_cuda(x_q, x_scale, x_zero, w, weight_bits, w_scale, w_sum, bias, gate, residual):
+    return quantized_gemm(x_q, x_scale, x_zero, w, w_scale, w_sum, bias, residual.dtype, weight_bits, gate=gate,
+                          residual=residual)
+
+
 @torch.library.register_kernel("fxquant::quantized_attention", "cuda")
 def _quantized_attention_cuda(q, k, v, scale, pv_fp8):
     return quantized_attention(q, k, v, scale, pv_fp8)

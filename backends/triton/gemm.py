@@ -2,11 +2,13 @@
 epilogue; int8 activations against 8-, 4- or 2-bit weights (W8A8, W4A8, W2A8), the packed ones unpacked in the K loop.
 
     out[m, n] = a_scale[m] * b_scale[n] * (sum_k a[m, k] b[n, k] - a_zero[m] * b_sum[n]) + bias[n]
+    (optionally)  out[m, n] = residual[m, n] + gate[m // rows_per_gate, n] * out[m, n]   (fxquant::linear_residual)
 
 a: activations [M, K] (row-major), b: weights [N, K] (row-major, i.e. B^T) as int8 / fp8 codes, or packed uint8
 [N, K * bits / 8] (fxquant.quantizer.pack_bits: field i of byte j holds element i * K * bits / 8 + j);
 per-token a_scale / a_zero (int8 path: asymmetric activations; the zero-point term uses the precomputed weight row
-sums b_sum), per-channel b_scale, optional bias, one cast to the output dtype at the store. Accumulation is exact
+sums b_sum), per-channel b_scale, optional bias, optional per-sample gate and residual (a transformer block's
+`h + gate * proj(...)`: the projection's output never reaches memory), one cast to the output dtype at the store. Accumulation is exact
 int32 for int8 and fp32 for fp8. The launcher `quantized_gemm` checks, allocates and launches; tests compare it with
 fxquant::int8_linear's reference. With `traced=True` the launch goes through `torch.library.wrap_triton` with a
 fixed tile config, so that the compile backend's graphs trace into the kernel and Inductor launches it from its own
@@ -21,6 +23,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from . import INTERPRET
+from .quantize import per_group_operand, row_strided
 
 
 def get_autotune_config() -> list[triton.Config]:
@@ -43,13 +46,14 @@ def get_autotune_config() -> list[triton.Config]:
 @triton.jit
 def _gemm_kernel(
     # pointers
-    a_ptr, b_ptr, out_ptr, a_scale_ptr, a_zero_ptr, b_scale_ptr, b_sum_ptr, bias_ptr,
+    a_ptr, b_ptr, out_ptr, a_scale_ptr, a_zero_ptr, b_scale_ptr, b_sum_ptr, bias_ptr, gate_ptr, residual_ptr,
     # sizes (K: logical, before packing)
-    M, N, K,
+    M, N, K, rows_per_gate,
     # strides (b's in its stored, possibly packed, units)
-    stride_am, stride_ak, stride_bn, stride_bk, stride_om, stride_on,
+    stride_am, stride_ak, stride_bn, stride_bk, stride_om, stride_on, stride_gate_g, stride_gate_n, stride_rm,
     # meta-parameters
-    HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, INT_ACC: tl.constexpr, WEIGHT_BITS: tl.constexpr,
+    HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    INT_ACC: tl.constexpr, WEIGHT_BITS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     PER_BYTE: tl.constexpr = 8 // WEIGHT_BITS if INT_ACC else 1
@@ -108,8 +112,14 @@ def _gemm_kernel(
     out = acc.to(tl.float32) * a_scale[:, None] * b_scale[None, :]
     if HAS_BIAS:
         out += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    tile_ok = row_ok[:, None] & col_ok[None, :]
+    if HAS_GATE:
+        gate_ptrs = gate_ptr + (rows // rows_per_gate)[:, None] * stride_gate_g + cols[None, :] * stride_gate_n
+        out = out * tl.load(gate_ptrs, mask=tile_ok, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:  # residual rows: strided like the output's, contiguous along N
+        out += tl.load(residual_ptr + rows[:, None] * stride_rm + cols[None, :], mask=tile_ok, other=0.0).to(tl.float32)
     out_ptrs = out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on
-    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=tile_ok)
 
 
 def fixed_config(m: int, n: int, k: int, integer: bool) -> dict:
@@ -129,10 +139,13 @@ def fixed_config(m: int, n: int, k: int, integer: bool) -> dict:
 
 def quantized_gemm(a: torch.Tensor, a_scale: torch.Tensor, a_zero: torch.Tensor | None, b: torch.Tensor,
                    b_scale: torch.Tensor, b_sum: torch.Tensor | None, bias: torch.Tensor | None,
-                   out_dtype: torch.dtype, weight_bits: int = 8, traced: bool = False) -> torch.Tensor:
+                   out_dtype: torch.dtype, weight_bits: int = 8, traced: bool = False,
+                   gate: torch.Tensor | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
     """a [M, K] int8 or fp8, a_scale fp32 [M] or [1] (broadcast), a_zero int32 like a_scale or None; b [N, K] same
     dtype as a, or (int8 a, weight_bits 4 / 2) uint8 [N, K * weight_bits / 8] packed codes; b_scale fp32 [N], b_sum
     int32 [N] (needed with a_zero); bias [N] or None -> out [M, N].
+    With residual [..., N] (M rows): out = residual + gate * out, shaped and typed like residual; gate (optional)
+    broadcasts against residual varying at most per sample (fxquant::linear_residual).
 
     traced: launch through torch.library.wrap_triton with `fixed_config` (graphs the compile backend hands to
     Inductor); otherwise the autotuned kernel is launched directly (eager calls)."""
@@ -146,22 +159,30 @@ def quantized_gemm(a: torch.Tensor, a_scale: torch.Tensor, a_zero: torch.Tensor 
     assert (a_zero is None) or (b_sum is not None), "a zero point needs the weight row sums b_sum"
     m, k = a.shape
     n = b.shape[0]
+    if residual is not None:
+        assert residual.shape[-1] == n and residual.numel() == m * n, \
+            f"residual {tuple(residual.shape)} for a [{m}, {n}] output"
+        out_dtype, out_shape, residual = residual.dtype, residual.shape, row_strided(residual)
     out = torch.empty((m, n), dtype=out_dtype, device=a.device)
     if m == 0:
-        return out
+        return out if residual is None else out.view(out_shape)
     a_scale = a_scale.reshape(-1).float().expand(m).contiguous()
     a_zero = a_zero.reshape(-1).expand(m).contiguous() if a_zero is not None else None
     dummy = b_scale  # never read when the matching constexpr flag is off
+    gate_arg, rows_per_gate, stride_gate_g, stride_gate_n = per_group_operand(
+        gate, residual.shape if residual is not None else (m, n), m, dummy)
 
     args = (a, b, out, a_scale, a_zero if a_zero is not None else dummy, b_scale,
-            b_sum if b_sum is not None else dummy, bias if bias is not None else dummy,
-            m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1))
-    flags = dict(HAS_ZERO=a_zero is not None, HAS_BIAS=bias is not None, INT_ACC=a.dtype == torch.int8,
-                 WEIGHT_BITS=weight_bits)
+            b_sum if b_sum is not None else dummy, bias if bias is not None else dummy, gate_arg,
+            residual if residual is not None else dummy, m, n, k, rows_per_gate,
+            a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
+            stride_gate_g, stride_gate_n, residual.stride(-2) if residual is not None and residual.dim() > 1 else n)
+    flags = dict(HAS_ZERO=a_zero is not None, HAS_BIAS=bias is not None, HAS_GATE=gate is not None,
+                 HAS_RESIDUAL=residual is not None, INT_ACC=a.dtype == torch.int8, WEIGHT_BITS=weight_bits)
     if traced:
         config = fixed_config(m, n, k, a.dtype == torch.int8)
         grid = (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"]),)
         wrap_triton(_gemm_kernel.fn)[grid](*args, **flags, **config)
     else:
         _gemm_kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)](*args, **flags)
-    return out
+    return out if residual is None else out.view(out_shape)

@@ -107,11 +107,11 @@ def _quantize_rows_kernel(
     tl.store(scale_ptr + rows, scale, mask=rows < M)
 
 
-def _launch_config(k: int) -> tuple[int, int, int]:
-    """(rows per program, BLOCK_K, warps): about 8 K values per program in flight, 16-byte loads per thread."""
+def _launch_config(k: int, gated: bool) -> tuple[int, int, int]:
+    """(rows per program, BLOCK_K, warps): one row per program, a warp per 2048 values loaded (swept on an H100 at
+    widths 640-4608 and GEGLU 2 x 5120: benchmarks/results/gpu-bench-h100/quantize-configs-and-flux-torchao.json)."""
     block = triton.next_power_of_2(k)
-    rows = max(1, min(16, 8192 // block))
-    return rows, block, max(1, min(8, rows * block // 1024))
+    return 1, block, max(1, min(16, block * (2 if gated else 1) // 2048))
 
 
 def _launcher(kernel, traced: bool):
@@ -119,7 +119,7 @@ def _launcher(kernel, traced: bool):
     return wrap_triton(kernel) if traced else kernel
 
 
-def _row_strided(x: torch.Tensor) -> torch.Tensor:
+def row_strided(x: torch.Tensor) -> torch.Tensor:
     """x itself when its rows (all dims but the last, flattened) are evenly strided and its last dim contiguous, else
     a contiguous copy. The kernel gets the tensor, not a reshaped view: under Inductor a view of a value not yet in
     memory is copied into a buffer of its own for each argument it is passed as."""
@@ -127,7 +127,7 @@ def _row_strided(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 and collapsible else x.contiguous()
 
 
-def _per_group(operand: torch.Tensor | None, shape: torch.Size, rows: int, placeholder: torch.Tensor):
+def per_group_operand(operand: torch.Tensor | None, shape: torch.Size, rows: int, placeholder: torch.Tensor):
     """An adaLN-style operand (broadcastable to shape, size 1 on every dim but the first and last) -> (the operand,
     rows per group, group stride, channel stride) for _load_per_group; None -> a placeholder never read."""
     if operand is None:
@@ -145,16 +145,16 @@ def fused_quantize_per_token(x: torch.Tensor, weight=None, bias=None, mul=None, 
     Absent operands are passed as x (never read)."""
     check_prologue(norm, activation, any(t is not None for t in (weight, bias, mul, add)))
     gated = activation.startswith("geglu")
-    x = _row_strided(x)
+    x = row_strided(x)
     m = x.numel() // x.shape[-1] if x.shape[-1] else 0
     width = x.shape[-1] // 2 if gated else x.shape[-1]
     q = torch.empty((m, width), dtype=torch.float8_e4m3fn if fp8 else torch.int8, device=x.device)
     scale = torch.empty((m, 1), dtype=torch.float32, device=x.device)
     zero = torch.empty((m, 0 if fp8 else 1), dtype=torch.int32, device=x.device)
     if m:
-        mul_arg, rows_per_mul, stride_mul_g, stride_mul_c = _per_group(mul, x.shape, m, x)
-        add_arg, rows_per_add, stride_add_g, stride_add_c = _per_group(add, x.shape, m, x)
-        rows_per_program, block, warps = _launch_config(width)
+        mul_arg, rows_per_mul, stride_mul_g, stride_mul_c = per_group_operand(mul, x.shape, m, x)
+        add_arg, rows_per_add, stride_add_g, stride_add_c = per_group_operand(add, x.shape, m, x)
+        rows_per_program, block, warps = _launch_config(width, gated)
         _launcher(_quantize_rows_kernel, traced)[(triton.cdiv(m, rows_per_program),)](
             x, q, scale, scale if fp8 else zero, x if weight is None else weight, x if bias is None else bias,
             mul_arg, add_arg, m, width, x.stride(-2) if x.dim() > 1 else 0, q.stride(0), eps,

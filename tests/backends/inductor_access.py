@@ -57,6 +57,10 @@ def main() -> None:
             torch.zeros(64, 96, dtype=torch.int8), torch.ones(64), torch.zeros(64, dtype=torch.int32),
             torch.zeros(32, 96, dtype=torch.int8), torch.ones(32), torch.zeros(32, dtype=torch.int32), torch.ones(32),
             torch.bfloat16, traced=True),
+        "gemm_fp8_gate_residual": lambda: gemm.quantized_gemm(
+            torch.zeros(128, 96, dtype=torch.float8_e4m3fn), torch.ones(128), None,
+            torch.zeros(96, 96, dtype=torch.float8_e4m3fn), torch.ones(96), None, None, torch.bfloat16, traced=True,
+            gate=table[:, 2:3], residual=x),
         "attention_fp8": lambda: attention.quantized_attention(
             *(torch.randn(1, 2, 64, 72, dtype=torch.bfloat16) for _ in range(3)), 0.1, True, traced=True),
     }

@@ -125,6 +125,35 @@ def test_traced_launch_with_fixed_config_matches(bits):
     torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("weights", ["int8", "int4", "fp8"])
+@pytest.mark.parametrize("gated", [True, False])
+def test_gemm_epilogue_applies_gate_and_residual(weights, gated):
+    """residual + gate * linear in the GEMM's epilogue (fxquant::linear_residual): a [B, 1, N] gate sliced from an
+    adaLN table, a [B, T, N] residual whose rows are strided (a slice of wider rows)."""
+    batch, tokens, k, n = 2, 9, 64, 24
+    x, w, bias = torch.randn(batch * tokens, k), torch.randn(n, k), torch.randn(n)
+    residual = torch.randn(batch, tokens, 2 * n)[..., :n]
+    gate = _adaln_operands(batch, n)[0] if gated else None
+    if weights == "fp8":
+        (x_q, x_scale), x_zero, w_sum, bits = quantize_per_token_fp8(x), None, None, 8
+        w_scale = w.abs().amax(dim=1) / 448
+        stored = (w / w_scale[:, None]).to(torch.float8_e4m3fn)
+    else:
+        bits = 8 if weights == "int8" else 4
+        x_q, x_scale, x_zero = fxq.quantize_per_token(x)
+        w_q, w_scale = quantize_weight_per_channel(w, bits)
+        w_sum = w_q.sum(dim=1, dtype=torch.int32)
+        stored = w_q if bits == 8 else pack_bits(w_q, bits)
+    expected = fxq.linear_residual(x_q, x_scale, x_zero, stored, bits, w_scale, w_sum, bias, gate, residual)
+    out = quantized_gemm(x_q, x_scale, x_zero, stored, w_scale, w_sum, bias, torch.float32, bits, gate=gate,
+                         residual=residual)
+    assert out.shape == residual.shape and out.dtype == residual.dtype
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    plain = fxq.fp8_linear(x_q, x_scale, stored, w_scale, bias, torch.float32) if weights == "fp8" else \
+        fxq.int8_linear(x_q, x_scale, x_zero, stored if bits == 8 else w_q, w_scale, w_sum, bias, torch.float32)
+    torch.testing.assert_close(expected, residual + (1 if gate is None else gate) * plain.reshape(residual.shape))
+
+
 def test_fp8_quantize_and_gemm_match_float_reference():
     x, w = torch.randn(9, 40), torch.randn(12, 40)
     x_q, x_scale = quantize_per_token_fp8(x)
@@ -180,4 +209,4 @@ def test_inductor_sees_only_outputs_written():
                                         text=True).stdout.strip().splitlines()[-1])
     assert written == {"quantize_int8": ["q_ptr", "scale_ptr", "zero_ptr"], "quantize_norm_adaln_fp8": ["q_ptr",
                        "scale_ptr"], "quantize_geglu": ["q_ptr", "scale_ptr", "zero_ptr"], "gemm_int8": ["out_ptr"],
-                       "attention_fp8": ["out_ptr"]}
+                       "gemm_fp8_gate_residual": ["out_ptr"], "attention_fp8": ["out_ptr"]}
