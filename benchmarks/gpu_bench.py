@@ -246,6 +246,36 @@ def quantize_config_sweep() -> list[dict]:
     return rows
 
 
+EPILOGUE_CONFIGS = [(128, 256, 128, 8, 3), (128, 128, 128, 8, 3), (128, 128, 128, 4, 4), (256, 128, 128, 8, 3),
+                    (64, 256, 128, 4, 3), (128, 256, 64, 8, 4)]  # BLOCK_M, BLOCK_N, BLOCK_K, warps, stages
+
+
+def epilogue_sweep() -> list[dict]:
+    """The fp8 GEMM at PixArt's output-projection shapes (M 8192, K 1152 / 4608, N 1152) per tile config: plain,
+    + residual, + gate (per element or per tile) + residual, each a traced-style launch."""
+    rows = []
+    for k, n in ((1152, 1152), (4608, 1152)):
+        m = 8192
+        q8, s8 = quantize_per_token_fp8(torch.randn(m, k, device="cuda", dtype=torch.bfloat16))
+        w8, ws8 = _fp8_weight(torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.05)
+        bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+        residual = torch.randn(2, m // 2, n, device="cuda", dtype=torch.bfloat16)
+        gate = torch.randn(2, 6, n, device="cuda", dtype=torch.bfloat16)[:, 2:3]
+        variants = {"plain": {}, "residual": dict(residual=residual),
+                    "gate_per_element_residual": dict(gate=gate, residual=residual, gate_per_tile=False),
+                    "gate_per_tile_residual": dict(gate=gate, residual=residual, gate_per_tile=True)}
+        for bm, bn, bk, warps, stages in EPILOGUE_CONFIGS:
+            config = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=warps, num_stages=stages)
+            row = {"M": m, "K": k, "N": n, "config": config, "us": {}}
+            for name, extra in variants.items():
+                row["us"][name] = 1e3 * _graph_median_ms(lambda: quantized_gemm(
+                    q8, s8, None, w8, ws8, None, bias, torch.bfloat16, traced=True, config=config, **extra))
+            rows.append(row)
+            print("epilogue", k, n, (bm, bn, bk, warps, stages), {key: round(t, 1) for key, t in row["us"].items()},
+                  flush=True)
+    return rows
+
+
 def _autotuned_configs(m: int, n: int, k: int) -> dict:
     """The tile configs the autotuner chose for this problem, per kernel variant (its cache key -> config)."""
     from fxquant.backends.triton.gemm import _gemm_kernel
@@ -568,7 +598,7 @@ def model_benchmark(name: str, variants: list[str], results: dict, save, layers:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sections", nargs="+", default=["kernels", "prologue", "gemm", "attention", "models"],
-                        choices=["kernels", "prologue", "quantize_configs", "gemm", "attention", "models"])
+                        choices=["kernels", "prologue", "quantize_configs", "epilogue", "gemm", "attention", "models"])
     parser.add_argument("--models", nargs="+", default=["pixart"], choices=sorted(MODELS))
     parser.add_argument("--variants", nargs="+",
                         default=["bf16_eager", "bf16_compile", "fxquant:w8a8", "fxquant:w8a8-fp8", "fxquant:w4a8"])
@@ -595,6 +625,9 @@ def main() -> None:
         save()
     if "quantize_configs" in args.sections:
         result["quantize_configs"] = quantize_config_sweep()
+        save()
+    if "epilogue" in args.sections:
+        result["epilogue"] = epilogue_sweep()
         save()
     if "gemm" in args.sections:
         result["gemm"] = gemm_benchmark()

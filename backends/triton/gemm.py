@@ -42,6 +42,9 @@ def get_autotune_config() -> list[triton.Config]:
     ]
 
 
+MAX_BLOCK_M = max(config.kwargs["BLOCK_M"] for config in get_autotune_config())
+
+
 @triton.autotune(configs=get_autotune_config(), key=["M", "N", "K", "HAS_ZERO", "WEIGHT_BITS"])
 @triton.jit
 def _gemm_kernel(
@@ -52,8 +55,8 @@ def _gemm_kernel(
     # strides (b's in its stored, possibly packed, units)
     stride_am, stride_ak, stride_bn, stride_bk, stride_om, stride_on, stride_gate_g, stride_gate_n, stride_rm,
     # meta-parameters
-    HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    INT_ACC: tl.constexpr, WEIGHT_BITS: tl.constexpr,
+    HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr, GATE_PER_TILE: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, INT_ACC: tl.constexpr, WEIGHT_BITS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     PER_BYTE: tl.constexpr = 8 // WEIGHT_BITS if INT_ACC else 1
@@ -67,6 +70,11 @@ def _gemm_kernel(
     pid_m = first_m + (pid % (GROUP_M * num_pid_n)) % group_size
     pid_n = (pid % (GROUP_M * num_pid_n)) // group_size
 
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < M
+    col_ok = cols < N
+    tile_ok = row_ok[:, None] & col_ok[None, :]
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M
     offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
     offs_k = tl.arange(0, BLOCK_KP)
@@ -99,10 +107,6 @@ def _gemm_kernel(
             b_ptrs += BLOCK_KP * stride_bk
         acc = tl.trans(acc_t)
 
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < M
-    col_ok = cols < N
     if HAS_ZERO:
         a_zero = tl.load(a_zero_ptr + rows, mask=row_ok, other=0)
         b_sum = tl.load(b_sum_ptr + cols, mask=col_ok, other=0)
@@ -112,24 +116,34 @@ def _gemm_kernel(
     out = acc.to(tl.float32) * a_scale[:, None] * b_scale[None, :]
     if HAS_BIAS:
         out += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    tile_ok = row_ok[:, None] & col_ok[None, :]
-    if HAS_GATE:
+    if HAS_GATE and GATE_PER_TILE:  # rows_per_gate >= BLOCK_M: the tile's rows belong to at most two groups
+        first = (pid_m * BLOCK_M) // rows_per_gate
+        last = tl.minimum(pid_m * BLOCK_M + BLOCK_M - 1, M - 1) // rows_per_gate
+        gate_first = tl.load(gate_ptr + first * stride_gate_g + cols * stride_gate_n, mask=col_ok, other=0.0)
+        gate_last = tl.load(gate_ptr + last * stride_gate_g + cols * stride_gate_n, mask=col_ok, other=0.0)
+        in_first = (rows // rows_per_gate) == first
+        out = out * tl.where(in_first[:, None], gate_first.to(tl.float32)[None, :], gate_last.to(tl.float32)[None, :])
+    elif HAS_GATE:
         gate_ptrs = gate_ptr + (rows // rows_per_gate)[:, None] * stride_gate_g + cols[None, :] * stride_gate_n
         out = out * tl.load(gate_ptrs, mask=tile_ok, other=0.0).to(tl.float32)
-    if HAS_RESIDUAL:  # residual rows: strided like the output's, contiguous along N
+    if HAS_RESIDUAL:  # residual rows: strided like the output's, contiguous along N (loading it before the K
+        # loop was no faster on an H100: gpu-bench-h100/epilogue-sweep-prefetch.json)
         out += tl.load(residual_ptr + rows[:, None] * stride_rm + cols[None, :], mask=tile_ok, other=0.0).to(tl.float32)
     out_ptrs = out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on
     tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=tile_ok)
 
 
-def fixed_config(m: int, n: int, k: int, integer: bool) -> dict:
+def fixed_config(m: int, n: int, k: int, integer: bool, residual: bool = False) -> dict:
     """The tile config of graphs traced by the compile backend, from the problem size (Inductor would otherwise
     autotune every call site: minutes of compile for a 28-block DiT). The rules follow the autotuner's choices on an
-    H100 at DiT shapes (benchmarks/results/gpu-bench-h100/gemm-autotuned-configs-and-pixart-1024-fp8.json)."""
+    H100 at DiT shapes (benchmarks/results/gpu-bench-h100/gemm-autotuned-configs-and-pixart-1024-fp8.json); with a
+    residual in the epilogue, the tile that loads it fastest (epilogue-sweep-and-prologue.json)."""
     if INTERPRET:
         return {**get_autotune_config()[0].all_kwargs()}
     if m < 1024:  # few tokens: small tiles so that enough programs fill the SMs
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=256, GROUP_M=8, num_warps=4, num_stages=3)
+    if residual:
+        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)
     if n >= 2048 or (not integer and k <= 2048):
         return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)
     if k <= 2048:  # int8, narrow N: more, smaller tiles
@@ -140,7 +154,8 @@ def fixed_config(m: int, n: int, k: int, integer: bool) -> dict:
 def quantized_gemm(a: torch.Tensor, a_scale: torch.Tensor, a_zero: torch.Tensor | None, b: torch.Tensor,
                    b_scale: torch.Tensor, b_sum: torch.Tensor | None, bias: torch.Tensor | None,
                    out_dtype: torch.dtype, weight_bits: int = 8, traced: bool = False,
-                   gate: torch.Tensor | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
+                   gate: torch.Tensor | None = None, residual: torch.Tensor | None = None,
+                   config: dict | None = None, gate_per_tile: bool | None = None) -> torch.Tensor:
     """a [M, K] int8 or fp8, a_scale fp32 [M] or [1] (broadcast), a_zero int32 like a_scale or None; b [N, K] same
     dtype as a, or (int8 a, weight_bits 4 / 2) uint8 [N, K * weight_bits / 8] packed codes; b_scale fp32 [N], b_sum
     int32 [N] (needed with a_zero); bias [N] or None -> out [M, N].
@@ -148,7 +163,9 @@ def quantized_gemm(a: torch.Tensor, a_scale: torch.Tensor, a_zero: torch.Tensor 
     broadcasts against residual varying at most per sample (fxquant::linear_residual).
 
     traced: launch through torch.library.wrap_triton with `fixed_config` (graphs the compile backend hands to
-    Inductor); otherwise the autotuned kernel is launched directly (eager calls)."""
+    Inductor), or `config` when given (benchmarks); otherwise the autotuned kernel is launched directly (eager
+    calls). gate_per_tile (benchmarks): load the gate as one vector per sample in a tile (default: when every
+    tile size fits in a sample) or per element."""
     packed = weight_bits != 8
     assert weight_bits in (8, 4, 2), f"weight_bits {weight_bits}"
     assert a.dim() == 2 and b.dim() == 2 and a.shape[1] == b.shape[1] * 8 // weight_bits, \
@@ -177,10 +194,13 @@ def quantized_gemm(a: torch.Tensor, a_scale: torch.Tensor, a_zero: torch.Tensor 
             residual if residual is not None else dummy, m, n, k, rows_per_gate,
             a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
             stride_gate_g, stride_gate_n, residual.stride(-2) if residual is not None and residual.dim() > 1 else n)
+    if gate_per_tile is None:
+        gate_per_tile = rows_per_gate >= MAX_BLOCK_M
     flags = dict(HAS_ZERO=a_zero is not None, HAS_BIAS=bias is not None, HAS_GATE=gate is not None,
-                 HAS_RESIDUAL=residual is not None, INT_ACC=a.dtype == torch.int8, WEIGHT_BITS=weight_bits)
+                 GATE_PER_TILE=gate_per_tile, HAS_RESIDUAL=residual is not None, INT_ACC=a.dtype == torch.int8,
+                 WEIGHT_BITS=weight_bits)
     if traced:
-        config = fixed_config(m, n, k, a.dtype == torch.int8)
+        config = config or fixed_config(m, n, k, a.dtype == torch.int8, residual is not None)
         grid = (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"]),)
         wrap_triton(_gemm_kernel.fn)[grid](*args, **flags, **config)
     else:

@@ -126,11 +126,12 @@ def test_traced_launch_with_fixed_config_matches(bits):
 
 
 @pytest.mark.parametrize("weights", ["int8", "int4", "fp8"])
-@pytest.mark.parametrize("gated", [True, False])
-def test_gemm_epilogue_applies_gate_and_residual(weights, gated):
+@pytest.mark.parametrize("gated,tokens", [(True, 9), (True, 40), (False, 9)])
+def test_gemm_epilogue_applies_gate_and_residual(weights, gated, tokens):
     """residual + gate * linear in the GEMM's epilogue (fxquant::linear_residual): a [B, 1, N] gate sliced from an
-    adaLN table, a [B, T, N] residual whose rows are strided (a slice of wider rows)."""
-    batch, tokens, k, n = 2, 9, 64, 24
+    adaLN table, a [B, T, N] residual whose rows are strided (a slice of wider rows). 9 tokens: samples smaller
+    than a tile (gate loaded per element); 40: a tile straddles two samples (gate loaded per sample in the tile)."""
+    batch, k, n = 2, 64, 24
     x, w, bias = torch.randn(batch * tokens, k), torch.randn(n, k), torch.randn(n)
     residual = torch.randn(batch, tokens, 2 * n)[..., :n]
     gate = _adaln_operands(batch, n)[0] if gated else None
