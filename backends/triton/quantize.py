@@ -142,7 +142,8 @@ def fused_quantize_per_token(x: torch.Tensor, weight=None, bias=None, mul=None, 
                              eps: float = 0.0, activation: str = "none", fp8: bool = False, traced: bool = False):
     """fxquant::fused_quantize_per_token on the GPU: x [..., C_in] float -> (q [M, C] int8 or fp8, fp32 scale
     [M, 1], int32 zero [M, 1] (fp8: [M, 0])). Arguments as fxquant.ops.prologue_reference; traced: see _launcher.
-    Absent operands are passed as x (never read)."""
+    Absent operands are passed as the scale buffer (never read), not as x: Inductor materialises a separate copy of
+    a not-yet-stored input for every argument it is passed as (4 copies of Flux's 15360-wide rows, measured)."""
     check_prologue(norm, activation, any(t is not None for t in (weight, bias, mul, add)))
     gated = activation.startswith("geglu")
     x = row_strided(x)
@@ -152,11 +153,11 @@ def fused_quantize_per_token(x: torch.Tensor, weight=None, bias=None, mul=None, 
     scale = torch.empty((m, 1), dtype=torch.float32, device=x.device)
     zero = torch.empty((m, 0 if fp8 else 1), dtype=torch.int32, device=x.device)
     if m:
-        mul_arg, rows_per_mul, stride_mul_g, stride_mul_c = per_group_operand(mul, x.shape, m, x)
-        add_arg, rows_per_add, stride_add_g, stride_add_c = per_group_operand(add, x.shape, m, x)
+        mul_arg, rows_per_mul, stride_mul_g, stride_mul_c = per_group_operand(mul, x.shape, m, scale)
+        add_arg, rows_per_add, stride_add_g, stride_add_c = per_group_operand(add, x.shape, m, scale)
         rows_per_program, block, warps = _launch_config(width, gated)
         _launcher(_quantize_rows_kernel, traced)[(triton.cdiv(m, rows_per_program),)](
-            x, q, scale, scale if fp8 else zero, x if weight is None else weight, x if bias is None else bias,
+            x, q, scale, scale if fp8 else zero, scale if weight is None else weight, scale if bias is None else bias,
             mul_arg, add_arg, m, width, x.stride(-2) if x.dim() > 1 else 0, q.stride(0), eps,
             rows_per_mul, stride_mul_g, stride_mul_c, rows_per_add, stride_add_g, stride_add_c,
             NORM=NORM_CODES[norm], HAS_W=weight is not None, HAS_B=bias is not None, HAS_MUL=mul is not None,
