@@ -8,11 +8,11 @@ a: activations [M, K] (row-major), b: weights [N, K] (row-major, i.e. B^T) as in
 [N, K * bits / 8] (fxquant.quantizer.pack_bits: field i of byte j holds element i * K * bits / 8 + j);
 per-token a_scale / a_zero (int8 path: asymmetric activations; the zero-point term uses the precomputed weight row
 sums b_sum), per-channel b_scale, optional bias, optional per-sample gate and residual (a transformer block's
-`h + gate * proj(...)`: the projection's output never reaches memory), one cast to the output dtype at the store. Accumulation is exact
-int32 for int8 and fp32 for fp8. The launcher `quantized_gemm` checks, allocates and launches; tests compare it with
-fxquant::int8_linear's reference. With `traced=True` the launch goes through `torch.library.wrap_triton` with a
-fixed tile config, so that the compile backend's graphs trace into the kernel and Inductor launches it from its own
-generated code.
+`h + gate * proj(...)`: the projection's output never reaches memory), one cast to the output dtype at the store.
+Accumulation is exact int32 for int8 and fp32 for fp8. The launcher `quantized_gemm` checks, allocates and
+launches; tests compare it with fxquant::int8_linear's reference. With `traced=True` the launch goes through
+`torch.library.wrap_triton` with a fixed tile config, so that the compile backend's graphs trace into the kernel and
+Inductor launches it from its own generated code.
 """
 
 from __future__ import annotations
@@ -75,8 +75,8 @@ def _gemm_kernel(
     row_ok = rows < M
     col_ok = cols < N
     tile_ok = row_ok[:, None] & col_ok[None, :]
-    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M
-    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
+    offs_m = rows % M
+    offs_n = cols % N
     offs_k = tl.arange(0, BLOCK_KP)
     packed_k = K // PER_BYTE  # stored rows of b; field i of packed row j is K index i * packed_k + j
     if PER_BYTE == 1:
