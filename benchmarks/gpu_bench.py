@@ -309,12 +309,13 @@ def gemm_benchmark() -> list[dict]:
             times = {
                 "bf16_cublas": _graph_median_ms(lambda: torch.nn.functional.linear(x, w, bias)),
                 "int8_cublas_int_mm": _graph_median_ms(lambda: torch._int_mm(q, wq.t())) if m > 16 else None,
-                "fp8_cublas_scaled_mm": _graph_median_ms(lambda: torch._scaled_mm(q8, w8_t, scale_a=s8, scale_b=ws8_row,
-                                                                           bias=bias, out_dtype=torch.bfloat16)),
+                "fp8_cublas_scaled_mm": _graph_median_ms(lambda: torch._scaled_mm(
+                    q8, w8_t, scale_a=s8, scale_b=ws8_row, bias=bias, out_dtype=torch.bfloat16)),
                 "fxquant_int8_gemm": _graph_median_ms(lambda: quantized_gemm(q, s, z, wq, ws, wsum, bias, torch.bfloat16)),
                 "fxquant_int8_gemm_fixed_config": _graph_median_ms(
                     lambda: quantized_gemm(q, s, z, wq, ws, wsum, bias, torch.bfloat16, traced=True)),
-                "fxquant_fp8_gemm": _graph_median_ms(lambda: quantized_gemm(q8, s8, None, w8, ws8, None, bias, torch.bfloat16)),
+                "fxquant_fp8_gemm": _graph_median_ms(
+                    lambda: quantized_gemm(q8, s8, None, w8, ws8, None, bias, torch.bfloat16)),
                 "fxquant_fp8_gemm_fixed_config": _graph_median_ms(
                     lambda: quantized_gemm(q8, s8, None, w8, ws8, None, bias, torch.bfloat16, traced=True)),
                 "fxquant_fp8_gemm_gate_residual_fixed_config": _graph_median_ms(
@@ -401,7 +402,8 @@ def _pixart(layers: int = 28):
                   timestep=torch.tensor([999, 500]),
                   added_cond_kwargs={"resolution": torch.tensor([[1024.0, 1024.0]] * 2),
                                      "aspect_ratio": torch.tensor([[1.0]] * 2)})
-    return lambda: PixArtTransformer2DModel(**config), inputs, {**config, "batch": 2, "tokens": 4096, "text_tokens": 120}
+    return (lambda: PixArtTransformer2DModel(**config), inputs,
+            {**config, "batch": 2, "tokens": 4096, "text_tokens": 120})
 
 
 def _sd3_medium():
@@ -595,10 +597,14 @@ def model_benchmark(name: str, variants: list[str], results: dict, save, layers:
     return results
 
 
+KERNEL_SECTIONS = {"kernels": check_kernels, "prologue": prologue_benchmark, "quantize_configs": quantize_config_sweep,
+                   "epilogue": epilogue_sweep, "gemm": gemm_benchmark, "attention": attention_benchmark}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sections", nargs="+", default=["kernels", "prologue", "gemm", "attention", "models"],
-                        choices=["kernels", "prologue", "quantize_configs", "epilogue", "gemm", "attention", "models"])
+                        choices=[*KERNEL_SECTIONS, "models"])
     parser.add_argument("--models", nargs="+", default=["pixart"], choices=sorted(MODELS))
     parser.add_argument("--variants", nargs="+",
                         default=["bf16_eager", "bf16_compile", "fxquant:w8a8", "fxquant:w8a8-fp8", "fxquant:w4a8"])
@@ -617,24 +623,10 @@ def main() -> None:
             json.dump(result, f, indent=2)
             f.write("\n")
 
-    if "kernels" in args.sections:
-        result["kernels"] = check_kernels()
-        save()
-    if "prologue" in args.sections:
-        result["prologue"] = prologue_benchmark()
-        save()
-    if "quantize_configs" in args.sections:
-        result["quantize_configs"] = quantize_config_sweep()
-        save()
-    if "epilogue" in args.sections:
-        result["epilogue"] = epilogue_sweep()
-        save()
-    if "gemm" in args.sections:
-        result["gemm"] = gemm_benchmark()
-        save()
-    if "attention" in args.sections:
-        result["attention"] = attention_benchmark()
-        save()
+    for section, run in KERNEL_SECTIONS.items():
+        if section in args.sections:
+            result[section] = run()
+            save()
     if "models" in args.sections:
         result["models"] = {}
         for name in args.models:

@@ -56,39 +56,33 @@ def test_backend_fuses_packed_weight_unpacking_into_the_gemm(quantized_family, n
     assert torch.equal(fast, eager)
 
 
-@pytest.mark.parametrize("name,recipe,per_block",
-                         [("pixart", "w8a8", 3), ("pixart", "w8a8-fp8", 3), ("unet", "w8a8", 4)])
-def test_backend_fuses_norm_modulation_and_activation_into_quantization(quantized_family, name, recipe, per_block):
-    """PixArt blocks: two LayerNorm + adaLN modulations and the GELU before the feed-forward's second linear; UNet
-    blocks: three affine LayerNorms and the GEGLU. Each chain and its quantization become one fused op."""
+FUSIONS = {  # backend option -> (compile_counter key, {(family, recipe): rewrites per transformer block})
+    # PixArt: two LayerNorm + adaLN modulations and the GELU before the feed-forward's second linear; UNet: three
+    # affine LayerNorms and the GEGLU; each chain and its quantization become one fused_quantize_per_token
+    "fxquant.fuse_prologues": ("fused_prologues", {("pixart", "w8a8"): 3, ("pixart", "w8a8-fp8"): 3,
+                                                   ("unet", "w8a8"): 4}),
+    # every `h + [gate *] proj(...)` (attention outputs, feed-forward) becomes one linear_residual; the next block's
+    # add matches through the previous replacement
+    "fxquant.fuse_residuals": ("fused_residuals", {("pixart", "w8a8-fp8"): 3, ("pixart", "w4a8"): 3,
+                                                   ("unet", "w8a8"): 3, ("dit", "w8a8"): 2}),
+}
+
+
+@pytest.mark.parametrize("option,name,recipe", [(option, *case) for option, (_, cases) in FUSIONS.items()
+                                                for case in cases])
+def test_backend_fusions_rewrite_every_block_and_compute_the_same(quantized_family, option, name, recipe):
+    """Each fusing rewrite fires the expected number of times per transformer block with its option on, never with
+    it off, and the fused graph computes what the unfused one does."""
+    counter, cases = FUSIONS[option]
     _, qmodel, _ = quantized_family(name, recipe)
     blocks = [m for m in qmodel.model.modules() if isinstance(m, BasicTransformerBlock)]
     inputs = FAMILIES[name].inputs(batch=2, seed=4)
     outputs = {}
-    for fuse in (True, False):
+    for enabled in (True, False):
         torch._dynamo.reset()
         compile_counter.clear()
-        compiled = torch.compile(qmodel, backend="fxquant", options={"fxquant.fuse_prologues": fuse})
+        compiled = torch.compile(qmodel, backend="fxquant", options={option: enabled})
         with torch.no_grad():
-            outputs[fuse] = compiled(**inputs, return_dict=False)[0]
-        assert compile_counter["fused_prologues"] == (per_block * len(blocks) if fuse else 0)
-    assert relative_l2(outputs[True], outputs[False]) <= 1e-5  # fp32 model: the same arithmetic, fused
-
-
-@pytest.mark.parametrize("name,recipe,per_block",
-                         [("pixart", "w8a8-fp8", 3), ("pixart", "w4a8", 3), ("unet", "w8a8", 3), ("dit", "w8a8", 2)])
-def test_backend_applies_gated_residual_adds_in_the_gemm_epilogue(quantized_family, name, recipe, per_block):
-    """Every `h + [gate *] proj(...)` of a block (attention outputs, feed-forward) becomes one linear_residual;
-    the next block's add matches through the previous replacement."""
-    _, qmodel, _ = quantized_family(name, recipe)
-    blocks = [m for m in qmodel.model.modules() if isinstance(m, BasicTransformerBlock)]
-    inputs = FAMILIES[name].inputs(batch=2, seed=5)
-    outputs = {}
-    for fuse in (True, False):
-        torch._dynamo.reset()
-        compile_counter.clear()
-        compiled = torch.compile(qmodel, backend="fxquant", options={"fxquant.fuse_residuals": fuse})
-        with torch.no_grad():
-            outputs[fuse] = compiled(**inputs, return_dict=False)[0]
-        assert compile_counter["fused_residuals"] == (per_block * len(blocks) if fuse else 0)
+            outputs[enabled] = compiled(**inputs, return_dict=False)[0]
+        assert compile_counter[counter] == (cases[name, recipe] * len(blocks) if enabled else 0)
     assert relative_l2(outputs[True], outputs[False]) <= 1e-5  # fp32 model: the same arithmetic, fused
