@@ -311,7 +311,8 @@ def gemm_benchmark() -> list[dict]:
                 "int8_cublas_int_mm": _graph_median_ms(lambda: torch._int_mm(q, wq.t())) if m > 16 else None,
                 "fp8_cublas_scaled_mm": _graph_median_ms(lambda: torch._scaled_mm(
                     q8, w8_t, scale_a=s8, scale_b=ws8_row, bias=bias, out_dtype=torch.bfloat16)),
-                "fxquant_int8_gemm": _graph_median_ms(lambda: quantized_gemm(q, s, z, wq, ws, wsum, bias, torch.bfloat16)),
+                "fxquant_int8_gemm": _graph_median_ms(
+                    lambda: quantized_gemm(q, s, z, wq, ws, wsum, bias, torch.bfloat16)),
                 "fxquant_int8_gemm_fixed_config": _graph_median_ms(
                     lambda: quantized_gemm(q, s, z, wq, ws, wsum, bias, torch.bfloat16, traced=True)),
                 "fxquant_fp8_gemm": _graph_median_ms(
