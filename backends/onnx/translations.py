@@ -7,9 +7,10 @@ u8 x s8): fxquant's asymmetric int8 q with zero point z is the same grid as uint
 
 Two forms of the dynamic activations (`act_form`):
 - "per_token": fxquant's own quantizer, one (scale, zero point) per row (per im2col patch for convs), computed in
-  the graph with ReduceMin / ReduceMax and applied by a per-axis QuantizeLinear; the zero point is corrected
-  exactly in int32 with the weights' row sums (MatMulInteger accepts only a scalar zero point). Matches the torch
-  reference up to rounding ties.
+  the graph with ReduceMin / ReduceMax and applied by a per-axis QuantizeLinear; MatMulInteger accepts only a
+  scalar zero point, so the product runs without one and the zero point is corrected with the weights' row sums:
+  for linears as a rank-one float term after the scaled product (which ORT fuses into MatMulIntegerToFloat), for
+  per-patch convs exactly in int32. Matches the torch reference up to rounding ties and fp32 rounding.
 - "per_tensor": ONNX's DynamicQuantizeLinear (one uint8 scale / zero point per call), the form ORT fuses and runs
   fastest; it changes the numbers (one range for all tokens), and its cost is measured, not assumed.
 Static (calibrated) activations use the plan's scale and zero point unchanged in either form.
@@ -66,6 +67,18 @@ def _corrected_product(x_u8, weight_kn, zero_u8_grid_int32, w_sum):
     return op.Sub(op.MatMulInteger(x_u8, weight_kn), op.Mul(zero_u8_grid_int32, op.Unsqueeze(w_sum, _axes(0))))
 
 
+def _zero_point_product(x_u8, weight_kn, x_scale, zero_u8_grid_int32, w_scale, w_sum, bias):
+    """Per-row asymmetric activations against per-channel weights, dequantized: x_scale [M, 1] * w_scale [N] *
+    (MatMulInteger(q_u8, w) - zero [M, 1] * w_sum [N]) + bias. Written as MatMulInteger -> Cast -> Mul(x_scale *
+    w_scale), which ORT fuses into one MatMulIntegerToFloat (scales applied in the GEMM's output stage), minus the
+    rank-one zero-point term (x_scale * zero) (w_scale * w_sum) in float, then the bias, added with the bias first:
+    ORT 1.31 folds a trailing constant Add into MatMulIntegerToFloat and then scales it by a per-row A scale."""
+    product = op.Mul(op.Cast(op.MatMulInteger(x_u8, weight_kn), to=F32), op.Mul(x_scale, w_scale))
+    correction = op.Mul(op.Mul(x_scale, op.Cast(zero_u8_grid_int32, to=F32)), op.Mul(op.Cast(w_sum, to=F32), w_scale))
+    out = op.Sub(product, correction)
+    return out if bias is None else op.Add(bias, out)
+
+
 def _shift_to_uint8_grid(zero_int32):
     """fxquant's int8-grid zero point (int32) -> the uint8-grid one (int32)."""
     return op.Add(zero_int32, _int32(128))
@@ -115,9 +128,9 @@ def translation_table(act_form: str = "per_token") -> dict:
             out = op.Mul(op.Cast(op.MatMulInteger(x_q, weight, zero), to=F32), op.Mul(scale, w_scale))
             return out if bias is None else op.Add(out, bias)
         if per_token:
-            acc = _corrected_product(x_q, weight, _shift_to_uint8_grid(x_zero), w_sum)
-        else:  # static activations: one zero point, which MatMulInteger takes
-            acc = op.MatMulInteger(x_q, weight, op.Cast(_first_element(_shift_to_uint8_grid(x_zero)), to=U8))
+            return _zero_point_product(x_q, weight, x_scale, _shift_to_uint8_grid(x_zero), w_scale, w_sum, bias)
+        # static activations: one zero point, which MatMulInteger takes
+        acc = op.MatMulInteger(x_q, weight, op.Cast(_first_element(_shift_to_uint8_grid(x_zero)), to=U8))
         return _dequantize_product(acc, x_scale, w_scale, bias)
 
     def unpack(packed, bits: int):
