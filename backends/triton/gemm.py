@@ -23,7 +23,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from . import INTERPRET
-from .quantize import per_group_operand, row_strided
+from .quantize import load_per_group, per_group_operand, row_strided
 
 
 def get_autotune_config() -> list[triton.Config]:
@@ -124,8 +124,7 @@ def _gemm_kernel(
         in_first = (rows // rows_per_gate) == first
         out = out * tl.where(in_first[:, None], gate_first.to(tl.float32)[None, :], gate_last.to(tl.float32)[None, :])
     elif HAS_GATE:
-        gate_ptrs = gate_ptr + (rows // rows_per_gate)[:, None] * stride_gate_g + cols[None, :] * stride_gate_n
-        out = out * tl.load(gate_ptrs, mask=tile_ok, other=0.0).to(tl.float32)
+        out = out * load_per_group(gate_ptr, rows, cols, tile_ok, rows_per_gate, stride_gate_g, stride_gate_n)
     if HAS_RESIDUAL:  # residual rows: strided like the output's, contiguous along N (loading it before the K
         # loop was no faster on an H100: gpu-bench-h100/epilogue-sweep-prefetch.json)
         out += tl.load(residual_ptr + rows[:, None] * stride_rm + cols[None, :], mask=tile_ok, other=0.0).to(tl.float32)

@@ -44,7 +44,7 @@ else:
 
 
 @triton.jit
-def _load_per_group(ptr, rows, offs, mask, rows_per_group, stride_g, stride_c):
+def load_per_group(ptr, rows, offs, mask, rows_per_group, stride_g, stride_c):
     """An operand broadcast over rows in groups (adaLN's per-sample vectors; [C] vectors: stride_g = 0) as fp32."""
     group = rows // rows_per_group
     return tl.load(ptr + group[:, None] * stride_g + offs[None, :] * stride_c, mask=mask, other=0.0).to(tl.float32)
@@ -86,9 +86,9 @@ def _quantize_rows_kernel(
     if HAS_B:
         x = x + tl.load(b_ptr + offs, mask=offs < K, other=0.0).to(tl.float32)[None, :]
     if HAS_MUL:
-        x = x * _load_per_group(mul_ptr, rows, offs, mask, rows_per_mul, stride_mul_g, stride_mul_c)
+        x = x * load_per_group(mul_ptr, rows, offs, mask, rows_per_mul, stride_mul_g, stride_mul_c)
     if HAS_ADD:
-        x = x + _load_per_group(add_ptr, rows, offs, mask, rows_per_add, stride_add_g, stride_add_c)
+        x = x + load_per_group(add_ptr, rows, offs, mask, rows_per_add, stride_add_g, stride_add_c)
     if GATED:  # the gate is the second half of each 2K-wide row
         x = x * _activation(tl.load(row_ptrs + K, mask=mask, other=0.0).to(tl.float32), ACT)
     else:
@@ -129,7 +129,7 @@ def row_strided(x: torch.Tensor) -> torch.Tensor:
 
 def per_group_operand(operand: torch.Tensor | None, shape: torch.Size, rows: int, placeholder: torch.Tensor):
     """An adaLN-style operand (broadcastable to shape, size 1 on every dim but the first and last) -> (the operand,
-    rows per group, group stride, channel stride) for _load_per_group; None -> a placeholder never read."""
+    rows per group, group stride, channel stride) for load_per_group; None -> a placeholder never read."""
     if operand is None:
         return placeholder, 1, 0, 0
     assert varies_per_sample(operand.shape, shape), f"operand {tuple(operand.shape)} varies inside a sample"
