@@ -36,7 +36,8 @@ from fxquant.backends.triton.quantize import fused_quantize_per_token, quantize_
 from fxquant.metrics import relative_l2
 from fxquant.ops import (int8_linear_reference, prologue_reference, quantize_per_token_reference,
                          quantized_attention_reference)
-from fxquant.quantizer import attention_operands, pack_bits, quantize_fp8, quantize_weight_per_channel
+from fxquant.quantizer import (attention_operands, fp8_scale, pack_bits, quantize_fp8, quantize_fp8_with_scale,
+                               quantize_weight_per_channel)
 
 DIT_SHAPES = [(1152, 1152), (1152, 3456), (1152, 4608), (4608, 1152)]  # (K, N) of PixArt-alpha's linears
 FP8_MAX = 448.0
@@ -124,6 +125,11 @@ def check_kernels() -> list[dict]:
         exact = x.float() @ w.float().t() + bias.float()
         residual, gate = x.new_empty(2, m // 2, n).normal_(), bias.new_empty(2, 1, n).normal_()
         out8_residual = quantized_gemm(q8, s8, None, w8, ws8, None, bias, torch.bfloat16, gate=gate, residual=residual)
+        hidden = torch.nn.functional.gelu(ref8, approximate="tanh")
+        hidden_scale = fp8_scale(hidden.abs().max()).reshape(1)
+        codes = quantized_gemm(q8, s8, None, w8, ws8, None, bias, torch.bfloat16, activation="gelu_tanh",
+                               out_scale=hidden_scale)
+        ref_codes = quantize_fp8_with_scale(hidden, hidden_scale)
         packed_errors = {}
         for bits in (4, 2):
             packed, scale, sums = _packed_weight(w, bits)
@@ -138,6 +144,8 @@ def check_kernels() -> list[dict]:
             "fp8_gemm_rel_err_vs_reference": relative_l2(out8, ref8),
             "fp8_gemm_gate_residual_rel_err_vs_reference": relative_l2(
                 out8_residual, residual.float() + gate.float() * ref8.view(residual.shape)),
+            "fp8_gemm_gelu_quantize_code_mismatch_fraction": (codes.float() != ref_codes.float()).float().mean().item(),
+            "fp8_gemm_gelu_quantize_rel_err_vs_reference": relative_l2(codes.float() * hidden_scale, hidden),
             "int8_linear_rel_err_vs_bf16_linear": relative_l2(out, exact),
             "fp8_linear_rel_err_vs_bf16_linear": relative_l2(out8, exact),
             **packed_errors,
@@ -252,9 +260,10 @@ EPILOGUE_CONFIGS = [(128, 256, 128, 8, 3), (128, 128, 128, 8, 3), (128, 128, 128
 
 def epilogue_sweep() -> list[dict]:
     """The fp8 GEMM at PixArt's output-projection shapes (M 8192, K 1152 / 4608, N 1152) per tile config: plain,
-    + residual, + gate (per element or per tile) + residual, each a traced-style launch."""
+    + residual, + gate (per element or per tile) + residual; at its first feed-forward GEMM's (K 1152, N 4608):
+    plain, + GELU (tanh) writing fp8 codes; each a traced-style launch."""
     rows = []
-    for k, n in ((1152, 1152), (4608, 1152)):
+    for k, n in ((1152, 1152), (4608, 1152), (1152, 4608)):
         m = 8192
         q8, s8 = quantize_per_token_fp8(torch.randn(m, k, device="cuda", dtype=torch.bfloat16))
         w8, ws8 = _fp8_weight(torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.05)
@@ -264,6 +273,9 @@ def epilogue_sweep() -> list[dict]:
         variants = {"plain": {}, "residual": dict(residual=residual),
                     "gate_per_element_residual": dict(gate=gate, residual=residual, gate_per_tile=False),
                     "gate_per_tile_residual": dict(gate=gate, residual=residual, gate_per_tile=True)}
+        if n > k:  # the feed-forward's first GEMM: no residual; the GELU and the next GEMM's fp8 codes instead
+            variants = {"plain": {}, "gelu_tanh_fp8_codes": dict(activation="gelu_tanh",
+                                                                 out_scale=torch.full((1,), 0.01, device="cuda"))}
         for bm, bn, bk, warps, stages in EPILOGUE_CONFIGS:
             config = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=warps, num_stages=stages)
             row = {"M": m, "K": k, "N": n, "config": config, "us": {}}
@@ -502,8 +514,10 @@ def _torchao(model, kind: str):
     from torchao.quantization import (Float8DynamicActivationFloat8WeightConfig,
                                       Int8DynamicActivationInt8WeightConfig, PerRow, quantize_)
 
-    config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()) if kind == "float8" else \
-        Int8DynamicActivationInt8WeightConfig()
+    # set_inductor_config=False: by default quantize_ turns on coordinate-descent tuning for the whole process, which
+    # made every later compile in it slow (bf16 compile of PixArt 394 s instead of ~50 s, pixart-torchao.json)
+    config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False) \
+        if kind == "float8" else Int8DynamicActivationInt8WeightConfig(set_inductor_config=False)
     quantize_(model, config)
     return model
 
@@ -561,6 +575,7 @@ def model_benchmark(name: str, variants: list[str], results: dict, save, layers:
         try:
             start = time.time()
             model, eager_out = _variant_model(variant, build(), inputs, name)
+            row["build_and_quantize_seconds"] = time.time() - start  # build (+ quantize + one eager call)
             profiler = cProfile.Profile() if compile_profile_to else contextlib.nullcontext()
             with torch.no_grad(), profiler:
                 out = _first_output(model(**inputs, return_dict=False))
@@ -569,7 +584,8 @@ def model_benchmark(name: str, variants: list[str], results: dict, save, layers:
                 with open(compile_profile_to, "a") as f:
                     f.write(f"\n## {name} {variant}: first call (compile), by cumulative time\n")
                     pstats.Stats(profiler, stream=f).sort_stats("cumulative").print_stats(60)
-            row["setup_seconds"] = time.time() - start  # build (+ quantize) (+ compile) + first call
+            row["setup_seconds"] = time.time() - start
+            row["first_call_seconds"] = row["setup_seconds"] - row["build_and_quantize_seconds"]  # the compile
             row.update(_measure(model, inputs))
             if reference is None:
                 reference = out.float()

@@ -34,7 +34,12 @@ class QuantConfig:
         weight_granularity: "per_channel" (one symmetric scale per output channel).
         act_bits: bits of the activations entering quantized layers (8).
         act_mode: "dynamic_per_token" (asymmetric int8, a scale and zero point per token computed at run time;
-            convolutions use one per kernel patch) or "static_per_tensor" (one per layer from calibrated min / max).
+            convolutions use one per kernel patch) or "static_per_tensor" (one per layer from calibrated min / max;
+            fp8: absmax / 448 of the calibrated range).
+        static_hidden_activations: linears whose input is a GELU / SiLU of another linear's output (a
+            feed-forward's second linear) take static per-tensor activations whatever act_mode says. The compile
+            backend then applies the activation and the quantization in the first linear's GEMM epilogue: the
+            hidden activations reach memory once, as 8-bit codes (no float write, no per-token pass).
         keep_condition_layers: keep condition-only layers outside attention (timestep MLP, adaLN modulation,
             caption / context projection) in full precision.
         keep_io_layers: keep the first and the last latent-path layer (patch embedding, output projection) in
@@ -49,7 +54,7 @@ class QuantConfig:
         timestep_groups: boundaries on the normalised 0-1000 timestep scale; static activation scales are then
             calibrated per timestep group and chosen on the device from each call's timestep (fxquant.timestep).
         fp8: use float8 e4m3 instead of int8 for the weights and activations of quantized linears (symmetric,
-            per-channel / per-token absmax / 448; Hopper's fast 8-bit path). Convolutions stay int8.
+            per-channel / per-token or static absmax / 448; Hopper's fast 8-bit path). Convolutions stay int8.
         bos_aware: find leading text tokens whose magnitude alone stretches the range of the cross-attention
             key / value inputs (MixDQ's BOS token: |x| at least bos_ratio times every later token's) from
             calibration; they skip activation quantization (full-precision activations, cached outputs when the
@@ -87,6 +92,7 @@ class QuantConfig:
     weight_granularity: str = "per_channel"
     act_bits: int = 8
     act_mode: str = "dynamic_per_token"
+    static_hidden_activations: bool = False
     keep_condition_layers: bool = True
     keep_io_layers: bool = True
     keep_full_precision: dict[str, str] = field(default_factory=dict)
@@ -125,15 +131,17 @@ class QuantConfig:
             raise RecipeError(
                 f"weight_granularity={self.weight_granularity!r} is unknown; use one of {WEIGHT_GRANULARITIES}."
             )
-        if self.balances and self.act_mode != "dynamic_per_token":
-            raise RecipeError("Channel balancing (smooth_alpha / rotate) needs act_mode='dynamic_per_token'.")
-        if self.fp8 and (self.weight_bits != 8 or self.act_mode != "dynamic_per_token"):
-            raise RecipeError("fp8 needs weight_bits=8 and act_mode='dynamic_per_token'.")
+        if self.balances and (self.act_mode != "dynamic_per_token" or self.static_hidden_activations):
+            raise RecipeError("Channel balancing (smooth_alpha / rotate) needs act_mode='dynamic_per_token' and "
+                              "static_hidden_activations=False.")
+        if self.fp8 and self.weight_bits != 8:
+            raise RecipeError("fp8 needs weight_bits=8.")
         self.timestep_groups = [float(b) for b in self.timestep_groups]
-        if self.timestep_groups and self.act_mode != "static_per_tensor" and not self.bits_per_timestep_group:
+        static = self.act_mode == "static_per_tensor" or self.static_hidden_activations
+        if self.timestep_groups and not static and not self.bits_per_timestep_group:
             raise RecipeError("timestep_groups select static activation scales or per-group weight bits; use "
-                              "act_mode='static_per_tensor' or bits_per_timestep_group=True (per-token activations "
-                              "need no per-group scales).")
+                              "act_mode='static_per_tensor', static_hidden_activations=True or "
+                              "bits_per_timestep_group=True (per-token activations need no per-group scales).")
         if self.mixed_precision not in MIXED_PRECISION:
             raise RecipeError(f"mixed_precision={self.mixed_precision!r} is unknown; use one of {MIXED_PRECISION}.")
         self.candidate_bits = sorted(set(int(b) for b in self.candidate_bits))

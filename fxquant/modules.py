@@ -65,8 +65,8 @@ class QuantLinear(nn.Module):
     timestep group, of which each group uses the first few (plane_multipliers int32 [G, P] combines them into the
     group's int8 codes on the device, level_divisor fp32 [G] refines the scale). Buffers: weight_q (plane 0),
     weight_q1, weight_q2 (further planes), weight_scale fp32 [N] (of plane 0), weight_sum int32 [N] (row sums of
-    the codes; [P, N] per plane when nested), bias or None; fp8: weight_q float8_e4m3fn [N, K] and fp8 per-token
-    activations. act_scale fp32 [G] / act_zero int32 [G] for static activations, None when per token;
+    the codes; [P, N] per plane when nested), bias or None; fp8: weight_q float8_e4m3fn [N, K] and fp8 activations.
+    act_scale fp32 [G] / act_zero int32 [G] (fp8: zeros) for static activations, None when per token;
     smooth_inv / rotation_signs fp32 [K] when balanced (fxquant.balance). fp_tokens > 0 (BOS-aware): the first
     fp_tokens tokens of x [..., L, K] skip activation quantization (full-precision x against the dequantized
     weights), or take the stored fp_token_out [fp_tokens, N] when they are the same for every prompt.
@@ -170,7 +170,11 @@ class QuantLinear(nn.Module):
             head, x = x[..., :self.fp_tokens, :], x[..., self.fp_tokens:, :]
         rows = self._balance(x.reshape(-1, self.in_features))
         if self.fp8:
-            x_q, x_scale = fxq.quantize_per_token_fp8(rows)
+            if self.act_scale is None:
+                x_q, x_scale = fxq.quantize_per_token_fp8(rows)
+            else:
+                x_scale = _static_params_for_call(self)[0]
+                x_q = fxq.quantize_per_tensor_fp8(rows, x_scale)
             out = fxq.fp8_linear(x_q, x_scale, self.weight_q, self.weight_scale, self.bias, x.dtype)
             return out.reshape(*x.shape[:-1], self.out_features)
         weight_q, weight_scale, weight_sum = self._weights()

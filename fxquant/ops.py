@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .quantizer import (FP8_MAX, asymmetric_params, attention_operands, quantize_asymmetric, quantize_fp8, unpack_bits,
-                        unpack_int4)
+from .quantizer import (FP8_MAX, asymmetric_params, attention_operands, quantize_asymmetric, quantize_fp8,
+                        quantize_fp8_with_scale, unpack_bits, unpack_int4)
 
 _CUDA_INT_MM_MIN_ROWS = 17  # cuBLAS int8 GEMM through torch._int_mm needs M > 16 and K, N multiples of 8
 
@@ -114,12 +114,17 @@ def prologue_reference(x, weight, bias, mul, add, norm: str, eps: float, activat
         if operand is not None:
             y = combine(y, operand.float())
     if activation.startswith("geglu"):
-        y = y * F.gelu(gate, approximate="tanh" if activation == "geglu_tanh" else "none")
-    elif activation.startswith("gelu"):
-        y = F.gelu(y, approximate="tanh" if activation == "gelu_tanh" else "none")
-    elif activation == "silu":
-        y = F.silu(y)
+        y = y * apply_activation(gate, activation.replace("geglu", "gelu"))
+    else:
+        y = apply_activation(y, activation)
     return y.reshape(-1, y.shape[-1])
+
+
+def apply_activation(y: torch.Tensor, activation: str) -> torch.Tensor:
+    """y after "none" | "gelu" | "gelu_tanh" | "silu", in y's dtype."""
+    if activation.startswith("gelu"):
+        return F.gelu(y, approximate="tanh" if activation == "gelu_tanh" else "none")
+    return F.silu(y) if activation == "silu" else y
 
 
 @torch.library.custom_op("fxquant::fused_quantize_per_token", mutates_args=())
@@ -229,6 +234,17 @@ def _(x):
     return x.new_empty(x.shape, dtype=torch.float8_e4m3fn), x.new_empty((*x.shape[:-1], 1), dtype=torch.float32)
 
 
+@torch.library.custom_op("fxquant::quantize_per_tensor_fp8", mutates_args=())
+def quantize_per_tensor_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x (any shape) float with a static fp32 scale [1] -> float8_e4m3fn of x's shape (x / scale, saturated)."""
+    return quantize_fp8_with_scale(x, scale)
+
+
+@quantize_per_tensor_fp8.register_fake
+def _(x, scale):
+    return x.new_empty(x.shape, dtype=torch.float8_e4m3fn)
+
+
 @torch.library.custom_op("fxquant::fp8_linear", mutates_args=())
 def fp8_linear(
     x_q: torch.Tensor,
@@ -238,7 +254,7 @@ def fp8_linear(
     bias: torch.Tensor | None,
     out_dtype: torch.dtype,
 ) -> torch.Tensor:
-    """fp8 x_q [M, K] (scale [M, 1]) @ fp8 w_q [N, K]^T (scale [N]) + bias -> out_dtype [M, N].
+    """fp8 x_q [M, K] (scale [M, 1], or [1] when static) @ fp8 w_q [N, K]^T (scale [N]) + bias -> out_dtype [M, N].
 
     Reference: the fp8 values upcast to fp32 (exact), an fp32 matmul, per-row x per-column scales, bias, one cast.
     """
@@ -272,12 +288,7 @@ def linear_residual(
     gate broadcasts against residual varying at most per sample (varies_per_sample). Computed in fp32, cast once
     to residual's dtype; the output has residual's shape.
     """
-    if x_q.dtype == torch.float8_e4m3fn:
-        out = fp8_linear_reference(x_q, x_scale, w, w_scale, bias, torch.float32)
-    else:
-        codes = w if weight_bits == 8 else unpack_bits(w, weight_bits)
-        out = int8_linear_reference(x_q, x_scale, x_zero, codes, w_scale, w_sum, bias, torch.float32)
-    out = out.reshape(residual.shape)
+    out = _linear_fp32(x_q, x_scale, x_zero, w, weight_bits, w_scale, w_sum, bias).reshape(residual.shape)
     if gate is not None:
         out = out * gate.float()
     return (residual.float() + out).to(residual.dtype)
@@ -286,6 +297,48 @@ def linear_residual(
 @linear_residual.register_fake
 def _(x_q, x_scale, x_zero, w, weight_bits, w_scale, w_sum, bias, gate, residual):
     return torch.empty_like(residual, memory_format=torch.contiguous_format)
+
+
+def _linear_fp32(x_q, x_scale, x_zero, w, weight_bits, w_scale, w_sum, bias) -> torch.Tensor:
+    """fp8_linear (fp8 x_q), int8_linear (weight_bits 8) or packed_int8_linear (4 / 2) -> fp32 [M, N]."""
+    if x_q.dtype == torch.float8_e4m3fn:
+        return fp8_linear_reference(x_q, x_scale, w, w_scale, bias, torch.float32)
+    codes = w if weight_bits == 8 else unpack_bits(w, weight_bits)
+    return int8_linear_reference(x_q, x_scale, x_zero, codes, w_scale, w_sum, bias, torch.float32)
+
+
+@torch.library.custom_op("fxquant::linear_activation_quantize", mutates_args=())
+def linear_activation_quantize(
+    x_q: torch.Tensor,
+    x_scale: torch.Tensor,
+    x_zero: torch.Tensor | None,
+    w: torch.Tensor,
+    weight_bits: int,
+    w_scale: torch.Tensor,
+    w_sum: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    activation: str,
+    out_scale: torch.Tensor,
+    out_zero: torch.Tensor | None,
+) -> torch.Tensor:
+    """quantize(activation(linear(x))) in one op: the compile backend puts it in place of a quantized linear whose
+    output passes (through row views) a GELU / SiLU into a static per-tensor quantization, so that kernels apply
+    both in the GEMM's epilogue and write the next linear's 8-bit codes, never the float activations.
+
+    The linear's arguments as in linear_residual; activation "gelu" | "gelu_tanh" | "silu" | "none"; out_scale fp32
+    [1] with out_zero int32 [1] (asymmetric int8, as quantize_per_tensor) or None (fp8 e4m3, as
+    quantize_per_tensor_fp8). Computed in fp32 -> codes [M, N].
+    """
+    out = apply_activation(_linear_fp32(x_q, x_scale, x_zero, w, weight_bits, w_scale, w_sum, bias), activation)
+    if out_zero is None:
+        return quantize_fp8_with_scale(out, out_scale)
+    return quantize_asymmetric(out, out_scale, out_zero)
+
+
+@linear_activation_quantize.register_fake
+def _(x_q, x_scale, x_zero, w, weight_bits, w_scale, w_sum, bias, activation, out_scale, out_zero):
+    return x_q.new_empty((x_q.shape[0], w_scale.shape[0]),
+                         dtype=torch.float8_e4m3fn if out_zero is None else torch.int8)
 
 
 def heads_last(x: torch.Tensor) -> torch.Tensor:

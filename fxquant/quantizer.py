@@ -4,7 +4,8 @@ Weights use symmetric grids without -2^(b-1) (int8 weights lie in [-127, 127]; s
 Activations use asymmetric int8 (ViDiT-Q's min-max quantizer): x ~ scale * (q - zero), q in [-128, 127], the
 range always covering 0, so post-SiLU / post-GELU inputs use the whole grid. The integer matmul then subtracts
 zero * sum(w_q) per output channel, an exact correction.
-The fp8 format (e4m3) is symmetric for both: scale = absmax / 448 per output channel (weights) or per token.
+The fp8 format (e4m3) is symmetric for both: scale = absmax / 448 per output channel (weights), per token, or per
+tensor from the calibrated range (static activations).
 """
 
 from __future__ import annotations
@@ -173,10 +174,20 @@ def quantize_weight_planes(weight: torch.Tensor, planes: list[int]) -> tuple[lis
     return [code.to(torch.int8)] + fine_codes[::-1], scale
 
 
+def fp8_scale(absmax: torch.Tensor) -> torch.Tensor:
+    """absmax (any shape) -> fp32 scale absmax / 448 of the same shape, never below SCALE_EPS."""
+    return divide(absmax.float(), FP8_MAX).clamp_min(SCALE_EPS)
+
+
+def quantize_fp8_with_scale(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x -> float8_e4m3fn of x's shape: x * (1 / scale), saturated to +-448 (scale broadcasts against x)."""
+    return (x.float() * scale.reciprocal()).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+
+
 def quantize_fp8(x: torch.Tensor, dim: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
     """x -> (float8_e4m3fn of x's shape, fp32 scale with `dim` kept as size 1): symmetric absmax / 448 along dim."""
-    scale = divide(x.detach().float().abs().amax(dim=dim, keepdim=True), FP8_MAX).clamp_min(SCALE_EPS)
-    return (x.float() * scale.reciprocal()).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
+    scale = fp8_scale(x.detach().abs().amax(dim=dim, keepdim=True))
+    return quantize_fp8_with_scale(x, scale), scale
 
 
 def attention_operands(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pv_fp8: bool):

@@ -7,7 +7,8 @@ LayerPlan per module FQN (graph execution order), quantized or kept in full prec
 timestep fields (boundaries from the config, name and position of the forward argument carrying the timestep).
 
 Role, by graph reachability from the inputs: "latent" if the latent input reaches the node's activation input,
-"timestep" if only the timestep does, else "condition".
+"timestep" if only the timestep does, else "condition". Activation mode: the config's, or static per tensor for a
+linear reading a GELU / SiLU of another linear (config.static_hidden_activations).
 Group, by graph structure: a linear whose output reaches an attention node's query / key / value without passing
 another linear, or that the attention output reaches first, belongs to that attention. The attention is
 cross-attention when no latent-path linear feeds its key, temporal-attention when its module name says
@@ -21,6 +22,7 @@ import inspect
 import re
 from collections import deque
 
+import torch
 from torch import fx, nn
 
 from fxquant.capture import TIMESTEP_INPUT_NAMES, model_fingerprint, node_op_kind
@@ -32,6 +34,7 @@ from fxquant.state import QuantState
 
 from .base import PassResult, QuantPass
 
+aten = torch.ops.aten
 _TEMPORAL_NAME = re.compile(r"temporal|temp_")
 _SEARCH_LIMIT = 64  # nodes visited per structural search; attention projections are a few reshapes away
 
@@ -77,6 +80,26 @@ def _attention_slots(start: fx.Node) -> list[tuple[fx.Node, int]]:
     found, seen = _first_compute_nodes(start)
     return [(node, slot) for node in found if node_op_kind(node) == "sdpa" for slot in range(3)
             if node.args[slot] in seen]
+
+
+_PASS_THROUGH = {aten.dropout.default, aten.view.default, aten.reshape.default, aten.clone.default,
+                 aten.contiguous.default}
+_HIDDEN_ACTIVATIONS = {aten.gelu.default, aten.silu.default}
+
+
+def _through_pass_through(node):
+    while isinstance(node, fx.Node) and node.op == "call_function" and node.target in _PASS_THROUGH:
+        node = node.args[0]
+    return node
+
+
+def _reads_hidden_activation(linear: fx.Node) -> bool:
+    """The linear's input is a GELU / SiLU of another linear's output (through dropout and views): a feed-forward's
+    second linear."""
+    activation = _through_pass_through(linear.args[0])
+    return (isinstance(activation, fx.Node) and activation.op == "call_function"
+            and activation.target in _HIDDEN_ACTIVATIONS
+            and node_op_kind(_through_pass_through(activation.args[0])) == "linear")
 
 
 def _output_projections(attention: fx.Node) -> list[fx.Node]:
@@ -187,6 +210,8 @@ class AnnotatePass(QuantPass):
             layer.weight_bits, layer.weight_granularity = config.weight_bits, config.weight_granularity
             layer.number_format = "fp8" if config.fp8 and kind == "linear" else "int"
             layer.act_bits, layer.act_mode = config.act_bits, config.act_mode
+            if config.static_hidden_activations and kind == "linear" and _reads_hidden_activation(node):
+                layer.act_mode = "static_per_tensor"
         user_reason = config.keep_reason(fqn)
         if user_reason is not None:
             layer.keep(f"recipe rule: {user_reason}")

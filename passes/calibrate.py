@@ -1,8 +1,8 @@
 """calibrate: turn the observers' statistics into plan fields, then detach the observers.
 
 Reads: state.observers (filled while the user's pipeline ran the prepared model), plan layers, config.
-Writes: LayerPlan.act_scale / act_zero (asymmetric int8 from the calibrated min / max, one entry per timestep
-group; a group calibration never saw uses the statistics of all calls) for layers with static activations;
+Writes: LayerPlan.act_scale / act_zero (asymmetric int8 from the calibrated min / max, or fp8 absmax / 448 with
+zero 0, one entry per timestep group; a group calibration never saw uses the statistics of all calls) for layers with static activations;
 BOS-aware configs: LayerPlan.fp_tokens / fp_tokens_cached for text key / value layers whose leading tokens are
 range outliers (their static range then excludes those tokens); plan.calibrated_groups. Removes the observer
 hooks from the model.
@@ -14,7 +14,9 @@ have no scale): the message names the layer and how to fix the calibration set.
 from __future__ import annotations
 
 from fxquant.errors import CalibrationError
-from fxquant.quantizer import asymmetric_params
+import torch
+
+from fxquant.quantizer import asymmetric_params, fp8_scale
 from fxquant.state import QuantState
 
 from .base import PassResult, QuantPass
@@ -51,7 +53,10 @@ class CalibratePass(QuantPass):
                 if layer.fp_tokens:  # the text does not change with the timestep: one range without the outliers
                     ranges = [(observer.position_min[layer.fp_tokens:].min(),
                                observer.position_max[layer.fp_tokens:].max())] * len(groups)
-                params = [asymmetric_params(lo, hi, layer.act_bits) for lo, hi in ranges]
+                if layer.number_format == "fp8":
+                    params = [(fp8_scale(torch.maximum(lo.abs(), hi.abs())), torch.tensor(0)) for lo, hi in ranges]
+                else:
+                    params = [asymmetric_params(lo, hi, layer.act_bits) for lo, hi in ranges]
                 layer.act_scale = [scale.item() for scale, _ in params]
                 layer.act_zero = [int(zero.item()) for _, zero in params]
         state.plan.calibrated_groups = sorted({g for o in state.observers.values() for g in o.group_min})

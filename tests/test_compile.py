@@ -65,6 +65,10 @@ FUSIONS = {  # backend option -> (compile_counter key, {(family, recipe): rewrit
     # add matches through the previous replacement
     "fxquant.fuse_residuals": ("fused_residuals", {("pixart", "w8a8-fp8"): 3, ("pixart", "w4a8"): 3,
                                                    ("unet", "w8a8"): 3, ("dit", "w8a8"): 2}),
+    # the feed-forward's GELU and the static quantization of its output (static_hidden_activations) move into the
+    # first feed-forward linear's epilogue, which writes the second one's codes
+    "fxquant.fuse_activations": ("fused_activations", {("pixart", "w8a8-fp8:static_hidden_activations=true"): 1,
+                                                       ("dit", "w8a8:static_hidden_activations=true"): 1}),
 }
 
 

@@ -56,6 +56,8 @@ def test_invalid_config_values():
         fxquant.QuantConfig(weight_bits=3)
     with pytest.raises(fxquant.RecipeError, match="balancing .* needs act_mode='dynamic_per_token'"):
         fxquant.W8A8StaticConfig(smooth_alpha=0.5)
+    with pytest.raises(fxquant.RecipeError, match="balancing .* and static_hidden_activations=False"):
+        fxquant.get_config("viditq-w8a8:static_hidden_activations=true")
     with pytest.raises(fxquant.RecipeError, match="smooth_alpha=1.5 must lie in"):
         fxquant.SmoothQuantW8A8Config(smooth_alpha=1.5)
     with pytest.raises(fxquant.RecipeError, match="fp8 needs weight_bits=8"):

@@ -8,7 +8,9 @@ The backend rewrites it with patterns, then compiles:
   float rows between them never reach memory);
   `unpack_int4` / `unpack_int2` -> `int8_linear` becomes one `packed_int8_linear` (4- / 2-bit weights are unpacked
   inside the GEMM's K loop; the int8 codes never reach memory); `residual + gate * linear(...)` (a transformer
-  block's gated residual) becomes one `linear_residual` (applied in the GEMM's epilogue);
+  block's gated residual) becomes one `linear_residual` (applied in the GEMM's epilogue); a static per-tensor
+  quantization of a GELU / SiLU of a linear's output (a feed-forward's hidden activations) becomes one
+  `linear_activation_quantize` (the GEMM's epilogue writes the next linear's codes);
 - CUDA: the quantize, GEMM and attention ops become calls of fxquant's Triton kernels traced through
   `wrap_triton`, which Inductor launches from its own generated code (no Python dispatch per op; the attention
   kernel's tile is autotuned per shape before tracing, GEMM tiles are fixed rules); static per-tensor quantization
@@ -30,7 +32,7 @@ import torch.nn.functional as F
 from torch import fx
 
 from ...ops import quantize_per_token_reference, varies_per_sample
-from ...quantizer import quantize_asymmetric, quantize_fp8
+from ...quantizer import quantize_asymmetric, quantize_fp8, quantize_fp8_with_scale
 
 compile_counter: Counter = Counter()
 fxq = torch.ops.fxquant
@@ -319,6 +321,40 @@ def fuse_residual_epilogues(gm: fx.GraphModule) -> int:
     return fused
 
 
+_STATIC_QUANTIZE = (fxq.quantize_per_tensor.default, fxq.quantize_per_tensor_fp8.default)
+
+
+def fuse_activation_epilogues(gm: fx.GraphModule) -> int:
+    """Rewrite `quantize_per_tensor(_fp8)(act(linear(...)))` (a GELU / SiLU, seen through row views and eval dropout,
+    of an fxquant linear whose output is used only there; 8-bit static quantization) into
+    linear_activation_quantize nodes; returns how many."""
+    fused = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or _target(node) not in _STATIC_QUANTIZE:
+            continue
+        args = _node_args(node, _target(node))
+        fp8 = _target(node) == fxq.quantize_per_tensor_fp8.default
+        activation = _activation(_through_row_views(args[0]))
+        if (not fp8 and args[3] != 8) or activation is None or activation[1].startswith("geglu"):
+            continue
+        linear = _through_row_views(activation[0])
+        linear_args = _linear_residual_args(linear) if _only_use(linear) else None
+        if linear_args is None or _value(linear) is None or _value(node) is None or (
+                _value(linear).shape != _value(node).shape):
+            continue
+        with gm.graph.inserting_before(node):
+            replacement = gm.graph.call_function(fxq.linear_activation_quantize.default, (
+                *linear_args, activation[1], args[1], None if fp8 else args[2]))
+        replacement.meta.update(node.meta)
+        node.replace_all_uses_with(replacement)
+        gm.graph.erase_node(node)
+        fused += 1
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    gm.recompile()
+    return fused
+
+
 # The launchers import Triton lazily: the backend also serves CPU-only installs, where Triton may be absent.
 def _triton_int8_linear(x_q, x_scale, x_zero, w_q, w_scale, w_sum, bias, out_dtype):
     from .gemm import quantized_gemm
@@ -343,6 +379,14 @@ def _triton_linear_residual(x_q, x_scale, x_zero, w, weight_bits, w_scale, w_sum
 
     return quantized_gemm(x_q, x_scale, x_zero, w, w_scale, w_sum, bias, residual.dtype, weight_bits, traced=True,
                           gate=gate, residual=residual)
+
+
+def _triton_linear_activation_quantize(x_q, x_scale, x_zero, w, weight_bits, w_scale, w_sum, bias, activation,
+                                       out_scale, out_zero):
+    from .gemm import quantized_gemm
+
+    return quantized_gemm(x_q, x_scale, x_zero, w, w_scale, w_sum, bias, torch.float32, weight_bits, traced=True,
+                          activation=activation, out_scale=out_scale, out_zero=out_zero)
 
 
 def _triton_quantized_attention(q, k, v, scale, pv_fp8):
@@ -381,6 +425,7 @@ _KERNELS = {  # fxquant's Triton kernels, launched from Inductor's generated cod
     fxq.packed_int8_linear.default: _triton_packed_int8_linear,
     fxq.fp8_linear.default: _triton_fp8_linear,
     fxq.linear_residual.default: _triton_linear_residual,
+    fxq.linear_activation_quantize.default: _triton_linear_activation_quantize,
     fxq.quantized_attention.default: _triton_quantized_attention,
     fxq.fused_quantize_per_token.default: _triton_fused_quantize_per_token,
 }
@@ -389,7 +434,8 @@ _KERNELS = {  # fxquant's Triton kernels, launched from Inductor's generated cod
 def lower_to_inductor(gm: fx.GraphModule, fuse_quantize: bool = False, inline_kernels: bool = True) -> int:
     """Point every fxquant op that has a CUDA rewrite at it (arguments in schema order); returns how many.
     Static per-tensor quantization (pointwise) always goes to Inductor as plain PyTorch."""
-    rewrites = {fxq.quantize_per_tensor.default: quantize_asymmetric, **(_KERNELS if inline_kernels else {}),
+    rewrites = {fxq.quantize_per_tensor.default: quantize_asymmetric,
+                fxq.quantize_per_tensor_fp8.default: quantize_fp8_with_scale, **(_KERNELS if inline_kernels else {}),
                 **(_QUANTIZE_BODIES if fuse_quantize else {})}
     lowered = 0
     for node in gm.graph.nodes:
@@ -429,6 +475,8 @@ BACKEND_OPTIONS = {
                               "into it (True)",
     "fxquant.fuse_residuals": "apply a per-sample gate and the residual add after a quantized linear in its GEMM's "
                               "epilogue (True)",
+    "fxquant.fuse_activations": "apply a GELU / SiLU and a static per-tensor quantization after a quantized linear "
+                                "in its GEMM's epilogue (True)",
     "fxquant.fuse_quantize": "hand per-token quantization to Inductor as plain PyTorch, fused with the ops producing "
                              "its input (False: fxquant's one-pass quantize kernel, measured faster on Hopper)",
 }
@@ -453,6 +501,8 @@ def fxquant_backend(gm: fx.GraphModule, example_inputs, mode: str | None = None,
         compile_counter["fused_prologues"] += fuse_quantize_prologues(gm)
     if ours.get("fxquant.fuse_residuals", True):
         compile_counter["fused_residuals"] += fuse_residual_epilogues(gm)
+    if ours.get("fxquant.fuse_activations", True):
+        compile_counter["fused_activations"] += fuse_activation_epilogues(gm)
     if not _on_cuda(example_inputs):
         return gm.forward
     from torch._inductor import list_mode_options

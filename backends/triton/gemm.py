@@ -3,12 +3,14 @@ epilogue; int8 activations against 8-, 4- or 2-bit weights (W8A8, W4A8, W2A8), t
 
     out[m, n] = a_scale[m] * b_scale[n] * (sum_k a[m, k] b[n, k] - a_zero[m] * b_sum[n]) + bias[n]
     (optionally)  out[m, n] = residual[m, n] + gate[m // rows_per_gate, n] * out[m, n]   (fxquant::linear_residual)
+    (or)          out[m, n] = quantize(act(out[m, n]), out_scale, out_zero)    (fxquant::linear_activation_quantize)
 
 a: activations [M, K] (row-major), b: weights [N, K] (row-major, i.e. B^T) as int8 / fp8 codes, or packed uint8
 [N, K * bits / 8] (fxquant.quantizer.pack_bits: field i of byte j holds element i * K * bits / 8 + j);
 per-token a_scale / a_zero (int8 path: asymmetric activations; the zero-point term uses the precomputed weight row
 sums b_sum), per-channel b_scale, optional bias, optional per-sample gate and residual (a transformer block's
-`h + gate * proj(...)`: the projection's output never reaches memory), one cast to the output dtype at the store.
+`h + gate * proj(...)`: the projection's output never reaches memory), or a GELU / SiLU and a static per-tensor
+quantization (a feed-forward's hidden activations stored as the next GEMM's int8 / fp8 codes), one cast at the store.
 Accumulation is exact int32 for int8 and fp32 for fp8. The launcher `quantized_gemm` checks, allocates and
 launches; tests compare it with fxquant::int8_linear's reference. With `traced=True` the launch goes through
 `torch.library.wrap_triton` with a fixed tile config, so that the compile backend's graphs trace into the kernel and
@@ -23,7 +25,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from . import INTERPRET
-from .quantize import load_per_group, per_group_operand, row_strided
+from .quantize import ACTIVATION_CODES, FP8_MAX, apply_activation, load_per_group, per_group_operand, rint, row_strided
 
 
 def get_autotune_config() -> list[triton.Config]:
@@ -50,13 +52,15 @@ MAX_BLOCK_M = max(config.kwargs["BLOCK_M"] for config in get_autotune_config())
 def _gemm_kernel(
     # pointers
     a_ptr, b_ptr, out_ptr, a_scale_ptr, a_zero_ptr, b_scale_ptr, b_sum_ptr, bias_ptr, gate_ptr, residual_ptr,
+    out_scale_ptr, out_zero_ptr,
     # sizes (K: logical, before packing)
     M, N, K, rows_per_gate,
     # strides (b's in its stored, possibly packed, units)
     stride_am, stride_ak, stride_bn, stride_bk, stride_om, stride_on, stride_gate_g, stride_gate_n, stride_rm,
     # meta-parameters
     HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr, GATE_PER_TILE: tl.constexpr,
-    HAS_RESIDUAL: tl.constexpr, INT_ACC: tl.constexpr, WEIGHT_BITS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, ACT: tl.constexpr, OUT_CODES: tl.constexpr, INT_ACC: tl.constexpr,
+    WEIGHT_BITS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     PER_BYTE: tl.constexpr = 8 // WEIGHT_BITS if INT_ACC else 1
@@ -128,6 +132,12 @@ def _gemm_kernel(
     if HAS_RESIDUAL:  # residual rows: strided like the output's, contiguous along N (loading it before the K
         # loop was no faster on an H100: gpu-bench-h100/epilogue-sweep-prefetch.json)
         out += tl.load(residual_ptr + rows[:, None] * stride_rm + cols[None, :], mask=tile_ok, other=0.0).to(tl.float32)
+    out = apply_activation(out, ACT)
+    if OUT_CODES == 1:  # asymmetric int8, as fxquant::quantize_per_tensor
+        zero = tl.load(out_zero_ptr).to(tl.float32)
+        out = tl.minimum(tl.maximum(rint(out * tl.div_rn(1.0, tl.load(out_scale_ptr))) + zero, -128.0), 127.0)
+    elif OUT_CODES == 2:  # fp8 e4m3, as fxquant::quantize_per_tensor_fp8
+        out = tl.minimum(tl.maximum(out * tl.div_rn(1.0, tl.load(out_scale_ptr)), -FP8_MAX), FP8_MAX)
     out_ptrs = out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on
     tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=tile_ok)
 
@@ -154,12 +164,16 @@ def quantized_gemm(a: torch.Tensor, a_scale: torch.Tensor, a_zero: torch.Tensor 
                    b_scale: torch.Tensor, b_sum: torch.Tensor | None, bias: torch.Tensor | None,
                    out_dtype: torch.dtype, weight_bits: int = 8, traced: bool = False,
                    gate: torch.Tensor | None = None, residual: torch.Tensor | None = None,
-                   config: dict | None = None, gate_per_tile: bool | None = None) -> torch.Tensor:
+                   activation: str = "none", out_scale: torch.Tensor | None = None,
+                   out_zero: torch.Tensor | None = None, config: dict | None = None,
+                   gate_per_tile: bool | None = None) -> torch.Tensor:
     """a [M, K] int8 or fp8, a_scale fp32 [M] or [1] (broadcast), a_zero int32 like a_scale or None; b [N, K] same
     dtype as a, or (int8 a, weight_bits 4 / 2) uint8 [N, K * weight_bits / 8] packed codes; b_scale fp32 [N], b_sum
     int32 [N] (needed with a_zero); bias [N] or None -> out [M, N].
     With residual [..., N] (M rows): out = residual + gate * out, shaped and typed like residual; gate (optional)
     broadcasts against residual varying at most per sample (fxquant::linear_residual).
+    activation ("gelu" | "gelu_tanh" | "silu") is applied last; with out_scale fp32 [1] the output is quantized:
+    int8 codes with out_zero int32 [1], else fp8 e4m3 codes (fxquant::linear_activation_quantize).
 
     traced: launch through torch.library.wrap_triton with `fixed_config` (graphs the compile backend hands to
     Inductor), or `config` when given (benchmarks); otherwise the autotuned kernel is launched directly (eager
@@ -173,12 +187,16 @@ def quantized_gemm(a: torch.Tensor, a_scale: torch.Tensor, a_zero: torch.Tensor 
         a.dtype == b.dtype and a.dtype in (torch.int8, torch.float8_e4m3fn))
     assert operands_ok, f"operand dtypes {a.dtype}, {b.dtype} at {weight_bits} weight bits"
     assert (a_zero is None) or (b_sum is not None), "a zero point needs the weight row sums b_sum"
+    assert out_scale is None or residual is None, "a quantized output takes no residual"
+    assert activation in ACTIVATION_CODES and not activation.startswith("geglu"), f"activation {activation!r}"
     m, k = a.shape
     n = b.shape[0]
     if residual is not None:
         assert residual.shape[-1] == n and residual.numel() == m * n, \
             f"residual {tuple(residual.shape)} for a [{m}, {n}] output"
         out_dtype, out_shape, residual = residual.dtype, residual.shape, row_strided(residual)
+    if out_scale is not None:
+        out_dtype = torch.int8 if out_zero is not None else torch.float8_e4m3fn
     out = torch.empty((m, n), dtype=out_dtype, device=a.device)
     if m == 0:
         return out if residual is None else out.view(out_shape)
@@ -190,13 +208,15 @@ def quantized_gemm(a: torch.Tensor, a_scale: torch.Tensor, a_zero: torch.Tensor 
 
     args = (a, b, out, a_scale, a_zero if a_zero is not None else dummy, b_scale,
             b_sum if b_sum is not None else dummy, bias if bias is not None else dummy, gate_arg,
-            residual if residual is not None else dummy, m, n, k, rows_per_gate,
+            residual if residual is not None else dummy, out_scale if out_scale is not None else dummy,
+            out_zero if out_zero is not None else dummy, m, n, k, rows_per_gate,
             a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
             stride_gate_g, stride_gate_n, residual.stride(-2) if residual is not None and residual.dim() > 1 else n)
     if gate_per_tile is None:
         gate_per_tile = rows_per_gate >= MAX_BLOCK_M
     flags = dict(HAS_ZERO=a_zero is not None, HAS_BIAS=bias is not None, HAS_GATE=gate is not None,
-                 GATE_PER_TILE=gate_per_tile, HAS_RESIDUAL=residual is not None, INT_ACC=a.dtype == torch.int8,
+                 GATE_PER_TILE=gate_per_tile, HAS_RESIDUAL=residual is not None, ACT=ACTIVATION_CODES[activation],
+                 OUT_CODES=0 if out_scale is None else 1 if out_zero is not None else 2, INT_ACC=a.dtype == torch.int8,
                  WEIGHT_BITS=weight_bits)
     if traced:
         config = config or fixed_config(m, n, k, a.dtype == torch.int8, residual is not None)

@@ -30,7 +30,7 @@ TANH_GELU_SCALE = tl.constexpr(1.5957691216057308)  # 2 sqrt(2 / pi): 0.5 (1 + t
 if INTERPRET:  # the CPU interpreter has no libdevice: emulate round-half-to-even
 
     @triton.jit
-    def _rint(x):
+    def rint(x):
         r = tl.floor(x + 0.5)
         tie = (r - x) == 0.5
         odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
@@ -39,7 +39,7 @@ if INTERPRET:  # the CPU interpreter has no libdevice: emulate round-half-to-eve
 else:
 
     @triton.jit
-    def _rint(x):
+    def rint(x):
         return libdevice.rint(x)
 
 
@@ -51,7 +51,7 @@ def load_per_group(ptr, rows, offs, mask, rows_per_group, stride_g, stride_c):
 
 
 @triton.jit
-def _activation(x, ACT: tl.constexpr):
+def apply_activation(x, ACT: tl.constexpr):
     """act(x) for an ACTIVATION_CODES value: 0 identity, 1 GELU (erf), 2 GELU (tanh), 3 SiLU."""
     if ACT == 1:  # gelu (erf)
         x = 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
@@ -90,9 +90,9 @@ def _quantize_rows_kernel(
     if HAS_ADD:
         x = x + load_per_group(add_ptr, rows, offs, mask, rows_per_add, stride_add_g, stride_add_c)
     if GATED:  # the gate is the second half of each 2K-wide row
-        x = x * _activation(tl.load(row_ptrs + K, mask=mask, other=0.0).to(tl.float32), ACT)
+        x = x * apply_activation(tl.load(row_ptrs + K, mask=mask, other=0.0).to(tl.float32), ACT)
     else:
-        x = _activation(x, ACT)
+        x = apply_activation(x, ACT)
     if FP8:
         scale = tl.maximum(tl.div_rn(tl.max(tl.where(mask, tl.abs(x), 0.0), axis=1), FP8_MAX), SCALE_EPS)
         q = tl.minimum(tl.maximum(x * tl.div_rn(1.0, scale)[:, None], -FP8_MAX), FP8_MAX)
@@ -100,8 +100,8 @@ def _quantize_rows_kernel(
         lo = tl.minimum(tl.min(tl.where(mask, x, float("inf")), axis=1), 0.0)
         hi = tl.maximum(tl.max(tl.where(mask, x, float("-inf")), axis=1), 0.0)
         scale = tl.maximum(tl.div_rn(hi - lo, 255.0), SCALE_EPS)
-        zero = _rint(-128.0 - tl.div_rn(lo, scale))
-        q = tl.minimum(tl.maximum(_rint(x * tl.div_rn(1.0, scale)[:, None]) + zero[:, None], -128.0), 127.0)
+        zero = rint(-128.0 - tl.div_rn(lo, scale))
+        q = tl.minimum(tl.maximum(rint(x * tl.div_rn(1.0, scale)[:, None]) + zero[:, None], -128.0), 127.0)
         tl.store(zero_ptr + rows, zero.to(tl.int32), mask=rows < M)
     tl.store(q_ptr + rows[:, None] * stride_qm + offs[None, :], q.to(q_ptr.dtype.element_ty), mask=mask)
     tl.store(scale_ptr + rows, scale, mask=rows < M)

@@ -65,6 +65,10 @@ def main() -> None:
             torch.zeros(128, 96, dtype=torch.float8_e4m3fn), torch.ones(128), None,
             torch.zeros(96, 96, dtype=torch.float8_e4m3fn), torch.ones(96), None, None, torch.bfloat16, traced=True,
             gate=table[:, 2:3], residual=x, gate_per_tile=True),
+        "gemm_fp8_gelu_quantize": lambda: gemm.quantized_gemm(
+            torch.zeros(128, 96, dtype=torch.float8_e4m3fn), torch.ones(128), None,
+            torch.zeros(96, 96, dtype=torch.float8_e4m3fn), torch.ones(96), None, None, torch.bfloat16, traced=True,
+            activation="gelu_tanh", out_scale=torch.ones(1)),
         "attention_fp8": lambda: attention.quantized_attention(
             *(torch.randn(1, 2, 64, 72, dtype=torch.bfloat16) for _ in range(3)), 0.1, True, traced=True),
     }

@@ -11,7 +11,7 @@ import torch
 import fxquant  # noqa: F401
 from fxquant.metrics import relative_l2
 from fxquant.ops import prologue_reference
-from fxquant.quantizer import pack_bits, quantize_weight_per_channel
+from fxquant.quantizer import asymmetric_params, fp8_scale, pack_bits, quantize_weight_per_channel
 
 triton = pytest.importorskip("triton")
 from fxquant.backends.triton.quantize import (fused_quantize_per_token, quantize_per_token,  # noqa: E402
@@ -48,6 +48,16 @@ PROLOGUES = {  # name -> (x shape, kwargs builder)
 }
 
 
+def _assert_fp8_neighbours(q: torch.Tensor, exact: torch.Tensor) -> None:
+    """Each fp8 code is an e4m3 neighbour of the exact value (the interpreter truncates, torch rounds), except
+    within a step below a power of two, where Triton 3.6's interpreter loses the exponent carry (126.8 -> 64; GPUs
+    convert in hardware)."""
+    exact = exact.clamp(-448, 448)
+    step = torch.exp2(torch.floor(torch.log2(exact.abs().clamp_min(2.0**-6))) - 3)  # e4m3 spacing at |exact|
+    carry = torch.exp2(torch.ceil(torch.log2(exact.abs().clamp_min(2.0**-12)))) - exact.abs() < step
+    assert ((q.float() - exact).abs() <= step * 1.0001)[~carry].all()
+
+
 @pytest.mark.parametrize("fp8", [False, True])
 @pytest.mark.parametrize("name", list(PROLOGUES))
 def test_fused_quantize_kernel_matches_reference(name, fp8):
@@ -59,13 +69,8 @@ def test_fused_quantize_kernel_matches_reference(name, fp8):
     ref_q, ref_scale, ref_zero = fxq.fused_quantize_per_token(x, *kwargs.values())
     assert q.shape == ref_q.shape and q.dtype == ref_q.dtype and zero.shape == ref_zero.shape
     torch.testing.assert_close(scale, ref_scale, rtol=1e-5, atol=0)  # fp32 sums in a different order
-    if fp8:  # each code must be an fp8 neighbour of the exact value (the interpreter truncates, torch rounds) ...
-        exact = prologue_reference(x, *list(kwargs.values())[:-1]) / ref_scale
-        step = torch.exp2(torch.floor(torch.log2(exact.abs().clamp_min(2.0**-6))) - 3)  # e4m3 spacing at |exact|
-        # ... except within a step below a power of two, where Triton 3.6's interpreter loses the exponent carry
-        # (126.8 -> 64; GPUs convert in hardware)
-        carry = torch.exp2(torch.ceil(torch.log2(exact.abs().clamp_min(2.0**-12)))) - exact.abs() < step
-        assert ((q.float() - exact).abs() <= step * 1.0001)[~carry].all()
+    if fp8:
+        _assert_fp8_neighbours(q, prologue_reference(x, *list(kwargs.values())[:-1]) / ref_scale)
     else:
         assert torch.equal(zero, ref_zero)
         codes = (q.int() - ref_q.int()).abs()
@@ -181,6 +186,48 @@ def test_gemm_epilogue_applies_gate_and_residual(weights, gated, tokens):
     torch.testing.assert_close(expected, residual + (1 if gate is None else gate) * plain.reshape(residual.shape))
 
 
+@pytest.mark.parametrize("weights,activation", [("fp8", "gelu_tanh"), ("fp8", "silu"), ("int8", "gelu"),
+                                                ("int4", "gelu_tanh")])
+def test_gemm_epilogue_writes_the_next_linears_codes(weights, activation):
+    """quantize(act(linear(x))) in the GEMM's epilogue (fxquant::linear_activation_quantize): fp8 codes with a static
+    scale, or asymmetric int8 codes with a static scale and zero point, against the op's reference, which equals
+    the unfused ops."""
+    m, k, n = 40, 64, 48
+    x, w, bias = torch.randn(m, k), torch.randn(n, k), torch.randn(n)
+    if weights == "fp8":
+        (x_q, x_scale), x_zero, w_sum, bits = quantize_per_token_fp8(x), None, None, 8
+        w_scale = w.abs().amax(dim=1) / 448
+        stored = (w / w_scale[:, None]).to(torch.float8_e4m3fn)
+        plain = fxq.fp8_linear(x_q, x_scale, stored, w_scale, bias, torch.float32)
+    else:
+        bits = 8 if weights == "int8" else 4
+        x_q, x_scale, x_zero = fxq.quantize_per_token(x)
+        w_q, w_scale = quantize_weight_per_channel(w, bits)
+        w_sum = w_q.sum(dim=1, dtype=torch.int32)
+        stored = w_q if bits == 8 else pack_bits(w_q, bits)
+        plain = fxq.int8_linear(x_q, x_scale, x_zero, w_q, w_scale, w_sum, bias, torch.float32)
+    hidden = torch.nn.functional.gelu(plain, approximate="tanh" if activation == "gelu_tanh" else "none") \
+        if activation.startswith("gelu") else torch.nn.functional.silu(plain)
+    if weights == "fp8":  # a calibrated range a little narrower than this call's: some codes saturate
+        out_scale, out_zero = fp8_scale(hidden.abs().max() * 0.9).reshape(1), None
+        unfused = fxq.quantize_per_tensor_fp8(hidden, out_scale)
+    else:
+        out_scale, out_zero = (p.reshape(1) for p in asymmetric_params(hidden.min(), hidden.max() * 0.9))
+        unfused = fxq.quantize_per_tensor(hidden, out_scale, out_zero)
+    expected = fxq.linear_activation_quantize(x_q, x_scale, x_zero, stored, bits, w_scale, w_sum, bias, activation,
+                                              out_scale, out_zero)
+    assert torch.equal(expected.float(), unfused.float())
+    for traced in (False, True):
+        out = quantized_gemm(x_q, x_scale, x_zero, stored, w_scale, w_sum, bias, torch.bfloat16, bits, traced=traced,
+                             activation=activation, out_scale=out_scale, out_zero=out_zero)
+        assert out.dtype == expected.dtype and out.shape == (m, n)
+        if out_zero is None:
+            _assert_fp8_neighbours(out, hidden * out_scale.reciprocal())
+        else:  # the kernel's fp32 GELU is an ulp from torch's: a code may sit across a rounding boundary
+            codes = (out.int() - expected.int()).abs()
+            assert codes.max() <= 1 and (codes > 0).float().mean() < 0.01
+
+
 def test_fp8_quantize_and_gemm_match_float_reference():
     x, w = torch.randn(9, 40), torch.randn(12, 40)
     x_q, x_scale = quantize_per_token_fp8(x)
@@ -203,6 +250,9 @@ def test_launcher_rejects_bad_input():
     with pytest.raises(AssertionError, match="zero point needs"):
         quantized_gemm(torch.zeros(2, 8, dtype=torch.int8), torch.ones(2), torch.zeros(2, dtype=torch.int32),
                   torch.zeros(3, 8, dtype=torch.int8), torch.ones(3), None, None, torch.float32)
+    with pytest.raises(AssertionError, match="activation 'geglu'"):
+        quantized_gemm(torch.zeros(2, 8, dtype=torch.int8), torch.ones(2), None, torch.zeros(3, 8, dtype=torch.int8),
+                       torch.ones(3), None, None, torch.float32, activation="geglu")
     with pytest.raises(AssertionError, match=r"residual \(2, 4\) for a \[2, 3\] output"):
         quantized_gemm(torch.zeros(2, 8, dtype=torch.int8), torch.ones(2), None, torch.zeros(3, 8, dtype=torch.int8),
                        torch.ones(3), None, None, torch.float32, residual=torch.zeros(2, 4))
@@ -240,4 +290,4 @@ def test_inductor_sees_only_outputs_written():
     assert written == {"quantize_int8": ["q_ptr", "scale_ptr", "zero_ptr"], "quantize_norm_adaln_fp8": ["q_ptr",
                        "scale_ptr"], "quantize_geglu": ["q_ptr", "scale_ptr", "zero_ptr"], "gemm_int8": ["out_ptr"],
                        "gemm_fp8_gate_residual": ["out_ptr"], "gemm_fp8_gate_per_tile": ["out_ptr"],
-                       "attention_fp8": ["out_ptr"]}
+                       "gemm_fp8_gelu_quantize": ["out_ptr"], "attention_fp8": ["out_ptr"]}
