@@ -127,8 +127,8 @@ def check_kernels() -> list[dict]:
         out8_residual = quantized_gemm(q8, s8, None, w8, ws8, None, bias, torch.bfloat16, gate=gate, residual=residual)
         hidden = torch.nn.functional.gelu(ref8, approximate="tanh")
         hidden_scale = fp8_scale(hidden.abs().max()).reshape(1)
-        codes = quantized_gemm(q8, s8, None, w8, ws8, None, bias, torch.bfloat16, activation="gelu_tanh",
-                               out_scale=hidden_scale)
+        hidden_codes = quantized_gemm(q8, s8, None, w8, ws8, None, bias, torch.bfloat16, activation="gelu_tanh",
+                                      out_scale=hidden_scale)
         ref_codes = quantize_fp8_with_scale(hidden, hidden_scale)
         packed_errors = {}
         for bits in (4, 2):
@@ -144,8 +144,8 @@ def check_kernels() -> list[dict]:
             "fp8_gemm_rel_err_vs_reference": relative_l2(out8, ref8),
             "fp8_gemm_gate_residual_rel_err_vs_reference": relative_l2(
                 out8_residual, residual.float() + gate.float() * ref8.view(residual.shape)),
-            "fp8_gemm_gelu_quantize_code_mismatch_fraction": (codes.float() != ref_codes.float()).float().mean().item(),
-            "fp8_gemm_gelu_quantize_rel_err_vs_reference": relative_l2(codes.float() * hidden_scale, hidden),
+            "fp8_gemm_gelu_quantize_code_mismatch_fraction": (hidden_codes.float() != ref_codes.float()).float().mean().item(),
+            "fp8_gemm_gelu_quantize_rel_err_vs_reference": relative_l2(hidden_codes.float() * hidden_scale, hidden),
             "int8_linear_rel_err_vs_bf16_linear": relative_l2(out, exact),
             "fp8_linear_rel_err_vs_bf16_linear": relative_l2(out8, exact),
             **packed_errors,
