@@ -142,16 +142,17 @@ def _gemm_kernel(
     tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=tile_ok)
 
 
-def fixed_config(m: int, n: int, k: int, integer: bool, residual: bool = False) -> dict:
+def fixed_config(m: int, n: int, k: int, integer: bool, epilogue: bool = False) -> dict:
     """The tile config of graphs traced by the compile backend, from the problem size (Inductor would otherwise
     autotune every call site: minutes of compile for a 28-block DiT). The rules follow the autotuner's choices on an
     H100 at DiT shapes (benchmarks/results/gpu-bench-h100/gemm-autotuned-configs-and-pixart-1024-fp8.json); with a
-    residual in the epilogue, the tile that loads it fastest (epilogue-sweep-and-prologue.json)."""
+    residual or an activation + quantization in the epilogue, the fastest tile of the epilogue sweep
+    (epilogue-sweep-and-prologue.json, pixart-ff-epilogue.json)."""
     if INTERPRET:
         return {**get_autotune_config()[0].all_kwargs()}
     if m < 1024:  # few tokens: small tiles so that enough programs fill the SMs
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=256, GROUP_M=8, num_warps=4, num_stages=3)
-    if residual:
+    if epilogue:
         return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)
     if n >= 2048 or (not integer and k <= 2048):
         return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)
@@ -219,7 +220,7 @@ def quantized_gemm(a: torch.Tensor, a_scale: torch.Tensor, a_zero: torch.Tensor 
                  OUT_CODES=0 if out_scale is None else 1 if out_zero is not None else 2, INT_ACC=a.dtype == torch.int8,
                  WEIGHT_BITS=weight_bits)
     if traced:
-        config = config or fixed_config(m, n, k, a.dtype == torch.int8, residual is not None)
+        config = config or fixed_config(m, n, k, a.dtype == torch.int8, residual is not None or out_scale is not None)
         grid = (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"]),)
         wrap_triton(_gemm_kernel.fn)[grid](*args, **flags, **config)
     else:
