@@ -15,8 +15,8 @@ def _out(model, inputs):
         return model(**inputs, return_dict=False)[0]
 
 
-@pytest.mark.parametrize("name,recipe", [(n, "w8a8") for n in FAMILIES] + [("unet", "w8a8-static"),
-                                                                              ("sd3", "w8a8:attention=int8-fp8")])
+@pytest.mark.parametrize("name,recipe", [(n, "w8a8") for n in FAMILIES] + [
+    ("unet", "w8a8-static"), ("sd3", "w8a8:attention=int8-fp8"), ("pixart", "w8a8-fp8:static_hidden_activations=true")])
 def test_save_load_identical_outputs(quantized_family, tmp_path, name, recipe):
     _, qmodel, _ = quantized_family(name, recipe)
     fxquant.save(qmodel, tmp_path / "ckpt")
@@ -27,7 +27,8 @@ def test_save_load_identical_outputs(quantized_family, tmp_path, name, recipe):
     assert torch.equal(_out(loaded, inputs), _out(qmodel, inputs))
     for layer in loaded.plan.quantized_layers():
         module = loaded.model.get_submodule(layer.fqn)
-        assert type(module).__name__ in ("QuantLinear", "QuantConv2d") and module.weight_q.dtype == torch.int8
+        assert type(module).__name__ in ("QuantLinear", "QuantConv2d")
+        assert module.weight_q.dtype == (torch.float8_e4m3fn if layer.number_format == "fp8" else torch.int8)
 
 
 def test_load_allocates_no_float_weights_for_quantized_layers(quantized_family, tmp_path, monkeypatch):

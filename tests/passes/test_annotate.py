@@ -1,6 +1,7 @@
 """annotate: roles by reachability, layer groups by graph structure, the keep decisions of the plan."""
 
 import pytest
+import torch
 
 import fxquant
 from families import FAMILIES
@@ -94,3 +95,27 @@ def test_dump_writes_each_pass(tmp_path, monkeypatch):
                      "05-lower.txt"]
     text = (tmp_path / "05-lower.txt").read_text()
     assert "lowered=QuantLinear" in text and "group=self-attention" in text and "# plan" in text
+
+
+@pytest.mark.parametrize("name", ["pixart", "sd3"])
+def test_static_hidden_activations_calibrate_the_feed_forward_input(quantized_family, name):
+    """With static_hidden_activations, exactly the linears reading a GELU of another linear (the feed-forwards'
+    second linears) get a static fp8 scale: the absmax of their input over the calibration calls / 448."""
+    reference, qmodel, calibration = quantized_family(name, "w8a8-fp8:static_hidden_activations=true")
+    static = [layer for layer in qmodel.plan.quantized_layers() if layer.act_mode == "static_per_tensor"]
+    feed_forwards = [layer.fqn for layer in qmodel.plan.quantized_layers() if layer.fqn.endswith(".net.2")]
+    assert [layer.fqn for layer in static] == feed_forwards and feed_forwards
+    absmax = {}
+
+    def record(module, args, fqn):
+        absmax[fqn] = max(absmax.get(fqn, 0.0), args[0].abs().max().item())
+
+    hooks = [reference.get_submodule(layer.fqn).register_forward_pre_hook(
+        lambda module, args, fqn=layer.fqn: record(module, args, fqn)) for layer in static]
+    with torch.no_grad():
+        for inputs in calibration:
+            reference(**inputs)
+    for hook in hooks:
+        hook.remove()
+    for layer in static:
+        assert layer.act_zero == [0] and layer.act_scale == pytest.approx([absmax[layer.fqn] / 448], rel=1e-6)
