@@ -573,9 +573,11 @@ def model_benchmark(name: str, variants: list[str], results: dict, save, layers:
         row = {}
         results["variants"][variant] = row
         try:
-            start = time.time()
+            start, allocated = time.time(), torch.cuda.memory_allocated()
             model, eager_out = _variant_model(variant, build(), inputs, name)
             row["build_and_quantize_seconds"] = time.time() - start  # build (+ quantize + one eager call)
+            # what the model keeps on the device (weight_bytes miscounts tensor subclasses such as torchao's)
+            row["resident_bytes"] = torch.cuda.memory_allocated() - allocated
             profiler = cProfile.Profile() if compile_profile_to else contextlib.nullcontext()
             with torch.no_grad(), profiler:
                 out = _first_output(model(**inputs, return_dict=False))
