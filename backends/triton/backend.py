@@ -58,6 +58,24 @@ def _node_args(node: fx.Node, op: torch._ops.OpOverload) -> list:
     return args
 
 
+def _replace(gm: fx.GraphModule, node: fx.Node, op: torch._ops.OpOverload, args: tuple) -> None:
+    """Put a call of `op` with `args` in place of `node`; it takes over node's meta (its example value, which later
+    rewrites match on)."""
+    with gm.graph.inserting_before(node):
+        replacement = gm.graph.call_function(op, args)
+    replacement.meta.update(node.meta)
+    node.replace_all_uses_with(replacement)
+    gm.graph.erase_node(node)
+
+
+def _cleaned(gm: fx.GraphModule, count: int) -> int:
+    """Drop what a rewrite left dead, check and recompile the graph; returns count."""
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    gm.recompile()
+    return count
+
+
 _QUANTIZE_OPS = (fxq.quantize_per_token.default, fxq.quantize_per_token_fp8.default, fxq.quantize_per_tensor.default)
 _VIEWS = {"reshape", "view", "contiguous", torch.reshape}
 
@@ -87,9 +105,7 @@ def deduplicate_quantization(gm: fx.GraphModule) -> int:
             removed += 1
         else:
             seen[key] = node
-    gm.graph.eliminate_dead_code()
-    gm.recompile()
-    return removed
+    return _cleaned(gm, removed)
 
 
 def fuse_packed_weights(gm: fx.GraphModule) -> int:
@@ -101,19 +117,10 @@ def fuse_packed_weights(gm: fx.GraphModule) -> int:
         x_q, x_scale, x_zero, w_q, w_scale, w_sum, bias, out_dtype = _node_args(node, fxq.int8_linear.default)
         if not (isinstance(w_q, fx.Node) and w_q.op == "call_function" and _target(w_q) in _UNPACK_BITS):
             continue
-        with gm.graph.inserting_before(node):
-            packed = gm.graph.call_function(
-                fxq.packed_int8_linear.default,
-                (x_q, x_scale, x_zero, w_q.args[0], _UNPACK_BITS[_target(w_q)], w_scale, w_sum, bias, out_dtype))
-        packed.meta.update(node.meta)  # its example value, which later rewrites match on
-        node.replace_all_uses_with(packed)
-        gm.graph.erase_node(node)
-        if not w_q.users:
-            gm.graph.erase_node(w_q)
+        _replace(gm, node, fxq.packed_int8_linear.default,
+                 (x_q, x_scale, x_zero, w_q.args[0], _UNPACK_BITS[_target(w_q)], w_scale, w_sum, bias, out_dtype))
         fused += 1
-    gm.graph.lint()
-    gm.recompile()
-    return fused
+    return _cleaned(gm, fused)  # the unpack nodes left without users go too
 
 
 _ADD, _MUL = {operator.add, torch.add}, {operator.mul, torch.mul}
@@ -250,17 +257,11 @@ def fuse_quantize_prologues(gm: fx.GraphModule) -> int:
             parts = _norm_prologue(activation[0] if activation else top)
         if not activation and parts["norm"] == "none" and parts["mul"] is None and parts["add"] is None:
             continue
-        with gm.graph.inserting_before(node):
-            replacement = gm.graph.call_function(fxq.fused_quantize_per_token.default, (
-                parts["x"], parts["weight"], parts["bias"], parts["mul"], parts["add"], parts["norm"], parts["eps"],
-                activation[1] if activation else "none", _TOKEN_QUANTIZE_FP8[_target(node)]))
-        node.replace_all_uses_with(replacement)
-        gm.graph.erase_node(node)
+        _replace(gm, node, fxq.fused_quantize_per_token.default, (
+            parts["x"], parts["weight"], parts["bias"], parts["mul"], parts["add"], parts["norm"], parts["eps"],
+            activation[1] if activation else "none", _TOKEN_QUANTIZE_FP8[_target(node)]))
         fused += 1
-    gm.graph.eliminate_dead_code()
-    gm.graph.lint()
-    gm.recompile()
-    return fused
+    return _cleaned(gm, fused)
 
 
 _LINEARS = (fxq.int8_linear.default, fxq.packed_int8_linear.default, fxq.fp8_linear.default)
@@ -308,17 +309,10 @@ def fuse_residual_epilogues(gm: fx.GraphModule) -> int:
             linear_args = _linear_residual_args(linear) if _only_use(linear) else None
             if linear_args is None:
                 continue
-            with gm.graph.inserting_before(node):
-                replacement = gm.graph.call_function(fxq.linear_residual.default, (*linear_args, gate, residual))
-            replacement.meta.update(node.meta)  # its example value: the next block's residual add matches through it
-            node.replace_all_uses_with(replacement)
-            gm.graph.erase_node(node)
-            fused += 1
+            _replace(gm, node, fxq.linear_residual.default, (*linear_args, gate, residual))  # the next block's
+            fused += 1  # residual add matches through the replacement's example value
             break
-    gm.graph.eliminate_dead_code()
-    gm.graph.lint()
-    gm.recompile()
-    return fused
+    return _cleaned(gm, fused)
 
 
 _STATIC_QUANTIZE = (fxq.quantize_per_tensor.default, fxq.quantize_per_tensor_fp8.default)
@@ -342,17 +336,10 @@ def fuse_activation_epilogues(gm: fx.GraphModule) -> int:
         if linear_args is None or _value(linear) is None or _value(node) is None or (
                 _value(linear).shape != _value(node).shape):
             continue
-        with gm.graph.inserting_before(node):
-            replacement = gm.graph.call_function(fxq.linear_activation_quantize.default, (
-                *linear_args, activation[1], args[1], None if fp8 else args[2]))
-        replacement.meta.update(node.meta)
-        node.replace_all_uses_with(replacement)
-        gm.graph.erase_node(node)
+        _replace(gm, node, fxq.linear_activation_quantize.default,
+                 (*linear_args, activation[1], args[1], None if fp8 else args[2]))
         fused += 1
-    gm.graph.eliminate_dead_code()
-    gm.graph.lint()
-    gm.recompile()
-    return fused
+    return _cleaned(gm, fused)
 
 
 # The launchers import Triton lazily: the backend also serves CPU-only installs, where Triton may be absent.

@@ -156,44 +156,9 @@ def test_traced_launch_with_fixed_config_matches(bits):
     torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("weights", ["int8", "int4", "fp8"])
-@pytest.mark.parametrize("gated,tokens", [(True, 9), (True, 40), (False, 9)])
-def test_gemm_epilogue_applies_gate_and_residual(weights, gated, tokens):
-    """residual + gate * linear in the GEMM's epilogue (fxquant::linear_residual): a [B, 1, N] gate sliced from an
-    adaLN table, a [B, T, N] residual whose rows are strided (a slice of wider rows). 9 tokens: samples smaller
-    than a tile (gate loaded per element); 40: a tile straddles two samples (gate loaded per sample in the tile)."""
-    batch, k, n = 2, 64, 24
-    x, w, bias = torch.randn(batch * tokens, k), torch.randn(n, k), torch.randn(n)
-    residual = torch.randn(batch, tokens, 2 * n)[..., :n]
-    gate = _adaln_operands(batch, n)[0] if gated else None
-    if weights == "fp8":
-        (x_q, x_scale), x_zero, w_sum, bits = quantize_per_token_fp8(x), None, None, 8
-        w_scale = w.abs().amax(dim=1) / 448
-        stored = (w / w_scale[:, None]).to(torch.float8_e4m3fn)
-    else:
-        bits = 8 if weights == "int8" else 4
-        x_q, x_scale, x_zero = fxq.quantize_per_token(x)
-        w_q, w_scale = quantize_weight_per_channel(w, bits)
-        w_sum = w_q.sum(dim=1, dtype=torch.int32)
-        stored = w_q if bits == 8 else pack_bits(w_q, bits)
-    expected = fxq.linear_residual(x_q, x_scale, x_zero, stored, bits, w_scale, w_sum, bias, gate, residual)
-    out = quantized_gemm(x_q, x_scale, x_zero, stored, w_scale, w_sum, bias, torch.float32, bits, gate=gate,
-                         residual=residual)
-    assert out.shape == residual.shape and out.dtype == residual.dtype
-    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
-    plain = fxq.fp8_linear(x_q, x_scale, stored, w_scale, bias, torch.float32) if weights == "fp8" else \
-        fxq.int8_linear(x_q, x_scale, x_zero, stored if bits == 8 else w_q, w_scale, w_sum, bias, torch.float32)
-    torch.testing.assert_close(expected, residual + (1 if gate is None else gate) * plain.reshape(residual.shape))
-
-
-@pytest.mark.parametrize("weights,activation", [("fp8", "gelu_tanh"), ("fp8", "silu"), ("int8", "gelu"),
-                                                ("int4", "gelu_tanh")])
-def test_gemm_epilogue_writes_the_next_linears_codes(weights, activation):
-    """quantize(act(linear(x))) in the GEMM's epilogue (fxquant::linear_activation_quantize): fp8 codes with a static
-    scale, or asymmetric int8 codes with a static scale and zero point, against the op's reference, which equals
-    the unfused ops."""
-    m, k, n = 40, 64, 48
-    x, w, bias = torch.randn(m, k), torch.randn(n, k), torch.randn(n)
+def _linear_operands(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, weights: str):
+    """x [M, K], w [N, K] quantized for an epilogue test ("fp8", "int8" or "int4" weights) -> ((x_q, x_scale, x_zero,
+    stored weights, weight bits, w_scale, w_sum): the linear ops' arguments, fp32 output of the plain linear op)."""
     if weights == "fp8":
         (x_q, x_scale), x_zero, w_sum, bits = quantize_per_token_fp8(x), None, None, 8
         w_scale = w.abs().amax(dim=1) / 448
@@ -206,6 +171,37 @@ def test_gemm_epilogue_writes_the_next_linears_codes(weights, activation):
         w_sum = w_q.sum(dim=1, dtype=torch.int32)
         stored = w_q if bits == 8 else pack_bits(w_q, bits)
         plain = fxq.int8_linear(x_q, x_scale, x_zero, w_q, w_scale, w_sum, bias, torch.float32)
+    return (x_q, x_scale, x_zero, stored, bits, w_scale, w_sum), plain
+
+
+@pytest.mark.parametrize("weights", ["int8", "int4", "fp8"])
+@pytest.mark.parametrize("gated,tokens", [(True, 9), (True, 40), (False, 9)])
+def test_gemm_epilogue_applies_gate_and_residual(weights, gated, tokens):
+    """residual + gate * linear in the GEMM's epilogue (fxquant::linear_residual): a [B, 1, N] gate sliced from an
+    adaLN table, a [B, T, N] residual whose rows are strided (a slice of wider rows). 9 tokens: samples smaller
+    than a tile (gate loaded per element); 40: a tile straddles two samples (gate loaded per sample in the tile)."""
+    batch, k, n = 2, 64, 24
+    x, w, bias = torch.randn(batch * tokens, k), torch.randn(n, k), torch.randn(n)
+    residual = torch.randn(batch, tokens, 2 * n)[..., :n]
+    gate = _adaln_operands(batch, n)[0] if gated else None
+    (x_q, x_scale, x_zero, stored, bits, w_scale, w_sum), plain = _linear_operands(x, w, bias, weights)
+    expected = fxq.linear_residual(x_q, x_scale, x_zero, stored, bits, w_scale, w_sum, bias, gate, residual)
+    out = quantized_gemm(x_q, x_scale, x_zero, stored, w_scale, w_sum, bias, torch.float32, bits, gate=gate,
+                         residual=residual)
+    assert out.shape == residual.shape and out.dtype == residual.dtype
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(expected, residual + (1 if gate is None else gate) * plain.reshape(residual.shape))
+
+
+@pytest.mark.parametrize("weights,activation", [("fp8", "gelu_tanh"), ("fp8", "silu"), ("int8", "gelu"),
+                                                ("int4", "gelu_tanh")])
+def test_gemm_epilogue_writes_the_next_linears_codes(weights, activation):
+    """quantize(act(linear(x))) in the GEMM's epilogue (fxquant::linear_activation_quantize): fp8 codes with a static
+    scale, or asymmetric int8 codes with a static scale and zero point, against the op's reference, which equals
+    the unfused ops."""
+    m, k, n = 40, 64, 48
+    x, w, bias = torch.randn(m, k), torch.randn(n, k), torch.randn(n)
+    (x_q, x_scale, x_zero, stored, bits, w_scale, w_sum), plain = _linear_operands(x, w, bias, weights)
     hidden = torch.nn.functional.gelu(plain, approximate="tanh" if activation == "gelu_tanh" else "none") \
         if activation.startswith("gelu") else torch.nn.functional.silu(plain)
     if weights == "fp8":  # a calibrated range a little narrower than this call's: some codes saturate
