@@ -106,6 +106,14 @@ def test_fp8_ops_match_float_reference_and_opcheck():
     # opcheck's schema test multiplies the inputs, which CPU torch cannot do in float8: check fake + autograd dispatch
     torch.library.opcheck(fxq.fp8_linear, (x_q, x_scale, w_q, w_scale, None, torch.bfloat16),
                           test_utils=("test_faketensor", "test_aot_dispatch_dynamic"))
+    static_scale = torch.tensor([0.02])
+    static_q = fxq.quantize_per_tensor_fp8(x, static_scale)
+    assert static_q.shape == x.shape and torch.equal(static_q.float(), (x / 0.02).clamp(-448, 448).to(
+        torch.float8_e4m3fn).float())
+    torch.library.opcheck(fxq.quantize_per_tensor_fp8, (x, static_scale))
+    torch.library.opcheck(fxq.linear_activation_quantize, (x_q, x_scale, None, w_q, 8, w_scale, None, bias, "gelu_tanh",
+                                                           static_scale, None),
+                          test_utils=("test_faketensor", "test_aot_dispatch_dynamic"))
 
 
 def test_unpack_int4_op():

@@ -76,7 +76,8 @@ def _cleaned(gm: fx.GraphModule, count: int) -> int:
     return count
 
 
-_QUANTIZE_OPS = (fxq.quantize_per_token.default, fxq.quantize_per_token_fp8.default, fxq.quantize_per_tensor.default)
+_QUANTIZE_OPS = (fxq.quantize_per_token.default, fxq.quantize_per_token_fp8.default, fxq.quantize_per_tensor.default,
+                 fxq.quantize_per_tensor_fp8.default)
 _VIEWS = {"reshape", "view", "contiguous", torch.reshape}
 
 
