@@ -169,29 +169,36 @@ class QuantLinear(nn.Module):
         if self.fp_tokens:
             head, x = x[..., :self.fp_tokens, :], x[..., self.fp_tokens:, :]
         rows = self._balance(x.reshape(-1, self.in_features))
-        if self.fp8:
-            if self.act_scale is None:
-                x_q, x_scale = fxq.quantize_per_token_fp8(rows)
-            else:
-                x_scale = _static_params_for_call(self)[0]
-                x_q = fxq.quantize_per_tensor_fp8(rows, x_scale)
-            out = fxq.fp8_linear(x_q, x_scale, self.weight_q, self.weight_scale, self.bias, x.dtype)
-            return out.reshape(*x.shape[:-1], self.out_features)
-        weight_q, weight_scale, weight_sum = self._weights()
-        if self.act_bits == 16:  # weight-only: the dequantized weights in the activations' dtype
-            weight = (weight_q.float() * weight_scale.reshape(-1, 1)).to(rows.dtype)
-            out = F.linear(rows, weight, None if self.bias is None else self.bias.to(rows.dtype)).to(x.dtype)
-        elif self.act_scale is None:
-            x_q, x_scale, x_zero = fxq.quantize_per_token(rows)
-            out = fxq.int8_linear(x_q, x_scale, x_zero, weight_q, weight_scale, weight_sum, self.bias, x.dtype)
-        else:
-            x_scale, x_zero = _static_params_for_call(self)
-            x_q = fxq.quantize_per_tensor(rows, x_scale, x_zero, self.act_bits)
-            out = fxq.int8_linear(x_q, x_scale, x_zero, weight_q, weight_scale, weight_sum, self.bias, x.dtype)
+        out, weight_q, weight_scale = (self._fp8_forward if self.fp8 else self._int_forward)(rows, x.dtype)
         out = out.reshape(*x.shape[:-1], self.out_features)
         if self.fp_tokens:
             out = torch.cat([self._full_precision_tokens(head, weight_q, weight_scale).to(out.dtype), out], dim=-2)
         return out
+
+    def _fp8_forward(self, rows: torch.Tensor, dtype: torch.dtype):
+        """rows [M, K] -> (out [M, N] in dtype, the fp8 weights, their scales); activations per token or static."""
+        if self.act_scale is None:
+            x_q, x_scale = fxq.quantize_per_token_fp8(rows)
+        else:
+            x_scale = _static_params_for_call(self)[0]
+            x_q = fxq.quantize_per_tensor_fp8(rows, x_scale)
+        out = fxq.fp8_linear(x_q, x_scale, self.weight_q, self.weight_scale, self.bias, dtype)
+        return out, self.weight_q, self.weight_scale
+
+    def _int_forward(self, rows: torch.Tensor, dtype: torch.dtype):
+        """rows [M, K] -> (out [M, N] in dtype, the call's int8 weight codes, their scales)."""
+        weight_q, weight_scale, weight_sum = self._weights()
+        if self.act_bits == 16:  # weight-only: the dequantized weights in the activations' dtype
+            weight = (weight_q.float() * weight_scale.reshape(-1, 1)).to(rows.dtype)
+            out = F.linear(rows, weight, None if self.bias is None else self.bias.to(rows.dtype)).to(dtype)
+        elif self.act_scale is None:
+            x_q, x_scale, x_zero = fxq.quantize_per_token(rows)
+            out = fxq.int8_linear(x_q, x_scale, x_zero, weight_q, weight_scale, weight_sum, self.bias, dtype)
+        else:
+            x_scale, x_zero = _static_params_for_call(self)
+            x_q = fxq.quantize_per_tensor(rows, x_scale, x_zero, self.act_bits)
+            out = fxq.int8_linear(x_q, x_scale, x_zero, weight_q, weight_scale, weight_sum, self.bias, dtype)
+        return out, weight_q, weight_scale
 
     def _balance(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., K] -> (x / s) R: the run-time part of channel balancing (either step may be absent)."""

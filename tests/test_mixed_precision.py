@@ -237,6 +237,27 @@ def test_bos_outlier_is_found_kept_full_precision_and_cached():
     assert errors[True] < errors[False] / 5, errors  # the content tokens get a 40x finer static grid
 
 
+def test_bos_tokens_with_fp8_static_activations():
+    """fp8 linears keep their full-precision leading tokens too (every token in the output, the BOS one exact)."""
+    family = FAMILIES["pixart"]
+    reference = family.build()
+    calibration = [family.inputs(batch=2, seed=seed) for seed in range(2)]
+    for inputs in calibration:
+        inputs["encoder_hidden_states"][:, 0] = 40.0
+    qmodel = fxquant.quantize(copy.deepcopy(reference), fxquant.MixdqW8A8Config(fp8=True), calibration)
+    layer = next(l for l in qmodel.plan.quantized_layers() if l.fp_tokens)
+    assert layer.number_format == "fp8" and layer.act_mode == "static_per_tensor" and layer.act_zero == [0]
+    seen = []
+    handle = reference.get_submodule(layer.fqn).register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    with torch.no_grad():
+        reference(**calibration[0])
+        handle.remove()
+        out, expected = qmodel.model.get_submodule(layer.fqn)(seen[0]), reference.get_submodule(layer.fqn)(seen[0])
+    assert out.shape == expected.shape
+    assert relative_l2(out[:, :1], expected[:, :1]) < 0.03  # fp8 weights, full-precision activations
+    assert relative_l2(out, expected) < 0.05
+
+
 @pytest.mark.parametrize("recipe,message", [
     ("mixdq-w4a8-mp:target_bits=9.0", "target_bits=9.0 lies outside"),
     ("w8a8:mixed_precision=tensor", "mixed_precision='tensor' is unknown"),

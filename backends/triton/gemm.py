@@ -147,7 +147,7 @@ def fixed_config(m: int, n: int, k: int, integer: bool, epilogue: bool = False) 
     autotune every call site: minutes of compile for a 28-block DiT). The rules follow the autotuner's choices on an
     H100 at DiT shapes (benchmarks/results/gpu-bench-h100/gemm-autotuned-configs-and-pixart-1024-fp8.json); with a
     residual or an activation + quantization in the epilogue, the fastest tile of the epilogue sweep
-    (epilogue-sweep-and-prologue.json, pixart-ff-epilogue.json)."""
+    (epilogue-sweep-and-prologue.json, kernels-and-epilogue-sweep-ff.json)."""
     if INTERPRET:
         return {**get_autotune_config()[0].all_kwargs()}
     if m < 1024:  # few tokens: small tiles so that enough programs fill the SMs
