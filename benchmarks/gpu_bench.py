@@ -144,7 +144,8 @@ def check_kernels() -> list[dict]:
             "fp8_gemm_rel_err_vs_reference": relative_l2(out8, ref8),
             "fp8_gemm_gate_residual_rel_err_vs_reference": relative_l2(
                 out8_residual, residual.float() + gate.float() * ref8.view(residual.shape)),
-            "fp8_gemm_gelu_quantize_code_mismatch_fraction": (hidden_codes.float() != ref_codes.float()).float().mean().item(),
+            "fp8_gemm_gelu_quantize_code_mismatch_fraction":
+                (hidden_codes.float() != ref_codes.float()).float().mean().item(),
             "fp8_gemm_gelu_quantize_rel_err_vs_reference": relative_l2(hidden_codes.float() * hidden_scale, hidden),
             "int8_linear_rel_err_vs_bf16_linear": relative_l2(out, exact),
             "fp8_linear_rel_err_vs_bf16_linear": relative_l2(out8, exact),

@@ -2,8 +2,8 @@
 
 Reads: state.observers (filled while the user's pipeline ran the prepared model), plan layers, config.
 Writes: LayerPlan.act_scale / act_zero (asymmetric int8 from the calibrated min / max, or fp8 absmax / 448 with
-zero 0, one entry per timestep group; a group calibration never saw uses the statistics of all calls) for layers with static activations;
-BOS-aware configs: LayerPlan.fp_tokens / fp_tokens_cached for text key / value layers whose leading tokens are
+zero 0, one entry per timestep group; a group calibration never saw uses the statistics of all calls) for layers
+with static activations; BOS-aware configs: LayerPlan.fp_tokens / fp_tokens_cached for text key / value layers whose leading tokens are
 range outliers (their static range then excludes those tokens); plan.calibrated_groups. Removes the observer
 hooks from the model.
 
