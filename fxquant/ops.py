@@ -236,7 +236,7 @@ def _(x):
 
 @torch.library.custom_op("fxquant::quantize_per_tensor_fp8", mutates_args=())
 def quantize_per_tensor_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x (any shape) float with a static fp32 scale [1] -> float8_e4m3fn of x's shape (x / scale, saturated)."""
+    """x (any shape) float with a static fp32 scale [1] -> float8_e4m3fn of x's shape: x * (1 / scale), saturated."""
     return quantize_fp8_with_scale(x, scale)
 
 
