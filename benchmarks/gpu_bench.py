@@ -130,6 +130,9 @@ def check_kernels() -> list[dict]:
         hidden_codes = quantized_gemm(q8, s8, None, w8, ws8, None, bias, torch.bfloat16, activation="gelu_tanh",
                                       out_scale=hidden_scale)
         ref_codes = quantize_fp8_with_scale(hidden, hidden_scale)
+        # the accumulation alone: fp32 outputs against fp64 sums (int8 sums exactly; Hopper's fp8 MMA may not)
+        exact8 = (q8.double() * s8.double()) @ (w8.double() * ws8.double()[:, None]).t() + bias.double()
+        exact_int8 = ((q.double() - z.double()) * s.double()) @ (wq.double() * ws.double()[:, None]).t() + bias.double()
         packed_errors = {}
         for bits in (4, 2):
             packed, scale, sums = _packed_weight(w, bits)
@@ -147,6 +150,10 @@ def check_kernels() -> list[dict]:
             "fp8_gemm_gelu_quantize_code_mismatch_fraction":
                 (hidden_codes.float() != ref_codes.float()).float().mean().item(),
             "fp8_gemm_gelu_quantize_rel_err_vs_reference": relative_l2(hidden_codes.float() * hidden_scale, hidden),
+            "fp8_gemm_fp32_out_rel_err_vs_fp64": relative_l2(
+                quantized_gemm(q8, s8, None, w8, ws8, None, bias, torch.float32), exact8),
+            "int8_gemm_fp32_out_rel_err_vs_fp64": relative_l2(
+                quantized_gemm(q, s, z, wq, ws, wsum, bias, torch.float32), exact_int8),
             "int8_linear_rel_err_vs_bf16_linear": relative_l2(out, exact),
             "fp8_linear_rel_err_vs_bf16_linear": relative_l2(out8, exact),
             **packed_errors,
