@@ -246,6 +246,9 @@ def test_launcher_rejects_bad_input():
     with pytest.raises(AssertionError, match="zero point needs"):
         quantized_gemm(torch.zeros(2, 8, dtype=torch.int8), torch.ones(2), torch.zeros(2, dtype=torch.int32),
                   torch.zeros(3, 8, dtype=torch.int8), torch.ones(3), None, None, torch.float32)
+    with pytest.raises(AssertionError, match="quantized output takes no residual"):
+        quantized_gemm(torch.zeros(2, 8, dtype=torch.int8), torch.ones(2), None, torch.zeros(3, 8, dtype=torch.int8),
+                       torch.ones(3), None, None, torch.float32, residual=torch.zeros(2, 3), out_scale=torch.ones(1))
     with pytest.raises(AssertionError, match="activation 'geglu'"):
         quantized_gemm(torch.zeros(2, 8, dtype=torch.int8), torch.ones(2), None, torch.zeros(3, 8, dtype=torch.int8),
                        torch.ones(3), None, None, torch.float32, activation="geglu")
