@@ -31,7 +31,7 @@ from triton.testing import do_bench_cudagraph
 
 import fxquant
 from fxquant.backends.triton.attention import _attention_kernel, quantized_attention, tune
-from fxquant.backends.triton.gemm import quantized_gemm
+from fxquant.backends.triton.gemm import quantized_gemm, unpack_weights
 from fxquant.backends.triton.quantize import fused_quantize_per_token, quantize_per_token, quantize_per_token_fp8
 from fxquant.metrics import relative_l2
 from fxquant.ops import (int8_linear_reference, prologue_reference, quantize_per_token_reference,
@@ -136,10 +136,12 @@ def check_kernels() -> list[dict]:
         packed_errors = {}
         for bits in (4, 2):
             packed, scale, sums = _packed_weight(w, bits)
-            out_packed = quantized_gemm(q, s, z, packed, scale, sums, bias, torch.bfloat16, bits)
             codes, _ = quantize_weight_per_channel(w, bits)
             ref_packed = int8_linear_reference(q, s, z, codes, scale, sums, bias, torch.float32)
-            packed_errors[f"w{bits}a8_gemm_rel_err_vs_reference"] = relative_l2(out_packed, ref_packed)
+            for unpack_first, path in ((False, "k_loop"), (True, "unpack_first")):
+                out_packed = quantized_gemm(q, s, z, packed, scale, sums, bias, torch.bfloat16, bits,
+                                            unpack_first=unpack_first)
+                packed_errors[f"w{bits}a8_gemm_{path}_rel_err_vs_reference"] = relative_l2(out_packed, ref_packed)
         rows.append({
             "M": m, "K": k, "N": n,
             "int8_quantize_mismatch_fraction": (q != ref_q).float().mean().item(),
@@ -360,6 +362,41 @@ def gemm_benchmark() -> list[dict]:
             row["speedup_vs_bf16"] = {name: (bf16 / t if t else None) for name, t in times.items()}
             rows.append(row)
             print("gemm", m, k, n, {kk: round(v, 1) for kk, v in row["tflops"].items() if v}, flush=True)
+    return rows
+
+
+def packed_gemm_sweep() -> list[dict]:
+    """W4A8 against W8A8 from few tokens (memory-bound) to many (compute-bound): the packed weights unpacked in the
+    GEMM's K loop or by the unpack kernel before the int8 GEMM (and that kernel alone), at PixArt's first
+    feed-forward shape and Flux's (K 3072, N 12288)."""
+    rows = []
+    for k, n in ((1152, 4608), (3072, 12288)):
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.05
+        bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+        wq, ws = quantize_weight_per_channel(w)
+        wsum = wq.sum(dim=1, dtype=torch.int32)
+        w8, ws8 = _fp8_weight(w)
+        w4, ws4, wsum4 = _packed_weight(w, 4)
+        for m in (16, 64, 256, 1024, 4096, 8192):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            q, s, z = quantize_per_token(x)
+            q8, s8 = quantize_per_token_fp8(x)
+            times = {
+                "bf16_cublas": _graph_median_ms(lambda: torch.nn.functional.linear(x, w, bias)),
+                "fxquant_int8_gemm": _graph_median_ms(
+                    lambda: quantized_gemm(q, s, z, wq, ws, wsum, bias, torch.bfloat16)),
+                "fxquant_fp8_gemm": _graph_median_ms(
+                    lambda: quantized_gemm(q8, s8, None, w8, ws8, None, bias, torch.bfloat16)),
+                "fxquant_w4a8_k_loop": _graph_median_ms(
+                    lambda: quantized_gemm(q, s, z, w4, ws4, wsum4, bias, torch.bfloat16, 4, unpack_first=False)),
+                "fxquant_w4a8_unpack_first": _graph_median_ms(
+                    lambda: quantized_gemm(q, s, z, w4, ws4, wsum4, bias, torch.bfloat16, 4, unpack_first=True)),
+                "fxquant_w4_unpack_only": _graph_median_ms(lambda: unpack_weights(w4, 4)),
+            }
+            row = {"M": m, "K": k, "N": n, "ms": times,
+                   "speedup_vs_int8": {name: times["fxquant_int8_gemm"] / t for name, t in times.items()}}
+            rows.append(row)
+            print("packed", m, k, n, {name: round(t * 1e3, 1) for name, t in times.items()}, "us", flush=True)
     return rows
 
 
@@ -625,7 +662,8 @@ def model_benchmark(name: str, variants: list[str], results: dict, save, layers:
 
 
 KERNEL_SECTIONS = {"kernels": check_kernels, "prologue": prologue_benchmark, "quantize_configs": quantize_config_sweep,
-                   "epilogue": epilogue_sweep, "gemm": gemm_benchmark, "attention": attention_benchmark}
+                   "epilogue": epilogue_sweep, "gemm": gemm_benchmark, "packed": packed_gemm_sweep,
+                   "attention": attention_benchmark}
 
 
 def main() -> None:

@@ -1,5 +1,6 @@
 """Quantized GEMM: int8 x int8 -> int32 (or fp8 e4m3 x fp8 e4m3 -> fp32) with the dequantisation fused in the
-epilogue; int8 activations against 8-, 4- or 2-bit weights (W8A8, W4A8, W2A8), the packed ones unpacked in the K loop.
+epilogue; int8 activations against 8-, 4- or 2-bit weights (W8A8, W4A8, W2A8), the packed ones unpacked in the K loop
+(few tokens: memory-bound) or into an int8 copy by a kernel of their own before the GEMM (many tokens: compute-bound).
 
     out[m, n] = a_scale[m] * b_scale[n] * (sum_k a[m, k] b[n, k] - a_zero[m] * b_sum[n]) + bias[n]
     (optionally)  out[m, n] = residual[m, n] + gate[m // rows_per_gate, n] * out[m, n]   (fxquant::linear_residual)
@@ -45,6 +46,9 @@ def get_autotune_config() -> list[triton.Config]:
 
 
 MAX_BLOCK_M = max(config.kwargs["BLOCK_M"] for config in get_autotune_config())
+# from this many tokens on, packed weights are unpacked into int8 codes by a kernel of their own and the W8A8 GEMM
+# runs on them (compute-bound: the unpacking in the K loop halves the int8 GEMM's speed); below, the K loop unpacks
+UNPACK_MIN_TOKENS = 1024
 
 
 @triton.autotune(configs=get_autotune_config(), key=["M", "N", "K", "HAS_ZERO", "WEIGHT_BITS"])
@@ -142,6 +146,35 @@ def _gemm_kernel(
     tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=tile_ok)
 
 
+@triton.jit
+def _unpack_kernel(packed_ptr, out_ptr, N, PACKED_K, stride_pn, WEIGHT_BITS: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_KP: tl.constexpr):
+    """packed uint8 [N, PACKED_K] (fxquant.quantizer.pack_bits) -> int8 codes [N, PACKED_K * 8 / WEIGHT_BITS]."""
+    PER_BYTE: tl.constexpr = 8 // WEIGHT_BITS
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.program_id(1) * BLOCK_KP + tl.arange(0, BLOCK_KP)
+    mask = (rows < N)[:, None] & (cols < PACKED_K)[None, :]
+    b = tl.load(packed_ptr + rows[:, None] * stride_pn + cols[None, :], mask=mask, other=0).to(tl.int8, bitcast=True)
+    for field in tl.static_range(PER_BYTE):
+        codes = (b << (8 - WEIGHT_BITS * (field + 1))) >> (8 - WEIGHT_BITS)
+        tl.store(out_ptr + rows[:, None] * (PACKED_K * PER_BYTE) + field * PACKED_K + cols[None, :], codes, mask=mask)
+
+
+def unpack_weights(packed: torch.Tensor, weight_bits: int, traced: bool = False) -> torch.Tensor:
+    """uint8 [N, K * weight_bits / 8] packed codes (last dim contiguous) -> int8 [N, K], as
+    fxquant.quantizer.unpack_bits; traced: launched through torch.library.wrap_triton."""
+    assert packed.dtype == torch.uint8 and packed.dim() == 2 and packed.stride(1) == 1 and weight_bits in (4, 2), \
+        f"packed weights {packed.dtype} {tuple(packed.shape)} at {weight_bits} bits"
+    n, packed_k = packed.shape
+    out = torch.empty((n, packed_k * 8 // weight_bits), dtype=torch.int8, device=packed.device)
+    block_n, block_kp = (32, 32) if INTERPRET else (32, 256)
+    grid = (triton.cdiv(n, block_n), triton.cdiv(packed_k, block_kp))
+    kernel = wrap_triton(_unpack_kernel) if traced else _unpack_kernel
+    kernel[grid](packed, out, n, packed_k, packed.stride(0), WEIGHT_BITS=weight_bits, BLOCK_N=block_n,
+                 BLOCK_KP=block_kp)
+    return out
+
+
 def fixed_config(m: int, n: int, k: int, integer: bool, epilogue: bool = False) -> dict:
     """The tile config of graphs traced by the compile backend, from the problem size (Inductor would otherwise
     autotune every call site: minutes of compile for a 28-block DiT). The rules follow the autotuner's choices on an
@@ -167,7 +200,7 @@ def quantized_gemm(a: torch.Tensor, a_scale: torch.Tensor, a_zero: torch.Tensor 
                    gate: torch.Tensor | None = None, residual: torch.Tensor | None = None,
                    activation: str = "none", out_scale: torch.Tensor | None = None,
                    out_zero: torch.Tensor | None = None, config: dict | None = None,
-                   gate_per_tile: bool | None = None) -> torch.Tensor:
+                   gate_per_tile: bool | None = None, unpack_first: bool | None = None) -> torch.Tensor:
     """a [M, K] int8 or fp8, a_scale fp32 [M] or [1] (broadcast), a_zero int32 like a_scale or None; b [N, K] same
     dtype as a, or (int8 a, weight_bits 4 / 2) uint8 [N, K * weight_bits / 8] packed codes; b_scale fp32 [N], b_sum
     int32 [N] (needed with a_zero); bias [N] or None -> out [M, N].
@@ -179,7 +212,8 @@ def quantized_gemm(a: torch.Tensor, a_scale: torch.Tensor, a_zero: torch.Tensor 
     traced: launch through torch.library.wrap_triton with `fixed_config` (graphs the compile backend hands to
     Inductor), or `config` when given (benchmarks); otherwise the autotuned kernel is launched directly (eager
     calls). gate_per_tile (benchmarks): load the gate as one vector per sample in a tile (default: when every
-    tile size fits in a sample) or per element."""
+    tile size fits in a sample) or per element. unpack_first (benchmarks): packed weights are unpacked into an int8
+    copy before the GEMM (`unpack_weights`; default: from UNPACK_MIN_TOKENS rows of a on) or in its K loop."""
     packed = weight_bits != 8
     assert weight_bits in (8, 4, 2), f"weight_bits {weight_bits}"
     assert a.dim() == 2 and b.dim() == 2 and a.shape[1] == b.shape[1] * 8 // weight_bits, \
@@ -192,6 +226,8 @@ def quantized_gemm(a: torch.Tensor, a_scale: torch.Tensor, a_zero: torch.Tensor 
     assert activation in ACTIVATION_CODES and not activation.startswith("geglu"), f"activation {activation!r}"
     m, k = a.shape
     n = b.shape[0]
+    if packed and (unpack_first if unpack_first is not None else m >= UNPACK_MIN_TOKENS):
+        b, weight_bits = unpack_weights(b, weight_bits, traced), 8
     if residual is not None:
         assert residual.shape[-1] == n and residual.numel() == m * n, \
             f"residual {tuple(residual.shape)} for a [{m}, {n}] output"

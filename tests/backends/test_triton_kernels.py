@@ -16,7 +16,7 @@ from fxquant.quantizer import asymmetric_params, fp8_scale, pack_bits, quantize_
 triton = pytest.importorskip("triton")
 from fxquant.backends.triton.quantize import (fused_quantize_per_token, quantize_per_token,  # noqa: E402
                                               quantize_per_token_fp8)
-from fxquant.backends.triton.gemm import quantized_gemm  # noqa: E402
+from fxquant.backends.triton.gemm import quantized_gemm, unpack_weights  # noqa: E402
 from fxquant.backends.triton.attention import quantized_attention  # noqa: E402
 
 fxq = torch.ops.fxquant
@@ -129,20 +129,31 @@ def test_int8_gemm_kernel_is_exact(m, k, n, with_bias):
 
 @pytest.mark.parametrize("bits", [4, 2])
 @pytest.mark.parametrize("m,k,n", [(3, 64, 8), (70, 128, 40), (5, 96, 17)])
-def test_packed_weight_gemm_unpacks_in_the_kernel_exactly(bits, m, k, n):
+@pytest.mark.parametrize("unpack_first", [False, True])
+def test_packed_weight_gemm_unpacks_exactly(bits, m, k, n, unpack_first):
+    """Packed weights unpacked in the GEMM's K loop or by the unpack kernel before it: the same int32 sums."""
     x, w, bias = torch.randn(m, k), torch.randn(n, k), torch.randn(n)
     x_q, x_scale, x_zero = fxq.quantize_per_token(x)
     w_q, w_scale = quantize_weight_per_channel(w, bits)
     w_sum = w_q.sum(dim=1, dtype=torch.int32)
     expected = fxq.int8_linear(x_q, x_scale, x_zero, w_q, w_scale, w_sum, bias, torch.float32)
-    out = quantized_gemm(x_q, x_scale, x_zero, pack_bits(w_q, bits), w_scale, w_sum, bias, torch.float32, bits)
+    out = quantized_gemm(x_q, x_scale, x_zero, pack_bits(w_q, bits), w_scale, w_sum, bias, torch.float32, bits,
+                         unpack_first=unpack_first)
     torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
     assert torch.equal(fxq.packed_int8_linear(x_q, x_scale, x_zero, pack_bits(w_q, bits), bits, w_scale, w_sum, bias,
                                               torch.float32), expected)
 
 
-@pytest.mark.parametrize("bits", [8, 4])
-def test_traced_launch_with_fixed_config_matches(bits):
+@pytest.mark.parametrize("bits", [4, 2])
+@pytest.mark.parametrize("n,k", [(8, 64), (40, 96), (33, 640)])
+def test_unpack_kernel_inverts_pack_bits(bits, n, k):
+    w_q, _ = quantize_weight_per_channel(torch.randn(n, k), bits)
+    assert torch.equal(unpack_weights(pack_bits(w_q, bits), bits), w_q)
+    assert torch.equal(unpack_weights(pack_bits(w_q, bits), bits, traced=True), w_q)
+
+
+@pytest.mark.parametrize("bits,unpack_first", [(8, None), (4, False), (4, True)])
+def test_traced_launch_with_fixed_config_matches(bits, unpack_first):
     """The launch the compile backend traces into Inductor (wrap_triton, fixed tile config) computes the same."""
     x, w = torch.randn(40, 64), torch.randn(24, 64)
     x_q, x_scale, x_zero = fxq.quantize_per_token(x)
@@ -152,7 +163,8 @@ def test_traced_launch_with_fixed_config_matches(bits):
     w_sum = w_q.sum(dim=1, dtype=torch.int32)
     stored = w_q if bits == 8 else pack_bits(w_q, bits)
     expected = fxq.int8_linear(x_q, x_scale, x_zero, w_q, w_scale, w_sum, None, torch.float32)
-    out = quantized_gemm(x_q, x_scale, x_zero, stored, w_scale, w_sum, None, torch.float32, bits, traced=True)
+    out = quantized_gemm(x_q, x_scale, x_zero, stored, w_scale, w_sum, None, torch.float32, bits, traced=True,
+                         unpack_first=unpack_first)
     torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
 
 
