@@ -47,8 +47,9 @@ def get_autotune_config() -> list[triton.Config]:
 
 MAX_BLOCK_M = max(config.kwargs["BLOCK_M"] for config in get_autotune_config())
 # from this many tokens on, packed weights are unpacked into int8 codes by a kernel of their own and the W8A8 GEMM
-# runs on them (compute-bound: the unpacking in the K loop halves the int8 GEMM's speed); below, the K loop unpacks
-UNPACK_MIN_TOKENS = 1024
+# runs on them (the unpacking in the K loop halves the int8 GEMM's speed); below, the K loop unpacks. On an H100
+# (gpu-bench-h100/kernels-and-packed-sweep.json) unpacking first wins from 256 tokens on, the K loop at 16 - 64.
+UNPACK_MIN_TOKENS = 256
 
 
 @triton.autotune(configs=get_autotune_config(), key=["M", "N", "K", "HAS_ZERO", "WEIGHT_BITS"])
