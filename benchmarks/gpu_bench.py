@@ -634,9 +634,9 @@ def model_benchmark(name: str, variants: list[str], results: dict, save, layers:
             row["setup_seconds"] = time.time() - start
             row["first_call_seconds"] = row["setup_seconds"] - row["build_and_quantize_seconds"]  # the compile
             row.update(_measure(model, inputs))
-            if reference is None:
-                reference = out.float()
-            row["rel_l2_vs_bf16_eager"] = relative_l2(out, reference)
+            if reference is None:  # the first variant that runs (put bf16_eager first to compare against it)
+                reference, results["reference_variant"] = out.float(), variant
+            row["rel_l2_vs_reference_variant"] = relative_l2(out, reference)
             if eager_out is not None:
                 row["rel_l2_compiled_vs_eager_quantized"] = relative_l2(out, eager_out)
             if profile_to:
