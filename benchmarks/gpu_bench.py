@@ -34,6 +34,7 @@ from fxquant.backends.triton.attention import _attention_kernel, quantized_atten
 from fxquant.backends.triton.gemm import quantized_gemm, unpack_weights
 from fxquant.backends.triton.quantize import fused_quantize_per_token, quantize_per_token, quantize_per_token_fp8
 from fxquant.metrics import relative_l2
+from fxquant.model import repeated_blocks
 from fxquant.ops import (int8_linear_reference, prologue_reference, quantize_per_token_reference,
                          quantized_attention_reference)
 from fxquant.quantizer import (attention_operands, fp8_scale, pack_bits, quantize_fp8, quantize_fp8_with_scale,
@@ -580,12 +581,18 @@ def _profile_table(model, inputs: dict) -> str:
 
 def _variant_model(variant: str, model, inputs: dict, name: str):
     """(the model of a variant, ready to call, fxquant's eager output or None). Variants: bf16_eager, bf16_compile,
-    fxquant:<recipe>[@<backend option>=<0|1>,...], torchao:float8|int8."""
+bf16_compile_blocks (its repeated blocks compiled),
+    fxquant:<recipe>[@<backend option>=<0|1>,...] (the whole model compiled), fxquant-blocks:<recipe>[@...] (its
+    repeated blocks compiled, QuantizedModel.compile_blocks), torchao:float8|int8."""
     if variant == "bf16_compile":
         return torch.compile(model), None
+    if variant == "bf16_compile_blocks":  # regional compilation, as fxquant-blocks
+        for block in repeated_blocks(model):
+            model.get_submodule(block).compile()
+        return model, None
     if variant.startswith("torchao:"):
         return torch.compile(_torchao(model, variant.split(":", 1)[1])), None
-    if not variant.startswith("fxquant:"):
+    if not variant.startswith(("fxquant:", "fxquant-blocks:")):
         return model, None
     recipe_name, _, option_text = variant.split(":", 1)[1].partition("@")
     options = {key: value == "1" for key, value in (item.split("=") for item in option_text.split(",") if item)}
@@ -595,6 +602,9 @@ def _variant_model(variant: str, model, inputs: dict, name: str):
     qmodel = fxquant.quantize(model, recipe, [inputs])
     with torch.no_grad():
         eager_out = _first_output(qmodel(**inputs, return_dict=False))
+    if variant.startswith("fxquant-blocks:"):
+        qmodel.compile_blocks(options=options or None)
+        return qmodel, eager_out
     return torch.compile(qmodel, backend="fxquant", options=options or None), eager_out
 
 
@@ -630,7 +640,10 @@ def model_benchmark(name: str, variants: list[str], results: dict, save, layers:
             if compile_profile_to:
                 with open(compile_profile_to, "a") as f:
                     f.write(f"\n## {name} {variant}: first call (compile), by cumulative time\n")
-                    pstats.Stats(profiler, stream=f).sort_stats("cumulative").print_stats(60)
+                    pstats.Stats(profiler, stream=f).sort_stats("cumulative").print_stats(80)
+                    f.write(f"\n## {name} {variant}: first call (compile), by own time\n")
+                    pstats.Stats(profiler, stream=f).sort_stats("tottime").print_stats(40)
+                    f.write(f"\n## {name} {variant}: torch.compile phases\n{torch._dynamo.utils.compile_times()}\n")
             row["setup_seconds"] = time.time() - start
             row["first_call_seconds"] = row["setup_seconds"] - row["build_and_quantize_seconds"]  # the compile
             row.update(_measure(model, inputs))

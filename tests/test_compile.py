@@ -1,5 +1,8 @@
 """torch.compile(qmodel, backend="fxquant"): registered by entry point, matches eager, compiles once per shape."""
 
+import copy
+import types
+
 import pytest
 import torch
 from diffusers.models.attention import BasicTransformerBlock
@@ -7,6 +10,7 @@ from diffusers.models.attention import BasicTransformerBlock
 from families import FAMILIES
 from fxquant.backends.triton.backend import compile_counter
 from fxquant.metrics import relative_l2
+from fxquant.model import QuantizedModel, repeated_blocks
 
 
 def test_backend_registered_through_entry_point():
@@ -90,3 +94,34 @@ def test_backend_fusions_rewrite_every_block_and_compute_the_same(quantized_fami
             outputs[enabled] = compiled(**inputs, return_dict=False)[0]
         assert compile_counter[counter] == (cases[name, recipe] * len(blocks) if enabled else 0)
     assert relative_l2(outputs[True], outputs[False]) <= 1e-5  # fp32 model: the same arithmetic, fused
+
+
+
+def test_compile_blocks_compiles_one_graph_for_identical_blocks(quantized_family):
+    """Regional compilation: the tiny PixArt's transformer blocks share one compiled graph, matching eager."""
+    torch._dynamo.reset()
+    compile_counter.clear()
+    _, qmodel, _ = quantized_family("pixart", "w8a8")
+    qmodel = copy.deepcopy(qmodel)  # compile_blocks compiles the blocks in place
+    family = FAMILIES["pixart"]
+    steps = [family.inputs(batch=2, seed=seed) for seed in (31, 32)]
+    with torch.no_grad():
+        eager = [qmodel(**inputs, return_dict=False)[0] for inputs in steps]
+    names = qmodel.compile_blocks()
+    assert names == [f"transformer_blocks.{i}" for i in range(len(qmodel.model.transformer_blocks))]
+    assert len(names) >= 2
+    for inputs, expected in zip(steps, eager):
+        with torch.no_grad():
+            assert relative_l2(qmodel(**inputs, return_dict=False)[0], expected) <= 1e-3
+    assert compile_counter["graphs"] == 1, f"{compile_counter['graphs']} graphs for {len(names)} identical blocks"
+    assert compile_counter["fused_prologues"] > 0
+
+
+def test_repeated_blocks_of_a_unet_and_a_model_without_any():
+    unet = FAMILIES["unet"].build()
+    names = repeated_blocks(unet)
+    assert any(".resnets." in name for name in names) and any(".attentions." in name for name in names)
+    assert all(isinstance(unet.get_submodule(name), torch.nn.Module) for name in names)
+    stand_in = types.SimpleNamespace(model=torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.GELU()))
+    with pytest.raises(ValueError, match="no repeated blocks"):
+        QuantizedModel.compile_blocks(stand_in)
