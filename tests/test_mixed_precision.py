@@ -163,6 +163,23 @@ def test_mixed_precision_compiles_once_and_round_trips(viditq_mp, tmp_path):
         assert torch.equal(loaded(**inputs, return_dict=False)[0], qmodel(**inputs, return_dict=False)[0])
 
 
+def test_mixed_precision_blocks_compile_regionally(viditq_mp):
+    """compile_blocks on blocks of differing bit-widths (and a layer switching bits per timestep group): one graph
+    per distinct block at most, each matching eager in both timestep groups."""
+    _, qmodel = viditq_mp
+    qmodel = copy.deepcopy(qmodel)
+    torch._dynamo.reset()
+    compile_counter.clear()
+    steps = [inputs_at_timesteps(FAMILIES["pixart"], [t])[0] for t in (900, 100)]
+    with torch.no_grad():
+        eager = [qmodel(**inputs, return_dict=False)[0] for inputs in steps]
+    names = qmodel.compile_blocks()
+    for inputs, expected in zip(steps, eager):
+        with torch.no_grad():
+            assert relative_l2(qmodel(**inputs, return_dict=False)[0], expected) <= 1e-3
+    assert 1 <= compile_counter["graphs"] <= len(names)
+
+
 def test_mixed_precision_exports_to_onnx_on_integer_ops(viditq_mp, tmp_path):
     from fxquant.backends.onnx import integer_op_count, session
 
