@@ -581,9 +581,9 @@ def _profile_table(model, inputs: dict) -> str:
 
 def _variant_model(variant: str, model, inputs: dict, name: str):
     """(the model of a variant, ready to call, fxquant's eager output or None). Variants: bf16_eager, bf16_compile,
-bf16_compile_blocks (its repeated blocks compiled),
-    fxquant:<recipe>[@<backend option>=<0|1>,...] (the whole model compiled), fxquant-blocks:<recipe>[@...] (its
-    repeated blocks compiled, QuantizedModel.compile_blocks), torchao:float8|int8."""
+    bf16_compile_blocks (its repeated blocks compiled), fxquant:<recipe>[@<backend option>=<0|1>,...] (the whole
+    model compiled), fxquant-blocks:<recipe>[@...] (its repeated blocks compiled, QuantizedModel.compile_blocks),
+    torchao:float8|int8."""
     if variant == "bf16_compile":
         return torch.compile(model), None
     if variant == "bf16_compile_blocks":  # regional compilation, as fxquant-blocks
