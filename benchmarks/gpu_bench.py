@@ -8,8 +8,9 @@ Everything runs in one process on the same inputs; times are medians of >= 20 ca
 replays (triton.testing.do_bench_cudagraph), so CPU launch overhead is excluded for every variant alike; the
 denoisers are timed both as plain calls and as CUDA-graph replays. Ratios are against bf16 cuBLAS / bf16 eager /
 bf16 torch.compile measured in the same run. Random weights: speed does not depend on their values. Model variants:
-bf16 eager / torch.compile, fxquant recipes compiled with backend="fxquant", torchao float8 / int8 dynamic (when
-torchao imports; failures are recorded as such). The JSON (device, versions, date) is rewritten after every
+bf16 eager / torch.compile (whole model or its repeated blocks), fxquant recipes compiled with backend="fxquant"
+(whole model or `compile_blocks`), torchao float8 / int8 dynamic (when torchao imports; failures are recorded as
+such). Section `packed` sweeps W4A8 against W8A8 over the token count. The JSON (device, versions, date) is rewritten after every
 variant, so a run cut short keeps what it measured.
 """
 
