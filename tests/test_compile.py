@@ -96,7 +96,6 @@ def test_backend_fusions_rewrite_every_block_and_compute_the_same(quantized_fami
     assert relative_l2(outputs[True], outputs[False]) <= 1e-5  # fp32 model: the same arithmetic, fused
 
 
-
 def test_compile_blocks_compiles_one_graph_for_identical_blocks(quantized_family):
     """Regional compilation: the tiny PixArt's transformer blocks share one compiled graph, matching eager."""
     torch._dynamo.reset()

@@ -166,8 +166,8 @@ def test_mixed_precision_compiles_once_and_round_trips(viditq_mp, tmp_path):
 def test_mixed_precision_blocks_compile_regionally(viditq_mp):
     """compile_blocks on blocks of differing bit-widths (and a layer switching bits per timestep group): one graph
     per distinct block at most, each matching eager in both timestep groups."""
-    _, qmodel = viditq_mp
-    qmodel = copy.deepcopy(qmodel)
+    qmodel = copy.deepcopy(viditq_mp[1])
+    _with_a_switching_layer(qmodel)
     torch._dynamo.reset()
     compile_counter.clear()
     steps = [inputs_at_timesteps(FAMILIES["pixart"], [t])[0] for t in (900, 100)]
