@@ -124,10 +124,12 @@ def evaluate(model: str, recipes: list[str | QuantConfig], samples: int = 100, s
     """Run the harness on reference `model` for `recipes`; returns (and writes, if out_dir) the report.
 
     runner "onnx": each quantized denoiser is exported and runs on ONNX Runtime (CPU, per-token activations;
-    rows are named "<recipe> (onnx)").
+    rows are named "<recipe> (onnx)"); "compiled": its repeated blocks are compiled with backend="fxquant"
+    (`QuantizedModel.compile_blocks`: the fused kernels on CUDA, the rewritten graph's reference ops on the CPU;
+    rows "<recipe> (compiled)").
     """
-    if runner not in ("torch", "onnx"):
-        raise ValueError(f"runner must be 'torch' or 'onnx', got {runner!r}.")
+    if runner not in ("torch", "onnx", "compiled"):
+        raise ValueError(f"runner must be 'torch', 'onnx' or 'compiled', got {runner!r}.")
     for recipe in recipes:  # a bad recipe string fails now, not after the full-precision generation
         get_config(recipe)
     steps, guidance = REFERENCE_MODELS[model]
@@ -159,6 +161,9 @@ def evaluate(model: str, recipes: list[str | QuantConfig], samples: int = 100, s
 
             name = f"{name} (onnx)"
             setattr(pipe, find_denoiser(pipe), OrtDenoiser(pipe.denoiser, tempfile.mkdtemp(prefix="fxquant-onnx-")))
+        elif runner == "compiled":
+            name = f"{name} (compiled)"
+            pipe.denoiser.compile_blocks()
         qmodel = pipe.denoiser
         with torch.no_grad():
             outputs = [qmodel(*args, **kwargs)[0] for args, kwargs in calls]

@@ -52,3 +52,21 @@ def test_harness_report_grid_and_table(tmp_path):
         assert row["weight_bytes"] < rows["fp"]["weight_bytes"] / 2
         assert (tmp_path / f"fewstep-unet-{recipe}.png").exists()
     assert (tmp_path / "fewstep-unet.json").exists() and "| fewstep-unet | w8a8 |" in (tmp_path / "fewstep-unet.md").read_text()
+
+
+def test_harness_compiled_runner_scores_the_rewritten_graph():
+    """runner="compiled": the denoiser's blocks compiled with backend="fxquant" (feed-forward GELU + quantize and
+    gated residuals rewritten into fused ops); on the CPU their reference ops give the eager numbers exactly."""
+    from fxquant.backends.triton.backend import compile_counter
+
+    recipe = "w8a8-fp8:static_hidden_activations=true"
+    torch._dynamo.reset()
+    compile_counter.clear()
+    compiled = evaluate("t2i-dit", [recipe], samples=2, calibration=2, runner="compiled", echo=lambda *_: None)
+    assert compile_counter["fused_activations"] >= 1 and compile_counter["fused_residuals"] >= 1
+    eager = evaluate("t2i-dit", [recipe], samples=2, calibration=2, echo=lambda *_: None)
+    row, eager_row = compiled["rows"][1], eager["rows"][1]
+    assert row["recipe"] == f"{recipe} (compiled)"
+    assert row["psnr_db"] == eager_row["psnr_db"] and row["sqnr_db_per_step"] == eager_row["sqnr_db_per_step"]
+    with pytest.raises(ValueError, match="runner must be"):
+        evaluate("t2i-dit", [recipe], runner="inductor")
