@@ -145,6 +145,27 @@ def test_packed_weight_gemm_unpacks_exactly(bits, m, k, n, unpack_first, one_dot
                                               torch.float32), expected)
 
 
+def test_packed_weights_are_unpacked_first_from_unpack_min_tokens(monkeypatch):
+    """The default path: the K loop unpacks below UNPACK_MIN_TOKENS rows, the unpack kernel from there on."""
+    from fxquant.backends.triton import gemm
+
+    unpacked = []
+
+    def counting_unpack(*args):
+        unpacked.append(args)
+        return unpack_weights(*args)
+
+    monkeypatch.setattr(gemm, "unpack_weights", counting_unpack)
+    w_q, w_scale = quantize_weight_per_channel(torch.randn(16, 64), 4)
+    w_sum = w_q.sum(dim=1, dtype=torch.int32)
+    for rows, unpacks in ((gemm.UNPACK_MIN_TOKENS - 1, 0), (gemm.UNPACK_MIN_TOKENS, 1)):
+        x_q, x_scale, x_zero = fxq.quantize_per_token(torch.randn(rows, 64))
+        expected = fxq.int8_linear(x_q, x_scale, x_zero, w_q, w_scale, w_sum, None, torch.float32)
+        out = gemm.quantized_gemm(x_q, x_scale, x_zero, pack_bits(w_q, 4), w_scale, w_sum, None, torch.float32, 4)
+        torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+        assert len(unpacked) == unpacks
+
+
 @pytest.mark.parametrize("bits", [4, 2])
 @pytest.mark.parametrize("n,k", [(8, 64), (40, 96), (33, 640)])
 def test_unpack_kernel_inverts_pack_bits(bits, n, k):
