@@ -116,6 +116,9 @@ class QuantizedModel(_Wrapper):
         one compiled graph, so a 28-block DiT compiles about one block's worth instead of 28 (blocks that differ,
         e.g. in their bit-widths, compile once per variant: torch._dynamo's recompile limit is raised to the number
         of blocks). Returns the names of the compiled blocks."""
+        if "backend" in compile_kwargs:
+            raise ValueError("compile_blocks always compiles with backend=\"fxquant\"; pass only torch.compile's "
+                             "other arguments (mode, options, dynamic, fullgraph)")
         names = repeated_blocks(self.model)
         if not names:
             raise ValueError(f"{type(self.model).__name__} has no repeated blocks (an nn.ModuleList of two or more "
