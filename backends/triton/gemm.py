@@ -26,7 +26,8 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from . import INTERPRET
-from .quantize import ACTIVATION_CODES, FP8_MAX, apply_activation, load_per_group, per_group_operand, rint, row_strided
+from .quantize import (ACTIVATION_CODES, FP8_MAX, apply_activation, launcher, load_per_group, per_group_operand, rint,
+                       row_strided)
 
 
 def get_autotune_config() -> list[triton.Config]:
@@ -50,6 +51,13 @@ MAX_BLOCK_M = max(config.kwargs["BLOCK_M"] for config in get_autotune_config())
 # runs on them (the unpacking in the K loop halves the int8 GEMM's speed); below, the K loop unpacks. On an H100
 # (gpu-bench-h100/kernels-and-packed-sweep.json) unpacking first wins from 256 tokens on, the K loop at 16 - 64.
 UNPACK_MIN_TOKENS = 256
+
+
+@triton.jit
+def unpack_field(packed, field, WEIGHT_BITS: tl.constexpr):
+    """Field `field` (bits [field * WEIGHT_BITS, (field + 1) * WEIGHT_BITS)) of int8-bitcast packed bytes, as signed
+    int8 codes: shifted to the top bit, then arithmetically (sign-extending) down."""
+    return (packed << (8 - WEIGHT_BITS * (field + 1))) >> (8 - WEIGHT_BITS)
 
 
 @triton.autotune(configs=get_autotune_config(), key=["M", "N", "K", "HAS_ZERO", "WEIGHT_BITS", "ONE_DOT"])
@@ -126,7 +134,7 @@ def _gemm_kernel(
                 k_left = packed_k - k_start
                 b = tl.load(b_ptrs, mask=offs_k[None, :] < k_left, other=0).to(tl.int8, bitcast=True)
                 for field in tl.static_range(PER_BYTE):
-                    codes = (b << (8 - WEIGHT_BITS * (field + 1))) >> (8 - WEIGHT_BITS)  # signed: >> sign-extends
+                    codes = unpack_field(b, field, WEIGHT_BITS)
                     a = tl.load(a_ptrs + field * packed_k * stride_ak, mask=offs_k[:, None] < k_left, other=0)
                     acc_t = tl.dot(codes, a, acc_t, out_dtype=tl.int32)
                 a_ptrs += BLOCK_KP * stride_ak
@@ -174,7 +182,7 @@ def _unpack_kernel(packed_ptr, out_ptr, N, PACKED_K, stride_pn, WEIGHT_BITS: tl.
     mask = (rows < N)[:, None] & (cols < PACKED_K)[None, :]
     b = tl.load(packed_ptr + rows[:, None] * stride_pn + cols[None, :], mask=mask, other=0).to(tl.int8, bitcast=True)
     for field in tl.static_range(PER_BYTE):
-        codes = (b << (8 - WEIGHT_BITS * (field + 1))) >> (8 - WEIGHT_BITS)
+        codes = unpack_field(b, field, WEIGHT_BITS)
         tl.store(out_ptr + rows[:, None] * (PACKED_K * PER_BYTE) + field * PACKED_K + cols[None, :], codes, mask=mask)
 
 
@@ -187,9 +195,8 @@ def unpack_weights(packed: torch.Tensor, weight_bits: int, traced: bool = False)
     out = torch.empty((n, packed_k * 8 // weight_bits), dtype=torch.int8, device=packed.device)
     block_n, block_kp = (32, 32) if INTERPRET else (32, 256)
     grid = (triton.cdiv(n, block_n), triton.cdiv(packed_k, block_kp))
-    kernel = wrap_triton(_unpack_kernel) if traced else _unpack_kernel
-    kernel[grid](packed, out, n, packed_k, packed.stride(0), WEIGHT_BITS=weight_bits, BLOCK_N=block_n,
-                 BLOCK_KP=block_kp)
+    launcher(_unpack_kernel, traced)[grid](packed, out, n, packed_k, packed.stride(0), WEIGHT_BITS=weight_bits,
+                                           BLOCK_N=block_n, BLOCK_KP=block_kp)
     return out
 
 

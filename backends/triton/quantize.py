@@ -114,7 +114,7 @@ def _launch_config(k: int, gated: bool) -> tuple[int, int, int]:
     return 1, block, max(1, min(16, block * (2 if gated else 1) // 2048))
 
 
-def _launcher(kernel, traced: bool):
+def launcher(kernel, traced: bool):
     """The kernel itself, or wrapped for tracing into an Inductor graph (torch.library.wrap_triton)."""
     return wrap_triton(kernel) if traced else kernel
 
@@ -141,7 +141,7 @@ def per_group_operand(operand: torch.Tensor | None, shape: torch.Size, rows: int
 def fused_quantize_per_token(x: torch.Tensor, weight=None, bias=None, mul=None, add=None, norm: str = "none",
                              eps: float = 0.0, activation: str = "none", fp8: bool = False, traced: bool = False):
     """fxquant::fused_quantize_per_token on the GPU: x [..., C_in] float -> (q [M, C] int8 or fp8, fp32 scale
-    [M, 1], int32 zero [M, 1] (fp8: [M, 0])). Arguments as fxquant.ops.prologue_reference; traced: see _launcher.
+    [M, 1], int32 zero [M, 1] (fp8: [M, 0])). Arguments as fxquant.ops.prologue_reference; traced: see launcher.
     Absent operands are passed as the scale buffer (never read), not as x: Inductor materialises a separate copy of
     a not-yet-stored input for every argument it is passed as (4 copies of Flux's 15360-wide rows, measured)."""
     check_prologue(norm, activation, any(t is not None for t in (weight, bias, mul, add)))
@@ -156,7 +156,7 @@ def fused_quantize_per_token(x: torch.Tensor, weight=None, bias=None, mul=None, 
         mul_arg, rows_per_mul, stride_mul_g, stride_mul_c = per_group_operand(mul, x.shape, m, scale)
         add_arg, rows_per_add, stride_add_g, stride_add_c = per_group_operand(add, x.shape, m, scale)
         rows_per_program, block, warps = _launch_config(width, gated)
-        _launcher(_quantize_rows_kernel, traced)[(triton.cdiv(m, rows_per_program),)](
+        launcher(_quantize_rows_kernel, traced)[(triton.cdiv(m, rows_per_program),)](
             x, q, scale, scale if fp8 else zero, scale if weight is None else weight, scale if bias is None else bias,
             mul_arg, add_arg, m, width, x.stride(-2) if x.dim() > 1 else 0, q.stride(0), eps,
             rows_per_mul, stride_mul_g, stride_mul_c, rows_per_add, stride_add_g, stride_add_c,
@@ -167,7 +167,7 @@ def fused_quantize_per_token(x: torch.Tensor, weight=None, bias=None, mul=None, 
 
 
 def quantize_per_token(x: torch.Tensor, traced: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x [..., K] float -> (int8 [M, K], fp32 scale [M, 1], int32 zero [M, 1]). traced: see _launcher."""
+    """x [..., K] float -> (int8 [M, K], fp32 scale [M, 1], int32 zero [M, 1]). traced: see launcher."""
     return fused_quantize_per_token(x, traced=traced)
 
 

@@ -172,6 +172,8 @@ def test_unpack_kernel_inverts_pack_bits(bits, n, k):
     w_q, _ = quantize_weight_per_channel(torch.randn(n, k), bits)
     assert torch.equal(unpack_weights(pack_bits(w_q, bits), bits), w_q)
     assert torch.equal(unpack_weights(pack_bits(w_q, bits), bits, traced=True), w_q)
+    with pytest.raises(AssertionError, match="packed weights"):
+        unpack_weights(w_q, bits)  # int8 codes, not packed bytes
 
 
 @pytest.mark.parametrize("bits,unpack_first", [(8, None), (4, False), (4, True)])
