@@ -31,7 +31,7 @@ import triton
 from triton.testing import do_bench_cudagraph
 
 import fxquant
-from fxquant.backends.triton.attention import _attention_kernel, quantized_attention, tune
+from fxquant.backends.triton.attention import _attention_kernel, attend, kernel_operands, quantized_attention, tune
 from fxquant.backends.triton.gemm import quantized_gemm, unpack_weights
 from fxquant.backends.triton.quantize import fused_quantize_per_token, quantize_per_token, quantize_per_token_fp8
 from fxquant.metrics import relative_l2
@@ -415,7 +415,8 @@ def _attention_inputs(batch: int, heads: int, tokens: int, head_dim: int):
 def attention_benchmark() -> list[dict]:
     """fxquant's quantized attention against SDPA (bf16, PyTorch's fastest backend) at the models' shapes: errors
     against fp32 SDPA and (PixArt) against the reference op, times of SDPA, the whole op (operands + kernel; eager and
-    compiled, where Inductor fuses the operand quantization) and of the operand quantization alone."""
+    compiled, where Inductor fuses the operand quantization), of the operand quantization alone and of the kernel alone
+    on prepared operands."""
     rows = []
     for name, (batch, heads, tokens, head_dim) in ATTENTION_SHAPES.items():
         q, k, v = _attention_inputs(batch, heads, tokens, head_dim)
@@ -434,6 +435,8 @@ def attention_benchmark() -> list[dict]:
             row["ms"][f"fxquant_{label}"] = _graph_median_ms(lambda: quantized_attention(q, k, v, scale, pv_fp8))
             row["ms"][f"fxquant_{label}_operands_only"] = _graph_median_ms(
                 lambda: attention_operands(q, k, v, pv_fp8))
+            operands = kernel_operands(q, k, v, pv_fp8)
+            row["ms"][f"fxquant_{label}_kernel_only"] = _graph_median_ms(lambda: attend(q, operands, scale))
         for label, pv_fp8 in (("int8", False), ("int8_fp8", True)):
             try:  # as the compile backend does: tile autotuned for the shape, then traced into Inductor
                 tune(batch, heads, tokens, tokens, head_dim, pv_fp8, q.dtype)
@@ -583,19 +586,36 @@ def _profile_table(model, inputs: dict) -> str:
     return prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
 
 
+def _calibration_calls(inputs: dict, count: int = 8) -> list[dict]:
+    """`count` copies of the inputs whose timesteps step from the top of the model's scale (1 or 999) down to 0, so
+    that every timestep group of a recipe gets calls; [inputs] for a model without a timestep input."""
+    timestep = inputs.get("timestep")
+    if timestep is None:
+        return [inputs]
+    top = 1.0 if timestep.max() <= 1 else 999.0
+    return [{**inputs, "timestep": torch.full_like(timestep, value)} for value in torch.linspace(top, 0, count).tolist()]
+
+
+def _compile_blocks(model):
+    """model with each of its repeated blocks compiled in place (regional compilation, as fxquant-blocks)."""
+    for block in repeated_blocks(model):
+        model.get_submodule(block).compile()
+    return model
+
+
 def _variant_model(variant: str, model, inputs: dict, name: str):
     """(the model of a variant, ready to call, fxquant's eager output or None). Variants: bf16_eager, bf16_compile,
     bf16_compile_blocks (its repeated blocks compiled), fxquant:<recipe>[@<backend option>=<0|1>,...] (the whole
     model compiled), fxquant-blocks:<recipe>[@...] (its repeated blocks compiled, QuantizedModel.compile_blocks),
-    torchao:float8|int8."""
+    torchao:float8|int8 (the whole model compiled), torchao-blocks:float8|int8 (its repeated blocks compiled)."""
     if variant == "bf16_compile":
         return torch.compile(model), None
     if variant == "bf16_compile_blocks":  # regional compilation, as fxquant-blocks
-        for block in repeated_blocks(model):
-            model.get_submodule(block).compile()
-        return model, None
+        return _compile_blocks(model), None
     if variant.startswith("torchao:"):
         return torch.compile(_torchao(model, variant.split(":", 1)[1])), None
+    if variant.startswith("torchao-blocks:"):
+        return _compile_blocks(_torchao(model, variant.split(":", 1)[1])), None
     if not variant.startswith(("fxquant:", "fxquant-blocks:")):
         return model, None
     recipe_name, _, option_text = variant.split(":", 1)[1].partition("@")
@@ -603,7 +623,7 @@ def _variant_model(variant: str, model, inputs: dict, name: str):
     recipe = fxquant.get_config(recipe_name)
     if name in LINEARS_ONLY:
         recipe.keep_full_precision.update(LINEARS_ONLY[name])
-    qmodel = fxquant.quantize(model, recipe, [inputs])
+    qmodel = fxquant.quantize(model, recipe, _calibration_calls(inputs))
     with torch.no_grad():
         eager_out = _first_output(qmodel(**inputs, return_dict=False))
     if variant.startswith("fxquant-blocks:"):

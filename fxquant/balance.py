@@ -11,7 +11,6 @@ drawn once from a seeded generator and stored with the layer; nothing is regener
 
 from __future__ import annotations
 
-import functools
 import hashlib
 
 import torch
@@ -36,15 +35,6 @@ def rotation_block(width: int) -> int:
     return min(width & -width, MAX_BLOCK)
 
 
-@functools.cache
-def hadamard(size: int, device: str = "cpu") -> torch.Tensor:
-    """Orthonormal Walsh-Hadamard matrix [size, size] fp32 (size a power of two), Sylvester's construction."""
-    matrix = torch.ones(1, 1, dtype=torch.float64)
-    while matrix.shape[0] < size:
-        matrix = torch.cat([torch.cat([matrix, matrix], 1), torch.cat([matrix, -matrix], 1)], 0)
-    return (matrix / size**0.5).to(device=device, dtype=torch.float32)
-
-
 def rotation_signs(width: int, fqn: str, seed: int) -> torch.Tensor:
     """Deterministic random ±1 signs [width] for the layer `fqn` (seeded by seed and the name)."""
     digest = int(hashlib.sha256(f"{seed}:{fqn}".encode()).hexdigest()[:8], 16)
@@ -53,6 +43,16 @@ def rotation_signs(width: int, fqn: str, seed: int) -> torch.Tensor:
 
 
 def rotate(x: torch.Tensor, signs: torch.Tensor, block: int) -> torch.Tensor:
-    """x [..., K] -> x R with R = diag(signs) blockdiag(H_block), computed in fp32, returned in x's dtype."""
-    blocks = (x.float() * signs).reshape(*x.shape[:-1], x.shape[-1] // block, block)
-    return (blocks @ hadamard(block, str(x.device))).reshape(x.shape).to(x.dtype)
+    """x [..., K] -> x R with R = diag(signs) blockdiag(H_block), computed in fp32, returned in x's dtype.
+
+    H_block x runs as the fast Walsh-Hadamard transform: log2(block) butterfly stages (a, b) -> (a + b, a - b) over
+    element pairs h apart, h = 1, 2, ..., block / 2, in Sylvester's ordering, then 1 / sqrt(block). No matrix is
+    built, so a compiled graph holds no constant to copy to the device on every call (and stays CUDA-graph safe)."""
+    rows = (x.float() * signs).reshape(-1, block)
+    half = 1
+    while half < block:
+        pairs = rows.reshape(-1, block // (2 * half), 2, half)
+        first, second = pairs[:, :, 0], pairs[:, :, 1]
+        rows = torch.stack([first + second, first - second], dim=2)
+        half *= 2
+    return (rows * block**-0.5).reshape(x.shape).to(x.dtype)

@@ -71,11 +71,11 @@ def _attend_tile(acc_a, acc_b, row_max, row_sum, q_a, q_b, q_scale, k_base, k_sc
     v_a = tl.load(v_rows + dims_a[None, :] * stride_vd, mask=key_ok[:, None], other=0.0) if MASKED else \
         tl.load(v_rows + dims_a[None, :] * stride_vd)
     p_op = p.to(v_a.dtype)
-    acc_a = acc_a * rescale[:, None] + tl.dot(p_op, v_a, out_dtype=tl.float32)
+    acc_a = tl.dot(p_op, v_a, acc_a * rescale[:, None], out_dtype=tl.float32)
     if HAS_TAIL:
         v_b = tl.load(v_rows + dims_b[None, :] * stride_vd, mask=key_ok[:, None], other=0.0) if MASKED else \
             tl.load(v_rows + dims_b[None, :] * stride_vd)
-        acc_b = acc_b * rescale[:, None] + tl.dot(p_op, v_b, out_dtype=tl.float32)
+        acc_b = tl.dot(p_op, v_b, acc_b * rescale[:, None], out_dtype=tl.float32)
     return acc_a, acc_b, new_max, row_sum
 
 
@@ -176,20 +176,15 @@ def tune(batch: int, heads: int, n_q: int, n_k: int, head_dim: int, pv_fp8: bool
     return _TUNED[key]
 
 
-def quantized_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, pv_fp8: bool,
-                        traced: bool = False) -> torch.Tensor:
-    """q [B, H, Nq, D], k / v [B, H, Nk, D] (head dim >= 16) -> [B, H, Nq, D] in q's dtype, stored [B, Nq, H, D].
-
-    traced: launch through torch.library.wrap_triton with the config `tune` found for this problem, else
-    FIXED_CONFIG (graphs the compile backend hands to Inductor); otherwise the autotuned kernel is launched directly
-    (eager calls)."""
-    batch, heads, n_q, head_dim = q.shape
-    n_k = k.shape[2]
+def kernel_operands(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pv_fp8: bool) -> dict:
+    """q [B, H, Nq, D], k / v [B, H, Nk, D] -> the kernel's operands (`attention_operands`, zero-padded to the
+    kernel's head-dim split, in the layouts its tiles load) and flags, for `attend`."""
+    head_dim = q.shape[-1]
     assert head_dim >= 16 and k.shape[-1] == v.shape[-1] == head_dim, f"head dims {q.shape}, {k.shape}, {v.shape}"
     dim_a, dim_b = head_dim_split(head_dim)
     pad = dim_a + dim_b - head_dim if head_dim > dim_a else 0  # zero channels: the tail tile loads unmasked
     q_q, q_scale, k_q, k_scale, v_op, v_scale = attention_operands(q, k, v, pv_fp8)
-    q_q, k_q, v_op = (_pad_last(x, pad) for x in (q_q, k_q, v_op))
+    q_q, k_q, v_op = _pad_last(q_q, pad), _pad_last(k_q, pad), _pad_last(v_op, pad)
     q_q = q_q if q_q.stride(-1) == 1 else q_q.contiguous()
     k_q = k_q if k_q.stride(-1) == 1 else k_q.contiguous()
     if pv_fp8:  # keys contiguous: the fp8 MMA wants its reduced dimension innermost
@@ -197,17 +192,38 @@ def quantized_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale
         v_scale = F.pad(v_scale, (0, pad)).contiguous()
     elif v_op.stride(-1) != 1:
         v_op = v_op.contiguous()
+    return dict(q_q=q_q, q_scale=q_scale.contiguous(), k_q=k_q, k_scale=k_scale.contiguous(), v_op=v_op,
+                v_scale=v_scale if pv_fp8 else q_scale, flags=dict(
+                    HEAD_DIM=head_dim, DIM_A=dim_a, DIM_B=dim_b, HAS_TAIL=head_dim > dim_a, PV_FP8=pv_fp8))
+
+
+def attend(q: torch.Tensor, operands: dict, scale: float, traced: bool = False) -> torch.Tensor:
+    """The kernel on `kernel_operands(q, k, v, ...)` -> [B, H, Nq, D] in q's dtype, stored [B, Nq, H, D]; traced as
+    in `quantized_attention`."""
+    batch, heads, n_q, head_dim = q.shape
+    q_q, k_q, v_op = operands["q_q"], operands["k_q"], operands["v_op"]
+    n_k = k_q.shape[2]
     out = empty_heads_last(q)
     if out.numel() == 0:
         return out
-    args = (q_q, q_scale.contiguous(), k_q, k_scale.contiguous(), v_op, v_scale if pv_fp8 else q_scale, out,
-            n_q, n_k, heads, scale * LOG2E, *q_q.stride()[:3], *k_q.stride()[:3], *v_op.stride(), *out.stride()[:3])
-    flags = dict(HEAD_DIM=head_dim, DIM_A=dim_a, DIM_B=dim_b, HAS_TAIL=head_dim > dim_a, PV_FP8=pv_fp8)
+    args = (q_q, operands["q_scale"], k_q, operands["k_scale"], v_op, operands["v_scale"], out, n_q, n_k, heads,
+            scale * LOG2E, *q_q.stride()[:3], *k_q.stride()[:3], *v_op.stride(), *out.stride()[:3])
+    flags = operands["flags"]
     if traced:
         config = get_autotune_config()[0].all_kwargs() if INTERPRET else _TUNED.get(
-            _tuning_key(n_q, n_k, head_dim, pv_fp8, q.dtype), FIXED_CONFIG)
+            _tuning_key(n_q, n_k, head_dim, flags["PV_FP8"], q.dtype), FIXED_CONFIG)
         wrap_triton(_attention_kernel.fn)[(triton.cdiv(n_q, config["BLOCK_M"]) * batch * heads,)](*args, **flags,
                                                                                                 **config)
     else:
         _attention_kernel[lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]) * batch * heads,)](*args, **flags)
     return out
+
+
+def quantized_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, pv_fp8: bool,
+                        traced: bool = False) -> torch.Tensor:
+    """q [B, H, Nq, D], k / v [B, H, Nk, D] (head dim >= 16) -> [B, H, Nq, D] in q's dtype, stored [B, Nq, H, D].
+
+    traced: launch through torch.library.wrap_triton with the config `tune` found for this problem, else
+    FIXED_CONFIG (graphs the compile backend hands to Inductor); otherwise the autotuned kernel is launched directly
+    (eager calls)."""
+    return attend(q, kernel_operands(q, k, v, pv_fp8), scale, traced)

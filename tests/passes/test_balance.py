@@ -5,12 +5,16 @@ import copy
 import pytest
 import torch
 from torch import nn
+from torch.fx.experimental.proxy_tensor import make_fx
 
 import fxquant
 from families import FAMILIES
-from fxquant.balance import hadamard, rotate, rotation_block, rotation_signs, smoothing_scale
+from fxquant.balance import rotate, rotation_block, rotation_signs, smoothing_scale
 from fxquant.metrics import relative_l2
 from fxquant.quantizer import pack_int4, unpack_int4
+
+
+FACTORY_OPS = {"ones", "zeros", "full", "empty", "arange", "scalar_tensor", "lift_fresh_copy", "_to_copy"}
 
 
 @pytest.mark.parametrize("width,block", [(1152, 128), (192, 64), (3072, 128), (1536, 128), (384, 128), (33, 1)])
@@ -18,14 +22,32 @@ def test_rotation_block_for_non_power_of_two_widths(width, block):
     assert rotation_block(width) == block
 
 
+def _sylvester(size: int) -> torch.Tensor:
+    """The orthonormal Walsh-Hadamard matrix by Sylvester's construction, H_2n = [[H, H], [H, -H]] / sqrt(2)."""
+    matrix = torch.ones(1, 1, dtype=torch.float64)
+    while matrix.shape[0] < size:
+        matrix = torch.cat([torch.cat([matrix, matrix], 1), torch.cat([matrix, -matrix], 1)], 0) / 2**0.5
+    return matrix.float()
+
+
 @pytest.mark.parametrize("width", [1152, 192, 96])
 def test_rotation_is_orthogonal_and_exact_in_fp32(width):
     block = rotation_block(width)
-    h = hadamard(block)
+    h = rotate(torch.eye(block), torch.ones(block), block)  # the butterflies applied to the unit rows: H itself
+    torch.testing.assert_close(h, _sylvester(block), atol=1e-6, rtol=0)
     torch.testing.assert_close(h @ h.T, torch.eye(block), atol=1e-6, rtol=0)
     x, w = torch.randn(7, width), torch.randn(5, width)
     signs = rotation_signs(width, "blocks.0.attn1.to_q", seed=0)
     torch.testing.assert_close(rotate(x, signs, block) @ rotate(w, signs, block).T, x @ w.T, atol=2e-4, rtol=1e-4)
+
+
+def test_rotation_builds_no_tensor_of_its_own():
+    """The rotation is computed from x and the signs alone: a compiled graph then holds no constant that it copies to
+    the device on every call (a Hadamard matrix built on the CPU did, which broke CUDA-graph capture)."""
+    graph = make_fx(lambda x, signs: rotate(x, signs, 64))(torch.randn(3, 192), torch.ones(192)).graph
+    made = [node for node in graph.nodes if node.op == "get_attr" or (
+        node.op == "call_function" and node.target._schema.name.split("::")[-1] in FACTORY_OPS)]
+    assert not made, made
 
 
 def test_rotation_signs_are_deterministic_per_layer_and_seed():
