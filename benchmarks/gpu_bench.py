@@ -140,10 +140,9 @@ def check_kernels() -> list[dict]:
             packed, scale, sums = _packed_weight(w, bits)
             codes, _ = quantize_weight_per_channel(w, bits)
             ref_packed = int8_linear_reference(q, s, z, codes, scale, sums, bias, torch.float32)
-            for unpack_first, one_dot, path in ((False, False, "k_loop"), (False, True, "k_loop_one_dot"),
-                                                (True, False, "unpack_first")):
+            for unpack_first, path in ((False, "k_loop"), (True, "unpack_first")):
                 out_packed = quantized_gemm(q, s, z, packed, scale, sums, bias, torch.bfloat16, bits,
-                                            unpack_first=unpack_first, one_dot=one_dot)
+                                            unpack_first=unpack_first)
                 packed_errors[f"w{bits}a8_gemm_{path}_rel_err_vs_reference"] = relative_l2(out_packed, ref_packed)
         rows.append({
             "M": m, "K": k, "N": n,
@@ -392,8 +391,6 @@ def packed_gemm_sweep() -> list[dict]:
                     lambda: quantized_gemm(q8, s8, None, w8, ws8, None, bias, torch.bfloat16)),
                 "fxquant_w4a8_k_loop": _graph_median_ms(
                     lambda: quantized_gemm(q, s, z, w4, ws4, wsum4, bias, torch.bfloat16, 4, unpack_first=False)),
-                "fxquant_w4a8_k_loop_one_dot": _graph_median_ms(lambda: quantized_gemm(
-                    q, s, z, w4, ws4, wsum4, bias, torch.bfloat16, 4, unpack_first=False, one_dot=True)),
                 "fxquant_w4a8_unpack_first": _graph_median_ms(
                     lambda: quantized_gemm(q, s, z, w4, ws4, wsum4, bias, torch.bfloat16, 4, unpack_first=True)),
                 "fxquant_w4_unpack_only": _graph_median_ms(lambda: unpack_weights(w4, 4)),

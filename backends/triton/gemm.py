@@ -60,7 +60,7 @@ def unpack_field(packed, field, WEIGHT_BITS: tl.constexpr):
     return (packed << (8 - WEIGHT_BITS * (field + 1))) >> (8 - WEIGHT_BITS)
 
 
-@triton.autotune(configs=get_autotune_config(), key=["M", "N", "K", "HAS_ZERO", "WEIGHT_BITS", "ONE_DOT"])
+@triton.autotune(configs=get_autotune_config(), key=["M", "N", "K", "HAS_ZERO", "WEIGHT_BITS"])
 @triton.jit
 def _gemm_kernel(
     # pointers
@@ -73,7 +73,7 @@ def _gemm_kernel(
     # meta-parameters
     HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr, GATE_PER_TILE: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, ACT: tl.constexpr, OUT_CODES: tl.constexpr, INT_ACC: tl.constexpr,
-    WEIGHT_BITS: tl.constexpr, ONE_DOT: tl.constexpr,
+    WEIGHT_BITS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     PER_BYTE: tl.constexpr = 8 // WEIGHT_BITS if INT_ACC else 1
@@ -113,32 +113,15 @@ def _gemm_kernel(
         a_ptrs = a_ptr + offs_k[:, None] * stride_ak + offs_m[None, :] * stride_am  # [BLOCK_KP, BLOCK_M]
         b_ptrs = b_ptr + offs_n[:, None] * stride_bn + offs_k[None, :] * stride_bk  # [BLOCK_N, BLOCK_KP]
         acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32)
-        if ONE_DOT:  # the fields side by side along K, one dot per step: column c of the [BLOCK_N, BLOCK_K] codes
-            # tile is field c // BLOCK_KP of packed byte c % BLOCK_KP, against activation row field * packed_k + byte
-            steps = tl.arange(0, BLOCK_K)
-            byte = steps % BLOCK_KP
-            field = steps // BLOCK_KP
-            a_ptrs = a_ptr + (field * packed_k + byte)[:, None] * stride_ak + offs_m[None, :] * stride_am
-            b_ptrs = b_ptr + offs_n[:, None] * stride_bn + byte[None, :] * stride_bk
-            up = 32 - WEIGHT_BITS * (field + 1)  # the field's top bit to bit 31, then an arithmetic shift down
-            for k_start in range(0, packed_k, BLOCK_KP):
-                k_left = packed_k - k_start
-                b = tl.load(b_ptrs, mask=byte[None, :] < k_left, other=0).to(tl.int32)
-                codes = ((b << up[None, :]) >> (32 - WEIGHT_BITS)).to(tl.int8)
-                a = tl.load(a_ptrs, mask=byte[:, None] < k_left, other=0)
+        for k_start in range(0, packed_k, BLOCK_KP):
+            k_left = packed_k - k_start
+            b = tl.load(b_ptrs, mask=offs_k[None, :] < k_left, other=0).to(tl.int8, bitcast=True)
+            for field in tl.static_range(PER_BYTE):
+                codes = unpack_field(b, field, WEIGHT_BITS)
+                a = tl.load(a_ptrs + field * packed_k * stride_ak, mask=offs_k[:, None] < k_left, other=0)
                 acc_t = tl.dot(codes, a, acc_t, out_dtype=tl.int32)
-                a_ptrs += BLOCK_KP * stride_ak
-                b_ptrs += BLOCK_KP * stride_bk
-        else:
-            for k_start in range(0, packed_k, BLOCK_KP):
-                k_left = packed_k - k_start
-                b = tl.load(b_ptrs, mask=offs_k[None, :] < k_left, other=0).to(tl.int8, bitcast=True)
-                for field in tl.static_range(PER_BYTE):
-                    codes = unpack_field(b, field, WEIGHT_BITS)
-                    a = tl.load(a_ptrs + field * packed_k * stride_ak, mask=offs_k[:, None] < k_left, other=0)
-                    acc_t = tl.dot(codes, a, acc_t, out_dtype=tl.int32)
-                a_ptrs += BLOCK_KP * stride_ak
-                b_ptrs += BLOCK_KP * stride_bk
+            a_ptrs += BLOCK_KP * stride_ak
+            b_ptrs += BLOCK_KP * stride_bk
         acc = tl.trans(acc_t)
 
     if HAS_ZERO:
@@ -225,8 +208,7 @@ def quantized_gemm(a: torch.Tensor, a_scale: torch.Tensor, a_zero: torch.Tensor 
                    gate: torch.Tensor | None = None, residual: torch.Tensor | None = None,
                    activation: str = "none", out_scale: torch.Tensor | None = None,
                    out_zero: torch.Tensor | None = None, config: dict | None = None,
-                   gate_per_tile: bool | None = None, unpack_first: bool | None = None,
-                   one_dot: bool = False) -> torch.Tensor:
+                   gate_per_tile: bool | None = None, unpack_first: bool | None = None) -> torch.Tensor:
     """a [M, K] int8 or fp8, a_scale fp32 [M] or [1] (broadcast), a_zero int32 like a_scale or None; b [N, K] same
     dtype as a, or (int8 a, weight_bits 4 / 2) uint8 [N, K * weight_bits / 8] packed codes; b_scale fp32 [N], b_sum
     int32 [N] (needed with a_zero); bias [N] or None -> out [M, N].
@@ -239,9 +221,7 @@ def quantized_gemm(a: torch.Tensor, a_scale: torch.Tensor, a_zero: torch.Tensor 
     Inductor), or `config` when given (benchmarks); otherwise the autotuned kernel is launched directly (eager
     calls). gate_per_tile (benchmarks): load the gate as one vector per sample in a tile (default: when every
     tile size fits in a sample) or per element. unpack_first (benchmarks): packed weights are unpacked into an int8
-    copy before the GEMM (`unpack_weights`; default: from UNPACK_MIN_TOKENS rows of a on) or in its K loop;
-    one_dot (benchmarks, not yet measured): the K loop lays a packed tile's fields side by side for one dot per
-    step instead of one per field."""
+    copy before the GEMM (`unpack_weights`; default: from UNPACK_MIN_TOKENS rows of a on) or in its K loop."""
     packed = weight_bits != 8
     assert weight_bits in (8, 4, 2), f"weight_bits {weight_bits}"
     assert a.dim() == 2 and b.dim() == 2 and a.shape[1] == b.shape[1] * 8 // weight_bits, \
@@ -282,7 +262,7 @@ def quantized_gemm(a: torch.Tensor, a_scale: torch.Tensor, a_zero: torch.Tensor 
     flags = dict(HAS_ZERO=a_zero is not None, HAS_BIAS=bias is not None, HAS_GATE=gate is not None,
                  GATE_PER_TILE=gate_per_tile, HAS_RESIDUAL=residual is not None, ACT=ACTIVATION_CODES[activation],
                  OUT_CODES=0 if out_scale is None else 1 if out_zero is not None else 2, INT_ACC=a.dtype == torch.int8,
-                 WEIGHT_BITS=weight_bits, ONE_DOT=one_dot and weight_bits != 8)
+                 WEIGHT_BITS=weight_bits)
     if traced:
         config = config or fixed_config(m, n, k, a.dtype == torch.int8, residual is not None or out_scale is not None)
         grid = (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"]),)

@@ -129,17 +129,16 @@ def test_int8_gemm_kernel_is_exact(m, k, n, with_bias):
 
 @pytest.mark.parametrize("bits", [4, 2])
 @pytest.mark.parametrize("m,k,n", [(3, 64, 8), (70, 128, 40), (5, 96, 17)])
-@pytest.mark.parametrize("unpack_first,one_dot", [(False, False), (False, True), (True, False)])
-def test_packed_weight_gemm_unpacks_exactly(bits, m, k, n, unpack_first, one_dot):
-    """Packed weights unpacked in the GEMM's K loop (one dot per field or one for all) or by the unpack kernel before
-    it: the same int32 sums."""
+@pytest.mark.parametrize("unpack_first", [False, True])
+def test_packed_weight_gemm_unpacks_exactly(bits, m, k, n, unpack_first):
+    """Packed weights unpacked in the GEMM's K loop or by the unpack kernel before it: the same int32 sums."""
     x, w, bias = torch.randn(m, k), torch.randn(n, k), torch.randn(n)
     x_q, x_scale, x_zero = fxq.quantize_per_token(x)
     w_q, w_scale = quantize_weight_per_channel(w, bits)
     w_sum = w_q.sum(dim=1, dtype=torch.int32)
     expected = fxq.int8_linear(x_q, x_scale, x_zero, w_q, w_scale, w_sum, bias, torch.float32)
     out = quantized_gemm(x_q, x_scale, x_zero, pack_bits(w_q, bits), w_scale, w_sum, bias, torch.float32, bits,
-                         unpack_first=unpack_first, one_dot=one_dot)
+                         unpack_first=unpack_first)
     torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
     assert torch.equal(fxq.packed_int8_linear(x_q, x_scale, x_zero, pack_bits(w_q, bits), bits, w_scale, w_sum, bias,
                                               torch.float32), expected)
