@@ -10,7 +10,7 @@ import torch
 
 import fxquant
 from families import FAMILIES, inputs_at_timesteps
-from fxquant.backends.triton.backend import compile_counter
+from fxquant.backends.triton.backend import compile_counter, lower_to_inductor
 from fxquant.metrics import relative_l2
 from fxquant.modules import QuantConv2d, QuantLinear
 from fxquant.ops import int8_linear_reference, quantize_per_token_reference
@@ -178,6 +178,21 @@ def test_mixed_precision_blocks_compile_regionally(viditq_mp):
         with torch.no_grad():
             assert relative_l2(qmodel(**inputs, return_dict=False)[0], expected) <= 1e-3
     assert 1 <= compile_counter["graphs"] <= len(names)
+
+
+def test_cuda_lowering_turns_plane_unpacking_into_plain_pytorch():
+    """A layer whose bits switch per timestep group recombines nested planes from unpacked codes; for CUDA the
+    unpacking becomes plain PyTorch that Inductor fuses into the recombination (as opaque ops, each ran its own
+    eager kernels on every call: viditq-w4a8-mp at 0.66x bf16 on the H100, pixart-8-layer-viditq-mp-profile.txt)."""
+    def recombine(plane4, plane2):
+        return torch.ops.fxquant.unpack_int4(plane4).to(torch.int32) * 4 + torch.ops.fxquant.unpack_int2(plane2)
+
+    plane4 = pack_bits(torch.randint(-8, 8, (6, 16), dtype=torch.int8), 4)
+    plane2 = pack_bits(torch.randint(-2, 2, (6, 16), dtype=torch.int8), 2)
+    graph = torch.fx.symbolic_trace(recombine)
+    assert lower_to_inductor(graph) == 2
+    assert not any("fxquant" in str(node.target) for node in graph.graph.nodes)
+    assert torch.equal(graph(plane4, plane2), recombine(plane4, plane2))
 
 
 def test_mixed_precision_exports_to_onnx_on_integer_ops(viditq_mp, tmp_path):

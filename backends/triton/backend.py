@@ -15,7 +15,9 @@ The backend rewrites it with patterns, then compiles:
   `wrap_triton`, which Inductor launches from its own generated code (no Python dispatch per op; the attention
   kernel's tile is autotuned per shape before tracing, GEMM tiles are fixed rules); static per-tensor quantization
   (pointwise) and, with the option `fxquant.fuse_quantize`, per-token quantization go to Inductor as plain
-  PyTorch, fused into the ops producing their input (norm, adaLN modulate, GELU, the balancing multiply).
+  PyTorch, fused into the ops producing their input (norm, adaLN modulate, GELU, the balancing multiply); so does
+  the unpacking of a mixed-precision layer's nested weight planes, fused into their per-timestep-group recombination
+  (as opaque ops, each ran its own eager kernels on every call).
   Inductor compiles the rest (`mode="max-autotune"` / `"reduce-overhead"` honoured).
 - CPU: the reference ops run as traced, with no Inductor compile.
 `compile_counter` counts graphs compiled and rewrites, so tests can check that a model compiles once and never
@@ -32,7 +34,7 @@ import torch.nn.functional as F
 from torch import fx
 
 from ...ops import quantize_per_token_reference, varies_per_sample
-from ...quantizer import quantize_asymmetric, quantize_fp8, quantize_fp8_with_scale
+from ...quantizer import quantize_asymmetric, quantize_fp8, quantize_fp8_with_scale, unpack_bits, unpack_int4
 
 compile_counter: Counter = Counter()
 fxq = torch.ops.fxquant
@@ -406,6 +408,15 @@ _QUANTIZE_BODIES = {  # plain PyTorch, which Inductor fuses into the ops produci
     fxq.quantize_per_token.default: quantize_per_token_reference,
     fxq.quantize_per_token_fp8.default: quantize_fp8,
 }
+def _unpack_int2(packed: torch.Tensor) -> torch.Tensor:
+    return unpack_bits(packed, 2)
+
+
+_UNPACK_BODIES = {  # unpacking left after fuse_packed_weights (the nested weight planes of a mixed-precision layer,
+    # recombined per timestep group): plain PyTorch, which Inductor fuses into the recombination
+    fxq.unpack_int4.default: unpack_int4,
+    fxq.unpack_int2.default: _unpack_int2,
+}
 _KERNELS = {  # fxquant's Triton kernels, launched from Inductor's generated code
     fxq.quantize_per_token.default: _triton_quantize_per_token,
     fxq.quantize_per_token_fp8.default: _triton_quantize_per_token_fp8,
@@ -421,9 +432,10 @@ _KERNELS = {  # fxquant's Triton kernels, launched from Inductor's generated cod
 
 def lower_to_inductor(gm: fx.GraphModule, fuse_quantize: bool = False, inline_kernels: bool = True) -> int:
     """Point every fxquant op that has a CUDA rewrite at it (arguments in schema order); returns how many.
-    Static per-tensor quantization (pointwise) always goes to Inductor as plain PyTorch."""
+    Static per-tensor quantization and unpacking (pointwise) always go to Inductor as plain PyTorch."""
     rewrites = {fxq.quantize_per_tensor.default: quantize_asymmetric,
-                fxq.quantize_per_tensor_fp8.default: quantize_fp8_with_scale, **(_KERNELS if inline_kernels else {}),
+                fxq.quantize_per_tensor_fp8.default: quantize_fp8_with_scale, **_UNPACK_BODIES,
+                **(_KERNELS if inline_kernels else {}),
                 **(_QUANTIZE_BODIES if fuse_quantize else {})}
     lowered = 0
     for node in gm.graph.nodes:
