@@ -1,4 +1,5 @@
-"""ONNX Runtime on this CPU: fp32 ORT vs fxquant's int8 graphs (per-token and per-tensor activations) vs torch.
+"""ONNX Runtime on this CPU: fp32 ORT vs fxquant's int8 graphs (per-token, symmetric per-token and per-tensor
+activations) vs torch.
 
     python benchmarks/onnx_cpu.py --out benchmarks/results/onnx-cpu.json
 
@@ -26,6 +27,7 @@ from diffusers import PixArtTransformer2DModel
 
 import fxquant
 from fxquant.backends.onnx import export_float_onnx, integer_op_count, session
+from fxquant.backends.onnx.translations import ACT_FORMS
 from fxquant.metrics import relative_l2
 from fxquant.quality import calibration_prompts, record_denoiser_calls
 from fxquant.reference.pipeline import REFERENCE_MODELS, load_reference_pipeline
@@ -92,7 +94,7 @@ def speed_and_accuracy(name: str, model: torch.nn.Module, inputs: dict, calibrat
     variants = {"torch fp32": _torch_call(model, inputs), "torch fxquant w8a8": _torch_call(qmodel, inputs),
                 "ort fp32": _ort_call(export_float_onnx(model, directory / f"{name}-fp32.onnx", inputs,
                                                       dynamic_batch=False), inputs)}
-    for form in ("per_token", "per_tensor"):
+    for form in ACT_FORMS:
         path = fxquant.export_onnx(qmodel, directory / f"{name}-{form}.onnx", inputs, act_form=form,
                                    dynamic_batch=False)
         variants[f"ort int8 {form}"] = _ort_call(path, inputs)

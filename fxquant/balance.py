@@ -42,17 +42,20 @@ def rotation_signs(width: int, fqn: str, seed: int) -> torch.Tensor:
     return torch.randint(0, 2, (width,), generator=generator).float() * 2 - 1
 
 
-def rotate(x: torch.Tensor, signs: torch.Tensor, block: int) -> torch.Tensor:
-    """x [..., K] -> x R with R = diag(signs) blockdiag(H_block), computed in fp32, returned in x's dtype.
+def hadamard(size: int, like: torch.Tensor) -> torch.Tensor:
+    """Orthonormal Walsh-Hadamard matrix [size, size] (size a power of two) in Sylvester's ordering, H[i, j] =
+    (-1)^(bits i and j share) / sqrt(size), in like's dtype on like's device. Built there from aranges, so a compiled
+    graph computes it on the device and holds no constant copied to the device on every call (a matrix built on the
+    CPU was, which also broke CUDA-graph capture)."""
+    powers = 2 ** torch.arange(size.bit_length() - 1, device=like.device)
+    bits = ((torch.arange(size, device=like.device)[:, None] // powers) % 2).float()  # [size, log2 size]
+    return ((1 - 2 * ((bits @ bits.T) % 2)) * size**-0.5).to(like.dtype)
 
-    H_block x runs as the fast Walsh-Hadamard transform: log2(block) butterfly stages (a, b) -> (a + b, a - b) over
-    element pairs h apart, h = 1, 2, ..., block / 2, in Sylvester's ordering, then 1 / sqrt(block). No matrix is
-    built, so a compiled graph holds no constant to copy to the device on every call (and stays CUDA-graph safe)."""
-    rows = (x.float() * signs).reshape(-1, block)
-    half = 1
-    while half < block:
-        pairs = rows.reshape(-1, block // (2 * half), 2, half)
-        first, second = pairs[:, :, 0], pairs[:, :, 1]
-        rows = torch.stack([first + second, first - second], dim=2)
-        half *= 2
-    return (rows * block**-0.5).reshape(x.shape).to(x.dtype)
+
+def rotate(x: torch.Tensor, signs: torch.Tensor, block: int) -> torch.Tensor:
+    """x [..., K] -> x R with R = diag(signs) blockdiag(H_block), returned in x's dtype. Half-precision x runs as one
+    matmul in its own dtype (x * signs is exact there; fp32 accumulation, one rounding of the result, as in fp32
+    with a rounded output); anything else in fp32."""
+    dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.float32
+    rows = (x.to(dtype) * signs.to(dtype)).reshape(-1, block)
+    return (rows @ hadamard(block, rows)).reshape(x.shape).to(x.dtype)

@@ -130,8 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--pipeline", required=True, help="the diffusers pipeline directory it was quantized from")
     export.add_argument("--checkpoint", required=True, help="directory written by fxquant quantize / fxquant.save")
     export.add_argument("--out", required=True, help="path of the .onnx file to write")
-    export.add_argument("--act-form", choices=["per_token", "per_tensor"], default="per_token",
-                        help="per_token: fxquant's activations, exact; per_tensor: ORT's fastest form")
+    export.add_argument("--act-form", choices=["per_token", "per_token_symmetric", "per_tensor"], default="per_token",
+                        help="per_token: fxquant's activations, exact; per_token_symmetric / per_tensor: faster "
+                             "forms that change the numbers (README: ONNX Runtime)")
     export.add_argument("--dynamic-batch", action="store_true",
                         help="keep the batch dimension symbolic (not every model exports so); default: the call's")
     export.add_argument("--prompt", default="a photo", help="prompt of the pipeline call whose first denoiser call gives the example inputs")

@@ -79,8 +79,9 @@ def export_onnx(qmodel: QuantizedModel, path: str | Path, example_kwargs: dict[s
                 act_form: str = "per_token", dynamic_batch: bool = True) -> Path:
     """Export `qmodel` called with `example_kwargs` to `path` (.onnx); returns the path.
 
-    act_form: "per_token" (fxquant's per-token activations, exact) or "per_tensor" (ORT's DynamicQuantizeLinear,
-    faster, measured accuracy cost); see fxquant.backends.onnx.translations. dynamic_batch: the first dimension of
+    act_form: "per_token" (fxquant's per-token activations, exact), "per_token_symmetric" (one scale per token, zero
+    point fixed: no correction term, faster) or "per_tensor" (ORT's DynamicQuantizeLinear); the two faster forms
+    change the numbers at a measured cost; see fxquant.backends.onnx.translations. dynamic_batch: the first dimension of
     the first tensor input (the latent) and of every tensor input of the same size is symbolic (CFG doubling, other
     batch sizes; give an example whose batch differs from other leading sizes); other dimensions are fixed.
     Graph inputs are the tensor kwargs by name; the single output is named "sample".

@@ -11,8 +11,12 @@ Two forms of the dynamic activations (`act_form`):
   scalar zero point, so the product runs without one and the zero point is corrected with the weights' row sums:
   for linears as a rank-one float term after the scaled product (which ORT fuses into MatMulIntegerToFloat), for
   per-patch convs exactly in int32. Matches the torch reference up to rounding ties and fp32 rounding.
-- "per_tensor": ONNX's DynamicQuantizeLinear (one uint8 scale / zero point per call), the form ORT fuses and runs
-  fastest; it changes the numbers (one range for all tokens), and its cost is measured, not assumed.
+- "per_token_symmetric": one scale per row, absmax / 127, and the zero point fixed at the grid's middle (uint8 128):
+  a scalar zero point, which MatMulInteger takes, so a linear is one MatMulIntegerToFloat with no correction term
+  and no ReduceMin. It changes the numbers (torch's per-token activations are asymmetric); convs keep the exact
+  per-patch form above.
+- "per_tensor": ONNX's DynamicQuantizeLinear (one uint8 scale / zero point per call), the form ORT fuses; it changes
+  the numbers (one range for all tokens). Both changed forms' costs are measured, not assumed.
 Static (calibrated) activations use the plan's scale and zero point unchanged in either form.
 """
 
@@ -26,7 +30,8 @@ from onnxscript import opset20 as op
 F32 = ir.DataType.FLOAT
 I32 = ir.DataType.INT32
 U8 = ir.DataType.UINT8
-ACT_FORMS = ("per_token", "per_tensor")
+ACT_FORMS = ("per_token", "per_token_symmetric", "per_tensor")
+MIDDLE_U8 = 128  # the uint8 grid's zero for symmetric activations
 
 
 def _const(value: float):
@@ -79,6 +84,14 @@ def _zero_point_product(x_u8, weight_kn, x_scale, zero_u8_grid_int32, w_scale, w
     return out if bias is None else op.Add(bias, out)
 
 
+def _symmetric_rows(rows):
+    """rows [M, K] -> (uint8 [M, K] with zero point 128, scale [M, 1]): one scale per row, absmax / 127."""
+    scale = op.Max(op.Div(op.ReduceMax(op.Abs(rows), _axes(-1), keepdims=1), _const(127.0)), _const(1e-8))
+    scale_vector = op.Reshape(scale, _axes(-1))
+    middle = op.Expand(op.Constant(value=ir.tensor(np.array(MIDDLE_U8, dtype=np.uint8))), op.Shape(scale_vector))
+    return op.QuantizeLinear(rows, scale_vector, middle, axis=0), scale
+
+
 def _shift_to_uint8_grid(zero_int32):
     """fxquant's int8-grid zero point (int32) -> the uint8-grid one (int32)."""
     return op.Add(zero_int32, _int32(128))
@@ -94,6 +107,7 @@ def translation_table(act_form: str = "per_token") -> dict:
     if act_form not in ACT_FORMS:
         raise ValueError(f"act_form must be one of {ACT_FORMS}, got {act_form!r}.")
     per_token = act_form == "per_token"
+    per_row = act_form in ("per_token", "per_token_symmetric")  # convs: per-patch, exact, in both per-token forms
 
     # fxquant::quantize_per_token's outputs (q, scale, zero) are declared int8 / fp32 [M, 1] / int32 [M, 1]; here
     # q is uint8 (export_onnx re-types Cast outputs) and, in the per-tensor form, scale / zero are one value
@@ -101,11 +115,16 @@ def translation_table(act_form: str = "per_token") -> dict:
     # per-tensor form: the [M, 1]-broadcast scale / zero handed on (their declared shapes) -> DynamicQuantizeLinear's
     # own scalars, so int8_linear can use those and ORT fuses the layer into DynamicQuantizeMatMul
     scalar_of: dict[int, tuple] = {}
+    symmetric_scales: set[int] = set()  # per-row scales of symmetric activations (zero point: MIDDLE_U8)
 
     def quantize_per_token(x):
         if per_token:
             scale, zero = _per_row_params(x)
             return _quantize_rows(x, scale, zero), scale, op.Sub(op.Cast(zero, to=I32), _int32(128))
+        if act_form == "per_token_symmetric":
+            q, scale = _symmetric_rows(x)
+            symmetric_scales.add(id(scale))
+            return q, scale, op.Expand(_int32(0), op.Shape(scale))
         q, scale, zero = op.DynamicQuantizeLinear(x)
         column = op.Concat(op.Slice(op.Shape(x), _axes(0), _axes(1)), _axes(1), axis=0)
         scale_rows, zero_rows = op.Expand(scale, column), op.Expand(op.Sub(op.Cast(zero, to=I32), _int32(128)), column)
@@ -127,6 +146,12 @@ def translation_table(act_form: str = "per_token") -> dict:
             scale, zero = scalar_of[id(x_scale)]
             out = op.Mul(op.Cast(op.MatMulInteger(x_q, weight, zero), to=F32), op.Mul(scale, w_scale))
             return out if bias is None else op.Add(out, bias)
+        if id(x_scale) in symmetric_scales:  # MatMulInteger -> Cast -> Mul(x_scale * w_scale): MatMulIntegerToFloat
+            middle = op.Constant(value=ir.tensor(np.array(MIDDLE_U8, dtype=np.uint8)))
+            out = op.Mul(op.Cast(op.MatMulInteger(x_q, weight, middle), to=F32), op.Mul(x_scale, w_scale))
+            # the bias as a Sub: ORT 1.31 folds an Add of a constant that follows the scaling Mul into
+            # MatMulIntegerToFloat and then multiplies it by the per-row A scale as well (see _zero_point_product)
+            return out if bias is None else op.Sub(out, op.Neg(bias))
         if per_token:
             return _zero_point_product(x_q, weight, x_scale, _shift_to_uint8_grid(x_zero), w_scale, w_sum, bias)
         # static activations: one zero point, which MatMulInteger takes
@@ -153,7 +178,7 @@ def translation_table(act_form: str = "per_token") -> dict:
     def int8_conv2d(x, act_scale, act_zero, w_q, w_scale, w_sum, bias, stride, padding, dilation):
         out_channels, in_channels, kh, kw = w_q.shape
         pads = [padding[0], padding[1], padding[0], padding[1]]
-        if act_scale is not None or not per_token:
+        if act_scale is not None or not per_row:
             if act_scale is not None:  # static: the plan's scale and zero point
                 q, scale = quantize_per_tensor(x, act_scale, act_zero), op.Reshape(act_scale, _axes())
                 zero = op.Reshape(op.Cast(_shift_to_uint8_grid(act_zero), to=U8), _axes())

@@ -184,7 +184,7 @@ def kernel_operands(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pv_fp8: b
     dim_a, dim_b = head_dim_split(head_dim)
     pad = dim_a + dim_b - head_dim if head_dim > dim_a else 0  # zero channels: the tail tile loads unmasked
     q_q, q_scale, k_q, k_scale, v_op, v_scale = attention_operands(q, k, v, pv_fp8)
-    q_q, k_q, v_op = _pad_last(q_q, pad), _pad_last(k_q, pad), _pad_last(v_op, pad)
+    q_q, k_q, v_op = (_pad_last(x, pad) for x in (q_q, k_q, v_op))
     q_q = q_q if q_q.stride(-1) == 1 else q_q.contiguous()
     k_q = k_q if k_q.stride(-1) == 1 else k_q.contiguous()
     if pv_fp8:  # keys contiguous: the fp8 MMA wants its reduced dimension innermost
@@ -193,7 +193,7 @@ def kernel_operands(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pv_fp8: b
     elif v_op.stride(-1) != 1:
         v_op = v_op.contiguous()
     return dict(q_q=q_q, q_scale=q_scale.contiguous(), k_q=k_q, k_scale=k_scale.contiguous(), v_op=v_op,
-                v_scale=v_scale if pv_fp8 else q_scale, flags=dict(
+                v_scale=v_scale if pv_fp8 else q_scale, flags=dict(  # (v_scale: never read without fp8 V)
                     HEAD_DIM=head_dim, DIM_A=dim_a, DIM_B=dim_b, HAS_TAIL=head_dim > dim_a, PV_FP8=pv_fp8))
 
 

@@ -16,8 +16,7 @@ The backend rewrites it with patterns, then compiles:
   kernel's tile is autotuned per shape before tracing, GEMM tiles are fixed rules); static per-tensor quantization
   (pointwise) and, with the option `fxquant.fuse_quantize`, per-token quantization go to Inductor as plain
   PyTorch, fused into the ops producing their input (norm, adaLN modulate, GELU, the balancing multiply); so does
-  the unpacking of a mixed-precision layer's nested weight planes, fused into their per-timestep-group recombination
-  (as opaque ops, each ran its own eager kernels on every call).
+  the unpacking of a mixed-precision layer's nested weight planes, fused into their per-timestep-group recombination.
   Inductor compiles the rest (`mode="max-autotune"` / `"reduce-overhead"` honoured).
 - CPU: the reference ops run as traced, with no Inductor compile.
 `compile_counter` counts graphs compiled and rewrites, so tests can check that a model compiles once and never
@@ -408,6 +407,8 @@ _QUANTIZE_BODIES = {  # plain PyTorch, which Inductor fuses into the ops produci
     fxq.quantize_per_token.default: quantize_per_token_reference,
     fxq.quantize_per_token_fp8.default: quantize_fp8,
 }
+
+
 def _unpack_int2(packed: torch.Tensor) -> torch.Tensor:
     return unpack_bits(packed, 2)
 

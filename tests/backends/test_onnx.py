@@ -89,6 +89,19 @@ def test_per_tensor_form_fuses_to_integer_ops_at_a_measured_cost(exported):
     assert relative_l2(_run(path, inputs), _torch(qmodel, inputs)) <= MAX_PARITY
 
 
+def test_symmetric_per_token_form_is_one_fused_integer_gemm_per_linear(exported):
+    """Symmetric per-token activations (zero point fixed at 128): each linear is one MatMulIntegerToFloat in ORT's
+    optimised graph, with no zero-point correction (no ReduceMin); the numbers stay near torch's asymmetric ones."""
+    qmodel, path = exported("pixart", act_form="per_token_symmetric")
+    assert graph_metadata(path)["fxquant_act_form"] == "per_token_symmetric"
+    counts = optimized_op_counts(path)
+    linears = sum(layer.op == "linear" for layer in qmodel.plan.quantized_layers())
+    assert counts["MatMulIntegerToFloat"] == linears == len(qmodel.plan.quantized_layers())
+    assert counts["ReduceMin"] == 0
+    inputs = FAMILIES["pixart"].inputs(batch=2, seed=7)
+    assert relative_l2(_run(path, inputs), _torch(qmodel, inputs)) <= MAX_PARITY
+
+
 @pytest.mark.parametrize("recipe", ["w8a8-static", "w4a8", "mixdq-w4a8-mp"])
 def test_static_4bit_and_mixed_plans_export(exported, recipe):
     qmodel, path = exported("pixart", recipe)

@@ -9,12 +9,9 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 import fxquant
 from families import FAMILIES
-from fxquant.balance import rotate, rotation_block, rotation_signs, smoothing_scale
+from fxquant.balance import hadamard, rotate, rotation_block, rotation_signs, smoothing_scale
 from fxquant.metrics import relative_l2
 from fxquant.quantizer import pack_int4, unpack_int4
-
-
-FACTORY_OPS = {"ones", "zeros", "full", "empty", "arange", "scalar_tensor", "lift_fresh_copy", "_to_copy"}
 
 
 @pytest.mark.parametrize("width,block", [(1152, 128), (192, 64), (3072, 128), (1536, 128), (384, 128), (33, 1)])
@@ -33,7 +30,7 @@ def _sylvester(size: int) -> torch.Tensor:
 @pytest.mark.parametrize("width", [1152, 192, 96])
 def test_rotation_is_orthogonal_and_exact_in_fp32(width):
     block = rotation_block(width)
-    h = rotate(torch.eye(block), torch.ones(block), block)  # the butterflies applied to the unit rows: H itself
+    h = hadamard(block, torch.empty(0))
     torch.testing.assert_close(h, _sylvester(block), atol=1e-6, rtol=0)
     torch.testing.assert_close(h @ h.T, torch.eye(block), atol=1e-6, rtol=0)
     x, w = torch.randn(7, width), torch.randn(5, width)
@@ -41,13 +38,23 @@ def test_rotation_is_orthogonal_and_exact_in_fp32(width):
     torch.testing.assert_close(rotate(x, signs, block) @ rotate(w, signs, block).T, x @ w.T, atol=2e-4, rtol=1e-4)
 
 
-def test_rotation_builds_no_tensor_of_its_own():
-    """The rotation is computed from x and the signs alone: a compiled graph then holds no constant that it copies to
-    the device on every call (a Hadamard matrix built on the CPU did, which broke CUDA-graph capture)."""
-    graph = make_fx(lambda x, signs: rotate(x, signs, 64))(torch.randn(3, 192), torch.ones(192)).graph
-    made = [node for node in graph.nodes if node.op == "get_attr" or (
-        node.op == "call_function" and node.target._schema.name.split("::")[-1] in FACTORY_OPS)]
-    assert not made, made
+def test_bf16_rotation_rounds_once():
+    """Half-precision inputs rotate in their own dtype with fp32 accumulation: within one rounding of the fp32
+    rotation."""
+    x, signs = torch.randn(64, 384).bfloat16(), rotation_signs(384, "blocks.0.ff.net.2", seed=0)
+    exact = rotate(x.float(), signs, 128)
+    assert (rotate(x, signs, 128).float() - exact).abs().max() <= exact.abs().max() * 2**-8
+
+
+def test_rotation_builds_nothing_off_the_device():
+    """Traced on the meta device, every value of the rotation stays there: no tensor is built on the CPU and copied
+    over (a compiled graph would do that on every call, and CUDA-graph capture refuses it)."""
+    graph = make_fx(lambda x, signs: rotate(x, signs, 64))(torch.empty(3, 192, device="meta", dtype=torch.bfloat16),
+                                                          torch.empty(192, device="meta")).graph
+    values = [node.meta.get("val") for node in graph.nodes]
+    off_device = [node for node, value in zip(graph.nodes, values)
+                  if isinstance(value, torch.Tensor) and value.device.type != "meta"]
+    assert not off_device, off_device
 
 
 def test_rotation_signs_are_deterministic_per_layer_and_seed():
