@@ -5,7 +5,7 @@ QuantizeLinear / DynamicQuantizeLinear for the activation, MatMulInteger / ConvI
 dequantisation (per-row x per-channel scales) and bias in float. Activations travel as uint8 (ORT's fast path is
 u8 x s8): fxquant's asymmetric int8 q with zero point z is the same grid as uint8 q + 128 with zero point z + 128.
 
-Two forms of the dynamic activations (`act_form`):
+Three forms of the dynamic activations (`act_form`):
 - "per_token": fxquant's own quantizer, one (scale, zero point) per row (per im2col patch for convs), computed in
   the graph with ReduceMin / ReduceMax and applied by a per-axis QuantizeLinear; MatMulInteger accepts only a
   scalar zero point, so the product runs without one and the zero point is corrected with the weights' row sums:
@@ -17,7 +17,7 @@ Two forms of the dynamic activations (`act_form`):
   per-patch form above.
 - "per_tensor": ONNX's DynamicQuantizeLinear (one uint8 scale / zero point per call), the form ORT fuses; it changes
   the numbers (one range for all tokens). Both changed forms' costs are measured, not assumed.
-Static (calibrated) activations use the plan's scale and zero point unchanged in either form.
+Static (calibrated) activations use the plan's scale and zero point unchanged in every form.
 """
 
 from __future__ import annotations
