@@ -590,7 +590,8 @@ def _calibration_calls(inputs: dict, count: int = 8) -> list[dict]:
     if timestep is None:
         return [inputs]
     top = 1.0 if timestep.max() <= 1 else 999.0
-    return [{**inputs, "timestep": torch.full_like(timestep, value)} for value in torch.linspace(top, 0, count).tolist()]
+    return [{**inputs, "timestep": torch.full_like(timestep, value)}
+            for value in torch.linspace(top, 0, count).tolist()]
 
 
 def _compile_blocks(model):
