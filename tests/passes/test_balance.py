@@ -43,7 +43,9 @@ def test_bf16_rotation_rounds_once():
     rotation."""
     x, signs = torch.randn(64, 384).bfloat16(), rotation_signs(384, "blocks.0.ff.net.2", seed=0)
     exact = rotate(x.float(), signs, 128)
-    assert (rotate(x, signs, 128).float() - exact).abs().max() <= exact.abs().max() * 2**-8
+    error = (rotate(x, signs, 128).float() - exact).abs()
+    # one bf16 rounding (8 significant bits: at most 2^-8 relative) plus H's own in bf16 (1.1e-4 relative)
+    assert (error <= exact.abs() * (2**-8 + 2**-12) + exact.abs().max() * 1e-6).all()
 
 
 def test_rotation_builds_nothing_off_the_device():
