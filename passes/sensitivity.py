@@ -200,10 +200,13 @@ class SensitivityPass(QuantPass):
             groups = list(range(len(plan.timestep_boundaries) + 1))
             missing = set(groups) - {group for *_, group in state.recorded_calls}
             if missing:
+                bounds = [-float("inf"), *plan.timestep_boundaries, float("inf")]
+                ranges = ", ".join(f"{g} ({bounds[g]:g} <= t < {bounds[g + 1]:g})" for g in sorted(missing))
                 raise CalibrationError(
-                    f"The recorded calibration calls reach no call in timestep groups {sorted(missing)}, so their "
-                    f"bits cannot be probed: raise sensitivity_calls (now {config.sensitivity_calls}) or calibrate "
-                    "with whole trajectories first.")
+                    f"The recorded calibration calls reach no call in timestep groups [{ranges}], so their bits "
+                    "cannot be probed: calibrate with calls whose timesteps reach every group (whole trajectories, "
+                    f"or batches at chosen timesteps), or raise sensitivity_calls (now {config.sensitivity_calls}) "
+                    "if later calibration calls do.")
         condition_names = [name for name, role in plan.input_roles.items() if role == "condition"]
         calls = []
         for args, kwargs, group in state.recorded_calls:
