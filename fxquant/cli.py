@@ -107,9 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", default="cpu")
     evaluate.add_argument("--batch", type=int, default=100)
     evaluate.add_argument("--out", default="fxquant-eval")
-    evaluate.add_argument("--runner", choices=["torch", "onnx", "compiled"], default="torch",
-                          help="onnx: quantized denoisers exported and run on ONNX Runtime (CPU); compiled: their "
-                               "repeated blocks compiled with backend=fxquant (fused kernels on CUDA)")
+    evaluate.add_argument("--runner", default="torch",
+                          choices=["torch", "onnx", "onnx:per_token_symmetric", "onnx:per_tensor", "compiled"],
+                          help="onnx: quantized denoisers exported and run on ONNX Runtime (CPU; after the colon, "
+                               "another activation form of the export); compiled: their repeated blocks compiled "
+                               "with backend=fxquant (fused kernels on CUDA)")
     evaluate.set_defaults(run=_eval)
 
     quantize = commands.add_parser("quantize", help="quantize a saved diffusers pipeline's denoiser and save it")

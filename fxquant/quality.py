@@ -124,12 +124,19 @@ def evaluate(model: str, recipes: list[str | QuantConfig], samples: int = 100, s
     """Run the harness on reference `model` for `recipes`; returns (and writes, if out_dir) the report.
 
     runner "onnx": each quantized denoiser is exported and runs on ONNX Runtime (CPU, per-token activations;
-    rows are named "<recipe> (onnx)"); "compiled": its repeated blocks are compiled with backend="fxquant"
-    (`QuantizedModel.compile_blocks`: the fused kernels on CUDA, the rewritten graph's reference ops on the CPU;
-    rows "<recipe> (compiled)").
+    rows are named "<recipe> (onnx)"), "onnx:<act form>" the same with another activation form of the export
+    (fxquant.backends.onnx.translations, e.g. "onnx:per_token_symmetric"; rows "<recipe> (onnx <act form>)");
+    "compiled": its repeated blocks are compiled with backend="fxquant" (`QuantizedModel.compile_blocks`: the fused
+    kernels on CUDA, the rewritten graph's reference ops on the CPU; rows "<recipe> (compiled)").
     """
-    if runner not in ("torch", "onnx", "compiled"):
-        raise ValueError(f"runner must be 'torch', 'onnx' or 'compiled', got {runner!r}.")
+    kind, _, act_form = runner.partition(":")
+    if kind not in ("torch", "onnx", "compiled") or (act_form and kind != "onnx"):
+        raise ValueError(f"runner must be 'torch', 'onnx', 'onnx:<act form>' or 'compiled', got {runner!r}.")
+    if act_form:
+        from .backends.onnx.translations import ACT_FORMS
+
+        if act_form not in ACT_FORMS:
+            raise ValueError(f"runner {runner!r}: the act form must be one of {ACT_FORMS}.")
     for recipe in recipes:  # a bad recipe string fails now, not after the full-precision generation
         get_config(recipe)
     steps, guidance = REFERENCE_MODELS[model]
@@ -156,11 +163,12 @@ def evaluate(model: str, recipes: list[str | QuantConfig], samples: int = 100, s
         quantize_pipeline(pipe, recipe, calibration_prompts(calibration), num_inference_steps=steps, batch_size=16,
                           guidance_scale=guidance)
         quantize_seconds = time.perf_counter() - start
-        if runner == "onnx":
+        if kind == "onnx":
             from .backends.onnx import OrtDenoiser
 
-            name = f"{name} (onnx)"
-            setattr(pipe, find_denoiser(pipe), OrtDenoiser(pipe.denoiser, tempfile.mkdtemp(prefix="fxquant-onnx-")))
+            name = f"{name} (onnx {act_form})" if act_form else f"{name} (onnx)"
+            setattr(pipe, find_denoiser(pipe), OrtDenoiser(pipe.denoiser, tempfile.mkdtemp(prefix="fxquant-onnx-"),
+                                                           act_form=act_form or "per_token"))
         elif runner == "compiled":
             name = f"{name} (compiled)"
             pipe.denoiser.compile_blocks()

@@ -70,3 +70,17 @@ def test_harness_compiled_runner_scores_the_rewritten_graph():
     assert row["psnr_db"] == eager_row["psnr_db"] and row["sqnr_db_per_step"] == eager_row["sqnr_db_per_step"]
     with pytest.raises(ValueError, match="runner must be"):
         evaluate("t2i-dit", [recipe], runner="inductor")
+
+
+def test_harness_onnx_runner_takes_an_activation_form():
+    """runner="onnx:per_token_symmetric": the export's symmetric per-token form generates end to end on ONNX Runtime,
+    its row named for the form, near the torch row; an unknown form fails before any generation."""
+    report = evaluate("t2i-dit", ["w8a8"], samples=2, calibration=2, runner="onnx:per_token_symmetric",
+                      echo=lambda *_: None)
+    row = report["rows"][1]
+    assert row["recipe"] == "w8a8 (onnx per_token_symmetric)"
+    assert row["psnr_db"] > 35 and min(row["sqnr_db_per_step"]) > 30
+    with pytest.raises(ValueError, match="act form must be one of"):
+        evaluate("t2i-dit", ["w8a8"], runner="onnx:per_row")
+    with pytest.raises(ValueError, match="runner must be"):
+        evaluate("t2i-dit", ["w8a8"], runner="compiled:per_tensor")
