@@ -35,7 +35,7 @@ from fxquant.backends.triton.attention import _attention_kernel, attend, kernel_
 from fxquant.backends.triton.gemm import quantized_gemm, unpack_weights
 from fxquant.backends.triton.quantize import fused_quantize_per_token, quantize_per_token, quantize_per_token_fp8
 from fxquant.metrics import relative_l2
-from fxquant.model import repeated_blocks
+from fxquant.model import compile_repeated_blocks
 from fxquant.ops import (int8_linear_reference, prologue_reference, quantize_per_token_reference,
                          quantized_attention_reference)
 from fxquant.quantizer import (attention_operands, fp8_scale, pack_bits, quantize_fp8, quantize_fp8_with_scale,
@@ -594,13 +594,6 @@ def _calibration_calls(inputs: dict, count: int = 8) -> list[dict]:
             for value in torch.linspace(top, 0, count).tolist()]
 
 
-def _compile_blocks(model):
-    """model with each of its repeated blocks compiled in place (regional compilation, as fxquant-blocks)."""
-    for block in repeated_blocks(model):
-        model.get_submodule(block).compile()
-    return model
-
-
 def _variant_model(variant: str, model, inputs: dict, name: str):
     """(the model of a variant, ready to call, fxquant's eager output or None). Variants: bf16_eager, bf16_compile,
     bf16_compile_blocks (its repeated blocks compiled), fxquant:<recipe>[@<backend option>=<0|1>,...] (the whole
@@ -609,11 +602,14 @@ def _variant_model(variant: str, model, inputs: dict, name: str):
     if variant == "bf16_compile":
         return torch.compile(model), None
     if variant == "bf16_compile_blocks":  # regional compilation, as fxquant-blocks
-        return _compile_blocks(model), None
+        compile_repeated_blocks(model)
+        return model, None
     if variant.startswith("torchao:"):
         return torch.compile(_torchao(model, variant.split(":", 1)[1])), None
     if variant.startswith("torchao-blocks:"):
-        return _compile_blocks(_torchao(model, variant.split(":", 1)[1])), None
+        model = _torchao(model, variant.split(":", 1)[1])
+        compile_repeated_blocks(model)
+        return model, None
     if not variant.startswith(("fxquant:", "fxquant-blocks:")):
         return model, None
     recipe_name, _, option_text = variant.split(":", 1)[1].partition("@")

@@ -119,16 +119,11 @@ class QuantizedModel(_Wrapper):
         if "backend" in compile_kwargs:
             raise ValueError("compile_blocks always compiles with backend=\"fxquant\"; pass only torch.compile's "
                              "other arguments (mode, options, dynamic, fullgraph)")
-        names = repeated_blocks(self.model)
-        if not names:
+        if not repeated_blocks(self.model):
             raise ValueError(f"{type(self.model).__name__} has no repeated blocks (an nn.ModuleList of two or more "
                              "modules of one class); compile the whole model: torch.compile(qmodel, "
                              "backend=\"fxquant\")")
-        dynamo_config = torch._dynamo.config
-        dynamo_config.cache_size_limit = max(dynamo_config.cache_size_limit, len(names))
-        for name in names:
-            self.model.get_submodule(name).compile(backend="fxquant", **compile_kwargs)
-        return names
+        return compile_repeated_blocks(self.model, backend="fxquant", **compile_kwargs)
 
     def quantized_weight_bytes(self) -> tuple[int, int]:
         """(bytes of the quantized layers as stored: packed weights, scales, biases; the same layers in bf16)."""
@@ -155,6 +150,18 @@ def repeated_blocks(model: nn.Module) -> list[str]:
                 visit(child, f"{path}.")
 
     visit(model, "")
+    return names
+
+
+def compile_repeated_blocks(model: nn.Module, **compile_kwargs) -> list[str]:
+    """`torch.compile(block, **compile_kwargs)` in place for every block of `repeated_blocks(model)`, with
+    torch._dynamo's recompile limit raised to their number (blocks that differ compile once per variant); returns
+    their names. Any model: QuantizedModel.compile_blocks uses it, and so do the benchmarks for bf16 and torchao."""
+    names = repeated_blocks(model)
+    dynamo_config = torch._dynamo.config
+    dynamo_config.cache_size_limit = max(dynamo_config.cache_size_limit, len(names))
+    for name in names:
+        model.get_submodule(name).compile(**compile_kwargs)
     return names
 
 

@@ -169,7 +169,7 @@ def evaluate(model: str, recipes: list[str | QuantConfig], samples: int = 100, s
             name = f"{name} (onnx {act_form})" if act_form else f"{name} (onnx)"
             setattr(pipe, find_denoiser(pipe), OrtDenoiser(pipe.denoiser, tempfile.mkdtemp(prefix="fxquant-onnx-"),
                                                            act_form=act_form or "per_token"))
-        elif runner == "compiled":
+        elif kind == "compiled":
             name = f"{name} (compiled)"
             pipe.denoiser.compile_blocks()
         qmodel = pipe.denoiser
