@@ -409,37 +409,45 @@ def _attention_inputs(batch: int, heads: int, tokens: int, head_dim: int):
     return q, k * 2 + 0.5, v
 
 
-def attention_benchmark() -> list[dict]:
+ATTENTION_FORMATS = {"int8": (False, False), "int8_fp8": (True, False), "fp8_static": (True, True)}  # (pv_fp8, static)
+
+
+def attention_benchmark(shapes=tuple(ATTENTION_SHAPES)) -> list[dict]:
     """fxquant's quantized attention against SDPA (bf16, PyTorch's fastest backend) at the models' shapes: errors
     against fp32 SDPA and (PixArt) against the reference op, times of SDPA, the whole op (operands + kernel; eager and
     compiled, where Inductor fuses the operand quantization), of the operand quantization alone and of the kernel alone
-    on prepared operands."""
+    on prepared operands. fp8_static takes each operand's own absmax / 448 as its static scale (a calibration that
+    saw this call)."""
     rows = []
-    for name, (batch, heads, tokens, head_dim) in ATTENTION_SHAPES.items():
+    for name in shapes:
+        batch, heads, tokens, head_dim = ATTENTION_SHAPES[name]
         q, k, v = _attention_inputs(batch, heads, tokens, head_dim)
         scale = head_dim**-0.5
         exact = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float())
         sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        calibrated = torch.stack([x.abs().amax().float() for x in (q, k, v)]) / FP8_MAX
         row = {"model": name, "batch": batch, "heads": heads, "tokens": tokens, "head_dim": head_dim,
                "rel_err_vs_fp32": {"sdpa_bf16": relative_l2(sdpa, exact)}, "ms": {}}
         row["ms"]["sdpa_bf16"] = _graph_median_ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
-        for label, pv_fp8 in (("int8", False), ("int8_fp8", True)):
-            out = quantized_attention(q, k, v, scale, pv_fp8)
+        for label, (pv_fp8, static) in ATTENTION_FORMATS.items():
+            scales = calibrated if static else None
+            out = quantized_attention(q, k, v, scale, pv_fp8, scales)
             row["rel_err_vs_fp32"][f"fxquant_{label}"] = relative_l2(out, exact)
             if name == "pixart":  # the reference materialises the whole score matrix
                 row.setdefault("rel_err_vs_reference", {})[f"fxquant_{label}"] = relative_l2(
-                    out, quantized_attention_reference(q, k, v, scale, pv_fp8))
-            row["ms"][f"fxquant_{label}"] = _graph_median_ms(lambda: quantized_attention(q, k, v, scale, pv_fp8))
+                    out, quantized_attention_reference(q, k, v, scale, pv_fp8, scales))
+            row["ms"][f"fxquant_{label}"] = _graph_median_ms(lambda: quantized_attention(q, k, v, scale, pv_fp8,
+                                                                                         scales))
             row["ms"][f"fxquant_{label}_operands_only"] = _graph_median_ms(
-                lambda: attention_operands(q, k, v, pv_fp8))
-            operands = kernel_operands(q, k, v, pv_fp8)
+                lambda: attention_operands(q, k, v, pv_fp8, scales))
+            operands = kernel_operands(q, k, v, pv_fp8, scales)
             row["ms"][f"fxquant_{label}_kernel_only"] = _graph_median_ms(lambda: attend(q, operands, scale))
-        for label, pv_fp8 in (("int8", False), ("int8_fp8", True)):
             try:  # as the compile backend does: tile autotuned for the shape, then traced into Inductor
-                tune(batch, heads, tokens, tokens, head_dim, pv_fp8, q.dtype)
-                compiled = torch.compile(lambda q, k, v: quantized_attention(q, k, v, scale, pv_fp8, traced=True))
-                row["rel_err_vs_fp32"][f"fxquant_{label}_compiled"] = relative_l2(compiled(q, k, v), exact)
-                row["ms"][f"fxquant_{label}_compiled"] = _graph_median_ms(lambda: compiled(q, k, v))
+                tune(batch, heads, tokens, tokens, head_dim, pv_fp8, static, q.dtype)
+                compiled = torch.compile(lambda q, k, v, scales: quantized_attention(q, k, v, scale, pv_fp8, scales,
+                                                                                     traced=True))
+                row["rel_err_vs_fp32"][f"fxquant_{label}_compiled"] = relative_l2(compiled(q, k, v, scales), exact)
+                row["ms"][f"fxquant_{label}_compiled"] = _graph_median_ms(lambda: compiled(q, k, v, scales))
             except Exception as err:  # recorded; the eager rows stand
                 row.update(_error_row(err))
                 traceback.print_exc()
@@ -704,6 +712,8 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["pixart"], choices=sorted(MODELS))
     parser.add_argument("--variants", nargs="+",
                         default=["bf16_eager", "bf16_compile", "fxquant:w8a8", "fxquant:w8a8-fp8", "fxquant:w4a8"])
+    parser.add_argument("--attention-shapes", nargs="+", default=list(ATTENTION_SHAPES), choices=list(ATTENTION_SHAPES),
+                        help="the models whose attention shapes the attention section times")
     parser.add_argument("--layers", type=int, help="blocks of the model (pixart only; default: the full model)")
     parser.add_argument("--profile", help="write each variant's kernel profile to this text file")
     parser.add_argument("--compile-profile", help="write a cProfile of each variant's first (compiling) call here")
@@ -721,7 +731,7 @@ def main() -> None:
 
     for section, run in KERNEL_SECTIONS.items():
         if section in args.sections:
-            result[section] = run()
+            result[section] = run(args.attention_shapes) if section == "attention" else run()
             save()
     if "models" in args.sections:
         result["models"] = {}

@@ -26,6 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from . import attention
 from .capture import model_fingerprint
 from .errors import CheckpointError
 from .model import QuantizedModel
@@ -178,6 +179,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> Quantiz
         else:
             new = QuantLinear.from_plan(layer, bias is not None, bias_dtype)
         replace_module(model, layer.fqn, new)
+    attention.install(model, plan)  # static-format attention modules get their scale buffers before assignment
     _assign(model, tensors, root)
     model.eval()
     return QuantizedModel(model, plan)

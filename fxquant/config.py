@@ -21,7 +21,7 @@ WEIGHT_BITS = (8, 4, 2)
 MIXED_PRECISION = (None, "layer", "block-group")
 CANDIDATE_BITS = (2, 4, 6, 8)
 ACT_CANDIDATE_BITS = (4, 8, 16)
-ATTENTION_FORMATS = (None, "int8", "int8-fp8")
+ATTENTION_FORMATS = (None, "int8", "int8-fp8", "fp8-static")
 CONTENT_METRICS = ("proxy", "render")
 
 
@@ -76,8 +76,11 @@ class QuantConfig:
             quantized linears must not exceed this (activation bytes per token).
         attention: quantize the attention matmuls (SageAttention-style, fxquant.attention): "int8" = Q K^T on int8
             per-token Q and K (K minus its mean over tokens), P V in the model's dtype; "int8-fp8" = the same with
-            P and V in float8 e4m3 (V scaled per channel). None keeps attention in full precision. Calls with a mask,
-            dropout, causal masking, grouped heads or heads narrower than 16 keep the model's own attention.
+            P and V in float8 e4m3 (V scaled per channel); "fp8-static" = Q, K, V in float8 e4m3 with one calibrated
+            scale each (absmax / 448 per timestep group), Q K^T and P V in fp8: their quantization needs no
+            reduction, so it fuses into whatever produces Q, K and V. None keeps attention in full precision.
+            Calls with a mask, dropout, causal masking, grouped heads or heads narrower than 16 keep the model's own
+            attention.
         content_metric: how mixed precision scores content layers (cross-attention; MixDQ also feed-forward):
             "proxy" = the guidance direction of the denoiser output on the recorded calls; "render" = SSIM of samples
             the pipeline generates with the unit quantized against full precision (MixDQ's metric; needs

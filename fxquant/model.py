@@ -101,7 +101,7 @@ class QuantizedModel(_Wrapper):
             device = next(model.buffers()).device
             self.register_buffer("timestep_boundaries", torch.tensor(plan.timestep_boundaries, device=device))
             for module in model.modules():
-                if isinstance(module, QUANT_MODULES):
+                if isinstance(module, QUANT_MODULES) or hasattr(module, attention.OPERAND_SCALES):
                     module._timestep = self._timestep
 
     def forward(self, *args, **kwargs):

@@ -355,11 +355,12 @@ def empty_heads_last(q: torch.Tensor) -> torch.Tensor:
 REFERENCE_SCORE_ELEMENTS = 2**26  # the reference holds at most this many fp32 scores at once (256 MiB)
 
 
-def quantized_attention_reference(q, k, v, scale: float, pv_fp8: bool) -> torch.Tensor:
+def quantized_attention_reference(q, k, v, scale: float, pv_fp8: bool,
+                                  operand_scales: torch.Tensor | None = None) -> torch.Tensor:
     """The reference body of fxquant::quantized_attention, on any device: whole score rows at once, in chunks of
     queries that keep the score block under REFERENCE_SCORE_ELEMENTS (each row's softmax is exact either way; the
     kernel's online softmax quantizes P against running row maxima instead, so the two agree to rounding)."""
-    q_q, q_scale, k_q, k_scale, v_op, v_scale = attention_operands(q, k, v, pv_fp8)
+    q_q, q_scale, k_q, k_scale, v_op, v_scale = attention_operands(q, k, v, pv_fp8, operand_scales)
     k_t = k_q.float().transpose(-1, -2)
     v_float = v_op.float()
     batch, heads, n_q, _ = q.shape
@@ -379,15 +380,18 @@ def quantized_attention_reference(q, k, v, scale: float, pv_fp8: bool) -> torch.
 
 @torch.library.custom_op("fxquant::quantized_attention", mutates_args=())
 def quantized_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                        pv_fp8: bool) -> torch.Tensor:
-    """softmax(Q K^T * scale) V with int8 Q K^T (quantizer.attention_operands) and, with pv_fp8, float8 P V.
+                        pv_fp8: bool, operand_scales: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(Q K^T * scale) V with int8 Q K^T (quantizer.attention_operands) and, with pv_fp8, float8 P V; with
+    operand_scales (fp32 [3], needs pv_fp8) Q, K and V are float8 with those static per-tensor scales.
 
     q [B, H, Nq, D], k / v [B, H, Nk, D] -> [B, H, Nq, D] in q's dtype, stored as [B, Nq, H, D]."""
-    return quantized_attention_reference(q, k, v, scale, pv_fp8)
+    if operand_scales is not None and not pv_fp8:
+        raise ValueError("static fp8 operand_scales quantize V to fp8 as well: pass pv_fp8=True")
+    return quantized_attention_reference(q, k, v, scale, pv_fp8, operand_scales)
 
 
 @quantized_attention.register_fake
-def _(q, k, v, scale, pv_fp8):
+def _(q, k, v, scale, pv_fp8, operand_scales=None):
     return empty_heads_last(q)
 
 

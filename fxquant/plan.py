@@ -34,7 +34,8 @@ class LayerPlan:
     group_weight_bits: weight bits per timestep group when they differ (weight_bits is then their maximum, the
     stored width of the nested planes). fp_tokens: leading tokens that skip activation quantization (BOS-aware);
     fp_tokens_cached: their outputs are the same for every prompt and stored. attention_format (sdpa layers): how
-    the attention matmuls run quantized (config.attention), None when they run in full precision. sensitivity: the
+    the attention matmuls run quantized (config.attention), None when they run in full precision; attention_scales:
+    the static fp8 scales [Q, K, V] per timestep group of the "fp8-static" format (calibrated). sensitivity: the
     probe's damage (lower is better) per candidate, keyed "bits" or "group:bits", measured by sensitivity_metric.
     """
 
@@ -61,6 +62,7 @@ class LayerPlan:
     fp_tokens: int = 0
     fp_tokens_cached: bool = False
     attention_format: str | None = None
+    attention_scales: list[list[float]] | None = None
     sensitivity: dict[str, float] | None = None
     sensitivity_metric: str | None = None
     keep_reason: str | None = None
@@ -77,7 +79,7 @@ class LayerPlan:
         self.act_scale = self.act_zero = None
         self.balance = self.smooth = self.smooth_folded_into = self.rotation_block = self.group_weight_bits = None
         self.fp_tokens, self.fp_tokens_cached = 0, False
-        self.attention_format = None
+        self.attention_format = self.attention_scales = None
 
 
 @dataclass

@@ -190,13 +190,23 @@ def quantize_fp8(x: torch.Tensor, dim: int = -1) -> tuple[torch.Tensor, torch.Te
     return quantize_fp8_with_scale(x, scale), scale
 
 
-def attention_operands(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pv_fp8: bool):
+def attention_operands(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pv_fp8: bool,
+                       operand_scales: torch.Tensor | None = None):
     """One attention call's quantized operands (SageAttention): q [B, H, Nq, D], k / v [B, H, Nk, D] float ->
     (int8 q_q, fp32 q_scale [B, H, Nq], int8 k_q, fp32 k_scale [B, H, Nk], v_op, fp32 v_scale [B, H, 1, D] or None).
 
     Q and K are symmetric int8 per token (absmax / 127); K first loses its mean over tokens, which shifts every score
     of a query row by the same q . mean (softmax unchanged) and frees K's range of the offset all keys share. With
-    pv_fp8, v_op is V in float8 e4m3 with one scale per channel (absmax over tokens / 448); else V itself."""
+    pv_fp8, v_op is V in float8 e4m3 with one scale per channel (absmax over tokens / 448); else V itself.
+
+    operand_scales (fp32 [3], calibrated; needs pv_fp8): Q, K and V are float8 e4m3 with these static per-tensor
+    scales instead (no reduction, so a compiler fuses the quantization into whatever produced them); the scales come
+    back as broadcasting views (q_scale / k_scale expanded over tokens, v_scale [1])."""
+    if operand_scales is not None:
+        q_scale, k_scale, v_scale = operand_scales.float().reshape(3, 1).unbind()
+        return (quantize_fp8_with_scale(q, q_scale), q_scale.expand(q.shape[:-1]),
+                quantize_fp8_with_scale(k, k_scale), k_scale.expand(k.shape[:-1]),
+                quantize_fp8_with_scale(v, v_scale), v_scale)
     q_scale = absmax_scale(q.detach().abs().amax(dim=-1))
     k = k.float()
     k = k - k.mean(dim=-2, keepdim=True)

@@ -1,13 +1,15 @@
 """observe: attach an activation observer to every layer the plan quantizes.
 
-Reads: plan layers (quantized ones), the model's modules.
+Reads: plan layers (quantized ones, and attention layers of the static "fp8-static" format), the model's modules.
 Writes: state.observers (FQN -> ActivationObserver; per-position statistics on cross-attention key / value
-inputs when the config is BOS-aware), state.hooks (forward pre-hooks on those modules),
+inputs when the config is BOS-aware), state.attention_observers (attention FQN -> fxquant.attention
+AttentionObserver), state.hooks (forward pre-hooks on those modules, the attention forwards' wrappers),
 node.meta["fxquant_observed"] = True on the graph nodes of observed layers.
 """
 
 from __future__ import annotations
 
+from fxquant import attention
 from fxquant.observers import ActivationObserver
 from fxquant.state import QuantState
 
@@ -30,10 +32,16 @@ class ObservePass(QuantPass):
             module = state.model.get_submodule(layer.fqn)
             state.hooks.append(module.register_forward_pre_hook(observer.hook))
             state.observers[layer.fqn] = observer
+        for layer in state.plan.quantized_attention():
+            if layer.attention_format == attention.STATIC_FORMAT:
+                observer, handle = attention.observe(state.model.get_submodule(layer.fqn),
+                                                     group_of=lambda: state.timestep_group)
+                state.hooks.append(handle)
+                state.attention_observers[layer.fqn] = observer
         for node in state.graph.nodes:
             if node.meta.get("fxquant_fqn") in state.observers:
                 node.meta["fxquant_observed"] = True
-        return PassResult(modified=bool(state.observers))
+        return PassResult(modified=bool(state.observers or state.attention_observers))
 
     def ensures(self, state):
         missing = [layer.fqn for layer in state.plan.quantized_layers() if layer.fqn not in state.observers]

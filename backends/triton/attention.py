@@ -1,10 +1,11 @@
-"""Quantized flash attention (SageAttention-style): int8 Q K^T with per-token scales, P V in fp8 or the model's dtype.
+"""Quantized flash attention (SageAttention-style): int8 Q K^T with per-token scales, P V in fp8 or the model's dtype;
+or (STATIC_SCALES) Q, K and V all float8 e4m3 with one calibrated scale each.
 
 One program owns BLOCK_M queries of one (batch, head) and streams the keys / values in BLOCK_N tiles with an online
 softmax (exp2, running row maxima). Scores are int8 dots (int32, exact) scaled by q_scale[m] * k_scale[n] * scale *
 log2(e); with PV_FP8 the tile's P (in [0, 448]: the factor enters through the exponent and cancels against the row
 sum) is cast to float8 e4m3, V arrives as float8 with one scale per channel, and the output is multiplied by V's
-scales at the end.
+scales at the end. With STATIC_SCALES the three scales are scalars: Q's and K's fold into the score scale once.
 Head dims that are not a power of two (PixArt: 72) run as a power-of-two part and a tail (64 + 32) of two dots, on
 operands the launcher zero-pads to that width. Full key tiles load unmasked; only the last, partial one is masked.
 
@@ -45,20 +46,24 @@ def get_autotune_config() -> list[triton.Config]:
 @triton.jit
 def _attend_tile(acc_a, acc_b, row_max, row_sum, q_a, q_b, q_scale, k_base, k_scale_base, v_base, keys, N_K,
                  stride_kn, stride_vn, stride_vd, dims_a, dims_b,
-                 HAS_TAIL: tl.constexpr, PV_FP8: tl.constexpr, MASKED: tl.constexpr):
-    """One key / value tile into the running softmax state. MASKED: the last, partial tile (keys past N_K)."""
+                 HAS_TAIL: tl.constexpr, PV_FP8: tl.constexpr, STATIC_SCALES: tl.constexpr, MASKED: tl.constexpr):
+    """One key / value tile into the running softmax state. MASKED: the last, partial tile (keys past N_K);
+    STATIC_SCALES: q_scale already carries K's scale (no per-key scales)."""
     key_ok = keys < N_K
     k_rows = k_base + keys[:, None] * stride_kn
-    k_a = tl.load(k_rows + dims_a[None, :], mask=key_ok[:, None], other=0) if MASKED else \
+    k_a = tl.load(k_rows + dims_a[None, :], mask=key_ok[:, None], other=0.0) if MASKED else \
         tl.load(k_rows + dims_a[None, :])
     acc = tl.dot(q_a, tl.trans(k_a))
     if HAS_TAIL:
-        k_b = tl.load(k_rows + dims_b[None, :], mask=key_ok[:, None], other=0) if MASKED else \
+        k_b = tl.load(k_rows + dims_b[None, :], mask=key_ok[:, None], other=0.0) if MASKED else \
             tl.load(k_rows + dims_b[None, :])
         acc += tl.dot(q_b, tl.trans(k_b))
-    k_scale = tl.load(k_scale_base + keys, mask=key_ok, other=0.0) if MASKED else tl.load(k_scale_base + keys)
     # score = acc * k_scale * q_scale; q_scale > 0 commutes with the row max, and folds into exp2's argument (FMA)
-    scaled = acc.to(tl.float32) * k_scale[None, :]
+    if STATIC_SCALES:
+        scaled = acc.to(tl.float32)
+    else:
+        k_scale = tl.load(k_scale_base + keys, mask=key_ok, other=0.0) if MASKED else tl.load(k_scale_base + keys)
+        scaled = acc.to(tl.float32) * k_scale[None, :]
     if MASKED:
         scaled = tl.where(key_ok[None, :], scaled, float("-inf"))
     new_max = tl.maximum(row_max, tl.max(scaled, axis=1) * q_scale)
@@ -79,7 +84,7 @@ def _attend_tile(acc_a, acc_b, row_max, row_sum, q_a, q_b, q_scale, k_base, k_sc
     return acc_a, acc_b, new_max, row_sum
 
 
-@triton.autotune(configs=get_autotune_config(), key=["N_Q", "N_K", "HEAD_DIM", "PV_FP8"])
+@triton.autotune(configs=get_autotune_config(), key=["N_Q", "N_K", "HEAD_DIM", "PV_FP8", "STATIC_SCALES"])
 @triton.jit
 def _attention_kernel(
     q_ptr, q_scale_ptr, k_ptr, k_scale_ptr, v_ptr, v_scale_ptr, out_ptr,
@@ -87,10 +92,11 @@ def _attention_kernel(
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn, stride_vd, stride_ob, stride_oh, stride_on,
     HEAD_DIM: tl.constexpr, DIM_A: tl.constexpr, DIM_B: tl.constexpr, HAS_TAIL: tl.constexpr,
-    PV_FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PV_FP8: tl.constexpr, STATIC_SCALES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """HAS_TAIL (HEAD_DIM > DIM_A): operands are zero-padded to DIM_A + DIM_B along the head dim, so tiles load
-    unmasked; v_scale is [B * H, padded head dim]; the output holds HEAD_DIM channels."""
+    unmasked; v_scale is [B * H, padded head dim] (STATIC_SCALES: q / k / v scales are one value each); the output
+    holds HEAD_DIM channels."""
     query_blocks = tl.cdiv(N_Q, BLOCK_M)  # a 1-D grid (no 65535 limit on B * H); neighbours share K / V
     batch_head = tl.program_id(0) // query_blocks
     b = batch_head // HEADS
@@ -100,9 +106,13 @@ def _attention_kernel(
     dims_a = tl.arange(0, DIM_A)
     dims_b = DIM_A + tl.arange(0, DIM_B)
     q_rows = q_ptr + b * stride_qb + h * stride_qh + rows[:, None] * stride_qn
-    q_a = tl.load(q_rows + dims_a[None, :], mask=row_ok[:, None], other=0)
-    q_b = tl.load(q_rows + dims_b[None, :], mask=row_ok[:, None], other=0) if HAS_TAIL else q_a
-    q_scale = (tl.load(q_scale_ptr + batch_head * N_Q + rows, mask=row_ok, other=1.0) * score_scale).to(tl.float32)
+    q_a = tl.load(q_rows + dims_a[None, :], mask=row_ok[:, None], other=0.0)
+    q_b = tl.load(q_rows + dims_b[None, :], mask=row_ok[:, None], other=0.0) if HAS_TAIL else q_a
+    if STATIC_SCALES:
+        q_scale = tl.zeros([BLOCK_M], tl.float32) + tl.load(q_scale_ptr) * tl.load(k_scale_ptr) * score_scale
+    else:
+        q_scale = (tl.load(q_scale_ptr + batch_head * N_Q + rows, mask=row_ok, other=1.0) * score_scale).to(
+            tl.float32)
 
     k_base = k_ptr + b * stride_kb + h * stride_kh
     k_scale_base = k_scale_ptr + batch_head * N_K
@@ -116,23 +126,25 @@ def _attention_kernel(
         acc_a, acc_b, row_max, row_sum = _attend_tile(
             acc_a, acc_b, row_max, row_sum, q_a, q_b, q_scale, k_base, k_scale_base, v_base,
             start + tl.arange(0, BLOCK_N), N_K, stride_kn, stride_vn, stride_vd, dims_a, dims_b, HAS_TAIL, PV_FP8,
-            False)
+            STATIC_SCALES, False)
     if full_tiles_end < N_K:
         acc_a, acc_b, row_max, row_sum = _attend_tile(
             acc_a, acc_b, row_max, row_sum, q_a, q_b, q_scale, k_base, k_scale_base, v_base,
             full_tiles_end + tl.arange(0, BLOCK_N), N_K, stride_kn, stride_vn, stride_vd, dims_a, dims_b, HAS_TAIL,
-            PV_FP8, True)
+            PV_FP8, STATIC_SCALES, True)
 
     norm = 1.0 / row_sum
     out_rows = out_ptr + b * stride_ob + h * stride_oh + rows[:, None] * stride_on
     v_scales = v_scale_ptr + batch_head * (DIM_A + DIM_B if HAS_TAIL else DIM_A)
+    if STATIC_SCALES:
+        norm *= tl.load(v_scale_ptr)
     out_a = acc_a * norm[:, None]
-    if PV_FP8:
+    if PV_FP8 and not STATIC_SCALES:
         out_a *= tl.load(v_scales + dims_a)[None, :]
     tl.store(out_rows + dims_a[None, :], out_a.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
     if HAS_TAIL:
         out_b = acc_b * norm[:, None]
-        if PV_FP8:
+        if PV_FP8 and not STATIC_SCALES:
             out_b *= tl.load(v_scales + dims_b)[None, :]
         tl.store(out_rows + dims_b[None, :], out_b.to(out_ptr.dtype.element_ty),
                  mask=row_ok[:, None] & (dims_b < HEAD_DIM)[None, :])
@@ -158,43 +170,54 @@ FIXED_CONFIG = dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)  # the a
 _TUNED: dict[tuple, dict] = {}  # _tuning_key(...) -> tile config of traced launches
 
 
-def _tuning_key(n_q: int, n_k: int, head_dim: int, pv_fp8: bool, dtype: torch.dtype) -> tuple:
-    """What a tuned tile depends on: the autotuner's key (N_Q, N_K, HEAD_DIM, PV_FP8) and the operands' dtype."""
-    return n_q, n_k, head_dim, pv_fp8, dtype
+def _tuning_key(n_q: int, n_k: int, head_dim: int, pv_fp8: bool, static: bool, dtype: torch.dtype) -> tuple:
+    """What a tuned tile depends on: the autotuner's key (N_Q, N_K, HEAD_DIM, PV_FP8, STATIC_SCALES) and the
+    model's dtype."""
+    return n_q, n_k, head_dim, pv_fp8, static, dtype
 
 
-def tune(batch: int, heads: int, n_q: int, n_k: int, head_dim: int, pv_fp8: bool, dtype: torch.dtype) -> dict:
+def tune(batch: int, heads: int, n_q: int, n_k: int, head_dim: int, pv_fp8: bool, static: bool,
+         dtype: torch.dtype) -> dict:
     """Autotune the kernel once for this problem on random CUDA operands (the timing does not depend on the values)
     and keep the winner for traced launches: the compile backend calls this before handing the graph to Inductor,
-    outside any tracing, so compiled graphs run the tile the autotuner picks for each attention shape."""
-    key = _tuning_key(n_q, n_k, head_dim, pv_fp8, dtype)
+    outside any tracing, so compiled graphs run the tile the autotuner picks for each attention shape. static: with
+    static fp8 operand scales."""
+    key = _tuning_key(n_q, n_k, head_dim, pv_fp8, static, dtype)
     if key not in _TUNED:
         q, k, v = (torch.randn(batch, heads, n, head_dim, device="cuda", dtype=dtype) for n in (n_q, n_k, n_k))
-        quantized_attention(q, k, v, head_dim**-0.5, pv_fp8)
+        operand_scales = torch.full((3,), 4.0 / 448, device="cuda") if static else None
+        quantized_attention(q, k, v, head_dim**-0.5, pv_fp8, operand_scales)
         best = _attention_kernel.best_config
         _TUNED[key] = dict(**best.kwargs, num_warps=best.num_warps, num_stages=best.num_stages)
     return _TUNED[key]
 
 
-def kernel_operands(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pv_fp8: bool) -> dict:
-    """q [B, H, Nq, D], k / v [B, H, Nk, D] -> the kernel's operands (`attention_operands`, zero-padded to the
-    kernel's head-dim split, in the layouts its tiles load) and flags, for `attend`."""
+def kernel_operands(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pv_fp8: bool,
+                    operand_scales: torch.Tensor | None = None) -> dict:
+    """q [B, H, Nq, D], k / v [B, H, Nk, D] (operand_scales: fp32 [3] static fp8 scales, or None) -> the kernel's
+    operands (`attention_operands`, zero-padded to the kernel's head-dim split, in the layouts its tiles load) and
+    flags, for `attend`."""
     head_dim = q.shape[-1]
     assert head_dim >= 16 and k.shape[-1] == v.shape[-1] == head_dim, f"head dims {q.shape}, {k.shape}, {v.shape}"
     dim_a, dim_b = head_dim_split(head_dim)
     pad = dim_a + dim_b - head_dim if head_dim > dim_a else 0  # zero channels: the tail tile loads unmasked
-    q_q, q_scale, k_q, k_scale, v_op, v_scale = attention_operands(q, k, v, pv_fp8)
+    q_q, q_scale, k_q, k_scale, v_op, v_scale = attention_operands(q, k, v, pv_fp8, operand_scales)
     q_q, k_q, v_op = (_pad_last(x, pad) for x in (q_q, k_q, v_op))
     q_q = q_q if q_q.stride(-1) == 1 else q_q.contiguous()
     k_q = k_q if k_q.stride(-1) == 1 else k_q.contiguous()
     if pv_fp8:  # keys contiguous: the fp8 MMA wants its reduced dimension innermost
         v_op = v_op.transpose(-1, -2).contiguous().transpose(-1, -2)
-        v_scale = F.pad(v_scale, (0, pad)).contiguous()
     elif v_op.stride(-1) != 1:
         v_op = v_op.contiguous()
+    static = operand_scales is not None
+    if static:  # one value each, read through pointers into the scales (no per-token tensors)
+        q_scale, k_scale, v_scale = operand_scales.float().contiguous().split(1)
+    elif pv_fp8:
+        v_scale = F.pad(v_scale, (0, pad)).contiguous()
     return dict(q_q=q_q, q_scale=q_scale.contiguous(), k_q=k_q, k_scale=k_scale.contiguous(), v_op=v_op,
                 v_scale=v_scale if pv_fp8 else q_scale, flags=dict(  # (v_scale: never read without fp8 V)
-                    HEAD_DIM=head_dim, DIM_A=dim_a, DIM_B=dim_b, HAS_TAIL=head_dim > dim_a, PV_FP8=pv_fp8))
+                    HEAD_DIM=head_dim, DIM_A=dim_a, DIM_B=dim_b, HAS_TAIL=head_dim > dim_a, PV_FP8=pv_fp8,
+                    STATIC_SCALES=static))
 
 
 def attend(q: torch.Tensor, operands: dict, scale: float, traced: bool = False) -> torch.Tensor:
@@ -211,7 +234,7 @@ def attend(q: torch.Tensor, operands: dict, scale: float, traced: bool = False) 
     flags = operands["flags"]
     if traced:
         config = get_autotune_config()[0].all_kwargs() if INTERPRET else _TUNED.get(
-            _tuning_key(n_q, n_k, head_dim, flags["PV_FP8"], q.dtype), FIXED_CONFIG)
+            _tuning_key(n_q, n_k, head_dim, flags["PV_FP8"], flags["STATIC_SCALES"], q.dtype), FIXED_CONFIG)
         wrap_triton(_attention_kernel.fn)[(triton.cdiv(n_q, config["BLOCK_M"]) * batch * heads,)](*args, **flags,
                                                                                                 **config)
     else:
@@ -220,10 +243,11 @@ def attend(q: torch.Tensor, operands: dict, scale: float, traced: bool = False) 
 
 
 def quantized_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, pv_fp8: bool,
-                        traced: bool = False) -> torch.Tensor:
-    """q [B, H, Nq, D], k / v [B, H, Nk, D] (head dim >= 16) -> [B, H, Nq, D] in q's dtype, stored [B, Nq, H, D].
+                        operand_scales: torch.Tensor | None = None, traced: bool = False) -> torch.Tensor:
+    """q [B, H, Nq, D], k / v [B, H, Nk, D] (head dim >= 16) -> [B, H, Nq, D] in q's dtype, stored [B, Nq, H, D];
+    operand_scales: static fp8 Q / K / V scales (fp32 [3]) or None (per-token int8 Q / K).
 
     traced: launch through torch.library.wrap_triton with the config `tune` found for this problem, else
     FIXED_CONFIG (graphs the compile backend hands to Inductor); otherwise the autotuned kernel is launched directly
     (eager calls)."""
-    return attend(q, kernel_operands(q, k, v, pv_fp8), scale, traced)
+    return attend(q, kernel_operands(q, k, v, pv_fp8, operand_scales), scale, traced)

@@ -378,10 +378,10 @@ def _triton_linear_activation_quantize(x_q, x_scale, x_zero, w, weight_bits, w_s
                           activation=activation, out_scale=out_scale, out_zero=out_zero)
 
 
-def _triton_quantized_attention(q, k, v, scale, pv_fp8):
+def _triton_quantized_attention(q, k, v, scale, pv_fp8, operand_scales):
     from .attention import quantized_attention
 
-    return quantized_attention(q, k, v, scale, pv_fp8, traced=True)
+    return quantized_attention(q, k, v, scale, pv_fp8, operand_scales, traced=True)
 
 
 def _triton_fused_quantize_per_token(x, weight, bias, mul, add, norm, eps, activation, fp8):
@@ -457,11 +457,11 @@ def tune_attention(gm: fx.GraphModule) -> int:
     seen = 0
     for node in gm.graph.nodes:
         if node.op == "call_function" and _target(node) == fxq.quantized_attention.default:
-            q, k, _, _, pv_fp8 = _node_args(node, fxq.quantized_attention.default)
+            q, k, _, _, pv_fp8, operand_scales = _node_args(node, fxq.quantized_attention.default)
             q_value, k_value = q.meta["example_value"], k.meta["example_value"]
             sizes = (*q_value.shape[:3], k_value.shape[2], q_value.shape[3])
             if all(isinstance(size, int) for size in sizes):  # dynamic shapes keep the fixed tile config
-                tune(*sizes, pv_fp8, q_value.dtype)
+                tune(*sizes, pv_fp8, operand_scales is not None, q_value.dtype)
             seen += 1
     return seen
 
