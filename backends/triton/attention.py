@@ -109,7 +109,8 @@ def _attention_kernel(
     q_a = tl.load(q_rows + dims_a[None, :], mask=row_ok[:, None], other=0.0)
     q_b = tl.load(q_rows + dims_b[None, :], mask=row_ok[:, None], other=0.0) if HAS_TAIL else q_a
     if STATIC_SCALES:
-        q_scale = tl.zeros([BLOCK_M], tl.float32) + tl.load(q_scale_ptr) * tl.load(k_scale_ptr) * score_scale
+        q_scale = tl.zeros([BLOCK_M], tl.float32) + (tl.load(q_scale_ptr) * tl.load(k_scale_ptr) * score_scale).to(
+            tl.float32)  # (Inductor passes score_scale as fp64)
     else:
         q_scale = (tl.load(q_scale_ptr + batch_head * N_Q + rows, mask=row_ok, other=1.0) * score_scale).to(
             tl.float32)
