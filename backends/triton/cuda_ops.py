@@ -51,5 +51,5 @@ def _linear_residual_cuda(x_q, x_scale, x_zero, w, weight_bits, w_scale, w_sum, 
 
 
 @torch.library.register_kernel("fxquant::quantized_attention", "cuda")
-def _quantized_attention_cuda(q, k, v, scale, pv_fp8):
-    return quantized_attention(q, k, v, scale, pv_fp8)
+def _quantized_attention_cuda(q, k, v, scale, pv_fp8, operand_scales=None):
+    return quantized_attention(q, k, v, scale, pv_fp8, operand_scales)
