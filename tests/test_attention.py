@@ -1,5 +1,7 @@
 """Quantized attention (recipe field `attention`): which calls it takes, the plan, compile, and what it refuses."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,7 +10,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import fxquant
 import fxquant.ops
 from families import FAMILIES
-from fxquant.attention import QuantizedAttention
+from families import inputs_at_timesteps
+from fxquant.attention import OPERAND_SCALES, QuantizedAttention
 from fxquant.backends.triton.backend import compile_counter
 from fxquant.metrics import relative_l2
 
@@ -76,10 +79,11 @@ def test_recipe_rule_keeps_chosen_attention_in_full_precision():
     assert all(layer.fqn.endswith("attn1") for layer in qmodel.plan.quantized_attention())
 
 
-def test_compiled_graph_holds_one_attention_op_per_layer(quantized_family):
+@pytest.mark.parametrize("attention_format", ["int8-fp8", "fp8-static"])
+def test_compiled_graph_holds_one_attention_op_per_layer(quantized_family, attention_format):
     torch._dynamo.reset()
     compile_counter.clear()
-    _, qmodel, _ = quantized_family("pixart", "w8a8:attention=int8-fp8")
+    _, qmodel, _ = quantized_family("pixart", f"w8a8:attention={attention_format}")
     compiled = torch.compile(qmodel, backend="fxquant")
     inputs = FAMILIES["pixart"].inputs(seed=6)
     with torch.no_grad():
@@ -104,3 +108,51 @@ def test_reference_in_query_chunks_equals_whole_rows(monkeypatch, pv_fp8):
     chunked = fxq.quantized_attention(q, k, v, 0.25, pv_fp8)
     torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=1e-6)  # same rows; only matmul blocking differs
     assert chunked.stride() == whole.stride()
+
+
+@pytest.mark.parametrize("name", ["pixart", "cogvideox"])
+def test_static_fp8_attention_calibrates_one_scale_per_operand_and_group(name):
+    """fp8-static: calibration records |Q|, |K|, |V| maxima per timestep group; each call runs its group's scales."""
+    family = FAMILIES[name]
+    reference = family.build()
+    config = fxquant.get_config("w8a8:attention=fp8-static")
+    config.timestep_groups = [500.0]
+    calibration = inputs_at_timesteps(family, [900, 800, 100, 50])
+    qmodel = fxquant.quantize(copy.deepcopy(reference), config, calibration)
+    attention = qmodel.plan.quantized_attention()
+    assert attention and all(layer.attention_format == "fp8-static" for layer in attention)
+    for layer in attention:
+        scales = torch.tensor(layer.attention_scales)
+        assert scales.shape == (2, 3) and (scales > 0).all()
+        assert torch.equal(getattr(qmodel.model.get_submodule(layer.fqn), OPERAND_SCALES), scales)
+    assert any(len(set(map(tuple, layer.attention_scales))) > 1 for layer in attention)  # ranges drift with t
+    inputs = calibration[0]
+    with torch.no_grad(), _CountOps() as counter:
+        out = qmodel(**inputs, return_dict=False)[0]
+        fp = reference(**inputs, return_dict=False)[0]
+    assert counter.calls >= len(attention)
+    assert relative_l2(out, fp) < 0.01
+    module, early_inputs = qmodel.model.get_submodule(attention[0].fqn), calibration[-1]  # timesteps 900 / 50
+    with torch.no_grad():
+        early = qmodel(**early_inputs, return_dict=False)[0]
+        getattr(module, OPERAND_SCALES)[0] *= 3  # only the early group's (not a power of two: fp8 would not care)
+        assert torch.equal(qmodel(**inputs, return_dict=False)[0], out)
+        assert not torch.equal(qmodel(**early_inputs, return_dict=False)[0], early)
+
+
+def test_static_fp8_attention_keeps_layers_whose_calls_cannot_be_quantized(quantized_family):
+    _, qmodel, _ = quantized_family("unet", "w8a8:attention=fp8-static")  # the tiny UNet's heads are 8 wide
+    sdpa = [layer for layer in qmodel.plan.layers.values() if layer.op == "sdpa"]
+    assert sdpa and not qmodel.plan.quantized_attention()
+    assert all("no call during calibration could be quantized" in layer.keep_reason for layer in sdpa)
+
+
+def test_static_fp8_attention_needs_calibration_of_every_layer():
+    family = FAMILIES["pixart"]
+    config = fxquant.get_config("w8a8:attention=fp8-static")
+    prepared = fxquant.prepare(family.build(), config)
+    prepared(**family.inputs())
+    attention = prepared._state.plan.quantized_attention()[0]
+    prepared._state.attention_observers[attention.fqn].module_calls = 0  # as if its block never ran
+    with pytest.raises(fxquant.CalibrationError, match=f"{attention.fqn}.*never called during calibration"):
+        fxquant.convert(prepared)
