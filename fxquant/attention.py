@@ -60,7 +60,16 @@ class QuantizedAttention(TorchFunctionMode):
             call = _quantizable(*args, **kwargs)
             if call is not None:
                 return torch.ops.fxquant.quantized_attention(*call, self.pv_fp8, self.operand_scales)
+        if func is torch.Tensor.unflatten:
+            return _unflatten(*args, **kwargs)
         return func(*args, **kwargs)
+
+
+def _unflatten(input: torch.Tensor, dim: int, sizes) -> torch.Tensor:
+    """Tensor.unflatten as a reshape: Dynamo cannot trace Tensor.unflatten's `super()` call inside a torch function
+    mode (a graph break in Flux's attention processor, which lost the fusions around it)."""
+    dim = dim % input.dim()
+    return input.reshape(*input.shape[:dim], *sizes, *input.shape[dim + 1:])
 
 
 class _QuantizedAttentionForward:

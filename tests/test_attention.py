@@ -94,6 +94,22 @@ def test_compiled_graph_holds_one_attention_op_per_layer(quantized_family, atten
     assert torch.equal(fast, eager)
 
 
+@pytest.mark.parametrize("name", ["pixart", "flux", "sd3", "cogvideox"])
+def test_quantized_attention_keeps_one_graph_and_every_fusion(quantized_family, name):
+    """Inside the attention mode Dynamo traces `x / 1.0` as a method call (PixArt's residual epilogues stopped
+    matching) and could not trace Tensor.unflatten (a graph break in Flux's processor): the counts must not move."""
+    counts = {}
+    for recipe in ("w8a8", "w8a8:attention=fp8-static"):
+        torch._dynamo.reset()
+        compile_counter.clear()
+        _, qmodel, _ = quantized_family(name, recipe)
+        with torch.no_grad():
+            torch.compile(qmodel, backend="fxquant")(**FAMILIES[name].inputs(seed=6), return_dict=False)
+        counts[recipe] = {key: compile_counter[key] for key in ("graphs", "fused_prologues", "fused_residuals",
+                                                                "fused_activations")}
+    assert counts["w8a8"]["graphs"] == 1 and counts["w8a8"] == counts["w8a8:attention=fp8-static"]
+
+
 def test_onnx_export_refuses_quantized_attention(quantized_family, tmp_path):
     _, qmodel, calibration = quantized_family("pixart", "w8a8:attention=int8")
     with pytest.raises(fxquant.FxquantError, match="quantizes attention .* no ONNX translation"):

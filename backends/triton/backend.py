@@ -283,13 +283,18 @@ def _linear_residual_args(node) -> tuple | None:
     return tuple(args[:8])
 
 
+_SCALE_METHODS = {"div", "mul", "__truediv__", "__mul__"}  # how Dynamo records x / c inside a torch function mode
+
+
 def _through_output_views(node):
     """Step back over single-use row views, eval dropout and x / 1.0 or x * 1.0 (diffusers' attention processors
-    divide by `rescale_output_factor`, 1.0 by default)."""
+    divide by `rescale_output_factor`, 1.0 by default; inside fxquant's attention mode, a traced method call)."""
     while True:
         node = _through_row_views(node)
-        if not (_only_use(node) and _call(node, _MUL | {operator.truediv}) and len(node.args) == 2
-                and isinstance(node.args[1], (int, float)) and node.args[1] == 1):
+        scaling = _call(node, _MUL | {operator.truediv}) or (
+            isinstance(node, fx.Node) and node.op == "call_method" and node.target in _SCALE_METHODS)
+        if not (_only_use(node) and scaling and len(node.args) == 2 and isinstance(node.args[1], (int, float))
+                and node.args[1] == 1):
             return node
         node = node.args[0]
 
