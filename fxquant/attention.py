@@ -15,6 +15,7 @@ scales as the module's buffer OPERAND_SCALES [G, 3] and each call picks its time
 
 from __future__ import annotations
 
+import itertools
 from typing import Callable
 
 import torch
@@ -90,12 +91,12 @@ class _QuantizedAttentionForward:
             return None
         table = getattr(self.module, OPERAND_SCALES)
         timestep = getattr(self.module, "_timestep", None)
-        return (table[0] if timestep is None else table.index_select(0, timestep.index)[0])
+        return table[0] if timestep is None else table.index_select(0, timestep.index)[0]
 
 
 def _device_of(module: nn.Module) -> torch.device:
     """Where the module's tensors live (an attention module of a quantized model may hold only buffers)."""
-    return next(iter([*module.parameters(), *module.buffers()])).device
+    return next(itertools.chain(module.parameters(), module.buffers())).device
 
 
 def install(model: nn.Module, plan: QuantPlan) -> None:
