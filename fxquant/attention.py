@@ -5,8 +5,9 @@ Diffusers' attention processors (and its attention dispatcher) all end in `F.sca
 `fxquant::quantized_attention` (int8 Q K^T, optionally fp8 P V; or Q, K, V all fp8 with static scales); the others
 (a mask, dropout, causal masking, grouped heads, unequal head dims or head dims under MIN_HEAD_DIM) run the original
 call. `install` puts the mode around the forward of every attention module the plan quantizes
-(`LayerPlan.attention_format`), so the choice is per layer and Dynamo traces the mode into the graph: the op is one
-node the compile backend lowers to the Triton kernel.
+(`LayerPlan.attention_format`; the module's class becomes a subclass whose forward enters the mode), so the choice is
+per layer and Dynamo traces the mode into the graph: the op is one node the compile backend lowers to the Triton
+kernel.
 
 The static format ("fp8-static") needs calibrated scales: `observe` wraps an attention module's forward during
 calibration and records |Q|, |K|, |V| maxima per timestep group (`AttentionObserver`); `install` keeps the plan's
@@ -73,25 +74,32 @@ def _unflatten(input: torch.Tensor, dim: int, sizes) -> torch.Tensor:
     return input.reshape(*input.shape[:dim], *sizes, *input.shape[dim + 1:])
 
 
-class _QuantizedAttentionForward:
-    """Stands in for an attention module's forward: the original forward, run inside QuantizedAttention (with the
-    module's static scales of the current timestep group, from its `_timestep` that QuantizedModel sets)."""
+ATTENTION_FORMAT = "fxquant_attention_format"  # attribute of a quantized attention module: its format
+_QUANTIZED_CLASSES: dict[type, type] = {}  # attention class -> its subclass that runs forward in QuantizedAttention
 
-    def __init__(self, module: nn.Module, forward, attention_format: str):
-        self.module = module
-        self.forward = forward
-        self.attention_format = attention_format
 
-    def __call__(self, *args, **kwargs):
-        with QuantizedAttention(self.attention_format, self._operand_scales()):
-            return self.forward(*args, **kwargs)
+def _operand_scales(module: nn.Module) -> torch.Tensor | None:
+    """The static scales [3] of the module's current timestep group (its `_timestep`, set by QuantizedModel), or None
+    for a dynamic format."""
+    if getattr(module, ATTENTION_FORMAT) != STATIC_FORMAT:
+        return None
+    table = getattr(module, OPERAND_SCALES)
+    timestep = getattr(module, "_timestep", None)
+    return table[0] if timestep is None else table.index_select(0, timestep.index)[0]
 
-    def _operand_scales(self) -> torch.Tensor | None:
-        if self.attention_format != STATIC_FORMAT:
-            return None
-        table = getattr(self.module, OPERAND_SCALES)
-        timestep = getattr(self.module, "_timestep", None)
-        return table[0] if timestep is None else table.index_select(0, timestep.index)[0]
+
+def _quantized_class(cls: type) -> type:
+    """cls whose forward runs inside QuantizedAttention. One subclass per attention class, swapped in as the module's
+    class: identical blocks then still share one compiled graph (a per-module forward wrapper made Dynamo recompile
+    every block under regional compilation)."""
+    if cls not in _QUANTIZED_CLASSES:
+        def forward(self, *args, **kwargs):
+            with QuantizedAttention(getattr(self, ATTENTION_FORMAT), _operand_scales(self)):
+                return self.fxquant_unquantized_forward(*args, **kwargs)
+
+        _QUANTIZED_CLASSES[cls] = type(f"Quantized{cls.__name__}", (cls,), {
+            "forward": forward, "fxquant_unquantized_forward": cls.forward, "__module__": __name__})
+    return _QUANTIZED_CLASSES[cls]
 
 
 def _device_of(module: nn.Module) -> torch.device:
@@ -104,7 +112,7 @@ def install(model: nn.Module, plan: QuantPlan) -> None:
     layers get their scales (plan.attention_scales) as buffer OPERAND_SCALES on the module's device."""
     for layer in plan.quantized_attention():
         module = model.get_submodule(layer.fqn)
-        if isinstance(module.forward, _QuantizedAttentionForward):
+        if hasattr(module, ATTENTION_FORMAT):
             continue
         if layer.attention_format == STATIC_FORMAT:
             if not layer.attention_scales:
@@ -112,7 +120,8 @@ def install(model: nn.Module, plan: QuantPlan) -> None:
                                  "attention_scales (calibrate before converting).")
             module.register_buffer(OPERAND_SCALES, torch.tensor(layer.attention_scales, dtype=torch.float32,
                                                                 device=_device_of(module)))
-        module.forward = _QuantizedAttentionForward(module, module.forward, layer.attention_format)
+        setattr(module, ATTENTION_FORMAT, layer.attention_format)
+        module.__class__ = _quantized_class(type(module))
 
 
 class AttentionObserver(TorchFunctionMode):
@@ -150,6 +159,7 @@ class _ObservedForward:
     def __init__(self, module: nn.Module, observer: AttentionObserver):
         self.module = module
         self.forward = module.forward
+        self.own_forward = "forward" in vars(module)  # else the class's, which must not be pinned to the instance
         self.observer = observer
 
     def __call__(self, *args, **kwargs):
@@ -158,7 +168,10 @@ class _ObservedForward:
             return self.forward(*args, **kwargs)
 
     def remove(self) -> None:
-        self.module.forward = self.forward
+        if self.own_forward:
+            self.module.forward = self.forward
+        else:
+            del self.module.forward
 
 
 def observe(module: nn.Module, group_of: Callable[[], int]) -> tuple[AttentionObserver, _ObservedForward]:

@@ -110,6 +110,21 @@ def test_quantized_attention_keeps_one_graph_and_every_fusion(quantized_family, 
     assert counts["w8a8"]["graphs"] == 1 and counts["w8a8"] == counts["w8a8:attention=fp8-static"]
 
 
+@pytest.mark.parametrize("attention_format", ["int8-fp8", "fp8-static"])
+def test_regional_compilation_shares_one_graph_with_quantized_attention(attention_format):
+    """Identical blocks share one compiled graph with quantized attention too (a per-module forward wrapper made
+    Dynamo recompile every block)."""
+    torch._dynamo.reset()
+    compile_counter.clear()
+    family = FAMILIES["pixart"]
+    qmodel = fxquant.quantize(family.build(), f"w8a8:attention={attention_format}", [family.inputs()])
+    blocks = qmodel.compile_blocks()
+    with torch.no_grad():
+        qmodel(**family.inputs(seed=6))
+    assert len(blocks) > 1 and compile_counter["graphs"] == 1
+    assert compile_counter["attention_ops"] == 2  # the block's self- and cross-attention
+
+
 def test_onnx_export_refuses_quantized_attention(quantized_family, tmp_path):
     _, qmodel, calibration = quantized_family("pixart", "w8a8:attention=int8")
     with pytest.raises(fxquant.FxquantError, match="quantizes attention .* no ONNX translation"):
