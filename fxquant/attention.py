@@ -97,7 +97,7 @@ def _quantized_class(cls: type) -> type:
             with QuantizedAttention(getattr(self, ATTENTION_FORMAT), _operand_scales(self)):
                 return self.fxquant_unquantized_forward(*args, **kwargs)
 
-        _QUANTIZED_CLASSES[cls] = type(f"Quantized{cls.__name__}", (cls,), {
+        _QUANTIZED_CLASSES[cls] = type(f"Fxquant{cls.__name__}", (cls,), {  # (not QuantizedAttention: the mode)
             "forward": forward, "fxquant_unquantized_forward": cls.forward, "__module__": __name__})
     return _QUANTIZED_CLASSES[cls]
 
