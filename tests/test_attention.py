@@ -9,8 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import fxquant
 import fxquant.ops
-from families import FAMILIES
-from families import inputs_at_timesteps
+from families import FAMILIES, inputs_at_timesteps
 from fxquant.attention import OPERAND_SCALES, QuantizedAttention
 from fxquant.backends.triton.backend import compile_counter
 from fxquant.metrics import relative_l2
