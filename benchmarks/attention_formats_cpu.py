@@ -19,10 +19,9 @@ from collections import defaultdict
 
 import torch
 import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
 
 import fxquant.ops  # noqa: F401  (registers torch.ops.fxquant)
-from fxquant.attention import _quantizable
+from fxquant.attention import SdpaTap
 from fxquant.metrics import relative_l2
 from fxquant.quality import _initial_noise, calibration_prompts, eval_prompts, generate
 from fxquant.quantizer import FP8_MAX, fp8_scale
@@ -32,7 +31,7 @@ fxq = torch.ops.fxquant
 INT8_MAX = 127.0
 
 
-class _RecordAttention(TorchFunctionMode):
+class _RecordAttention(SdpaTap):
     """Keeps (call site, q, k, v, scale) of every quantizable SDPA call; `forward_start()` restarts the site count."""
 
     def __init__(self):
@@ -42,14 +41,9 @@ class _RecordAttention(TorchFunctionMode):
     def forward_start(self, *_):
         self.site = 0
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is F.scaled_dot_product_attention:
-            call = _quantizable(*args, **kwargs)
-            if call is not None:
-                self.calls.append((self.site, *(x.detach().clone() for x in call[:3]), call[3]))
-                self.site += 1
-        return func(*args, **kwargs)
+    def record(self, q, k, v, scale: float) -> None:
+        self.calls.append((self.site, q.detach().clone(), k.detach().clone(), v.detach().clone(), scale))
+        self.site += 1
 
 
 def _record(pipe, name: str, prompts: list[str], seed: int) -> list[tuple]:

@@ -124,7 +124,23 @@ def install(model: nn.Module, plan: QuantPlan) -> None:
         module.__class__ = _quantized_class(type(module))
 
 
-class AttentionObserver(TorchFunctionMode):
+class SdpaTap(TorchFunctionMode):
+    """Inside this mode, `record(q, k, v, scale)` sees every quantizable `F.scaled_dot_product_attention` call before
+    it runs unchanged (subclasses say what to keep)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            call = _quantizable(*args, **kwargs)
+            if call is not None:
+                self.record(*call)
+        return func(*args, **kwargs)
+
+    def record(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> None:
+        raise NotImplementedError
+
+
+class AttentionObserver(SdpaTap):
     """Records the |Q|, |K|, |V| maxima of the quantizable SDPA calls inside it: overall (`absmax`, fp32 [3]) and per
     timestep group (`group_absmax`, from group_of() at each call). module_calls counts the forwards it wrapped,
     calls the quantizable SDPA calls among them."""
@@ -137,15 +153,8 @@ class AttentionObserver(TorchFunctionMode):
         self.module_calls = 0
         self.calls = 0
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is F.scaled_dot_product_attention:
-            call = _quantizable(*args, **kwargs)
-            if call is not None:
-                self._record(torch.stack([x.detach().abs().amax().float().cpu() for x in call[:3]]))
-        return func(*args, **kwargs)
-
-    def _record(self, absmax: torch.Tensor) -> None:
+    def record(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> None:
+        absmax = torch.stack([x.detach().abs().amax().float().cpu() for x in (q, k, v)])
         self.calls += 1
         self.absmax = absmax if self.absmax is None else torch.maximum(self.absmax, absmax)
         group = self.group_of()
