@@ -283,18 +283,13 @@ def _linear_residual_args(node) -> tuple | None:
     return tuple(args[:8])
 
 
-_SCALE_METHODS = {"div", "mul", "__truediv__", "__mul__"}  # how Dynamo records x / c inside a torch function mode
-
-
 def _through_output_views(node):
     """Step back over single-use row views, eval dropout and x / 1.0 or x * 1.0 (diffusers' attention processors
-    divide by `rescale_output_factor`, 1.0 by default; inside fxquant's attention mode, a traced method call)."""
+    divide by `rescale_output_factor`, 1.0 by default)."""
     while True:
         node = _through_row_views(node)
-        scaling = _call(node, _MUL | {operator.truediv}) or (
-            isinstance(node, fx.Node) and node.op == "call_method" and node.target in _SCALE_METHODS)
-        if not (_only_use(node) and scaling and len(node.args) == 2 and isinstance(node.args[1], (int, float))
-                and node.args[1] == 1):
+        if not (_only_use(node) and _call(node, _MUL | {operator.truediv}) and len(node.args) == 2
+                and isinstance(node.args[1], (int, float)) and node.args[1] == 1):
             return node
         node = node.args[0]
 
@@ -488,6 +483,23 @@ BACKEND_OPTIONS = {
 }
 
 
+_ARITHMETIC_METHODS = {"add": operator.add, "__add__": operator.add, "mul": operator.mul, "__mul__": operator.mul,
+                       "div": operator.truediv, "__truediv__": operator.truediv}
+
+
+def normalize_arithmetic(gm: fx.GraphModule) -> int:
+    """Rewrite tensor-method arithmetic (`x.div(c)`, `x.__mul__(g)`: how Dynamo records operators inside a torch
+    function mode such as fxquant's attention mode) as the operator calls the pattern rewrites match; returns how
+    many."""
+    rewritten = 0
+    for node in gm.graph.nodes:
+        if node.op == "call_method" and node.target in _ARITHMETIC_METHODS and len(node.args) == 2 and not node.kwargs:
+            node.op, node.target = "call_function", _ARITHMETIC_METHODS[node.target]
+            rewritten += 1
+    gm.recompile()
+    return rewritten
+
+
 def fxquant_backend(gm: fx.GraphModule, example_inputs, mode: str | None = None, options: dict | None = None):
     """Dynamo backend: graph module + example inputs (+ torch.compile's mode / options) -> a callable.
 
@@ -501,6 +513,7 @@ def fxquant_backend(gm: fx.GraphModule, example_inputs, mode: str | None = None,
     compile_counter["fxquant_ops"] += sum(1 for node in gm.graph.nodes if _is_fxquant(node))
     compile_counter["attention_ops"] += sum(1 for node in gm.graph.nodes if _is_fxquant(node) and
                                             _target(node) == fxq.quantized_attention.default)
+    normalize_arithmetic(gm)
     compile_counter["shared_quantizations"] += deduplicate_quantization(gm)
     compile_counter["packed_linears"] += fuse_packed_weights(gm)
     if ours.get("fxquant.fuse_prologues", True):
