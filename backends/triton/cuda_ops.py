@@ -50,6 +50,13 @@ def _linear_residual_cuda(x_q, x_scale, x_zero, w, weight_bits, w_scale, w_sum, 
                           residual=residual)
 
 
+@torch.library.register_kernel("fxquant::linear_activation_quantize", "cuda")
+def _linear_activation_quantize_cuda(x_q, x_scale, x_zero, w, weight_bits, w_scale, w_sum, bias, activation,
+                                     out_scale, out_zero):
+    return quantized_gemm(x_q, x_scale, x_zero, w, w_scale, w_sum, bias, torch.float32, weight_bits,
+                          activation=activation, out_scale=out_scale, out_zero=out_zero)
+
+
 @torch.library.register_kernel("fxquant::quantized_attention", "cuda")
 def _quantized_attention_cuda(q, k, v, scale, pv_fp8, operand_scales=None):
     return quantized_attention(q, k, v, scale, pv_fp8, operand_scales)
