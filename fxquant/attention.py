@@ -97,9 +97,18 @@ def _quantized_class(cls: type) -> type:
             with QuantizedAttention(getattr(self, ATTENTION_FORMAT), _operand_scales(self)):
                 return self.fxquant_unquantized_forward(*args, **kwargs)
 
+        def __reduce_ex__(self, protocol):  # pickle finds no run-time class by name: rebuild it from cls
+            return _quantized_instance, (cls,), self.__dict__
+
         _QUANTIZED_CLASSES[cls] = type(f"Fxquant{cls.__name__}", (cls,), {  # (not QuantizedAttention: the mode)
-            "forward": forward, "fxquant_unquantized_forward": cls.forward, "__module__": __name__})
+            "forward": forward, "fxquant_unquantized_forward": cls.forward, "__reduce_ex__": __reduce_ex__,
+            "__module__": __name__})
     return _QUANTIZED_CLASSES[cls]
+
+
+def _quantized_instance(cls: type) -> nn.Module:
+    """An empty instance of cls's quantized subclass (unpickling sets its state)."""
+    return object.__new__(_quantized_class(cls))
 
 
 def _device_of(module: nn.Module) -> torch.device:

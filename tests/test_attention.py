@@ -1,6 +1,7 @@
 """Quantized attention (recipe field `attention`): which calls it takes, the plan, compile, and what it refuses."""
 
 import copy
+import pickle
 
 import pytest
 import torch
@@ -66,6 +67,20 @@ def test_plan_quantizes_attention_layers_and_they_run_the_op(quantized_family, n
     else:
         assert counter.calls >= len(attention)
         assert relative_l2(out, fp) < 2 * relative_l2(w8a8, fp) + 0.005
+
+
+@pytest.mark.parametrize("attention_format", ["int8-fp8", "fp8-static"])
+def test_quantized_model_with_quantized_attention_pickles_whole(quantized_family, attention_format):
+    """torch.save / pickle of the whole quantized model: the attention modules' classes are made at run time, so
+    they are rebuilt from the attention class on load."""
+    _, qmodel, _ = quantized_family("pixart", f"w8a8:attention={attention_format}")
+    restored = pickle.loads(pickle.dumps(qmodel))
+    inputs = FAMILIES["pixart"].inputs(seed=4)
+    with torch.no_grad(), _CountOps() as counter:
+        out = restored(**inputs, return_dict=False)[0]
+    with torch.no_grad():
+        expected = qmodel(**inputs, return_dict=False)[0]
+    assert counter.calls >= len(qmodel.plan.quantized_attention()) and torch.equal(out, expected)
 
 
 def test_recipe_rule_keeps_chosen_attention_in_full_precision():
