@@ -1,9 +1,10 @@
 """sensitivity: metric-decoupled sensitivity probing, then bit allocation by integer programming (mixed precision).
 
-Reads: config (mixed_precision, candidate_bits, target_bits, bits_per_timestep_group, content_metric),
-state.recorded_calls (the full-precision trajectory recorded during calibration), state.render (the pipeline's
-sampler, for the rendered content metric), plan layers (groups, balancing, static scales), the float model. Writes: LayerPlan.weight_bits / group_weight_bits, LayerPlan.sensitivity / sensitivity_metric,
-plan.sensitivity_seconds. Runs only when the config asks for mixed precision.
+Reads: config (mixed_precision, candidate_bits, target_bits, bits_per_timestep_group, content_metric,
+sensitivity_cache), state.recorded_calls (the full-precision trajectory recorded during calibration), state.render
+(the pipeline's sampler, for the rendered content metric), plan layers (groups, balancing, static scales), the float
+model. Writes: LayerPlan.weight_bits / group_weight_bits, LayerPlan.sensitivity / sensitivity_metric,
+plan.sensitivity_seconds, the cache file. Runs only when the config asks for mixed precision.
 
 Units: "layer" = each quantized layer (MixDQ); "block-group" = the quantized layers of one block and layer group
 (ViDiT-Q), the block being the FQN up to its first numeric component. For each unit x candidate bits (x timestep
@@ -29,6 +30,13 @@ dropped and the target still reached, the program is solved both with and withou
 together and replayed (joint damage: each metric's noise power on the whole model's output, averaged), and the
 lower joint damage wins (plan.allocation_checks records both).
 
+Probes persist (config.sensitivity_cache, a JSON file): each damage is written as soon as it is measured, keyed by
+unit, timestep group and bits, under a fingerprint of everything a damage depends on (the probe-related config, the
+plan of every probed layer with its calibrated scales, the model's parameters and the replayed calls). A run that
+crashed or was stopped resumes where it stopped; a rerun that changes only the allocation's budgets (target_bits,
+executed_bits, act_target_bits) probes no unit again (the joint check of the allocation still runs); a file made for
+another model, calibration or recipe is refused.
+
 Activation bits (config.act_candidate_bits, "layer" units of linears): each unit is also probed with its activations
 alone at the other widths (weights at 8 bits; 4: static scales re-derived on a 4-bit grid, 16: not quantized), the
 program's candidates become (weight bits, activation bits) pairs scored by the sum of both damages less the shared
@@ -38,10 +46,14 @@ W8A8 probe, and act_target_bits bounds their in_features-weighted average activa
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import os
 import re
 import time
 from collections import defaultdict
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -59,6 +71,8 @@ from .base import PassResult, QuantPass
 from .lower import replace_module
 
 _BLOCK = re.compile(r"^(.*?\.\d+)\.")
+# config fields that shape only the integer program, not a probe's damage: a cache survives changing them
+_ALLOCATION_FIELDS = {"target_bits", "executed_bits", "act_target_bits", "sensitivity_cache"}
 _CONTENT_GROUPS = {"layer": ("cross-attention", "mlp"), "block-group": ("cross-attention",)}
 
 
@@ -87,6 +101,57 @@ def _ssim_damage(samples: torch.Tensor, reference: torch.Tensor) -> float:
     frames, reference = _frames(samples), _frames(reference)
     data_range = (reference.max() - reference.min()).item() or 1.0
     return 1.0 - sum(ssim(frames, reference, data_range)) / len(frames)
+
+
+def _digest(value) -> str:
+    """A tensor, or nested lists / tuples / dicts of them and plain values -> text that changes when they do (float
+    sums rounded to 10 digits, so that a resumed run on the same device matches; other objects by their type only,
+    never their address)."""
+    if isinstance(value, torch.Tensor):
+        exact = value.detach().double()
+        return f"{tuple(value.shape)}:{value.dtype}:{float(exact.sum()):.10g}:{float(exact.abs().sum()):.10g}"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{key}={_digest(item)}" for key, item in sorted(value.items())) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_digest(item) for item in value) + "]"
+    return repr(value) if value is None or isinstance(value, (bool, int, float, str)) else type(value).__name__
+
+
+def _fingerprint(state: QuantState, units: dict, calls: list) -> str:
+    """sha256 of what a probe's damage depends on: the probe-related config, the plans of the probed layers (with
+    their calibrated scales), the model's parameters and buffers, and the replayed calls."""
+    config = {key: value for key, value in dataclasses.asdict(state.config).items() if key not in _ALLOCATION_FIELDS}
+    layers = {name: [dataclasses.asdict(layer) for layer in unit] for name, unit in units.items()}
+    model = [_digest(tensor) for tensor in (*state.model.parameters(), *state.model.buffers())]
+    text = json.dumps({"config": config, "layers": layers, "model": model,
+                       "calls": _digest([list(call) for call in calls])}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+class _ProbeCache:
+    """Probe damages in a JSON file (config.sensitivity_cache), rewritten atomically after every probe."""
+
+    def __init__(self, path: str, fingerprint: str):
+        self.path, self.fingerprint, self.damage = Path(path), fingerprint, {}
+        if self.path.exists():
+            data = json.loads(self.path.read_text())
+            if data.get("fingerprint") != fingerprint:
+                raise CalibrationError(
+                    f"sensitivity_cache {str(self.path)!r} holds the probes of another model, calibration or recipe "
+                    "(its fingerprint differs): delete it, or name another file to probe afresh.")
+            self.damage = data["damage"]
+
+    def __len__(self) -> int:
+        return len(self.damage)
+
+    def get(self, key: str) -> float | None:
+        return self.damage.get(key)
+
+    def put(self, key: str, value: float) -> None:
+        self.damage[key] = value
+        partial = self.path.with_name(self.path.name + ".partial")
+        partial.write_text(json.dumps({"fingerprint": self.fingerprint, "damage": self.damage}))
+        os.replace(partial, self.path)  # a crash mid-write leaves the previous file whole
 
 
 def _can_store(layer: LayerPlan, bits: int) -> bool:
@@ -227,20 +292,34 @@ class SensitivityPass(QuantPass):
                   for bits in config.candidate_bits if all(_can_store(l, bits) for l in layers)]
         probes += [(name, None, 8, act) for name, layers in units.items() for act in config.act_candidate_bits
                    if act != 8 and _act_allocated(layers)]  # activations alone: weights at 8 bits
-        for name, group, bits, act in tqdm(probes, desc=f"sensitivity ({len(units)} units)", unit="probe"):
-            lowered = [_at_bits(layer, bits, act) for layer in units[name]]
-            if metric_of[name] == "rendered-ssim":
-                value = _ssim_damage(self._probe(state, lowered, [], render=True)[1], rendered)
-            else:
-                selected = [i for i, call in enumerate(calls) if group is None or call[2] == group]
-                outputs, _ = self._probe(state, lowered, [calls[i] for i in selected])
-                value = sum(_noise_power(_view(out, metric_of[name], calls[i][3]),
-                                         _view(reference[i], metric_of[name], calls[i][3]))
-                            for out, i in zip(outputs, selected)) / len(selected)
+        cache = _ProbeCache(config.sensitivity_cache, _fingerprint(state, units, calls)) \
+            if config.sensitivity_cache else None
+        cached = f", {len(cache)} probes cached" if cache is not None else ""
+        for name, group, bits, act in tqdm(probes, desc=f"sensitivity ({len(units)} units{cached})", unit="probe"):
+            key = f"{name}|{group}|{bits}|{act}"
+            value = cache.get(key) if cache is not None else None
+            if value is None:
+                value = self._damage(state, [_at_bits(layer, bits, act) for layer in units[name]], metric_of[name],
+                                     group, calls, (reference, rendered))
+                if cache is not None:
+                    cache.put(key, value)
             damage.setdefault(name, {}).setdefault(group, {})[bits if act == 8 else f"a{act}"] = value
         self._allocate(state, units, damage, groups, calls, (reference, rendered), metric_of)
         plan.sensitivity_seconds = time.perf_counter() - start
         return PassResult(modified=True)
+
+    def _damage(self, state: QuantState, lowered: list[LayerPlan], metric: str, group: int | None, calls: list,
+                reference: tuple) -> float:
+        """One probe: the `lowered` layer plans quantized, the rest full precision -> the unit's damage by `metric`
+        (mean noise power over the recorded calls of timestep group `group`, or 1 - SSIM of a rendering).
+        reference: (the recorded calls' full-precision outputs, the full-precision samples or None)."""
+        outputs_fp, rendered = reference
+        if metric == "rendered-ssim":
+            return _ssim_damage(self._probe(state, lowered, [], render=True)[1], rendered)
+        selected = [i for i, call in enumerate(calls) if group is None or call[2] == group]
+        outputs, _ = self._probe(state, lowered, [calls[i] for i in selected])
+        return sum(_noise_power(_view(out, metric, calls[i][3]), _view(outputs_fp[i], metric, calls[i][3]))
+                   for out, i in zip(outputs, selected)) / len(selected)
 
     @staticmethod
     @contextmanager

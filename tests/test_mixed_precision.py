@@ -3,6 +3,7 @@ device, sensitivity probing + integer programming (MixDQ / ViDiT-Q-MP recipes), 
 
 import copy
 import dataclasses
+import json
 import re
 
 import pytest
@@ -17,6 +18,7 @@ from fxquant.ops import int8_linear_reference, quantize_per_token_reference
 from fxquant.plan import LayerPlan
 from fxquant.quantizer import pack_bits, plane_widths, quantize_weight_planes, unpack_bits
 from fxquant.timestep import TimestepGroup
+from fxquant.passes.sensitivity import SensitivityPass
 
 
 @pytest.mark.parametrize("bits", [2, 4])
@@ -407,3 +409,42 @@ def test_rendered_content_metric_needs_the_pipeline():
     with pytest.raises(fxquant.CalibrationError, match="generates samples with the pipeline: quantize with "
                                                        "fxquant.quantize_pipeline"):
         fxquant.quantize(family.build(), "mixdq-w4a8-mp:content_metric=render", [family.inputs()])
+
+
+def test_sensitivity_cache_resumes_a_stopped_run_and_refuses_another_model(tmp_path, monkeypatch):
+    family = FAMILIES["pixart"]
+    reference = family.build()
+    calibration = inputs_at_timesteps(family, [900, 500, 100])
+    cache = tmp_path / "probes.json"
+    config = fxquant.MixdqW4A8MPConfig(sensitivity_cache=str(cache))
+    uncached = fxquant.quantize(copy.deepcopy(reference), dataclasses.replace(config, sensitivity_cache=None),
+                                calibration)
+    measure, probed = SensitivityPass._damage, []
+
+    def stop_after_three(self, *args):
+        if len(probed) == 3:
+            raise KeyboardInterrupt
+        probed.append(args)
+        return measure(self, *args)
+
+    monkeypatch.setattr(SensitivityPass, "_damage", stop_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        fxquant.quantize(copy.deepcopy(reference), config, calibration)
+    assert len(json.loads(cache.read_text())["damage"]) == 3
+
+    probed.clear()
+    monkeypatch.setattr(SensitivityPass, "_damage", lambda self, *args: probed.append(args) or measure(self, *args))
+    resumed = fxquant.quantize(copy.deepcopy(reference), config, calibration)
+    assert len(probed) == len(json.loads(cache.read_text())["damage"]) - 3 > 0
+    assert {layer.fqn: (layer.weight_bits, layer.sensitivity) for layer in resumed.plan.quantized_layers()} == \
+        {layer.fqn: (layer.weight_bits, layer.sensitivity) for layer in uncached.plan.quantized_layers()}
+
+    probed.clear()  # another budget: every damage comes from the file
+    fxquant.quantize(copy.deepcopy(reference), dataclasses.replace(config, target_bits=6.0), calibration)
+    assert not probed
+
+    other = copy.deepcopy(reference)
+    with torch.no_grad():
+        next(other.parameters()).mul_(1.01)
+    with pytest.raises(fxquant.errors.CalibrationError, match="another model"):
+        fxquant.quantize(other, config, calibration)
