@@ -89,6 +89,9 @@ class QuantConfig:
         render_prompts: calibration prompts (the first ones) generated per rendered probe.
         sensitivity_calls: recorded calibration calls (the full-precision trajectory) the probes replay.
         sensitivity_rows: samples of each recorded call the probes replay (a guidance batch keeps both halves).
+        sensitivity_replay: probes of a unit replay the full-precision output of the block before it instead of
+            rerunning the blocks before (checked per block against the full-precision output; ~2x faster on DiTs).
+            False reruns the whole model per probe.
         sensitivity_cache: a JSON file each probe's damage is written to as soon as it is measured; a run that
             crashed or was stopped resumes from it, and a rerun that changes only target_bits / executed_bits /
             act_target_bits probes no unit again. A file made for another model, calibration or recipe is refused.
@@ -122,6 +125,7 @@ class QuantConfig:
     render_prompts: int = 4
     sensitivity_calls: int = 20
     sensitivity_rows: int = 4
+    sensitivity_replay: bool = True
     sensitivity_cache: str | None = None
     version: int = 1
 

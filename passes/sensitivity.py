@@ -30,6 +30,13 @@ dropped and the target still reached, the program is solved both with and withou
 together and replayed (joint damage: each metric's noise power on the whole model's output, averaged), and the
 lower joint damage wins (plan.allocation_checks records both).
 
+Blocks before a unit are not rerun (config.sensitivity_replay): where a model's repeated blocks run one after
+another, each feeding only the next (a DiT), a probe of a unit whose layers sit in block i replays block i-1's
+full-precision output (recorded once per block and call; the earlier blocks return it instead of running) and runs
+only blocks i.. onwards. Checked per block against the full-precision output of the first recorded call (relative
+L2 <= 1e-5); from the first block where that fails (a UNet's skip connections, interleaved spatial / temporal lists)
+probes run the whole model.
+
 Probes persist (config.sensitivity_cache, a JSON file): each damage is written as soon as it is measured, keyed by
 unit, timestep group and bits, under a fingerprint of everything a damage depends on (the probe-related config, the
 plan of every probed layer with its calibrated scales, the model's parameters and the replayed calls). A run that
@@ -52,7 +59,7 @@ import os
 import re
 import time
 from collections import defaultdict
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -60,7 +67,8 @@ from tqdm.auto import tqdm
 
 from fxquant.bit_allocation import allocate_bits, weight_bits_of
 from fxquant.errors import CalibrationError, RecipeError
-from fxquant.metrics import ssim
+from fxquant.metrics import relative_l2, ssim
+from fxquant.model import repeated_blocks
 from fxquant.modules import QuantConv2d, QuantLinear
 from fxquant.plan import LayerPlan
 from fxquant.quantizer import asymmetric_params, asymmetric_range, packable
@@ -71,8 +79,10 @@ from .base import PassResult, QuantPass
 from .lower import replace_module
 
 _BLOCK = re.compile(r"^(.*?\.\d+)\.")
-# config fields that shape only the integer program, not a probe's damage: a cache survives changing them
-_ALLOCATION_FIELDS = {"target_bits", "executed_bits", "act_target_bits", "sensitivity_cache"}
+# config fields that do not change a probe's damage (the program's budgets, how probes run): a cache survives
+# changing them
+_NOT_FINGERPRINTED = {"target_bits", "executed_bits", "act_target_bits", "sensitivity_cache",
+                      "sensitivity_replay"}
 _CONTENT_GROUPS = {"layer": ("cross-attention", "mlp"), "block-group": ("cross-attention",)}
 
 
@@ -120,7 +130,7 @@ def _digest(value) -> str:
 def _fingerprint(state: QuantState, units: dict, calls: list) -> str:
     """sha256 of what a probe's damage depends on: the probe-related config, the plans of the probed layers (with
     their calibrated scales), the model's parameters and buffers, and the replayed calls."""
-    config = {key: value for key, value in dataclasses.asdict(state.config).items() if key not in _ALLOCATION_FIELDS}
+    config = {key: value for key, value in dataclasses.asdict(state.config).items() if key not in _NOT_FINGERPRINTED}
     layers = {name: [dataclasses.asdict(layer) for layer in unit] for name, unit in units.items()}
     model = [_digest(tensor) for tensor in (*state.model.parameters(), *state.model.buffers())]
     text = json.dumps({"config": config, "layers": layers, "model": model,
@@ -152,6 +162,95 @@ class _ProbeCache:
         partial = self.path.with_name(self.path.name + ".partial")
         partial.write_text(json.dumps({"fingerprint": self.fingerprint, "damage": self.damage}))
         os.replace(partial, self.path)  # a crash mid-write leaves the previous file whole
+
+
+class _BlockDone(Exception):
+    """Ends a recording forward pass once the block it waits for has run."""
+
+
+class _PrefixReplay:
+    """Full-precision block outputs replayed in place of the blocks before a probed unit (see the module docstring).
+    calls: the recorded calls (args, kwargs, group, cfg); reference: their full-precision outputs."""
+
+    TOLERANCE = 1e-5  # relative L2 of a replayed run against the full-precision output
+
+    def __init__(self, model: torch.nn.Module, calls: list, reference: list):
+        self.model, self.calls, self.reference = model, calls, reference
+        self.order = self._execution_order(repeated_blocks(model))
+        self.position, self.outputs = 0, []  # order[position - 1]'s output per call, when position > 0
+
+    def _execution_order(self, names: list[str]) -> list[str]:
+        """The blocks in the order the first call runs them; [] when one runs twice (no single prefix to replay)."""
+        order: list[str] = []
+        hooks = [self.model.get_submodule(name).register_forward_pre_hook(lambda *_, name=name: order.append(name))
+                 for name in names]
+        try:
+            args, kwargs, *_ = self.calls[0]
+            with torch.no_grad():
+                self.model(*args, **kwargs)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return order if len(order) == len(set(order)) else []
+
+    def prepare(self, lowered: list[LayerPlan]) -> int:
+        """With the model still full precision: how many leading blocks a probe of the `lowered` layers may replay
+        (their outputs recorded now if needed); 0 when none may."""
+        position = min((next((i for i, name in enumerate(self.order) if layer.fqn.startswith(name + ".")), 0)
+                        for layer in lowered), default=0)
+        if position == 0 or position == self.position:
+            return position
+        with torch.no_grad():
+            outputs = [self._record(index, position) for index in range(len(self.calls))]
+        self.position, self.outputs = position, outputs
+        if not self._reproduces_reference():
+            self.order, self.position, self.outputs = [], 0, []  # this model's blocks cannot be replayed
+        return self.position
+
+    def _record(self, index: int, position: int):
+        """order[position - 1]'s full-precision output for call `index` (the blocks held so far replayed)."""
+        held = []
+
+        def keep(module, args, output):
+            held.append(output)
+            raise _BlockDone
+
+        hook = self.model.get_submodule(self.order[position - 1]).register_forward_hook(keep)
+        args, kwargs, *_ = self.calls[index]
+        try:
+            with self.replayed(index, self.position if self.position < position else 0):
+                self.model(*args, **kwargs)
+        except _BlockDone:
+            pass
+        finally:
+            hook.remove()
+        return held[0]
+
+    def _reproduces_reference(self) -> bool:
+        args, kwargs, *_ = self.calls[0]
+        try:
+            with torch.no_grad(), self.replayed(0, self.position):
+                out = _first_tensor(self.model(*args, **kwargs))
+        except Exception:  # any failure: the code between the blocks needs their own outputs
+            return False
+        return out.shape == self.reference[0].shape and relative_l2(out, self.reference[0]) <= self.TOLERANCE
+
+    @contextmanager
+    def replayed(self, index: int, position: int):
+        """Within: the first `position` blocks return the held output for call `index` instead of running (the
+        last one a copy, so that nothing downstream can change the held tensors)."""
+        blocks = [self.model.get_submodule(name) for name in self.order[:position]]
+        held = self.outputs[index] if position else None
+        for block in blocks[:-1]:
+            block.forward = lambda *args, **kwargs: held
+        if blocks:
+            blocks[-1].forward = lambda *args, **kwargs: torch.utils._pytree.tree_map_only(
+                torch.Tensor, torch.clone, held)
+        try:
+            yield
+        finally:
+            for block in blocks:
+                del block.forward
 
 
 def _can_store(layer: LayerPlan, bits: int) -> bool:
@@ -279,6 +378,7 @@ class SensitivityPass(QuantPass):
             calls.append((*_fewer_rows(args, kwargs, config.sensitivity_rows, cfg), group, cfg))
         with torch.no_grad():
             reference = [_first_tensor(state.model(*args, **kwargs)) for args, kwargs, *_ in calls]
+        replay = _PrefixReplay(state.model, calls, reference) if config.sensitivity_replay else None
         metric_of = {name: _metric(layers, config.mixed_precision, config.content_metric)
                      for name, layers in units.items()}
         rendered = None  # the full-precision samples, when content layers are scored by rendering
@@ -300,7 +400,7 @@ class SensitivityPass(QuantPass):
             value = cache.get(key) if cache is not None else None
             if value is None:
                 value = self._damage(state, [_at_bits(layer, bits, act) for layer in units[name]], metric_of[name],
-                                     group, calls, (reference, rendered))
+                                     group, calls, (reference, rendered), replay)
                 if cache is not None:
                     cache.put(key, value)
             damage.setdefault(name, {}).setdefault(group, {})[bits if act == 8 else f"a{act}"] = value
@@ -309,15 +409,18 @@ class SensitivityPass(QuantPass):
         return PassResult(modified=True)
 
     def _damage(self, state: QuantState, lowered: list[LayerPlan], metric: str, group: int | None, calls: list,
-                reference: tuple) -> float:
+                reference: tuple, replay: _PrefixReplay | None) -> float:
         """One probe: the `lowered` layer plans quantized, the rest full precision -> the unit's damage by `metric`
         (mean noise power over the recorded calls of timestep group `group`, or 1 - SSIM of a rendering).
-        reference: (the recorded calls' full-precision outputs, the full-precision samples or None)."""
+        reference: (the recorded calls' full-precision outputs, the full-precision samples or None); replay: the
+        blocks before the unit (_PrefixReplay), or None (config.sensitivity_replay off)."""
         outputs_fp, rendered = reference
         if metric == "rendered-ssim":
             return _ssim_damage(self._probe(state, lowered, [], render=True)[1], rendered)
         selected = [i for i, call in enumerate(calls) if group is None or call[2] == group]
-        outputs, _ = self._probe(state, lowered, [calls[i] for i in selected])
+        position = replay.prepare(lowered) if replay else 0
+        outputs, _ = self._probe(state, lowered, [calls[i] for i in selected],
+                                 replayed=[replay.replayed(i, position) for i in selected] if position else None)
         return sum(_noise_power(_view(out, metric, calls[i][3]), _view(outputs_fp[i], metric, calls[i][3]))
                    for out, i in zip(outputs, selected)) / len(selected)
 
@@ -341,16 +444,18 @@ class SensitivityPass(QuantPass):
             for fqn, module in originals.items():
                 replace_module(state.model, fqn, module)
 
-    def _probe(self, state: QuantState, lowered: list[LayerPlan], calls: list,
-               render: bool = False) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    def _probe(self, state: QuantState, lowered: list[LayerPlan], calls: list, render: bool = False,
+               replayed: list | None = None) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         """With the `lowered` layer plans lowered once (the rest full precision): the outputs of the recorded `calls`
-        and, if `render`, the pipeline's samples (state.render)."""
+        (each inside its context from `replayed`, if given: _PrefixReplay.replayed) and, if `render`, the pipeline's
+        samples (state.render)."""
         device = state.model.get_submodule(lowered[0].fqn).weight.device
         outputs = []
         with self._lowered(state, lowered) as timestep, torch.no_grad():
-            for args, kwargs, group, _ in calls:  # static scales: each call's own timestep group
-                timestep.index = torch.tensor([group], device=device)
-                outputs.append(_first_tensor(state.model(*args, **kwargs)))
+            for (args, kwargs, group, _), context in zip(calls, replayed or [nullcontext()] * len(calls)):
+                timestep.index = torch.tensor([group], device=device)  # static scales: the call's timestep group
+                with context:
+                    outputs.append(_first_tensor(state.model(*args, **kwargs)))
             samples = state.render() if render else None
         return outputs, samples
 

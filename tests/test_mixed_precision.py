@@ -18,7 +18,7 @@ from fxquant.ops import int8_linear_reference, quantize_per_token_reference
 from fxquant.plan import LayerPlan
 from fxquant.quantizer import pack_bits, plane_widths, quantize_weight_planes, unpack_bits
 from fxquant.timestep import TimestepGroup
-from fxquant.passes.sensitivity import SensitivityPass
+from fxquant.passes.sensitivity import SensitivityPass, _PrefixReplay
 
 
 @pytest.mark.parametrize("bits", [2, 4])
@@ -448,3 +448,27 @@ def test_sensitivity_cache_resumes_a_stopped_run_and_refuses_another_model(tmp_p
         next(other.parameters()).mul_(1.01)
     with pytest.raises(fxquant.errors.CalibrationError, match="another model"):
         fxquant.quantize(other, config, calibration)
+
+
+@pytest.mark.parametrize("name,falls_back", [("pixart", False), ("flux", False), ("unet", True)])
+def test_probes_replay_the_blocks_before_their_unit_with_equal_damages(monkeypatch, name, falls_back):
+    """A probe of a unit in block i replays block i-1's full-precision output instead of running blocks 0..i-1,
+    where that reproduces the model (DiT blocks in a row; the tiny UNet's mid block, but not past its up blocks'
+    skip connections, where replay stops); damages are unchanged."""
+    family = FAMILIES[name]
+    reference = family.build()
+    calibration = inputs_at_timesteps(family, [900, 500, 100])
+    prepare, positions, stopped = _PrefixReplay.prepare, [], []
+
+    def recording(self, lowered):
+        positions.append(prepare(self, lowered))
+        stopped.append(not self.order)
+        return positions[-1]
+
+    monkeypatch.setattr(_PrefixReplay, "prepare", recording)
+    replayed = fxquant.quantize(copy.deepcopy(reference), fxquant.MixdqW4A8MPConfig(), calibration)
+    assert any(positions) and any(stopped) == falls_back
+    whole = fxquant.quantize(copy.deepcopy(reference), fxquant.MixdqW4A8MPConfig(sensitivity_replay=False),
+                             calibration)
+    for layer in whole.plan.quantized_layers():
+        assert replayed.plan.layers[layer.fqn].sensitivity == pytest.approx(layer.sensitivity, rel=1e-4)
