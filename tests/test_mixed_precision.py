@@ -15,10 +15,10 @@ from fxquant.backends.triton.backend import compile_counter, lower_to_inductor
 from fxquant.metrics import relative_l2
 from fxquant.modules import QuantConv2d, QuantLinear
 from fxquant.ops import int8_linear_reference, quantize_per_token_reference
+from fxquant.passes.sensitivity import SensitivityPass, _PrefixReplay
 from fxquant.plan import LayerPlan
 from fxquant.quantizer import pack_bits, plane_widths, quantize_weight_planes, unpack_bits
 from fxquant.timestep import TimestepGroup
-from fxquant.passes.sensitivity import SensitivityPass, _PrefixReplay
 
 
 @pytest.mark.parametrize("bits", [2, 4])
