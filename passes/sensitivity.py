@@ -168,30 +168,32 @@ class _BlockDone(Exception):
     """Ends a recording forward pass once the block it waits for has run."""
 
 
-class _PrefixReplay:
-    """Full-precision block outputs replayed in place of the blocks before a probed unit (see the module docstring).
-    calls: the recorded calls (args, kwargs, group, cfg); reference: their full-precision outputs."""
-
-    TOLERANCE = 1e-5  # relative L2 of a replayed run against the full-precision output
-
-    def __init__(self, model: torch.nn.Module, calls: list, reference: list):
-        self.model, self.calls, self.reference = model, calls, reference
-        self.order = self._execution_order(repeated_blocks(model))
-        self.position, self.outputs = 0, []  # order[position - 1]'s output per call, when position > 0
-
-    def _execution_order(self, names: list[str]) -> list[str]:
-        """The blocks in the order the first call runs them; [] when one runs twice (no single prefix to replay)."""
-        order: list[str] = []
-        hooks = [self.model.get_submodule(name).register_forward_pre_hook(lambda *_, name=name: order.append(name))
-                 for name in names]
-        try:
-            args, kwargs, *_ = self.calls[0]
-            with torch.no_grad():
-                self.model(*args, **kwargs)
+def _full_precision_outputs(model: torch.nn.Module, calls: list) -> tuple[list[torch.Tensor], list[str]]:
+    """The model's outputs on the recorded calls (args, kwargs, ...), and its repeated blocks in the order the first
+    call runs them ([] when one runs twice: no single prefix to replay)."""
+    order: list[str] = []
+    hooks = [model.get_submodule(name).register_forward_pre_hook(lambda *_, name=name: order.append(name))
+             for name in repeated_blocks(model)]
+    with torch.no_grad():
+        try:  # the hooks see the first call only
+            outputs = [_first_tensor(model(*args, **kwargs)) for args, kwargs, *_ in calls[:1]]
         finally:
             for hook in hooks:
                 hook.remove()
-        return order if len(order) == len(set(order)) else []
+        outputs += [_first_tensor(model(*args, **kwargs)) for args, kwargs, *_ in calls[1:]]
+    return outputs, order if len(order) == len(set(order)) else []
+
+
+class _PrefixReplay:
+    """Full-precision block outputs replayed in place of the blocks before a probed unit (see the module docstring).
+    calls: the recorded calls (args, kwargs, group, cfg); reference: their full-precision outputs; order: the
+    repeated blocks in execution order (_full_precision_outputs)."""
+
+    TOLERANCE = 1e-5  # relative L2 of a replayed run against the full-precision output
+
+    def __init__(self, model: torch.nn.Module, calls: list, reference: list, order: list[str]):
+        self.model, self.calls, self.reference, self.order = model, calls, reference, order
+        self.position, self.outputs = 0, []  # order[position - 1]'s output per call, when position > 0
 
     def prepare(self, lowered: list[LayerPlan]) -> int:
         """With the model still full precision: how many leading blocks a probe of the `lowered` layers may replay
@@ -376,9 +378,8 @@ class SensitivityPass(QuantPass):
         for args, kwargs, group in state.recorded_calls:
             cfg = _cfg_split(kwargs, condition_names)
             calls.append((*_fewer_rows(args, kwargs, config.sensitivity_rows, cfg), group, cfg))
-        with torch.no_grad():
-            reference = [_first_tensor(state.model(*args, **kwargs)) for args, kwargs, *_ in calls]
-        replay = _PrefixReplay(state.model, calls, reference) if config.sensitivity_replay else None
+        reference, block_order = _full_precision_outputs(state.model, calls)
+        replay = _PrefixReplay(state.model, calls, reference, block_order) if config.sensitivity_replay else None
         metric_of = {name: _metric(layers, config.mixed_precision, config.content_metric)
                      for name, layers in units.items()}
         rendered = None  # the full-precision samples, when content layers are scored by rendering
