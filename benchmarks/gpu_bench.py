@@ -31,7 +31,8 @@ import triton
 from triton.testing import do_bench_cudagraph
 
 import fxquant
-from fxquant.backends.triton.attention import _attention_kernel, attend, kernel_operands, quantized_attention, tune
+from fxquant.backends.triton.attention import (LOG2E, _attention_kernel, attend, kernel_operands, quantized_attention,
+                                               tune)
 from fxquant.backends.triton.gemm import quantized_gemm, unpack_weights
 from fxquant.backends.triton.quantize import fused_quantize_per_token, quantize_per_token, quantize_per_token_fp8
 from fxquant.metrics import relative_l2
@@ -463,6 +464,58 @@ def attention_benchmark(shapes=tuple(ATTENTION_SHAPES)) -> list[dict]:
     return rows
 
 
+# the tile grid `attention_config_sweep` times (BLOCK_M, BLOCK_N, warps, stages): Triton's Hopper tutorial grid plus
+# 256-query tiles; 8 warps only on tiles of >= 128 x 64
+ATTENTION_SWEEP = [(bm, bn, w, s) for bm in (64, 128, 256) for bn in (32, 64, 128) for w in (4, 8) for s in (2, 3, 4)
+                   if (w == 4 or bm * bn >= 128 * 64) and bm * bn <= 256 * 64]
+
+
+def attention_config_sweep(shapes=tuple(ATTENTION_SHAPES), formats=("fp8_static",)) -> list[dict]:
+    """Every tile config of ATTENTION_SWEEP launched directly (no autotuner) on prepared operands at the models'
+    shapes, as CUDA-graph medians against SDPA bf16; configs that fail to compile or launch are recorded as errors.
+    Shows whether the autotuner's candidate list holds the fastest tile for each shape."""
+    rows = []
+    for name in shapes:
+        batch, heads, tokens, head_dim = ATTENTION_SHAPES[name]
+        q, k, v = _attention_inputs(batch, heads, tokens, head_dim)
+        scale = head_dim**-0.5
+        sdpa_ms = _graph_median_ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
+        for label in formats:
+            pv_fp8, static = ATTENTION_FORMATS[label]
+            scales = torch.stack([x.abs().amax().float() for x in (q, k, v)]) / FP8_MAX if static else None
+            operands = kernel_operands(q, k, v, pv_fp8, scales)
+            reference = attend(q, operands, scale)  # the autotuned kernel
+            out = torch.empty_like(reference)
+            args = (operands["q_q"], operands["q_scale"], operands["k_q"], operands["k_scale"], operands["v_op"],
+                    operands["v_scale"], out, tokens, tokens, heads, scale * LOG2E, *operands["q_q"].stride()[:3],
+                    *operands["k_q"].stride()[:3], *operands["v_op"].stride(), *out.stride()[:3])
+            times, errors, differences = {}, {}, {}
+            for bm, bn, warps, stages in ATTENTION_SWEEP:
+                key = f"{bm}x{bn}_w{warps}_s{stages}"
+                grid = (triton.cdiv(tokens, bm) * batch * heads,)
+                try:
+                    launch = lambda: _attention_kernel.fn[grid](*args, **operands["flags"], BLOCK_M=bm,  # noqa: E731
+                                                                BLOCK_N=bn, num_warps=warps, num_stages=stages)
+                    launch()
+                    differences[key] = relative_l2(out, reference)  # tiles round P differently: ~1e-2 at most
+                    if differences[key] > 5e-2:
+                        raise AssertionError(f"output differs from the autotuned kernel's by {differences[key]}")
+                    times[key] = _graph_median_ms(launch)
+                except Exception as err:  # out of shared memory / registers: recorded
+                    errors[key] = _error_row(err)["error"]
+            best = min(times, key=times.get)
+            row = {"model": name, "format": label, "batch": batch, "heads": heads, "tokens": tokens,
+                   "head_dim": head_dim, "sdpa_bf16_ms": sdpa_ms, "ms": times, "errors": errors, "best": best,
+                   "rel_l2_vs_autotuned": differences,
+                   "best_speedup_vs_sdpa_bf16": sdpa_ms / times[best],
+                   "autotuned": str(_attention_kernel.best_config),
+                   "autotuned_ms": _graph_median_ms(lambda: attend(q, operands, scale))}
+            rows.append(row)
+            print("attention configs", name, label, "sdpa", round(sdpa_ms, 3), "best", best, round(times[best], 3),
+                  "autotuned", row["autotuned"], round(row["autotuned_ms"], 3), flush=True)
+    return rows
+
+
 def _pixart(layers: int = 28):
     from diffusers import PixArtTransformer2DModel
 
@@ -702,7 +755,7 @@ def model_benchmark(name: str, variants: list[str], results: dict, save, layers:
 
 KERNEL_SECTIONS = {"kernels": check_kernels, "prologue": prologue_benchmark, "quantize_configs": quantize_config_sweep,
                    "epilogue": epilogue_sweep, "gemm": gemm_benchmark, "packed": packed_gemm_sweep,
-                   "attention": attention_benchmark}
+                   "attention": attention_benchmark, "attention_configs": attention_config_sweep}
 
 
 def main() -> None:
@@ -731,7 +784,7 @@ def main() -> None:
 
     for section, run in KERNEL_SECTIONS.items():
         if section in args.sections:
-            result[section] = run(args.attention_shapes) if section == "attention" else run()
+            result[section] = run(args.attention_shapes) if section.startswith("attention") else run()
             save()
     if "models" in args.sections:
         result["models"] = {}
