@@ -471,7 +471,7 @@ ATTENTION_SWEEP = [(bm, bn, w, s) for bm in (64, 128, 256) for bn in (32, 64, 12
 
 
 def attention_config_sweep(shapes=tuple(ATTENTION_SHAPES), formats=("fp8_static",)) -> list[dict]:
-    """Every tile config of ATTENTION_SWEEP launched directly (no autotuner) on prepared operands at the models'
+    """Each tile config of ATTENTION_SWEEP launched directly (no autotuner) on prepared operands at the models'
     shapes, as CUDA-graph medians against SDPA bf16; configs that fail to compile or launch are recorded as errors.
     Shows whether the autotuner's candidate list holds the fastest tile for each shape."""
     rows = []
@@ -657,11 +657,13 @@ def _calibration_calls(inputs: dict, count: int = 8) -> list[dict]:
 
 def _variant_model(variant: str, model, inputs: dict, name: str):
     """(the model of a variant, ready to call, fxquant's eager output or None). Variants: bf16_eager, bf16_compile,
-    bf16_compile_blocks (its repeated blocks compiled), fxquant:<recipe>[@<backend option>=<0|1>,...] (the whole
+    bf16_compile_reduce_overhead, bf16_compile_blocks (its repeated blocks compiled), fxquant:<recipe>[@<backend option>=<0|1>,...] (the whole
     model compiled), fxquant-blocks:<recipe>[@...] (its repeated blocks compiled, QuantizedModel.compile_blocks),
     torchao:float8|int8 (the whole model compiled), torchao-blocks:float8|int8 (its repeated blocks compiled)."""
     if variant == "bf16_compile":
         return torch.compile(model), None
+    if variant == "bf16_compile_reduce_overhead":  # Inductor's CUDA-graph trees: plain calls replay graphs
+        return torch.compile(model, mode="reduce-overhead"), None
     if variant == "bf16_compile_blocks":  # regional compilation, as fxquant-blocks
         compile_repeated_blocks(model)
         return model, None
@@ -714,7 +716,7 @@ def model_benchmark(name: str, variants: list[str], results: dict, save, layers:
             row["resident_bytes"] = torch.cuda.memory_allocated() - allocated
             profiler = cProfile.Profile() if compile_profile_to else contextlib.nullcontext()
             with torch.no_grad(), profiler:
-                out = _first_output(model(**inputs, return_dict=False))
+                out = _first_output(model(**inputs, return_dict=False)).clone()  # CUDA-graph trees reuse outputs
             torch.cuda.synchronize()
             if compile_profile_to:
                 with open(compile_profile_to, "a") as f:
@@ -783,8 +785,13 @@ def main() -> None:
             f.write("\n")
 
     for section, run in KERNEL_SECTIONS.items():
-        if section in args.sections:
-            result[section] = run(args.attention_shapes) if section.startswith("attention") else run()
+        if section in args.sections and section.startswith("attention"):  # saved shape by shape
+            result[section] = []
+            for shape in args.attention_shapes:
+                result[section] += run((shape,))
+                save()
+        elif section in args.sections:
+            result[section] = run()
             save()
     if "models" in args.sections:
         result["models"] = {}

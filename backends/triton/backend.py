@@ -471,7 +471,9 @@ def _on_cuda(example_inputs) -> bool:
 
 
 BACKEND_OPTIONS = {
-    "fxquant.inline_kernels": "trace fxquant's Triton kernels into Inductor's graph (True; False: opaque op calls)",
+    "fxquant.inline_kernels": "trace fxquant's Triton kernels into Inductor's graph (default True without CUDA graphs; "
+                              "with them, mode='reduce-overhead' / 'max-autotune' or triton.cudagraphs, False: opaque "
+                              "op calls, as fast inside a graph and compiled in about half the time)",
     "fxquant.fuse_prologues": "fuse the norm / modulation / activation producing a per-token quantization's input "
                               "into it (True)",
     "fxquant.fuse_residuals": "apply a per-sample gate and the residual add after a quantized linear in its GEMM's "
@@ -527,8 +529,18 @@ def fxquant_backend(gm: fx.GraphModule, example_inputs, mode: str | None = None,
     from torch._inductor import list_mode_options
     from torch._inductor.compile_fx import compile_fx
 
-    if ours.get("fxquant.inline_kernels", True):
+    config_patches = {**(list_mode_options(mode) if mode else {}), **options}
+    inline = inline_kernels(ours, config_patches)
+    if inline:
         tune_attention(gm)
-    compile_counter["lowered_ops"] += lower_to_inductor(gm, ours.get("fxquant.fuse_quantize", False),
-                                                        ours.get("fxquant.inline_kernels", True))
-    return compile_fx(gm, example_inputs, config_patches={**(list_mode_options(mode) if mode else {}), **options})
+    compile_counter["lowered_ops"] += lower_to_inductor(gm, ours.get("fxquant.fuse_quantize", False), inline)
+    return compile_fx(gm, example_inputs, config_patches=config_patches)
+
+
+def inline_kernels(ours: dict, config_patches: dict) -> bool:
+    """Whether to trace fxquant's kernels into Inductor's graph: the `fxquant.inline_kernels` option if given, else
+    only without CUDA graphs (Inductor's `triton.cudagraphs`, on in modes "reduce-overhead" and "max-autotune").
+    Inside a CUDA graph opaque op calls replay as fast as traced kernels (PixArt-alpha 1024 on an H100: 27.72 ms,
+    1.133x bf16 compile, both ways) and compile in about half the time (first call 70-88 s vs 137-200 s); outside one,
+    each costs a Python dispatch (plain calls 116 ms vs 28 ms)."""
+    return ours.get("fxquant.inline_kernels", not config_patches.get("triton.cudagraphs", False))
