@@ -403,6 +403,78 @@ def packed_gemm_sweep() -> list[dict]:
     return rows
 
 
+# tiles of the packed (W4A8) K-loop kernel timed by `packed_tile_sweep` (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages):
+# BLOCK_M is the MMA's narrow side (the product runs transposed), BLOCK_N < 64 leaves Hopper's warpgroup MMA
+PACKED_TILES = [(16, 64, 256, 4, 3), (16, 64, 256, 4, 4), (16, 64, 512, 4, 3), (16, 128, 256, 4, 3),
+                (16, 128, 256, 8, 3), (16, 32, 256, 4, 4), (16, 32, 512, 2, 3), (32, 64, 256, 4, 3),
+                (32, 128, 256, 4, 3), (64, 64, 256, 4, 3), (64, 128, 256, 4, 3)]
+COLD_L2_BYTES = 150 * 2**20  # weight copies rotated per timing: 3x an H100's 50 MB L2
+
+
+def _cold_ms(call, weight_bytes: int) -> float:
+    """Median time of call(i) over rotating weight copies i (enough that each call reads its weights from memory,
+    as a model whose weights exceed the L2 cache does), per call, as CUDA-graph replays."""
+    copies = min(256, -(-COLD_L2_BYTES // weight_bytes))
+    return do_bench_cudagraph(lambda: [call(i) for i in range(copies)], rep=100, return_mode="median") / copies
+
+
+def packed_tile_sweep() -> list[dict]:
+    """Few tokens (M 16 / 64 / 256), where a linear is memory-bound: W4A8 (K-loop unpacking) at each tile of
+    PACKED_TILES and at the compile backend's tile (`fixed_config`), against the W8A8 int8 / fp8 GEMMs (autotuned
+    and at the backend's tile) and bf16 cuBLAS, every weight read from memory (rotating copies, `_cold_ms`), at
+    PixArt's attention and first feed-forward shapes and Flux's feed-forward."""
+    from fxquant.backends.triton.gemm import fixed_config
+
+    rows = []
+    for k, n in ((1152, 1152), (1152, 4608), (3072, 12288)):
+        copies = min(256, -(-COLD_L2_BYTES // (n * k // 2)))  # enough for the smallest (4-bit) weights
+        w = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.05 for _ in range(2)]
+        w = [w[i % 2] + i * 1e-3 for i in range(copies)]  # distinct tensors
+        bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+        int8 = [quantize_weight_per_channel(x) for x in w]
+        wsum = int8[0][0].sum(dim=1, dtype=torch.int32)
+        fp8 = [_fp8_weight(x) for x in w]
+        w4 = [_packed_weight(x, 4) for x in w]
+        for m in (16, 64, 256):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            q, s, z = quantize_per_token(x)
+            q8, s8 = quantize_per_token_fp8(x)
+            times = {
+                "bf16_cublas": _cold_ms(lambda i: torch.nn.functional.linear(x, w[i], bias), n * k * 2),
+                "fxquant_int8_gemm": _cold_ms(
+                    lambda i: quantized_gemm(q, s, z, *int8[i], wsum, bias, torch.bfloat16), n * k),
+                "fxquant_int8_gemm_fixed_config": _cold_ms(
+                    lambda i: quantized_gemm(q, s, z, *int8[i], wsum, bias, torch.bfloat16, traced=True), n * k),
+                "fxquant_fp8_gemm": _cold_ms(
+                    lambda i: quantized_gemm(q8, s8, None, *fp8[i], None, bias, torch.bfloat16), n * k),
+                "fxquant_fp8_gemm_fixed_config": _cold_ms(
+                    lambda i: quantized_gemm(q8, s8, None, *fp8[i], None, bias, torch.bfloat16, traced=True), n * k),
+                "fxquant_w4a8_fixed_config": _cold_ms(
+                    lambda i: quantized_gemm(q, s, z, w4[i][0], w4[i][1], w4[i][2], bias, torch.bfloat16, 4,
+                                             traced=True), n * k // 2),
+            }
+            errors = {}
+            for bm, bn, bk, warps, stages in PACKED_TILES:
+                config = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=warps, num_stages=stages)
+                key = f"fxquant_w4a8_{bm}x{bn}x{bk}_w{warps}_s{stages}"
+                try:
+                    times[key] = _cold_ms(lambda i: quantized_gemm(q, s, z, w4[i][0], w4[i][1], w4[i][2], bias,
+                                                                   torch.bfloat16, 4, traced=True, config=config,
+                                                                   unpack_first=False), n * k // 2)
+                except Exception as err:  # out of resources: recorded
+                    errors[key] = _error_row(err)["error"]
+            w4_times = {key: t for key, t in times.items() if key.startswith("fxquant_w4a8_") and "fixed" not in key}
+            best = min(w4_times, key=w4_times.get)
+            int8_ms = times["fxquant_int8_gemm"]
+            row = {"M": m, "K": k, "N": n, "weight_copies": copies, "ms": times, "errors": errors,
+                   "fixed_config": fixed_config(m, n, k, True), "best_w4a8": best,
+                   "speedup_vs_int8": {key: int8_ms / t for key, t in times.items()}}
+            rows.append(row)
+            print("packed tiles", m, k, n, {key: round(t * 1e3, 1) for key, t in times.items()
+                                            if "w4a8_" not in key or key == best}, "best", best, flush=True)
+    return rows
+
+
 def _attention_inputs(batch: int, heads: int, tokens: int, head_dim: int):
     """bf16 q / k / v in diffusers' layout ([B, H, N, D] views of [B, N, H, D]); keys share an offset."""
     q, k, v = (torch.randn(batch, tokens, heads, head_dim, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
@@ -757,6 +829,7 @@ def model_benchmark(name: str, variants: list[str], results: dict, save, layers:
 
 KERNEL_SECTIONS = {"kernels": check_kernels, "prologue": prologue_benchmark, "quantize_configs": quantize_config_sweep,
                    "epilogue": epilogue_sweep, "gemm": gemm_benchmark, "packed": packed_gemm_sweep,
+                   "packed_tiles": packed_tile_sweep,
                    "attention": attention_benchmark, "attention_configs": attention_config_sweep}
 
 
