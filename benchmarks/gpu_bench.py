@@ -10,9 +10,8 @@ denoisers are timed both as plain calls and as CUDA-graph replays. Ratios are ag
 bf16 torch.compile measured in the same run. Random weights: speed does not depend on their values. Model variants:
 bf16 eager / torch.compile (whole model or its repeated blocks), fxquant recipes compiled with backend="fxquant"
 (whole model or `compile_blocks`), torchao float8 / int8 dynamic (when torchao imports; failures are recorded as
-such). Section `packed` sweeps W4A8 against W8A8 over the token count, `packed_tiles` the W4A8 tiles at few tokens
-(weights read from memory), `persistent` the GEMMs' persistent form, `attention_configs` the attention tiles. The
-JSON (device, versions, date) is rewritten after every variant, so a run cut short keeps what it measured.
+such). Section `packed` sweeps W4A8 against W8A8 over the token count. The JSON (device, versions, date) is rewritten after every
+variant, so a run cut short keeps what it measured.
 """
 
 from __future__ import annotations
@@ -34,7 +33,6 @@ from triton.testing import do_bench_cudagraph
 import fxquant
 from fxquant.backends.triton.attention import (LOG2E, _attention_kernel, attend, kernel_operands, quantized_attention,
                                                tune)
-from fxquant.backends.triton import gemm as gemm_module
 from fxquant.backends.triton.gemm import quantized_gemm, unpack_weights
 from fxquant.backends.triton.quantize import fused_quantize_per_token, quantize_per_token, quantize_per_token_fp8
 from fxquant.metrics import relative_l2
@@ -44,7 +42,6 @@ from fxquant.ops import (int8_linear_reference, prologue_reference, quantize_per
 from fxquant.quantizer import (attention_operands, fp8_scale, pack_bits, quantize_fp8, quantize_fp8_with_scale,
                                quantize_weight_per_channel)
 
-DEFAULT_PERSISTENT_GEMM = gemm_module.PERSISTENT_GEMM
 DIT_SHAPES = [(1152, 1152), (1152, 3456), (1152, 4608), (4608, 1152)]  # (K, N) of PixArt-alpha's linears
 FP8_MAX = 448.0
 CALLS = 20
@@ -368,56 +365,6 @@ def gemm_benchmark() -> list[dict]:
             row["speedup_vs_bf16"] = {name: (bf16 / t if t else None) for name, t in times.items()}
             rows.append(row)
             print("gemm", m, k, n, {kk: round(v, 1) for kk, v in row["tflops"].items() if v}, flush=True)
-    return rows
-
-
-def persistent_gemm_benchmark() -> list[dict]:
-    """The compile backend's GEMM launches (`fixed_config` tiles) one program per tile against their persistent form
-    (one program per SM walking the tiles in a flattened loop), plain and with the gated-residual epilogue, with
-    cuBLAS bf16 / fp8 alongside, at PixArt's shapes (M = 8192). A launch that fails is recorded as None."""
-    from fxquant.backends.triton.gemm import fixed_config
-
-    def timed(fn):
-        try:
-            return _graph_median_ms(fn)
-        except Exception:  # the persistent form failing to compile is a result
-            traceback.print_exc()
-            return None
-
-    rows = []
-    m = 8192
-    for k, n in DIT_SHAPES:
-        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.05
-        bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
-        q, s, z = quantize_per_token(x)
-        wq, ws = quantize_weight_per_channel(w)
-        wsum = wq.sum(dim=1, dtype=torch.int32)
-        q8, s8 = quantize_per_token_fp8(x)
-        w8, ws8 = _fp8_weight(w)
-        residual = torch.randn(2, m // 2, n, device="cuda", dtype=torch.bfloat16)
-        gate = torch.randn(2, 1, n, device="cuda", dtype=torch.bfloat16)
-        times = {"bf16_cublas": timed(lambda: torch.nn.functional.linear(x, w, bias)),
-                 "fp8_cublas_scaled_mm": timed(lambda: torch._scaled_mm(q8, w8.t(), scale_a=s8, scale_b=ws8[None, :],
-                                                                        bias=bias, out_dtype=torch.bfloat16))}
-        for persistent in (False, True):
-            suffix = "_persistent" if persistent else ""
-            int8_config = {**fixed_config(m, n, k, True), "PERSISTENT": persistent}
-            fp8_config = {**fixed_config(m, n, k, False), "PERSISTENT": persistent}
-            epilogue_config = {**fixed_config(m, n, k, False, True), "PERSISTENT": persistent}
-            times[f"fxquant_int8{suffix}"] = timed(lambda: quantized_gemm(
-                q, s, z, wq, ws, wsum, bias, torch.bfloat16, traced=True, config=int8_config))
-            times[f"fxquant_fp8{suffix}"] = timed(lambda: quantized_gemm(
-                q8, s8, None, w8, ws8, None, bias, torch.bfloat16, traced=True, config=fp8_config))
-            times[f"fxquant_fp8_gate_residual{suffix}"] = timed(lambda: quantized_gemm(
-                q8, s8, None, w8, ws8, None, bias, torch.bfloat16, traced=True, config=epilogue_config, gate=gate,
-                residual=residual))
-        flops = 2 * m * n * k
-        row = {"M": m, "K": k, "N": n, "ms": times,
-               "tflops": {name: flops / (t * 1e-3) / 1e12 for name, t in times.items() if t},
-               "speedup_vs_bf16": {name: times["bf16_cublas"] / t for name, t in times.items() if t}}
-        rows.append(row)
-        print("persistent", m, k, n, {name: round(v) for name, v in row["tflops"].items()}, flush=True)
     return rows
 
 
@@ -782,11 +729,9 @@ def _calibration_calls(inputs: dict, count: int = 8) -> list[dict]:
 
 def _variant_model(variant: str, model, inputs: dict, name: str):
     """(the model of a variant, ready to call, fxquant's eager output or None). Variants: bf16_eager, bf16_compile,
-    bf16_compile_reduce_overhead, bf16_compile_blocks (its repeated blocks compiled),
-    fxquant:<recipe>[@<backend option>=<0|1>,...] (the whole model compiled; option gemm.persistent=<0|1> sets
-    the traced GEMMs' persistent form instead), fxquant-blocks:<recipe>[@...] (its repeated blocks compiled,
-    QuantizedModel.compile_blocks), torchao:float8|int8 (the whole model compiled), torchao-blocks:float8|int8 (its
-    repeated blocks compiled)."""
+    bf16_compile_reduce_overhead, bf16_compile_blocks (its repeated blocks compiled), fxquant:<recipe>[@<backend option>=<0|1>,...] (the whole
+    model compiled), fxquant-blocks:<recipe>[@...] (its repeated blocks compiled, QuantizedModel.compile_blocks),
+    torchao:float8|int8 (the whole model compiled), torchao-blocks:float8|int8 (its repeated blocks compiled)."""
     if variant == "bf16_compile":
         return torch.compile(model), None
     if variant == "bf16_compile_reduce_overhead":  # Inductor's CUDA-graph trees: plain calls replay graphs
@@ -804,7 +749,6 @@ def _variant_model(variant: str, model, inputs: dict, name: str):
         return model, None
     recipe_name, _, option_text = variant.split(":", 1)[1].partition("@")
     options = {key: value == "1" for key, value in (item.split("=") for item in option_text.split(",") if item)}
-    gemm_module.PERSISTENT_GEMM = options.pop("gemm.persistent", DEFAULT_PERSISTENT_GEMM)  # read when compiling
     recipe = fxquant.get_config(recipe_name)
     if name in LINEARS_ONLY:
         recipe.keep_full_precision.update(LINEARS_ONLY[name])
@@ -885,7 +829,7 @@ def model_benchmark(name: str, variants: list[str], results: dict, save, layers:
 
 KERNEL_SECTIONS = {"kernels": check_kernels, "prologue": prologue_benchmark, "quantize_configs": quantize_config_sweep,
                    "epilogue": epilogue_sweep, "gemm": gemm_benchmark, "packed": packed_gemm_sweep,
-                   "packed_tiles": packed_tile_sweep, "persistent": persistent_gemm_benchmark,
+                   "packed_tiles": packed_tile_sweep,
                    "attention": attention_benchmark, "attention_configs": attention_config_sweep}
 
 

@@ -60,19 +60,25 @@ def unpack_field(packed, field, WEIGHT_BITS: tl.constexpr):
     return (packed << (8 - WEIGHT_BITS * (field + 1))) >> (8 - WEIGHT_BITS)
 
 
+@triton.autotune(configs=get_autotune_config(), key=["M", "N", "K", "HAS_ZERO", "WEIGHT_BITS"])
 @triton.jit
-def _gemm_tile(
-    pid, a_ptr, b_ptr, out_ptr, a_scale_ptr, a_zero_ptr, b_scale_ptr, b_sum_ptr, bias_ptr, gate_ptr, residual_ptr,
-    out_scale_ptr, out_zero_ptr, M, N, K, rows_per_gate,
+def _gemm_kernel(
+    # pointers
+    a_ptr, b_ptr, out_ptr, a_scale_ptr, a_zero_ptr, b_scale_ptr, b_sum_ptr, bias_ptr, gate_ptr, residual_ptr,
+    out_scale_ptr, out_zero_ptr,
+    # sizes (K: logical, before packing)
+    M, N, K, rows_per_gate,
+    # strides (b's in its stored, possibly packed, units)
     stride_am, stride_ak, stride_bn, stride_bk, stride_om, stride_on, stride_gate_g, stride_gate_n, stride_rm,
+    # meta-parameters
     HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr, GATE_PER_TILE: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, ACT: tl.constexpr, OUT_CODES: tl.constexpr, INT_ACC: tl.constexpr,
-    WEIGHT_BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
+    WEIGHT_BITS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """Output tile number `pid` (numbered GROUP_M tile rows at a time, for L2 reuse of b): its K loop and epilogue."""
     PER_BYTE: tl.constexpr = 8 // WEIGHT_BITS if INT_ACC else 1
     BLOCK_KP: tl.constexpr = BLOCK_K // PER_BYTE  # packed rows per step; each field covers BLOCK_KP values of K
+    pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     group = pid // (GROUP_M * num_pid_n)
@@ -149,42 +155,6 @@ def _gemm_tile(
     tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=tile_ok)
 
 
-@triton.autotune(configs=get_autotune_config(), key=["M", "N", "K", "HAS_ZERO", "WEIGHT_BITS"])
-@triton.jit
-def _gemm_kernel(
-    # pointers
-    a_ptr, b_ptr, out_ptr, a_scale_ptr, a_zero_ptr, b_scale_ptr, b_sum_ptr, bias_ptr, gate_ptr, residual_ptr,
-    out_scale_ptr, out_zero_ptr,
-    # sizes (K: logical, before packing)
-    M, N, K, rows_per_gate,
-    # strides (b's in its stored, possibly packed, units)
-    stride_am, stride_ak, stride_bn, stride_bk, stride_om, stride_on, stride_gate_g, stride_gate_n, stride_rm,
-    # meta-parameters
-    HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr, GATE_PER_TILE: tl.constexpr,
-    HAS_RESIDUAL: tl.constexpr, ACT: tl.constexpr, OUT_CODES: tl.constexpr, INT_ACC: tl.constexpr,
-    WEIGHT_BITS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    PERSISTENT: tl.constexpr = False,
-):
-    """One program per output tile, or (PERSISTENT: a grid of at most one program per SM) each program walking the
-    tiles tile = program_id, program_id + programs, ... in one flattened loop, so that the next tile's loads overlap
-    this tile's epilogue (short K loops: K = 1152 is 9 steps)."""
-    if PERSISTENT:
-        num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
-        for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=True):
-            _gemm_tile(tile, a_ptr, b_ptr, out_ptr, a_scale_ptr, a_zero_ptr, b_scale_ptr, b_sum_ptr, bias_ptr, gate_ptr,
-                       residual_ptr, out_scale_ptr, out_zero_ptr, M, N, K, rows_per_gate, stride_am, stride_ak,
-                       stride_bn, stride_bk, stride_om, stride_on, stride_gate_g, stride_gate_n, stride_rm, HAS_ZERO,
-                       HAS_BIAS, HAS_GATE, GATE_PER_TILE, HAS_RESIDUAL, ACT, OUT_CODES, INT_ACC, WEIGHT_BITS, BLOCK_M,
-                       BLOCK_N, BLOCK_K, GROUP_M)
-    else:
-        _gemm_tile(tl.program_id(0), a_ptr, b_ptr, out_ptr, a_scale_ptr, a_zero_ptr, b_scale_ptr, b_sum_ptr, bias_ptr,
-                   gate_ptr, residual_ptr, out_scale_ptr, out_zero_ptr, M, N, K, rows_per_gate, stride_am, stride_ak,
-                   stride_bn, stride_bk, stride_om, stride_on, stride_gate_g, stride_gate_n, stride_rm, HAS_ZERO,
-                   HAS_BIAS, HAS_GATE, GATE_PER_TILE, HAS_RESIDUAL, ACT, OUT_CODES, INT_ACC, WEIGHT_BITS, BLOCK_M,
-                   BLOCK_N, BLOCK_K, GROUP_M)
-
-
 @triton.jit
 def _unpack_kernel(packed_ptr, out_ptr, N, PACKED_K, stride_pn, WEIGHT_BITS: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_KP: tl.constexpr):
@@ -213,15 +183,6 @@ def unpack_weights(packed: torch.Tensor, weight_bits: int, traced: bool = False)
     return out
 
 
-# traced launches (`fixed_config`) run the persistent form of the kernel: programs = SMs, tiles in a flattened loop
-PERSISTENT_GEMM = False
-
-
-def _programs(device: torch.device) -> int:
-    """Programs of a persistent launch: one per SM (2 under the CPU interpreter, so that tests walk several tiles)."""
-    return 2 if INTERPRET else torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def fixed_config(m: int, n: int, k: int, integer: bool, epilogue: bool = False) -> dict:
     """The tile config of graphs traced by the compile backend, from the problem size (Inductor would otherwise
     autotune every call site: minutes of compile for a 28-block DiT). The rules follow the autotuner's choices on an
@@ -229,11 +190,7 @@ def fixed_config(m: int, n: int, k: int, integer: bool, epilogue: bool = False) 
     residual or an activation + quantization in the epilogue, the fastest tile of the epilogue sweep
     (epilogue-sweep-and-prologue.json, kernels-and-epilogue-sweep-ff.json)."""
     if INTERPRET:
-        return {**get_autotune_config()[0].all_kwargs(), "PERSISTENT": PERSISTENT_GEMM}
-    return {**_fixed_tile(m, n, k, integer, epilogue), "PERSISTENT": PERSISTENT_GEMM}
-
-
-def _fixed_tile(m: int, n: int, k: int, integer: bool, epilogue: bool) -> dict:
+        return {**get_autotune_config()[0].all_kwargs()}
     if m < 1024:  # few tokens: small tiles so that enough programs fill the SMs
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=256, GROUP_M=8, num_warps=4, num_stages=3)
     if epilogue:
@@ -261,11 +218,10 @@ def quantized_gemm(a: torch.Tensor, a_scale: torch.Tensor, a_zero: torch.Tensor 
     int8 codes with out_zero int32 [1], else fp8 e4m3 codes (fxquant::linear_activation_quantize).
 
     traced: launch through torch.library.wrap_triton with `fixed_config` (graphs the compile backend hands to
-    Inductor), or `config` when given (benchmarks; with "PERSISTENT": True, one program per SM walks the tiles);
-    otherwise the autotuned kernel is launched directly (eager calls). gate_per_tile (benchmarks): load the gate as
-    one vector per sample in a tile (default: when every tile size fits in a sample) or per element. unpack_first
-    (benchmarks): packed weights are unpacked into an int8 copy before the GEMM (`unpack_weights`; default: from
-    UNPACK_MIN_TOKENS rows of a on) or in its K loop."""
+    Inductor), or `config` when given (benchmarks); otherwise the autotuned kernel is launched directly (eager
+    calls). gate_per_tile (benchmarks): load the gate as one vector per sample in a tile (default: when every
+    tile size fits in a sample) or per element. unpack_first (benchmarks): packed weights are unpacked into an int8
+    copy before the GEMM (`unpack_weights`; default: from UNPACK_MIN_TOKENS rows of a on) or in its K loop."""
     packed = weight_bits != 8
     assert weight_bits in (8, 4, 2), f"weight_bits {weight_bits}"
     assert a.dim() == 2 and b.dim() == 2 and a.shape[1] == b.shape[1] * 8 // weight_bits, \
@@ -309,8 +265,7 @@ def quantized_gemm(a: torch.Tensor, a_scale: torch.Tensor, a_zero: torch.Tensor 
                  WEIGHT_BITS=weight_bits)
     if traced:
         config = config or fixed_config(m, n, k, a.dtype == torch.int8, residual is not None or out_scale is not None)
-        tiles = triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"])
-        grid = (min(tiles, _programs(a.device)) if config.get("PERSISTENT") else tiles,)
+        grid = (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"]),)
         wrap_triton(_gemm_kernel.fn)[grid](*args, **flags, **config)
     else:
         _gemm_kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)](*args, **flags)
