@@ -10,8 +10,9 @@ denoisers are timed both as plain calls and as CUDA-graph replays. Ratios are ag
 bf16 torch.compile measured in the same run. Random weights: speed does not depend on their values. Model variants:
 bf16 eager / torch.compile (whole model or its repeated blocks), fxquant recipes compiled with backend="fxquant"
 (whole model or `compile_blocks`), torchao float8 / int8 dynamic (when torchao imports; failures are recorded as
-such). Section `packed` sweeps W4A8 against W8A8 over the token count. The JSON (device, versions, date) is rewritten after every
-variant, so a run cut short keeps what it measured.
+such). Section `packed` sweeps W4A8 against W8A8 over the token count, `packed_tiles` the W4A8 tiles at few tokens
+(weights read from memory), `attention_configs` the attention tiles. The JSON (device, versions, date) is rewritten
+after every variant (attention sections: every shape), so a run cut short keeps what it measured.
 """
 
 from __future__ import annotations
@@ -729,9 +730,10 @@ def _calibration_calls(inputs: dict, count: int = 8) -> list[dict]:
 
 def _variant_model(variant: str, model, inputs: dict, name: str):
     """(the model of a variant, ready to call, fxquant's eager output or None). Variants: bf16_eager, bf16_compile,
-    bf16_compile_reduce_overhead, bf16_compile_blocks (its repeated blocks compiled), fxquant:<recipe>[@<backend option>=<0|1>,...] (the whole
-    model compiled), fxquant-blocks:<recipe>[@...] (its repeated blocks compiled, QuantizedModel.compile_blocks),
-    torchao:float8|int8 (the whole model compiled), torchao-blocks:float8|int8 (its repeated blocks compiled)."""
+    bf16_compile_reduce_overhead, bf16_compile_blocks (its repeated blocks compiled),
+    fxquant:<recipe>[@<backend or Inductor option>=<0|1>,...] (the whole model compiled), fxquant-blocks:<recipe>[@...]
+    (its repeated blocks compiled, QuantizedModel.compile_blocks), torchao:float8|int8 (the whole model compiled),
+    torchao-blocks:float8|int8 (its repeated blocks compiled)."""
     if variant == "bf16_compile":
         return torch.compile(model), None
     if variant == "bf16_compile_reduce_overhead":  # Inductor's CUDA-graph trees: plain calls replay graphs
