@@ -32,8 +32,8 @@ import triton
 from triton.testing import do_bench_cudagraph
 
 import fxquant
-from fxquant.backends.triton.attention import (LOG2E, _attention_kernel, attend, kernel_operands, quantized_attention,
-                                               tune)
+from fxquant.backends.triton.attention import (_attention_kernel, attend, kernel_args, kernel_operands,
+                                               quantized_attention, tune)
 from fxquant.backends.triton.gemm import quantized_gemm, unpack_weights
 from fxquant.backends.triton.quantize import fused_quantize_per_token, quantize_per_token, quantize_per_token_fp8
 from fxquant.metrics import relative_l2
@@ -424,7 +424,7 @@ def packed_tile_sweep() -> list[dict]:
     PACKED_TILES and at the compile backend's tile (`fixed_config`), against the W8A8 int8 / fp8 GEMMs (autotuned
     and at the backend's tile) and bf16 cuBLAS, every weight read from memory (rotating copies, `_cold_ms`), at
     PixArt's attention and first feed-forward shapes and Flux's feed-forward."""
-    from fxquant.backends.triton.gemm import fixed_config
+    from fxquant.backends.triton.gemm import UNPACK_MIN_TOKENS, fixed_config
 
     rows = []
     for k, n in ((1152, 1152), (1152, 4608), (3072, 12288)):
@@ -468,7 +468,8 @@ def packed_tile_sweep() -> list[dict]:
             best = min(w4_times, key=w4_times.get)
             int8_ms = times["fxquant_int8_gemm"]
             row = {"M": m, "K": k, "N": n, "weight_copies": copies, "ms": times, "errors": errors,
-                   "fixed_config": fixed_config(m, n, k, True), "best_w4a8": best,
+                   "fixed_config_int8": fixed_config(m, n, k, True),
+                   "fixed_config_w4a8": fixed_config(m, n, k, True, packed=m < UNPACK_MIN_TOKENS), "best_w4a8": best,
                    "speedup_vs_int8": {key: int8_ms / t for key, t in times.items()}}
             rows.append(row)
             print("packed tiles", m, k, n, {key: round(t * 1e3, 1) for key, t in times.items()
@@ -559,9 +560,7 @@ def attention_config_sweep(shapes=tuple(ATTENTION_SHAPES), formats=("fp8_static"
             operands = kernel_operands(q, k, v, pv_fp8, scales)
             reference = attend(q, operands, scale)  # the autotuned kernel
             out = torch.empty_like(reference)
-            args = (operands["q_q"], operands["q_scale"], operands["k_q"], operands["k_scale"], operands["v_op"],
-                    operands["v_scale"], out, tokens, tokens, heads, scale * LOG2E, *operands["q_q"].stride()[:3],
-                    *operands["k_q"].stride()[:3], *operands["v_op"].stride(), *out.stride()[:3])
+            args = kernel_args(operands, out, scale)
             times, errors, differences = {}, {}, {}
             for bm, bn, warps, stages in ATTENTION_SWEEP:
                 key = f"{bm}x{bn}_w{warps}_s{stages}"

@@ -225,17 +225,23 @@ def kernel_operands(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pv_fp8: b
                     STATIC_SCALES=static))
 
 
+def kernel_args(operands: dict, out: torch.Tensor, scale: float) -> tuple:
+    """`_attention_kernel`'s positional arguments for `kernel_operands(...)` writing `out` ([B, H, Nq, D])."""
+    q_q, k_q, v_op = operands["q_q"], operands["k_q"], operands["v_op"]
+    return (q_q, operands["q_scale"], k_q, operands["k_scale"], v_op, operands["v_scale"], out, q_q.shape[2],
+            k_q.shape[2], q_q.shape[1], scale * LOG2E, *q_q.stride()[:3], *k_q.stride()[:3], *v_op.stride(),
+            *out.stride()[:3])
+
+
 def attend(q: torch.Tensor, operands: dict, scale: float, traced: bool = False) -> torch.Tensor:
     """The kernel on `kernel_operands(q, k, v, ...)` -> [B, H, Nq, D] in q's dtype, stored [B, Nq, H, D]; traced as
     in `quantized_attention`."""
     batch, heads, n_q, head_dim = q.shape
-    q_q, k_q, v_op = operands["q_q"], operands["k_q"], operands["v_op"]
-    n_k = k_q.shape[2]
+    n_k = operands["k_q"].shape[2]
     out = empty_heads_last(q)
     if out.numel() == 0:
         return out
-    args = (q_q, operands["q_scale"], k_q, operands["k_scale"], v_op, operands["v_scale"], out, n_q, n_k, heads,
-            scale * LOG2E, *q_q.stride()[:3], *k_q.stride()[:3], *v_op.stride(), *out.stride()[:3])
+    args = kernel_args(operands, out, scale)
     flags = operands["flags"]
     if traced:
         config = get_autotune_config()[0].all_kwargs() if INTERPRET else _TUNED.get(
