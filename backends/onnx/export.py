@@ -20,6 +20,7 @@ from onnxscript import ir
 
 from ...errors import FxquantError
 from ...model import QuantizedModel
+from ...modules import QuantLinear
 from .translations import ACT_FORMS, translation_table
 
 PROTOBUF_LIMIT = 2 * 1024**3
@@ -89,18 +90,37 @@ def export_onnx(qmodel: QuantizedModel, path: str | Path, example_kwargs: dict[s
     _check_exportable(qmodel)
     if act_form not in ACT_FORMS:
         raise FxquantError(f"act_form must be one of {ACT_FORMS}, got {act_form!r}.")
-    return _export(qmodel, qmodel.model, path, example_kwargs, act_form, dynamic_batch,
-                   {"fxquant_act_form": act_form, "fxquant_plan": qmodel.plan.to_json()})
+    columns = zero_point_columns(qmodel) if act_form == "per_token" else {}
+    return _export(qmodel, qmodel.model, path, example_kwargs, translation_table(act_form, columns), dynamic_batch,
+                   {"fxquant_act_form": act_form, "fxquant_zero_point_columns": json.dumps(sorted(columns.items())),
+                    "fxquant_plan": qmodel.plan.to_json()})
+
+
+def zero_point_columns(qmodel: QuantizedModel) -> dict[tuple[int, int], int]:
+    """{(N, K) weight shape: extra GEMM columns} that carry per-token zero points into ORT's integer GEMM
+    (translations' `_augmented_product`): enough int8 weight rows to sum to -w_sum of every per-token linear of that
+    shape (every timestep group's, for nested planes); shapes that would need more than K / 4 columns are left out
+    (they keep the float correction term)."""
+    largest: dict[tuple[int, int], int] = {}
+    for module in qmodel.modules():
+        if isinstance(module, QuantLinear) and module.act_scale is None and module.weight_sum is not None:
+            sums = module.weight_sum.long()
+            if sums.dim() == 2:  # nested planes: each group's codes combine the planes by its multipliers
+                sums = module.plane_multipliers.long() @ sums
+            shape = (module.out_features, module.in_features)
+            largest[shape] = max(largest.get(shape, 0), int(sums.abs().max()))
+    columns = {shape: -(-value // 127) for shape, value in largest.items()}
+    return {shape: count for shape, count in columns.items() if 0 < count <= shape[1] // 4}
 
 
 def export_float_onnx(model: torch.nn.Module, path: str | Path, example_kwargs: dict[str, Any],
                       dynamic_batch: bool = True) -> Path:
     """The full-precision model exported the same way (the fp32 ONNX Runtime baseline of benchmarks)."""
-    return _export(model, model, path, example_kwargs, ACT_FORMS[0], dynamic_batch, {})
+    return _export(model, model, path, example_kwargs, translation_table(), dynamic_batch, {})
 
 
 def _export(module: torch.nn.Module, model: torch.nn.Module, path: str | Path, example_kwargs: dict[str, Any],
-            act_form: str, dynamic_batch: bool, metadata: dict[str, str]) -> Path:
+            translations: dict, dynamic_batch: bool, metadata: dict[str, str]) -> Path:
     """torch.onnx (dynamo) export of module(**example_kwargs) with fxquant's translations; `model` is the wrapped
     diffusers model (its forward's signature decides return_dict)."""
     path = Path(path)
@@ -116,7 +136,7 @@ def _export(module: torch.nn.Module, model: torch.nn.Module, path: str | Path, e
         with torch.no_grad():
             program = torch.onnx.export(
                 _PositionalInputs(module, list(tensors), constants).eval(), tuple(tensors.values()), dynamo=True,
-                optimize=False, custom_translation_table=translation_table(act_form), dynamic_shapes=dynamic_shapes,
+                optimize=False, custom_translation_table=translations, dynamic_shapes=dynamic_shapes,
                 input_names=list(tensors), output_names=[OUTPUT_NAME], verbose=False)
     except torch.onnx.errors.OnnxExporterError as err:
         if not dynamic_batch:

@@ -9,7 +9,9 @@ Three forms of the dynamic activations (`act_form`):
 - "per_token": fxquant's own quantizer, one (scale, zero point) per row (per im2col patch for convs), computed in
   the graph with ReduceMin / ReduceMax and applied by a per-axis QuantizeLinear; MatMulInteger accepts only a
   scalar zero point, so the product runs without one and the zero point is corrected with the weights' row sums:
-  for linears as a rank-one float term after the scaled product (which ORT fuses into MatMulIntegerToFloat), for
+  for a linear whose weight shape has an entry in `zero_point_columns`, inside the integer GEMM (each row's zero
+  point repeated in that many extra uint8 columns of the activations, against extra int8 weight rows summing to
+  -w_sum: one MatMulIntegerToFloat, exact in int32), else as a rank-one float term after the scaled product; for
   per-patch convs exactly in int32. Matches the torch reference up to rounding ties and fp32 rounding.
 - "per_token_symmetric": one scale per row, absmax / 127, and the zero point fixed at the grid's middle (uint8 128):
   a scalar zero point, which MatMulInteger takes, so a linear is one MatMulIntegerToFloat with no correction term
@@ -29,6 +31,7 @@ from onnxscript import opset20 as op
 
 F32 = ir.DataType.FLOAT
 I32 = ir.DataType.INT32
+I8 = ir.DataType.INT8
 U8 = ir.DataType.UINT8
 ACT_FORMS = ("per_token", "per_token_symmetric", "per_tensor")
 MIDDLE_U8 = 128  # the uint8 grid's zero for symmetric activations
@@ -84,6 +87,22 @@ def _zero_point_product(x_u8, weight_kn, x_scale, zero_u8_grid_int32, w_scale, w
     return out if bias is None else op.Add(bias, out)
 
 
+def _augmented_product(x_u8, weight_kn, x_scale, zero_u8_grid_int32, w_scale, w_sum, bias, columns: int):
+    """The per-row zero point inside the integer GEMM: x_u8 [M, K] gets `columns` more columns holding its row's
+    uint8 zero point, weight_kn [K, N] gets `columns` int8 rows summing to -w_sum (row r: -sign(w_sum) *
+    clip(|w_sum| - 127 r, 0, 127); needs columns >= max |w_sum| / 127), so MatMulInteger gives sum_k (q - zero) w
+    exactly; the scaling fuses with it into MatMulIntegerToFloat, the bias goes in as a Sub (see
+    `_zero_point_product`). The weight rows fold into an initializer when w_sum is constant."""
+    zero_columns = op.Expand(op.Cast(zero_u8_grid_int32, to=U8),
+                             op.Concat(op.Shape(x_u8, end=-1), _axes(columns), axis=0))
+    steps = op.Constant(value=ir.tensor((127 * np.arange(columns, dtype=np.int32))[:, None]))
+    magnitude = op.Clip(op.Sub(op.Unsqueeze(op.Abs(w_sum), _axes(0)), steps), _int32(0), _int32(127))
+    rows = op.Cast(op.Mul(magnitude, op.Unsqueeze(op.Neg(op.Sign(w_sum)), _axes(0))), to=I8)
+    product = op.MatMulInteger(op.Concat(x_u8, zero_columns, axis=-1), op.Concat(weight_kn, rows, axis=0))
+    out = op.Mul(op.Cast(product, to=F32), op.Mul(x_scale, w_scale))
+    return out if bias is None else op.Sub(out, op.Neg(bias))
+
+
 def _symmetric_rows(rows):
     """rows [M, K] -> (uint8 [M, K] with zero point 128, scale [M, 1]): one scale per row, absmax / 127."""
     scale = op.Max(op.Div(op.ReduceMax(op.Abs(rows), _axes(-1), keepdims=1), _const(127.0)), _const(1e-8))
@@ -102,8 +121,10 @@ def _first_element(tensor):
     return op.Reshape(op.Slice(op.Reshape(tensor, _axes(-1)), _axes(0), _axes(1)), _axes())
 
 
-def translation_table(act_form: str = "per_token") -> dict:
-    """{torch op overload: onnxscript function} for torch.onnx.export(custom_translation_table=...)."""
+def translation_table(act_form: str = "per_token", zero_point_columns: dict | None = None) -> dict:
+    """{torch op overload: onnxscript function} for torch.onnx.export(custom_translation_table=...);
+    zero_point_columns: {(N, K) weight shape: extra GEMM columns} of the per-token form's linears (see above)."""
+    zero_point_columns = zero_point_columns or {}
     if act_form not in ACT_FORMS:
         raise ValueError(f"act_form must be one of {ACT_FORMS}, got {act_form!r}.")
     per_token = act_form == "per_token"
@@ -152,6 +173,9 @@ def translation_table(act_form: str = "per_token") -> dict:
             # the bias as a Sub: ORT 1.31 folds an Add of a constant that follows the scaling Mul into
             # MatMulIntegerToFloat and then multiplies it by the per-row A scale as well (see _zero_point_product)
             return out if bias is None else op.Sub(out, op.Neg(bias))
+        columns = zero_point_columns.get(tuple(w_q.shape or ()))
+        if per_token and columns:
+            return _augmented_product(x_q, weight, x_scale, _shift_to_uint8_grid(x_zero), w_scale, w_sum, bias, columns)
         if per_token:
             return _zero_point_product(x_q, weight, x_scale, _shift_to_uint8_grid(x_zero), w_scale, w_sum, bias)
         # static activations: one zero point, which MatMulInteger takes

@@ -1,5 +1,9 @@
 """ONNX export: every family's quantized layers run on ORT integer kernels and match fxquant's torch reference."""
 
+import json
+from collections import Counter
+
+import onnx
 import pytest
 import torch
 
@@ -7,6 +11,7 @@ import fxquant
 from families import FAMILIES
 from fxquant.backends.onnx import (INTEGER_OPS, OrtDenoiser, first_denoiser_call, graph_metadata, integer_op_count,
                                    optimized_op_counts, session)
+from fxquant.backends.onnx.export import zero_point_columns
 from fxquant.errors import FxquantError
 from fxquant.metrics import relative_l2
 from fxquant.modules import QUANT_MODULES
@@ -79,6 +84,24 @@ def test_unet_integer_ops_and_each_layer_matches_torch(exported, tmp_path):
         assert relative_l2(_run(layer_path, {"x": x}), out) <= 1e-5, fqn
         checked[kind] += 1
     assert checked == {"linear": 3, "conv": 3}
+
+
+def test_per_token_zero_points_ride_in_the_integer_gemm(exported, tmp_path):
+    """Exact per-token form: linears whose weight shape gets extra columns run one MatMulIntegerToFloat whose weights
+    have K + columns rows (the int8 rows summing to -w_sum, folded into an initializer); the rest keep the float
+    correction term. Parity with torch is the family test's."""
+    qmodel, path = exported("pixart")
+    columns = {tuple(shape): count for shape, count in json.loads(graph_metadata(path)["fxquant_zero_point_columns"])}
+    assert columns == zero_point_columns(qmodel) and columns
+    optimized = tmp_path / "optimized.onnx"
+    session(path, optimized_path=optimized)
+    graph = onnx.load(str(optimized)).graph
+    initializers = {tensor.name: tensor.dims for tensor in graph.initializer}
+    weight_rows = Counter(tuple(initializers[node.input[1]]) for node in graph.node
+                          if node.op_type == "MatMulIntegerToFloat")
+    expected = Counter((k + columns.get((n, k), 0), n) for layer in qmodel.plan.quantized_layers()
+                       for n, k in [(layer.out_features, layer.in_features)])
+    assert weight_rows == expected
 
 
 def test_per_tensor_form_fuses_to_integer_ops_at_a_measured_cost(exported):
