@@ -98,12 +98,12 @@ def export_onnx(qmodel: QuantizedModel, path: str | Path, example_kwargs: dict[s
 
 def zero_point_columns(qmodel: QuantizedModel) -> dict[tuple[int, int], int]:
     """{(N, K) weight shape: extra GEMM columns} that carry per-token zero points into ORT's integer GEMM
-    (translations' `_augmented_product`): enough int8 weight rows to sum to -w_sum of every per-token linear of that
-    shape (every timestep group's, for nested planes); shapes that would need more than K / 4 columns are left out
-    (they keep the float correction term)."""
+    (translations' `_augmented_product`): enough int8 weight rows to sum to -w_sum of every integer linear of that
+    shape (static-activation ones take the same path in this form; every timestep group's sums, for nested planes);
+    shapes that would need more than K / 4 columns are left out (they keep the float correction term)."""
     largest: dict[tuple[int, int], int] = {}
     for module in qmodel.modules():
-        if isinstance(module, QuantLinear) and module.act_scale is None and module.weight_sum is not None:
+        if isinstance(module, QuantLinear) and module.weight_sum is not None:
             sums = module.weight_sum.long()
             if sums.dim() == 2:  # nested planes: each group's codes combine the planes by its multipliers
                 sums = module.plane_multipliers.long() @ sums
