@@ -412,10 +412,15 @@ PACKED_TILES = [(16, 64, 256, 4, 3), (16, 64, 256, 4, 4), (16, 64, 512, 4, 3), (
 COLD_L2_BYTES = 150 * 2**20  # weight copies rotated per timing: 3x an H100's 50 MB L2
 
 
+def _weight_copies(weight_bytes: int) -> int:
+    """Weight copies rotated so that each call reads its weights from memory (COLD_L2_BYTES in all, at most 256)."""
+    return min(256, -(-COLD_L2_BYTES // weight_bytes))
+
+
 def _cold_ms(call, weight_bytes: int) -> float:
-    """Median time of call(i) over rotating weight copies i (enough that each call reads its weights from memory,
-    as a model whose weights exceed the L2 cache does), per call, as CUDA-graph replays."""
-    copies = min(256, -(-COLD_L2_BYTES // weight_bytes))
+    """Median time of call(i) over rotating weight copies i (`_weight_copies`: as a model whose weights exceed the
+    L2 cache reads them), per call, as CUDA-graph replays."""
+    copies = _weight_copies(weight_bytes)
     return do_bench_cudagraph(lambda: [call(i) for i in range(copies)], rep=100, return_mode="median") / copies
 
 
@@ -428,7 +433,7 @@ def packed_tile_sweep() -> list[dict]:
 
     rows = []
     for k, n in ((1152, 1152), (1152, 4608), (3072, 12288)):
-        copies = min(256, -(-COLD_L2_BYTES // (n * k // 2)))  # enough for the smallest (4-bit) weights
+        copies = _weight_copies(n * k // 2)  # enough for the smallest (4-bit) weights
         w = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.05 for _ in range(2)]
         w = [w[i % 2] + i * 1e-3 for i in range(copies)]  # distinct tensors
         bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)

@@ -29,6 +29,12 @@ def _static_act_params(layer: LayerPlan, device) -> tuple[torch.Tensor | None, t
             torch.tensor(layer.act_zero, dtype=torch.int32, device=device))
 
 
+def combined_weight_sums(plane_sums: torch.Tensor, multipliers: torch.Tensor) -> torch.Tensor:
+    """Row sums of nested planes' codes [P, N] combined by plane multipliers [P] (one timestep group) or [G, P] (every
+    group) -> int32 [N] or [G, N]: the row sums of the codes those multipliers build."""
+    return (plane_sums * multipliers.unsqueeze(-1)).sum(dim=-2, dtype=torch.int32)
+
+
 def _weight_sum(weight_q: torch.Tensor) -> torch.Tensor:
     """int32 [N]: per-output-channel sums of the int8 weights (the activation zero-point correction)."""
     return weight_q.reshape(weight_q.shape[0], -1).sum(dim=1, dtype=torch.int32)
@@ -162,7 +168,7 @@ class QuantLinear(nn.Module):
         codes = _unpack_plane(self.weight_q, self.planes[0]).to(torch.int32) * multipliers[0]
         for plane in range(1, len(self.planes)):
             codes = codes + _unpack_plane(getattr(self, f"weight_q{plane}"), self.planes[plane]) * multipliers[plane]
-        weight_sum = (self.weight_sum * multipliers.reshape(-1, 1)).sum(dim=0, dtype=torch.int32)
+        weight_sum = combined_weight_sums(self.weight_sum, multipliers)
         return codes.to(torch.int8), self.weight_scale / self.level_divisor.index_select(0, index), weight_sum
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ from onnxscript import ir
 
 from ...errors import FxquantError
 from ...model import QuantizedModel
-from ...modules import QuantLinear
+from ...modules import QuantLinear, combined_weight_sums
 from .translations import ACT_FORMS, translation_table
 
 PROTOBUF_LIMIT = 2 * 1024**3
@@ -104,9 +104,8 @@ def zero_point_columns(qmodel: QuantizedModel) -> dict[tuple[int, int], int]:
     largest: dict[tuple[int, int], int] = {}
     for module in qmodel.modules():
         if isinstance(module, QuantLinear) and module.weight_sum is not None:
-            sums = module.weight_sum.long()
-            if sums.dim() == 2:  # nested planes: each group's codes combine the planes by its multipliers
-                sums = module.plane_multipliers.long() @ sums
+            sums = module.weight_sum if module.weight_sum.dim() == 1 else combined_weight_sums(
+                module.weight_sum, module.plane_multipliers)  # nested planes: every timestep group's codes
             shape = (module.out_features, module.in_features)
             largest[shape] = max(largest.get(shape, 0), int(sums.abs().max()))
     columns = {shape: -(-value // 127) for shape, value in largest.items()}

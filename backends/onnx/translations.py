@@ -173,11 +173,11 @@ def translation_table(act_form: str = "per_token", zero_point_columns: dict | No
             # the bias as a Sub: ORT 1.31 folds an Add of a constant that follows the scaling Mul into
             # MatMulIntegerToFloat and then multiplies it by the per-row A scale as well (see _zero_point_product)
             return out if bias is None else op.Sub(out, op.Neg(bias))
-        columns = zero_point_columns.get(tuple(w_q.shape or ()))
-        if per_token and columns:
-            return _augmented_product(x_q, weight, x_scale, _shift_to_uint8_grid(x_zero), w_scale, w_sum, bias, columns)
         if per_token:
-            return _zero_point_product(x_q, weight, x_scale, _shift_to_uint8_grid(x_zero), w_scale, w_sum, bias)
+            columns, zero = zero_point_columns.get(tuple(w_q.shape or ())), _shift_to_uint8_grid(x_zero)
+            if columns:
+                return _augmented_product(x_q, weight, x_scale, zero, w_scale, w_sum, bias, columns)
+            return _zero_point_product(x_q, weight, x_scale, zero, w_scale, w_sum, bias)
         # static activations: one zero point, which MatMulInteger takes
         acc = op.MatMulInteger(x_q, weight, op.Cast(_first_element(_shift_to_uint8_grid(x_zero)), to=U8))
         return _dequantize_product(acc, x_scale, w_scale, bias)
