@@ -460,13 +460,16 @@ def packed_tile_sweep() -> list[dict]:
                                              traced=True), n * k // 2),
             }
             errors = {}
+            reference_w4 = quantized_gemm(q, s, z, *w4[0], bias, torch.bfloat16, 4, unpack_first=False)
             for bm, bn, bk, warps, stages in PACKED_TILES:
                 config = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=warps, num_stages=stages)
                 key = f"fxquant_w4a8_{bm}x{bn}x{bk}_w{warps}_s{stages}"
                 try:
-                    times[key] = _cold_ms(lambda i: quantized_gemm(q, s, z, w4[i][0], w4[i][1], w4[i][2], bias,
-                                                                   torch.bfloat16, 4, traced=True, config=config,
-                                                                   unpack_first=False), n * k // 2)
+                    call = lambda i: quantized_gemm(q, s, z, w4[i][0], w4[i][1], w4[i][2], bias,  # noqa: E731
+                                                    torch.bfloat16, 4, traced=True, config=config, unpack_first=False)
+                    if not torch.equal(call(0), reference_w4):
+                        raise AssertionError("output differs from the autotuned W4A8 kernel's")  # exact int32
+                    times[key] = _cold_ms(call, n * k // 2)
                 except Exception as err:  # out of resources: recorded
                     errors[key] = _error_row(err)["error"]
             w4_times = {key: t for key, t in times.items() if key.startswith("fxquant_w4a8_") and "fixed" not in key}
