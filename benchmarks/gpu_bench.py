@@ -302,6 +302,58 @@ def epilogue_sweep() -> list[dict]:
     return rows
 
 
+# (name, M, K, N, epilogue) of the fp8 GEMMs in CogVideoX-2B's and SD3-medium's blocks (batch 2): attention
+# projections, the first feed-forward GEMM with its GELU + fp8-codes epilogue, the second
+MODEL_GEMMS = [("cogvideox_proj", 35552, 1920, 1920, None), ("cogvideox_ff1", 35552, 1920, 7680, "gelu_tanh"),
+               ("cogvideox_ff2", 35552, 7680, 1920, None), ("sd3_proj", 8858, 1536, 1536, None),
+               ("sd3_ff1", 8858, 1536, 6144, "gelu_tanh"), ("sd3_ff2", 8858, 6144, 1536, None)]
+# tiles `model_gemm_sweep` times: the autotuner's list, the epilogue sweep's, and deeper / wider Hopper tiles
+MODEL_GEMM_TILES = sorted({*EPILOGUE_CONFIGS, (128, 256, 128, 8, 4), (256, 128, 128, 8, 4), (128, 256, 64, 8, 3),
+                           (256, 128, 64, 8, 4), (128, 128, 64, 4, 5), (256, 256, 64, 8, 3)})
+
+
+def model_gemm_sweep() -> list[dict]:
+    """The fp8 GEMM at MODEL_GEMMS per tile of MODEL_GEMM_TILES (traced-style launches, the model's epilogue) against
+    the compile backend's tile (`fixed_config`), cuBLAS fp8 and bf16: TFLOP/s, and whether the backend's rule picks
+    the fastest tile at these larger shapes."""
+    from fxquant.backends.triton.gemm import fixed_config
+
+    rows = []
+    for name, m, k, n, activation in MODEL_GEMMS:
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.05
+        bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+        q8, s8 = quantize_per_token_fp8(x)
+        w8, ws8 = _fp8_weight(w)
+        extra = dict(activation=activation, out_scale=torch.full((1,), 0.01, device="cuda")) if activation else {}
+        flops = 2 * m * n * k
+        fixed = fixed_config(m, n, k, False)
+        times = {"bf16_cublas": _graph_median_ms(lambda: torch.nn.functional.linear(x, w, bias)),
+                 "fp8_cublas_scaled_mm": _graph_median_ms(lambda: torch._scaled_mm(
+                     q8, w8.t(), scale_a=s8, scale_b=ws8[None, :].contiguous(), bias=bias, out_dtype=torch.bfloat16)),
+                 "fxquant_fixed_config": _graph_median_ms(lambda: quantized_gemm(
+                     q8, s8, None, w8, ws8, None, bias, torch.bfloat16, traced=True, **extra))}
+        errors = {}
+        for bm, bn, bk, warps, stages in MODEL_GEMM_TILES:
+            key = f"{bm}x{bn}x{bk}_w{warps}_s{stages}"
+            config = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=warps, num_stages=stages)
+            try:
+                times[key] = _graph_median_ms(lambda: quantized_gemm(q8, s8, None, w8, ws8, None, bias, torch.bfloat16,
+                                                                     traced=True, config=config, **extra))
+            except Exception as err:  # out of shared memory / registers: recorded
+                errors[key] = _error_row(err)["error"]
+        tiles = {key: t for key, t in times.items() if "x" in key}
+        best = min(tiles, key=tiles.get)
+        row = {"name": name, "M": m, "K": k, "N": n, "epilogue": activation, "ms": times, "errors": errors,
+               "tflops": {key: flops / (t * 1e-3) / 1e12 for key, t in times.items()}, "best": best,
+               "fixed_config": fixed, "best_vs_fixed_config": times["fxquant_fixed_config"] / times[best]}
+        rows.append(row)
+        print("model gemm", name, {key: round(row["tflops"][key]) for key in
+                                   ("bf16_cublas", "fp8_cublas_scaled_mm", "fxquant_fixed_config", best)},
+              "best", best, "fixed", fixed, flush=True)
+    return rows
+
+
 def _autotuned_configs(m: int, n: int, k: int) -> dict:
     """The tile configs the autotuner chose for this problem, per kernel variant (its cache key -> config)."""
     from fxquant.backends.triton.gemm import _gemm_kernel
@@ -838,7 +890,7 @@ def model_benchmark(name: str, variants: list[str], results: dict, save, layers:
 
 KERNEL_SECTIONS = {"kernels": check_kernels, "prologue": prologue_benchmark, "quantize_configs": quantize_config_sweep,
                    "epilogue": epilogue_sweep, "gemm": gemm_benchmark, "packed": packed_gemm_sweep,
-                   "packed_tiles": packed_tile_sweep,
+                   "packed_tiles": packed_tile_sweep, "model_gemms": model_gemm_sweep,
                    "attention": attention_benchmark, "attention_configs": attention_config_sweep}
 
 

@@ -200,23 +200,28 @@ def unpack_weights(packed: torch.Tensor, weight_bits: int, traced: bool = False)
     return out
 
 
-def fixed_config(m: int, n: int, k: int, integer: bool, epilogue: bool = False, packed: bool = False) -> dict:
+def fixed_config(m: int, n: int, k: int, integer: bool, residual: bool = False, packed: bool = False) -> dict:
     """The tile config of graphs traced by the compile backend, from the problem size (Inductor would otherwise
-    autotune every call site: minutes of compile for a 28-block DiT). The rules follow the autotuner's choices on an
-    H100 at DiT shapes (benchmarks/results/gpu-bench-h100/gemm-autotuned-configs-and-pixart-1024-fp8.json); with a
-    residual or an activation + quantization in the epilogue, the fastest tile of the epilogue sweep
-    (epilogue-sweep-and-prologue.json, kernels-and-epilogue-sweep-ff.json); packed weights unpacked in the K loop at
-    <= 16 tokens (a batch's adaLN linears): one 16-row tile, so that the weights are read once
-    (packed-tiles-cold-l2.json: 8.5 / 8.6 / 25.0 us against 9.7 / 9.8 / 27.8 with 64 rows)."""
+    autotune every call site: minutes of compile for a 28-block DiT). From H100 measurements in
+    benchmarks/results/gpu-bench-h100/:
+    - plain GEMMs: the autotuner's choices at DiT shapes (gemm-autotuned-configs-and-pixart-1024-fp8.json); fp8 at
+      >= 16384 tokens (CogVideoX-2B's 35552) takes the wide tile also for K > 2048 (model-gemm-tiles.json: 1195
+      against 1106 TFLOP/s at K 7680, N 1920; at 8192-8858 tokens the narrow one stays 1-5 % ahead);
+    - a residual in the epilogue: the fastest tile of the epilogue sweep (epilogue-sweep-and-prologue.json);
+    - an activation + quantization in the epilogue: as plain GEMMs (kernels-epilogue-tanh-approx.json: PixArt's
+      first feed-forward GEMM 104.2 us wide against 110.4 narrow; model-gemm-tiles.json: SD3's 3 % faster);
+    - packed weights unpacked in the K loop at <= 16 tokens (a batch's adaLN linears): one 16-row tile, so that the
+      weights are read once (packed-tiles-cold-l2.json: 8.5 / 8.6 / 25.0 us against 9.7 / 9.8 / 27.8 with 64 rows).
+    """
     if INTERPRET:
         return {**get_autotune_config()[0].all_kwargs()}
     if packed and m <= 16:
         return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, GROUP_M=8, num_warps=4, num_stages=3)
     if m < 1024:  # few tokens: small tiles so that enough programs fill the SMs
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=256, GROUP_M=8, num_warps=4, num_stages=3)
-    if epilogue:
+    if residual:
         return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)
-    if n >= 2048 or (not integer and k <= 2048):
+    if n >= 2048 or (not integer and (k <= 2048 or m >= 16384)):
         return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)
     if k <= 2048:  # int8, narrow N: more, smaller tiles
         return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4)
@@ -285,8 +290,7 @@ def quantized_gemm(a: torch.Tensor, a_scale: torch.Tensor, a_zero: torch.Tensor 
                  OUT_CODES=0 if out_scale is None else 1 if out_zero is not None else 2, INT_ACC=a.dtype == torch.int8,
                  WEIGHT_BITS=weight_bits)
     if traced:
-        config = config or fixed_config(m, n, k, a.dtype == torch.int8, residual is not None or out_scale is not None,
-                                        weight_bits != 8)
+        config = config or fixed_config(m, n, k, a.dtype == torch.int8, residual is not None, weight_bits != 8)
         grid = (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"]),)
         wrap_triton(_gemm_kernel.fn)[grid](*args, **flags, **config)
     else:
