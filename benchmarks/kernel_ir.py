@@ -46,24 +46,30 @@ def _report(fn, types: dict, constants: dict, num_warps: int, num_stages: int) -
         "ptx_wgmma": ptx.count("wgmma.mma_async"),
         "ptx_exp2": ptx.count("ex2.approx"),
         "ptx_cvt": ptx.count("cvt."),
+        "ptx_tanh_approx": ptx.count("tanh.approx.f32"),  # fxquant's inline PTX: hardware tanh in activations,
+        "ptx_nibble_masks": ptx.count("0x0F0F0F0F"),  # nibbles unpacked four bytes per instruction
+        "cubin_bytes": len(kernel.asm["cubin"]),  # ptxas accepted the PTX
         "shared_bytes": kernel.metadata.shared,
     }
 
 
 def gemm_reports() -> dict:
-    """The GEMM kernel (plain epilogue) at W8A8 int8, fp8 and packed W4 / W2 (K loop, one dot per field),
-    128 x 128 x 128 tiles, 8 warps, 3 stages."""
+    """The GEMM kernel (plain epilogue) at W8A8 int8, fp8 and packed W4 / W2 (K loop, one dot per field), and fp8
+    with the GELU (tanh) + fp8 codes epilogue; 128 x 128 x 128 tiles, 8 warps, 3 stages."""
     pointers = {"a_ptr": "*i8", "b_ptr": "*i8", "out_ptr": "*bf16", "a_scale_ptr": "*fp32", "a_zero_ptr": "*i32",
                 "b_scale_ptr": "*fp32", "b_sum_ptr": "*i32", "bias_ptr": "*bf16", "gate_ptr": "*bf16",
                 "residual_ptr": "*bf16", "out_scale_ptr": "*fp32", "out_zero_ptr": "*i32"}
     reports = {}
     for label, bits, a_type, b_type in (("int8", 8, "*i8", "*i8"), ("fp8", 8, "*fp8e4nv", "*fp8e4nv"),
-                                        ("w4a8", 4, "*i8", "*u8"), ("w2a8", 2, "*i8", "*u8")):
-        constants = dict(HAS_ZERO=label != "fp8", HAS_BIAS=True, HAS_GATE=False, GATE_PER_TILE=False,
-                         HAS_RESIDUAL=False, ACT=0, OUT_CODES=0, INT_ACC=label != "fp8", WEIGHT_BITS=bits,
-                         BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8,
+                                        ("w4a8", 4, "*i8", "*u8"), ("w2a8", 2, "*i8", "*u8"),
+                                        ("fp8_gelu_codes", 8, "*fp8e4nv", "*fp8e4nv")):
+        fp8, gelu = a_type == "*fp8e4nv", label.endswith("gelu_codes")
+        constants = dict(HAS_ZERO=not fp8, HAS_BIAS=True, HAS_GATE=False, GATE_PER_TILE=False,
+                         HAS_RESIDUAL=False, ACT=2 if gelu else 0, OUT_CODES=2 if gelu else 0, INT_ACC=not fp8,
+                         WEIGHT_BITS=bits, BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8,
                          stride_ak=1, stride_bk=1, stride_on=1)
-        reports[label] = _report(_gemm_kernel.fn, {**pointers, "a_ptr": a_type, "b_ptr": b_type}, constants, 8, 3)
+        types = {**pointers, "a_ptr": a_type, "b_ptr": b_type, "out_ptr": "*fp8e4nv" if gelu else "*bf16"}
+        reports[label] = _report(_gemm_kernel.fn, types, constants, 8, 3)
     return reports
 
 

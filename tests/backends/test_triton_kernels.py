@@ -332,6 +332,20 @@ def test_inductor_sees_only_outputs_written():
                        "gemm_fp8_gelu_quantize": ["out_ptr"], "attention_fp8": ["out_ptr"]}
 
 
+def test_gpu_only_ptx_assembles_for_hopper(tmp_path):
+    """The GPU path's inline PTX (nibble unpacking in the W4A8 K loop, the hardware tanh in GELU / SiLU epilogues)
+    never runs under the CPU interpreter: compile the kernels for sm_90 without a GPU (benchmarks/kernel_ir.py, which
+    runs ptxas) and check that the PTX holds those instructions and assembles."""
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    script = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "kernel_ir.py")
+    subprocess.run([sys.executable, script, "--out", str(tmp_path / "ir.json")], env=env, check=True,
+                   capture_output=True)
+    gemm = json.loads((tmp_path / "ir.json").read_text())["gemm"]
+    assert all(report["cubin_bytes"] > 0 for report in gemm.values())
+    assert gemm["w4a8"]["ptx_nibble_masks"] > 0 and gemm["w2a8"]["ptx_nibble_masks"] == 0
+    assert gemm["fp8_gelu_codes"]["ptx_tanh_approx"] > 0 and gemm["fp8_gelu_codes"]["ptx_exp2"] == 0
+
+
 def test_every_inlined_kernel_also_runs_as_a_cuda_op():
     """`fxquant.inline_kernels=False` leaves fxquant's ops opaque: each op the backend can trace into Inductor must
     then find a Triton-backed CUDA kernel, not its float reference body (the GELU-quantize epilogue once ran its
