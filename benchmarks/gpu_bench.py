@@ -342,7 +342,7 @@ def model_gemm_sweep() -> list[dict]:
                                                                      traced=True, config=config, **extra))
             except Exception as err:  # out of shared memory / registers: recorded
                 errors[key] = _error_row(err)["error"]
-        tiles = {key: t for key, t in times.items() if "x" in key}
+        tiles = {key: t for key, t in times.items() if key[0].isdigit()}
         best = min(tiles, key=tiles.get)
         row = {"name": name, "M": m, "K": k, "N": n, "epilogue": activation, "ms": times, "errors": errors,
                "tflops": {key: flops / (t * 1e-3) / 1e12 for key, t in times.items()}, "best": best,

@@ -46,8 +46,8 @@ def _report(fn, types: dict, constants: dict, num_warps: int, num_stages: int) -
         "ptx_wgmma": ptx.count("wgmma.mma_async"),
         "ptx_exp2": ptx.count("ex2.approx"),
         "ptx_cvt": ptx.count("cvt."),
-        "ptx_tanh_approx": ptx.count("tanh.approx.f32"),  # fxquant's inline PTX: hardware tanh in activations,
-        "ptx_nibble_masks": ptx.count("0x0F0F0F0F"),  # nibbles unpacked four bytes per instruction
+        "ptx_tanh_approx": ptx.count("tanh.approx.f32"),  # fxquant's inline PTX: the hardware tanh in activations
+        "ptx_nibble_masks": ptx.count("0x0F0F0F0F"),  # and W4 nibbles unpacked four bytes per instruction
         "cubin_bytes": len(kernel.asm["cubin"]),  # ptxas accepted the PTX
         "shared_bytes": kernel.metadata.shared,
     }

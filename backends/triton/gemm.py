@@ -54,9 +54,9 @@ UNPACK_MIN_TOKENS = 256
 
 
 # PTX on four packed bytes per instruction: each byte's low / high nibble sign-extended to a byte (t = nibble ^ 8 is
-# s + 8 in [0, 15]; (t + 0x78) ^ 0x80 is s mod 256, and no carry crosses a byte). The shift-per-byte form below it
-# spends a few instructions per value: with these the W4A8 K loop runs 1.5-2x faster on an H100
-# (gpu-bench-h100/packed-nibble-asm.json). The CPU interpreter cannot run PTX.
+# s + 8 in [0, 15]; (t + 0x78) ^ 0x80 is s mod 256, and no carry crosses a byte). The shifts `unpack_field` falls
+# back to (2-bit fields, the CPU interpreter, which runs no PTX) spend a few instructions per value: with the PTX the
+# W4A8 K loop runs 1.5-2x faster on an H100 (gpu-bench-h100/packed-nibble-asm.json).
 PTX = tl.constexpr(not INTERPRET)
 LOW_NIBBLES_ASM = tl.constexpr("{ .reg .b32 t; and.b32 t, $1, 0x0F0F0F0F; xor.b32 t, t, 0x08080808; "
                                "add.u32 t, t, 0x78787878; xor.b32 $0, t, 0x80808080; }")
