@@ -211,12 +211,15 @@ def fixed_config(m: int, n: int, k: int, integer: bool, residual: bool = False, 
     - an activation + quantization in the epilogue: as plain GEMMs (kernels-epilogue-tanh-approx.json: PixArt's
       first feed-forward GEMM 104.2 us wide against 110.4 narrow; model-gemm-tiles.json: SD3's 3 % faster);
     - packed weights unpacked in the K loop at <= 16 tokens (a batch's adaLN linears): one 16-row tile, so that the
-      weights are read once (packed-tiles-cold-l2.json: 8.5 / 8.6 / 25.0 us against 9.7 / 9.8 / 27.8 with 64 rows).
+      weights are read once (packed-tiles-cold-l2.json: 8.5 / 8.6 / 25.0 us against 9.7 / 9.8 / 27.8 with 64 rows);
+      up to 64 tokens 16 rows as well, or 32 for weights larger than 1152 x 4608 (packed-nibble-asm.json, 64 tokens:
+      5.4 / 8.1 us against 8.1 / 8.4 with 64 rows, Flux's 3072 x 12288: 19.1 against 20.3).
     """
     if INTERPRET:
         return {**get_autotune_config()[0].all_kwargs()}
-    if packed and m <= 16:
-        return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, GROUP_M=8, num_warps=4, num_stages=3)
+    if packed and m <= 64:
+        rows = 16 if m <= 16 or n * k <= 1152 * 4608 else 32
+        return dict(BLOCK_M=rows, BLOCK_N=64, BLOCK_K=256, GROUP_M=8, num_warps=4, num_stages=3)
     if m < 1024:  # few tokens: small tiles so that enough programs fill the SMs
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=256, GROUP_M=8, num_warps=4, num_stages=3)
     if residual:
