@@ -184,7 +184,7 @@ def _full_precision_outputs(model: torch.nn.Module, calls: list) -> tuple[list[t
     return outputs, order if len(order) == len(set(order)) else []
 
 
-class _PrefixReplay:
+class PrefixReplay:
     """Full-precision block outputs replayed in place of the blocks before a probed unit (see the module docstring).
     calls: the recorded calls (args, kwargs, group, cfg); reference: their full-precision outputs; order: the
     repeated blocks in execution order (_full_precision_outputs)."""
@@ -379,7 +379,7 @@ class SensitivityPass(QuantPass):
             cfg = _cfg_split(kwargs, condition_names)
             calls.append((*_fewer_rows(args, kwargs, config.sensitivity_rows, cfg), group, cfg))
         reference, block_order = _full_precision_outputs(state.model, calls)
-        replay = _PrefixReplay(state.model, calls, reference, block_order) if config.sensitivity_replay else None
+        replay = PrefixReplay(state.model, calls, reference, block_order) if config.sensitivity_replay else None
         metric_of = {name: _metric(layers, config.mixed_precision, config.content_metric)
                      for name, layers in units.items()}
         rendered = None  # the full-precision samples, when content layers are scored by rendering
@@ -410,11 +410,11 @@ class SensitivityPass(QuantPass):
         return PassResult(modified=True)
 
     def _damage(self, state: QuantState, lowered: list[LayerPlan], metric: str, group: int | None, calls: list,
-                reference: tuple, replay: _PrefixReplay | None) -> float:
+                reference: tuple, replay: PrefixReplay | None) -> float:
         """One probe: the `lowered` layer plans quantized, the rest full precision -> the unit's damage by `metric`
         (mean noise power over the recorded calls of timestep group `group`, or 1 - SSIM of a rendering).
         reference: (the recorded calls' full-precision outputs, the full-precision samples or None); replay: the
-        blocks before the unit (_PrefixReplay), or None (config.sensitivity_replay off)."""
+        blocks before the unit (PrefixReplay), or None (config.sensitivity_replay off)."""
         outputs_fp, rendered = reference
         if metric == "rendered-ssim":
             return _ssim_damage(self._probe(state, lowered, [], render=True)[1], rendered)
@@ -448,7 +448,7 @@ class SensitivityPass(QuantPass):
     def _probe(self, state: QuantState, lowered: list[LayerPlan], calls: list, render: bool = False,
                replayed: list | None = None) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         """With the `lowered` layer plans lowered once (the rest full precision): the outputs of the recorded `calls`
-        (each inside its context from `replayed`, if given: _PrefixReplay.replayed) and, if `render`, the pipeline's
+        (each inside its context from `replayed`, if given: PrefixReplay.replayed) and, if `render`, the pipeline's
         samples (state.render)."""
         device = state.model.get_submodule(lowered[0].fqn).weight.device
         outputs = []

@@ -15,7 +15,7 @@ from fxquant.backends.triton.backend import compile_counter, lower_to_inductor
 from fxquant.metrics import relative_l2
 from fxquant.modules import QuantConv2d, QuantLinear
 from fxquant.ops import int8_linear_reference, quantize_per_token_reference
-from fxquant.passes.sensitivity import SensitivityPass, _PrefixReplay
+from fxquant.passes.sensitivity import PrefixReplay, SensitivityPass
 from fxquant.plan import LayerPlan
 from fxquant.quantizer import pack_bits, plane_widths, quantize_weight_planes, unpack_bits
 from fxquant.timestep import TimestepGroup
@@ -458,14 +458,14 @@ def test_probes_replay_the_blocks_before_their_unit_with_equal_damages(monkeypat
     family = FAMILIES[name]
     reference = family.build()
     calibration = inputs_at_timesteps(family, [900, 500, 100])
-    prepare, positions, stopped = _PrefixReplay.prepare, [], []
+    prepare, positions, stopped = PrefixReplay.prepare, [], []
 
     def recording(self, lowered):
         positions.append(prepare(self, lowered))
         stopped.append(not self.order)
         return positions[-1]
 
-    monkeypatch.setattr(_PrefixReplay, "prepare", recording)
+    monkeypatch.setattr(PrefixReplay, "prepare", recording)
     replayed = fxquant.quantize(copy.deepcopy(reference), fxquant.MixdqW4A8MPConfig(), calibration)
     assert any(positions) and any(stopped) == falls_back
     whole = fxquant.quantize(copy.deepcopy(reference), fxquant.MixdqW4A8MPConfig(sensitivity_replay=False),
