@@ -272,6 +272,12 @@ EPILOGUE_CONFIGS = [(128, 256, 128, 8, 3), (128, 128, 128, 8, 3), (128, 128, 128
                     (64, 256, 128, 4, 3), (128, 256, 64, 8, 4)]  # BLOCK_M, BLOCK_N, BLOCK_K, warps, stages
 
 
+def _gemm_tile(bm: int, bn: int, bk: int, warps: int, stages: int) -> tuple[str, dict]:
+    """A GEMM tile (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) -> (its label in the sweeps' JSON, the launch config)."""
+    return f"{bm}x{bn}x{bk}_w{warps}_s{stages}", dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=warps,
+                                                      num_stages=stages)
+
+
 def epilogue_sweep() -> list[dict]:
     """The fp8 GEMM at PixArt's output-projection shapes (M 8192, K 1152 / 4608, N 1152) per tile config: plain,
     + residual, + gate (per element or per tile) + residual; at its first feed-forward GEMM's (K 1152, N 4608):
@@ -290,14 +296,14 @@ def epilogue_sweep() -> list[dict]:
         if n > k:  # the feed-forward's first GEMM: no residual; the GELU and the next GEMM's fp8 codes instead
             variants = {"plain": {}, "gelu_tanh_fp8_codes": dict(activation="gelu_tanh",
                                                                  out_scale=torch.full((1,), 0.01, device="cuda"))}
-        for bm, bn, bk, warps, stages in EPILOGUE_CONFIGS:
-            config = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=warps, num_stages=stages)
+        for tile in EPILOGUE_CONFIGS:
+            _, config = _gemm_tile(*tile)
             row = {"M": m, "K": k, "N": n, "config": config, "us": {}}
             for name, extra in variants.items():
                 row["us"][name] = 1e3 * _graph_median_ms(lambda: quantized_gemm(
                     q8, s8, None, w8, ws8, None, bias, torch.bfloat16, traced=True, config=config, **extra))
             rows.append(row)
-            print("epilogue", k, n, (bm, bn, bk, warps, stages), {key: round(t, 1) for key, t in row["us"].items()},
+            print("epilogue", k, n, tile, {key: round(t, 1) for key, t in row["us"].items()},
                   flush=True)
     return rows
 
@@ -334,9 +340,8 @@ def model_gemm_sweep() -> list[dict]:
                  "fxquant_fixed_config": _graph_median_ms(lambda: quantized_gemm(
                      q8, s8, None, w8, ws8, None, bias, torch.bfloat16, traced=True, **extra))}
         errors = {}
-        for bm, bn, bk, warps, stages in MODEL_GEMM_TILES:
-            key = f"{bm}x{bn}x{bk}_w{warps}_s{stages}"
-            config = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=warps, num_stages=stages)
+        for tile in MODEL_GEMM_TILES:
+            key, config = _gemm_tile(*tile)
             try:
                 times[key] = _graph_median_ms(lambda: quantized_gemm(q8, s8, None, w8, ws8, None, bias, torch.bfloat16,
                                                                      traced=True, config=config, **extra))
@@ -513,9 +518,9 @@ def packed_tile_sweep() -> list[dict]:
             }
             errors = {}
             reference_w4 = quantized_gemm(q, s, z, *w4[0], bias, torch.bfloat16, 4, unpack_first=False)
-            for bm, bn, bk, warps, stages in PACKED_TILES:
-                config = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=warps, num_stages=stages)
-                key = f"fxquant_w4a8_{bm}x{bn}x{bk}_w{warps}_s{stages}"
+            for tile in PACKED_TILES:
+                label, config = _gemm_tile(*tile)
+                key = f"fxquant_w4a8_{label}"
                 try:
                     call = lambda i: quantized_gemm(q, s, z, w4[i][0], w4[i][1], w4[i][2], bias,  # noqa: E731
                                                     torch.bfloat16, 4, traced=True, config=config, unpack_first=False)
