@@ -8,7 +8,7 @@ import torch
 from diffusers.models.attention import BasicTransformerBlock
 
 from families import FAMILIES
-from fxquant.backends.triton.backend import compile_counter, inline_kernels
+from fxquant.backends.triton.backend import compile_counter, inline_kernels, split_options
 from fxquant.metrics import relative_l2
 from fxquant.model import QuantizedModel, repeated_blocks
 
@@ -32,11 +32,7 @@ def test_backend_rejects_unknown_options(quantized_family):
 def test_kernels_are_inlined_unless_cuda_graphs_replay_them(mode, options, inline):
     """Traced kernels by default; opaque op calls where Inductor captures CUDA graphs (as fast there, compiled in
     half the time); the explicit option wins either way."""
-    from torch._inductor import list_mode_options
-
-    ours = {key: value for key, value in options.items() if key.startswith("fxquant.")}
-    patches = {**(list_mode_options(mode) if mode else {}), **{k: v for k, v in options.items() if k not in ours}}
-    assert inline_kernels(ours, patches) is inline
+    assert inline_kernels(*split_options(mode, options)) is inline
 
 
 @pytest.mark.parametrize("name", ["pixart", "unet"])

@@ -506,8 +506,7 @@ def fxquant_backend(gm: fx.GraphModule, example_inputs, mode: str | None = None,
     """Dynamo backend: graph module + example inputs (+ torch.compile's mode / options) -> a callable.
 
     options: Inductor's, plus BACKEND_OPTIONS (e.g. `options={"fxquant.inline_kernels": False}`)."""
-    options = dict(options or {})
-    ours = {key: bool(options.pop(key)) for key in list(options) if key.startswith("fxquant.")}
+    ours, config_patches = split_options(mode, options)
     unknown = set(ours) - set(BACKEND_OPTIONS)
     if unknown:
         raise ValueError(f"Unknown fxquant backend options {sorted(unknown)}; known: {BACKEND_OPTIONS}")
@@ -526,15 +525,25 @@ def fxquant_backend(gm: fx.GraphModule, example_inputs, mode: str | None = None,
         compile_counter["fused_activations"] += fuse_activation_epilogues(gm)
     if not _on_cuda(example_inputs):
         return gm.forward
-    from torch._inductor import list_mode_options
     from torch._inductor.compile_fx import compile_fx
 
-    config_patches = {**(list_mode_options(mode) if mode else {}), **options}
     inline = inline_kernels(ours, config_patches)
     if inline:
         tune_attention(gm)
     compile_counter["lowered_ops"] += lower_to_inductor(gm, ours.get("fxquant.fuse_quantize", False), inline)
     return compile_fx(gm, example_inputs, config_patches=config_patches)
+
+
+def split_options(mode: str | None, options: dict | None) -> tuple[dict, dict]:
+    """torch.compile's mode and options -> (fxquant's options as booleans, Inductor's config patches: the mode's
+    settings overridden by the other options)."""
+    options = dict(options or {})
+    ours = {key: bool(options.pop(key)) for key in list(options) if key.startswith("fxquant.")}
+    if mode:
+        from torch._inductor import list_mode_options
+
+        options = {**list_mode_options(mode), **options}
+    return ours, options
 
 
 def inline_kernels(ours: dict, config_patches: dict) -> bool:
