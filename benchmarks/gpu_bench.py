@@ -28,6 +28,7 @@ import time
 import traceback
 
 import torch
+import torch.nn.functional as F
 import triton
 from triton.testing import do_bench_cudagraph
 
@@ -209,6 +210,36 @@ def prologue_benchmark() -> list[dict]:
         print("prologue", name, {key: round(t, 4) for key, t in row["ms"].items()},
               row["int8_code_mismatch_fraction"], flush=True)
     return rows
+
+
+def concat_prologue_benchmark() -> list[dict]:
+    """CogVideoX-2B's text + video tokens (LayerNorm, each part its own adaLN modulation, concatenated, fp8 per
+    token): the fused concat kernel against Inductor's norm + modulate + cat writing bf16 rows, then fxquant's
+    quantize kernel (the graph before the rewrite); the fused codes' error against the fp32 reference."""
+    text, video, width = 226, 13 * 30 * 45, 1920
+    head = torch.randn(2, text, width, device="cuda", dtype=torch.bfloat16) * 2 + 0.1
+    tail = torch.randn(2, video, width, device="cuda", dtype=torch.bfloat16) * 2 + 0.1
+    weight, bias = (torch.randn(width, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    table = torch.randn(2, 6, width, device="cuda", dtype=torch.bfloat16) * 0.3
+    mods = (1 + table[:, 1:2], table[:, 0:1], 1 + table[:, 4:5], table[:, 3:4])
+    rows_bf16 = torch.compile(lambda head, tail: torch.cat([
+        F.layer_norm(x, (width,), weight, bias, 1e-5) * mul + add
+        for x, mul, add in ((head, *mods[:2]), (tail, *mods[2:]))], dim=1))
+    fused = lambda: fused_quantize_per_token(head, weight, bias, *mods[:2], "layer", 1e-5, fp8=True,  # noqa: E731
+                                             tail=tail, tail_mul=mods[2], tail_add=mods[3])
+    codes, scales, _ = fused()
+    exact = torch.cat([prologue_reference(x, weight, bias, mul, add, "layer", 1e-5, "none").reshape(x.shape)
+                       for x, mul, add in ((head, *mods[:2]), (tail, *mods[2:]))], dim=1).reshape(-1, width)
+    row = {"case": "cogvideox_text_video_layernorm_adaln_fp8", "shapes": [list(head.shape), list(tail.shape)],
+           "fp8_rel_err_vs_exact": relative_l2(codes.float() * scales, exact),
+           "scale_rel_err_vs_exact": relative_l2(scales, quantize_fp8(exact, dim=-1)[1]),
+           "ms": {"fused_concat": _graph_median_ms(fused),
+                  "inductor_rows_then_quantize": _graph_median_ms(lambda: quantize_per_token_fp8(rows_bf16(head,
+                                                                                                           tail)))}}
+    row["speedup"] = row["ms"]["inductor_rows_then_quantize"] / row["ms"]["fused_concat"]
+    torch._dynamo.reset()
+    print("concat_prologue", row, flush=True)
+    return [row]
 
 
 # (input shape, prologue) of the quantizations whose launch config is swept: every benchmarked model's widths
@@ -893,7 +924,9 @@ def model_benchmark(name: str, variants: list[str], results: dict, save, layers:
     return results
 
 
-KERNEL_SECTIONS = {"kernels": check_kernels, "prologue": prologue_benchmark, "quantize_configs": quantize_config_sweep,
+KERNEL_SECTIONS = {"kernels": check_kernels, "prologue": prologue_benchmark,
+                   "concat_prologue": concat_prologue_benchmark,
+                   "quantize_configs": quantize_config_sweep,
                    "epilogue": epilogue_sweep, "gemm": gemm_benchmark, "packed": packed_gemm_sweep,
                    "packed_tiles": packed_tile_sweep, "model_gemms": model_gemm_sweep,
                    "attention": attention_benchmark, "attention_configs": attention_config_sweep}

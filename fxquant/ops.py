@@ -145,7 +145,12 @@ def fused_quantize_per_token(
     x [..., C_in] float -> (q [M, C], fp32 scale [M, 1], int32 zero [M, 1]) as quantize_per_token of
     prologue_reference(...), or with fp8: (float8_e4m3fn q, scale, an empty int32 zero [M, 0]).
     """
-    rows = prologue_reference(x, weight, bias, mul, add, norm, eps, activation)
+    return _quantized_rows(prologue_reference(x, weight, bias, mul, add, norm, eps, activation), fp8)
+
+
+def _quantized_rows(rows: torch.Tensor, fp8: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token quantization of rows [M, C] as the fused quantize ops return it: int8 (q, scale, zero), or fp8
+    (q, scale, an empty int32 zero [M, 0])."""
     if fp8:
         q, scale = quantize_fp8(rows, dim=-1)
         return q, scale, rows.new_empty((rows.shape[0], 0), dtype=torch.int32)
@@ -158,6 +163,47 @@ def _(x, weight, bias, mul, add, norm, eps, activation, fp8):
     rows = x.numel() // x.shape[-1]
     return (x.new_empty((rows, width), dtype=torch.float8_e4m3fn if fp8 else torch.int8),
             x.new_empty((rows, 1), dtype=torch.float32), x.new_empty((rows, 0 if fp8 else 1), dtype=torch.int32))
+
+
+@torch.library.custom_op("fxquant::fused_quantize_concat", mutates_args=())
+def fused_quantize_concat(
+    head: torch.Tensor,
+    tail: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    head_mul: torch.Tensor | None,
+    head_add: torch.Tensor | None,
+    tail_mul: torch.Tensor | None,
+    tail_add: torch.Tensor | None,
+    norm: str,
+    eps: float,
+    activation: str,
+    fp8: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fused_quantize_per_token of torch.cat([prologue(head), prologue(tail)], dim=1) (CogVideoX's text and video
+    tokens, each with its own adaLN modulation, before q / k / v and the feed-forward); the concatenated float rows
+    are never written. head [B, T_head, C], tail [B, T_tail, C] -> rows [B * (T_head + T_tail), C], sample by sample.
+    """
+    check_concat(head, tail, activation)
+    parts = [prologue_reference(x, weight, bias, mul, add, norm, eps, activation).reshape(x.shape)
+             for x, mul, add in ((head, head_mul, head_add), (tail, tail_mul, tail_add))]
+    return _quantized_rows(torch.cat(parts, dim=1).reshape(-1, head.shape[-1]), fp8)
+
+
+def check_concat(head: torch.Tensor, tail: torch.Tensor, activation: str) -> None:
+    """Raise ValueError unless head and tail are [B, T, C] with equal B and C and the activation is not gated."""
+    if head.dim() != 3 or tail.dim() != 3 or head.shape[::2] != tail.shape[::2]:
+        raise ValueError(f"concatenated prologue parts must be [B, T, C] with equal B and C: {tuple(head.shape)}, "
+                         f"{tuple(tail.shape)}")
+    if activation.startswith("geglu"):
+        raise ValueError("a gated activation (geglu) cannot follow a concatenation")
+
+
+@fused_quantize_concat.register_fake
+def _(head, tail, weight, bias, head_mul, head_add, tail_mul, tail_add, norm, eps, activation, fp8):
+    rows = head.shape[0] * (head.shape[1] + tail.shape[1])
+    return (head.new_empty((rows, head.shape[-1]), dtype=torch.float8_e4m3fn if fp8 else torch.int8),
+            head.new_empty((rows, 1), dtype=torch.float32), head.new_empty((rows, 0 if fp8 else 1), dtype=torch.int32))
 
 
 @torch.library.custom_op("fxquant::quantize_per_tensor", mutates_args=())

@@ -6,6 +6,7 @@ import types
 import pytest
 import torch
 from diffusers.models.attention import BasicTransformerBlock
+from diffusers.models.transformers.cogvideox_transformer_3d import CogVideoXBlock
 
 from families import FAMILIES
 from fxquant.backends.triton.backend import compile_counter, inline_kernels, split_options
@@ -72,9 +73,11 @@ def test_backend_fuses_packed_weight_unpacking_into_the_gemm(quantized_family, n
 
 FUSIONS = {  # backend option -> (compile_counter key, {(family, recipe): rewrites per transformer block})
     # PixArt: two LayerNorm + adaLN modulations and the GELU before the feed-forward's second linear; UNet: three
-    # affine LayerNorms and the GEGLU; each chain and its quantization become one fused_quantize_per_token
+    # affine LayerNorms and the GEGLU; each chain and its quantization become one fused_quantize_per_token;
+    # CogVideoX: the text and video tokens' LayerNorm + modulation before attention and before the feed-forward
+    # (concatenated: fused_quantize_concat) and the GELU
     "fxquant.fuse_prologues": ("fused_prologues", {("pixart", "w8a8"): 3, ("pixart", "w8a8-fp8"): 3,
-                                                   ("unet", "w8a8"): 4}),
+                                                   ("unet", "w8a8"): 4, ("cogvideox", "w8a8-fp8"): 3}),
     # every `h + [gate *] proj(...)` (attention outputs, feed-forward) becomes one linear_residual; the next block's
     # add matches through the previous replacement
     "fxquant.fuse_residuals": ("fused_residuals", {("pixart", "w8a8-fp8"): 3, ("pixart", "w4a8"): 3,
@@ -93,7 +96,7 @@ def test_backend_fusions_rewrite_every_block_and_compute_the_same(quantized_fami
     it off, and the fused graph computes what the unfused one does."""
     counter, cases = FUSIONS[option]
     _, qmodel, _ = quantized_family(name, recipe)
-    blocks = [m for m in qmodel.model.modules() if isinstance(m, BasicTransformerBlock)]
+    blocks = [m for m in qmodel.model.modules() if isinstance(m, (BasicTransformerBlock, CogVideoXBlock))]
     inputs = FAMILIES[name].inputs(batch=2, seed=4)
     outputs = {}
     for enabled in (True, False):

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import fxquant  # noqa: F401
+from fxquant.ops import prologue_reference
 from fxquant.quantizer import dequantize_weight_per_channel, quantize_weight_per_channel
 
 fxq = torch.ops.fxquant
@@ -90,6 +91,24 @@ def test_fused_quantize_op_opcheck_and_bad_prologues():
         fxq.fused_quantize_per_token(x, None, None, None, None, "none", 0.0, "relu", False)
     with pytest.raises(ValueError, match="gated"):
         fxq.fused_quantize_per_token(x, None, None, None, None, "layer", 1e-6, "geglu", False)
+
+
+def test_fused_quantize_concat_is_the_quantized_concatenation_and_rejects_bad_parts():
+    """Rows sample by sample: each sample's head tokens, then its tail tokens, each part with its own modulation."""
+    head, tail, table = torch.randn(2, 3, 24), torch.randn(2, 5, 24), torch.randn(2, 6, 24)
+    weight, bias = torch.randn(24), torch.randn(24)
+    args = (head, tail, weight, bias, 1 + table[:, 1:2], table[:, 0:1], 1 + table[:, 4:5], table[:, 3:4], "layer",
+            1e-5, "none", False)
+    torch.library.opcheck(fxq.fused_quantize_concat, args)
+    parts = [prologue_reference(x, weight, bias, mul, add, "layer", 1e-5, "none").reshape(x.shape)
+             for x, mul, add in ((head, *args[4:6]), (tail, *args[6:8]))]
+    expected = fxq.quantize_per_token(torch.cat(parts, dim=1).reshape(16, 24))
+    for got, want in zip(fxq.fused_quantize_concat(*args), expected):
+        assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="equal B and C"):
+        fxq.fused_quantize_concat(head, tail[:1], *args[2:])
+    with pytest.raises(ValueError, match="gated"):
+        fxq.fused_quantize_concat(head, tail, None, None, None, None, None, None, "none", 0.0, "geglu", False)
 
 
 def test_fp8_ops_match_float_reference_and_opcheck():

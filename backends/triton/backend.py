@@ -5,7 +5,8 @@ The backend rewrites it with patterns, then compiles:
 - every device: identical quantizations of one input (q / k / v projections of the same hidden states) run once;
   a per-token quantization whose input is made by a LayerNorm / RMSNorm (+ affine), adaLN modulation
   (x * (1 + scale) + shift), GELU / SiLU or GEGLU becomes one `fused_quantize_per_token` with that prologue (the
-  float rows between them never reach memory);
+  float rows between them never reach memory), and one of two such chains concatenated along tokens (CogVideoX's
+  text and video tokens) one `fused_quantize_concat`;
   `unpack_int4` / `unpack_int2` -> `int8_linear` becomes one `packed_int8_linear` (4- / 2-bit weights are unpacked
   inside the GEMM's K loop; the int8 codes never reach memory); `residual + gate * linear(...)` (a transformer
   block's gated residual) becomes one `linear_residual` (applied in the GEMM's epilogue); a static per-tensor
@@ -244,14 +245,36 @@ def _norm_prologue(node) -> dict:
     return parts
 
 
+def _concat_prologue(node) -> tuple | None:
+    """fused_quantize_concat's leading arguments (head, tail, weight, bias, head_mul, head_add, tail_mul, tail_add,
+    norm, eps) when node is torch.cat([head, tail], dim=1) of [B, T, C] tensors, each [norm (+ affine)] ->
+    [modulation] with the same norm, else None."""
+    value = _value(node)
+    if not (_call(node, {torch.cat}) and _only_use(node) and value is not None and value.dim() == 3
+            and _arg(node, 1, "dim", 0) in (1, -2) and len(_arg(node, 0, "tensors", ())) == 2):
+        return None
+    head, tail = (_norm_prologue(part) for part in _arg(node, 0, "tensors", ()))
+    if any(head[key] is not tail[key] and head[key] != tail[key] for key in ("weight", "bias", "norm", "eps")):
+        return None
+    return (head["x"], tail["x"], head["weight"], head["bias"], head["mul"], head["add"], tail["mul"], tail["add"],
+            head["norm"], head["eps"])
+
+
 def fuse_quantize_prologues(gm: fx.GraphModule) -> int:
     """Rewrite [norm (+ affine)] -> [modulation] -> [activation] -> quantize_per_token(_fp8) chains, and GEGLU ->
-    quantize, into fused_quantize_per_token nodes; returns how many. Every node folded in must have no other use."""
+    quantize, into fused_quantize_per_token nodes, and a concatenation of two [norm] -> [modulation] parts along
+    tokens -> quantize into a fused_quantize_concat node; returns how many. Every node folded in must have no other
+    use."""
     fused = 0
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or _target(node) not in _TOKEN_QUANTIZE_FP8:
             continue
         top = _through_row_views(node.args[0])
+        concat = _concat_prologue(top)
+        if concat:
+            _replace(gm, node, fxq.fused_quantize_concat.default, (*concat, "none", _TOKEN_QUANTIZE_FP8[_target(node)]))
+            fused += 1
+            continue
         activation = _activation(top)
         if activation and activation[1].startswith("geglu"):  # takes nothing in front (it reads a GEMM's output)
             parts = dict(_NO_PROLOGUE, x=activation[0])
@@ -390,6 +413,14 @@ def _triton_fused_quantize_per_token(x, weight, bias, mul, add, norm, eps, activ
     return fused_quantize_per_token(x, weight, bias, mul, add, norm, eps, activation, fp8, traced=True)
 
 
+def _triton_fused_quantize_concat(head, tail, weight, bias, head_mul, head_add, tail_mul, tail_add, norm, eps,
+                                  activation, fp8):
+    from .quantize import fused_quantize_per_token
+
+    return fused_quantize_per_token(head, weight, bias, head_mul, head_add, norm, eps, activation, fp8, traced=True,
+                                    tail=tail, tail_mul=tail_mul, tail_add=tail_add)
+
+
 def _triton_quantize_per_token(x):
     from .quantize import quantize_per_token
 
@@ -428,6 +459,7 @@ _KERNELS = {  # fxquant's Triton kernels, launched from Inductor's generated cod
     fxq.linear_activation_quantize.default: _triton_linear_activation_quantize,
     fxq.quantized_attention.default: _triton_quantized_attention,
     fxq.fused_quantize_per_token.default: _triton_fused_quantize_per_token,
+    fxq.fused_quantize_concat.default: _triton_fused_quantize_concat,
 }
 
 

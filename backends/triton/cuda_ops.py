@@ -24,6 +24,13 @@ def _fused_quantize_per_token_cuda(x, weight, bias, mul, add, norm, eps, activat
     return fused_quantize_per_token(x, weight, bias, mul, add, norm, eps, activation, fp8)
 
 
+@torch.library.register_kernel("fxquant::fused_quantize_concat", "cuda")
+def _fused_quantize_concat_cuda(head, tail, weight, bias, head_mul, head_add, tail_mul, tail_add, norm, eps,
+                                activation, fp8):
+    return fused_quantize_per_token(head, weight, bias, head_mul, head_add, norm, eps, activation, fp8, tail=tail,
+                                    tail_mul=tail_mul, tail_add=tail_add)
+
+
 @torch.library.register_kernel("fxquant::int8_linear", "cuda")
 def _int8_linear_cuda(x_q, x_scale, x_zero, w_q, w_scale, w_sum, bias, out_dtype):
     return quantized_gemm(x_q, x_scale, x_zero, w_q, w_scale, w_sum, bias, out_dtype)

@@ -12,6 +12,8 @@ written).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -19,7 +21,7 @@ from torch.library import wrap_triton
 from triton.language.extra import libdevice
 
 from . import INTERPRET
-from ...ops import check_prologue, varies_per_sample
+from ...ops import check_concat, check_prologue, varies_per_sample
 
 SCALE_EPS = tl.constexpr(1e-8)
 FP8_MAX = tl.constexpr(448.0)
@@ -79,16 +81,28 @@ def _quantize_rows_kernel(
     x_ptr, q_ptr, scale_ptr, zero_ptr, w_ptr, b_ptr, mul_ptr, add_ptr,
     M, K, stride_xm, stride_qm, eps,
     rows_per_mul, stride_mul_g, stride_mul_c, rows_per_add, stride_add_g, stride_add_c,
+    tail_ptr, tail_mul_ptr, tail_add_ptr, stride_tail_m, head_tokens, tail_tokens,
+    rows_per_tail_mul, stride_tail_mul_g, stride_tail_mul_c, rows_per_tail_add, stride_tail_add_g, stride_tail_add_c,
     NORM: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_MUL: tl.constexpr, HAS_ADD: tl.constexpr,
-    ACT: tl.constexpr, GATED: tl.constexpr, FP8: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr,
+    ACT: tl.constexpr, GATED: tl.constexpr, FP8: tl.constexpr, CONCAT: tl.constexpr, ROWS: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     # loads of x stay in this body: torch's analysis of which pointers a kernel writes (Inductor copies every
     # argument it thinks written) marks a pointer passed into a helper returning several values as written
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     offs = tl.arange(0, BLOCK_K)
     mask = (rows[:, None] < M) & (offs[None, :] < K)
-    row_ptrs = x_ptr + rows[:, None] * stride_xm + offs[None, :]  # gated: the first half of each row
-    x = tl.load(row_ptrs, mask=mask, other=0.0).to(tl.float32)
+    if CONCAT:  # output row -> (sample, token): the first head_tokens of a sample are x's rows, the rest tail's
+        sample = rows // (head_tokens + tail_tokens)
+        token = rows - sample * (head_tokens + tail_tokens)
+        in_head = (token < head_tokens)[:, None]
+        x = tl.load(x_ptr + (sample * head_tokens + token)[:, None] * stride_xm + offs[None, :],
+                    mask=mask & in_head, other=0.0).to(tl.float32)
+        x += tl.load(tail_ptr + (sample * tail_tokens + token - head_tokens)[:, None] * stride_tail_m + offs[None, :],
+                     mask=mask & ~in_head, other=0.0).to(tl.float32)
+    else:
+        row_ptrs = x_ptr + rows[:, None] * stride_xm + offs[None, :]  # gated: the first half of each row
+        x = tl.load(row_ptrs, mask=mask, other=0.0).to(tl.float32)
     if NORM == 1:
         x = tl.where(mask, x - (tl.sum(x, axis=1) / K)[:, None], 0.0)
     if NORM != 0:  # layer: centred above; rms: as loaded
@@ -98,9 +112,17 @@ def _quantize_rows_kernel(
     if HAS_B:
         x = x + tl.load(b_ptr + offs, mask=offs < K, other=0.0).to(tl.float32)[None, :]
     if HAS_MUL:
-        x = x * load_per_group(mul_ptr, rows, offs, mask, rows_per_mul, stride_mul_g, stride_mul_c)
+        mul = load_per_group(mul_ptr, rows, offs, mask, rows_per_mul, stride_mul_g, stride_mul_c)
+        if CONCAT:
+            mul = tl.where(in_head, mul, load_per_group(tail_mul_ptr, rows, offs, mask, rows_per_tail_mul,
+                                                        stride_tail_mul_g, stride_tail_mul_c))
+        x = x * mul
     if HAS_ADD:
-        x = x + load_per_group(add_ptr, rows, offs, mask, rows_per_add, stride_add_g, stride_add_c)
+        add = load_per_group(add_ptr, rows, offs, mask, rows_per_add, stride_add_g, stride_add_c)
+        if CONCAT:
+            add = tl.where(in_head, add, load_per_group(tail_add_ptr, rows, offs, mask, rows_per_tail_add,
+                                                        stride_tail_add_g, stride_tail_add_c))
+        x = x + add
     if GATED:  # the gate is the second half of each 2K-wide row
         x = x * apply_activation(tl.load(row_ptrs + K, mask=mask, other=0.0).to(tl.float32), ACT)
     else:
@@ -151,29 +173,46 @@ def per_group_operand(operand: torch.Tensor | None, shape: torch.Size, rows: int
 
 
 def fused_quantize_per_token(x: torch.Tensor, weight=None, bias=None, mul=None, add=None, norm: str = "none",
-                             eps: float = 0.0, activation: str = "none", fp8: bool = False, traced: bool = False):
+                             eps: float = 0.0, activation: str = "none", fp8: bool = False, traced: bool = False,
+                             tail=None, tail_mul=None, tail_add=None):
     """fxquant::fused_quantize_per_token on the GPU: x [..., C_in] float -> (q [M, C] int8 or fp8, fp32 scale
     [M, 1], int32 zero [M, 1] (fp8: [M, 0])). Arguments as fxquant.ops.prologue_reference; traced: see launcher.
+    With tail [B, T_tail, C] (x then [B, T_head, C]): fxquant::fused_quantize_concat, the rows of
+    cat([prologue(x, mul, add), prologue(tail, tail_mul, tail_add)], dim=1), read from both in place.
     Absent operands are passed as the scale buffer (never read), not as x: Inductor materialises a separate copy of
     a not-yet-stored input for every argument it is passed as (4 copies of Flux's 15360-wide rows, measured)."""
     check_prologue(norm, activation, any(t is not None for t in (weight, bias, mul, add)))
+    concat = tail is not None
+    if concat:
+        check_concat(x, tail, activation)
+        # the kernel modulates both parts or neither: a part without an operand gets its identity
+        if (mul is None) != (tail_mul is None):
+            mul, tail_mul = (t if t is not None else x.new_ones(x.shape[-1]) for t in (mul, tail_mul))
+        if (add is None) != (tail_add is None):
+            add, tail_add = (t if t is not None else x.new_zeros(x.shape[-1]) for t in (add, tail_add))
+        tail = row_strided(tail)
     gated = activation.startswith("geglu")
     x = row_strided(x)
-    m = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    out_shape = (x.shape[0], x.shape[1] + tail.shape[1], x.shape[2]) if concat else x.shape
+    m = math.prod(out_shape[:-1]) if x.shape[-1] else 0
     width = x.shape[-1] // 2 if gated else x.shape[-1]
     q = torch.empty((m, width), dtype=torch.float8_e4m3fn if fp8 else torch.int8, device=x.device)
     scale = torch.empty((m, 1), dtype=torch.float32, device=x.device)
     zero = torch.empty((m, 0 if fp8 else 1), dtype=torch.int32, device=x.device)
     if m:
-        mul_arg, rows_per_mul, stride_mul_g, stride_mul_c = per_group_operand(mul, x.shape, m, scale)
-        add_arg, rows_per_add, stride_add_g, stride_add_c = per_group_operand(add, x.shape, m, scale)
+        mul_args = per_group_operand(mul, out_shape, m, scale)
+        add_args = per_group_operand(add, out_shape, m, scale)
+        tail_mul_args = per_group_operand(tail_mul, out_shape, m, scale)
+        tail_add_args = per_group_operand(tail_add, out_shape, m, scale)
         rows_per_program, block, warps = _launch_config(width, gated)
         launcher(_quantize_rows_kernel, traced)[(triton.cdiv(m, rows_per_program),)](
             x, q, scale, scale if fp8 else zero, scale if weight is None else weight, scale if bias is None else bias,
-            mul_arg, add_arg, m, width, x.stride(-2) if x.dim() > 1 else 0, q.stride(0), eps,
-            rows_per_mul, stride_mul_g, stride_mul_c, rows_per_add, stride_add_g, stride_add_c,
+            mul_args[0], add_args[0], m, width, x.stride(-2) if x.dim() > 1 else 0, q.stride(0), eps,
+            *mul_args[1:], *add_args[1:],
+            tail if concat else scale, tail_mul_args[0], tail_add_args[0], tail.stride(-2) if concat else 0,
+            x.shape[1] if concat else 0, tail.shape[1] if concat else 0, *tail_mul_args[1:], *tail_add_args[1:],
             NORM=NORM_CODES[norm], HAS_W=weight is not None, HAS_B=bias is not None, HAS_MUL=mul is not None,
-            HAS_ADD=add is not None, ACT=ACTIVATION_CODES[activation], GATED=gated, FP8=fp8,
+            HAS_ADD=add is not None, ACT=ACTIVATION_CODES[activation], GATED=gated, FP8=fp8, CONCAT=concat,
             ROWS=rows_per_program, BLOCK_K=block, num_warps=warps)
     return q, scale, zero
 

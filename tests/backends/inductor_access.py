@@ -53,6 +53,9 @@ def main() -> None:
         "quantize_norm_adaln_fp8": lambda: quantize.fused_quantize_per_token(
             x, mul=table[:, 1:2], add=table[:, 0:1], norm="layer", eps=1e-6, fp8=True, traced=True),
         "quantize_geglu": lambda: quantize.fused_quantize_per_token(x, activation="geglu", traced=True),
+        "quantize_concat_fp8": lambda: quantize.fused_quantize_per_token(
+            x, mul=table[:, 1:2], add=table[:, 0:1], norm="layer", eps=1e-5, fp8=True, traced=True, tail=x[:, :16],
+            tail_mul=table[:, 4:5], tail_add=table[:, 3:4]),
         "gemm_int8": lambda: gemm.quantized_gemm(
             torch.zeros(64, 96, dtype=torch.int8), torch.ones(64), torch.zeros(64, dtype=torch.int32),
             torch.zeros(32, 96, dtype=torch.int8), torch.ones(32), torch.zeros(32, dtype=torch.int32), torch.ones(32),

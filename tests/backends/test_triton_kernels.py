@@ -88,6 +88,29 @@ def test_fused_quantize_kernel_reads_strided_rows(layout):
     assert (q.int() - ref_q.int()).abs().max() <= 1 and torch.equal(zero, ref_zero)
 
 
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("modulated", ["both", "head_only", "none"])
+def test_concatenated_prologue_kernel_matches_reference(modulated, fp8):
+    """Text and video tokens (CogVideoX): one launch quantizes cat([prologue(head), prologue(tail)], dim=1), each
+    part read in place (the tail a row slice) with its own modulation; a part without one gets its identity."""
+    head, tail = torch.randn(2, 3, 40) * 2, torch.randn(2, 7, 80)[..., :40] + 0.5
+    head_mul, head_add = _adaln_operands(2, 40) if modulated != "none" else (None, None)
+    tail_mul, tail_add = _adaln_operands(2, 40) if modulated == "both" else (None, None)
+    weight, bias = torch.randn(40), torch.randn(40)
+    q, scale, zero = fused_quantize_per_token(head, weight, bias, head_mul, head_add, "layer", 1e-5, fp8=fp8,
+                                              tail=tail, tail_mul=tail_mul, tail_add=tail_add)
+    ref_q, ref_scale, ref_zero = fxq.fused_quantize_concat(head, tail, weight, bias, head_mul, head_add, tail_mul,
+                                                           tail_add, "layer", 1e-5, "none", fp8)
+    assert q.shape == ref_q.shape == (20, 40) and q.dtype == ref_q.dtype and zero.shape == ref_zero.shape
+    torch.testing.assert_close(scale, ref_scale, rtol=1e-5, atol=0)
+    if fp8:
+        parts = [prologue_reference(x, weight, bias, mul, add, "layer", 1e-5, "none").reshape(x.shape)
+                 for x, mul, add in ((head, head_mul, head_add), (tail, tail_mul, tail_add))]
+        _assert_fp8_neighbours(q, torch.cat(parts, dim=1).reshape(20, 40) / ref_scale)
+    else:
+        assert torch.equal(zero, ref_zero) and (q.int() - ref_q.int()).abs().max() <= 1
+
+
 def test_traced_launches_pass_the_input_once(monkeypatch):
     """Inductor stores a not-yet-materialised input once per kernel argument it is passed as: absent operands must
     not be the input itself (Flux's GELU + concat rows were copied four times)."""
@@ -327,7 +350,8 @@ def test_inductor_sees_only_outputs_written():
     written = json.loads(subprocess.run([sys.executable, script], env=env, check=True, capture_output=True,
                                         text=True).stdout.strip().splitlines()[-1])
     assert written == {"quantize_int8": ["q_ptr", "scale_ptr", "zero_ptr"], "quantize_norm_adaln_fp8": ["q_ptr",
-                       "scale_ptr"], "quantize_geglu": ["q_ptr", "scale_ptr", "zero_ptr"], "gemm_int8": ["out_ptr"],
+                       "scale_ptr"], "quantize_geglu": ["q_ptr", "scale_ptr", "zero_ptr"],
+                       "quantize_concat_fp8": ["q_ptr", "scale_ptr"], "gemm_int8": ["out_ptr"],
                        "gemm_fp8_gate_residual": ["out_ptr"], "gemm_fp8_gate_per_tile": ["out_ptr"],
                        "gemm_fp8_gelu_quantize": ["out_ptr"], "attention_fp8": ["out_ptr"]}
 
