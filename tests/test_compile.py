@@ -6,7 +6,6 @@ import types
 import pytest
 import torch
 from diffusers.models.attention import BasicTransformerBlock
-from diffusers.models.transformers.cogvideox_transformer_3d import CogVideoXBlock
 
 from families import FAMILIES
 from fxquant.backends.triton.backend import compile_counter, inline_kernels, split_options
@@ -73,11 +72,9 @@ def test_backend_fuses_packed_weight_unpacking_into_the_gemm(quantized_family, n
 
 FUSIONS = {  # backend option -> (compile_counter key, {(family, recipe): rewrites per transformer block})
     # PixArt: two LayerNorm + adaLN modulations and the GELU before the feed-forward's second linear; UNet: three
-    # affine LayerNorms and the GEGLU; each chain and its quantization become one fused_quantize_per_token;
-    # CogVideoX: the text and video tokens' LayerNorm + modulation before attention and before the feed-forward
-    # (concatenated: fused_quantize_concat) and the GELU
+    # affine LayerNorms and the GEGLU; each chain and its quantization become one fused_quantize_per_token
     "fxquant.fuse_prologues": ("fused_prologues", {("pixart", "w8a8"): 3, ("pixart", "w8a8-fp8"): 3,
-                                                   ("unet", "w8a8"): 4, ("cogvideox", "w8a8-fp8"): 3}),
+                                                   ("unet", "w8a8"): 4}),
     # every `h + [gate *] proj(...)` (attention outputs, feed-forward) becomes one linear_residual; the next block's
     # add matches through the previous replacement
     "fxquant.fuse_residuals": ("fused_residuals", {("pixart", "w8a8-fp8"): 3, ("pixart", "w4a8"): 3,
@@ -96,7 +93,7 @@ def test_backend_fusions_rewrite_every_block_and_compute_the_same(quantized_fami
     it off, and the fused graph computes what the unfused one does."""
     counter, cases = FUSIONS[option]
     _, qmodel, _ = quantized_family(name, recipe)
-    blocks = [m for m in qmodel.model.modules() if isinstance(m, (BasicTransformerBlock, CogVideoXBlock))]
+    blocks = [m for m in qmodel.model.modules() if isinstance(m, BasicTransformerBlock)]
     inputs = FAMILIES[name].inputs(batch=2, seed=4)
     outputs = {}
     for enabled in (True, False):
@@ -107,6 +104,29 @@ def test_backend_fusions_rewrite_every_block_and_compute_the_same(quantized_fami
             outputs[enabled] = compiled(**inputs, return_dict=False)[0]
         assert compile_counter[counter] == (cases[name, recipe] * len(blocks) if enabled else 0)
     assert relative_l2(outputs[True], outputs[False]) <= 1e-5  # fp32 model: the same arithmetic, fused
+
+
+@pytest.mark.parametrize("recipe", ["w8a8-fp8:attention=fp8-static", "w8a8"])
+def test_concatenated_text_and_video_tokens_fuse_and_compute_the_same(quantized_family, recipe):
+    """CogVideoX concatenates text and video tokens before q / k / v and the feed-forward and splits the outputs back
+    into two residual streams: per block, both concatenations (norm + modulation of each part) become one
+    fused_quantize_concat and both split outputs one linear_residual_concat (the last block's text-token
+    feed-forward residual is never used, so the model drops it and that output stays unfused), with the same
+    results as the unfused graph (also inside quantized attention's torch function mode, where Dynamo records
+    `Tensor.split` as a function call)."""
+    _, qmodel, _ = quantized_family("cogvideox", recipe)
+    blocks = len(qmodel.model.transformer_blocks)
+    inputs = FAMILIES["cogvideox"].inputs(batch=2, seed=4)
+    outputs = {}
+    for enabled in (True, False):
+        torch._dynamo.reset()
+        compile_counter.clear()
+        options = {"fxquant.fuse_prologues": enabled, "fxquant.fuse_residuals": enabled}
+        with torch.no_grad():
+            outputs[enabled] = torch.compile(qmodel, backend="fxquant", options=options)(**inputs, return_dict=False)[0]
+        concat_ops = (compile_counter["fused_prologues"], compile_counter["fused_residuals"])
+        assert concat_ops == ((3 * blocks, 2 * blocks - 1) if enabled else (0, 0))  # 3: with the GELU before FF2
+    assert relative_l2(outputs[True], outputs[False]) <= 1e-5
 
 
 def test_compile_blocks_compiles_one_graph_for_identical_blocks(quantized_family):

@@ -81,7 +81,7 @@ def _quantize_rows_kernel(
     x_ptr, q_ptr, scale_ptr, zero_ptr, w_ptr, b_ptr, mul_ptr, add_ptr,
     M, K, stride_xm, stride_qm, eps,
     rows_per_mul, stride_mul_g, stride_mul_c, rows_per_add, stride_add_g, stride_add_c,
-    tail_ptr, tail_mul_ptr, tail_add_ptr, stride_tail_m, head_tokens, tail_tokens,
+    tail_ptr, tail_mul_ptr, tail_add_ptr, stride_xb, stride_tail_b, stride_tail_m, head_tokens, tail_tokens,
     rows_per_tail_mul, stride_tail_mul_g, stride_tail_mul_c, rows_per_tail_add, stride_tail_add_g, stride_tail_add_c,
     NORM: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_MUL: tl.constexpr, HAS_ADD: tl.constexpr,
     ACT: tl.constexpr, GATED: tl.constexpr, FP8: tl.constexpr, CONCAT: tl.constexpr, ROWS: tl.constexpr,
@@ -92,14 +92,15 @@ def _quantize_rows_kernel(
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     offs = tl.arange(0, BLOCK_K)
     mask = (rows[:, None] < M) & (offs[None, :] < K)
-    if CONCAT:  # output row -> (sample, token): the first head_tokens of a sample are x's rows, the rest tail's
+    if CONCAT:  # output row -> (sample, token): the first head_tokens of a sample are x's rows, the rest tail's;
+        # each part read in place, strided per sample and per token
         sample = rows // (head_tokens + tail_tokens)
         token = rows - sample * (head_tokens + tail_tokens)
         in_head = (token < head_tokens)[:, None]
-        x = tl.load(x_ptr + (sample * head_tokens + token)[:, None] * stride_xm + offs[None, :],
+        x = tl.load(x_ptr + (sample * stride_xb + token * stride_xm)[:, None] + offs[None, :],
                     mask=mask & in_head, other=0.0).to(tl.float32)
-        x += tl.load(tail_ptr + (sample * tail_tokens + token - head_tokens)[:, None] * stride_tail_m + offs[None, :],
-                     mask=mask & ~in_head, other=0.0).to(tl.float32)
+        x += tl.load(tail_ptr + (sample * stride_tail_b + (token - head_tokens) * stride_tail_m)[:, None]
+                     + offs[None, :], mask=mask & ~in_head, other=0.0).to(tl.float32)
     else:
         row_ptrs = x_ptr + rows[:, None] * stride_xm + offs[None, :]  # gated: the first half of each row
         x = tl.load(row_ptrs, mask=mask, other=0.0).to(tl.float32)
@@ -178,7 +179,8 @@ def fused_quantize_per_token(x: torch.Tensor, weight=None, bias=None, mul=None, 
     """fxquant::fused_quantize_per_token on the GPU: x [..., C_in] float -> (q [M, C] int8 or fp8, fp32 scale
     [M, 1], int32 zero [M, 1] (fp8: [M, 0])). Arguments as fxquant.ops.prologue_reference; traced: see launcher.
     With tail [B, T_tail, C] (x then [B, T_head, C]): fxquant::fused_quantize_concat, the rows of
-    cat([prologue(x, mul, add), prologue(tail, tail_mul, tail_add)], dim=1), read from both in place.
+    cat([prologue(x, mul, add), prologue(tail, tail_mul, tail_add)], dim=1), both parts read in place (strided per
+    sample and per token: e.g. token slices of one buffer, as linear_residual_concat leaves them).
     Absent operands are passed as the scale buffer (never read), not as x: Inductor materialises a separate copy of
     a not-yet-stored input for every argument it is passed as (4 copies of Flux's 15360-wide rows, measured)."""
     check_prologue(norm, activation, any(t is not None for t in (weight, bias, mul, add)))
@@ -190,9 +192,10 @@ def fused_quantize_per_token(x: torch.Tensor, weight=None, bias=None, mul=None, 
             mul, tail_mul = (t if t is not None else x.new_ones(x.shape[-1]) for t in (mul, tail_mul))
         if (add is None) != (tail_add is None):
             add, tail_add = (t if t is not None else x.new_zeros(x.shape[-1]) for t in (add, tail_add))
-        tail = row_strided(tail)
+        x, tail = (part if part.stride(-1) == 1 else part.contiguous() for part in (x, tail))
+    else:
+        x = row_strided(x)
     gated = activation.startswith("geglu")
-    x = row_strided(x)
     out_shape = (x.shape[0], x.shape[1] + tail.shape[1], x.shape[2]) if concat else x.shape
     m = math.prod(out_shape[:-1]) if x.shape[-1] else 0
     width = x.shape[-1] // 2 if gated else x.shape[-1]
@@ -209,7 +212,8 @@ def fused_quantize_per_token(x: torch.Tensor, weight=None, bias=None, mul=None, 
             x, q, scale, scale if fp8 else zero, scale if weight is None else weight, scale if bias is None else bias,
             mul_args[0], add_args[0], m, width, x.stride(-2) if x.dim() > 1 else 0, q.stride(0), eps,
             *mul_args[1:], *add_args[1:],
-            tail if concat else scale, tail_mul_args[0], tail_add_args[0], tail.stride(-2) if concat else 0,
+            tail if concat else scale, tail_mul_args[0], tail_add_args[0], x.stride(0) if concat else 0,
+            tail.stride(0) if concat else 0, tail.stride(1) if concat else 0,
             x.shape[1] if concat else 0, tail.shape[1] if concat else 0, *tail_mul_args[1:], *tail_add_args[1:],
             NORM=NORM_CODES[norm], HAS_W=weight is not None, HAS_B=bias is not None, HAS_MUL=mul is not None,
             HAS_ADD=add is not None, ACT=ACTIVATION_CODES[activation], GATED=gated, FP8=fp8, CONCAT=concat,
