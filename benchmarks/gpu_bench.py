@@ -340,25 +340,10 @@ def epilogue_sweep() -> list[dict]:
 
 
 # (name, M, K, N, epilogue) of the fp8 GEMMs in CogVideoX-2B's and SD3-medium's blocks (batch 2): attention
-# projections, the first feed-forward GEMM with its GELU + fp8-codes epilogue, the second; CogVideoX's output
-# projection and second feed-forward GEMM with the text / video residual streams in the epilogue
+# projections, the first feed-forward GEMM with its GELU + fp8-codes epilogue, the second
 MODEL_GEMMS = [("cogvideox_proj", 35552, 1920, 1920, None), ("cogvideox_ff1", 35552, 1920, 7680, "gelu_tanh"),
                ("cogvideox_ff2", 35552, 7680, 1920, None), ("sd3_proj", 8858, 1536, 1536, None),
-               ("sd3_ff1", 8858, 1536, 6144, "gelu_tanh"), ("sd3_ff2", 8858, 6144, 1536, None),
-               ("cogvideox_out_residuals", 35552, 1920, 1920, "residual_concat"),
-               ("cogvideox_ff2_residuals", 35552, 7680, 1920, "residual_concat")]
-COGVIDEOX_TEXT_TOKENS = 226
-
-
-def _epilogue_operands(epilogue: str | None, m: int, n: int) -> dict:
-    """quantized_gemm's epilogue arguments for a MODEL_GEMMS entry: a GELU writing fp8 codes, or CogVideoX's two
-    gated residual streams as token slices of one [2, M / 2, N] buffer."""
-    if epilogue == "residual_concat":
-        stream = torch.randn(2, m // 2, n, device="cuda", dtype=torch.bfloat16)
-        gates = torch.randn(2, 6, n, device="cuda", dtype=torch.bfloat16)
-        return dict(gate=gates[:, 5:6], residual=stream[:, :COGVIDEOX_TEXT_TOKENS], tail_gate=gates[:, 2:3],
-                    tail_residual=stream[:, COGVIDEOX_TEXT_TOKENS:])
-    return dict(activation=epilogue, out_scale=torch.full((1,), 0.01, device="cuda")) if epilogue else {}
+               ("sd3_ff1", 8858, 1536, 6144, "gelu_tanh"), ("sd3_ff2", 8858, 6144, 1536, None)]
 # tiles `model_gemm_sweep` times: the autotuner's list, the epilogue sweep's, and deeper / wider Hopper tiles
 MODEL_GEMM_TILES = sorted({*EPILOGUE_CONFIGS, (128, 256, 128, 8, 4), (256, 128, 128, 8, 4), (128, 256, 64, 8, 3),
                            (256, 128, 64, 8, 4), (128, 128, 64, 4, 5), (256, 256, 64, 8, 3)})
@@ -379,20 +364,14 @@ def model_gemm_sweep(names: list[str] | None = None) -> list[dict]:
         bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
         q8, s8 = quantize_per_token_fp8(x)
         w8, ws8 = _fp8_weight(w)
-        extra = _epilogue_operands(activation, m, n)
+        extra = dict(activation=activation, out_scale=torch.full((1,), 0.01, device="cuda")) if activation else {}
         flops = 2 * m * n * k
-        fixed = fixed_config(m, n, k, False, residual="residual" in extra)
+        fixed = fixed_config(m, n, k, False)
         times = {"bf16_cublas": _graph_median_ms(lambda: torch.nn.functional.linear(x, w, bias)),
                  "fp8_cublas_scaled_mm": _graph_median_ms(lambda: torch._scaled_mm(
                      q8, w8.t(), scale_a=s8, scale_b=ws8[None, :].contiguous(), bias=bias, out_dtype=torch.bfloat16)),
                  "fxquant_fixed_config": _graph_median_ms(lambda: quantized_gemm(
                      q8, s8, None, w8, ws8, None, bias, torch.bfloat16, traced=True, **extra))}
-        if "residual" in extra:  # the unfused graph: the plain GEMM, then Inductor's split + gate + residual kernel
-            streams = torch.compile(lambda out, e: torch.cat([
-                e["residual"] + e["gate"] * out.view(2, -1, n)[:, :COGVIDEOX_TEXT_TOKENS],
-                e["tail_residual"] + e["tail_gate"] * out.view(2, -1, n)[:, COGVIDEOX_TEXT_TOKENS:]], dim=1))
-            times["fxquant_plain_then_inductor_residuals"] = _graph_median_ms(lambda: streams(quantized_gemm(
-                q8, s8, None, w8, ws8, None, bias, torch.bfloat16, traced=True), extra))
         errors = {}
         for tile in MODEL_GEMM_TILES:
             key, config = _gemm_tile(*tile)

@@ -345,43 +345,6 @@ def _(x_q, x_scale, x_zero, w, weight_bits, w_scale, w_sum, bias, gate, residual
     return torch.empty_like(residual, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("fxquant::linear_residual_concat", mutates_args=())
-def linear_residual_concat(
-    x_q: torch.Tensor,
-    x_scale: torch.Tensor,
-    x_zero: torch.Tensor | None,
-    w: torch.Tensor,
-    weight_bits: int,
-    w_scale: torch.Tensor,
-    w_sum: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    head_gate: torch.Tensor | None,
-    head_residual: torch.Tensor,
-    tail_gate: torch.Tensor | None,
-    tail_residual: torch.Tensor,
-) -> torch.Tensor:
-    """linear_residual of a linear over concatenated tokens whose output is split back into its two parts, each
-    with its own gate and residual stream (CogVideoX's text and video tokens after attention and the feed-forward):
-    linear rows [B * (T_head + T_tail), N] viewed as [B, T_head + T_tail, N] ->
-    cat([head_residual + head_gate * out[:, :T_head], tail_residual + tail_gate * out[:, T_head:]], dim=1), in fp32,
-    cast once to the residuals' dtype. head_residual [B, T_head, N], tail_residual [B, T_tail, N]; gates per sample.
-    """
-    check_concat(head_residual, tail_residual, "none")
-    batch, head_tokens, width = head_residual.shape
-    out = _linear_fp32(x_q, x_scale, x_zero, w, weight_bits, w_scale, w_sum, bias).reshape(batch, -1, width)
-    parts = []
-    for part, gate, residual in ((out[:, :head_tokens], head_gate, head_residual),
-                                 (out[:, head_tokens:], tail_gate, tail_residual)):
-        parts.append(residual.float() + (part if gate is None else part * gate.float()))
-    return torch.cat(parts, dim=1).to(head_residual.dtype)
-
-
-@linear_residual_concat.register_fake
-def _(x_q, x_scale, x_zero, w, weight_bits, w_scale, w_sum, bias, head_gate, head_residual, tail_gate, tail_residual):
-    batch, head_tokens, width = head_residual.shape
-    return head_residual.new_empty((batch, head_tokens + tail_residual.shape[1], width))
-
-
 def _linear_fp32(x_q, x_scale, x_zero, w, weight_bits, w_scale, w_sum, bias) -> torch.Tensor:
     """fp8_linear (fp8 x_q), int8_linear (weight_bits 8) or packed_int8_linear (4 / 2) -> fp32 [M, N]."""
     if x_q.dtype == torch.float8_e4m3fn:

@@ -153,22 +153,17 @@ def _only_use(node) -> bool:
     return isinstance(node, fx.Node) and len(node.users) == 1
 
 
-def _row_view_source(node: fx.Node):
-    """The input of node when node is a reshape / view keeping the last dim or eval-mode dropout, else None."""
-    if node.op == "call_method" and node.target in _ROW_VIEWS or _call(node, {torch.reshape}):
-        source = node.args[0]
-    elif _call(node, {F.dropout}) and (_arg(node, 1, "p", 0.5) == 0 or not _arg(node, 2, "training", True)):
-        source = node.args[0]
-    else:
-        return None
-    if _value(source) is None or _value(node) is None or _value(node).shape[-1] != _value(source).shape[-1]:
-        return None
-    return source
-
-
 def _through_row_views(node):
     """Step back over single-use reshapes / views that keep the last dim and over eval-mode dropout."""
-    while _only_use(node) and (source := _row_view_source(node)) is not None:
+    while _only_use(node):
+        if node.op == "call_method" and node.target in _ROW_VIEWS or _call(node, {torch.reshape}):
+            source = node.args[0]
+        elif _call(node, {F.dropout}) and (_arg(node, 1, "p", 0.5) == 0 or not _arg(node, 2, "training", True)):
+            source = node.args[0]
+        else:
+            return node
+        if _value(source) is None or _value(node) is None or _value(node).shape[-1] != _value(source).shape[-1]:
+            return node
         node = source
     return node
 
@@ -311,20 +306,15 @@ def _linear_residual_args(node) -> tuple | None:
     return tuple(args[:8])
 
 
-def _output_view_source(node: fx.Node):
-    """The input of node when node is a row view, eval dropout or x / 1.0, x * 1.0 (diffusers' attention processors
-    divide by `rescale_output_factor`, 1.0 by default), else None."""
-    if (_call(node, _MUL | {operator.truediv}) and len(node.args) == 2 and isinstance(node.args[1], (int, float))
-            and node.args[1] == 1):
-        return node.args[0]
-    return _row_view_source(node)
-
-
 def _through_output_views(node):
-    """Step back over single-use row views, eval dropout and identity scaling (_output_view_source)."""
-    while _only_use(node) and (source := _output_view_source(node)) is not None:
-        node = source
-    return node
+    """Step back over single-use row views, eval dropout and x / 1.0 or x * 1.0 (diffusers' attention processors
+    divide by `rescale_output_factor`, 1.0 by default)."""
+    while True:
+        node = _through_row_views(node)
+        if not (_only_use(node) and _call(node, _MUL | {operator.truediv}) and len(node.args) == 2
+                and isinstance(node.args[1], (int, float)) and node.args[1] == 1):
+            return node
+        node = node.args[0]
 
 
 def fuse_residual_epilogues(gm: fx.GraphModule) -> int:
@@ -347,81 +337,6 @@ def fuse_residual_epilogues(gm: fx.GraphModule) -> int:
             _replace(gm, node, fxq.linear_residual.default, (*linear_args, gate, residual))  # the next block's
             fused += 1  # residual add matches through the replacement's example value
             break
-    return _cleaned(gm, fused)
-
-
-def _token_parts(node) -> tuple | None:
-    """(head, tail, head tokens) when node [B, T, C] is used only as split([T_head, T_tail], dim=1)'s two parts or
-    as the two token slices [:, :T_head] and [:, T_head:], else None."""
-    value, users = _value(node), list(node.users) if isinstance(node, fx.Node) else []
-    if value is None or value.dim() != 3:
-        return None
-    if len(users) == 1 and (users[0].op == "call_method" and users[0].target == "split"
-                            or _call(users[0], {torch.split, torch.Tensor.split})):  # the latter: in a torch mode
-        split, sizes = users[0], _arg(users[0], 1, "split_size_or_sections", None)
-        parts = sorted(split.users, key=lambda user: user.args[1] if _call(user, {operator.getitem}) else -1)
-        if not (isinstance(sizes, (list, tuple)) and len(sizes) == 2 and _arg(split, 2, "dim", 0) in (1, -2)
-                and [part.args[1] if _call(part, {operator.getitem}) else None for part in parts] == [0, 1]):
-            return None
-        return parts[0], parts[1], sizes[0]
-    bounds = {}
-    for user in users:
-        index = user.args[1] if _call(user, {operator.getitem}) else None
-        if not (isinstance(index, tuple) and len(index) == 2 and index[0] == slice(None)
-                and isinstance(index[1], slice) and index[1].step is None):
-            return None
-        bounds[index[1].start, index[1].stop] = user
-    split_at = next((stop for start, stop in bounds if start is None), None)
-    if len(users) != 2 or split_at is None or set(bounds) != {(None, split_at), (split_at, None)}:
-        return None
-    return bounds[None, split_at], bounds[split_at, None], split_at
-
-
-def _gated_residual(part) -> tuple | None:
-    """(add node, gate or None, residual) when part's only use is `residual + [gate *] part` (gate per sample),
-    computed in the residual's shape and dtype, else None."""
-    if not _only_use(part):
-        return None
-    gated = _modulation(next(iter(part.users)), _MUL)
-    branch, gate = (next(iter(part.users)), gated[1]) if gated and gated[0] is part else (part, None)
-    add = next(iter(branch.users)) if _only_use(branch) else None
-    if not (_call(add, _ADD) and len(add.args) == 2 and not add.kwargs and branch in add.args):
-        return None
-    residual = add.args[1] if add.args[0] is branch else add.args[0]
-    if _value(residual) is None or _value(add) is None or (_value(residual).shape, _value(residual).dtype) != (
-            _value(add).shape, _value(add).dtype):
-        return None
-    return add, gate, residual
-
-
-def fuse_residual_concat_epilogues(gm: fx.GraphModule) -> int:
-    """Rewrite a linear over tokens concatenated from two streams whose output (through row views) is split back into
-    the two token ranges, each added to its stream as `residual + [gate *] part` (CogVideoX's text and video tokens),
-    into one linear_residual_concat and two token slices of its output; returns how many."""
-    fused = 0
-    for node in list(gm.graph.nodes):
-        parts = _token_parts(node)
-        source = _output_view_source(node) if parts else None
-        linear = _through_output_views(source if source is not None else node) if parts else None
-        linear_args = _linear_residual_args(linear) if _only_use(linear) else None
-        head, tail = (_gated_residual(part) for part in parts[:2]) if linear_args else (None, None)
-        if not (head and tail and _value(head[0]).dtype == _value(tail[0]).dtype == _value(node).dtype):
-            continue
-        order = {graph_node: i for i, graph_node in enumerate(gm.graph.nodes)}
-        first, second = sorted((head[0], tail[0]), key=order.get)
-        if any(order[user] < order[second] for user in first.users):  # the outputs are made at the second add
-            continue
-        with gm.graph.inserting_before(second):
-            fused_node = gm.graph.call_function(fxq.linear_residual_concat.default,
-                                                (*linear_args, head[1], head[2], tail[1], tail[2]))
-            slices = [gm.graph.call_function(operator.getitem, (fused_node, (slice(None), tokens)))
-                      for tokens in (slice(None, parts[2]), slice(parts[2], None))]
-        fused_node.meta.update(node.meta)
-        for add, token_slice in zip((head[0], tail[0]), slices):
-            token_slice.meta.update(add.meta)
-            add.replace_all_uses_with(token_slice)
-            gm.graph.erase_node(add)
-        fused += 1
     return _cleaned(gm, fused)
 
 
@@ -476,15 +391,6 @@ def _triton_linear_residual(x_q, x_scale, x_zero, w, weight_bits, w_scale, w_sum
 
     return quantized_gemm(x_q, x_scale, x_zero, w, w_scale, w_sum, bias, residual.dtype, weight_bits, traced=True,
                           gate=gate, residual=residual)
-
-
-def _triton_linear_residual_concat(x_q, x_scale, x_zero, w, weight_bits, w_scale, w_sum, bias, head_gate,
-                                   head_residual, tail_gate, tail_residual):
-    from .gemm import quantized_gemm
-
-    return quantized_gemm(x_q, x_scale, x_zero, w, w_scale, w_sum, bias, head_residual.dtype, weight_bits,
-                          traced=True, gate=head_gate, residual=head_residual, tail_gate=tail_gate,
-                          tail_residual=tail_residual)
 
 
 def _triton_linear_activation_quantize(x_q, x_scale, x_zero, w, weight_bits, w_scale, w_sum, bias, activation,
@@ -550,7 +456,6 @@ _KERNELS = {  # fxquant's Triton kernels, launched from Inductor's generated cod
     fxq.packed_int8_linear.default: _triton_packed_int8_linear,
     fxq.fp8_linear.default: _triton_fp8_linear,
     fxq.linear_residual.default: _triton_linear_residual,
-    fxq.linear_residual_concat.default: _triton_linear_residual_concat,
     fxq.linear_activation_quantize.default: _triton_linear_activation_quantize,
     fxq.quantized_attention.default: _triton_quantized_attention,
     fxq.fused_quantize_per_token.default: _triton_fused_quantize_per_token,
@@ -647,7 +552,7 @@ def fxquant_backend(gm: fx.GraphModule, example_inputs, mode: str | None = None,
     if ours.get("fxquant.fuse_prologues", True):
         compile_counter["fused_prologues"] += fuse_quantize_prologues(gm)
     if ours.get("fxquant.fuse_residuals", True):
-        compile_counter["fused_residuals"] += fuse_residual_epilogues(gm) + fuse_residual_concat_epilogues(gm)
+        compile_counter["fused_residuals"] += fuse_residual_epilogues(gm)
     if ours.get("fxquant.fuse_activations", True):
         compile_counter["fused_activations"] += fuse_activation_epilogues(gm)
     if not _on_cuda(example_inputs):

@@ -51,13 +51,6 @@ def _fp8_linear_cuda(x_q, x_scale, w_q, w_scale, bias, out_dtype):
     return quantized_gemm(x_q, x_scale, None, w_q, w_scale, None, bias, out_dtype)
 
 
-@torch.library.register_kernel("fxquant::linear_residual_concat", "cuda")
-def _linear_residual_concat_cuda(x_q, x_scale, x_zero, w, weight_bits, w_scale, w_sum, bias, head_gate, head_residual,
-                                 tail_gate, tail_residual):
-    return quantized_gemm(x_q, x_scale, x_zero, w, w_scale, w_sum, bias, head_residual.dtype, weight_bits,
-                          gate=head_gate, residual=head_residual, tail_gate=tail_gate, tail_residual=tail_residual)
-
-
 @torch.library.register_kernel("fxquant::linear_residual", "cuda")
 def _linear_residual_cuda(x_q, x_scale, x_zero, w, weight_bits, w_scale, w_sum, bias, gate, residual):
     return quantized_gemm(x_q, x_scale, x_zero, w, w_scale, w_sum, bias, residual.dtype, weight_bits, gate=gate,

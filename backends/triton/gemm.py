@@ -77,35 +77,20 @@ def unpack_field(packed, field: tl.constexpr, WEIGHT_BITS: tl.constexpr):
         return (packed << (8 - WEIGHT_BITS * (field + 1))) >> (8 - WEIGHT_BITS)
 
 
-@triton.jit
-def gate_tile(gate_ptr, rows, cols, col_ok, tile_ok, first_row, M, rows_per_gate, stride_g, stride_n,
-              PER_TILE: tl.constexpr, BLOCK_M: tl.constexpr):
-    """A per-sample gate at a [BLOCK_M, BLOCK_N] output tile, fp32. PER_TILE (rows_per_gate >= BLOCK_M: the tile's
-    rows belong to at most two samples): two vector loads, else one load per element."""
-    if PER_TILE:
-        first = first_row // rows_per_gate
-        last = tl.minimum(first_row + BLOCK_M - 1, M - 1) // rows_per_gate
-        gate_first = tl.load(gate_ptr + first * stride_g + cols * stride_n, mask=col_ok, other=0.0).to(tl.float32)
-        gate_last = tl.load(gate_ptr + last * stride_g + cols * stride_n, mask=col_ok, other=0.0).to(tl.float32)
-        return tl.where(((rows // rows_per_gate) == first)[:, None], gate_first[None, :], gate_last[None, :])
-    return load_per_group(gate_ptr, rows, cols, tile_ok, rows_per_gate, stride_g, stride_n)
-
-
 @triton.autotune(configs=get_autotune_config(), key=["M", "N", "K", "HAS_ZERO", "WEIGHT_BITS"])
 @triton.jit
 def _gemm_kernel(
     # pointers
     a_ptr, b_ptr, out_ptr, a_scale_ptr, a_zero_ptr, b_scale_ptr, b_sum_ptr, bias_ptr, gate_ptr, residual_ptr,
-    out_scale_ptr, out_zero_ptr, tail_gate_ptr, tail_residual_ptr,
-    # sizes (K: logical, before packing; tokens per sample of the two parts of a concatenated residual)
-    M, N, K, rows_per_gate, head_tokens, tail_tokens,
-    # strides (b's in its stored, possibly packed, units; a concatenated residual's parts: per sample and per token)
+    out_scale_ptr, out_zero_ptr,
+    # sizes (K: logical, before packing)
+    M, N, K, rows_per_gate,
+    # strides (b's in its stored, possibly packed, units)
     stride_am, stride_ak, stride_bn, stride_bk, stride_om, stride_on, stride_gate_g, stride_gate_n, stride_rm,
-    stride_rb, stride_tail_gate_g, stride_tail_gate_n, stride_tail_rb, stride_tail_rm,
     # meta-parameters
     HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr, GATE_PER_TILE: tl.constexpr,
-    HAS_RESIDUAL: tl.constexpr, CONCAT: tl.constexpr, ACT: tl.constexpr, OUT_CODES: tl.constexpr,
-    INT_ACC: tl.constexpr, WEIGHT_BITS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, ACT: tl.constexpr, OUT_CODES: tl.constexpr, INT_ACC: tl.constexpr,
+    WEIGHT_BITS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     PER_BYTE: tl.constexpr = 8 // WEIGHT_BITS if INT_ACC else 1
@@ -165,24 +150,16 @@ def _gemm_kernel(
     out = acc.to(tl.float32) * a_scale[:, None] * b_scale[None, :]
     if HAS_BIAS:
         out += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    if CONCAT:  # output row -> (sample, token): the first head_tokens of a sample take the head's gate / residual
-        sample = rows // (head_tokens + tail_tokens)
-        token = rows - sample * (head_tokens + tail_tokens)
-        in_head = (token < head_tokens)[:, None]
-    if HAS_GATE:
-        gate = gate_tile(gate_ptr, rows, cols, col_ok, tile_ok, pid_m * BLOCK_M, M, rows_per_gate, stride_gate_g,
-                         stride_gate_n, GATE_PER_TILE, BLOCK_M)
-        if CONCAT:
-            gate = tl.where(in_head, gate, gate_tile(tail_gate_ptr, rows, cols, col_ok, tile_ok, pid_m * BLOCK_M, M,
-                                                     rows_per_gate, stride_tail_gate_g, stride_tail_gate_n,
-                                                     GATE_PER_TILE, BLOCK_M))
-        out = out * gate
-    if HAS_RESIDUAL and CONCAT:  # each part read in place, strided per sample and per token
-        out += tl.load(residual_ptr + (sample * stride_rb + token * stride_rm)[:, None] + cols[None, :],
-                       mask=tile_ok & in_head, other=0.0).to(tl.float32)
-        out += tl.load(tail_residual_ptr + (sample * stride_tail_rb + (token - head_tokens) * stride_tail_rm)[:, None]
-                       + cols[None, :], mask=tile_ok & ~in_head, other=0.0).to(tl.float32)
-    elif HAS_RESIDUAL:  # residual rows: strided like the output's, contiguous along N (loading it before the K
+    if HAS_GATE and GATE_PER_TILE:  # rows_per_gate >= BLOCK_M: the tile's rows belong to at most two groups
+        first = (pid_m * BLOCK_M) // rows_per_gate
+        last = tl.minimum(pid_m * BLOCK_M + BLOCK_M - 1, M - 1) // rows_per_gate
+        gate_first = tl.load(gate_ptr + first * stride_gate_g + cols * stride_gate_n, mask=col_ok, other=0.0)
+        gate_last = tl.load(gate_ptr + last * stride_gate_g + cols * stride_gate_n, mask=col_ok, other=0.0)
+        in_first = (rows // rows_per_gate) == first
+        out = out * tl.where(in_first[:, None], gate_first.to(tl.float32)[None, :], gate_last.to(tl.float32)[None, :])
+    elif HAS_GATE:
+        out = out * load_per_group(gate_ptr, rows, cols, tile_ok, rows_per_gate, stride_gate_g, stride_gate_n)
+    if HAS_RESIDUAL:  # residual rows: strided like the output's, contiguous along N (loading it before the K
         # loop was no faster on an H100: gpu-bench-h100/epilogue-sweep-prefetch.json)
         out += tl.load(residual_ptr + rows[:, None] * stride_rm + cols[None, :], mask=tile_ok, other=0.0).to(tl.float32)
     out = apply_activation(out, ACT)
@@ -263,16 +240,12 @@ def quantized_gemm(a: torch.Tensor, a_scale: torch.Tensor, a_zero: torch.Tensor 
                    gate: torch.Tensor | None = None, residual: torch.Tensor | None = None,
                    activation: str = "none", out_scale: torch.Tensor | None = None,
                    out_zero: torch.Tensor | None = None, config: dict | None = None,
-                   gate_per_tile: bool | None = None, unpack_first: bool | None = None,
-                   tail_gate: torch.Tensor | None = None, tail_residual: torch.Tensor | None = None) -> torch.Tensor:
+                   gate_per_tile: bool | None = None, unpack_first: bool | None = None) -> torch.Tensor:
     """a [M, K] int8 or fp8, a_scale fp32 [M] or [1] (broadcast), a_zero int32 like a_scale or None; b [N, K] same
     dtype as a, or (int8 a, weight_bits 4 / 2) uint8 [N, K * weight_bits / 8] packed codes; b_scale fp32 [N], b_sum
     int32 [N] (needed with a_zero); bias [N] or None -> out [M, N].
     With residual [..., N] (M rows): out = residual + gate * out, shaped and typed like residual; gate (optional)
-    broadcasts against residual varying at most per sample (fxquant::linear_residual). With tail_residual too
-    (fxquant::linear_residual_concat): residual [B, T_head, N] and tail_residual [B, T_tail, N] are the parts of
-    the output's tokens, out [B, T_head + T_tail, N] = cat([residual + gate * head rows, tail_residual + tail_gate *
-    tail rows], dim=1), each part read in place (strided per sample and token).
+    broadcasts against residual varying at most per sample (fxquant::linear_residual).
     activation ("gelu" | "gelu_tanh" | "silu") is applied last; with out_scale fp32 [1] the output is quantized:
     int8 codes with out_zero int32 [1], else fp8 e4m3 codes (fxquant::linear_activation_quantize).
 
@@ -295,21 +268,7 @@ def quantized_gemm(a: torch.Tensor, a_scale: torch.Tensor, a_zero: torch.Tensor 
     n = b.shape[0]
     if packed and (unpack_first if unpack_first is not None else m >= UNPACK_MIN_TOKENS):
         b, weight_bits = unpack_weights(b, weight_bits, traced), 8
-    concat = tail_residual is not None
-    if concat:
-        batch, head_tokens, _ = residual.shape
-        out_shape = (batch, head_tokens + tail_residual.shape[1], n)
-        assert residual.dim() == tail_residual.dim() == 3 and residual.shape[::2] == tail_residual.shape[::2] \
-            and residual.shape[-1] == n and batch * out_shape[1] == m, \
-            f"residual parts {tuple(residual.shape)}, {tuple(tail_residual.shape)} for a [{m}, {n}] output"
-        out_dtype = residual.dtype
-        residual, tail_residual = (part if part.stride(-1) == 1 else part.contiguous()
-                                   for part in (residual, tail_residual))
-        if (gate is None) != (tail_gate is None):  # both parts gated or neither: a missing gate is the identity
-            gate, tail_gate = (g if g is not None else residual.new_ones(n) for g in (gate, tail_gate))
-        if gate is not None:  # both per sample (a [N] gate as a stride-0 [B, 1, N] one): the same rows per gate
-            gate, tail_gate = (g.reshape(-1, 1, n).expand(batch, 1, n) for g in (gate, tail_gate))
-    elif residual is not None:
+    if residual is not None:
         assert residual.shape[-1] == n and residual.numel() == m * n, \
             f"residual {tuple(residual.shape)} for a [{m}, {n}] output"
         out_dtype, out_shape, residual = residual.dtype, residual.shape, row_strided(residual)
@@ -321,24 +280,19 @@ def quantized_gemm(a: torch.Tensor, a_scale: torch.Tensor, a_zero: torch.Tensor 
     a_scale = a_scale.reshape(-1).float().expand(m).contiguous()
     a_zero = a_zero.reshape(-1).expand(m).contiguous() if a_zero is not None else None
     dummy = b_scale  # never read when the matching constexpr flag is off
-    gate_shape = out_shape if residual is not None else (m, n)
-    gate_arg, rows_per_gate, stride_gate_g, stride_gate_n = per_group_operand(gate, gate_shape, m, dummy)
-    tail_gate_arg, _, stride_tail_gate_g, stride_tail_gate_n = per_group_operand(tail_gate, gate_shape, m, dummy)
+    gate_arg, rows_per_gate, stride_gate_g, stride_gate_n = per_group_operand(
+        gate, residual.shape if residual is not None else (m, n), m, dummy)
 
     args = (a, b, out, a_scale, a_zero if a_zero is not None else dummy, b_scale,
             b_sum if b_sum is not None else dummy, bias if bias is not None else dummy, gate_arg,
             residual if residual is not None else dummy, out_scale if out_scale is not None else dummy,
-            out_zero if out_zero is not None else dummy, tail_gate_arg, tail_residual if concat else dummy,
-            m, n, k, rows_per_gate, head_tokens if concat else 0, tail_residual.shape[1] if concat else 0,
+            out_zero if out_zero is not None else dummy, m, n, k, rows_per_gate,
             a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
-            stride_gate_g, stride_gate_n, residual.stride(-2) if residual is not None and residual.dim() > 1 else n,
-            residual.stride(0) if concat else 0, stride_tail_gate_g, stride_tail_gate_n,
-            tail_residual.stride(0) if concat else 0, tail_residual.stride(1) if concat else 0)
+            stride_gate_g, stride_gate_n, residual.stride(-2) if residual is not None and residual.dim() > 1 else n)
     if gate_per_tile is None:
         gate_per_tile = rows_per_gate >= MAX_BLOCK_M
     flags = dict(HAS_ZERO=a_zero is not None, HAS_BIAS=bias is not None, HAS_GATE=gate is not None,
-                 GATE_PER_TILE=gate_per_tile, HAS_RESIDUAL=residual is not None, CONCAT=concat,
-                 ACT=ACTIVATION_CODES[activation],
+                 GATE_PER_TILE=gate_per_tile, HAS_RESIDUAL=residual is not None, ACT=ACTIVATION_CODES[activation],
                  OUT_CODES=0 if out_scale is None else 1 if out_zero is not None else 2, INT_ACC=a.dtype == torch.int8,
                  WEIGHT_BITS=weight_bits)
     if traced:
