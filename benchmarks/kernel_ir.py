@@ -80,9 +80,9 @@ def attention_reports() -> dict:
         for pv_fp8 in (False, True):
             types = {"q_ptr": "*i8", "q_scale_ptr": "*fp32", "k_ptr": "*i8", "k_scale_ptr": "*fp32",
                      "v_ptr": "*fp8e4nv" if pv_fp8 else "*bf16", "v_scale_ptr": "*fp32", "out_ptr": "*bf16",
-                     "score_scale": "fp32"}
+                     "out_scale_ptr": "*fp32", "score_scale": "fp32"}
             constants = dict(HEAD_DIM=head_dim, DIM_A=64, DIM_B=32, HAS_TAIL=head_dim > 64, PV_FP8=pv_fp8,
-                             STATIC_SCALES=False, BLOCK_M=128, BLOCK_N=128,
+                             STATIC_SCALES=False, OUT_CODES=False, BLOCK_M=128, BLOCK_N=128,
                              **({"stride_vn": 1} if pv_fp8 else {"stride_vd": 1}))
             reports[f"d{head_dim}_{'fp8' if pv_fp8 else 'bf16'}_pv"] = _report(
                 _attention_kernel.fn, types, constants, 8, 3)

@@ -40,6 +40,9 @@ class QuantConfig:
             feed-forward's second linear) take static per-tensor activations whatever act_mode says. The compile
             backend then applies the activation and the quantization in the first linear's GEMM epilogue: the
             hidden activations reach memory once, as 8-bit codes (no float write, no per-token pass).
+        static_attention_outputs: linears reading an attention's output (the output projection) take static
+            per-tensor activations whatever act_mode says. With a quantized attention (`attention=...`) the compile
+            backend then has the attention kernel write the projection's codes: no float write, no per-token pass.
         keep_condition_layers: keep condition-only layers outside attention (timestep MLP, adaLN modulation,
             caption / context projection) in full precision.
         keep_io_layers: keep the first and the last latent-path layer (patch embedding, output projection) in
@@ -102,6 +105,7 @@ class QuantConfig:
     act_bits: int = 8
     act_mode: str = "dynamic_per_token"
     static_hidden_activations: bool = False
+    static_attention_outputs: bool = False
     keep_condition_layers: bool = True
     keep_io_layers: bool = True
     keep_full_precision: dict[str, str] = field(default_factory=dict)
@@ -142,16 +146,18 @@ class QuantConfig:
             raise RecipeError(
                 f"weight_granularity={self.weight_granularity!r} is unknown; use one of {WEIGHT_GRANULARITIES}."
             )
-        if self.balances and (self.act_mode != "dynamic_per_token" or self.static_hidden_activations):
+        if self.balances and (self.act_mode != "dynamic_per_token" or self.static_hidden_activations
+                              or self.static_attention_outputs):
             raise RecipeError("Channel balancing (smooth_alpha / rotate) needs act_mode='dynamic_per_token' and "
-                              "static_hidden_activations=False.")
+                              "static_hidden_activations=False, static_attention_outputs=False.")
         if self.fp8 and self.weight_bits != 8:
             raise RecipeError("fp8 needs weight_bits=8.")
         self.timestep_groups = [float(b) for b in self.timestep_groups]
-        static = self.act_mode == "static_per_tensor" or self.static_hidden_activations
+        static = self.act_mode == "static_per_tensor" or self.static_hidden_activations or self.static_attention_outputs
         if self.timestep_groups and not static and not self.bits_per_timestep_group:
             raise RecipeError("timestep_groups select static activation scales or per-group weight bits; use "
-                              "act_mode='static_per_tensor', static_hidden_activations=True or "
+                              "act_mode='static_per_tensor', static_hidden_activations=True, "
+                              "static_attention_outputs=True or "
                               "bits_per_timestep_group=True (per-token activations need no per-group scales).")
         if self.mixed_precision not in MIXED_PRECISION:
             raise RecipeError(f"mixed_precision={self.mixed_precision!r} is unknown; use one of {MIXED_PRECISION}.")

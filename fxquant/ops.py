@@ -392,10 +392,10 @@ def heads_last(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).contiguous().transpose(1, 2)
 
 
-def empty_heads_last(q: torch.Tensor) -> torch.Tensor:
-    """An uninitialised tensor shaped and typed like q [B, H, N, D], stored as [B, N, H, D] (no copy)."""
+def empty_heads_last(q: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """An uninitialised tensor shaped like q [B, H, N, D] (typed like q, or dtype), stored as [B, N, H, D]."""
     batch, heads, tokens, head_dim = q.shape
-    return q.new_empty((batch, tokens, heads, head_dim)).transpose(1, 2)
+    return q.new_empty((batch, tokens, heads, head_dim), dtype=dtype or q.dtype).transpose(1, 2)
 
 
 REFERENCE_SCORE_ELEMENTS = 2**26  # the reference holds at most this many fp32 scores at once (256 MiB)
@@ -439,6 +439,22 @@ def quantized_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale
 @quantized_attention.register_fake
 def _(q, k, v, scale, pv_fp8, operand_scales=None):
     return empty_heads_last(q)
+
+
+@torch.library.custom_op("fxquant::quantized_attention_codes", mutates_args=())
+def quantized_attention_codes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, pv_fp8: bool,
+                              operand_scales: torch.Tensor | None, out_scale: torch.Tensor) -> torch.Tensor:
+    """quantize_per_tensor_fp8(quantized_attention(...), out_scale) in one op: the compile backend puts it in place of
+    an attention whose output (through views) only feeds a static fp8 quantization (the output projection's input,
+    recipe option static_attention_outputs), so that the attention kernel writes the projection's codes.
+    -> float8_e4m3fn [B, H, Nq, D], stored as [B, Nq, H, D]."""
+    codes = empty_heads_last(q, torch.float8_e4m3fn)
+    return codes.copy_(quantize_fp8_with_scale(quantized_attention(q, k, v, scale, pv_fp8, operand_scales), out_scale))
+
+
+@quantized_attention_codes.register_fake
+def _(q, k, v, scale, pv_fp8, operand_scales, out_scale):
+    return empty_heads_last(q, torch.float8_e4m3fn)
 
 
 @torch.library.custom_op("fxquant::unpack_int4", mutates_args=())

@@ -8,7 +8,8 @@ timestep fields (boundaries from the config, name and position of the forward ar
 
 Role, by graph reachability from the inputs: "latent" if the latent input reaches the node's activation input,
 "timestep" if only the timestep does, else "condition". Activation mode: the config's, or static per tensor for a
-linear reading a GELU / SiLU of another linear (config.static_hidden_activations).
+linear reading a GELU / SiLU of another linear (config.static_hidden_activations) or an attention's output
+(config.static_attention_outputs).
 Group, by graph structure: a linear whose output reaches an attention node's query / key / value without passing
 another linear, or that the attention output reaches first, belongs to that attention. The attention is
 cross-attention when no latent-path linear feeds its key, temporal-attention when its module name says
@@ -175,6 +176,13 @@ class AnnotatePass(QuantPass):
         if latent_weighted and config.keep_io_layers:
             io_reason[fqn_of[latent_weighted[-1]]] = "last latent-path layer (output projection), keep_io_layers"
             io_reason[fqn_of[latent_weighted[0]]] = "first latent-path layer (input embedding), keep_io_layers"
+        static_inputs = set()
+        if config.static_attention_outputs:
+            static_inputs.update(linear for attention in compute if node_op_kind(attention) == "sdpa"
+                                 for linear in _output_projections(attention))
+        if config.static_hidden_activations:
+            static_inputs.update(node for node in compute if node_op_kind(node) == "linear"
+                                 and _reads_hidden_activation(node))
         for node in compute:
             fqn = fqn_of[node]
             if fqn in plan.layers:  # a module called twice: one plan entry, latent if any call is
@@ -182,7 +190,7 @@ class AnnotatePass(QuantPass):
                     plan.layers[fqn].role = "latent"
                 continue
             plan.layers[fqn] = self._layer_plan(node, fqn, model.get_submodule(fqn), config, io_reason,
-                                                node in attention_group)
+                                                node in attention_group, node in static_inputs)
         self._timestep_fields(plan, state)
         state.plan = plan
         return PassResult(modified=True)
@@ -199,7 +207,7 @@ class AnnotatePass(QuantPass):
         plan.timestep_position = names.index(plan.timestep_argument) if plan.timestep_argument in names else None
 
     @staticmethod
-    def _layer_plan(node, fqn, module, config, io_reason, in_attention) -> LayerPlan:
+    def _layer_plan(node, fqn, module, config, io_reason, in_attention, static_input) -> LayerPlan:
         kind = node_op_kind(node)
         role = node.meta["fxquant_role"]
         layer = LayerPlan(fqn=fqn, op=kind, group=node.meta["fxquant_group"], role=role)
@@ -210,7 +218,7 @@ class AnnotatePass(QuantPass):
             layer.weight_bits, layer.weight_granularity = config.weight_bits, config.weight_granularity
             layer.number_format = "fp8" if config.fp8 and kind == "linear" else "int"
             layer.act_bits, layer.act_mode = config.act_bits, config.act_mode
-            if config.static_hidden_activations and kind == "linear" and _reads_hidden_activation(node):
+            if static_input:
                 layer.act_mode = "static_per_tensor"
         user_reason = config.keep_reason(fqn)
         if user_reason is not None:

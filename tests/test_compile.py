@@ -83,6 +83,10 @@ FUSIONS = {  # backend option -> (compile_counter key, {(family, recipe): rewrit
     # first feed-forward linear's epilogue, which writes the second one's codes
     "fxquant.fuse_activations": ("fused_activations", {("pixart", "w8a8-fp8:static_hidden_activations=true"): 1,
                                                        ("dit", "w8a8:static_hidden_activations=true"): 1}),
+    # a quantized attention whose output projection takes static fp8 activations writes that projection's codes
+    # (self- and cross-attention)
+    "fxquant.fuse_attention_outputs": ("fused_attention_outputs", {
+        ("pixart", "w8a8-fp8:attention=fp8-static,static_attention_outputs=true"): 2}),
 }
 
 

@@ -111,6 +111,16 @@ def test_fused_quantize_concat_is_the_quantized_concatenation_and_rejects_bad_pa
         fxq.fused_quantize_concat(head, tail, None, None, None, None, None, None, "none", 0.0, "geglu", False)
 
 
+def test_attention_codes_op_is_the_static_quantization_of_the_attention_and_opchecks():
+    q, k, v = (torch.randn(1, 2, n, 16) for n in (5, 7, 7))
+    scales, out_scale = torch.full((3,), 4.0 / 448), torch.tensor([0.3 / 448])
+    args = (q, k, v, 0.25, True, scales, out_scale)
+    torch.library.opcheck(fxq.quantized_attention_codes, args)
+    codes = fxq.quantized_attention_codes(*args)
+    expected = fxq.quantize_per_tensor_fp8(fxq.quantized_attention(*args[:6]), out_scale)
+    assert torch.equal(codes.view(torch.uint8), expected.view(torch.uint8)) and codes.stride()[1] == 16
+
+
 def test_fp8_ops_match_float_reference_and_opcheck():
     x, w, bias = torch.randn(7, 48) * 3, torch.randn(16, 48), torch.randn(16)
     x_q, x_scale = fxq.quantize_per_token_fp8(x)

@@ -28,6 +28,7 @@ from ...ops import empty_heads_last
 from ...quantizer import attention_operands
 
 from . import INTERPRET
+from .quantize import FP8_MAX
 
 LOG2_FP8_MAX = tl.constexpr(math.log2(448.0))
 LOG2E = math.log2(math.e)
@@ -89,16 +90,17 @@ def _attend_tile(acc_a, acc_b, row_max, row_sum, q_a, q_b, q_scale, k_base, k_sc
 @triton.autotune(configs=get_autotune_config(), key=["N_Q", "N_K", "HEAD_DIM", "PV_FP8", "STATIC_SCALES"])
 @triton.jit
 def _attention_kernel(
-    q_ptr, q_scale_ptr, k_ptr, k_scale_ptr, v_ptr, v_scale_ptr, out_ptr,
+    q_ptr, q_scale_ptr, k_ptr, k_scale_ptr, v_ptr, v_scale_ptr, out_ptr, out_scale_ptr,
     N_Q, N_K, HEADS, score_scale,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn, stride_vd, stride_ob, stride_oh, stride_on,
     HEAD_DIM: tl.constexpr, DIM_A: tl.constexpr, DIM_B: tl.constexpr, HAS_TAIL: tl.constexpr,
-    PV_FP8: tl.constexpr, STATIC_SCALES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PV_FP8: tl.constexpr, STATIC_SCALES: tl.constexpr, OUT_CODES: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     """HAS_TAIL (HEAD_DIM > DIM_A): operands are zero-padded to DIM_A + DIM_B along the head dim, so tiles load
     unmasked; v_scale is [B * H, padded head dim] (STATIC_SCALES: q / k / v scales are one value each); the output
-    holds HEAD_DIM channels."""
+    holds HEAD_DIM channels. OUT_CODES: the output is stored as fp8 codes of the static scale at out_scale_ptr."""
     query_blocks = tl.cdiv(N_Q, BLOCK_M)  # a 1-D grid (no 65535 limit on B * H); neighbours share K / V
     batch_head = tl.program_id(0) // query_blocks
     b = batch_head // HEADS
@@ -141,14 +143,20 @@ def _attention_kernel(
     v_scales = v_scale_ptr + batch_head * (DIM_A + DIM_B if HAS_TAIL else DIM_A)
     if STATIC_SCALES:
         norm *= tl.load(v_scale_ptr)
+    if OUT_CODES:
+        norm *= tl.div_rn(1.0, tl.load(out_scale_ptr))
     out_a = acc_a * norm[:, None]
     if PV_FP8 and not STATIC_SCALES:
         out_a *= tl.load(v_scales + dims_a)[None, :]
+    if OUT_CODES:
+        out_a = tl.minimum(tl.maximum(out_a, -FP8_MAX), FP8_MAX)
     tl.store(out_rows + dims_a[None, :], out_a.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
     if HAS_TAIL:
         out_b = acc_b * norm[:, None]
         if PV_FP8 and not STATIC_SCALES:
             out_b *= tl.load(v_scales + dims_b)[None, :]
+        if OUT_CODES:
+            out_b = tl.minimum(tl.maximum(out_b, -FP8_MAX), FP8_MAX)
         tl.store(out_rows + dims_b[None, :], out_b.to(out_ptr.dtype.element_ty),
                  mask=row_ok[:, None] & (dims_b < HEAD_DIM)[None, :])
 
@@ -226,24 +234,27 @@ def kernel_operands(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pv_fp8: b
                     STATIC_SCALES=static))
 
 
-def kernel_args(operands: dict, out: torch.Tensor, scale: float) -> tuple:
-    """`_attention_kernel`'s positional arguments for `kernel_operands(...)` writing `out` ([B, H, Nq, D])."""
+def kernel_args(operands: dict, out: torch.Tensor, scale: float, out_scale: torch.Tensor | None = None) -> tuple:
+    """`_attention_kernel`'s positional arguments for `kernel_operands(...)` writing `out` ([B, H, Nq, D]; fp8 codes
+    of out_scale when given)."""
     q_q, k_q, v_op = operands["q_q"], operands["k_q"], operands["v_op"]
-    return (q_q, operands["q_scale"], k_q, operands["k_scale"], v_op, operands["v_scale"], out, q_q.shape[2],
+    out_scale = operands["q_scale"] if out_scale is None else out_scale.float().reshape(1)  # (else never read)
+    return (q_q, operands["q_scale"], k_q, operands["k_scale"], v_op, operands["v_scale"], out, out_scale, q_q.shape[2],
             k_q.shape[2], q_q.shape[1], scale * LOG2E, *q_q.stride()[:3], *k_q.stride()[:3], *v_op.stride(),
             *out.stride()[:3])
 
 
-def attend(q: torch.Tensor, operands: dict, scale: float, traced: bool = False) -> torch.Tensor:
-    """The kernel on `kernel_operands(q, k, v, ...)` -> [B, H, Nq, D] in q's dtype, stored [B, Nq, H, D]; traced as
-    in `quantized_attention`."""
+def attend(q: torch.Tensor, operands: dict, scale: float, traced: bool = False,
+           out_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """The kernel on `kernel_operands(q, k, v, ...)` -> [B, H, Nq, D] in q's dtype, or with out_scale (fp32 [1]) fp8
+    codes of that static scale, stored [B, Nq, H, D]; traced as in `quantized_attention`."""
     batch, heads, n_q, head_dim = q.shape
     n_k = operands["k_q"].shape[2]
-    out = empty_heads_last(q)
+    out = empty_heads_last(q, torch.float8_e4m3fn if out_scale is not None else None)
     if out.numel() == 0:
         return out
-    args = kernel_args(operands, out, scale)
-    flags = operands["flags"]
+    args = kernel_args(operands, out, scale, out_scale)
+    flags = dict(operands["flags"], OUT_CODES=out_scale is not None)
     if traced:
         config = get_autotune_config()[0].all_kwargs() if INTERPRET else _TUNED.get(
             _tuning_key(n_q, n_k, head_dim, flags["PV_FP8"], flags["STATIC_SCALES"], q.dtype), FIXED_CONFIG)
@@ -255,11 +266,13 @@ def attend(q: torch.Tensor, operands: dict, scale: float, traced: bool = False) 
 
 
 def quantized_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, pv_fp8: bool,
-                        operand_scales: torch.Tensor | None = None, traced: bool = False) -> torch.Tensor:
+                        operand_scales: torch.Tensor | None = None, traced: bool = False,
+                        out_scale: torch.Tensor | None = None) -> torch.Tensor:
     """q [B, H, Nq, D], k / v [B, H, Nk, D] (head dim >= 16) -> [B, H, Nq, D] in q's dtype, stored [B, Nq, H, D];
-    operand_scales: static fp8 Q / K / V scales (fp32 [3]) or None (per-token int8 Q / K).
+    operand_scales: static fp8 Q / K / V scales (fp32 [3]) or None (per-token int8 Q / K); out_scale (fp32 [1]):
+    the output as fp8 codes of this static scale (fxquant::quantized_attention_codes).
 
     traced: launch through torch.library.wrap_triton with the config `tune` found for this problem, else
     FIXED_CONFIG (graphs the compile backend hands to Inductor); otherwise the autotuned kernel is launched directly
     (eager calls)."""
-    return attend(q, kernel_operands(q, k, v, pv_fp8, operand_scales), scale, traced)
+    return attend(q, kernel_operands(q, k, v, pv_fp8, operand_scales), scale, traced, out_scale)

@@ -11,7 +11,8 @@ The backend rewrites it with patterns, then compiles:
   inside the GEMM's K loop; the int8 codes never reach memory); `residual + gate * linear(...)` (a transformer
   block's gated residual) becomes one `linear_residual` (applied in the GEMM's epilogue); a static per-tensor
   quantization of a GELU / SiLU of a linear's output (a feed-forward's hidden activations) becomes one
-  `linear_activation_quantize` (the GEMM's epilogue writes the next linear's codes);
+  `linear_activation_quantize` (the GEMM's epilogue writes the next linear's codes), and a static fp8 quantization of
+  a quantized attention's output (the output projection's input) one `quantized_attention_codes`;
 - CUDA: the quantize, GEMM and attention ops become calls of fxquant's Triton kernels traced through
   `wrap_triton`, which Inductor launches from its own generated code (no Python dispatch per op; the attention
   kernel's tile is autotuned per shape before tracing, GEMM tiles are fixed rules); static per-tensor quantization
@@ -367,6 +368,61 @@ def fuse_activation_epilogues(gm: fx.GraphModule) -> int:
     return _cleaned(gm, fused)
 
 
+_HEAD_VIEWS = {"reshape", "view", "transpose", "permute", "contiguous", "flatten", "unflatten"}
+
+
+def _attention_through_views(node) -> tuple | None:
+    """(quantized_attention node, the single-use views between it and node, outermost first) when node is the
+    attention's output seen through reshapes / transposes / no-op dtype casts, else None."""
+    chain = []
+    while _only_use(node):
+        if node.op == "call_function" and _target(node) == fxq.quantized_attention.default:
+            return node, chain
+        no_op_cast = (node.op == "call_method" and node.target == "to" and not node.kwargs and len(node.args) == 2
+                      and _value(node) is not None and _value(node.args[0]) is not None
+                      and _value(node).dtype == _value(node.args[0]).dtype)
+        is_view = node.op == "call_method" and node.target in _HEAD_VIEWS or _call(node, {torch.reshape,
+                                                                                          torch.transpose})
+        if not (no_op_cast or is_view):
+            return None
+        chain.append(node)
+        node = node.args[0]
+    return None
+
+
+def fuse_attention_output_quantization(gm: fx.GraphModule) -> int:
+    """Rewrite `quantize_per_tensor_fp8(views(quantized_attention(...)))` (the output projection's static input,
+    recipe option static_attention_outputs) into views of one quantized_attention_codes node: the attention kernel
+    writes the fp8 codes. No-op dtype casts on the way go (they would cast the codes). Returns how many."""
+    fused = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or _target(node) != fxq.quantize_per_tensor_fp8.default:
+            continue
+        x, out_scale = _node_args(node, fxq.quantize_per_tensor_fp8.default)
+        found = _attention_through_views(x)
+        if found is None:
+            continue
+        attention, chain = found
+        with gm.graph.inserting_before(node):  # after the scale, which may be chosen per timestep group late
+            codes = gm.graph.call_function(fxq.quantized_attention_codes.default,
+                                           (*_node_args(attention, fxq.quantized_attention.default), out_scale))
+        codes.meta.update(attention.meta)
+        source = codes
+        for view in reversed(chain):  # innermost first: moved after the codes, reading them
+            if view.target == "to":
+                view.replace_all_uses_with(source)
+                gm.graph.erase_node(view)
+                continue
+            node.prepend(view)
+            view.args = (source, *view.args[1:])
+            source = view
+        node.replace_all_uses_with(source)
+        gm.graph.erase_node(node)
+        gm.graph.erase_node(attention)
+        fused += 1
+    return _cleaned(gm, fused)
+
+
 # The launchers import Triton lazily: the backend also serves CPU-only installs, where Triton may be absent.
 def _triton_int8_linear(x_q, x_scale, x_zero, w_q, w_scale, w_sum, bias, out_dtype):
     from .gemm import quantized_gemm
@@ -405,6 +461,12 @@ def _triton_quantized_attention(q, k, v, scale, pv_fp8, operand_scales):
     from .attention import quantized_attention
 
     return quantized_attention(q, k, v, scale, pv_fp8, operand_scales, traced=True)
+
+
+def _triton_quantized_attention_codes(q, k, v, scale, pv_fp8, operand_scales, out_scale):
+    from .attention import quantized_attention
+
+    return quantized_attention(q, k, v, scale, pv_fp8, operand_scales, traced=True, out_scale=out_scale)
 
 
 def _triton_fused_quantize_per_token(x, weight, bias, mul, add, norm, eps, activation, fp8):
@@ -458,6 +520,7 @@ _KERNELS = {  # fxquant's Triton kernels, launched from Inductor's generated cod
     fxq.linear_residual.default: _triton_linear_residual,
     fxq.linear_activation_quantize.default: _triton_linear_activation_quantize,
     fxq.quantized_attention.default: _triton_quantized_attention,
+    fxq.quantized_attention_codes.default: _triton_quantized_attention_codes,
     fxq.fused_quantize_per_token.default: _triton_fused_quantize_per_token,
     fxq.fused_quantize_concat.default: _triton_fused_quantize_concat,
 }
@@ -481,6 +544,9 @@ def lower_to_inductor(gm: fx.GraphModule, fuse_quantize: bool = False, inline_ke
     return lowered
 
 
+_ATTENTION_OPS = (fxq.quantized_attention.default, fxq.quantized_attention_codes.default)
+
+
 def tune_attention(gm: fx.GraphModule) -> int:
     """Autotune the attention kernel for every quantized_attention shape in the graph (real launches on random
     operands, before Inductor traces the graph); returns how many attention nodes were seen."""
@@ -488,8 +554,8 @@ def tune_attention(gm: fx.GraphModule) -> int:
 
     seen = 0
     for node in gm.graph.nodes:
-        if node.op == "call_function" and _target(node) == fxq.quantized_attention.default:
-            q, k, _, _, pv_fp8, operand_scales = _node_args(node, fxq.quantized_attention.default)
+        if node.op == "call_function" and _target(node) in _ATTENTION_OPS:
+            q, k, _, _, pv_fp8, operand_scales = _node_args(node, _target(node))[:6]
             q_value, k_value = q.meta["example_value"], k.meta["example_value"]
             sizes = (*q_value.shape[:3], k_value.shape[2], q_value.shape[3])
             if all(isinstance(size, int) for size in sizes):  # dynamic shapes keep the fixed tile config
@@ -512,6 +578,8 @@ BACKEND_OPTIONS = {
                               "epilogue (True)",
     "fxquant.fuse_activations": "apply a GELU / SiLU and a static per-tensor quantization after a quantized linear "
                                 "in its GEMM's epilogue (True)",
+    "fxquant.fuse_attention_outputs": "have a quantized attention write its output projection's fp8 codes when that "
+                                      "projection takes static activations (True)",
     "fxquant.fuse_quantize": "hand per-token quantization to Inductor as plain PyTorch, fused with the ops producing "
                              "its input (False: fxquant's one-pass quantize kernel, measured faster on Hopper)",
 }
@@ -555,6 +623,8 @@ def fxquant_backend(gm: fx.GraphModule, example_inputs, mode: str | None = None,
         compile_counter["fused_residuals"] += fuse_residual_epilogues(gm)
     if ours.get("fxquant.fuse_activations", True):
         compile_counter["fused_activations"] += fuse_activation_epilogues(gm)
+    if ours.get("fxquant.fuse_attention_outputs", True):
+        compile_counter["fused_attention_outputs"] += fuse_attention_output_quantization(gm)
     if not _on_cuda(example_inputs):
         return gm.forward
     from torch._inductor.compile_fx import compile_fx

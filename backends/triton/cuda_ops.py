@@ -67,3 +67,8 @@ def _linear_activation_quantize_cuda(x_q, x_scale, x_zero, w, weight_bits, w_sca
 @torch.library.register_kernel("fxquant::quantized_attention", "cuda")
 def _quantized_attention_cuda(q, k, v, scale, pv_fp8, operand_scales=None):
     return quantized_attention(q, k, v, scale, pv_fp8, operand_scales)
+
+
+@torch.library.register_kernel("fxquant::quantized_attention_codes", "cuda")
+def _quantized_attention_codes_cuda(q, k, v, scale, pv_fp8, operand_scales, out_scale):
+    return quantized_attention(q, k, v, scale, pv_fp8, operand_scales, out_scale=out_scale)

@@ -344,6 +344,22 @@ def test_attention_kernel_matches_reference(batch, heads, n_q, n_k, head_dim, at
     assert torch.equal(traced, out)
 
 
+@pytest.mark.parametrize("head_dim", [32, 72])
+def test_attention_kernel_writes_static_fp8_codes(head_dim):
+    """fxquant::quantized_attention_codes: the kernel stores the output as fp8 codes of a static scale (the output
+    projection's calibrated input scale), heads last like the float output and the reference op; saturated at
+    +-448."""
+    q, k, v = (torch.randn(2, 2, n, head_dim) for n in (40, 50, 50))
+    scales = torch.stack([x.abs().amax() for x in (q, k, v)]) / 448
+    out_scale = torch.tensor([0.5 / 448])  # below the output's absmax: the largest values saturate
+    out = quantized_attention(q, k, v, head_dim**-0.5, True, scales)
+    codes = quantized_attention(q, k, v, head_dim**-0.5, True, scales, out_scale=out_scale)
+    reference = fxq.quantized_attention_codes(q, k, v, head_dim**-0.5, True, scales, out_scale)
+    assert codes.dtype == reference.dtype == torch.float8_e4m3fn and codes.stride() == reference.stride() == out.stride()
+    assert codes.float().abs().max() == 448 and (out.abs() > 0.5).any()
+    _assert_fp8_neighbours(codes, out / out_scale)  # (the float output against the reference: the test above)
+
+
 def test_inductor_sees_only_outputs_written():
     """Inductor copies every kernel argument that torch's TTIR analysis reports written before a traced launch: only
     the outputs may be (a helper returning several values made x look written, costing a copy per quantization)."""

@@ -97,14 +97,21 @@ def test_dump_writes_each_pass(tmp_path, monkeypatch):
     assert "lowered=QuantLinear" in text and "group=self-attention" in text and "# plan" in text
 
 
+STATIC_INPUTS = {  # recipe option -> the linears it gives static activations: the feed-forwards' second linears
+    # (reading a GELU of another linear), the attention output projections (SD3's context stream: to_add_out)
+    "static_hidden_activations": (".net.2",), "static_attention_outputs": (".to_out.0", ".to_add_out")}
+
+
+@pytest.mark.parametrize("option", list(STATIC_INPUTS))
 @pytest.mark.parametrize("name", ["pixart", "sd3"])
-def test_static_hidden_activations_calibrate_the_feed_forward_input(quantized_family, name):
-    """With static_hidden_activations, exactly the linears reading a GELU of another linear (the feed-forwards'
-    second linears) get a static fp8 scale: the absmax of their input over the calibration calls / 448."""
-    reference, qmodel, calibration = quantized_family(name, "w8a8-fp8:static_hidden_activations=true")
+def test_static_input_options_calibrate_exactly_their_linears(quantized_family, name, option):
+    """With static_hidden_activations / static_attention_outputs, exactly the linears reading a GELU of another
+    linear / an attention's output get a static fp8 scale: the absmax of their input over the calibration calls
+    / 448."""
+    reference, qmodel, calibration = quantized_family(name, f"w8a8-fp8:{option}=true")
     static = [layer for layer in qmodel.plan.quantized_layers() if layer.act_mode == "static_per_tensor"]
-    feed_forwards = [layer.fqn for layer in qmodel.plan.quantized_layers() if layer.fqn.endswith(".net.2")]
-    assert [layer.fqn for layer in static] == feed_forwards and feed_forwards
+    expected = [layer.fqn for layer in qmodel.plan.quantized_layers() if layer.fqn.endswith(STATIC_INPUTS[option])]
+    assert [layer.fqn for layer in static] == expected and expected
     absmax = {}
 
     def record(module, args, fqn):
