@@ -242,6 +242,38 @@ def concat_prologue_benchmark() -> list[dict]:
     return [row]
 
 
+def v_operand_benchmark() -> list[dict]:
+    """The fp8 V operand of static attention as Inductor compiles it from SD3's joint attention (image + text values,
+    concatenated along keys, quantized, transposed keys-innermost, keys padded to 16): with and without the
+    concatenation, and under Inductor tiling options; each against the bytes it must move."""
+    from fxquant.backends.triton.attention import kernel_operands
+
+    batch, heads, image, text, dim = 2, 24, 4096, 333, 64
+    image_v, text_v = (torch.randn(batch, n, heads * dim, device="cuda", dtype=torch.bfloat16) for n in (image, text))
+    q = torch.randn(batch, heads, image + text, dim, device="cuda", dtype=torch.bfloat16)
+    scales = torch.full((3,), 4.0 / 448, device="cuda")
+    heads_first = lambda x: x.view(batch, -1, heads, dim).transpose(1, 2)  # noqa: E731
+
+    def joint(image_v, text_v):
+        values = torch.cat([heads_first(image_v), heads_first(text_v)], dim=2)
+        return kernel_operands(q, q, values, True, scales)["v_op"]
+
+    def single(image_v, text_v):
+        return kernel_operands(q, q, heads_first(image_v), True, scales)["v_op"]
+
+    rows = []
+    for name, fn, options in (("joint", joint, {}), ("image_only", single, {}),
+                              ("joint_prefer_nd_tiling", joint, {"triton.prefer_nd_tiling": True}),
+                              ("joint_max_tiles_3", joint, {"triton.max_tiles": 3})):
+        torch._dynamo.reset()
+        compiled = torch.compile(fn, options=options)
+        ms = _graph_median_ms(lambda: compiled(image_v, text_v))
+        values = batch * heads * dim * (image + (text if fn is joint else 0))
+        rows.append({"case": name, "ms": ms, "TBps_read_bf16_write_fp8": values * 3 / (ms * 1e-3) / 1e12})
+        print("v_operand", rows[-1], flush=True)
+    return rows
+
+
 # (input shape, prologue) of the quantizations whose launch config is swept: every benchmarked model's widths
 QUANTIZE_SWEEP_CASES = {"pixart_1152_layernorm_adaln": ((8192, 1152), dict(norm="layer", eps=1e-6), True),
                         "pixart_1152_plain": ((8192, 1152), {}, False),
@@ -664,9 +696,9 @@ def attention_config_sweep(shapes=tuple(ATTENTION_SHAPES), formats=("fp8_static"
                 key = f"{bm}x{bn}_w{warps}_s{stages}"
                 grid = (triton.cdiv(tokens, bm) * batch * heads,)
                 try:
-                    launch = lambda: _attention_kernel.fn[grid](*args, **operands["flags"], OUT_CODES=False,  # noqa: E731
-                                                                BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
-                                                                num_stages=stages)
+                    launch = lambda: _attention_kernel.fn[grid](  # noqa: E731
+                        *args, **operands["flags"], OUT_CODES=False, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
+                        num_stages=stages)
                     launch()
                     differences[key] = relative_l2(out, reference)  # tiles round P differently: ~1e-2 at most
                     if differences[key] > 5e-2:
@@ -928,7 +960,7 @@ def model_benchmark(name: str, variants: list[str], results: dict, save, layers:
 
 
 KERNEL_SECTIONS = {"kernels": check_kernels, "prologue": prologue_benchmark,
-                   "concat_prologue": concat_prologue_benchmark,
+                   "concat_prologue": concat_prologue_benchmark, "v_operand": v_operand_benchmark,
                    "quantize_configs": quantize_config_sweep,
                    "epilogue": epilogue_sweep, "gemm": gemm_benchmark, "packed": packed_gemm_sweep,
                    "packed_tiles": packed_tile_sweep, "model_gemms": model_gemm_sweep,
