@@ -573,8 +573,10 @@ def concatenates_fp8_values(gm: fx.GraphModule) -> bool:
     reads it uncoalesced: 103 us per SD3-medium block against 16 us with `triton.prefer_nd_tiling`
     (gpu-bench-h100/v-operand-inductor-tiling.json; SD3 end to end 1.299x -> 1.369x bf16 compile)."""
     for node in gm.graph.nodes:
-        if node.op == "call_function" and _target(node) in _ATTENTION_OPS and _node_args(node, _target(node))[4]:
-            values = _node_args(node, _target(node))[2]
+        attention = node.op == "call_function" and _target(node) in _ATTENTION_OPS
+        args = _node_args(node, _target(node)) if attention else None
+        if args and args[4]:  # pv_fp8
+            values = args[2]
             while isinstance(values, fx.Node) and (values.op == "call_method" and values.target in _HEAD_VIEWS
                                                    or _call(values, _HEAD_VIEW_FUNCTIONS)):
                 values = values.args[0]

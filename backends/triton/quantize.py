@@ -180,7 +180,7 @@ def fused_quantize_per_token(x: torch.Tensor, weight=None, bias=None, mul=None, 
     [M, 1], int32 zero [M, 1] (fp8: [M, 0])). Arguments as fxquant.ops.prologue_reference; traced: see launcher.
     With tail [B, T_tail, C] (x then [B, T_head, C]): fxquant::fused_quantize_concat, the rows of
     cat([prologue(x, mul, add), prologue(tail, tail_mul, tail_add)], dim=1), both parts read in place (strided per
-    sample and per token: e.g. token slices of one buffer, as linear_residual_concat leaves them).
+    sample and per token: e.g. token slices of one buffer, without a copy).
     Absent operands are passed as the scale buffer (never read), not as x: Inductor materialises a separate copy of
     a not-yet-stored input for every argument it is passed as (4 copies of Flux's 15360-wide rows, measured)."""
     check_prologue(norm, activation, any(t is not None for t in (weight, bias, mul, add)))
