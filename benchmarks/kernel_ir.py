@@ -74,18 +74,19 @@ def gemm_reports() -> dict:
 
 
 def attention_reports() -> dict:
-    """The attention kernel, P V in bf16 and fp8, head dims 64 and 72 (64 + 32 tail), 128 x 128 tiles, 8 warps."""
+    """The attention kernel, P V in bf16 and fp8, head dims 64 and 72 (64 + 32 tail), 128 x 128 tiles, 8 warps; and
+    with fp8 output codes (static_attention_outputs) at head dim 72."""
     reports = {}
-    for head_dim in (64, 72):
-        for pv_fp8 in (False, True):
-            types = {"q_ptr": "*i8", "q_scale_ptr": "*fp32", "k_ptr": "*i8", "k_scale_ptr": "*fp32",
-                     "v_ptr": "*fp8e4nv" if pv_fp8 else "*bf16", "v_scale_ptr": "*fp32", "out_ptr": "*bf16",
-                     "out_scale_ptr": "*fp32", "score_scale": "fp32"}
-            constants = dict(HEAD_DIM=head_dim, DIM_A=64, DIM_B=32, HAS_TAIL=head_dim > 64, PV_FP8=pv_fp8,
-                             STATIC_SCALES=False, OUT_CODES=False, BLOCK_M=128, BLOCK_N=128,
-                             **({"stride_vn": 1} if pv_fp8 else {"stride_vd": 1}))
-            reports[f"d{head_dim}_{'fp8' if pv_fp8 else 'bf16'}_pv"] = _report(
-                _attention_kernel.fn, types, constants, 8, 3)
+    for head_dim, pv_fp8, codes in ((64, False, False), (64, True, False), (72, False, False), (72, True, False),
+                                    (72, True, True)):
+        types = {"q_ptr": "*i8", "q_scale_ptr": "*fp32", "k_ptr": "*i8", "k_scale_ptr": "*fp32",
+                 "v_ptr": "*fp8e4nv" if pv_fp8 else "*bf16", "v_scale_ptr": "*fp32",
+                 "out_ptr": "*fp8e4nv" if codes else "*bf16", "out_scale_ptr": "*fp32", "score_scale": "fp32"}
+        constants = dict(HEAD_DIM=head_dim, DIM_A=64, DIM_B=32, HAS_TAIL=head_dim > 64, PV_FP8=pv_fp8,
+                         STATIC_SCALES=False, OUT_CODES=codes, BLOCK_M=128, BLOCK_N=128,
+                         **({"stride_vn": 1} if pv_fp8 else {"stride_vd": 1}))
+        label = f"d{head_dim}_{'fp8' if pv_fp8 else 'bf16'}_pv" + ("_fp8_codes" if codes else "")
+        reports[label] = _report(_attention_kernel.fn, types, constants, 8, 3)
     return reports
 
 

@@ -382,8 +382,10 @@ def test_gpu_only_ptx_assembles_for_hopper(tmp_path):
     script = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "kernel_ir.py")
     subprocess.run([sys.executable, script, "--out", str(tmp_path / "ir.json")], env=env, check=True,
                    capture_output=True)
-    gemm = json.loads((tmp_path / "ir.json").read_text())["gemm"]
+    reports = json.loads((tmp_path / "ir.json").read_text())
+    gemm = reports["gemm"]
     assert all(report["cubin_bytes"] > 0 for report in gemm.values())
+    assert reports["attention"]["d72_fp8_pv_fp8_codes"]["cubin_bytes"] > 0  # the attention writing fp8 codes
     assert gemm["w4a8"]["ptx_nibble_masks"] > 0 and gemm["w2a8"]["ptx_nibble_masks"] == 0
     assert gemm["fp8_gelu_codes"]["ptx_tanh_approx"] > 0 and gemm["fp8_gelu_codes"]["ptx_exp2"] == 0
 
