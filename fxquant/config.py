@@ -41,8 +41,9 @@ class QuantConfig:
             backend then applies the activation and the quantization in the first linear's GEMM epilogue: the
             hidden activations reach memory once, as 8-bit codes (no float write, no per-token pass).
         static_attention_outputs: linears reading an attention's output (the output projection) take static
-            per-tensor activations whatever act_mode says. With a quantized attention (`attention=...`) the compile
-            backend then has the attention kernel write the projection's codes: no float write, no per-token pass.
+            per-tensor activations whatever act_mode says. With fp8 and a quantized attention (`attention=...`) the
+            compile backend then has the attention kernel write the projection's codes: no float write, no
+            per-token pass.
         keep_condition_layers: keep condition-only layers outside attention (timestep MLP, adaLN modulation,
             caption / context projection) in full precision.
         keep_io_layers: keep the first and the last latent-path layer (patch embedding, output projection) in
