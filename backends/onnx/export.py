@@ -92,24 +92,43 @@ def export_onnx(qmodel: QuantizedModel, path: str | Path, example_kwargs: dict[s
         raise FxquantError(f"act_form must be one of {ACT_FORMS}, got {act_form!r}.")
     columns = zero_point_columns(qmodel) if act_form == "per_token" else {}
     return _export(qmodel, qmodel.model, path, example_kwargs, translation_table(act_form, columns), dynamic_batch,
-                   {"fxquant_act_form": act_form, "fxquant_zero_point_columns": json.dumps(sorted(columns.items())),
+                   {"fxquant_act_form": act_form, "fxquant_zero_point_columns": json.dumps(sorted(
+                       ([list(key) if isinstance(key, tuple) else key, count] for key, count in columns.items()),
+                       key=str)),
                     "fxquant_plan": qmodel.plan.to_json()})
 
 
-def zero_point_columns(qmodel: QuantizedModel) -> dict[tuple[int, int], int]:
-    """{(N, K) weight shape: extra GEMM columns} that carry per-token zero points into ORT's integer GEMM
-    (translations' `_augmented_product`): enough int8 weight rows to sum to -w_sum of every integer linear of that
-    shape (static-activation ones take the same path in this form; every timestep group's sums, for nested planes);
-    shapes that would need more than K / 4 columns are left out (they keep the float correction term)."""
+def zero_point_columns(qmodel: QuantizedModel) -> dict[tuple[int, int] | str, int]:
+    """Extra GEMM columns that carry per-token zero points into ORT's integer GEMM (translations'
+    `_augmented_product`): enough int8 weight rows to sum to -w_sum. Keyed per layer by the name its stored weight
+    codes get in the exported graph (`weight_placeholder`: that layer's own sums), and per (N, K) weight shape for
+    weights the graph computes (nested mixed-precision planes: every timestep group's sums) or whose name the exporter
+    spells differently: the largest of every integer linear of that shape. Static-activation linears take the same
+    path in this form. Counts above K / 4 are left out (those layers keep the float correction term)."""
     largest: dict[tuple[int, int], int] = {}
-    for module in qmodel.modules():
+    columns: dict[tuple[int, int] | str, int] = {}
+    for fqn, module in qmodel.model.named_modules():
         if isinstance(module, QuantLinear) and module.weight_sum is not None:
             sums = module.weight_sum if module.weight_sum.dim() == 1 else combined_weight_sums(
                 module.weight_sum, module.plane_multipliers)  # nested planes: every timestep group's codes
             shape = (module.out_features, module.in_features)
             largest[shape] = max(largest.get(shape, 0), int(sums.abs().max()))
-    columns = {shape: -(-value // 127) for shape, value in largest.items()}
-    return {shape: count for shape, count in columns.items() if 0 < count <= shape[1] // 4}
+            if module.weight_sum.dim() == 1:
+                columns[weight_placeholder(fqn)] = _columns_for(int(sums.abs().max()), module.in_features)
+    columns.update({shape: _columns_for(value, shape[1]) for shape, value in largest.items()})
+    return {key: count for key, count in columns.items() if count}
+
+
+def _columns_for(largest_sum: int, in_features: int) -> int:
+    """int8 rows (127 each) that sum to the largest |w_sum|; 0 when more than K / 4 would be needed."""
+    count = -(-largest_sum // 127)
+    return count if count <= in_features // 4 else 0
+
+
+def weight_placeholder(fqn: str) -> str:
+    """The graph input name torch.export gives the stored weight codes of the QuantLinear at `fqn` (module path
+    under the QuantizedModel the export wraps): "b_" + the buffer's path with dots as underscores."""
+    return "b_module_model_" + f"{fqn}.weight_q".replace(".", "_")
 
 
 def export_float_onnx(model: torch.nn.Module, path: str | Path, example_kwargs: dict[str, Any],

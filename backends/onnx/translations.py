@@ -9,9 +9,10 @@ Three forms of the dynamic activations (`act_form`):
 - "per_token": fxquant's own quantizer, one (scale, zero point) per row (per im2col patch for convs), computed in
   the graph with ReduceMin / ReduceMax and applied by a per-axis QuantizeLinear; MatMulInteger accepts only a
   scalar zero point, so the product runs without one and the zero point is corrected with the weights' row sums:
-  for a linear whose weight shape has an entry in `zero_point_columns`, inside the integer GEMM (each row's zero
-  point repeated in that many extra uint8 columns of the activations, against extra int8 weight rows summing to
-  -w_sum: one MatMulIntegerToFloat, exact in int32), else as a rank-one float term after the scaled product; for
+  for a linear with an entry in `zero_point_columns` (per layer, or per weight shape), inside the integer GEMM
+  (each row's zero point repeated in that many extra uint8 columns of the activations, against extra int8 weight
+  rows summing to -w_sum: one MatMulIntegerToFloat, exact in int32), else as a rank-one float term after the
+  scaled product; for
   per-patch convs exactly in int32. Matches the torch reference up to rounding ties and fp32 rounding.
 - "per_token_symmetric": one scale per row, absmax / 127, and the zero point fixed at the grid's middle (uint8 128):
   a scalar zero point, which MatMulInteger takes, so a linear is one MatMulIntegerToFloat with no correction term
@@ -123,7 +124,8 @@ def _first_element(tensor):
 
 def translation_table(act_form: str = "per_token", zero_point_columns: dict | None = None) -> dict:
     """{torch op overload: onnxscript function} for torch.onnx.export(custom_translation_table=...);
-    zero_point_columns: {(N, K) weight shape: extra GEMM columns} of the per-token form's linears (see above)."""
+    zero_point_columns: extra GEMM columns of the per-token form's linears (see above), keyed by the weight codes'
+    graph input name (per layer) or else by their (N, K) shape (export.zero_point_columns)."""
     zero_point_columns = zero_point_columns or {}
     if act_form not in ACT_FORMS:
         raise ValueError(f"act_form must be one of {ACT_FORMS}, got {act_form!r}.")
@@ -174,7 +176,8 @@ def translation_table(act_form: str = "per_token", zero_point_columns: dict | No
             # MatMulIntegerToFloat and then multiplies it by the per-row A scale as well (see _zero_point_product)
             return out if bias is None else op.Sub(out, op.Neg(bias))
         if per_token:
-            columns, zero = zero_point_columns.get(tuple(w_q.shape or ())), _shift_to_uint8_grid(x_zero)
+            columns = zero_point_columns.get(w_q.name, zero_point_columns.get(tuple(w_q.shape or ())))
+            zero = _shift_to_uint8_grid(x_zero)
             if columns:
                 return _augmented_product(x_q, weight, x_scale, zero, w_scale, w_sum, bias, columns)
             return _zero_point_product(x_q, weight, x_scale, zero, w_scale, w_sum, bias)

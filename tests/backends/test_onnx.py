@@ -11,7 +11,7 @@ import fxquant
 from families import FAMILIES
 from fxquant.backends.onnx import (INTEGER_OPS, OrtDenoiser, first_denoiser_call, graph_metadata, integer_op_count,
                                    optimized_op_counts, session)
-from fxquant.backends.onnx.export import zero_point_columns
+from fxquant.backends.onnx.export import weight_placeholder, zero_point_columns
 from fxquant.errors import FxquantError
 from fxquant.metrics import relative_l2
 from fxquant.modules import QUANT_MODULES
@@ -87,11 +87,13 @@ def test_unet_integer_ops_and_each_layer_matches_torch(exported, tmp_path):
 
 
 def test_per_token_zero_points_ride_in_the_integer_gemm(exported, tmp_path):
-    """Exact per-token form: linears whose weight shape gets extra columns run one MatMulIntegerToFloat whose weights
-    have K + columns rows (the int8 rows summing to -w_sum, folded into an initializer); the rest keep the float
-    correction term. Parity with torch is the family test's."""
+    """Exact per-token form: linears that get extra columns (as many as their own weight sums need, found by their
+    weight codes' graph input name) run one MatMulIntegerToFloat whose weights have K + columns rows (the int8 rows
+    summing to -w_sum, folded into an initializer); the rest keep the float correction term. Parity with torch is
+    the family test's."""
     qmodel, path = exported("pixart")
-    columns = {tuple(shape): count for shape, count in json.loads(graph_metadata(path)["fxquant_zero_point_columns"])}
+    columns = {key if isinstance(key, str) else tuple(key): count
+               for key, count in json.loads(graph_metadata(path)["fxquant_zero_point_columns"])}
     assert columns == zero_point_columns(qmodel) and columns
     optimized = tmp_path / "optimized.onnx"
     session(path, optimized_path=optimized)
@@ -99,9 +101,11 @@ def test_per_token_zero_points_ride_in_the_integer_gemm(exported, tmp_path):
     initializers = {tensor.name: tensor.dims for tensor in graph.initializer}
     weight_rows = Counter(tuple(initializers[node.input[1]]) for node in graph.node
                           if node.op_type == "MatMulIntegerToFloat")
-    expected = Counter((k + columns.get((n, k), 0), n) for layer in qmodel.plan.quantized_layers()
-                       for n, k in [(layer.out_features, layer.in_features)])
+    shapes = [(layer.fqn, layer.out_features, layer.in_features) for layer in qmodel.plan.quantized_layers()]
+    expected = Counter((k + columns.get(weight_placeholder(fqn), columns.get((n, k), 0)), n) for fqn, n, k in shapes)
     assert weight_rows == expected
+    per_shape = Counter((k + columns.get((n, k), 0), n) for _, n, k in shapes)
+    assert weight_rows != per_shape  # per layer: fewer columns, or some where the shape max needs too many
 
 
 def test_per_tensor_form_fuses_to_integer_ops_at_a_measured_cost(exported):
