@@ -111,10 +111,10 @@ def zero_point_columns(qmodel: QuantizedModel) -> dict[tuple[int, int] | str, in
         if isinstance(module, QuantLinear) and module.weight_sum is not None:
             sums = module.weight_sum if module.weight_sum.dim() == 1 else combined_weight_sums(
                 module.weight_sum, module.plane_multipliers)  # nested planes: every timestep group's codes
-            shape = (module.out_features, module.in_features)
-            largest[shape] = max(largest.get(shape, 0), int(sums.abs().max()))
+            shape, layer_largest = (module.out_features, module.in_features), int(sums.abs().max())
+            largest[shape] = max(largest.get(shape, 0), layer_largest)
             if module.weight_sum.dim() == 1:
-                columns[weight_placeholder(fqn)] = _columns_for(int(sums.abs().max()), module.in_features)
+                columns[weight_placeholder(fqn)] = _columns_for(layer_largest, module.in_features)
     columns.update({shape: _columns_for(value, shape[1]) for shape, value in largest.items()})
     return {key: count for key, count in columns.items() if count}
 

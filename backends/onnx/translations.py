@@ -12,8 +12,8 @@ Three forms of the dynamic activations (`act_form`):
   for a linear with an entry in `zero_point_columns` (per layer, or per weight shape), inside the integer GEMM
   (each row's zero point repeated in that many extra uint8 columns of the activations, against extra int8 weight
   rows summing to -w_sum: one MatMulIntegerToFloat, exact in int32), else as a rank-one float term after the
-  scaled product; for
-  per-patch convs exactly in int32. Matches the torch reference up to rounding ties and fp32 rounding.
+  scaled product; for per-patch convs exactly in int32. Matches the torch reference up to rounding ties and fp32
+  rounding.
 - "per_token_symmetric": one scale per row, absmax / 127, and the zero point fixed at the grid's middle (uint8 128):
   a scalar zero point, which MatMulInteger takes, so a linear is one MatMulIntegerToFloat with no correction term
   and no ReduceMin. It changes the numbers (torch's per-token activations are asymmetric); convs keep the exact

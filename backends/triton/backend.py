@@ -375,6 +375,12 @@ _HEAD_VIEW_FUNCTIONS = {getattr(torch.Tensor, name) for name in _HEAD_VIEWS} | {
                                                                                 torch.permute, torch.flatten}
 
 
+def _is_head_view(node) -> bool:
+    """node reshapes / transposes its input (as a method, or as a function inside a torch function mode)."""
+    return isinstance(node, fx.Node) and (node.op == "call_method" and node.target in _HEAD_VIEWS
+                                          or _call(node, _HEAD_VIEW_FUNCTIONS))
+
+
 def _attention_through_views(node) -> tuple | None:
     """(quantized_attention node, the single-use views between it and node, outermost first) when node is the
     attention's output seen through reshapes / transposes / no-op dtype casts, else None."""
@@ -385,8 +391,7 @@ def _attention_through_views(node) -> tuple | None:
         no_op_cast = (node.op == "call_method" and node.target == "to" and not node.kwargs and len(node.args) == 2
                       and _value(node) is not None and _value(node.args[0]) is not None
                       and _value(node).dtype == _value(node.args[0]).dtype)
-        is_view = node.op == "call_method" and node.target in _HEAD_VIEWS or _call(node, _HEAD_VIEW_FUNCTIONS)
-        if not (no_op_cast or is_view):
+        if not (no_op_cast or _is_head_view(node)):
             return None
         chain.append(node)
         node = node.args[0]
@@ -577,8 +582,7 @@ def concatenates_fp8_values(gm: fx.GraphModule) -> bool:
         args = _node_args(node, _target(node)) if attention else None
         if args and args[4]:  # pv_fp8
             values = args[2]
-            while isinstance(values, fx.Node) and (values.op == "call_method" and values.target in _HEAD_VIEWS
-                                                   or _call(values, _HEAD_VIEW_FUNCTIONS)):
+            while _is_head_view(values):
                 values = values.args[0]
             if _call(values, {torch.cat}):
                 return True
