@@ -274,6 +274,58 @@ def v_operand_benchmark() -> list[dict]:
     return rows
 
 
+def attention_operands_benchmark() -> list[dict]:
+    """PixArt-alpha 1024's self-attention operands (2 x 4096 tokens, 16 heads of 72, width 1152): the q / k / v GEMMs
+    writing the fp8 codes in the attention kernel's layout from their epilogues (linear_attention_operand) against
+    the GEMM writing bf16 and Inductor's quantize + pad (+ transpose) pass; code mismatches against the fp32
+    reference; the attention kernel on the laid-out codes (tails masked) against it on zero-padded operands."""
+    from fxquant.backends.triton.attention import attention_fp8_codes
+    from fxquant.backends.triton.gemm import attention_operand_gemm
+    from fxquant.ops import attention_operand_reference, fp8_linear_reference, heads_first
+
+    batch, tokens, heads, head_dim, width = 2, 4096, 16, 72, 1152
+    x_q, x_scale = quantize_per_token_fp8(torch.randn(batch * tokens, width, device="cuda", dtype=torch.bfloat16))
+    linears = [(*_fp8_weight(torch.randn(width, width, device="cuda") * 0.05),
+                torch.randn(width, device="cuda", dtype=torch.bfloat16)) for _ in range(3)]
+    outs = [fp8_linear_reference(x_q, x_scale, w_q, w_scale, bias, torch.float32) for w_q, w_scale, bias in linears]
+    scales = torch.stack([out.abs().amax() for out in outs]) / FP8_MAX
+    torch._dynamo.reset()
+    layout = torch.compile(attention_operand_reference)
+    rows, laid_out = [], []
+    for index, ((w_q, w_scale, bias), out) in enumerate(zip(linears, outs)):
+        keys_major = index == 2
+        args = (x_q, x_scale, w_q, w_scale, bias, scales[index])
+        fused = attention_operand_gemm(*args, heads, tokens, keys_major, traced=True)
+        reference = attention_operand_reference(heads_first(out, heads, tokens), scales[index], keys_major)
+        valid = (..., slice(head_dim), slice(tokens)) if keys_major else (..., slice(head_dim))
+        laid_out.append(fused)
+        unfused = lambda: layout(heads_first(quantized_gemm(  # noqa: E731
+            x_q, x_scale, None, w_q, w_scale, None, bias, torch.bfloat16, traced=True), heads, tokens),
+            scales[index], keys_major)
+        row = {"operand": "qkv"[index], "code_mismatch_fraction":
+               (fused[valid].float() != reference[valid].float()).float().mean().item(),
+               "us": {"gemm_epilogue_writes_codes": 1e3 * _graph_median_ms(
+                          lambda: attention_operand_gemm(*args, heads, tokens, keys_major, traced=True)),
+                      "gemm_bf16_then_inductor_layout": 1e3 * _graph_median_ms(unfused),
+                      "gemm_bf16_alone": 1e3 * _graph_median_ms(lambda: quantized_gemm(
+                          x_q, x_scale, None, w_q, w_scale, None, bias, torch.bfloat16, traced=True))}}
+        row["saved_us"] = row["us"]["gemm_bf16_then_inductor_layout"] - row["us"]["gemm_epilogue_writes_codes"]
+        rows.append(row)
+        print("attention_operands", row, flush=True)
+    q, k, v = (heads_first(out.to(torch.bfloat16), heads, tokens) for out in outs)
+    tune(batch, heads, tokens, tokens, head_dim, True, True, torch.bfloat16)  # both launches take the tuned tile
+    on_codes = attention_fp8_codes(*laid_out, head_dim, head_dim**-0.5, scales, torch.bfloat16, traced=True)
+    zero_padded = quantized_attention(q, k, v, head_dim**-0.5, True, scales, traced=True)
+    rows.append({"attention_on_laid_out_codes_rel_l2_vs_bf16_operands": relative_l2(on_codes, zero_padded),
+                 "ms": {"laid_out_codes_masked_tails": _graph_median_ms(lambda: attention_fp8_codes(
+                            *laid_out, head_dim, head_dim**-0.5, scales, torch.bfloat16, traced=True)),
+                        "zero_padded_kernel_only": _graph_median_ms(lambda: attend(
+                            q, kernel_operands(q, k, v, True, scales), head_dim**-0.5))}})
+    torch._dynamo.reset()
+    print("attention_operands", rows[-1], flush=True)
+    return rows
+
+
 # (input shape, prologue) of the quantizations whose launch config is swept: every benchmarked model's widths
 QUANTIZE_SWEEP_CASES = {"pixart_1152_layernorm_adaln": ((8192, 1152), dict(norm="layer", eps=1e-6), True),
                         "pixart_1152_plain": ((8192, 1152), {}, False),
@@ -961,6 +1013,7 @@ def model_benchmark(name: str, variants: list[str], results: dict, save, layers:
 
 KERNEL_SECTIONS = {"kernels": check_kernels, "prologue": prologue_benchmark,
                    "concat_prologue": concat_prologue_benchmark, "v_operand": v_operand_benchmark,
+                   "attention_operands": attention_operands_benchmark,
                    "quantize_configs": quantize_config_sweep,
                    "epilogue": epilogue_sweep, "gemm": gemm_benchmark, "packed": packed_gemm_sweep,
                    "packed_tiles": packed_tile_sweep, "model_gemms": model_gemm_sweep,

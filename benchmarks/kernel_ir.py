@@ -54,38 +54,44 @@ def _report(fn, types: dict, constants: dict, num_warps: int, num_stages: int) -
 
 
 def gemm_reports() -> dict:
-    """The GEMM kernel (plain epilogue) at W8A8 int8, fp8 and packed W4 / W2 (K loop, one dot per field), and fp8
-    with the GELU (tanh) + fp8 codes epilogue; 128 x 128 x 128 tiles, 8 warps, 3 stages."""
+    """The GEMM kernel (plain epilogue) at W8A8 int8, fp8 and packed W4 / W2 (K loop, one dot per field), fp8 with
+    the GELU (tanh) + fp8 codes epilogue, and fp8 storing a keys-major attention operand's codes (split offsets,
+    bias per row); 128 x 128 x 128 tiles, 8 warps, 3 stages."""
     pointers = {"a_ptr": "*i8", "b_ptr": "*i8", "out_ptr": "*bf16", "a_scale_ptr": "*fp32", "a_zero_ptr": "*i32",
                 "b_scale_ptr": "*fp32", "b_sum_ptr": "*i32", "bias_ptr": "*bf16", "gate_ptr": "*bf16",
                 "residual_ptr": "*bf16", "out_scale_ptr": "*fp32", "out_zero_ptr": "*i32"}
     reports = {}
     for label, bits, a_type, b_type in (("int8", 8, "*i8", "*i8"), ("fp8", 8, "*fp8e4nv", "*fp8e4nv"),
                                         ("w4a8", 4, "*i8", "*u8"), ("w2a8", 2, "*i8", "*u8"),
-                                        ("fp8_gelu_codes", 8, "*fp8e4nv", "*fp8e4nv")):
-        fp8, gelu = a_type == "*fp8e4nv", label.endswith("gelu_codes")
-        constants = dict(HAS_ZERO=not fp8, HAS_BIAS=True, HAS_GATE=False, GATE_PER_TILE=False,
-                         HAS_RESIDUAL=False, ACT=2 if gelu else 0, OUT_CODES=2 if gelu else 0, INT_ACC=not fp8,
-                         WEIGHT_BITS=bits, BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8,
-                         stride_ak=1, stride_bk=1, stride_on=1)
-        types = {**pointers, "a_ptr": a_type, "b_ptr": b_type, "out_ptr": "*fp8e4nv" if gelu else "*bf16"}
+                                        ("fp8_gelu_codes", 8, "*fp8e4nv", "*fp8e4nv"),
+                                        ("fp8_attention_operand", 8, "*fp8e4nv", "*fp8e4nv")):
+        fp8, gelu, operand = a_type == "*fp8e4nv", label.endswith("gelu_codes"), label.endswith("operand")
+        constants = dict(HAS_ZERO=not fp8, HAS_BIAS=True, BIAS_PER_ROW=operand, HAS_GATE=False, GATE_PER_TILE=False,
+                         HAS_RESIDUAL=False, ACT=2 if gelu else 0, OUT_CODES=2 if gelu or operand else 0,
+                         INT_ACC=not fp8, WEIGHT_BITS=bits, SPLIT_OUT=operand, OUT_RUN=16 if operand else 1,
+                         BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, stride_ak=1, stride_bk=1, stride_on=1)
+        types = {**pointers, "a_ptr": a_type, "b_ptr": b_type, "out_ptr": "*fp8e4nv" if gelu or operand else "*bf16"}
         reports[label] = _report(_gemm_kernel.fn, types, constants, 8, 3)
     return reports
 
 
 def attention_reports() -> dict:
     """The attention kernel, P V in bf16 and fp8, head dims 64 and 72 (64 + 32 tail), 128 x 128 tiles, 8 warps; and
-    with fp8 output codes (static_attention_outputs) at head dim 72."""
+    with fp8 output codes (static_attention_outputs) at head dim 72, static fp8 operands there with their tails
+    masked (laid out by the q / k / v GEMMs: attention_fp8_codes)."""
     reports = {}
-    for head_dim, pv_fp8, codes in ((64, False, False), (64, True, False), (72, False, False), (72, True, False),
-                                    (72, True, True)):
-        types = {"q_ptr": "*i8", "q_scale_ptr": "*fp32", "k_ptr": "*i8", "k_scale_ptr": "*fp32",
+    for head_dim, pv_fp8, codes, raw_tail in ((64, False, False, False), (64, True, False, False),
+                                              (72, False, False, False), (72, True, False, False),
+                                              (72, True, True, False), (72, True, True, True)):
+        operand = "*fp8e4nv" if raw_tail else "*i8"
+        types = {"q_ptr": operand, "q_scale_ptr": "*fp32", "k_ptr": operand, "k_scale_ptr": "*fp32",
                  "v_ptr": "*fp8e4nv" if pv_fp8 else "*bf16", "v_scale_ptr": "*fp32",
                  "out_ptr": "*fp8e4nv" if codes else "*bf16", "out_scale_ptr": "*fp32", "score_scale": "fp32"}
         constants = dict(HEAD_DIM=head_dim, DIM_A=64, DIM_B=32, HAS_TAIL=head_dim > 64, PV_FP8=pv_fp8,
-                         STATIC_SCALES=False, OUT_CODES=codes, BLOCK_M=128, BLOCK_N=128,
+                         STATIC_SCALES=raw_tail, OUT_CODES=codes, RAW_TAIL=raw_tail, BLOCK_M=128, BLOCK_N=128,
                          **({"stride_vn": 1} if pv_fp8 else {"stride_vd": 1}))
-        label = f"d{head_dim}_{'fp8' if pv_fp8 else 'bf16'}_pv" + ("_fp8_codes" if codes else "")
+        label = f"d{head_dim}_{'fp8' if pv_fp8 else 'bf16'}_pv" + ("_fp8_codes" if codes else "") + (
+            "_static_raw_tail" if raw_tail else "")
         reports[label] = _report(_attention_kernel.fn, types, constants, 8, 3)
     return reports
 

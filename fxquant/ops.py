@@ -457,6 +457,103 @@ def _(q, k, v, scale, pv_fp8, operand_scales, out_scale):
     return empty_heads_last(q, torch.float8_e4m3fn)
 
 
+MIN_TAIL = 32  # the attention kernel's tail tile: int8 MMA reduces over at least 32 values
+KEY_ALIGNMENT = 16  # a keys-major fp8 V operand holds a multiple of this many keys (16-byte rows for the fp8 MMA)
+
+
+def head_dim_split(head_dim: int) -> tuple[int, int]:
+    """head_dim -> (power-of-two part, tail tile width: a power of two >= MIN_TAIL covering the rest; the attention
+    kernel skips the tail when there is no rest)."""
+    dim_a = 1 << (head_dim.bit_length() - 1)
+    return dim_a, max(MIN_TAIL, 1 << (max(head_dim - dim_a, 1) - 1).bit_length())
+
+
+def padded_head_dim(head_dim: int) -> int:
+    """The head dim attention operands are stored with: head_dim when a power of two, else its two tiles' width
+    (PixArt's 72 -> 96)."""
+    dim_a, dim_b = head_dim_split(head_dim)
+    return head_dim if head_dim == dim_a else dim_a + dim_b
+
+
+def attention_operand_shape(batch: int, heads: int, tokens: int, head_dim: int, keys_major: bool) -> tuple:
+    """The stored shape of an fp8 attention operand (attention_operand_fp8)."""
+    if keys_major:
+        return batch, heads, padded_head_dim(head_dim), -(-tokens // KEY_ALIGNMENT) * KEY_ALIGNMENT
+    return batch, heads, tokens, padded_head_dim(head_dim)
+
+
+def attention_operand_reference(x: torch.Tensor, scale: torch.Tensor, keys_major: bool) -> torch.Tensor:
+    """The body of fxquant::attention_operand_fp8 in plain PyTorch (the compile backend hands it to Inductor, which
+    fuses it into whatever produces x)."""
+    tokens, head_dim = x.shape[-2:]
+    codes = quantize_fp8_with_scale(x, scale.reshape(())).view(torch.uint8)  # padded as bytes: 0x00 is +0.0
+    codes = F.pad(codes, (0, padded_head_dim(head_dim) - head_dim))
+    if keys_major:
+        codes = F.pad(codes.transpose(-1, -2), (0, -tokens % KEY_ALIGNMENT))
+    return codes.contiguous().view(torch.float8_e4m3fn)
+
+
+@torch.library.custom_op("fxquant::attention_operand_fp8", mutates_args=())
+def attention_operand_fp8(x: torch.Tensor, scale: torch.Tensor, keys_major: bool) -> torch.Tensor:
+    """x [B, H, N, D] float, scale fp32 (one value) -> the float8 e4m3 codes of x / scale (saturated) in the layout the
+    static-fp8 attention kernel loads: [B, H, N, Dp] (Q, K) or, keys_major, [B, H, Dp, Np] (V, each channel's keys
+    contiguous), Dp = padded_head_dim(D), Np = N rounded up to KEY_ALIGNMENT. The padding is zero here; producers
+    fused into a GEMM (linear_attention_operand) leave it unwritten, and attention_fp8_codes never reads it."""
+    return attention_operand_reference(x, scale, keys_major)
+
+
+@attention_operand_fp8.register_fake
+def _(x, scale, keys_major):
+    return x.new_empty(attention_operand_shape(*x.shape, keys_major), dtype=torch.float8_e4m3fn)
+
+
+def heads_first(x: torch.Tensor, heads: int, tokens: int) -> torch.Tensor:
+    """[B * N, H * D] rows of tokens -> the view [B, H, N, D] an attention takes."""
+    return x.view(-1, tokens, heads, x.shape[-1] // heads).transpose(1, 2)
+
+
+@torch.library.custom_op("fxquant::linear_attention_operand", mutates_args=())
+def linear_attention_operand(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
+                             bias: torch.Tensor | None, scale: torch.Tensor, heads: int, tokens: int,
+                             keys_major: bool) -> torch.Tensor:
+    """attention_operand_fp8(heads_first(fp8_linear(x_q, x_scale, w_q, w_scale, bias), heads, tokens), scale,
+    keys_major), the linear's output kept in fp32 until quantized: the compile backend puts it in place of a q / k / v
+    projection feeding a static-fp8 attention, so that the GEMM's epilogue writes the attention's operand. x_q
+    [B * tokens, K] -> fp8 codes, shaped as attention_operand_fp8's."""
+    out = fp8_linear_reference(x_q, x_scale, w_q, w_scale, bias, torch.float32)
+    return attention_operand_reference(heads_first(out, heads, tokens), scale, keys_major)
+
+
+@linear_attention_operand.register_fake
+def _(x_q, x_scale, w_q, w_scale, bias, scale, heads, tokens, keys_major):
+    shape = (x_q.shape[0] // tokens, heads, tokens, w_q.shape[0] // heads)
+    return x_q.new_empty(attention_operand_shape(*shape, keys_major), dtype=torch.float8_e4m3fn)
+
+
+@torch.library.custom_op("fxquant::attention_fp8_codes", mutates_args=())
+def attention_fp8_codes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dim: int, scale: float,
+                        operand_scales: torch.Tensor, out_dtype: torch.dtype,
+                        out_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """quantized_attention with static fp8 operand_scales (fp32 [3]) on operands already quantized and laid out by
+    attention_operand_fp8 / linear_attention_operand: q [B, H, Nq, Dp], k [B, H, Nk, Dp], v keys-major
+    [B, H, Dp, Nkp] (only the first head_dim channels and Nk keys are read) -> [B, H, Nq, head_dim] in out_dtype,
+    stored as [B, Nq, H, head_dim]; with out_scale (fp32, one value) its fp8 codes, as quantized_attention_codes."""
+    n_k = k.shape[2]
+    q_scale, k_scale, v_scale = operand_scales.float().unbind()
+    out = quantized_attention(q[..., :head_dim].float() * q_scale, k[..., :head_dim].float() * k_scale,
+                              v[:, :, :head_dim, :n_k].float().transpose(-1, -2) * v_scale, scale, True,
+                              operand_scales).to(out_dtype)  # the codes times their scales requantize exactly
+    if out_scale is None:
+        return out
+    return empty_heads_last(out, torch.float8_e4m3fn).copy_(quantize_fp8_with_scale(out, out_scale))
+
+
+@attention_fp8_codes.register_fake
+def _(q, k, v, head_dim, scale, operand_scales, out_dtype, out_scale=None):
+    shape = q.new_empty((*q.shape[:3], head_dim))
+    return empty_heads_last(shape, torch.float8_e4m3fn if out_scale is not None else out_dtype)
+
+
 @torch.library.custom_op("fxquant::unpack_int4", mutates_args=())
 def unpack_int4_op(packed: torch.Tensor) -> torch.Tensor:
     """uint8 [N, K/2] (two signed nibbles per byte, quantizer.pack_bits) -> int8 [N, K] for the int8 GEMM."""

@@ -87,6 +87,9 @@ FUSIONS = {  # backend option -> (compile_counter key, {(family, recipe): rewrit
     # (self- and cross-attention)
     "fxquant.fuse_attention_outputs": ("fused_attention_outputs", {
         ("pixart", "w8a8-fp8:attention=fp8-static,static_attention_outputs=true"): 2}),
+    # the q / k / v projections of both static-fp8 attentions write the attention's laid-out fp8 operands
+    "fxquant.fuse_attention_operands": ("fused_attention_operands", {
+        ("pixart", "w8a8-fp8:attention=fp8-static,static_attention_outputs=true"): 6}),
 }
 
 

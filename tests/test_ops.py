@@ -121,6 +121,45 @@ def test_attention_codes_op_is_the_static_quantization_of_the_attention_and_opch
     assert torch.equal(codes.view(torch.uint8), expected.view(torch.uint8)) and codes.stride()[1] == 16
 
 
+@pytest.mark.parametrize("head_dim", [16, 24])
+def test_attention_operand_ops_lay_out_codes_for_the_kernel_and_opcheck(head_dim):
+    """Q / K: [B, H, N, Dp] codes, V keys-major [B, H, Dp, Np] (Dp: 24 -> 16 + a 32-wide tail, Np: N up to 16 keys), the
+    padding zero; the linear form equals the layout of the linear's fp32 output seen as heads; attention on the
+    laid-out codes equals quantized_attention on the float operands (the codes requantize exactly)."""
+    batch, heads, tokens, width = 2, 2, 5, 2 * head_dim
+    x = torch.randn(batch * tokens, 32)
+    x_q, x_scale = fxq.quantize_per_token_fp8(x)
+    w = torch.randn(width, 32)
+    w_scale = w.abs().amax(dim=1) / 448
+    w_q, bias = (w / w_scale[:, None]).to(torch.float8_e4m3fn), torch.randn(width)
+    out = fxq.fp8_linear(x_q, x_scale, w_q, w_scale, bias, torch.float32)
+    heads_view = out.view(batch, tokens, heads, head_dim).transpose(1, 2)
+    scales = torch.stack([heads_view.abs().amax() * factor for factor in (1.0, 0.8, 1.2)]) / 448  # (K saturates)
+    padded = 48 if head_dim == 24 else 16
+    q = fxq.attention_operand_fp8(heads_view, scales[0], False)
+    v = fxq.linear_attention_operand(x_q, x_scale, w_q, w_scale, bias, scales[2], heads, tokens, True)
+    assert q.shape == (batch, heads, tokens, padded) and v.shape == (batch, heads, padded, 16)
+    expected = fxq.quantize_per_tensor_fp8(heads_view, scales[0])
+    assert torch.equal(q[..., :head_dim].view(torch.uint8), expected.view(torch.uint8))
+    assert not q[..., head_dim:].float().any() and not v[:, :, head_dim:].float().any() and not v[..., 5:].float().any()
+    assert torch.equal(v[:, :, :head_dim, :tokens].transpose(-1, -2).float(),
+                       fxq.quantize_per_tensor_fp8(heads_view, scales[2]).float())
+    k = fxq.linear_attention_operand(x_q, x_scale, w_q, w_scale, bias, scales[1], heads, tokens, False)
+    assert torch.equal(k.float(), fxq.attention_operand_fp8(heads_view, scales[1], False).float())
+    attention = fxq.attention_fp8_codes(q, k, v, head_dim, head_dim**-0.5, scales, torch.float32)
+    expected = fxq.quantized_attention(heads_view, heads_view, heads_view, head_dim**-0.5, True, scales)
+    assert torch.equal(attention, expected) and attention.stride() == expected.stride()
+    out_scale = torch.tensor(0.2 / 448)
+    codes = fxq.attention_fp8_codes(q, k, v, head_dim, head_dim**-0.5, scales, torch.float32, out_scale)
+    assert torch.equal(codes.float(), fxq.quantize_per_tensor_fp8(expected, out_scale).float())
+    test_utils = ("test_faketensor", "test_aot_dispatch_dynamic")  # (CPU torch multiplies no float8 inputs)
+    torch.library.opcheck(fxq.attention_operand_fp8, (heads_view, scales[0], True))
+    torch.library.opcheck(fxq.linear_attention_operand, (x_q, x_scale, w_q, w_scale, bias, scales[1], heads, tokens,
+                                                         False), test_utils=test_utils)
+    torch.library.opcheck(fxq.attention_fp8_codes, (q, k, v, head_dim, 0.25, scales, torch.bfloat16, out_scale),
+                          test_utils=test_utils)
+
+
 def test_fp8_ops_match_float_reference_and_opcheck():
     x, w, bias = torch.randn(7, 48) * 3, torch.randn(16, 48), torch.randn(16)
     x_q, x_scale = fxq.quantize_per_token_fp8(x)

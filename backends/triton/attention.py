@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from ...ops import empty_heads_last
+from ...ops import KEY_ALIGNMENT, empty_heads_last, head_dim_split
 from ...quantizer import attention_operands
 
 from . import INTERPRET
@@ -32,7 +32,6 @@ from .quantize import FP8_MAX
 
 LOG2_FP8_MAX = tl.constexpr(math.log2(448.0))
 LOG2E = math.log2(math.e)
-MIN_TAIL = 32  # int8 MMA reduces over at least 32 values
 
 
 def get_autotune_config() -> list[triton.Config]:
@@ -48,18 +47,24 @@ def get_autotune_config() -> list[triton.Config]:
 
 @triton.jit
 def _attend_tile(acc_a, acc_b, row_max, row_sum, q_a, q_b, q_scale, k_base, k_scale_base, v_base, keys, N_K,
-                 stride_kn, stride_vn, stride_vd, dims_a, dims_b,
-                 HAS_TAIL: tl.constexpr, PV_FP8: tl.constexpr, STATIC_SCALES: tl.constexpr, MASKED: tl.constexpr):
+                 stride_kn, stride_vn, stride_vd, dims_a, dims_b, HEAD_DIM: tl.constexpr,
+                 HAS_TAIL: tl.constexpr, PV_FP8: tl.constexpr, STATIC_SCALES: tl.constexpr, RAW_TAIL: tl.constexpr,
+                 MASKED: tl.constexpr):
     """One key / value tile into the running softmax state. MASKED: the last, partial tile (keys past N_K);
-    STATIC_SCALES: q_scale already carries K's scale (no per-key scales)."""
+    STATIC_SCALES: q_scale already carries K's scale (no per-key scales); RAW_TAIL: the tail's channels past
+    HEAD_DIM are not zero (masked on load)."""
     key_ok = keys < N_K
+    tail_ok = dims_b < HEAD_DIM
     k_rows = k_base + keys[:, None] * stride_kn
     k_a = tl.load(k_rows + dims_a[None, :], mask=key_ok[:, None], other=0.0) if MASKED else \
         tl.load(k_rows + dims_a[None, :])
     acc = tl.dot(q_a, tl.trans(k_a))
     if HAS_TAIL:
-        k_b = tl.load(k_rows + dims_b[None, :], mask=key_ok[:, None], other=0.0) if MASKED else \
-            tl.load(k_rows + dims_b[None, :])
+        if RAW_TAIL:
+            k_b = tl.load(k_rows + dims_b[None, :], mask=key_ok[:, None] & tail_ok[None, :], other=0.0)
+        else:
+            k_b = tl.load(k_rows + dims_b[None, :], mask=key_ok[:, None], other=0.0) if MASKED else \
+                tl.load(k_rows + dims_b[None, :])
         acc += tl.dot(q_b, tl.trans(k_b))
     # score = acc * k_scale * q_scale; q_scale > 0 commutes with the row max, and folds into exp2's argument (FMA)
     if STATIC_SCALES:
@@ -81,13 +86,17 @@ def _attend_tile(acc_a, acc_b, row_max, row_sum, q_a, q_b, q_scale, k_base, k_sc
     p_op = p.to(v_a.dtype)
     acc_a = tl.dot(p_op, v_a, acc_a * rescale[:, None], out_dtype=tl.float32)
     if HAS_TAIL:
-        v_b = tl.load(v_rows + dims_b[None, :] * stride_vd, mask=key_ok[:, None], other=0.0) if MASKED else \
-            tl.load(v_rows + dims_b[None, :] * stride_vd)
+        if RAW_TAIL:
+            v_b = tl.load(v_rows + dims_b[None, :] * stride_vd, mask=key_ok[:, None] & tail_ok[None, :], other=0.0)
+        else:
+            v_b = tl.load(v_rows + dims_b[None, :] * stride_vd, mask=key_ok[:, None], other=0.0) if MASKED else \
+                tl.load(v_rows + dims_b[None, :] * stride_vd)
         acc_b = tl.dot(p_op, v_b, acc_b * rescale[:, None], out_dtype=tl.float32)
     return acc_a, acc_b, new_max, row_sum
 
 
-@triton.autotune(configs=get_autotune_config(), key=["N_Q", "N_K", "HEAD_DIM", "PV_FP8", "STATIC_SCALES"])
+@triton.autotune(configs=get_autotune_config(), key=["N_Q", "N_K", "HEAD_DIM", "PV_FP8", "STATIC_SCALES",
+                                                     "RAW_TAIL"])
 @triton.jit
 def _attention_kernel(
     q_ptr, q_scale_ptr, k_ptr, k_scale_ptr, v_ptr, v_scale_ptr, out_ptr, out_scale_ptr,
@@ -95,12 +104,13 @@ def _attention_kernel(
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn, stride_vd, stride_ob, stride_oh, stride_on,
     HEAD_DIM: tl.constexpr, DIM_A: tl.constexpr, DIM_B: tl.constexpr, HAS_TAIL: tl.constexpr,
-    PV_FP8: tl.constexpr, STATIC_SCALES: tl.constexpr, OUT_CODES: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    PV_FP8: tl.constexpr, STATIC_SCALES: tl.constexpr, OUT_CODES: tl.constexpr, RAW_TAIL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """HAS_TAIL (HEAD_DIM > DIM_A): operands are zero-padded to DIM_A + DIM_B along the head dim, so tiles load
-    unmasked; v_scale is [B * H, padded head dim] (STATIC_SCALES: q / k / v scales are one value each); the output
-    holds HEAD_DIM channels. OUT_CODES: the output is stored as fp8 codes of the static scale at out_scale_ptr."""
+    """HAS_TAIL (HEAD_DIM > DIM_A): operands are padded to DIM_A + DIM_B along the head dim, with zeros (tiles load
+    unmasked) or, RAW_TAIL, with anything (tail loads masked); v_scale is [B * H, padded head dim]
+    (STATIC_SCALES: q / k / v scales are one value each); the output holds HEAD_DIM channels. OUT_CODES: the output
+    is stored as fp8 codes of the static scale at out_scale_ptr."""
     query_blocks = tl.cdiv(N_Q, BLOCK_M)  # a 1-D grid (no 65535 limit on B * H); neighbours share K / V
     batch_head = tl.program_id(0) // query_blocks
     b = batch_head // HEADS
@@ -111,7 +121,12 @@ def _attention_kernel(
     dims_b = DIM_A + tl.arange(0, DIM_B)
     q_rows = q_ptr + b * stride_qb + h * stride_qh + rows[:, None] * stride_qn
     q_a = tl.load(q_rows + dims_a[None, :], mask=row_ok[:, None], other=0.0)
-    q_b = tl.load(q_rows + dims_b[None, :], mask=row_ok[:, None], other=0.0) if HAS_TAIL else q_a
+    if HAS_TAIL and RAW_TAIL:
+        q_b = tl.load(q_rows + dims_b[None, :], mask=row_ok[:, None] & (dims_b < HEAD_DIM)[None, :], other=0.0)
+    elif HAS_TAIL:
+        q_b = tl.load(q_rows + dims_b[None, :], mask=row_ok[:, None], other=0.0)
+    else:
+        q_b = q_a
     if STATIC_SCALES:
         q_scale = tl.zeros([BLOCK_M], tl.float32) + (tl.load(q_scale_ptr) * tl.load(k_scale_ptr) * score_scale).to(
             tl.float32)  # (Inductor passes score_scale as fp64)
@@ -130,13 +145,13 @@ def _attention_kernel(
     for start in range(0, full_tiles_end, BLOCK_N):
         acc_a, acc_b, row_max, row_sum = _attend_tile(
             acc_a, acc_b, row_max, row_sum, q_a, q_b, q_scale, k_base, k_scale_base, v_base,
-            start + tl.arange(0, BLOCK_N), N_K, stride_kn, stride_vn, stride_vd, dims_a, dims_b, HAS_TAIL, PV_FP8,
-            STATIC_SCALES, False)
+            start + tl.arange(0, BLOCK_N), N_K, stride_kn, stride_vn, stride_vd, dims_a, dims_b, HEAD_DIM, HAS_TAIL,
+            PV_FP8, STATIC_SCALES, RAW_TAIL, False)
     if full_tiles_end < N_K:
         acc_a, acc_b, row_max, row_sum = _attend_tile(
             acc_a, acc_b, row_max, row_sum, q_a, q_b, q_scale, k_base, k_scale_base, v_base,
-            full_tiles_end + tl.arange(0, BLOCK_N), N_K, stride_kn, stride_vn, stride_vd, dims_a, dims_b, HAS_TAIL,
-            PV_FP8, STATIC_SCALES, True)
+            full_tiles_end + tl.arange(0, BLOCK_N), N_K, stride_kn, stride_vn, stride_vd, dims_a, dims_b, HEAD_DIM,
+            HAS_TAIL, PV_FP8, STATIC_SCALES, RAW_TAIL, True)
 
     norm = 1.0 / row_sum
     out_rows = out_ptr + b * stride_ob + h * stride_oh + rows[:, None] * stride_on
@@ -159,13 +174,6 @@ def _attention_kernel(
             out_b = tl.minimum(tl.maximum(out_b, -FP8_MAX), FP8_MAX)
         tl.store(out_rows + dims_b[None, :], out_b.to(out_ptr.dtype.element_ty),
                  mask=row_ok[:, None] & (dims_b < HEAD_DIM)[None, :])
-
-
-def head_dim_split(head_dim: int) -> tuple[int, int]:
-    """head_dim -> (power-of-two part, tail tile width: a power of two >= MIN_TAIL covering the rest; the kernel
-    skips the tail when there is no rest)."""
-    dim_a = 1 << (head_dim.bit_length() - 1)
-    return dim_a, max(MIN_TAIL, triton.next_power_of_2(max(head_dim - dim_a, 1)))
 
 
 def _pad_last(x: torch.Tensor, pad: int) -> torch.Tensor:
@@ -217,10 +225,10 @@ def kernel_operands(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pv_fp8: b
     q_q = q_q if q_q.stride(-1) == 1 else q_q.contiguous()
     k_q = k_q if k_q.stride(-1) == 1 else k_q.contiguous()
     if pv_fp8:  # keys contiguous (the fp8 MMA wants its reduced dimension innermost), each channel's keys starting
-        # 16-byte aligned: padded to a multiple of 16 keys, which the kernel masks like any key past N_K (k_q's
-        # length). Not sliced back: Inductor copies a sliced view into a dense buffer, misaligning the rows again
+        # 16-byte aligned: padded to a multiple of KEY_ALIGNMENT keys, which the kernel masks like any key past N_K
+        # (k_q's length). Not sliced back: Inductor copies a sliced view into a dense buffer, misaligning the rows again
         # (SD3's 4429 keys: 2.5 ms compiled against 0.46 eager, gpu-bench-h100/sd3-attention-compiled-profile.txt)
-        v_op = _pad_last(v_op.transpose(-1, -2), -v_op.shape[-2] % 16).contiguous().transpose(-1, -2)
+        v_op = _pad_last(v_op.transpose(-1, -2), -v_op.shape[-2] % KEY_ALIGNMENT).contiguous().transpose(-1, -2)
     elif v_op.stride(-1) != 1:
         v_op = v_op.contiguous()
     static = operand_scales is not None
@@ -231,7 +239,19 @@ def kernel_operands(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pv_fp8: b
     return dict(q_q=q_q, q_scale=q_scale.contiguous(), k_q=k_q, k_scale=k_scale.contiguous(), v_op=v_op,
                 v_scale=v_scale if pv_fp8 else q_scale, flags=dict(  # (v_scale: never read without fp8 V)
                     HEAD_DIM=head_dim, DIM_A=dim_a, DIM_B=dim_b, HAS_TAIL=head_dim > dim_a, PV_FP8=pv_fp8,
-                    STATIC_SCALES=static))
+                    STATIC_SCALES=static, RAW_TAIL=False))
+
+
+def codes_operands(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dim: int,
+                   operand_scales: torch.Tensor) -> dict:
+    """Static fp8 operands already laid out by fxquant::attention_operand_fp8 / linear_attention_operand (q
+    [B, H, Nq, Dp], k [B, H, Nk, Dp], v keys-major [B, H, Dp, Nkp]; padding unspecified), with their scales (fp32
+    [3]) -> the kernel's operands and flags, for `attend` (tail channels past head_dim masked on load)."""
+    dim_a, dim_b = head_dim_split(head_dim)
+    q_scale, k_scale, v_scale = operand_scales.float().contiguous().split(1)
+    return dict(q_q=q, q_scale=q_scale, k_q=k, k_scale=k_scale, v_op=v.transpose(-1, -2), v_scale=v_scale, flags=dict(
+        HEAD_DIM=head_dim, DIM_A=dim_a, DIM_B=dim_b, HAS_TAIL=head_dim > dim_a, PV_FP8=True, STATIC_SCALES=True,
+        RAW_TAIL=True))
 
 
 def kernel_args(operands: dict, out: torch.Tensor, scale: float, out_scale: torch.Tensor | None = None) -> tuple:
@@ -245,19 +265,21 @@ def kernel_args(operands: dict, out: torch.Tensor, scale: float, out_scale: torc
 
 
 def attend(q: torch.Tensor, operands: dict, scale: float, traced: bool = False,
-           out_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """The kernel on `kernel_operands(q, k, v, ...)` -> [B, H, Nq, D] in q's dtype, or with out_scale (fp32 [1]) fp8
-    codes of that static scale, stored [B, Nq, H, D]; traced as in `quantized_attention`."""
+           out_scale: torch.Tensor | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The kernel on `kernel_operands(q, k, v, ...)` (or `codes_operands`) -> [B, H, Nq, D] (q's shape) in q's dtype
+    or out_dtype, or with out_scale (fp32 [1]) fp8 codes of that static scale, stored [B, Nq, H, D]; traced as in
+    `quantized_attention`."""
     batch, heads, n_q, head_dim = q.shape
     n_k = operands["k_q"].shape[2]
-    out = empty_heads_last(q, torch.float8_e4m3fn if out_scale is not None else None)
+    dtype = out_dtype or q.dtype
+    out = empty_heads_last(q, torch.float8_e4m3fn if out_scale is not None else dtype)
     if out.numel() == 0:
         return out
     args = kernel_args(operands, out, scale, out_scale)
     flags = dict(operands["flags"], OUT_CODES=out_scale is not None)
     if traced:
         config = get_autotune_config()[0].all_kwargs() if INTERPRET else _TUNED.get(
-            _tuning_key(n_q, n_k, head_dim, flags["PV_FP8"], flags["STATIC_SCALES"], q.dtype), FIXED_CONFIG)
+            _tuning_key(n_q, n_k, head_dim, flags["PV_FP8"], flags["STATIC_SCALES"], dtype), FIXED_CONFIG)
         wrap_triton(_attention_kernel.fn)[(triton.cdiv(n_q, config["BLOCK_M"]) * batch * heads,)](*args, **flags,
                                                                                                 **config)
     else:
@@ -276,3 +298,12 @@ def quantized_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale
     FIXED_CONFIG (graphs the compile backend hands to Inductor); otherwise the autotuned kernel is launched directly
     (eager calls)."""
     return attend(q, kernel_operands(q, k, v, pv_fp8, operand_scales), scale, traced, out_scale)
+
+
+def attention_fp8_codes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dim: int, scale: float,
+                        operand_scales: torch.Tensor, out_dtype: torch.dtype, out_scale: torch.Tensor | None = None,
+                        traced: bool = False) -> torch.Tensor:
+    """fxquant::attention_fp8_codes: the kernel on laid-out fp8 operands (`codes_operands`) -> [B, H, Nq, head_dim]
+    in out_dtype (or fp8 codes of out_scale), stored [B, Nq, H, head_dim]; traced as in `quantized_attention`."""
+    shape = q.new_empty(()).expand(*q.shape[:3], head_dim)  # attend reads only the output shape from q
+    return attend(shape, codes_operands(q, k, v, head_dim, operand_scales), scale, traced, out_scale, out_dtype)

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from ...ops import quantize_per_token_reference, varies_per_sample
+from ...ops import attention_operand_reference, quantize_per_token_reference, varies_per_sample
 from ...quantizer import quantize_asymmetric, quantize_fp8, quantize_fp8_with_scale, unpack_bits, unpack_int4
 
 compile_counter: Counter = Counter()
@@ -369,6 +369,7 @@ def fuse_activation_epilogues(gm: fx.GraphModule) -> int:
     return _cleaned(gm, fused)
 
 
+_ATTENTION_OPS = (fxq.quantized_attention.default, fxq.quantized_attention_codes.default)
 _HEAD_VIEWS = {"reshape", "view", "transpose", "permute", "contiguous", "flatten", "unflatten"}
 # the same as functions (how Dynamo records tensor methods inside a torch function mode, e.g. quantized attention's)
 _HEAD_VIEW_FUNCTIONS = {getattr(torch.Tensor, name) for name in _HEAD_VIEWS} | {torch.reshape, torch.transpose,
@@ -431,6 +432,66 @@ def fuse_attention_output_quantization(gm: fx.GraphModule) -> int:
     return _cleaned(gm, fused)
 
 
+def _head_projection(operand) -> tuple | None:
+    """(fp8_linear node, heads, tokens) when operand, an attention's [B, H, N, D] argument, is the single-use output
+    [B * N, H * D] of an fp8 linear seen through views that only move its heads out (operand[b, h, n, d] =
+    out[b * N + n, h * D + d]), else None."""
+    value, node = _value(operand), operand
+    while _is_head_view(node) and _only_use(node):
+        node = node.args[0]
+    if not (node.op == "call_function" and _target(node) == fxq.fp8_linear.default and _only_use(node)
+            and value is not None and value.dim() == 4 and _value(node) is not None):
+        return None
+    batch, heads, tokens, head_dim = value.shape
+    heads_view = (tokens * heads * head_dim, head_dim, heads * head_dim, 1)
+    if not (all(isinstance(size, int) for size in value.shape) and tuple(value.stride()) == heads_view
+            and value.storage_offset() == 0 and tuple(_value(node).shape) == (batch * tokens, heads * head_dim)):
+        return None
+    return node, heads, tokens
+
+
+def _with_example_value(node: fx.Node) -> fx.Node:
+    """node, with the example value its call gives on its arguments' example values (fake tensors), which later
+    rewrites and the attention tuning read."""
+    args = fx.node.map_arg(node.args, lambda arg: arg.meta["example_value"])
+    node.meta["example_value"] = node.target(*args)
+    return node
+
+
+def fuse_attention_operands(gm: fx.GraphModule) -> int:
+    """Rewrite a static-fp8 quantized attention (operand_scales given) that takes an operand straight from an fp8
+    linear (`_head_projection`: q / k / v projections) into attention_fp8_codes on laid-out operands: those linears
+    become linear_attention_operand (the GEMM's epilogue writes the fp8 codes in the attention kernel's layout), the
+    other operands attention_operand_fp8 (plain PyTorch for Inductor). Returns how many linears were fused."""
+    fused = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or _target(node) not in _ATTENTION_OPS:
+            continue
+        args = _node_args(node, _target(node))
+        (q, k, v, scale, _, operand_scales), out_scale = args[:6], (args[6:] or [None])[0]
+        projections = [_head_projection(x) for x in (q, k, v)] if operand_scales is not None else []
+        if not any(projections):
+            continue
+        with gm.graph.inserting_before(node):
+            operands = []
+            for index, (x, projection) in enumerate(zip((q, k, v), projections)):
+                operand_scale = _with_example_value(gm.graph.call_function(torch.select, (operand_scales, 0, index)))
+                if projection is None:
+                    call = (fxq.attention_operand_fp8.default, (x, operand_scale, index == 2))
+                else:
+                    linear, heads, tokens = projection
+                    call = (fxq.linear_attention_operand.default, (*_node_args(linear, fxq.fp8_linear.default)[:5],
+                                                                   operand_scale, heads, tokens, index == 2))
+                operands.append(_with_example_value(gm.graph.call_function(*call)))
+            codes = gm.graph.call_function(fxq.attention_fp8_codes.default, (
+                *operands, _value(q).shape[-1], scale, operand_scales, _value(q).dtype, out_scale))
+        codes.meta.update(node.meta)
+        node.replace_all_uses_with(codes)
+        gm.graph.erase_node(node)
+        fused += sum(projection is not None for projection in projections)
+    return _cleaned(gm, fused)
+
+
 # The launchers import Triton lazily: the backend also serves CPU-only installs, where Triton may be absent.
 def _triton_int8_linear(x_q, x_scale, x_zero, w_q, w_scale, w_sum, bias, out_dtype):
     from .gemm import quantized_gemm
@@ -475,6 +536,18 @@ def _triton_quantized_attention_codes(q, k, v, scale, pv_fp8, operand_scales, ou
     from .attention import quantized_attention
 
     return quantized_attention(q, k, v, scale, pv_fp8, operand_scales, traced=True, out_scale=out_scale)
+
+
+def _triton_linear_attention_operand(x_q, x_scale, w_q, w_scale, bias, scale, heads, tokens, keys_major):
+    from .gemm import attention_operand_gemm
+
+    return attention_operand_gemm(x_q, x_scale, w_q, w_scale, bias, scale, heads, tokens, keys_major, traced=True)
+
+
+def _triton_attention_fp8_codes(q, k, v, head_dim, scale, operand_scales, out_dtype, out_scale):
+    from .attention import attention_fp8_codes
+
+    return attention_fp8_codes(q, k, v, head_dim, scale, operand_scales, out_dtype, out_scale, traced=True)
 
 
 def _triton_fused_quantize_per_token(x, weight, bias, mul, add, norm, eps, activation, fp8):
@@ -529,6 +602,8 @@ _KERNELS = {  # fxquant's Triton kernels, launched from Inductor's generated cod
     fxq.linear_activation_quantize.default: _triton_linear_activation_quantize,
     fxq.quantized_attention.default: _triton_quantized_attention,
     fxq.quantized_attention_codes.default: _triton_quantized_attention_codes,
+    fxq.linear_attention_operand.default: _triton_linear_attention_operand,
+    fxq.attention_fp8_codes.default: _triton_attention_fp8_codes,
     fxq.fused_quantize_per_token.default: _triton_fused_quantize_per_token,
     fxq.fused_quantize_concat.default: _triton_fused_quantize_concat,
 }
@@ -536,9 +611,11 @@ _KERNELS = {  # fxquant's Triton kernels, launched from Inductor's generated cod
 
 def lower_to_inductor(gm: fx.GraphModule, fuse_quantize: bool = False, inline_kernels: bool = True) -> int:
     """Point every fxquant op that has a CUDA rewrite at it (arguments in schema order); returns how many.
-    Static per-tensor quantization and unpacking (pointwise) always go to Inductor as plain PyTorch."""
+    Static per-tensor quantization, attention operand layouts and unpacking (pointwise) always go to Inductor as
+    plain PyTorch."""
     rewrites = {fxq.quantize_per_tensor.default: quantize_asymmetric,
-                fxq.quantize_per_tensor_fp8.default: quantize_fp8_with_scale, **_UNPACK_BODIES,
+                fxq.quantize_per_tensor_fp8.default: quantize_fp8_with_scale,
+                fxq.attention_operand_fp8.default: attention_operand_reference, **_UNPACK_BODIES,
                 **(_KERNELS if inline_kernels else {}),
                 **(_QUANTIZE_BODIES if fuse_quantize else {})}
     lowered = 0
@@ -552,9 +629,6 @@ def lower_to_inductor(gm: fx.GraphModule, fuse_quantize: bool = False, inline_ke
     return lowered
 
 
-_ATTENTION_OPS = (fxq.quantized_attention.default, fxq.quantized_attention_codes.default)
-
-
 def tune_attention(gm: fx.GraphModule) -> int:
     """Autotune the attention kernel for every quantized_attention shape in the graph (real launches on random
     operands, before Inductor traces the graph); returns how many attention nodes were seen."""
@@ -562,13 +636,18 @@ def tune_attention(gm: fx.GraphModule) -> int:
 
     seen = 0
     for node in gm.graph.nodes:
-        if node.op == "call_function" and _target(node) in _ATTENTION_OPS:
-            q, k, _, _, pv_fp8, operand_scales = _node_args(node, _target(node))[:6]
-            q_value, k_value = q.meta["example_value"], k.meta["example_value"]
-            sizes = (*q_value.shape[:3], k_value.shape[2], q_value.shape[3])
-            if all(isinstance(size, int) for size in sizes):  # dynamic shapes keep the fixed tile config
-                tune(*sizes, pv_fp8, operand_scales is not None, q_value.dtype)
-            seen += 1
+        if node.op != "call_function" or _target(node) not in (*_ATTENTION_OPS, fxq.attention_fp8_codes.default):
+            continue
+        args = _node_args(node, _target(node))
+        q_value, k_value = args[0].meta["example_value"], args[1].meta["example_value"]
+        if _target(node) == fxq.attention_fp8_codes.default:  # laid-out fp8 operands, static scales
+            head_dim, pv_fp8, static, dtype = args[3], True, True, args[6]
+        else:
+            head_dim, pv_fp8, static, dtype = q_value.shape[3], args[4], args[5] is not None, q_value.dtype
+        sizes = (*q_value.shape[:3], k_value.shape[2], head_dim)
+        if all(isinstance(size, int) for size in sizes):  # dynamic shapes keep the fixed tile config
+            tune(*sizes, pv_fp8, static, dtype)
+        seen += 1
     return seen
 
 
@@ -578,10 +657,12 @@ def concatenates_fp8_values(gm: fx.GraphModule) -> bool:
     reads it uncoalesced: 103 us per SD3-medium block against 16 us with `triton.prefer_nd_tiling`
     (gpu-bench-h100/v-operand-inductor-tiling.json; SD3 end to end 1.299x -> 1.369x bf16 compile)."""
     for node in gm.graph.nodes:
-        attention = node.op == "call_function" and _target(node) in _ATTENTION_OPS
+        attention = node.op == "call_function" and _target(node) in (*_ATTENTION_OPS, fxq.attention_fp8_codes.default)
         args = _node_args(node, _target(node)) if attention else None
-        if args and args[4]:  # pv_fp8
+        if args and (_target(node) == fxq.attention_fp8_codes.default or args[4]):  # fp8 P V
             values = args[2]
+            if _call(values, {fxq.attention_operand_fp8.default}):
+                values = values.args[0]
             while _is_head_view(values):
                 values = values.args[0]
             if _call(values, {torch.cat}):
@@ -605,6 +686,8 @@ BACKEND_OPTIONS = {
                                 "in its GEMM's epilogue (True)",
     "fxquant.fuse_attention_outputs": "have a quantized attention write its output projection's fp8 codes when that "
                                       "projection takes static activations (True)",
+    "fxquant.fuse_attention_operands": "have the fp8 q / k / v projections of a static-fp8 quantized attention write "
+                                       "its operands' codes in the kernel's layout from their GEMM epilogues (True)",
     "fxquant.fuse_quantize": "hand per-token quantization to Inductor as plain PyTorch, fused with the ops producing "
                              "its input (False: fxquant's one-pass quantize kernel, measured faster on Hopper)",
 }
@@ -650,6 +733,8 @@ def fxquant_backend(gm: fx.GraphModule, example_inputs, mode: str | None = None,
         compile_counter["fused_activations"] += fuse_activation_epilogues(gm)
     if ours.get("fxquant.fuse_attention_outputs", True):
         compile_counter["fused_attention_outputs"] += fuse_attention_output_quantization(gm)
+    if ours.get("fxquant.fuse_attention_operands", True):
+        compile_counter["fused_attention_operands"] += fuse_attention_operands(gm)
     if not _on_cuda(example_inputs):
         return gm.forward
     from torch._inductor.compile_fx import compile_fx

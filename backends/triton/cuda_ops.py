@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from .attention import quantized_attention
-from .gemm import quantized_gemm
+from .attention import attention_fp8_codes, quantized_attention
+from .gemm import attention_operand_gemm, quantized_gemm
 from .quantize import fused_quantize_per_token, quantize_per_token, quantize_per_token_fp8
 
 
@@ -72,3 +72,13 @@ def _quantized_attention_cuda(q, k, v, scale, pv_fp8, operand_scales=None):
 @torch.library.register_kernel("fxquant::quantized_attention_codes", "cuda")
 def _quantized_attention_codes_cuda(q, k, v, scale, pv_fp8, operand_scales, out_scale):
     return quantized_attention(q, k, v, scale, pv_fp8, operand_scales, out_scale=out_scale)
+
+
+@torch.library.register_kernel("fxquant::linear_attention_operand", "cuda")
+def _linear_attention_operand_cuda(x_q, x_scale, w_q, w_scale, bias, scale, heads, tokens, keys_major):
+    return attention_operand_gemm(x_q, x_scale, w_q, w_scale, bias, scale, heads, tokens, keys_major)
+
+
+@torch.library.register_kernel("fxquant::attention_fp8_codes", "cuda")
+def _attention_fp8_codes_cuda(q, k, v, head_dim, scale, operand_scales, out_dtype, out_scale=None):
+    return attention_fp8_codes(q, k, v, head_dim, scale, operand_scales, out_dtype, out_scale)

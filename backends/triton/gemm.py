@@ -25,6 +25,8 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
+from ...ops import attention_operand_shape
+
 from . import INTERPRET
 from .quantize import (ACTIVATION_CODES, FP8_MAX, apply_activation, launcher, load_per_group, per_group_operand, rint,
                        row_strided)
@@ -87,10 +89,13 @@ def _gemm_kernel(
     M, N, K, rows_per_gate,
     # strides (b's in its stored, possibly packed, units)
     stride_am, stride_ak, stride_bn, stride_bk, stride_om, stride_on, stride_gate_g, stride_gate_n, stride_rm,
+    # SPLIT_OUT: out[m, n] is stored at (m // split_m) * stride_om_outer + (m % split_m) * stride_om
+    #                                 + (n // split_n) * stride_on_outer + (n % split_n) * stride_on
+    split_m, split_n, stride_om_outer, stride_on_outer,
     # meta-parameters
-    HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr, GATE_PER_TILE: tl.constexpr,
-    HAS_RESIDUAL: tl.constexpr, ACT: tl.constexpr, OUT_CODES: tl.constexpr, INT_ACC: tl.constexpr,
-    WEIGHT_BITS: tl.constexpr,
+    HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_PER_ROW: tl.constexpr, HAS_GATE: tl.constexpr,
+    GATE_PER_TILE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACT: tl.constexpr, OUT_CODES: tl.constexpr,
+    INT_ACC: tl.constexpr, WEIGHT_BITS: tl.constexpr, SPLIT_OUT: tl.constexpr, OUT_RUN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     PER_BYTE: tl.constexpr = 8 // WEIGHT_BITS if INT_ACC else 1
@@ -148,7 +153,9 @@ def _gemm_kernel(
     a_scale = tl.load(a_scale_ptr + rows, mask=row_ok, other=0.0)
     b_scale = tl.load(b_scale_ptr + cols, mask=col_ok, other=0.0)
     out = acc.to(tl.float32) * a_scale[:, None] * b_scale[None, :]
-    if HAS_BIAS:
+    if HAS_BIAS and BIAS_PER_ROW:  # the transposed product of `attention_operand_gemm` (rows: output channels)
+        out += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+    elif HAS_BIAS:
         out += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_GATE and GATE_PER_TILE:  # rows_per_gate >= BLOCK_M: the tile's rows belong to at most two groups
         first = (pid_m * BLOCK_M) // rows_per_gate
@@ -168,7 +175,13 @@ def _gemm_kernel(
         out = tl.minimum(tl.maximum(rint(out * tl.div_rn(1.0, tl.load(out_scale_ptr))) + zero, -128.0), 127.0)
     elif OUT_CODES == 2:  # fp8 e4m3, as fxquant::quantize_per_tensor_fp8
         out = tl.minimum(tl.maximum(out * tl.div_rn(1.0, tl.load(out_scale_ptr)), -FP8_MAX), FP8_MAX)
-    out_ptrs = out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on
+    if SPLIT_OUT:  # OUT_RUN: columns come in aligned runs of this many contiguous elements (vectorised stores)
+        row_offsets = (rows // split_m) * stride_om_outer + (rows % split_m) * stride_om
+        col_offsets = (cols // split_n) * stride_on_outer + (cols % split_n) * stride_on
+        col_offsets = tl.max_contiguous(tl.multiple_of(col_offsets, OUT_RUN), OUT_RUN)
+        out_ptrs = out_ptr + row_offsets[:, None] + col_offsets[None, :]
+    else:
+        out_ptrs = out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on
     tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=tile_ok)
 
 
@@ -240,7 +253,9 @@ def quantized_gemm(a: torch.Tensor, a_scale: torch.Tensor, a_zero: torch.Tensor 
                    gate: torch.Tensor | None = None, residual: torch.Tensor | None = None,
                    activation: str = "none", out_scale: torch.Tensor | None = None,
                    out_zero: torch.Tensor | None = None, config: dict | None = None,
-                   gate_per_tile: bool | None = None, unpack_first: bool | None = None) -> torch.Tensor:
+                   gate_per_tile: bool | None = None, unpack_first: bool | None = None,
+                   out: torch.Tensor | None = None, split_out: tuple | None = None,
+                   bias_per_row: bool = False) -> torch.Tensor:
     """a [M, K] int8 or fp8, a_scale fp32 [M] or [1] (broadcast), a_zero int32 like a_scale or None; b [N, K] same
     dtype as a, or (int8 a, weight_bits 4 / 2) uint8 [N, K * weight_bits / 8] packed codes; b_scale fp32 [N], b_sum
     int32 [N] (needed with a_zero); bias [N] or None -> out [M, N].
@@ -253,7 +268,11 @@ def quantized_gemm(a: torch.Tensor, a_scale: torch.Tensor, a_zero: torch.Tensor 
     Inductor), or `config` when given (benchmarks); otherwise the autotuned kernel is launched directly (eager
     calls). gate_per_tile (benchmarks): load the gate as one vector per sample in a tile (default: when every
     tile size fits in a sample) or per element. unpack_first (benchmarks): packed weights are unpacked into an int8
-    copy before the GEMM (`unpack_weights`; default: from UNPACK_MIN_TOKENS rows of a on) or in its K loop."""
+    copy before the GEMM (`unpack_weights`; default: from UNPACK_MIN_TOKENS rows of a on) or in its K loop.
+
+    out / split_out / bias_per_row (`attention_operand_gemm`): the output buffer, written at the kernel's SPLIT_OUT
+    offsets (split_out = (split_m, stride_om_outer, stride_om, split_n, stride_on_outer, stride_on, out_run)), and
+    the bias indexed by row; b_scale may then be [1] (broadcast) as well."""
     packed = weight_bits != 8
     assert weight_bits in (8, 4, 2), f"weight_bits {weight_bits}"
     assert a.dim() == 2 and b.dim() == 2 and a.shape[1] == b.shape[1] * 8 // weight_bits, \
@@ -274,10 +293,14 @@ def quantized_gemm(a: torch.Tensor, a_scale: torch.Tensor, a_zero: torch.Tensor 
         out_dtype, out_shape, residual = residual.dtype, residual.shape, row_strided(residual)
     if out_scale is not None:
         out_dtype = torch.int8 if out_zero is not None else torch.float8_e4m3fn
-    out = torch.empty((m, n), dtype=out_dtype, device=a.device)
+    if out is None:
+        out = torch.empty((m, n), dtype=out_dtype, device=a.device)
     if m == 0:
         return out if residual is None else out.view(out_shape)
     a_scale = a_scale.reshape(-1).float().expand(m).contiguous()
+    b_scale = b_scale.reshape(-1).float().expand(n).contiguous()
+    split_m, stride_om_outer, stride_om, split_n, stride_on_outer, stride_on, out_run = split_out or (
+        m, 0, out.stride(0), n, 0, out.stride(1), 1)
     a_zero = a_zero.reshape(-1).expand(m).contiguous() if a_zero is not None else None
     dummy = b_scale  # never read when the matching constexpr flag is off
     gate_arg, rows_per_gate, stride_gate_g, stride_gate_n = per_group_operand(
@@ -287,14 +310,16 @@ def quantized_gemm(a: torch.Tensor, a_scale: torch.Tensor, a_zero: torch.Tensor 
             b_sum if b_sum is not None else dummy, bias if bias is not None else dummy, gate_arg,
             residual if residual is not None else dummy, out_scale if out_scale is not None else dummy,
             out_zero if out_zero is not None else dummy, m, n, k, rows_per_gate,
-            a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
-            stride_gate_g, stride_gate_n, residual.stride(-2) if residual is not None and residual.dim() > 1 else n)
+            a.stride(0), a.stride(1), b.stride(0), b.stride(1), stride_om, stride_on,
+            stride_gate_g, stride_gate_n, residual.stride(-2) if residual is not None and residual.dim() > 1 else n,
+            split_m, split_n, stride_om_outer, stride_on_outer)
     if gate_per_tile is None:
         gate_per_tile = rows_per_gate >= MAX_BLOCK_M
-    flags = dict(HAS_ZERO=a_zero is not None, HAS_BIAS=bias is not None, HAS_GATE=gate is not None,
+    flags = dict(HAS_ZERO=a_zero is not None, HAS_BIAS=bias is not None, BIAS_PER_ROW=bias_per_row,
+                 HAS_GATE=gate is not None,
                  GATE_PER_TILE=gate_per_tile, HAS_RESIDUAL=residual is not None, ACT=ACTIVATION_CODES[activation],
                  OUT_CODES=0 if out_scale is None else 1 if out_zero is not None else 2, INT_ACC=a.dtype == torch.int8,
-                 WEIGHT_BITS=weight_bits)
+                 WEIGHT_BITS=weight_bits, SPLIT_OUT=split_out is not None, OUT_RUN=out_run)
     if traced:
         config = config or fixed_config(m, n, k, a.dtype == torch.int8, residual is not None, weight_bits != 8)
         grid = (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"]),)
@@ -302,3 +327,29 @@ def quantized_gemm(a: torch.Tensor, a_scale: torch.Tensor, a_zero: torch.Tensor 
     else:
         _gemm_kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)](*args, **flags)
     return out if residual is None else out.view(out_shape)
+
+
+def attention_operand_gemm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
+                           bias: torch.Tensor | None, scale: torch.Tensor, heads: int, tokens: int, keys_major: bool,
+                           traced: bool = False) -> torch.Tensor:
+    """fxquant::linear_attention_operand: the fp8 GEMM x_q [B * tokens, K] @ w_q [H * D, K]^T whose epilogue stores
+    the fp8 codes of out / scale straight into the attention operand's layout (`attention_operand_shape`; padding
+    left unwritten): Q / K rows of tokens at (sample, token), columns at (head, channel); for V (keys_major) the
+    product runs transposed (rows: channels, so that each channel's run of keys is stored contiguously)."""
+    m, n = x_q.shape[0], w_q.shape[0]
+    batch, head_dim = m // tokens, n // heads
+    out = torch.empty(attention_operand_shape(batch, heads, tokens, head_dim, keys_major), dtype=torch.float8_e4m3fn,
+                      device=x_q.device)
+    sample, head, token, channel = out.stride() if not keys_major else (*out.stride()[:2], 1, out.stride(2))
+    if keys_major:  # rows: channels (head, channel); columns: tokens (sample, token)
+        split = (head_dim, head, channel, tokens, sample, token, _run(tokens))
+        return quantized_gemm(w_q, w_scale, None, x_q, x_scale, None, bias, out.dtype, traced=traced,
+                              out_scale=scale, out=out, split_out=split, bias_per_row=True)
+    split = (tokens, sample, token, head_dim, head, channel, _run(head_dim))
+    return quantized_gemm(x_q, x_scale, None, w_q, w_scale, None, bias, out.dtype, traced=traced, out_scale=scale,
+                          out=out, split_out=split)
+
+
+def _run(size: int) -> int:
+    """The longest power-of-two run (<= 16) that divides size: aligned runs of that many stay contiguous."""
+    return min(16, size & -size)

@@ -16,8 +16,8 @@ from fxquant.quantizer import asymmetric_params, fp8_scale, pack_bits, quantize_
 triton = pytest.importorskip("triton")
 from fxquant.backends.triton.quantize import (fused_quantize_per_token, quantize_per_token,  # noqa: E402
                                               quantize_per_token_fp8)
-from fxquant.backends.triton.gemm import quantized_gemm, unpack_weights  # noqa: E402
-from fxquant.backends.triton.attention import quantized_attention  # noqa: E402
+from fxquant.backends.triton.gemm import attention_operand_gemm, quantized_gemm, unpack_weights  # noqa: E402
+from fxquant.backends.triton.attention import attention_fp8_codes, quantized_attention  # noqa: E402
 
 fxq = torch.ops.fxquant
 
@@ -360,6 +360,63 @@ def test_attention_kernel_writes_static_fp8_codes(head_dim):
     _assert_fp8_neighbours(codes, out / out_scale)  # (the float output against the reference: the test above)
 
 
+def _fp8_linear_operands(tokens: int, k: int, n: int):
+    """(x_q, x_scale, w_q, w_scale, bias) of an fp8 linear with per-token activations."""
+    x_q, x_scale = quantize_per_token_fp8(torch.randn(tokens, k))
+    w = torch.randn(n, k)
+    w_scale = w.abs().amax(dim=1) / 448
+    return x_q, x_scale, (w / w_scale[:, None]).to(torch.float8_e4m3fn), w_scale, torch.randn(n)
+
+
+@pytest.mark.parametrize("head_dim,tokens", [(40, 24), (32, 33)])
+@pytest.mark.parametrize("keys_major", [False, True])
+def test_gemm_epilogue_stores_attention_operand_codes(head_dim, tokens, keys_major):
+    """fxquant::linear_attention_operand: the GEMM's epilogue writes the fp8 codes at each element's place in the
+    attention operand's layout (Q / K heads first; V keys-major, as a transposed product with the bias per row), a
+    head dim with a tail (40 -> 32 + 32) and token counts off the tiles and off the 16-key alignment; the padding
+    is left as it was."""
+    heads, batch = 2, 2
+    linear = _fp8_linear_operands(batch * tokens, 64, heads * head_dim)
+    out = fxq.fp8_linear(*linear, torch.float32)
+    out_scale = (out.abs().max() * 0.9 / 448).reshape(1)  # some codes saturate
+    expected = fxq.linear_attention_operand(*linear, out_scale, heads, tokens, keys_major)
+    exact = (out.view(batch, tokens, heads, head_dim).transpose(1, 2) / out_scale)
+    for traced in (False, True):
+        codes = attention_operand_gemm(*linear, out_scale, heads, tokens, keys_major, traced=traced)
+        assert codes.shape == expected.shape and codes.dtype == torch.float8_e4m3fn
+        valid = codes[:, :, :head_dim, :tokens].transpose(-1, -2) if keys_major else codes[..., :head_dim]
+        _assert_fp8_neighbours(valid, exact)
+        assert (valid.float() == exact.clamp(-448, 448).to(torch.float8_e4m3fn).float()).float().mean() > 0.9
+
+
+@pytest.mark.parametrize("head_dim", [32, 72])
+def test_attention_kernel_on_laid_out_codes_masks_unwritten_padding(head_dim):
+    """fxquant::attention_fp8_codes: Q, K, V laid out by the GEMM epilogues, whose padding channels / keys hold
+    anything (here NaN codes): the kernel masks them, computing exactly what it computes on zero-padded operands
+    (quantized_attention, checked against the reference above), in float and as output codes."""
+    batch, heads, n_q, n_k = 2, 2, 40, 50
+    q, k, v = (torch.randn(batch, heads, n, head_dim) for n in (n_q, n_k, n_k))
+    scales = torch.stack([x.abs().amax() for x in (q, k, v)]) / 448
+    laid_out = []
+    for x, scale, keys_major in ((q, scales[0], False), (k, scales[1], False), (v, scales[2], True)):
+        codes = fxq.attention_operand_fp8(x, scale, keys_major)
+        garbage = torch.full_like(codes.view(torch.uint8), 0x7F).view(torch.float8_e4m3fn)  # e4m3fn NaN
+        valid = (..., slice(head_dim), slice(n_k)) if keys_major else (..., slice(head_dim))
+        garbage[valid] = codes[valid]
+        laid_out.append(garbage)
+    expected = fxq.attention_fp8_codes(*laid_out, head_dim, head_dim**-0.5, scales, torch.float32)
+    reference = fxq.quantized_attention(q, k, v, head_dim**-0.5, True, scales)
+    assert torch.equal(expected, reference)
+    out_scale = torch.tensor([0.5 / 448])
+    zero_padded = quantized_attention(q, k, v, head_dim**-0.5, True, scales)
+    zero_padded_codes = quantized_attention(q, k, v, head_dim**-0.5, True, scales, out_scale=out_scale)
+    for traced in (False, True):
+        out = attention_fp8_codes(*laid_out, head_dim, head_dim**-0.5, scales, torch.float32, traced=traced)
+        assert out.stride() == reference.stride() and torch.equal(out, zero_padded)
+        codes = attention_fp8_codes(*laid_out, head_dim, head_dim**-0.5, scales, torch.float32, out_scale, traced)
+        assert torch.equal(codes.view(torch.uint8), zero_padded_codes.view(torch.uint8))
+
+
 def test_inductor_sees_only_outputs_written():
     """Inductor copies every kernel argument that torch's TTIR analysis reports written before a traced launch: only
     the outputs may be (a helper returning several values made x look written, costing a copy per quantization)."""
@@ -371,7 +428,8 @@ def test_inductor_sees_only_outputs_written():
                        "scale_ptr"], "quantize_geglu": ["q_ptr", "scale_ptr", "zero_ptr"],
                        "quantize_concat_fp8": ["q_ptr", "scale_ptr"], "gemm_int8": ["out_ptr"],
                        "gemm_fp8_gate_residual": ["out_ptr"], "gemm_fp8_gate_per_tile": ["out_ptr"],
-                       "gemm_fp8_gelu_quantize": ["out_ptr"], "attention_fp8": ["out_ptr"]}
+                       "gemm_fp8_gelu_quantize": ["out_ptr"], "gemm_fp8_attention_operand": ["out_ptr"],
+                       "attention_fp8_laid_out": ["out_ptr"], "attention_fp8": ["out_ptr"]}
 
 
 def test_gpu_only_ptx_assembles_for_hopper(tmp_path):
