@@ -274,55 +274,73 @@ def v_operand_benchmark() -> list[dict]:
     return rows
 
 
+ATTENTION_OPERAND_CASES = {  # name -> (batch, tokens per part, heads, head dim): PixArt-alpha 1024's self-attention,
+    "pixart": (2, [4096], 16, 72),  # SD3-medium's joint attention (image + text projections)
+    "sd3_joint": (2, [4096, 333], 24, 64)}
+
+
 def attention_operands_benchmark() -> list[dict]:
-    """PixArt-alpha 1024's self-attention operands (2 x 4096 tokens, 16 heads of 72, width 1152): the q / k / v GEMMs
-    writing the fp8 codes in the attention kernel's layout from their epilogues (linear_attention_operand) against
-    the GEMM writing bf16 and Inductor's quantize + pad (+ transpose) pass; code mismatches against the fp32
-    reference; the attention kernel on the laid-out codes (tails masked) against it on zero-padded operands."""
+    """Static-fp8 attention operands from their q / k / v GEMMs: the epilogues writing the fp8 codes in the attention
+    kernel's layout (linear_attention_operand) against GEMMs writing bf16 and Inductor's quantize + pad (+ concat,
+    + transpose) pass (N-d tiling where parts are concatenated, as the backend asks); code mismatches against the
+    fp32 reference; the attention kernel on the laid-out codes (tails masked) against it on bf16 operands."""
     from fxquant.backends.triton.attention import attention_fp8_codes
     from fxquant.backends.triton.gemm import attention_operand_gemm
     from fxquant.ops import attention_operand_reference, fp8_linear_reference, heads_first
 
-    batch, tokens, heads, head_dim, width = 2, 4096, 16, 72, 1152
-    x_q, x_scale = quantize_per_token_fp8(torch.randn(batch * tokens, width, device="cuda", dtype=torch.bfloat16))
-    linears = [(*_fp8_weight(torch.randn(width, width, device="cuda") * 0.05),
-                torch.randn(width, device="cuda", dtype=torch.bfloat16)) for _ in range(3)]
-    outs = [fp8_linear_reference(x_q, x_scale, w_q, w_scale, bias, torch.float32) for w_q, w_scale, bias in linears]
-    scales = torch.stack([out.abs().amax() for out in outs]) / FP8_MAX
+    rows = []
+    for case, (batch, tokens, heads, head_dim) in ATTENTION_OPERAND_CASES.items():
+        width = heads * head_dim
+        activations = [quantize_per_token_fp8(torch.randn(batch * count, width, device="cuda", dtype=torch.bfloat16))
+                       for count in tokens]
+        operands, laid_out = [], []
+        for index in range(3):
+            linears = [(*_fp8_weight(torch.randn(width, width, device="cuda") * 0.05),
+                        torch.randn(width, device="cuda", dtype=torch.bfloat16)) for _ in tokens]
+            parts = [list(part) for part in zip(*[(x_q, x_scale, w_q, w_scale, bias) for (x_q, x_scale), (
+                w_q, w_scale, bias) in zip(activations, linears)])]
+            outs = [heads_first(fp8_linear_reference(*linear, torch.float32), heads, count)
+                    for *linear, count in zip(*parts, tokens)]
+            scale = torch.cat(outs, dim=2).abs().amax() / FP8_MAX
+            keys_major = index == 2
+            fused = attention_operand_gemm(*parts, scale, heads, tokens, keys_major, traced=True)
+            reference = attention_operand_reference(torch.cat(outs, dim=2), scale, keys_major)
+            valid = (..., slice(head_dim), slice(sum(tokens))) if keys_major else (..., slice(head_dim))
+            torch._dynamo.reset()
+            layout = torch.compile(lambda *parts: attention_operand_reference(torch.cat(parts, dim=2), scale,
+                                                                              keys_major),
+                                   options={"triton.prefer_nd_tiling": True} if len(tokens) > 1 else {})
+
+            def unfused(parts=parts):
+                return layout(*[heads_first(quantized_gemm(x_q, x_scale, None, w_q, w_scale, None, bias,
+                                                           torch.bfloat16, traced=True), heads, count)
+                                for x_q, x_scale, w_q, w_scale, bias, count in zip(*parts, tokens)])
+
+            row = {"case": case, "operand": "qkv"[index], "tokens": tokens, "code_mismatch_fraction":
+                   (fused[valid].float() != reference[valid].float()).float().mean().item(),
+                   "us": {"gemm_epilogue_writes_codes": 1e3 * _graph_median_ms(lambda: attention_operand_gemm(
+                              *parts, scale, heads, tokens, keys_major, traced=True)),
+                          "gemm_bf16_then_inductor_layout": 1e3 * _graph_median_ms(unfused)}}
+            row["saved_us"] = row["us"]["gemm_bf16_then_inductor_layout"] - row["us"]["gemm_epilogue_writes_codes"]
+            rows.append(row)
+            print("attention_operands", row, flush=True)
+            operands.append(torch.cat(outs, dim=2).to(torch.bfloat16))
+            laid_out.append((fused, scale))
+        scales = torch.stack([scale for _, scale in laid_out])
+        codes = [fused for fused, _ in laid_out]
+        q, k, v = operands
+        n = sum(tokens)
+        tune(batch, heads, n, n, head_dim, True, True, torch.bfloat16)  # both launches take the tuned tile
+        on_codes = attention_fp8_codes(*codes, head_dim, head_dim**-0.5, scales, torch.bfloat16, traced=True)
+        on_bf16 = quantized_attention(q, k, v, head_dim**-0.5, True, scales, traced=True)
+        bf16_operands = kernel_operands(q, k, v, True, scales)
+        rows.append({"case": case, "attention_rel_l2_vs_bf16_operands": relative_l2(on_codes, on_bf16),
+                     "ms": {"laid_out_codes_masked_tails": _graph_median_ms(lambda: attention_fp8_codes(
+                                *codes, head_dim, head_dim**-0.5, scales, torch.bfloat16, traced=True)),
+                            "bf16_operands_kernel_only": _graph_median_ms(lambda: attend(q, bf16_operands,
+                                                                                         head_dim**-0.5))}})
+        print("attention_operands", rows[-1], flush=True)
     torch._dynamo.reset()
-    layout = torch.compile(attention_operand_reference)
-    rows, laid_out = [], []
-    for index, ((w_q, w_scale, bias), out) in enumerate(zip(linears, outs)):
-        keys_major = index == 2
-        args = (x_q, x_scale, w_q, w_scale, bias, scales[index])
-        fused = attention_operand_gemm(*args, heads, tokens, keys_major, traced=True)
-        reference = attention_operand_reference(heads_first(out, heads, tokens), scales[index], keys_major)
-        valid = (..., slice(head_dim), slice(tokens)) if keys_major else (..., slice(head_dim))
-        laid_out.append(fused)
-        unfused = lambda: layout(heads_first(quantized_gemm(  # noqa: E731
-            x_q, x_scale, None, w_q, w_scale, None, bias, torch.bfloat16, traced=True), heads, tokens),
-            scales[index], keys_major)
-        row = {"operand": "qkv"[index], "code_mismatch_fraction":
-               (fused[valid].float() != reference[valid].float()).float().mean().item(),
-               "us": {"gemm_epilogue_writes_codes": 1e3 * _graph_median_ms(
-                          lambda: attention_operand_gemm(*args, heads, tokens, keys_major, traced=True)),
-                      "gemm_bf16_then_inductor_layout": 1e3 * _graph_median_ms(unfused),
-                      "gemm_bf16_alone": 1e3 * _graph_median_ms(lambda: quantized_gemm(
-                          x_q, x_scale, None, w_q, w_scale, None, bias, torch.bfloat16, traced=True))}}
-        row["saved_us"] = row["us"]["gemm_bf16_then_inductor_layout"] - row["us"]["gemm_epilogue_writes_codes"]
-        rows.append(row)
-        print("attention_operands", row, flush=True)
-    q, k, v = (heads_first(out.to(torch.bfloat16), heads, tokens) for out in outs)
-    tune(batch, heads, tokens, tokens, head_dim, True, True, torch.bfloat16)  # both launches take the tuned tile
-    on_codes = attention_fp8_codes(*laid_out, head_dim, head_dim**-0.5, scales, torch.bfloat16, traced=True)
-    zero_padded = quantized_attention(q, k, v, head_dim**-0.5, True, scales, traced=True)
-    rows.append({"attention_on_laid_out_codes_rel_l2_vs_bf16_operands": relative_l2(on_codes, zero_padded),
-                 "ms": {"laid_out_codes_masked_tails": _graph_median_ms(lambda: attention_fp8_codes(
-                            *laid_out, head_dim, head_dim**-0.5, scales, torch.bfloat16, traced=True)),
-                        "zero_padded_kernel_only": _graph_median_ms(lambda: attend(
-                            q, kernel_operands(q, k, v, True, scales), head_dim**-0.5))}})
-    torch._dynamo.reset()
-    print("attention_operands", rows[-1], flush=True)
     return rows
 
 

@@ -513,21 +513,23 @@ def heads_first(x: torch.Tensor, heads: int, tokens: int) -> torch.Tensor:
 
 
 @torch.library.custom_op("fxquant::linear_attention_operand", mutates_args=())
-def linear_attention_operand(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
-                             bias: torch.Tensor | None, scale: torch.Tensor, heads: int, tokens: int,
-                             keys_major: bool) -> torch.Tensor:
-    """attention_operand_fp8(heads_first(fp8_linear(x_q, x_scale, w_q, w_scale, bias), heads, tokens), scale,
-    keys_major), the linear's output kept in fp32 until quantized: the compile backend puts it in place of a q / k / v
-    projection feeding a static-fp8 attention, so that the GEMM's epilogue writes the attention's operand. x_q
-    [B * tokens, K] -> fp8 codes, shaped as attention_operand_fp8's."""
-    out = fp8_linear_reference(x_q, x_scale, w_q, w_scale, bias, torch.float32)
-    return attention_operand_reference(heads_first(out, heads, tokens), scale, keys_major)
+def linear_attention_operand(x_q: list[torch.Tensor], x_scale: list[torch.Tensor], w_q: list[torch.Tensor],
+                             w_scale: list[torch.Tensor], bias: list[torch.Tensor | None], scale: torch.Tensor,
+                             heads: int, tokens: list[int], keys_major: bool) -> torch.Tensor:
+    """attention_operand_fp8 of fp8 linears' outputs seen as heads and concatenated along tokens (one part, or SD3 /
+    Flux joint attention's image and text parts), the outputs kept in fp32 until quantized: part p is
+    heads_first(fp8_linear(x_q[p] [B * tokens[p], K_p], x_scale[p], w_q[p], w_scale[p], bias[p]), heads, tokens[p]).
+    The compile backend puts it in place of the q / k / v projections feeding a static-fp8 attention, so that their
+    GEMMs' epilogues write the attention's operand. -> fp8 codes, shaped as attention_operand_fp8's."""
+    parts = [heads_first(fp8_linear_reference(*linear, torch.float32), heads, count)
+             for *linear, count in zip(x_q, x_scale, w_q, w_scale, bias, tokens)]
+    return attention_operand_reference(torch.cat(parts, dim=2), scale, keys_major)
 
 
 @linear_attention_operand.register_fake
 def _(x_q, x_scale, w_q, w_scale, bias, scale, heads, tokens, keys_major):
-    shape = (x_q.shape[0] // tokens, heads, tokens, w_q.shape[0] // heads)
-    return x_q.new_empty(attention_operand_shape(*shape, keys_major), dtype=torch.float8_e4m3fn)
+    shape = (x_q[0].shape[0] // tokens[0], heads, sum(tokens), w_q[0].shape[0] // heads)
+    return x_q[0].new_empty(attention_operand_shape(*shape, keys_major), dtype=torch.float8_e4m3fn)
 
 
 @torch.library.custom_op("fxquant::attention_fp8_codes", mutates_args=())

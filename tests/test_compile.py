@@ -5,7 +5,7 @@ import types
 
 import pytest
 import torch
-from diffusers.models.attention import BasicTransformerBlock
+from diffusers.models.attention import BasicTransformerBlock, JointTransformerBlock
 
 from families import FAMILIES
 from fxquant.backends.triton.backend import compile_counter, concatenates_fp8_values, inline_kernels, split_options
@@ -87,9 +87,11 @@ FUSIONS = {  # backend option -> (compile_counter key, {(family, recipe): rewrit
     # (self- and cross-attention)
     "fxquant.fuse_attention_outputs": ("fused_attention_outputs", {
         ("pixart", "w8a8-fp8:attention=fp8-static,static_attention_outputs=true"): 2}),
-    # the q / k / v projections of both static-fp8 attentions write the attention's laid-out fp8 operands
+    # the q / k / v projections of both static-fp8 attentions write the attention's laid-out fp8 operands; SD3's
+    # joint attention: image and text projections into one operand each
     "fxquant.fuse_attention_operands": ("fused_attention_operands", {
-        ("pixart", "w8a8-fp8:attention=fp8-static,static_attention_outputs=true"): 6}),
+        ("pixart", "w8a8-fp8:attention=fp8-static,static_attention_outputs=true"): 6,
+        ("sd3", "w8a8-fp8:attention=fp8-static"): 6}),
 }
 
 
@@ -100,7 +102,7 @@ def test_backend_fusions_rewrite_every_block_and_compute_the_same(quantized_fami
     it off, and the fused graph computes what the unfused one does."""
     counter, cases = FUSIONS[option]
     _, qmodel, _ = quantized_family(name, recipe)
-    blocks = [m for m in qmodel.model.modules() if isinstance(m, BasicTransformerBlock)]
+    blocks = [m for m in qmodel.model.modules() if isinstance(m, (BasicTransformerBlock, JointTransformerBlock))]
     inputs = FAMILIES[name].inputs(batch=2, seed=4)
     outputs = {}
     for enabled in (True, False):

@@ -432,22 +432,50 @@ def fuse_attention_output_quantization(gm: fx.GraphModule) -> int:
     return _cleaned(gm, fused)
 
 
-def _head_projection(operand) -> tuple | None:
-    """(fp8_linear node, heads, tokens) when operand, an attention's [B, H, N, D] argument, is the single-use output
-    [B * N, H * D] of an fp8 linear seen through views that only move its heads out (operand[b, h, n, d] =
-    out[b * N + n, h * D + d]), else None."""
+def _head_projection(operand, tokens_first: bool = False) -> tuple | None:
+    """(fp8_linear node, heads, tokens) when operand is the single-use output [B * N, H * D] of an fp8 linear seen
+    through views as its heads: [B, H, N, D] with operand[b, h, n, d] = out[b * N + n, h * D + d], or, tokens_first,
+    [B, N, H, D] (the same values, heads not yet moved out); else None."""
     value, node = _value(operand), operand
     while _is_head_view(node) and _only_use(node):
         node = node.args[0]
     if not (node.op == "call_function" and _target(node) == fxq.fp8_linear.default and _only_use(node)
-            and value is not None and value.dim() == 4 and _value(node) is not None):
+            and value is not None and value.dim() == 4 and _value(node) is not None
+            and all(isinstance(size, int) for size in value.shape)):
         return None
-    batch, heads, tokens, head_dim = value.shape
-    heads_view = (tokens * heads * head_dim, head_dim, heads * head_dim, 1)
-    if not (all(isinstance(size, int) for size in value.shape) and tuple(value.stride()) == heads_view
-            and value.storage_offset() == 0 and tuple(_value(node).shape) == (batch * tokens, heads * head_dim)):
+    batch, heads, tokens, head_dim = value.shape if not tokens_first else value.shape[:1] + value.shape[1:3][::-1] + \
+        value.shape[3:]
+    strides = (tokens * heads * head_dim, head_dim, heads * head_dim, 1)
+    if tokens_first:
+        strides = (strides[0], strides[2], strides[1], 1)
+    if tuple(value.stride()) != strides or value.storage_offset() != 0 or tuple(_value(node).shape) != (
+            batch * tokens, heads * head_dim):
         return None
     return node, heads, tokens
+
+
+def _head_projections(operand) -> list[tuple] | None:
+    """[(fp8_linear node, heads, tokens), ...] when operand, an attention's [B, H, N, D] argument, is one head
+    projection (`_head_projection`) or the single-use concatenation along tokens of several (SD3 / Flux joint
+    attention's image and text parts: cat along N of [B, H, N_p, D] views, or cat along N of [B, N_p, H, D] views
+    with the heads moved out after it), else None."""
+    value, node = _value(operand), operand
+    while _is_head_view(node) and _only_use(node):
+        node = node.args[0]
+    if not (_call(node, {torch.cat}) and _only_use(node) and value is not None and _value(node) is not None
+            and _value(node).dim() == 4):
+        single = _head_projection(operand)
+        return [single] if single else None
+    joint = _value(node)
+    dim = _arg(node, 1, "dim", 0) % 4
+    moved = (joint.shape[0], joint.shape[2], joint.shape[1], joint.shape[3])  # [B, N, H, D] -> [B, H, N, D]
+    batch, heads, tokens, head_dim = value.shape
+    layouts = {2: (node is operand, False),  # cat along N of [B, H, N_p, D]
+               1: (tuple(value.shape) == moved and tuple(value.stride()) == (  # cat of [B, N_p, H, D], then moved
+                   tokens * heads * head_dim, head_dim, heads * head_dim, 1), True)}
+    matches, tokens_first = layouts.get(dim, (False, False))
+    parts = [_head_projection(part, tokens_first) for part in _arg(node, 0, "tensors", ())] if matches else []
+    return parts if parts and all(parts) else None
 
 
 def _with_example_value(node: fx.Node) -> fx.Node:
@@ -459,17 +487,18 @@ def _with_example_value(node: fx.Node) -> fx.Node:
 
 
 def fuse_attention_operands(gm: fx.GraphModule) -> int:
-    """Rewrite a static-fp8 quantized attention (operand_scales given) that takes an operand straight from an fp8
-    linear (`_head_projection`: q / k / v projections) into attention_fp8_codes on laid-out operands: those linears
-    become linear_attention_operand (the GEMM's epilogue writes the fp8 codes in the attention kernel's layout), the
-    other operands attention_operand_fp8 (plain PyTorch for Inductor). Returns how many linears were fused."""
+    """Rewrite a static-fp8 quantized attention (operand_scales given) that takes an operand straight from fp8
+    linears (`_head_projections`: q / k / v projections, joint ones concatenated) into attention_fp8_codes on
+    laid-out operands: those linears become one linear_attention_operand per operand (the GEMMs' epilogues write the
+    fp8 codes in the attention kernel's layout), the other operands attention_operand_fp8 (plain PyTorch for
+    Inductor). Returns how many linears were fused."""
     fused = 0
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or _target(node) not in _ATTENTION_OPS:
             continue
         args = _node_args(node, _target(node))
         (q, k, v, scale, _, operand_scales), out_scale = args[:6], (args[6:] or [None])[0]
-        projections = [_head_projection(x) for x in (q, k, v)] if operand_scales is not None else []
+        projections = [_head_projections(x) for x in (q, k, v)] if operand_scales is not None else []
         if not any(projections):
             continue
         with gm.graph.inserting_before(node):
@@ -479,16 +508,17 @@ def fuse_attention_operands(gm: fx.GraphModule) -> int:
                 if projection is None:
                     call = (fxq.attention_operand_fp8.default, (x, operand_scale, index == 2))
                 else:
-                    linear, heads, tokens = projection
-                    call = (fxq.linear_attention_operand.default, (*_node_args(linear, fxq.fp8_linear.default)[:5],
-                                                                   operand_scale, heads, tokens, index == 2))
+                    linears = [_node_args(linear, fxq.fp8_linear.default)[:5] for linear, _, _ in projection]
+                    call = (fxq.linear_attention_operand.default, (*map(list, zip(*linears)), operand_scale,
+                                                                   projection[0][1], [part[2] for part in projection],
+                                                                   index == 2))
                 operands.append(_with_example_value(gm.graph.call_function(*call)))
             codes = gm.graph.call_function(fxq.attention_fp8_codes.default, (
                 *operands, _value(q).shape[-1], scale, operand_scales, _value(q).dtype, out_scale))
         codes.meta.update(node.meta)
         node.replace_all_uses_with(codes)
         gm.graph.erase_node(node)
-        fused += sum(projection is not None for projection in projections)
+        fused += sum(len(projection) for projection in projections if projection)
     return _cleaned(gm, fused)
 
 

@@ -89,9 +89,9 @@ def _gemm_kernel(
     M, N, K, rows_per_gate,
     # strides (b's in its stored, possibly packed, units)
     stride_am, stride_ak, stride_bn, stride_bk, stride_om, stride_on, stride_gate_g, stride_gate_n, stride_rm,
-    # SPLIT_OUT: out[m, n] is stored at (m // split_m) * stride_om_outer + (m % split_m) * stride_om
-    #                                 + (n // split_n) * stride_on_outer + (n % split_n) * stride_on
-    split_m, split_n, stride_om_outer, stride_on_outer,
+    # SPLIT_OUT: out[m, n] is stored at out_offset + (m // split_m) * stride_om_outer + (m % split_m) * stride_om
+    #                                              + (n // split_n) * stride_on_outer + (n % split_n) * stride_on
+    split_m, split_n, stride_om_outer, stride_on_outer, out_offset,
     # meta-parameters
     HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_PER_ROW: tl.constexpr, HAS_GATE: tl.constexpr,
     GATE_PER_TILE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACT: tl.constexpr, OUT_CODES: tl.constexpr,
@@ -179,7 +179,7 @@ def _gemm_kernel(
         row_offsets = (rows // split_m) * stride_om_outer + (rows % split_m) * stride_om
         col_offsets = (cols // split_n) * stride_on_outer + (cols % split_n) * stride_on
         col_offsets = tl.max_contiguous(tl.multiple_of(col_offsets, OUT_RUN), OUT_RUN)
-        out_ptrs = out_ptr + row_offsets[:, None] + col_offsets[None, :]
+        out_ptrs = out_ptr + out_offset + row_offsets[:, None] + col_offsets[None, :]
     else:
         out_ptrs = out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on
     tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=tile_ok)
@@ -271,8 +271,8 @@ def quantized_gemm(a: torch.Tensor, a_scale: torch.Tensor, a_zero: torch.Tensor 
     copy before the GEMM (`unpack_weights`; default: from UNPACK_MIN_TOKENS rows of a on) or in its K loop.
 
     out / split_out / bias_per_row (`attention_operand_gemm`): the output buffer, written at the kernel's SPLIT_OUT
-    offsets (split_out = (split_m, stride_om_outer, stride_om, split_n, stride_on_outer, stride_on, out_run)), and
-    the bias indexed by row; b_scale may then be [1] (broadcast) as well."""
+    offsets (split_out = (split_m, stride_om_outer, stride_om, split_n, stride_on_outer, stride_on, out_run,
+    out_offset)), and the bias indexed by row; b_scale may then be [1] (broadcast) as well."""
     packed = weight_bits != 8
     assert weight_bits in (8, 4, 2), f"weight_bits {weight_bits}"
     assert a.dim() == 2 and b.dim() == 2 and a.shape[1] == b.shape[1] * 8 // weight_bits, \
@@ -299,8 +299,8 @@ def quantized_gemm(a: torch.Tensor, a_scale: torch.Tensor, a_zero: torch.Tensor 
         return out if residual is None else out.view(out_shape)
     a_scale = a_scale.reshape(-1).float().expand(m).contiguous()
     b_scale = b_scale.reshape(-1).float().expand(n).contiguous()
-    split_m, stride_om_outer, stride_om, split_n, stride_on_outer, stride_on, out_run = split_out or (
-        m, 0, out.stride(0), n, 0, out.stride(1), 1)
+    split_m, stride_om_outer, stride_om, split_n, stride_on_outer, stride_on, out_run, out_offset = split_out or (
+        m, 0, out.stride(0), n, 0, out.stride(1), 1, 0)
     a_zero = a_zero.reshape(-1).expand(m).contiguous() if a_zero is not None else None
     dummy = b_scale  # never read when the matching constexpr flag is off
     gate_arg, rows_per_gate, stride_gate_g, stride_gate_n = per_group_operand(
@@ -312,7 +312,7 @@ def quantized_gemm(a: torch.Tensor, a_scale: torch.Tensor, a_zero: torch.Tensor 
             out_zero if out_zero is not None else dummy, m, n, k, rows_per_gate,
             a.stride(0), a.stride(1), b.stride(0), b.stride(1), stride_om, stride_on,
             stride_gate_g, stride_gate_n, residual.stride(-2) if residual is not None and residual.dim() > 1 else n,
-            split_m, split_n, stride_om_outer, stride_on_outer)
+            split_m, split_n, stride_om_outer, stride_on_outer, out_offset)
     if gate_per_tile is None:
         gate_per_tile = rows_per_gate >= MAX_BLOCK_M
     flags = dict(HAS_ZERO=a_zero is not None, HAS_BIAS=bias is not None, BIAS_PER_ROW=bias_per_row,
@@ -329,25 +329,30 @@ def quantized_gemm(a: torch.Tensor, a_scale: torch.Tensor, a_zero: torch.Tensor 
     return out if residual is None else out.view(out_shape)
 
 
-def attention_operand_gemm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
-                           bias: torch.Tensor | None, scale: torch.Tensor, heads: int, tokens: int, keys_major: bool,
-                           traced: bool = False) -> torch.Tensor:
-    """fxquant::linear_attention_operand: the fp8 GEMM x_q [B * tokens, K] @ w_q [H * D, K]^T whose epilogue stores
-    the fp8 codes of out / scale straight into the attention operand's layout (`attention_operand_shape`; padding
-    left unwritten): Q / K rows of tokens at (sample, token), columns at (head, channel); for V (keys_major) the
-    product runs transposed (rows: channels, so that each channel's run of keys is stored contiguously)."""
-    m, n = x_q.shape[0], w_q.shape[0]
-    batch, head_dim = m // tokens, n // heads
-    out = torch.empty(attention_operand_shape(batch, heads, tokens, head_dim, keys_major), dtype=torch.float8_e4m3fn,
-                      device=x_q.device)
+def attention_operand_gemm(x_q: list[torch.Tensor], x_scale: list[torch.Tensor], w_q: list[torch.Tensor],
+                           w_scale: list[torch.Tensor], bias: list[torch.Tensor | None], scale: torch.Tensor,
+                           heads: int, tokens: list[int], keys_major: bool, traced: bool = False) -> torch.Tensor:
+    """fxquant::linear_attention_operand: per part, the fp8 GEMM x_q[p] [B * tokens[p], K] @ w_q[p] [H * D, K]^T whose
+    epilogue stores the fp8 codes of out / scale straight into the attention operand's layout
+    (`attention_operand_shape`, the parts one after the other along tokens; padding left unwritten): Q / K rows of
+    tokens at (sample, token), columns at (head, channel); for V (keys_major) the product runs transposed (rows:
+    channels, so that each channel's run of keys is stored contiguously)."""
+    batch, head_dim = x_q[0].shape[0] // tokens[0], w_q[0].shape[0] // heads
+    out = torch.empty(attention_operand_shape(batch, heads, sum(tokens), head_dim, keys_major),
+                      dtype=torch.float8_e4m3fn, device=x_q[0].device)
     sample, head, token, channel = out.stride() if not keys_major else (*out.stride()[:2], 1, out.stride(2))
-    if keys_major:  # rows: channels (head, channel); columns: tokens (sample, token)
-        split = (head_dim, head, channel, tokens, sample, token, _run(tokens))
-        return quantized_gemm(w_q, w_scale, None, x_q, x_scale, None, bias, out.dtype, traced=traced,
-                              out_scale=scale, out=out, split_out=split, bias_per_row=True)
-    split = (tokens, sample, token, head_dim, head, channel, _run(head_dim))
-    return quantized_gemm(x_q, x_scale, None, w_q, w_scale, None, bias, out.dtype, traced=traced, out_scale=scale,
-                          out=out, split_out=split)
+    offset = 0  # of the part's first token, in elements
+    for part_q, part_scale, part_w, part_w_scale, part_bias, count in zip(x_q, x_scale, w_q, w_scale, bias, tokens):
+        if keys_major:  # rows: channels (head, channel); columns: tokens (sample, token)
+            split = (head_dim, head, channel, count, sample, token, _run(count), offset)
+            quantized_gemm(part_w, part_w_scale, None, part_q, part_scale, None, part_bias, out.dtype, traced=traced,
+                           out_scale=scale, out=out, split_out=split, bias_per_row=True)
+        else:
+            split = (count, sample, token, head_dim, head, channel, _run(head_dim), offset)
+            quantized_gemm(part_q, part_scale, None, part_w, part_w_scale, None, part_bias, out.dtype, traced=traced,
+                           out_scale=scale, out=out, split_out=split)
+        offset += count * token
+    return out
 
 
 def _run(size: int) -> int:

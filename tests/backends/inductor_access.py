@@ -73,9 +73,9 @@ def main() -> None:
             torch.zeros(96, 96, dtype=torch.float8_e4m3fn), torch.ones(96), None, None, torch.bfloat16, traced=True,
             activation="gelu_tanh", out_scale=torch.ones(1)),
         "gemm_fp8_attention_operand": lambda: gemm.attention_operand_gemm(
-            torch.zeros(128, 96, dtype=torch.float8_e4m3fn), torch.ones(128),
-            torch.zeros(96, 96, dtype=torch.float8_e4m3fn), torch.ones(96), torch.ones(96), torch.ones(1), 2, 64, True,
-            traced=True),
+            [torch.zeros(128, 96, dtype=torch.float8_e4m3fn)], [torch.ones(128)],
+            [torch.zeros(96, 96, dtype=torch.float8_e4m3fn)], [torch.ones(96)], [torch.ones(96)], torch.ones(1), 2,
+            [64], True, traced=True),
         "attention_fp8_laid_out": lambda: attention.attention_fp8_codes(
             *(torch.zeros(1, 2, 64, 96, dtype=torch.float8_e4m3fn) for _ in range(2)),
             torch.zeros(1, 2, 96, 64, dtype=torch.float8_e4m3fn), 72, 0.1, torch.ones(3), torch.bfloat16, traced=True),

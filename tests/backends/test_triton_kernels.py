@@ -368,23 +368,27 @@ def _fp8_linear_operands(tokens: int, k: int, n: int):
     return x_q, x_scale, (w / w_scale[:, None]).to(torch.float8_e4m3fn), w_scale, torch.randn(n)
 
 
-@pytest.mark.parametrize("head_dim,tokens", [(40, 24), (32, 33)])
+@pytest.mark.parametrize("head_dim,tokens", [(40, [24]), (32, [33]), (40, [32, 7])])
 @pytest.mark.parametrize("keys_major", [False, True])
 def test_gemm_epilogue_stores_attention_operand_codes(head_dim, tokens, keys_major):
     """fxquant::linear_attention_operand: the GEMM's epilogue writes the fp8 codes at each element's place in the
     attention operand's layout (Q / K heads first; V keys-major, as a transposed product with the bias per row), a
-    head dim with a tail (40 -> 32 + 32) and token counts off the tiles and off the 16-key alignment; the padding
-    is left as it was."""
+    head dim with a tail (40 -> 32 + 32), token counts off the tiles and off the 16-key alignment, and two parts
+    (a joint attention's image and text tokens) one after the other; the padding is left as it was."""
     heads, batch = 2, 2
-    linear = _fp8_linear_operands(batch * tokens, 64, heads * head_dim)
-    out = fxq.fp8_linear(*linear, torch.float32)
-    out_scale = (out.abs().max() * 0.9 / 448).reshape(1)  # some codes saturate
-    expected = fxq.linear_attention_operand(*linear, out_scale, heads, tokens, keys_major)
-    exact = (out.view(batch, tokens, heads, head_dim).transpose(1, 2) / out_scale)
+    linears = [_fp8_linear_operands(batch * count, 64 - 16 * index, heads * head_dim)
+               for index, count in enumerate(tokens)]
+    outs = [fxq.fp8_linear(*linear, torch.float32).view(batch, count, heads, head_dim).transpose(1, 2)
+            for linear, count in zip(linears, tokens)]
+    exact = torch.cat(outs, dim=2)
+    out_scale = (exact.abs().max() * 0.9 / 448).reshape(1)  # some codes saturate
+    exact = exact / out_scale
+    parts = [list(operand) for operand in zip(*linears)]
+    expected = fxq.linear_attention_operand(*parts, out_scale, heads, tokens, keys_major)
     for traced in (False, True):
-        codes = attention_operand_gemm(*linear, out_scale, heads, tokens, keys_major, traced=traced)
+        codes = attention_operand_gemm(*parts, out_scale, heads, tokens, keys_major, traced=traced)
         assert codes.shape == expected.shape and codes.dtype == torch.float8_e4m3fn
-        valid = codes[:, :, :head_dim, :tokens].transpose(-1, -2) if keys_major else codes[..., :head_dim]
+        valid = codes[:, :, :head_dim, :sum(tokens)].transpose(-1, -2) if keys_major else codes[..., :head_dim]
         _assert_fp8_neighbours(valid, exact)
         assert (valid.float() == exact.clamp(-448, 448).to(torch.float8_e4m3fn).float()).float().mean() > 0.9
 
