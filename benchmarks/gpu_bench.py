@@ -41,8 +41,8 @@ from fxquant.metrics import relative_l2
 from fxquant.model import compile_repeated_blocks
 from fxquant.ops import (int8_linear_reference, prologue_reference, quantize_per_token_reference,
                          quantized_attention_reference)
-from fxquant.quantizer import (attention_operands, fp8_scale, pack_bits, quantize_fp8, quantize_fp8_with_scale,
-                               quantize_weight_per_channel)
+from fxquant.quantizer import (asymmetric_params, attention_operands, fp8_scale, pack_bits, quantize_fp8,
+                               quantize_fp8_with_scale, quantize_weight_per_channel)
 
 DIT_SHAPES = [(1152, 1152), (1152, 3456), (1152, 4608), (4608, 1152)]  # (K, N) of PixArt-alpha's linears
 FP8_MAX = 448.0
@@ -340,6 +340,50 @@ def attention_operands_benchmark() -> list[dict]:
                             "bf16_operands_kernel_only": _graph_median_ms(lambda: attend(q, bf16_operands,
                                                                                          head_dim**-0.5))}})
         print("attention_operands", rows[-1], flush=True)
+    torch._dynamo.reset()
+    return rows
+
+
+CONV_SHAPES = [  # SDXL-size UNet convolutions at 1024 px (batch 2): (channels, size, out channels, kernel, stride)
+    (320, 128, 320, 3, 1), (320, 128, 320, 3, 2), (640, 64, 640, 3, 1), (1280, 32, 1280, 3, 1), (640, 64, 1280, 1, 1)]
+
+
+def conv_benchmark() -> list[dict]:
+    """The implicit-GEMM int8 conv (static activations) against the im2col reference (exactness) and its time against
+    cuDNN bf16 (NCHW and channels-last inputs), with and without the quantization of its input (plain PyTorch,
+    compiled, as the backend leaves it to Inductor)."""
+    from fxquant.backends.triton.conv import channels_last_codes, quantized_conv2d
+    from fxquant.ops import int8_conv2d_reference
+
+    rows = []
+    for channels, size, out_channels, kernel, stride in CONV_SHAPES:
+        x = torch.randn(2, channels, size, size, device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(out_channels, channels, kernel, kernel, device="cuda", dtype=torch.bfloat16) * 0.05
+        bias = torch.randn(out_channels, device="cuda", dtype=torch.bfloat16)
+        w_q, w_scale = quantize_weight_per_channel(w)
+        w_q = w_q.contiguous(memory_format=torch.channels_last)
+        w_sum = w_q.sum(dim=(1, 2, 3), dtype=torch.int32)
+        scale, zero = (p.reshape(1) for p in asymmetric_params(x.float().min(), x.float().max()))
+        geometry = ([stride] * 2, [kernel // 2] * 2, [1, 1])
+        out = quantized_conv2d(x, scale, zero, w_q, w_scale, w_sum, bias, *geometry, traced=True)
+        reference = int8_conv2d_reference(x, scale, zero, w_q, w_scale, w_sum, bias, *geometry)
+        torch._dynamo.reset()
+        codes = torch.compile(channels_last_codes)
+        x_last = x.contiguous(memory_format=torch.channels_last)
+        w_last = w.contiguous(memory_format=torch.channels_last)
+        flops = 2 * out.numel() * channels * kernel * kernel
+        row = {"shape": [2, channels, size, size, out_channels, kernel, stride],
+               "rel_err_vs_reference": relative_l2(out, reference), "equal_to_reference": torch.equal(out, reference),
+               "rel_err_vs_bf16_conv": relative_l2(out, F.conv2d(x, w, bias, *geometry)),
+               "ms": {"fxquant_int8_conv": _graph_median_ms(lambda: quantized_conv2d(
+                          x, scale, zero, w_q, w_scale, w_sum, bias, *geometry, traced=True)),
+                      "quantize_input_compiled": _graph_median_ms(lambda: codes(x, scale, zero)),
+                      "cudnn_bf16_nchw": _graph_median_ms(lambda: F.conv2d(x, w, bias, *geometry)),
+                      "cudnn_bf16_channels_last": _graph_median_ms(lambda: F.conv2d(x_last, w_last, bias, *geometry))}}
+        row["tops_fxquant"] = flops / (row["ms"]["fxquant_int8_conv"] * 1e-3) / 1e12
+        row["speedup_vs_cudnn_nchw"] = row["ms"]["cudnn_bf16_nchw"] / row["ms"]["fxquant_int8_conv"]
+        rows.append(row)
+        print("conv", row, flush=True)
     torch._dynamo.reset()
     return rows
 
@@ -1031,7 +1075,7 @@ def model_benchmark(name: str, variants: list[str], results: dict, save, layers:
 
 KERNEL_SECTIONS = {"kernels": check_kernels, "prologue": prologue_benchmark,
                    "concat_prologue": concat_prologue_benchmark, "v_operand": v_operand_benchmark,
-                   "attention_operands": attention_operands_benchmark,
+                   "attention_operands": attention_operands_benchmark, "conv": conv_benchmark,
                    "quantize_configs": quantize_config_sweep,
                    "epilogue": epilogue_sweep, "gemm": gemm_benchmark, "packed": packed_gemm_sweep,
                    "packed_tiles": packed_tile_sweep, "model_gemms": model_gemm_sweep,

@@ -20,6 +20,7 @@ from triton.compiler import ASTSource
 
 import fxquant  # noqa: F401  (registers the ops the kernels' modules import)
 from fxquant.backends.triton.attention import _attention_kernel
+from fxquant.backends.triton.conv import _conv_kernel
 from fxquant.backends.triton.gemm import _gemm_kernel
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -96,16 +97,25 @@ def attention_reports() -> dict:
     return reports
 
 
+def conv_reports() -> dict:
+    """The implicit-GEMM conv (3 x 3 taps, static int8 activations, bias) at its GPU tile: 128 x 128 x 64, 8 warps,
+    3 stages."""
+    types = {"a_ptr": "*i8", "w_ptr": "*i8", "out_ptr": "*bf16", "a_scale_ptr": "*fp32", "a_zero_ptr": "*i32",
+             "w_scale_ptr": "*fp32", "w_sum_ptr": "*i32", "bias_ptr": "*bf16"}
+    constants = dict(KH=3, KW=3, HAS_BIAS=True, OUT_RUN=16, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8)
+    return {"conv3x3_int8": _report(_conv_kernel, types, constants, 8, 3)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     result = {"target": "cuda sm_90", "triton": triton.__version__, "gemm": gemm_reports(),
-              "attention": attention_reports()}
+              "attention": attention_reports(), "conv": conv_reports()}
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
         f.write("\n")
-    for family in ("gemm", "attention"):
+    for family in ("gemm", "attention", "conv"):
         for name, report in result[family].items():
             print(family, name, report)
 

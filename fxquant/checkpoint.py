@@ -201,6 +201,9 @@ def _assign(model: nn.Module, tensors: dict[str, torch.Tensor], root: Path) -> N
         current = expected[name]
         if tuple(current.shape) != tuple(tensor.shape):
             raise CheckpointError(f"{name}: stored shape {tuple(tensor.shape)} != model shape {tuple(current.shape)}.")
+        if current.dim() == 4 and current.is_contiguous(memory_format=torch.channels_last) and not (
+                current.is_contiguous()):  # conv weights: saved contiguous, back to the skeleton's layout
+            tensor = tensor.contiguous(memory_format=torch.channels_last)
         if leaf in module._parameters:
             module._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
         else:

@@ -274,8 +274,8 @@ def _plane_tables(planes: list[int], group_planes: list[int]) -> tuple[torch.Ten
 class QuantConv2d(nn.Module):
     """Int8 conv2d: x [B, C, H, W] quantized inside the op, one scale per patch (dynamic) or per tensor (static).
 
-    weight_q: int8 [O, C, kh, kw] (8-bit) or the codes packed over C*kh*kw, uint8 [O, C*kh*kw*bits/8] (4 / 2
-    bits, unpacked for the op)."""
+    weight_q: int8 [O, C, kh, kw] stored channels-last (the order the implicit-GEMM kernel reads) (8-bit) or the
+    codes packed over C*kh*kw, uint8 [O, C*kh*kw*bits/8] (4 / 2 bits, unpacked for the op)."""
 
     _timestep = None  # a fxquant.timestep.TimestepGroup when static scales are per timestep group
 
@@ -291,7 +291,8 @@ class QuantConv2d(nn.Module):
         self.dilation = list(dilation)
         self.weight_bits = weight_bits
         patch = in_channels * self.kernel_size[0] * self.kernel_size[1]
-        weight_q = torch.empty(out_channels, in_channels, *kernel_size, dtype=torch.int8, device=device) \
+        weight_q = torch.empty(out_channels, in_channels, *kernel_size, dtype=torch.int8, device=device,
+                               memory_format=torch.channels_last) \
             if weight_bits == 8 else _packed_plane(out_channels, patch, weight_bits, device)
         _register_quant_buffers(self, weight_q, has_bias, bias_dtype, act_params)
 
@@ -303,8 +304,8 @@ class QuantConv2d(nn.Module):
                      layer.weight_bits, device=weight.device)
         codes, module.weight_scale = quantize_weight_per_channel(weight, layer.weight_bits)
         module.weight_sum = _weight_sum(codes)
-        module.weight_q = codes if layer.weight_bits == 8 else pack_bits(codes.reshape(codes.shape[0], -1),
-                                                                        layer.weight_bits)
+        module.weight_q = codes.contiguous(memory_format=torch.channels_last) if layer.weight_bits == 8 else \
+            pack_bits(codes.reshape(codes.shape[0], -1), layer.weight_bits)
         if conv.bias is not None:
             module.bias = conv.bias.detach().clone()
         return module

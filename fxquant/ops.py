@@ -603,6 +603,11 @@ def int8_conv2d(
     static, one for the tensor. w_sum [O]: per-channel sums of w_q for the zero-point correction.
     Reference: im2col, integer matmul, dequantisation with per-patch x per-channel scales, bias, one cast.
     """
+    return int8_conv2d_reference(x, act_scale, act_zero, w_q, w_scale, w_sum, bias, stride, padding, dilation)
+
+
+def int8_conv2d_reference(x, act_scale, act_zero, w_q, w_scale, w_sum, bias, stride, padding, dilation):
+    """The reference body of fxquant::int8_conv2d, on any device (kernels are checked against it)."""
     batch, _, height, width = x.shape
     out_channels, _, kh, kw = w_q.shape
     out_h = _conv_output_size(height, kh, stride[0], padding[0], dilation[0])

@@ -30,6 +30,8 @@ def test_save_load_identical_outputs(quantized_family, tmp_path, name, recipe):
         module = loaded.model.get_submodule(layer.fqn)
         assert type(module).__name__ in ("QuantLinear", "QuantConv2d")
         assert module.weight_q.dtype == (torch.float8_e4m3fn if layer.number_format == "fp8" else torch.int8)
+        if type(module).__name__ == "QuantConv2d":  # in the order the conv kernel reads, as when quantized
+            assert module.weight_q.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_load_allocates_no_float_weights_for_quantized_layers(quantized_family, tmp_path, monkeypatch):

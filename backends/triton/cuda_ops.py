@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import torch
 
+from ...ops import int8_conv2d_reference
 from .attention import attention_fp8_codes, quantized_attention
+from .conv import quantized_conv2d
 from .gemm import attention_operand_gemm, quantized_gemm
 from .quantize import fused_quantize_per_token, quantize_per_token, quantize_per_token_fp8
 
@@ -82,3 +84,10 @@ def _linear_attention_operand_cuda(x_q, x_scale, w_q, w_scale, bias, scale, head
 @torch.library.register_kernel("fxquant::attention_fp8_codes", "cuda")
 def _attention_fp8_codes_cuda(q, k, v, head_dim, scale, operand_scales, out_dtype, out_scale=None):
     return attention_fp8_codes(q, k, v, head_dim, scale, operand_scales, out_dtype, out_scale)
+
+
+@torch.library.register_kernel("fxquant::int8_conv2d", "cuda")
+def _int8_conv2d_cuda(x, act_scale, act_zero, w_q, w_scale, w_sum, bias, stride, padding, dilation):
+    if act_scale is None:  # dynamic per-patch activations: the im2col reference (no kernel yet)
+        return int8_conv2d_reference(x, act_scale, act_zero, w_q, w_scale, w_sum, bias, stride, padding, dilation)
+    return quantized_conv2d(x, act_scale, act_zero, w_q, w_scale, w_sum, bias, stride, padding, dilation)

@@ -10,6 +10,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 
 import fxquant.backends.triton.attention as attention
+import fxquant.backends.triton.conv as conv
 import fxquant.backends.triton.gemm as gemm
 import fxquant.backends.triton.quantize as quantize
 
@@ -44,7 +45,7 @@ def main() -> None:
                 return launch
         return Grid()
 
-    for module in (quantize, gemm, attention):
+    for module in (quantize, gemm, attention, conv):
         module.wrap_triton = recording_wrap_triton
     x = torch.randn(2, 64, 96, dtype=torch.bfloat16)
     table = torch.randn(2, 6, 96, dtype=torch.bfloat16)
@@ -79,6 +80,10 @@ def main() -> None:
         "attention_fp8_laid_out": lambda: attention.attention_fp8_codes(
             *(torch.zeros(1, 2, 64, 96, dtype=torch.float8_e4m3fn) for _ in range(2)),
             torch.zeros(1, 2, 96, 64, dtype=torch.float8_e4m3fn), 72, 0.1, torch.ones(3), torch.bfloat16, traced=True),
+        "conv_int8": lambda: conv.quantized_conv2d(
+            torch.randn(1, 32, 8, 8, dtype=torch.bfloat16), torch.ones(1), torch.zeros(1, dtype=torch.int32),
+            torch.zeros(16, 32, 3, 3, dtype=torch.int8), torch.ones(16), torch.zeros(16, dtype=torch.int32),
+            torch.ones(16, dtype=torch.bfloat16), [1, 1], [1, 1], [1, 1], traced=True),
         "attention_fp8": lambda: attention.quantized_attention(
             *(torch.randn(1, 2, 64, 72, dtype=torch.bfloat16) for _ in range(3)), 0.1, True, traced=True),
     }

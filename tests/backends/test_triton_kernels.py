@@ -18,6 +18,7 @@ from fxquant.backends.triton.quantize import (fused_quantize_per_token, quantize
                                               quantize_per_token_fp8)
 from fxquant.backends.triton.gemm import attention_operand_gemm, quantized_gemm, unpack_weights  # noqa: E402
 from fxquant.backends.triton.attention import attention_fp8_codes, quantized_attention  # noqa: E402
+from fxquant.backends.triton.conv import quantized_conv2d  # noqa: E402
 
 fxq = torch.ops.fxquant
 
@@ -421,6 +422,28 @@ def test_attention_kernel_on_laid_out_codes_masks_unwritten_padding(head_dim):
         assert torch.equal(codes.view(torch.uint8), zero_padded_codes.view(torch.uint8))
 
 
+@pytest.mark.parametrize("batch,channels,size,out_channels,kernel,stride,padding,dilation,with_bias", [
+    (2, 16, (9, 7), 24, 3, 1, 1, 1, True),  # SDXL's 3 x 3 "same" convolutions, positions off the tile
+    (1, 40, (8, 8), 8, 3, 2, 1, 1, False),  # a strided downsampler, channels off the K step
+    (2, 32, (6, 5), 40, 1, 1, 0, 1, True),  # a 1 x 1 shortcut
+    (1, 16, (10, 10), 16, 3, 1, 2, 2, True)])  # dilated
+def test_conv_kernel_is_exact(batch, channels, size, out_channels, kernel, stride, padding, dilation, with_bias):
+    """The implicit-GEMM conv on static int8 activations equals fxquant::int8_conv2d's im2col reference bit for bit
+    (exact int32 sums, the same dequantisation order); padding taps load the zero point's code. Weights stored
+    channels-last (as QuantConv2d keeps them) or not."""
+    x = torch.randn(batch, channels, *size)
+    w_q, w_scale = quantize_weight_per_channel(torch.randn(out_channels, channels, kernel, kernel))
+    w_sum = w_q.reshape(out_channels, -1).sum(dim=1, dtype=torch.int32)
+    scale, zero = (p.reshape(1) for p in asymmetric_params(x.min(), x.max() * 0.8))  # some codes saturate
+    bias = torch.randn(out_channels) if with_bias else None
+    args = (scale, zero, w_q, w_scale, w_sum, bias, [stride] * 2, [padding] * 2, [dilation] * 2)
+    expected = fxq.int8_conv2d(x, *args)
+    for weights in (w_q, w_q.contiguous(memory_format=torch.channels_last)):
+        for traced in (False, True):
+            out = quantized_conv2d(x, scale, zero, weights, *args[3:], traced=traced)
+            assert out.is_contiguous() and torch.equal(out, expected)
+
+
 def test_inductor_sees_only_outputs_written():
     """Inductor copies every kernel argument that torch's TTIR analysis reports written before a traced launch: only
     the outputs may be (a helper returning several values made x look written, costing a copy per quantization)."""
@@ -433,7 +456,7 @@ def test_inductor_sees_only_outputs_written():
                        "quantize_concat_fp8": ["q_ptr", "scale_ptr"], "gemm_int8": ["out_ptr"],
                        "gemm_fp8_gate_residual": ["out_ptr"], "gemm_fp8_gate_per_tile": ["out_ptr"],
                        "gemm_fp8_gelu_quantize": ["out_ptr"], "gemm_fp8_attention_operand": ["out_ptr"],
-                       "attention_fp8_laid_out": ["out_ptr"], "attention_fp8": ["out_ptr"]}
+                       "attention_fp8_laid_out": ["out_ptr"], "attention_fp8": ["out_ptr"], "conv_int8": ["out_ptr"]}
 
 
 def test_gpu_only_ptx_assembles_for_hopper(tmp_path):
@@ -448,6 +471,9 @@ def test_gpu_only_ptx_assembles_for_hopper(tmp_path):
     gemm = reports["gemm"]
     assert all(report["cubin_bytes"] > 0 for report in gemm.values())
     assert reports["attention"]["d72_fp8_pv_fp8_codes"]["cubin_bytes"] > 0  # the attention writing fp8 codes
+    assert reports["attention"]["d72_fp8_pv_fp8_codes_static_raw_tail"]["cubin_bytes"] > 0  # laid-out operands
+    assert gemm["fp8_attention_operand"]["cubin_bytes"] > 0  # the GEMM storing them
+    assert reports["conv"]["conv3x3_int8"]["ptx_wgmma"] > 0  # the implicit-GEMM conv on the tensor cores
     assert gemm["w4a8"]["ptx_nibble_masks"] > 0 and gemm["w2a8"]["ptx_nibble_masks"] == 0
     assert gemm["fp8_gelu_codes"]["ptx_tanh_approx"] > 0 and gemm["fp8_gelu_codes"]["ptx_exp2"] == 0
 

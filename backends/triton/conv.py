@@ -1,0 +1,127 @@
+"""Quantized 2-D convolution as an implicit GEMM: int8 activation codes (static per-tensor scale and zero point)
+against int8 weights (per-output-channel scales), int32 accumulation, the dequantisation and bias in the epilogue.
+
+    out[b, o, y, x] = a_scale * w_scale[o] * sum_{i, j, c} (a[b, y s - p + i d, x s - p + j d, c] - zero) w[o, c, i, j]
+                      + bias[o]
+
+Rows of the GEMM are output positions (b, y, x), columns output channels, K runs over the kernel taps (i, j) and,
+innermost, input channels: the activations are read as channels-last codes [B, H, W, C] (each row's tile one
+contiguous run of channels of one input pixel) and the weights as [O, kh, kw, C] (each K tile contiguous), so no
+im2col buffer exists. Taps that fall into the zero padding load the zero point's code, which the w_sum correction
+cancels like any other (the same arithmetic as fxquant::int8_conv2d's im2col reference, whose padding is zero before
+quantization). The output is stored as the model's NCHW tensor. Only static activations: a dynamic scale per patch
+would have to quantize the float input inside the K loop, once per tap.
+
+`quantized_conv2d` is the launcher; tests compare it with fxquant::int8_conv2d's reference.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+
+from . import INTERPRET
+from ...quantizer import quantize_asymmetric
+
+
+def conv_config(m: int, n: int) -> dict:
+    """The tile of a launch: one small tile under the CPU interpreter (tests), else 128 x 128 output tiles (64 rows
+    for few positions) over K steps of 64 channels. Not tuned on a GPU yet."""
+    if INTERPRET:
+        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, GROUP_M=4, num_warps=4, num_stages=1)
+    return dict(BLOCK_M=128 if m >= 4096 else 64, BLOCK_N=128 if n >= 128 else 64, BLOCK_K=64, GROUP_M=8,
+                num_warps=8 if m >= 4096 and n >= 128 else 4, num_stages=3)
+
+
+@triton.jit
+def _conv_kernel(
+    a_ptr, w_ptr, out_ptr, a_scale_ptr, a_zero_ptr, w_scale_ptr, w_sum_ptr, bias_ptr,
+    M, N, C, H, W, OUT_H, OUT_W, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w,
+    KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_RUN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """a: int8 [B, H, W, C] contiguous; w: int8 [N, KH, KW, C] contiguous; out [B, N, OUT_H, OUT_W] contiguous.
+    OUT_RUN: output positions come in aligned runs of this many (a power of two dividing OUT_H * OUT_W)."""
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    group = pid // (GROUP_M * num_pid_n)
+    first_m = group * GROUP_M
+    group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * num_pid_n)) % group_size
+    pid_n = (pid % (GROUP_M * num_pid_n)) // group_size
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < M
+    col_ok = cols < N
+    positions = OUT_H * OUT_W
+    sample = rows // positions
+    position = rows % positions
+    top = (position // OUT_W) * stride_h - pad_h
+    left = (position % OUT_W) * stride_w - pad_w
+    zero = tl.load(a_zero_ptr)
+    zero_code = zero.to(tl.int8)
+    channels = tl.arange(0, BLOCK_K)
+    channel_steps = tl.cdiv(C, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for step in range(0, KH * KW * channel_steps):  # one loop over every (tap, channel block): pipelined as one
+        tap = step // channel_steps
+        channel = (step % channel_steps) * BLOCK_K + channels
+        channel_ok = channel < C
+        y = top + (tap // KW) * dilation_h
+        x = left + (tap % KW) * dilation_w
+        inside = row_ok & (y >= 0) & (y < H) & (x >= 0) & (x < W)
+        pixels = (sample * H + y) * W + x
+        a = tl.load(a_ptr + pixels[:, None] * C + channel[None, :], mask=inside[:, None] & channel_ok[None, :],
+                    other=zero_code)
+        w = tl.load(w_ptr + cols[None, :] * (KH * KW * C) + (tap * C + channel)[:, None],
+                    mask=channel_ok[:, None] & col_ok[None, :], other=0)
+        acc = tl.dot(a, w, acc, out_dtype=tl.int32)
+
+    w_sum = tl.load(w_sum_ptr + cols, mask=col_ok, other=0)
+    acc = acc - zero * w_sum[None, :]
+    w_scale = tl.load(w_scale_ptr + cols, mask=col_ok, other=0.0)
+    out = acc.to(tl.float32) * tl.load(a_scale_ptr) * w_scale[None, :]
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    row_offsets = tl.max_contiguous(tl.multiple_of(sample * (N * positions) + position, OUT_RUN), OUT_RUN)
+    out_ptrs = out_ptr + row_offsets[:, None] + cols[None, :] * positions
+    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+def channels_last_codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """float x [B, C, H, W] -> its int8 codes (quantize_asymmetric with the static scale / zero point) as a
+    contiguous [B, H, W, C] tensor: plain PyTorch, which Inductor fuses into whatever produces x."""
+    return quantize_asymmetric(x.permute(0, 2, 3, 1), scale.reshape(()), zero.reshape(())).contiguous()
+
+
+def quantized_conv2d(x: torch.Tensor, act_scale: torch.Tensor, act_zero: torch.Tensor, w_q: torch.Tensor,
+                     w_scale: torch.Tensor, w_sum: torch.Tensor, bias: torch.Tensor | None, stride, padding,
+                     dilation, traced: bool = False) -> torch.Tensor:
+    """fxquant::int8_conv2d with static activations: float x [B, C, H, W], act_scale fp32 / act_zero int32 (one value
+    each), w_q int8 [O, C, kh, kw] (read in [O, kh, kw, C] order: free when stored channels-last), w_scale fp32 [O],
+    w_sum int32 [O], bias [O] or None -> x.dtype [B, O, H', W'] (contiguous). traced: launched through
+    torch.library.wrap_triton (graphs the compile backend hands to Inductor)."""
+    batch, channels, height, width = x.shape
+    out_channels, _, kh, kw = w_q.shape
+    out_h = (height + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    out_w = (width + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    out = torch.empty((batch, out_channels, out_h, out_w), dtype=x.dtype, device=x.device)
+    m = batch * out_h * out_w
+    if m == 0:
+        return out
+    codes = channels_last_codes(x, act_scale, act_zero)
+    weights = w_q.permute(0, 2, 3, 1)
+    weights = weights if weights.is_contiguous() else weights.contiguous()
+    config = conv_config(m, out_channels)
+    positions = out_h * out_w
+    grid = (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(out_channels, config["BLOCK_N"]),)
+    kernel = wrap_triton(_conv_kernel) if traced else _conv_kernel
+    kernel[grid](codes, weights, out, act_scale.reshape(1).float(), act_zero.reshape(1).int(), w_scale, w_sum,
+                 bias if bias is not None else w_scale, m, out_channels, channels, height, width, out_h, out_w,
+                 *stride, *padding, *dilation, KH=kh, KW=kw, HAS_BIAS=bias is not None,
+                 OUT_RUN=min(16, positions & -positions), **config)
+    return out
