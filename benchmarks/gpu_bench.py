@@ -898,7 +898,9 @@ def _sdxl_unet():
 
 MODELS = {"pixart": _pixart, "sd3": _sd3_medium, "flux": _flux_stack, "cogvideox": _cogvideox_2b, "sdxl": _sdxl_unet}
 # SDXL's convolutions: fxquant's int8 conv runs the reference (im2col) path on CUDA, so its rows quantize linears only
-LINEARS_ONLY = {"sdxl": {"re:conv": "convolutions: no fused int8 conv kernel yet"}}
+# convolutions kept in full precision unless the recipe gives them static activations (static_conv_activations: the
+# implicit-GEMM conv kernel); per-patch dynamic activations have only the im2col reference
+LINEARS_ONLY = {"sdxl": {"re:conv": "convolutions: per-patch activations have no fused conv kernel"}}
 
 
 def _to_cuda(value):
@@ -996,7 +998,7 @@ def _variant_model(variant: str, model, inputs: dict, name: str):
     recipe_name, _, option_text = variant.split(":", 1)[1].partition("@")
     options = {key: value == "1" for key, value in (item.split("=") for item in option_text.split(",") if item)}
     recipe = fxquant.get_config(recipe_name)
-    if name in LINEARS_ONLY:
+    if name in LINEARS_ONLY and not recipe.static_conv_activations:
         recipe.keep_full_precision.update(LINEARS_ONLY[name])
     qmodel = fxquant.quantize(model, recipe, _calibration_calls(inputs))
     with torch.no_grad():

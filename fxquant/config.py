@@ -44,6 +44,10 @@ class QuantConfig:
             per-tensor activations whatever act_mode says. With fp8 and a quantized attention (`attention=...`) the
             compile backend then has the attention kernel write the projection's codes: no float write, no
             per-token pass.
+        static_conv_activations: convolutions take static per-tensor activations whatever act_mode says (a UNet's
+            convolutions: on CUDA they then run fxquant's implicit-GEMM int8 kernel on channels-last codes, which
+            the compile backend quantizes in the pass producing the input; per-patch dynamic activations run the
+            im2col reference).
         keep_condition_layers: keep condition-only layers outside attention (timestep MLP, adaLN modulation,
             caption / context projection) in full precision.
         keep_io_layers: keep the first and the last latent-path layer (patch embedding, output projection) in
@@ -107,6 +111,7 @@ class QuantConfig:
     act_mode: str = "dynamic_per_token"
     static_hidden_activations: bool = False
     static_attention_outputs: bool = False
+    static_conv_activations: bool = False
     keep_condition_layers: bool = True
     keep_io_layers: bool = True
     keep_full_precision: dict[str, str] = field(default_factory=dict)
@@ -154,11 +159,12 @@ class QuantConfig:
         if self.fp8 and self.weight_bits != 8:
             raise RecipeError("fp8 needs weight_bits=8.")
         self.timestep_groups = [float(b) for b in self.timestep_groups]
-        static = self.act_mode == "static_per_tensor" or self.static_hidden_activations or self.static_attention_outputs
+        static = self.act_mode == "static_per_tensor" or self.static_hidden_activations or (
+            self.static_attention_outputs or self.static_conv_activations)
         if self.timestep_groups and not static and not self.bits_per_timestep_group:
             raise RecipeError("timestep_groups select static activation scales or per-group weight bits; use "
                               "act_mode='static_per_tensor', static_hidden_activations=True, "
-                              "static_attention_outputs=True or "
+                              "static_attention_outputs=True, static_conv_activations=True or "
                               "bits_per_timestep_group=True (per-token activations need no per-group scales).")
         if self.mixed_precision not in MIXED_PRECISION:
             raise RecipeError(f"mixed_precision={self.mixed_precision!r} is unknown; use one of {MIXED_PRECISION}.")

@@ -9,7 +9,7 @@ timestep fields (boundaries from the config, name and position of the forward ar
 Role, by graph reachability from the inputs: "latent" if the latent input reaches the node's activation input,
 "timestep" if only the timestep does, else "condition". Activation mode: the config's, or static per tensor for a
 linear reading a GELU / SiLU of another linear (config.static_hidden_activations) or an attention's output
-(config.static_attention_outputs).
+(config.static_attention_outputs), and for every convolution with config.static_conv_activations.
 Group, by graph structure: a linear whose output reaches an attention node's query / key / value without passing
 another linear, or that the attention output reaches first, belongs to that attention. The attention is
 cross-attention when no latent-path linear feeds its key, temporal-attention when its module name says
@@ -183,6 +183,8 @@ class AnnotatePass(QuantPass):
         if config.static_hidden_activations:
             static_inputs.update(node for node in compute if node_op_kind(node) == "linear"
                                  and _reads_hidden_activation(node))
+        if config.static_conv_activations:
+            static_inputs.update(node for node in compute if node_op_kind(node) == "conv2d")
         for node in compute:
             fqn = fqn_of[node]
             if fqn in plan.layers:  # a module called twice: one plan entry, latent if any call is

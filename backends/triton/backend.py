@@ -11,14 +11,17 @@ The backend rewrites it with patterns, then compiles:
   inside the GEMM's K loop; the int8 codes never reach memory); `residual + gate * linear(...)` (a transformer
   block's gated residual) becomes one `linear_residual` (applied in the GEMM's epilogue); a static per-tensor
   quantization of a GELU / SiLU of a linear's output (a feed-forward's hidden activations) becomes one
-  `linear_activation_quantize` (the GEMM's epilogue writes the next linear's codes), and a static fp8 quantization of
-  a quantized attention's output (the output projection's input) one `quantized_attention_codes`;
-- CUDA: the quantize, GEMM and attention ops become calls of fxquant's Triton kernels traced through
-  `wrap_triton`, which Inductor launches from its own generated code (no Python dispatch per op; the attention
-  kernel's tile is autotuned per shape before tracing, GEMM tiles are fixed rules); static per-tensor quantization
-  (pointwise) and, with the option `fxquant.fuse_quantize`, per-token quantization go to Inductor as plain
-  PyTorch, fused into the ops producing their input (norm, adaLN modulate, GELU, the balancing multiply); so does
-  the unpacking of a mixed-precision layer's nested weight planes, fused into their per-timestep-group recombination.
+  `linear_activation_quantize` (the GEMM's epilogue writes the next linear's codes), a static fp8 quantization of
+  a quantized attention's output (the output projection's input) one `quantized_attention_codes`, and a static-fp8
+  attention whose q / k / v come from fp8 linears (joint ones concatenated) one `attention_fp8_codes` on operands
+  the GEMMs' epilogues write in the kernel's layout (`linear_attention_operand`);
+- CUDA: the quantize, GEMM, attention and (static-activation) conv ops become calls of fxquant's Triton kernels
+  traced through `wrap_triton`, which Inductor launches from its own generated code (no Python dispatch per op; the
+  attention kernel's tile is autotuned per shape before tracing, GEMM tiles are fixed rules); static per-tensor
+  quantization (pointwise: a conv's channels-last input codes, the attention operands not made by a GEMM) and, with
+  the option `fxquant.fuse_quantize`, per-token quantization go to Inductor as plain PyTorch, fused into the ops
+  producing their input (norm, adaLN modulate, GELU, the balancing multiply); so does the unpacking of a
+  mixed-precision layer's nested weight planes, fused into their per-timestep-group recombination.
   Inductor compiles the rest (`mode="max-autotune"` / `"reduce-overhead"` honoured; with N-d tiling where a
   quantized attention's fp8 values are concatenated from two streams, unless the options say otherwise).
 - CPU: the reference ops run as traced, with no Inductor compile.
@@ -443,11 +446,11 @@ def _head_projection(operand, tokens_first: bool = False) -> tuple | None:
             and value is not None and value.dim() == 4 and _value(node) is not None
             and all(isinstance(size, int) for size in value.shape)):
         return None
-    batch, heads, tokens, head_dim = value.shape if not tokens_first else value.shape[:1] + value.shape[1:3][::-1] + \
-        value.shape[3:]
+    batch, heads, tokens, head_dim = value.shape
     strides = (tokens * heads * head_dim, head_dim, heads * head_dim, 1)
     if tokens_first:
-        strides = (strides[0], strides[2], strides[1], 1)
+        heads, tokens = tokens, heads
+        strides = (strides[0], heads * head_dim, head_dim, 1)
     if tuple(value.stride()) != strides or value.storage_offset() != 0 or tuple(_value(node).shape) != (
             batch * tokens, heads * head_dim):
         return None

@@ -5,6 +5,7 @@ import torch
 
 import fxquant
 from families import FAMILIES
+from fxquant.metrics import relative_l2
 
 
 def _annotated(name):
@@ -126,3 +127,17 @@ def test_static_input_options_calibrate_exactly_their_linears(quantized_family, 
         hook.remove()
     for layer in static:
         assert layer.act_zero == [0] and layer.act_scale == pytest.approx([absmax[layer.fqn] / 448], rel=1e-6)
+
+
+def test_static_conv_activations_calibrate_exactly_the_convolutions(quantized_family):
+    """static_conv_activations: every quantized convolution takes one calibrated scale and zero point (the input the
+    implicit-GEMM conv kernel needs), the linears stay per token; the model stays close to full precision."""
+    reference, qmodel, _ = quantized_family("unet", "w8a8:static_conv_activations=true")
+    layers = qmodel.plan.quantized_layers()
+    convs = [layer for layer in layers if layer.op == "conv2d"]
+    assert convs and all(layer.act_mode == "static_per_tensor" and layer.act_scale for layer in convs)
+    assert all(layer.act_mode == "dynamic_per_token" for layer in layers if layer.op == "linear")
+    inputs = FAMILIES["unet"].inputs(batch=2, seed=9)
+    with torch.no_grad():
+        expected, out = (model(**inputs, return_dict=False)[0] for model in (reference, qmodel))
+    assert relative_l2(out, expected) < 0.05
