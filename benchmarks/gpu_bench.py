@@ -349,9 +349,9 @@ CONV_SHAPES = [  # SDXL-size UNet convolutions at 1024 px (batch 2): (channels, 
 
 
 def conv_benchmark() -> list[dict]:
-    """The implicit-GEMM int8 conv (static activations) against the im2col reference (exactness) and its time against
-    cuDNN bf16 (NCHW and channels-last inputs), with and without the quantization of its input (plain PyTorch,
-    compiled, as the backend leaves it to Inductor)."""
+    """The implicit-GEMM int8 conv, static activations and per-patch ones, against the im2col reference (exactness)
+    and its time against cuDNN bf16 (NCHW and channels-last inputs); static: with and without the quantization of its
+    input (plain PyTorch, compiled, as the backend leaves it to Inductor); per patch: with its parameter pass."""
     from fxquant.backends.triton.conv import channels_last_codes, quantized_conv2d
     from fxquant.ops import int8_conv2d_reference
 
@@ -367,6 +367,8 @@ def conv_benchmark() -> list[dict]:
         geometry = ([stride] * 2, [kernel // 2] * 2, [1, 1])
         out = quantized_conv2d(x, scale, zero, w_q, w_scale, w_sum, bias, *geometry, traced=True)
         reference = int8_conv2d_reference(x, scale, zero, w_q, w_scale, w_sum, bias, *geometry)
+        per_patch = quantized_conv2d(x, None, None, w_q, w_scale, w_sum, bias, *geometry, traced=True)
+        per_patch_reference = int8_conv2d_reference(x, None, None, w_q, w_scale, w_sum, bias, *geometry)
         torch._dynamo.reset()
         codes = torch.compile(channels_last_codes)
         x_last = x.contiguous(memory_format=torch.channels_last)
@@ -374,9 +376,13 @@ def conv_benchmark() -> list[dict]:
         flops = 2 * out.numel() * channels * kernel * kernel
         row = {"shape": [2, channels, size, size, out_channels, kernel, stride],
                "rel_err_vs_reference": relative_l2(out, reference), "equal_to_reference": torch.equal(out, reference),
+               "per_patch_rel_err_vs_reference": relative_l2(per_patch, per_patch_reference),
                "rel_err_vs_bf16_conv": relative_l2(out, F.conv2d(x, w, bias, *geometry)),
+               "per_patch_rel_err_vs_bf16_conv": relative_l2(per_patch, F.conv2d(x, w, bias, *geometry)),
                "ms": {"fxquant_int8_conv": _graph_median_ms(lambda: quantized_conv2d(
                           x, scale, zero, w_q, w_scale, w_sum, bias, *geometry, traced=True)),
+                      "fxquant_int8_conv_per_patch": _graph_median_ms(lambda: quantized_conv2d(
+                          x, None, None, w_q, w_scale, w_sum, bias, *geometry, traced=True)),
                       "quantize_input_compiled": _graph_median_ms(lambda: codes(x, scale, zero)),
                       "cudnn_bf16_nchw": _graph_median_ms(lambda: F.conv2d(x, w, bias, *geometry)),
                       "cudnn_bf16_channels_last": _graph_median_ms(lambda: F.conv2d(x_last, w_last, bias, *geometry))}}
@@ -897,10 +903,6 @@ def _sdxl_unet():
 
 
 MODELS = {"pixart": _pixart, "sd3": _sd3_medium, "flux": _flux_stack, "cogvideox": _cogvideox_2b, "sdxl": _sdxl_unet}
-# SDXL's convolutions: fxquant's int8 conv runs the reference (im2col) path on CUDA, so its rows quantize linears only
-# convolutions kept in full precision unless the recipe gives them static activations (static_conv_activations: the
-# implicit-GEMM conv kernel); per-patch dynamic activations have only the im2col reference
-LINEARS_ONLY = {"sdxl": {"re:conv": "convolutions: per-patch activations have no fused conv kernel"}}
 
 
 def _to_cuda(value):
@@ -998,8 +1000,6 @@ def _variant_model(variant: str, model, inputs: dict, name: str):
     recipe_name, _, option_text = variant.split(":", 1)[1].partition("@")
     options = {key: value == "1" for key, value in (item.split("=") for item in option_text.split(",") if item)}
     recipe = fxquant.get_config(recipe_name)
-    if name in LINEARS_ONLY and not recipe.static_conv_activations:
-        recipe.keep_full_precision.update(LINEARS_ONLY[name])
     qmodel = fxquant.quantize(model, recipe, _calibration_calls(inputs))
     with torch.no_grad():
         eager_out = _first_output(qmodel(**inputs, return_dict=False))

@@ -44,10 +44,9 @@ class QuantConfig:
             per-tensor activations whatever act_mode says. With fp8 and a quantized attention (`attention=...`) the
             compile backend then has the attention kernel write the projection's codes: no float write, no
             per-token pass.
-        static_conv_activations: convolutions take static per-tensor activations whatever act_mode says (a UNet's
-            convolutions: on CUDA they then run fxquant's implicit-GEMM int8 kernel on channels-last codes, which
-            the compile backend quantizes in the pass producing the input; per-patch dynamic activations run the
-            im2col reference).
+        static_conv_activations: convolutions take static per-tensor activations whatever act_mode says. fxquant's
+            implicit-GEMM int8 conv kernel then reads channels-last codes quantized once (under the compile backend
+            in the pass producing the input) instead of quantizing the float input per patch, tap by tap.
         keep_condition_layers: keep condition-only layers outside attention (timestep MLP, adaLN modulation,
             caption / context projection) in full precision.
         keep_io_layers: keep the first and the last latent-path layer (patch embedding, output projection) in

@@ -15,7 +15,7 @@ The backend rewrites it with patterns, then compiles:
   a quantized attention's output (the output projection's input) one `quantized_attention_codes`, and a static-fp8
   attention whose q / k / v come from fp8 linears (joint ones concatenated) one `attention_fp8_codes` on operands
   the GEMMs' epilogues write in the kernel's layout (`linear_attention_operand`);
-- CUDA: the quantize, GEMM, attention and (static-activation) conv ops become calls of fxquant's Triton kernels
+- CUDA: the quantize, GEMM, attention and conv ops become calls of fxquant's Triton kernels
   traced through `wrap_triton`, which Inductor launches from its own generated code (no Python dispatch per op; the
   attention kernel's tile is autotuned per shape before tracing, GEMM tiles are fixed rules); static per-tensor
   quantization (pointwise: a conv's channels-last input codes, the attention operands not made by a GEMM) and, with
@@ -584,8 +584,6 @@ def _triton_attention_fp8_codes(q, k, v, head_dim, scale, operand_scales, out_dt
 
 
 def _triton_int8_conv2d(x, act_scale, act_zero, w_q, w_scale, w_sum, bias, stride, padding, dilation):
-    if act_scale is None:  # dynamic per-patch activations: no kernel yet, the op stays opaque (its CUDA reference)
-        return fxq.int8_conv2d(x, act_scale, act_zero, w_q, w_scale, w_sum, bias, stride, padding, dilation)
     from .conv import quantized_conv2d
 
     return quantized_conv2d(x, act_scale, act_zero, w_q, w_scale, w_sum, bias, stride, padding, dilation, traced=True)

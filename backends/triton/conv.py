@@ -1,16 +1,18 @@
-"""Quantized 2-D convolution as an implicit GEMM: int8 activation codes (static per-tensor scale and zero point)
-against int8 weights (per-output-channel scales), int32 accumulation, the dequantisation and bias in the epilogue.
+"""Quantized 2-D convolution as an implicit GEMM: int8 activations against int8 weights (per-output-channel
+scales), int32 accumulation, the dequantisation and bias in the epilogue.
 
     out[b, o, y, x] = a_scale * w_scale[o] * sum_{i, j, c} (a[b, y s - p + i d, x s - p + j d, c] - zero) w[o, c, i, j]
                       + bias[o]
 
 Rows of the GEMM are output positions (b, y, x), columns output channels, K runs over the kernel taps (i, j) and,
-innermost, input channels: the activations are read as channels-last codes [B, H, W, C] (each row's tile one
-contiguous run of channels of one input pixel) and the weights as [O, kh, kw, C] (each K tile contiguous), so no
-im2col buffer exists. Taps that fall into the zero padding load the zero point's code, which the w_sum correction
-cancels like any other (the same arithmetic as fxquant::int8_conv2d's im2col reference, whose padding is zero before
-quantization). The output is stored as the model's NCHW tensor. Only static activations: a dynamic scale per patch
-would have to quantize the float input inside the K loop, once per tap.
+innermost, input channels, with the weights read as [O, kh, kw, C] (each K tile contiguous): no im2col buffer
+exists. Static activations (one scale and zero point): the input is quantized once into channels-last codes
+[B, H, W, C] (each row's tile one contiguous run of channels of one input pixel), and taps in the zero padding load
+the zero point's code, which the w_sum correction cancels like any other. Dynamic activations (a scale and zero
+point per patch, i.e. per row, from pooled per-pixel channel ranges: `patch_params`): the K loop reads the float
+input [B, C, H, W] and quantizes each tile with its rows' parameters, once per tap (padding: 0.0, whose code is
+the zero point). Either way the arithmetic is fxquant::int8_conv2d's im2col reference's. The output is stored as
+the model's NCHW tensor.
 
 `quantized_conv2d` is the launcher; tests compare it with fxquant::int8_conv2d's reference.
 """
@@ -18,12 +20,14 @@ would have to quantize the float input inside the K loop, once per tap.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
 from . import INTERPRET
-from ...quantizer import quantize_asymmetric
+from ...quantizer import asymmetric_params, quantize_asymmetric
+from .quantize import rint
 
 
 def conv_config(m: int, n: int) -> dict:
@@ -39,11 +43,13 @@ def conv_config(m: int, n: int) -> dict:
 def _conv_kernel(
     a_ptr, w_ptr, out_ptr, a_scale_ptr, a_zero_ptr, w_scale_ptr, w_sum_ptr, bias_ptr,
     M, N, C, H, W, OUT_H, OUT_W, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w,
-    KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_RUN: tl.constexpr,
+    KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, PER_PATCH: tl.constexpr, OUT_RUN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """a: int8 [B, H, W, C] contiguous; w: int8 [N, KH, KW, C] contiguous; out [B, N, OUT_H, OUT_W] contiguous.
-    OUT_RUN: output positions come in aligned runs of this many (a power of two dividing OUT_H * OUT_W)."""
+    """a: int8 codes [B, H, W, C] contiguous with one scale / zero point, or (PER_PATCH) the float input
+    [B, C, H, W] contiguous with a scale / zero point per output position (row), quantized in the K loop; w: int8
+    [N, KH, KW, C] contiguous; out [B, N, OUT_H, OUT_W] contiguous. OUT_RUN: output positions come in aligned runs
+    of this many (a power of two dividing OUT_H * OUT_W)."""
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -62,8 +68,14 @@ def _conv_kernel(
     position = rows % positions
     top = (position // OUT_W) * stride_h - pad_h
     left = (position % OUT_W) * stride_w - pad_w
-    zero = tl.load(a_zero_ptr)
-    zero_code = zero.to(tl.int8)
+    if PER_PATCH:
+        zero = tl.load(a_zero_ptr + rows, mask=row_ok, other=0)
+        a_scale = tl.load(a_scale_ptr + rows, mask=row_ok, other=1.0)
+        inverse = tl.div_rn(1.0, a_scale)
+    else:
+        zero = tl.load(a_zero_ptr)
+        a_scale = tl.load(a_scale_ptr)
+        zero_code = zero.to(tl.int8)
     channels = tl.arange(0, BLOCK_K)
     channel_steps = tl.cdiv(C, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
@@ -74,17 +86,27 @@ def _conv_kernel(
         y = top + (tap // KW) * dilation_h
         x = left + (tap % KW) * dilation_w
         inside = row_ok & (y >= 0) & (y < H) & (x >= 0) & (x < W)
-        pixels = (sample * H + y) * W + x
-        a = tl.load(a_ptr + pixels[:, None] * C + channel[None, :], mask=inside[:, None] & channel_ok[None, :],
-                    other=zero_code)
+        if PER_PATCH:  # as quantize_asymmetric on the patch; padding (0.0) becomes the zero point's code
+            values = tl.load(a_ptr + (sample * C * H * W + y * W + x)[:, None] + channel[None, :] * (H * W),
+                             mask=inside[:, None] & channel_ok[None, :], other=0.0).to(tl.float32)
+            codes = rint(values * inverse[:, None]) + zero[:, None].to(tl.float32)
+            a = tl.minimum(tl.maximum(codes, -128.0), 127.0).to(tl.int8)
+        else:
+            pixels = (sample * H + y) * W + x
+            a = tl.load(a_ptr + pixels[:, None] * C + channel[None, :], mask=inside[:, None] & channel_ok[None, :],
+                        other=zero_code)
         w = tl.load(w_ptr + cols[None, :] * (KH * KW * C) + (tap * C + channel)[:, None],
                     mask=channel_ok[:, None] & col_ok[None, :], other=0)
         acc = tl.dot(a, w, acc, out_dtype=tl.int32)
 
     w_sum = tl.load(w_sum_ptr + cols, mask=col_ok, other=0)
-    acc = acc - zero * w_sum[None, :]
     w_scale = tl.load(w_scale_ptr + cols, mask=col_ok, other=0.0)
-    out = acc.to(tl.float32) * tl.load(a_scale_ptr) * w_scale[None, :]
+    if PER_PATCH:
+        acc = acc - zero[:, None] * w_sum[None, :]
+        out = acc.to(tl.float32) * a_scale[:, None] * w_scale[None, :]
+    else:
+        acc = acc - zero * w_sum[None, :]
+        out = acc.to(tl.float32) * a_scale * w_scale[None, :]
     if HAS_BIAS:
         out += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     row_offsets = tl.max_contiguous(tl.multiple_of(sample * (N * positions) + position, OUT_RUN), OUT_RUN)
@@ -98,13 +120,25 @@ def channels_last_codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
     return quantize_asymmetric(x.permute(0, 2, 3, 1), scale.reshape(()), zero.reshape(())).contiguous()
 
 
-def quantized_conv2d(x: torch.Tensor, act_scale: torch.Tensor, act_zero: torch.Tensor, w_q: torch.Tensor,
-                     w_scale: torch.Tensor, w_sum: torch.Tensor, bias: torch.Tensor | None, stride, padding,
-                     dilation, traced: bool = False) -> torch.Tensor:
-    """fxquant::int8_conv2d with static activations: float x [B, C, H, W], act_scale fp32 / act_zero int32 (one value
-    each), w_q int8 [O, C, kh, kw] (read in [O, kh, kw, C] order: free when stored channels-last), w_scale fp32 [O],
-    w_sum int32 [O], bias [O] or None -> x.dtype [B, O, H', W'] (contiguous). traced: launched through
-    torch.library.wrap_triton (graphs the compile backend hands to Inductor)."""
+def patch_params(x: torch.Tensor, kernel: tuple, stride, padding, dilation) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-patch activation parameters of fxquant::int8_conv2d's dynamic mode without im2col: float x [B, C, H, W]
+    -> (fp32 scale, int32 zero point) [B * H' * W'], from min- / max-pools of each pixel's channel min / max over the
+    kernel window, zero padded like the convolution's input."""
+    pad = (padding[1], padding[1], padding[0], padding[0])
+    pools = dict(kernel_size=kernel, stride=stride, dilation=dilation)
+    high = F.max_pool2d(F.pad(x.amax(dim=1, keepdim=True).float(), pad), **pools)
+    low = -F.max_pool2d(F.pad(-x.amin(dim=1, keepdim=True).float(), pad), **pools)
+    return asymmetric_params(low.reshape(-1), high.reshape(-1))
+
+
+def quantized_conv2d(x: torch.Tensor, act_scale: torch.Tensor | None, act_zero: torch.Tensor | None,
+                     w_q: torch.Tensor, w_scale: torch.Tensor, w_sum: torch.Tensor, bias: torch.Tensor | None, stride,
+                     padding, dilation, traced: bool = False) -> torch.Tensor:
+    """fxquant::int8_conv2d: float x [B, C, H, W]; act_scale fp32 / act_zero int32 (one value each: static, the
+    input quantized once into channels-last codes) or None (dynamic: a scale and zero point per patch, the input
+    quantized in the K loop tap by tap); w_q int8 [O, C, kh, kw] (read in [O, kh, kw, C] order: free when stored
+    channels-last), w_scale fp32 [O], w_sum int32 [O], bias [O] or None -> x.dtype [B, O, H', W'] (contiguous).
+    traced: launched through torch.library.wrap_triton (graphs the compile backend hands to Inductor)."""
     batch, channels, height, width = x.shape
     out_channels, _, kh, kw = w_q.shape
     out_h = (height + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
@@ -113,15 +147,20 @@ def quantized_conv2d(x: torch.Tensor, act_scale: torch.Tensor, act_zero: torch.T
     m = batch * out_h * out_w
     if m == 0:
         return out
-    codes = channels_last_codes(x, act_scale, act_zero)
+    per_patch = act_scale is None
+    if per_patch:
+        inputs = x.contiguous()
+        act_scale, act_zero = patch_params(inputs, (kh, kw), stride, padding, dilation)
+    else:
+        inputs = channels_last_codes(x, act_scale, act_zero)
+        act_scale, act_zero = act_scale.reshape(1).float(), act_zero.reshape(1).int()
     weights = w_q.permute(0, 2, 3, 1)
     weights = weights if weights.is_contiguous() else weights.contiguous()
     config = conv_config(m, out_channels)
     positions = out_h * out_w
     grid = (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(out_channels, config["BLOCK_N"]),)
     kernel = wrap_triton(_conv_kernel) if traced else _conv_kernel
-    kernel[grid](codes, weights, out, act_scale.reshape(1).float(), act_zero.reshape(1).int(), w_scale, w_sum,
-                 bias if bias is not None else w_scale, m, out_channels, channels, height, width, out_h, out_w,
-                 *stride, *padding, *dilation, KH=kh, KW=kw, HAS_BIAS=bias is not None,
-                 OUT_RUN=min(16, positions & -positions), **config)
+    kernel[grid](inputs, weights, out, act_scale, act_zero, w_scale, w_sum, bias if bias is not None else w_scale, m,
+                 out_channels, channels, height, width, out_h, out_w, *stride, *padding, *dilation, KH=kh, KW=kw,
+                 HAS_BIAS=bias is not None, PER_PATCH=per_patch, OUT_RUN=min(16, positions & -positions), **config)
     return out

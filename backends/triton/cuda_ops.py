@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import torch
 
-from ...ops import int8_conv2d_reference
 from .attention import attention_fp8_codes, quantized_attention
 from .conv import quantized_conv2d
 from .gemm import attention_operand_gemm, quantized_gemm
@@ -88,6 +87,4 @@ def _attention_fp8_codes_cuda(q, k, v, head_dim, scale, operand_scales, out_dtyp
 
 @torch.library.register_kernel("fxquant::int8_conv2d", "cuda")
 def _int8_conv2d_cuda(x, act_scale, act_zero, w_q, w_scale, w_sum, bias, stride, padding, dilation):
-    if act_scale is None:  # dynamic per-patch activations: the im2col reference (no kernel yet)
-        return int8_conv2d_reference(x, act_scale, act_zero, w_q, w_scale, w_sum, bias, stride, padding, dilation)
     return quantized_conv2d(x, act_scale, act_zero, w_q, w_scale, w_sum, bias, stride, padding, dilation)

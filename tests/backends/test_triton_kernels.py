@@ -427,14 +427,17 @@ def test_attention_kernel_on_laid_out_codes_masks_unwritten_padding(head_dim):
     (1, 40, (8, 8), 8, 3, 2, 1, 1, False),  # a strided downsampler, channels off the K step
     (2, 32, (6, 5), 40, 1, 1, 0, 1, True),  # a 1 x 1 shortcut
     (1, 16, (10, 10), 16, 3, 1, 2, 2, True)])  # dilated
-def test_conv_kernel_is_exact(batch, channels, size, out_channels, kernel, stride, padding, dilation, with_bias):
-    """The implicit-GEMM conv on static int8 activations equals fxquant::int8_conv2d's im2col reference bit for bit
-    (exact int32 sums, the same dequantisation order); padding taps load the zero point's code. Weights stored
-    channels-last (as QuantConv2d keeps them) or not."""
-    x = torch.randn(batch, channels, *size)
+@pytest.mark.parametrize("static", [True, False])
+def test_conv_kernel_is_exact(batch, channels, size, out_channels, kernel, stride, padding, dilation, with_bias,
+                              static):
+    """The implicit-GEMM conv equals fxquant::int8_conv2d's im2col reference bit for bit (exact int32 sums, the same
+    quantization and dequantisation order): static activations (channels-last codes; padding taps load the zero
+    point's code) and dynamic ones (a scale per patch from pooled pixel ranges, the float input quantized in the K
+    loop). Weights stored channels-last (as QuantConv2d keeps them) or not."""
+    x = torch.randn(batch, channels, *size) + 0.3
     w_q, w_scale = quantize_weight_per_channel(torch.randn(out_channels, channels, kernel, kernel))
     w_sum = w_q.reshape(out_channels, -1).sum(dim=1, dtype=torch.int32)
-    scale, zero = (p.reshape(1) for p in asymmetric_params(x.min(), x.max() * 0.8))  # some codes saturate
+    scale, zero = (p.reshape(1) for p in asymmetric_params(x.min(), x.max() * 0.8)) if static else (None, None)
     bias = torch.randn(out_channels) if with_bias else None
     args = (scale, zero, w_q, w_scale, w_sum, bias, [stride] * 2, [padding] * 2, [dilation] * 2)
     expected = fxq.int8_conv2d(x, *args)
@@ -456,7 +459,8 @@ def test_inductor_sees_only_outputs_written():
                        "quantize_concat_fp8": ["q_ptr", "scale_ptr"], "gemm_int8": ["out_ptr"],
                        "gemm_fp8_gate_residual": ["out_ptr"], "gemm_fp8_gate_per_tile": ["out_ptr"],
                        "gemm_fp8_gelu_quantize": ["out_ptr"], "gemm_fp8_attention_operand": ["out_ptr"],
-                       "attention_fp8_laid_out": ["out_ptr"], "attention_fp8": ["out_ptr"], "conv_int8": ["out_ptr"]}
+                       "attention_fp8_laid_out": ["out_ptr"], "attention_fp8": ["out_ptr"], "conv_int8": ["out_ptr"],
+                       "conv_int8_per_patch": ["out_ptr"]}
 
 
 def test_gpu_only_ptx_assembles_for_hopper(tmp_path):
@@ -474,6 +478,7 @@ def test_gpu_only_ptx_assembles_for_hopper(tmp_path):
     assert reports["attention"]["d72_fp8_pv_fp8_codes_static_raw_tail"]["cubin_bytes"] > 0  # laid-out operands
     assert gemm["fp8_attention_operand"]["cubin_bytes"] > 0  # the GEMM storing them
     assert reports["conv"]["conv3x3_int8"]["ptx_wgmma"] > 0  # the implicit-GEMM conv on the tensor cores
+    assert reports["conv"]["conv3x3_int8_per_patch"]["ptx_wgmma"] > 0
     assert gemm["w4a8"]["ptx_nibble_masks"] > 0 and gemm["w2a8"]["ptx_nibble_masks"] == 0
     assert gemm["fp8_gelu_codes"]["ptx_tanh_approx"] > 0 and gemm["fp8_gelu_codes"]["ptx_exp2"] == 0
 
