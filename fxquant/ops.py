@@ -484,7 +484,9 @@ def attention_operand_shape(batch: int, heads: int, tokens: int, head_dim: int, 
 
 def attention_operand_reference(x: torch.Tensor, scale: torch.Tensor, keys_major: bool) -> torch.Tensor:
     """The body of fxquant::attention_operand_fp8 in plain PyTorch (the compile backend hands it to Inductor, which
-    fuses it into whatever produces x)."""
+    fuses it into whatever produces x). V's keys stay padded to KEY_ALIGNMENT, each channel's row 16-byte aligned:
+    a view sliced back to N keys made Inductor copy it into misaligned rows (SD3's 4429 keys: the attention kernel
+    2.5 ms compiled against 0.46 eager, gpu-bench-h100/sd3-attention-compiled-profile.txt)."""
     tokens, head_dim = x.shape[-2:]
     codes = quantize_fp8_with_scale(x, scale.reshape(())).view(torch.uint8)  # padded as bytes: 0x00 is +0.0
     codes = F.pad(codes, (0, padded_head_dim(head_dim) - head_dim))
@@ -552,8 +554,8 @@ def attention_fp8_codes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_
 
 @attention_fp8_codes.register_fake
 def _(q, k, v, head_dim, scale, operand_scales, out_dtype, out_scale=None):
-    shape = q.new_empty((*q.shape[:3], head_dim))
-    return empty_heads_last(shape, torch.float8_e4m3fn if out_scale is not None else out_dtype)
+    like = q.new_empty((*q.shape[:3], head_dim))  # the output's shape
+    return empty_heads_last(like, torch.float8_e4m3fn if out_scale is not None else out_dtype)
 
 
 @torch.library.custom_op("fxquant::unpack_int4", mutates_args=())

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from ...ops import KEY_ALIGNMENT, empty_heads_last, head_dim_split
+from ...ops import KEY_ALIGNMENT, attention_operand_reference, empty_heads_last, head_dim_split
 from ...quantizer import attention_operands
 
 from . import INTERPRET
@@ -215,43 +215,42 @@ def kernel_operands(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pv_fp8: b
                     operand_scales: torch.Tensor | None = None) -> dict:
     """q [B, H, Nq, D], k / v [B, H, Nk, D] (operand_scales: fp32 [3] static fp8 scales, or None) -> the kernel's
     operands (`attention_operands`, zero-padded to the kernel's head-dim split, in the layouts its tiles load) and
-    flags, for `attend`."""
+    flags, for `attend`. Static scales: the layouts of fxquant::attention_operand_fp8."""
     head_dim = q.shape[-1]
     assert head_dim >= 16 and k.shape[-1] == v.shape[-1] == head_dim, f"head dims {q.shape}, {k.shape}, {v.shape}"
+    if operand_scales is not None:
+        scales = operand_scales.float().unbind()
+        return codes_operands(attention_operand_reference(q, scales[0], False),
+                              attention_operand_reference(k, scales[1], False),
+                              attention_operand_reference(v, scales[2], True), head_dim, operand_scales, False)
     dim_a, dim_b = head_dim_split(head_dim)
     pad = dim_a + dim_b - head_dim if head_dim > dim_a else 0  # zero channels: the tail tile loads unmasked
-    q_q, q_scale, k_q, k_scale, v_op, v_scale = attention_operands(q, k, v, pv_fp8, operand_scales)
+    q_q, q_scale, k_q, k_scale, v_op, v_scale = attention_operands(q, k, v, pv_fp8)
     q_q, k_q, v_op = (_pad_last(x, pad) for x in (q_q, k_q, v_op))
     q_q = q_q if q_q.stride(-1) == 1 else q_q.contiguous()
     k_q = k_q if k_q.stride(-1) == 1 else k_q.contiguous()
-    if pv_fp8:  # keys contiguous (the fp8 MMA wants its reduced dimension innermost), each channel's keys starting
-        # 16-byte aligned: padded to a multiple of KEY_ALIGNMENT keys, which the kernel masks like any key past N_K
-        # (k_q's length). Not sliced back: Inductor copies a sliced view into a dense buffer, misaligning the rows again
-        # (SD3's 4429 keys: 2.5 ms compiled against 0.46 eager, gpu-bench-h100/sd3-attention-compiled-profile.txt)
+    if pv_fp8:  # keys contiguous (the fp8 MMA wants its reduced dimension innermost), as attention_operand_fp8's V
         v_op = _pad_last(v_op.transpose(-1, -2), -v_op.shape[-2] % KEY_ALIGNMENT).contiguous().transpose(-1, -2)
+        v_scale = F.pad(v_scale, (0, pad)).contiguous()
     elif v_op.stride(-1) != 1:
         v_op = v_op.contiguous()
-    static = operand_scales is not None
-    if static:  # one value each, read through pointers into the scales (no per-token tensors)
-        q_scale, k_scale, v_scale = operand_scales.float().contiguous().split(1)
-    elif pv_fp8:
-        v_scale = F.pad(v_scale, (0, pad)).contiguous()
     return dict(q_q=q_q, q_scale=q_scale.contiguous(), k_q=k_q, k_scale=k_scale.contiguous(), v_op=v_op,
                 v_scale=v_scale if pv_fp8 else q_scale, flags=dict(  # (v_scale: never read without fp8 V)
                     HEAD_DIM=head_dim, DIM_A=dim_a, DIM_B=dim_b, HAS_TAIL=head_dim > dim_a, PV_FP8=pv_fp8,
-                    STATIC_SCALES=static, RAW_TAIL=False))
+                    STATIC_SCALES=False, RAW_TAIL=False))
 
 
-def codes_operands(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dim: int,
-                   operand_scales: torch.Tensor) -> dict:
-    """Static fp8 operands already laid out by fxquant::attention_operand_fp8 / linear_attention_operand (q
-    [B, H, Nq, Dp], k [B, H, Nk, Dp], v keys-major [B, H, Dp, Nkp]; padding unspecified), with their scales (fp32
-    [3]) -> the kernel's operands and flags, for `attend` (tail channels past head_dim masked on load)."""
+def codes_operands(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dim: int, operand_scales: torch.Tensor,
+                   raw_tail: bool = True) -> dict:
+    """Static fp8 operands laid out as fxquant::attention_operand_fp8 makes them (q [B, H, Nq, Dp], k [B, H, Nk, Dp],
+    v keys-major [B, H, Dp, Nkp]), with their scales (fp32 [3]) -> the kernel's operands and flags, for `attend`.
+    raw_tail: the padding holds anything (operands written by GEMM epilogues), so tail channels past head_dim are
+    masked on load; else it is zero and the tail loads unmasked."""
     dim_a, dim_b = head_dim_split(head_dim)
     q_scale, k_scale, v_scale = operand_scales.float().contiguous().split(1)
     return dict(q_q=q, q_scale=q_scale, k_q=k, k_scale=k_scale, v_op=v.transpose(-1, -2), v_scale=v_scale, flags=dict(
         HEAD_DIM=head_dim, DIM_A=dim_a, DIM_B=dim_b, HAS_TAIL=head_dim > dim_a, PV_FP8=True, STATIC_SCALES=True,
-        RAW_TAIL=True))
+        RAW_TAIL=raw_tail))
 
 
 def kernel_args(operands: dict, out: torch.Tensor, scale: float, out_scale: torch.Tensor | None = None) -> tuple:

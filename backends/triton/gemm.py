@@ -316,10 +316,10 @@ def quantized_gemm(a: torch.Tensor, a_scale: torch.Tensor, a_zero: torch.Tensor 
     if gate_per_tile is None:
         gate_per_tile = rows_per_gate >= MAX_BLOCK_M
     flags = dict(HAS_ZERO=a_zero is not None, HAS_BIAS=bias is not None, BIAS_PER_ROW=bias_per_row,
-                 HAS_GATE=gate is not None,
-                 GATE_PER_TILE=gate_per_tile, HAS_RESIDUAL=residual is not None, ACT=ACTIVATION_CODES[activation],
-                 OUT_CODES=0 if out_scale is None else 1 if out_zero is not None else 2, INT_ACC=a.dtype == torch.int8,
-                 WEIGHT_BITS=weight_bits, SPLIT_OUT=split_out is not None, OUT_RUN=out_run)
+                 HAS_GATE=gate is not None, GATE_PER_TILE=gate_per_tile, HAS_RESIDUAL=residual is not None,
+                 ACT=ACTIVATION_CODES[activation], OUT_CODES=0 if out_scale is None else 1 if out_zero is not None
+                 else 2, INT_ACC=a.dtype == torch.int8, WEIGHT_BITS=weight_bits, SPLIT_OUT=split_out is not None,
+                 OUT_RUN=out_run)
     if traced:
         config = config or fixed_config(m, n, k, a.dtype == torch.int8, residual is not None, weight_bits != 8)
         grid = (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"]),)
