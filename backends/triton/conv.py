@@ -25,8 +25,10 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from . import INTERPRET
 from ...quantizer import asymmetric_params, quantize_asymmetric
+
+from . import INTERPRET
+from .gemm import grouped_tile
 from .quantize import rint
 
 
@@ -50,14 +52,7 @@ def _conv_kernel(
     [B, C, H, W] contiguous with a scale / zero point per output position (row), quantized in the K loop; w: int8
     [N, KH, KW, C] contiguous; out [B, N, OUT_H, OUT_W] contiguous. OUT_RUN: output positions come in aligned runs
     of this many (a power of two dividing OUT_H * OUT_W)."""
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    group = pid // (GROUP_M * num_pid_n)
-    first_m = group * GROUP_M
-    group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * num_pid_n)) % group_size
-    pid_n = (pid % (GROUP_M * num_pid_n)) // group_size
+    pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

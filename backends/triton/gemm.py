@@ -79,6 +79,17 @@ def unpack_field(packed, field: tl.constexpr, WEIGHT_BITS: tl.constexpr):
         return (packed << (8 - WEIGHT_BITS * (field + 1))) >> (8 - WEIGHT_BITS)
 
 
+@triton.jit
+def grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """This program's output tile (row block, column block) of a 1-D grid over an M x N output, GROUP_M row blocks
+    at a time sweeping the columns (neighbouring programs share operand tiles in L2)."""
+    pid = tl.program_id(0)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    first_m = (pid // (GROUP_M * num_pid_n)) * GROUP_M
+    group_size = tl.minimum(tl.cdiv(M, BLOCK_M) - first_m, GROUP_M)
+    return first_m + (pid % (GROUP_M * num_pid_n)) % group_size, (pid % (GROUP_M * num_pid_n)) // group_size
+
+
 @triton.autotune(configs=get_autotune_config(), key=["M", "N", "K", "HAS_ZERO", "WEIGHT_BITS"])
 @triton.jit
 def _gemm_kernel(
@@ -100,14 +111,7 @@ def _gemm_kernel(
 ):
     PER_BYTE: tl.constexpr = 8 // WEIGHT_BITS if INT_ACC else 1
     BLOCK_KP: tl.constexpr = BLOCK_K // PER_BYTE  # packed rows per step; each field covers BLOCK_KP values of K
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    group = pid // (GROUP_M * num_pid_n)
-    first_m = group * GROUP_M
-    group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * num_pid_n)) % group_size
-    pid_n = (pid % (GROUP_M * num_pid_n)) // group_size
+    pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
