@@ -5,9 +5,11 @@ activations) vs torch.
 
 Models: a PixArt-alpha-width block stack (hidden 1152 = 16 heads x 72, 1024 tokens, 4096-wide captions, random
 weights) and the t2i-dit reference denoiser at a classifier-free-guidance batch. One process, the same inputs,
-2 threads for both ORT and torch, median of --runs calls per variant, variants interleaved round-robin. Also: the accuracy of each ORT graph
-against torch (fp32 and fxquant W8A8 per-token), ORT-vs-torch parity of W8A8 on the three reference models'
-recorded denoiser calls with the integer-op census. Timings are reported, never asserted.
+2 threads for both ORT and torch, median of --runs calls per variant, variants interleaved round-robin. Also: the
+accuracy of each ORT graph against torch (fp32 and fxquant W8A8 per-token), ORT-vs-torch parity of W8A8 on the three
+reference models' recorded denoiser calls with the integer-op census. Timings are reported, never asserted.
+`--columns-ab`: only the stack's ORT graphs, the per-token form's zero-point columns per layer against per weight
+shape (and the symmetric form), interleaved.
 """
 
 from __future__ import annotations
@@ -114,6 +116,35 @@ def speed_and_accuracy(name: str, model: torch.nn.Module, inputs: dict, calibrat
             "input_shapes": {k: list(v.shape) for k, v in inputs.items() if isinstance(v, torch.Tensor)}, "rows": rows}
 
 
+def zero_point_columns_ab(model: torch.nn.Module, inputs: dict, runs: int, directory: Path) -> dict:
+    """ORT only, interleaved: fp32, the per-token form with zero-point columns per layer (the default) and per weight
+    shape (every layer of a shape takes the shape's largest count), and the symmetric per-token form."""
+    from fxquant.backends.onnx import export as onnx_export
+
+    qmodel = fxquant.quantize(copy.deepcopy(model), "w8a8", [inputs])
+    per_layer = onnx_export.zero_point_columns
+    variants = {"ort fp32": _ort_call(export_float_onnx(model, directory / "ab-fp32.onnx", inputs,
+                                                        dynamic_batch=False), inputs)}
+    for label, columns in (("ort int8 per_token, columns per layer", per_layer),
+                           ("ort int8 per_token, columns per shape", lambda q: {
+                               key: count for key, count in per_layer(q).items() if not isinstance(key, str)})):
+        onnx_export.zero_point_columns = columns
+        try:
+            path = fxquant.export_onnx(qmodel, directory / "ab.onnx", inputs, dynamic_batch=False)
+        finally:
+            onnx_export.zero_point_columns = per_layer
+        variants[label] = _ort_call(path, inputs)
+    variants["ort int8 per_token_symmetric"] = _ort_call(fxquant.export_onnx(
+        qmodel, directory / "ab-symmetric.onnx", inputs, act_form="per_token_symmetric", dynamic_batch=False), inputs)
+    medians = interleaved_medians(variants, runs)
+    rows = [{"variant": label, "median_ms": seconds * 1e3, "speedup_vs_ort_fp32": medians["ort fp32"] / seconds}
+            for label, seconds in medians.items()]
+    for row in rows:
+        print(f"columns A/B {row['variant']:40s} {row['median_ms']:8.1f} ms  {row['speedup_vs_ort_fp32']:.3f}x",
+              flush=True)
+    return {"rows": rows, "column_counts": sorted(set(per_layer(qmodel).values()))}
+
+
 def reference_parity(name: str, directory: Path) -> dict:
     """W8A8 per-token ORT vs torch on a reference model's recorded denoiser calls (CFG batch of 4 prompts).
 
@@ -151,8 +182,18 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/onnx-cpu.json")
     parser.add_argument("--parity-only", action="store_true", help="rerun only the reference parity, keeping the "
                         "speed section already in --out")
+    parser.add_argument("--columns-ab", action="store_true", help="only the PixArt-width stack's ORT graphs, "
+                        "zero-point columns per layer against per weight shape (written to --out)")
     args = parser.parse_args()
     torch.set_num_threads(THREADS)
+    if args.columns_ab:
+        with tempfile.TemporaryDirectory() as tmp:
+            result = {"date": time.strftime("%Y-%m-%d"), "threads": THREADS, "onnxruntime": onnxruntime.__version__,
+                      "runs": args.runs, "model": f"pixart-width-{args.layers}-blocks",
+                      **zero_point_columns_ab(*pixart_width_stack(args.layers), args.runs, Path(tmp))}
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.out}")
+        return
     if args.parity_only:
         result = json.loads(Path(args.out).read_text())
         with tempfile.TemporaryDirectory() as tmp:

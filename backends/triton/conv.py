@@ -10,8 +10,8 @@ exists. Static activations (one scale and zero point): the input is quantized on
 [B, H, W, C] (each row's tile one contiguous run of channels of one input pixel), and taps in the zero padding load
 the zero point's code, which the w_sum correction cancels like any other. Dynamic activations (a scale and zero
 point per patch, i.e. per row, from pooled per-pixel channel ranges: `patch_params`): the K loop reads the float
-input [B, C, H, W] and quantizes each tile with its rows' parameters, once per tap (padding: 0.0, whose code is
-the zero point). Either way the arithmetic is fxquant::int8_conv2d's im2col reference's. The output is stored as
+input, channels-last as well, and quantizes each tile with its rows' parameters, once per tap (padding: 0.0, whose
+code is the zero point). Either way the arithmetic is fxquant::int8_conv2d's im2col reference's. The output is stored as
 the model's NCHW tensor.
 
 `quantized_conv2d` is the launcher; tests compare it with fxquant::int8_conv2d's reference.
@@ -48,8 +48,8 @@ def _conv_kernel(
     KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, PER_PATCH: tl.constexpr, OUT_RUN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """a: int8 codes [B, H, W, C] contiguous with one scale / zero point, or (PER_PATCH) the float input
-    [B, C, H, W] contiguous with a scale / zero point per output position (row), quantized in the K loop; w: int8
+    """a: channels-last [B, H, W, C] contiguous: int8 codes with one scale / zero point, or (PER_PATCH) the float
+    input with a scale / zero point per output position (row), quantized in the K loop; w: int8
     [N, KH, KW, C] contiguous; out [B, N, OUT_H, OUT_W] contiguous. OUT_RUN: output positions come in aligned runs
     of this many (a power of two dividing OUT_H * OUT_W)."""
     pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -81,15 +81,14 @@ def _conv_kernel(
         y = top + (tap // KW) * dilation_h
         x = left + (tap % KW) * dilation_w
         inside = row_ok & (y >= 0) & (y < H) & (x >= 0) & (x < W)
+        pixels = (sample * H + y) * W + x
+        tile = a_ptr + pixels[:, None] * C + channel[None, :]
         if PER_PATCH:  # as quantize_asymmetric on the patch; padding (0.0) becomes the zero point's code
-            values = tl.load(a_ptr + (sample * C * H * W + y * W + x)[:, None] + channel[None, :] * (H * W),
-                             mask=inside[:, None] & channel_ok[None, :], other=0.0).to(tl.float32)
+            values = tl.load(tile, mask=inside[:, None] & channel_ok[None, :], other=0.0).to(tl.float32)
             codes = rint(values * inverse[:, None]) + zero[:, None].to(tl.float32)
             a = tl.minimum(tl.maximum(codes, -128.0), 127.0).to(tl.int8)
         else:
-            pixels = (sample * H + y) * W + x
-            a = tl.load(a_ptr + pixels[:, None] * C + channel[None, :], mask=inside[:, None] & channel_ok[None, :],
-                        other=zero_code)
+            a = tl.load(tile, mask=inside[:, None] & channel_ok[None, :], other=zero_code)
         w = tl.load(w_ptr + cols[None, :] * (KH * KW * C) + (tap * C + channel)[:, None],
                     mask=channel_ok[:, None] & col_ok[None, :], other=0)
         acc = tl.dot(a, w, acc, out_dtype=tl.int32)
@@ -143,9 +142,9 @@ def quantized_conv2d(x: torch.Tensor, act_scale: torch.Tensor | None, act_zero: 
     if m == 0:
         return out
     per_patch = act_scale is None
-    if per_patch:
-        inputs = x.contiguous()
-        act_scale, act_zero = patch_params(inputs, (kh, kw), stride, padding, dilation)
+    if per_patch:  # channels-last too (under the compile backend written so by the pass producing x)
+        inputs = x.permute(0, 2, 3, 1).contiguous()
+        act_scale, act_zero = patch_params(x, (kh, kw), stride, padding, dilation)
     else:
         inputs = channels_last_codes(x, act_scale, act_zero)
         act_scale, act_zero = act_scale.reshape(1).float(), act_zero.reshape(1).int()
