@@ -580,7 +580,8 @@ def _(packed):
     return packed.new_empty((*packed.shape[:-1], packed.shape[-1] * 4), dtype=torch.int8)
 
 
-def _conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    """A convolution's output length along one spatial dim."""
     return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
 
@@ -612,8 +613,8 @@ def int8_conv2d_reference(x, act_scale, act_zero, w_q, w_scale, w_sum, bias, str
     """The reference body of fxquant::int8_conv2d, on any device (kernels are checked against it)."""
     batch, _, height, width = x.shape
     out_channels, _, kh, kw = w_q.shape
-    out_h = _conv_output_size(height, kh, stride[0], padding[0], dilation[0])
-    out_w = _conv_output_size(width, kw, stride[1], padding[1], dilation[1])
+    out_h = conv_output_size(height, kh, stride[0], padding[0], dilation[0])
+    out_w = conv_output_size(width, kw, stride[1], padding[1], dilation[1])
     cols = F.unfold(x.float(), (kh, kw), dilation=dilation, padding=padding, stride=stride)  # [B, CKK, L]
     cols = cols.transpose(1, 2).reshape(-1, cols.shape[1])  # [B*L, CKK]: one row per output position
     if act_scale is None:
@@ -632,6 +633,6 @@ def int8_conv2d_reference(x, act_scale, act_zero, w_q, w_scale, w_sum, bias, str
 def _(x, act_scale, act_zero, w_q, w_scale, w_sum, bias, stride, padding, dilation):
     batch, _, height, width = x.shape
     out_channels, _, kh, kw = w_q.shape
-    out_h = _conv_output_size(height, kh, stride[0], padding[0], dilation[0])
-    out_w = _conv_output_size(width, kw, stride[1], padding[1], dilation[1])
+    out_h = conv_output_size(height, kh, stride[0], padding[0], dilation[0])
+    out_w = conv_output_size(width, kw, stride[1], padding[1], dilation[1])
     return x.new_empty((batch, out_channels, out_h, out_w))

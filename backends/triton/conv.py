@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
+from ...ops import conv_output_size
 from ...quantizer import asymmetric_params, quantize_asymmetric
 
 from . import INTERPRET
@@ -110,7 +111,7 @@ def _conv_kernel(
 
 def channels_last_codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
     """float x [B, C, H, W] -> its int8 codes (quantize_asymmetric with the static scale / zero point) as a
-    contiguous [B, H, W, C] tensor: plain PyTorch, which Inductor fuses into whatever produces x."""
+    contiguous [B, H, W, C] tensor: plain PyTorch, which Inductor can fuse into whatever produces x."""
     return quantize_asymmetric(x.permute(0, 2, 3, 1), scale.reshape(()), zero.reshape(())).contiguous()
 
 
@@ -135,8 +136,8 @@ def quantized_conv2d(x: torch.Tensor, act_scale: torch.Tensor | None, act_zero: 
     traced: launched through torch.library.wrap_triton (graphs the compile backend hands to Inductor)."""
     batch, channels, height, width = x.shape
     out_channels, _, kh, kw = w_q.shape
-    out_h = (height + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    out_w = (width + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    out_h = conv_output_size(height, kh, stride[0], padding[0], dilation[0])
+    out_w = conv_output_size(width, kw, stride[1], padding[1], dilation[1])
     out = torch.empty((batch, out_channels, out_h, out_w), dtype=x.dtype, device=x.device)
     m = batch * out_h * out_w
     if m == 0:
