@@ -356,7 +356,8 @@ def test_attention_kernel_writes_static_fp8_codes(head_dim):
     out = quantized_attention(q, k, v, head_dim**-0.5, True, scales)
     codes = quantized_attention(q, k, v, head_dim**-0.5, True, scales, out_scale=out_scale)
     reference = fxq.quantized_attention_codes(q, k, v, head_dim**-0.5, True, scales, out_scale)
-    assert codes.dtype == reference.dtype == torch.float8_e4m3fn and codes.stride() == reference.stride() == out.stride()
+    assert codes.dtype == reference.dtype == torch.float8_e4m3fn
+    assert codes.stride() == reference.stride() == out.stride()
     assert codes.float().abs().max() == 448 and (out.abs() > 0.5).any()
     _assert_fp8_neighbours(codes, out / out_scale)  # (the float output against the reference: the test above)
 
@@ -375,7 +376,7 @@ def test_gemm_epilogue_stores_attention_operand_codes(head_dim, tokens, keys_maj
     """fxquant::linear_attention_operand: the GEMM's epilogue writes the fp8 codes at each element's place in the
     attention operand's layout (Q / K heads first; V keys-major, as a transposed product with the bias per row), a
     head dim with a tail (40 -> 32 + 32), token counts off the tiles and off the 16-key alignment, and two parts
-    (a joint attention's image and text tokens) one after the other; the padding is left as it was."""
+    (a joint attention's image and text tokens) one after the other."""
     heads, batch = 2, 2
     linears = [_fp8_linear_operands(batch * count, 64 - 16 * index, heads * head_dim)
                for index, count in enumerate(tokens)]
