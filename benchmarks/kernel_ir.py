@@ -88,7 +88,7 @@ def attention_reports() -> dict:
         types = {"q_ptr": operand, "q_scale_ptr": "*fp32", "k_ptr": operand, "k_scale_ptr": "*fp32",
                  "v_ptr": "*fp8e4nv" if pv_fp8 else "*bf16", "v_scale_ptr": "*fp32",
                  "out_ptr": "*fp8e4nv" if codes else "*bf16", "out_scale_ptr": "*fp32", "score_scale": "fp32"}
-        constants = dict(HEAD_DIM=head_dim, DIM_A=64, DIM_B=32, HAS_TAIL=head_dim > 64, PV_FP8=pv_fp8,
+        constants = dict(HEAD_DIM=head_dim, DIM_A=64, DIM_B=32, DIM_BV=16, HAS_TAIL=head_dim > 64, PV_FP8=pv_fp8,
                          STATIC_SCALES=raw_tail, OUT_CODES=codes, RAW_TAIL=raw_tail, BLOCK_M=128, BLOCK_N=128,
                          **({"stride_vn": 1} if pv_fp8 else {"stride_vd": 1}))
         label = f"d{head_dim}_{'fp8' if pv_fp8 else 'bf16'}_pv" + ("_fp8_codes" if codes else "") + (

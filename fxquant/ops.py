@@ -457,28 +457,34 @@ def _(q, k, v, scale, pv_fp8, operand_scales, out_scale):
     return empty_heads_last(q, torch.float8_e4m3fn)
 
 
-MIN_TAIL = 32  # the attention kernel's tail tile: int8 MMA reduces over at least 32 values
+MIN_TAIL = 32  # the attention kernel's Q / K tail tile: 8-bit MMA reduces over at least 32 values
+MIN_VALUE_TAIL = 16  # its V / output tail tile (the N side of the P V product)
 KEY_ALIGNMENT = 16  # a keys-major fp8 V operand holds a multiple of this many keys (16-byte rows for the fp8 MMA)
 
 
-def head_dim_split(head_dim: int) -> tuple[int, int]:
-    """head_dim -> (power-of-two part, tail tile width: a power of two >= MIN_TAIL covering the rest; the attention
-    kernel skips the tail when there is no rest)."""
-    dim_a = 1 << (head_dim.bit_length() - 1)
-    return dim_a, max(MIN_TAIL, 1 << (max(head_dim - dim_a, 1) - 1).bit_length())
+def _tail(head_dim: int, smallest: int) -> int:
+    """A power of two >= smallest covering what head_dim has past its largest power of two."""
+    rest = head_dim - (1 << (head_dim.bit_length() - 1))
+    return max(smallest, 1 << (max(rest, 1) - 1).bit_length())
 
 
-def padded_head_dim(head_dim: int) -> int:
-    """The head dim attention operands are stored with: head_dim when a power of two, else its two tiles' width
-    (PixArt's 72 -> 96)."""
-    dim_a, dim_b = head_dim_split(head_dim)
-    return head_dim if head_dim == dim_a else dim_a + dim_b
+def head_dim_split(head_dim: int) -> tuple[int, int, int]:
+    """head_dim -> (power-of-two part, Q / K tail tile width (>= MIN_TAIL), V tail tile width (>= MIN_VALUE_TAIL));
+    the attention kernel skips the tails when there is no rest (PixArt's 72: 64, 32, 16)."""
+    return 1 << (head_dim.bit_length() - 1), _tail(head_dim, MIN_TAIL), _tail(head_dim, MIN_VALUE_TAIL)
+
+
+def padded_head_dim(head_dim: int, value: bool = False) -> int:
+    """The head dim attention operands are stored with: head_dim when a power of two, else the width of its two
+    tiles, the Q / K ones or (value) V's (PixArt's 72: 96 / 80)."""
+    dim_a, dim_b, dim_bv = head_dim_split(head_dim)
+    return head_dim if head_dim == dim_a else dim_a + (dim_bv if value else dim_b)
 
 
 def attention_operand_shape(batch: int, heads: int, tokens: int, head_dim: int, keys_major: bool) -> tuple:
-    """The stored shape of an fp8 attention operand (attention_operand_fp8)."""
+    """The stored shape of an fp8 attention operand (attention_operand_fp8; keys_major: V)."""
     if keys_major:
-        return batch, heads, padded_head_dim(head_dim), -(-tokens // KEY_ALIGNMENT) * KEY_ALIGNMENT
+        return batch, heads, padded_head_dim(head_dim, True), -(-tokens // KEY_ALIGNMENT) * KEY_ALIGNMENT
     return batch, heads, tokens, padded_head_dim(head_dim)
 
 
@@ -489,7 +495,7 @@ def attention_operand_reference(x: torch.Tensor, scale: torch.Tensor, keys_major
     2.5 ms compiled against 0.46 eager, gpu-bench-h100/sd3-attention-compiled-profile.txt)."""
     tokens, head_dim = x.shape[-2:]
     codes = quantize_fp8_with_scale(x, scale.reshape(())).view(torch.uint8)  # padded as bytes: 0x00 is +0.0
-    codes = F.pad(codes, (0, padded_head_dim(head_dim) - head_dim))
+    codes = F.pad(codes, (0, padded_head_dim(head_dim, keys_major) - head_dim))
     if keys_major:
         codes = F.pad(codes.transpose(-1, -2), (0, -tokens % KEY_ALIGNMENT))
     return codes.contiguous().view(torch.float8_e4m3fn)
@@ -498,9 +504,10 @@ def attention_operand_reference(x: torch.Tensor, scale: torch.Tensor, keys_major
 @torch.library.custom_op("fxquant::attention_operand_fp8", mutates_args=())
 def attention_operand_fp8(x: torch.Tensor, scale: torch.Tensor, keys_major: bool) -> torch.Tensor:
     """x [B, H, N, D] float, scale fp32 (one value) -> the float8 e4m3 codes of x / scale (saturated) in the layout the
-    static-fp8 attention kernel loads: [B, H, N, Dp] (Q, K) or, keys_major, [B, H, Dp, Np] (V, each channel's keys
-    contiguous), Dp = padded_head_dim(D), Np = N rounded up to KEY_ALIGNMENT. The padding is zero here; producers
-    fused into a GEMM (linear_attention_operand) leave it unwritten, and attention_fp8_codes never reads it."""
+    static-fp8 attention kernel loads: [B, H, N, Dp] (Q, K) or, keys_major, [B, H, Dv, Np] (V, each channel's keys
+    contiguous), Dp / Dv = padded_head_dim(D, keys_major), Np = N rounded up to KEY_ALIGNMENT. The padding is zero
+    here; producers fused into a GEMM (linear_attention_operand) leave it unwritten, and attention_fp8_codes never
+    reads it."""
     return attention_operand_reference(x, scale, keys_major)
 
 
@@ -540,7 +547,7 @@ def attention_fp8_codes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_
                         out_scale: torch.Tensor | None = None) -> torch.Tensor:
     """quantized_attention with static fp8 operand_scales (fp32 [3]) on operands already quantized and laid out by
     attention_operand_fp8 / linear_attention_operand: q [B, H, Nq, Dp], k [B, H, Nk, Dp], v keys-major
-    [B, H, Dp, Nkp] (only the first head_dim channels and Nk keys are read) -> [B, H, Nq, head_dim] in out_dtype,
+    [B, H, Dv, Nkp] (only the first head_dim channels and Nk keys are read) -> [B, H, Nq, head_dim] in out_dtype,
     stored as [B, Nq, H, head_dim]; with out_scale (fp32, one value) its fp8 codes, as quantized_attention_codes."""
     n_k = k.shape[2]
     q_scale, k_scale, v_scale = operand_scales.float().unbind()

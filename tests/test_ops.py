@@ -123,8 +123,8 @@ def test_attention_codes_op_is_the_static_quantization_of_the_attention_and_opch
 
 @pytest.mark.parametrize("head_dim", [16, 24])
 def test_attention_operand_ops_lay_out_codes_for_the_kernel_and_opcheck(head_dim):
-    """Q / K: [B, H, N, Dp] codes, V keys-major [B, H, Dp, Np] (Dp: 24 -> 16 + a 32-wide tail, Np: N up to 16 keys), the
-    padding zero; the linear form equals the layout of the linear's fp32 output seen as heads; attention on the
+    """Q / K: [B, H, N, Dp] codes, V keys-major [B, H, Dv, Np] (24 -> 16 + a 32-wide Q / K tail, 16 + a 16-wide V
+    tail; Np: N up to 16 keys), the padding zero; the linear form equals the layout of the linear's fp32 output seen as heads; attention on the
     laid-out codes equals quantized_attention on the float operands (the codes requantize exactly)."""
     batch, heads, tokens, width = 2, 2, 5, 2 * head_dim
     x = torch.randn(batch * tokens, 32)
@@ -135,11 +135,11 @@ def test_attention_operand_ops_lay_out_codes_for_the_kernel_and_opcheck(head_dim
     out = fxq.fp8_linear(x_q, x_scale, w_q, w_scale, bias, torch.float32)
     heads_view = out.view(batch, tokens, heads, head_dim).transpose(1, 2)
     scales = torch.stack([heads_view.abs().amax() * factor for factor in (1.0, 0.8, 1.2)]) / 448  # (K saturates)
-    padded = 48 if head_dim == 24 else 16
+    padded, padded_v = (48, 32) if head_dim == 24 else (16, 16)
     q = fxq.attention_operand_fp8(heads_view, scales[0], False)
     linear = ([x_q], [x_scale], [w_q], [w_scale], [bias])
     v = fxq.linear_attention_operand(*linear, scales[2], heads, [tokens], True)
-    assert q.shape == (batch, heads, tokens, padded) and v.shape == (batch, heads, padded, 16)
+    assert q.shape == (batch, heads, tokens, padded) and v.shape == (batch, heads, padded_v, 16)
     expected = fxq.quantize_per_tensor_fp8(heads_view, scales[0])
     assert torch.equal(q[..., :head_dim].view(torch.uint8), expected.view(torch.uint8))
     assert not q[..., head_dim:].float().any() and not v[:, :, head_dim:].float().any() and not v[..., 5:].float().any()

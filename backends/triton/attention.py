@@ -24,7 +24,8 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from ...ops import KEY_ALIGNMENT, attention_operand_reference, empty_heads_last, head_dim_split
+from ...ops import (KEY_ALIGNMENT, attention_operand_reference, empty_heads_last, head_dim_split,
+                    padded_head_dim)
 from ...quantizer import attention_operands
 
 from . import INTERPRET
@@ -47,21 +48,20 @@ def get_autotune_config() -> list[triton.Config]:
 
 @triton.jit
 def _attend_tile(acc_a, acc_b, row_max, row_sum, q_a, q_b, q_scale, k_base, k_scale_base, v_base, keys, N_K,
-                 stride_kn, stride_vn, stride_vd, dims_a, dims_b, HEAD_DIM: tl.constexpr,
+                 stride_kn, stride_vn, stride_vd, dims_a, dims_b, dims_bv, HEAD_DIM: tl.constexpr,
                  HAS_TAIL: tl.constexpr, PV_FP8: tl.constexpr, STATIC_SCALES: tl.constexpr, RAW_TAIL: tl.constexpr,
                  MASKED: tl.constexpr):
     """One key / value tile into the running softmax state. MASKED: the last, partial tile (keys past N_K);
     STATIC_SCALES: q_scale already carries K's scale (no per-key scales); RAW_TAIL: the tail's channels past
-    HEAD_DIM are not zero (masked on load)."""
+    HEAD_DIM are not zero (masked on load). dims_b: Q / K's tail channels, dims_bv: V's (narrower)."""
     key_ok = keys < N_K
-    tail_ok = dims_b < HEAD_DIM
     k_rows = k_base + keys[:, None] * stride_kn
     k_a = tl.load(k_rows + dims_a[None, :], mask=key_ok[:, None], other=0.0) if MASKED else \
         tl.load(k_rows + dims_a[None, :])
     acc = tl.dot(q_a, tl.trans(k_a))
     if HAS_TAIL:
         if RAW_TAIL:
-            k_b = tl.load(k_rows + dims_b[None, :], mask=key_ok[:, None] & tail_ok[None, :], other=0.0)
+            k_b = tl.load(k_rows + dims_b[None, :], mask=key_ok[:, None] & (dims_b < HEAD_DIM)[None, :], other=0.0)
         else:
             k_b = tl.load(k_rows + dims_b[None, :], mask=key_ok[:, None], other=0.0) if MASKED else \
                 tl.load(k_rows + dims_b[None, :])
@@ -87,10 +87,11 @@ def _attend_tile(acc_a, acc_b, row_max, row_sum, q_a, q_b, q_scale, k_base, k_sc
     acc_a = tl.dot(p_op, v_a, acc_a * rescale[:, None], out_dtype=tl.float32)
     if HAS_TAIL:
         if RAW_TAIL:
-            v_b = tl.load(v_rows + dims_b[None, :] * stride_vd, mask=key_ok[:, None] & tail_ok[None, :], other=0.0)
+            v_b = tl.load(v_rows + dims_bv[None, :] * stride_vd, mask=key_ok[:, None] & (dims_bv < HEAD_DIM)[None, :],
+                          other=0.0)
         else:
-            v_b = tl.load(v_rows + dims_b[None, :] * stride_vd, mask=key_ok[:, None], other=0.0) if MASKED else \
-                tl.load(v_rows + dims_b[None, :] * stride_vd)
+            v_b = tl.load(v_rows + dims_bv[None, :] * stride_vd, mask=key_ok[:, None], other=0.0) if MASKED else \
+                tl.load(v_rows + dims_bv[None, :] * stride_vd)
         acc_b = tl.dot(p_op, v_b, acc_b * rescale[:, None], out_dtype=tl.float32)
     return acc_a, acc_b, new_max, row_sum
 
@@ -103,12 +104,13 @@ def _attention_kernel(
     N_Q, N_K, HEADS, score_scale,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn, stride_vd, stride_ob, stride_oh, stride_on,
-    HEAD_DIM: tl.constexpr, DIM_A: tl.constexpr, DIM_B: tl.constexpr, HAS_TAIL: tl.constexpr,
+    HEAD_DIM: tl.constexpr, DIM_A: tl.constexpr, DIM_B: tl.constexpr, DIM_BV: tl.constexpr, HAS_TAIL: tl.constexpr,
     PV_FP8: tl.constexpr, STATIC_SCALES: tl.constexpr, OUT_CODES: tl.constexpr, RAW_TAIL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """HAS_TAIL (HEAD_DIM > DIM_A): operands are padded to DIM_A + DIM_B along the head dim, with zeros (tiles load
-    unmasked) or, RAW_TAIL, with anything (tail loads masked); v_scale is [B * H, padded head dim]
+    """HAS_TAIL (HEAD_DIM > DIM_A): Q / K are padded to DIM_A + DIM_B along the head dim, V to DIM_A + DIM_BV (the P V
+    product's N side takes a narrower tail), with zeros (tiles load unmasked) or, RAW_TAIL, with anything (tail loads
+    masked); v_scale is [B * H, DIM_A + DIM_BV]
     (STATIC_SCALES: q / k / v scales are one value each); the output holds HEAD_DIM channels. OUT_CODES: the output
     is stored as fp8 codes of the static scale at out_scale_ptr."""
     query_blocks = tl.cdiv(N_Q, BLOCK_M)  # a 1-D grid (no 65535 limit on B * H); neighbours share K / V
@@ -119,6 +121,7 @@ def _attention_kernel(
     row_ok = rows < N_Q
     dims_a = tl.arange(0, DIM_A)
     dims_b = DIM_A + tl.arange(0, DIM_B)
+    dims_bv = DIM_A + tl.arange(0, DIM_BV)
     q_rows = q_ptr + b * stride_qb + h * stride_qh + rows[:, None] * stride_qn
     q_a = tl.load(q_rows + dims_a[None, :], mask=row_ok[:, None], other=0.0)
     if HAS_TAIL and RAW_TAIL:
@@ -140,22 +143,22 @@ def _attention_kernel(
     row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
     row_sum = tl.zeros([BLOCK_M], tl.float32)
     acc_a = tl.zeros([BLOCK_M, DIM_A], tl.float32)
-    acc_b = tl.zeros([BLOCK_M, DIM_B], tl.float32)
+    acc_b = tl.zeros([BLOCK_M, DIM_BV], tl.float32)
     full_tiles_end = (N_K // BLOCK_N) * BLOCK_N
     for start in range(0, full_tiles_end, BLOCK_N):
         acc_a, acc_b, row_max, row_sum = _attend_tile(
             acc_a, acc_b, row_max, row_sum, q_a, q_b, q_scale, k_base, k_scale_base, v_base,
-            start + tl.arange(0, BLOCK_N), N_K, stride_kn, stride_vn, stride_vd, dims_a, dims_b, HEAD_DIM, HAS_TAIL,
-            PV_FP8, STATIC_SCALES, RAW_TAIL, False)
+            start + tl.arange(0, BLOCK_N), N_K, stride_kn, stride_vn, stride_vd, dims_a, dims_b, dims_bv, HEAD_DIM,
+            HAS_TAIL, PV_FP8, STATIC_SCALES, RAW_TAIL, False)
     if full_tiles_end < N_K:
         acc_a, acc_b, row_max, row_sum = _attend_tile(
             acc_a, acc_b, row_max, row_sum, q_a, q_b, q_scale, k_base, k_scale_base, v_base,
-            full_tiles_end + tl.arange(0, BLOCK_N), N_K, stride_kn, stride_vn, stride_vd, dims_a, dims_b, HEAD_DIM,
-            HAS_TAIL, PV_FP8, STATIC_SCALES, RAW_TAIL, True)
+            full_tiles_end + tl.arange(0, BLOCK_N), N_K, stride_kn, stride_vn, stride_vd, dims_a, dims_b, dims_bv,
+            HEAD_DIM, HAS_TAIL, PV_FP8, STATIC_SCALES, RAW_TAIL, True)
 
     norm = 1.0 / row_sum
     out_rows = out_ptr + b * stride_ob + h * stride_oh + rows[:, None] * stride_on
-    v_scales = v_scale_ptr + batch_head * (DIM_A + DIM_B if HAS_TAIL else DIM_A)
+    v_scales = v_scale_ptr + batch_head * (DIM_A + DIM_BV if HAS_TAIL else DIM_A)
     if STATIC_SCALES:
         norm *= tl.load(v_scale_ptr)
     if OUT_CODES:
@@ -169,11 +172,11 @@ def _attention_kernel(
     if HAS_TAIL:
         out_b = acc_b * norm[:, None]
         if PV_FP8 and not STATIC_SCALES:
-            out_b *= tl.load(v_scales + dims_b)[None, :]
+            out_b *= tl.load(v_scales + dims_bv)[None, :]
         if OUT_CODES:
             out_b = tl.minimum(tl.maximum(out_b, -FP8_MAX), FP8_MAX)
-        tl.store(out_rows + dims_b[None, :], out_b.to(out_ptr.dtype.element_ty),
-                 mask=row_ok[:, None] & (dims_b < HEAD_DIM)[None, :])
+        tl.store(out_rows + dims_bv[None, :], out_b.to(out_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & (dims_bv < HEAD_DIM)[None, :])
 
 
 def _pad_last(x: torch.Tensor, pad: int) -> torch.Tensor:
@@ -223,34 +226,37 @@ def kernel_operands(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pv_fp8: b
         return codes_operands(attention_operand_reference(q, scales[0], False),
                               attention_operand_reference(k, scales[1], False),
                               attention_operand_reference(v, scales[2], True), head_dim, operand_scales, False)
-    dim_a, dim_b = head_dim_split(head_dim)
-    pad = dim_a + dim_b - head_dim if head_dim > dim_a else 0  # zero channels: the tail tile loads unmasked
+    # zero channels up to the tail tiles' widths (the tails load unmasked)
+    pad, pad_v = padded_head_dim(head_dim) - head_dim, padded_head_dim(head_dim, value=True) - head_dim
     q_q, q_scale, k_q, k_scale, v_op, v_scale = attention_operands(q, k, v, pv_fp8)
-    q_q, k_q, v_op = (_pad_last(x, pad) for x in (q_q, k_q, v_op))
+    q_q, k_q, v_op = _pad_last(q_q, pad), _pad_last(k_q, pad), _pad_last(v_op, pad_v)
     q_q = q_q if q_q.stride(-1) == 1 else q_q.contiguous()
     k_q = k_q if k_q.stride(-1) == 1 else k_q.contiguous()
     if pv_fp8:  # keys contiguous (the fp8 MMA wants its reduced dimension innermost), as attention_operand_fp8's V
         v_op = _pad_last(v_op.transpose(-1, -2), -v_op.shape[-2] % KEY_ALIGNMENT).contiguous().transpose(-1, -2)
-        v_scale = F.pad(v_scale, (0, pad)).contiguous()
+        v_scale = F.pad(v_scale, (0, pad_v)).contiguous()
     elif v_op.stride(-1) != 1:
         v_op = v_op.contiguous()
     return dict(q_q=q_q, q_scale=q_scale.contiguous(), k_q=k_q, k_scale=k_scale.contiguous(), v_op=v_op,
-                v_scale=v_scale if pv_fp8 else q_scale, flags=dict(  # (v_scale: never read without fp8 V)
-                    HEAD_DIM=head_dim, DIM_A=dim_a, DIM_B=dim_b, HAS_TAIL=head_dim > dim_a, PV_FP8=pv_fp8,
-                    STATIC_SCALES=False, RAW_TAIL=False))
+                v_scale=v_scale if pv_fp8 else q_scale,  # (v_scale: never read without fp8 V)
+                flags=dict(_split_flags(head_dim), PV_FP8=pv_fp8, STATIC_SCALES=False, RAW_TAIL=False))
+
+
+def _split_flags(head_dim: int) -> dict:
+    """The kernel's head-dim constexprs (`head_dim_split`)."""
+    dim_a, dim_b, dim_bv = head_dim_split(head_dim)
+    return dict(HEAD_DIM=head_dim, DIM_A=dim_a, DIM_B=dim_b, DIM_BV=dim_bv, HAS_TAIL=head_dim > dim_a)
 
 
 def codes_operands(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dim: int, operand_scales: torch.Tensor,
                    raw_tail: bool = True) -> dict:
     """Static fp8 operands laid out as fxquant::attention_operand_fp8 makes them (q [B, H, Nq, Dp], k [B, H, Nk, Dp],
-    v keys-major [B, H, Dp, Nkp]), with their scales (fp32 [3]) -> the kernel's operands and flags, for `attend`.
+    v keys-major [B, H, Dv, Nkp]), with their scales (fp32 [3]) -> the kernel's operands and flags, for `attend`.
     raw_tail: the padding holds anything (operands written by GEMM epilogues), so tail channels past head_dim are
     masked on load; else it is zero and the tail loads unmasked."""
-    dim_a, dim_b = head_dim_split(head_dim)
     q_scale, k_scale, v_scale = operand_scales.float().contiguous().split(1)
-    return dict(q_q=q, q_scale=q_scale, k_q=k, k_scale=k_scale, v_op=v.transpose(-1, -2), v_scale=v_scale, flags=dict(
-        HEAD_DIM=head_dim, DIM_A=dim_a, DIM_B=dim_b, HAS_TAIL=head_dim > dim_a, PV_FP8=True, STATIC_SCALES=True,
-        RAW_TAIL=raw_tail))
+    return dict(q_q=q, q_scale=q_scale, k_q=k, k_scale=k_scale, v_op=v.transpose(-1, -2), v_scale=v_scale,
+                flags=dict(_split_flags(head_dim), PV_FP8=True, STATIC_SCALES=True, RAW_TAIL=raw_tail))
 
 
 def kernel_args(operands: dict, out: torch.Tensor, scale: float, out_scale: torch.Tensor | None = None) -> tuple:
