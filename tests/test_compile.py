@@ -180,3 +180,20 @@ def test_repeated_blocks_of_a_unet_and_a_model_without_any():
         QuantizedModel.compile_blocks(stand_in)
     with pytest.raises(ValueError, match="always compiles with backend"):
         QuantizedModel.compile_blocks(stand_in, backend="inductor")
+
+
+def test_static_quantization_of_a_concatenation_fuses_into_both_producers(quantized_family):
+    """Flux's single blocks quantize cat([attention output, GELU(MLP linear)]) for the output projection: with static
+    attention outputs the backend splits that static quantization over the parts, so the attention writes its codes
+    and the MLP GEMM's epilogue applies the GELU and writes the rest; the compiled model computes what eager does."""
+    _, qmodel, _ = quantized_family("flux", "w8a8-fp8:attention=fp8-static,static_attention_outputs=true")
+    single_blocks = len(qmodel.model.single_transformer_blocks)
+    inputs = FAMILIES["flux"].inputs(batch=2, seed=4)
+    torch._dynamo.reset()
+    compile_counter.clear()
+    with torch.no_grad():
+        eager = qmodel(**inputs, return_dict=False)[0]
+        compiled = torch.compile(qmodel, backend="fxquant")(**inputs, return_dict=False)[0]
+    assert compile_counter["distributed_quantizations"] == single_blocks
+    assert compile_counter["fused_attention_outputs"] == compile_counter["fused_activations"] == single_blocks
+    assert relative_l2(compiled, eager) <= 1e-5

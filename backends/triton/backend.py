@@ -11,7 +11,8 @@ The backend rewrites it with patterns, then compiles:
   inside the GEMM's K loop; the int8 codes never reach memory); `residual + gate * linear(...)` (a transformer
   block's gated residual) becomes one `linear_residual` (applied in the GEMM's epilogue); a static per-tensor
   quantization of a GELU / SiLU of a linear's output (a feed-forward's hidden activations) becomes one
-  `linear_activation_quantize` (the GEMM's epilogue writes the next linear's codes), a static fp8 quantization of
+  `linear_activation_quantize` (the GEMM's epilogue writes the next linear's codes; a static quantization of a
+  concatenation is split over its parts first, so each can fuse), a static fp8 quantization of
   a quantized attention's output (the output projection's input) one `quantized_attention_codes`, and a static-fp8
   attention whose q / k / v come from fp8 linears (joint ones concatenated) one `attention_fp8_codes` on operands
   the GEMMs' epilogues write in the kernel's layout (`linear_attention_operand`);
@@ -156,6 +157,14 @@ def _value(node):
 def _only_use(node) -> bool:
     """The node feeds exactly one other node (so fusing that one leaves it dead)."""
     return isinstance(node, fx.Node) and len(node.users) == 1
+
+
+def _with_example_value(node: fx.Node) -> fx.Node:
+    """node, with the example value its call gives on its arguments' example values (fake tensors), which later
+    rewrites and the attention tuning read."""
+    args = fx.node.map_arg(node.args, lambda arg: arg.meta["example_value"])
+    node.meta["example_value"] = node.target(*args)
+    return node
 
 
 def _through_row_views(node):
@@ -348,6 +357,54 @@ def fuse_residual_epilogues(gm: fx.GraphModule) -> int:
 _STATIC_QUANTIZE = (fxq.quantize_per_tensor.default, fxq.quantize_per_tensor_fp8.default)
 
 
+def _row_view(node) -> bool:
+    """node reshapes / views its input keeping the last dim (a QuantLinear flattening its input to rows)."""
+    return (isinstance(node, fx.Node) and (node.op == "call_method" and node.target in _ROW_VIEWS
+                                           or _call(node, {torch.reshape}))
+            and _value(node) is not None and _value(node.args[0]) is not None
+            and _value(node).shape[-1] == _value(node.args[0]).shape[-1])
+
+
+def _rows(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
+    """A new node viewing node's value as rows [-1, C] (how a QuantLinear quantizes its input, so that the epilogue
+    rewrites match the part's quantization)."""
+    return _with_example_value(gm.graph.call_function(torch.reshape, (node, (-1, _value(node).shape[-1]))))
+
+
+def distribute_static_quantization(gm: fx.GraphModule) -> int:
+    """Rewrite `quantize(row views(cat([a, b, ...], dim=-1)))` (a static per-tensor fp8 / int8 quantization, which
+    commutes with concatenation) into `row views(cat([quantize(a as rows), quantize(b as rows), ...]))`, so that each
+    part's
+    quantization can fuse into what makes it (Flux's single blocks: the attention writing its output's codes, the MLP
+    GEMM's GELU epilogue writing the rest; only 8-bit codes are then concatenated). Returns how many."""
+    distributed = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or _target(node) not in _STATIC_QUANTIZE:
+            continue
+        op = _target(node)
+        args = _node_args(node, op)
+        chain, joined = [], args[0]
+        while _row_view(joined) and _only_use(joined):
+            chain.append(joined)
+            joined = joined.args[0]
+        parts = _arg(joined, 0, "tensors", ()) if _call(joined, {torch.cat}) and _only_use(joined) else ()
+        if len(parts) < 2 or _value(joined) is None or _arg(joined, 1, "dim", 0) not in (-1, _value(joined).dim() - 1):
+            continue
+        with gm.graph.inserting_before(node):  # after the scale, which may be chosen per timestep group late
+            codes = [_with_example_value(gm.graph.call_function(torch.reshape, (_with_example_value(
+                gm.graph.call_function(op, (_rows(gm, part), *args[1:]))), tuple(_value(part).shape))))
+                for part in parts]
+            source = _with_example_value(gm.graph.call_function(torch.cat, (codes, -1)))
+        for view in reversed(chain):  # innermost first: moved after the new concatenation, reading it
+            node.prepend(view)
+            view.args = (source, *view.args[1:])
+            source = view
+        node.replace_all_uses_with(source)
+        gm.graph.erase_node(node)
+        distributed += 1
+    return _cleaned(gm, distributed)
+
+
 def fuse_activation_epilogues(gm: fx.GraphModule) -> int:
     """Rewrite `quantize_per_tensor(_fp8)(act(linear(...)))` (a GELU / SiLU, seen through row views and eval dropout,
     of an fxquant linear whose output is used only there; 8-bit static quantization) into
@@ -479,14 +536,6 @@ def _head_projections(operand) -> list[tuple] | None:
     matches, tokens_first = layouts.get(dim, (False, False))
     parts = [_head_projection(part, tokens_first) for part in _arg(node, 0, "tensors", ())] if matches else []
     return parts if parts and all(parts) else None
-
-
-def _with_example_value(node: fx.Node) -> fx.Node:
-    """node, with the example value its call gives on its arguments' example values (fake tensors), which later
-    rewrites and the attention tuning read."""
-    args = fx.node.map_arg(node.args, lambda arg: arg.meta["example_value"])
-    node.meta["example_value"] = node.target(*args)
-    return node
 
 
 def fuse_attention_operands(gm: fx.GraphModule) -> int:
@@ -769,6 +818,7 @@ def fxquant_backend(gm: fx.GraphModule, example_inputs, mode: str | None = None,
         compile_counter["fused_prologues"] += fuse_quantize_prologues(gm)
     if ours.get("fxquant.fuse_residuals", True):
         compile_counter["fused_residuals"] += fuse_residual_epilogues(gm)
+    compile_counter["distributed_quantizations"] += distribute_static_quantization(gm)
     if ours.get("fxquant.fuse_activations", True):
         compile_counter["fused_activations"] += fuse_activation_epilogues(gm)
     if ours.get("fxquant.fuse_attention_outputs", True):
