@@ -441,19 +441,30 @@ def _(q, k, v, scale, pv_fp8, operand_scales=None):
     return empty_heads_last(q)
 
 
+def split_codes(out: torch.Tensor, out_scale: torch.Tensor, out_split: int) -> torch.Tensor:
+    """An attention's output [B, H, Nq, D] -> its fp8 codes stored as [B, Nq, H, D]: of out_scale (fp32 [1]), or of
+    out_scale[0] for queries before out_split and out_scale[1] for the rest (out_split > 0)."""
+    scales = out_scale.reshape(-1)
+    if out_split:
+        before = torch.arange(out.shape[2], device=out.device) < out_split
+        scales = torch.where(before, scales[0], scales[1])[:, None]
+    return empty_heads_last(out, torch.float8_e4m3fn).copy_(quantize_fp8_with_scale(out, scales))
+
+
 @torch.library.custom_op("fxquant::quantized_attention_codes", mutates_args=())
 def quantized_attention_codes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, pv_fp8: bool,
-                              operand_scales: torch.Tensor | None, out_scale: torch.Tensor) -> torch.Tensor:
-    """quantize_per_tensor_fp8(quantized_attention(...), out_scale) in one op: the compile backend puts it in place of
-    an attention whose output (through views) only feeds a static fp8 quantization (the output projection's input,
-    recipe option static_attention_outputs), so that the attention kernel writes the projection's codes.
-    -> float8_e4m3fn [B, H, Nq, D], stored as [B, Nq, H, D]."""
-    codes = empty_heads_last(q, torch.float8_e4m3fn)
-    return codes.copy_(quantize_fp8_with_scale(quantized_attention(q, k, v, scale, pv_fp8, operand_scales), out_scale))
+                              operand_scales: torch.Tensor | None, out_scale: torch.Tensor,
+                              out_split: int = 0) -> torch.Tensor:
+    """quantize_per_tensor_fp8(quantized_attention(...), out_scale) in one op (`split_codes`: with out_split, two
+    scales for the queries before / from out_split): the compile backend puts it in place of an attention whose
+    output (through views) only feeds static fp8 quantizations (output projections' inputs, recipe option
+    static_attention_outputs; a joint attention's two token ranges, two projections), so that the attention kernel
+    writes the projections' codes. -> float8_e4m3fn [B, H, Nq, D], stored as [B, Nq, H, D]."""
+    return split_codes(quantized_attention(q, k, v, scale, pv_fp8, operand_scales), out_scale, out_split)
 
 
 @quantized_attention_codes.register_fake
-def _(q, k, v, scale, pv_fp8, operand_scales, out_scale):
+def _(q, k, v, scale, pv_fp8, operand_scales, out_scale, out_split=0):
     return empty_heads_last(q, torch.float8_e4m3fn)
 
 
@@ -544,23 +555,21 @@ def _(x_q, x_scale, w_q, w_scale, bias, scale, heads, tokens, keys_major):
 @torch.library.custom_op("fxquant::attention_fp8_codes", mutates_args=())
 def attention_fp8_codes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dim: int, scale: float,
                         operand_scales: torch.Tensor, out_dtype: torch.dtype,
-                        out_scale: torch.Tensor | None = None) -> torch.Tensor:
+                        out_scale: torch.Tensor | None = None, out_split: int = 0) -> torch.Tensor:
     """quantized_attention with static fp8 operand_scales (fp32 [3]) on operands already quantized and laid out by
     attention_operand_fp8 / linear_attention_operand: q [B, H, Nq, Dp], k [B, H, Nk, Dp], v keys-major
     [B, H, Dv, Nkp] (only the first head_dim channels and Nk keys are read) -> [B, H, Nq, head_dim] in out_dtype,
-    stored as [B, Nq, H, head_dim]; with out_scale (fp32, one value) its fp8 codes, as quantized_attention_codes."""
+    stored as [B, Nq, H, head_dim]; with out_scale its fp8 codes, as quantized_attention_codes."""
     n_k = k.shape[2]
     q_scale, k_scale, v_scale = operand_scales.float().unbind()
     out = quantized_attention(q[..., :head_dim].float() * q_scale, k[..., :head_dim].float() * k_scale,
                               v[:, :, :head_dim, :n_k].float().transpose(-1, -2) * v_scale, scale, True,
                               operand_scales).to(out_dtype)  # the codes times their scales requantize exactly
-    if out_scale is None:
-        return out
-    return empty_heads_last(out, torch.float8_e4m3fn).copy_(quantize_fp8_with_scale(out, out_scale))
+    return out if out_scale is None else split_codes(out, out_scale, out_split)
 
 
 @attention_fp8_codes.register_fake
-def _(q, k, v, head_dim, scale, operand_scales, out_dtype, out_scale=None):
+def _(q, k, v, head_dim, scale, operand_scales, out_dtype, out_scale=None, out_split=0):
     like = q.new_empty((*q.shape[:3], head_dim))  # the output's shape
     return empty_heads_last(like, torch.float8_e4m3fn if out_scale is not None else out_dtype)
 

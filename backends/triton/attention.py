@@ -101,7 +101,7 @@ def _attend_tile(acc_a, acc_b, row_max, row_sum, q_a, q_b, q_scale, k_base, k_sc
 @triton.jit
 def _attention_kernel(
     q_ptr, q_scale_ptr, k_ptr, k_scale_ptr, v_ptr, v_scale_ptr, out_ptr, out_scale_ptr,
-    N_Q, N_K, HEADS, score_scale,
+    N_Q, N_K, HEADS, score_scale, out_split,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn, stride_vd, stride_ob, stride_oh, stride_on,
     HEAD_DIM: tl.constexpr, DIM_A: tl.constexpr, DIM_B: tl.constexpr, DIM_BV: tl.constexpr, HAS_TAIL: tl.constexpr,
@@ -111,8 +111,9 @@ def _attention_kernel(
     """HAS_TAIL (HEAD_DIM > DIM_A): Q / K are padded to DIM_A + DIM_B along the head dim, V to DIM_A + DIM_BV (the P V
     product's N side takes a narrower tail), with zeros (tiles load unmasked) or, RAW_TAIL, with anything (tail loads
     masked); v_scale is [B * H, DIM_A + DIM_BV]
-    (STATIC_SCALES: q / k / v scales are one value each); the output holds HEAD_DIM channels. OUT_CODES: the output
-    is stored as fp8 codes of the static scale at out_scale_ptr."""
+    (STATIC_SCALES: q / k / v scales are one value each); the output holds HEAD_DIM channels. OUT_CODES 1: the output
+    is stored as fp8 codes of the static scale at out_scale_ptr; 2: of the first of two scales there for queries
+    before out_split, of the second for the rest (a joint attention's two streams, each with its projection)."""
     query_blocks = tl.cdiv(N_Q, BLOCK_M)  # a 1-D grid (no 65535 limit on B * H); neighbours share K / V
     batch_head = tl.program_id(0) // query_blocks
     b = batch_head // HEADS
@@ -161,8 +162,11 @@ def _attention_kernel(
     v_scales = v_scale_ptr + batch_head * (DIM_A + DIM_BV if HAS_TAIL else DIM_A)
     if STATIC_SCALES:
         norm *= tl.load(v_scale_ptr)
-    if OUT_CODES:
+    if OUT_CODES == 1:
         norm *= tl.div_rn(1.0, tl.load(out_scale_ptr))
+    elif OUT_CODES == 2:
+        norm *= tl.where(rows < out_split, tl.div_rn(1.0, tl.load(out_scale_ptr)),
+                         tl.div_rn(1.0, tl.load(out_scale_ptr + 1)))
     out_a = acc_a * norm[:, None]
     if PV_FP8 and not STATIC_SCALES:
         out_a *= tl.load(v_scales + dims_a)[None, :]
@@ -259,29 +263,31 @@ def codes_operands(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dim: 
                 flags=dict(_split_flags(head_dim), PV_FP8=True, STATIC_SCALES=True, RAW_TAIL=raw_tail))
 
 
-def kernel_args(operands: dict, out: torch.Tensor, scale: float, out_scale: torch.Tensor | None = None) -> tuple:
+def kernel_args(operands: dict, out: torch.Tensor, scale: float, out_scale: torch.Tensor | None = None,
+                out_split: int = 0) -> tuple:
     """`_attention_kernel`'s positional arguments for `kernel_operands(...)` writing `out` ([B, H, Nq, D]; fp8 codes
-    of out_scale when given)."""
+    of out_scale when given: one value, or two split at query out_split)."""
     q_q, k_q, v_op = operands["q_q"], operands["k_q"], operands["v_op"]
-    out_scale = operands["q_scale"] if out_scale is None else out_scale.float().reshape(1)  # (else never read)
+    out_scale = operands["q_scale"] if out_scale is None else out_scale.float().reshape(-1)  # (else never read)
     return (q_q, operands["q_scale"], k_q, operands["k_scale"], v_op, operands["v_scale"], out, out_scale, q_q.shape[2],
-            k_q.shape[2], q_q.shape[1], scale * LOG2E, *q_q.stride()[:3], *k_q.stride()[:3], *v_op.stride(),
-            *out.stride()[:3])
+            k_q.shape[2], q_q.shape[1], scale * LOG2E, out_split, *q_q.stride()[:3], *k_q.stride()[:3],
+            *v_op.stride(), *out.stride()[:3])
 
 
 def attend(q: torch.Tensor, operands: dict, scale: float, traced: bool = False,
-           out_scale: torch.Tensor | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+           out_scale: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
+           out_split: int = 0) -> torch.Tensor:
     """The kernel on `kernel_operands(q, k, v, ...)` (or `codes_operands`) -> [B, H, Nq, D] (q's shape) in q's dtype
-    or out_dtype, or with out_scale (fp32 [1]) fp8 codes of that static scale, stored [B, Nq, H, D]; traced as in
-    `quantized_attention`."""
+    or out_dtype, or with out_scale fp8 codes of that static scale (fp32 [1]; or [2] with out_split > 0: the first
+    for queries before out_split), stored [B, Nq, H, D]; traced as in `quantized_attention`."""
     batch, heads, n_q, head_dim = q.shape
     n_k = operands["k_q"].shape[2]
     dtype = out_dtype or q.dtype
     out = empty_heads_last(q, torch.float8_e4m3fn if out_scale is not None else dtype)
     if out.numel() == 0:
         return out
-    args = kernel_args(operands, out, scale, out_scale)
-    flags = dict(operands["flags"], OUT_CODES=out_scale is not None)
+    args = kernel_args(operands, out, scale, out_scale, out_split)
+    flags = dict(operands["flags"], OUT_CODES=0 if out_scale is None else 2 if out_split else 1)
     if traced:
         config = get_autotune_config()[0].all_kwargs() if INTERPRET else _TUNED.get(
             _tuning_key(n_q, n_k, head_dim, flags["PV_FP8"], flags["STATIC_SCALES"], dtype), FIXED_CONFIG)
@@ -294,21 +300,23 @@ def attend(q: torch.Tensor, operands: dict, scale: float, traced: bool = False,
 
 def quantized_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, pv_fp8: bool,
                         operand_scales: torch.Tensor | None = None, traced: bool = False,
-                        out_scale: torch.Tensor | None = None) -> torch.Tensor:
+                        out_scale: torch.Tensor | None = None, out_split: int = 0) -> torch.Tensor:
     """q [B, H, Nq, D], k / v [B, H, Nk, D] (head dim >= 16) -> [B, H, Nq, D] in q's dtype, stored [B, Nq, H, D];
-    operand_scales: static fp8 Q / K / V scales (fp32 [3]) or None (per-token int8 Q / K); out_scale (fp32 [1]):
-    the output as fp8 codes of this static scale (fxquant::quantized_attention_codes).
+    operand_scales: static fp8 Q / K / V scales (fp32 [3]) or None (per-token int8 Q / K); out_scale (fp32 [1], or
+    [2] split at query out_split): the output as fp8 codes of these static scales (fxquant::quantized_attention_codes).
 
     traced: launch through torch.library.wrap_triton with the config `tune` found for this problem, else
     FIXED_CONFIG (graphs the compile backend hands to Inductor); otherwise the autotuned kernel is launched directly
     (eager calls)."""
-    return attend(q, kernel_operands(q, k, v, pv_fp8, operand_scales), scale, traced, out_scale)
+    return attend(q, kernel_operands(q, k, v, pv_fp8, operand_scales), scale, traced, out_scale, out_split=out_split)
 
 
 def attention_fp8_codes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dim: int, scale: float,
                         operand_scales: torch.Tensor, out_dtype: torch.dtype, out_scale: torch.Tensor | None = None,
-                        traced: bool = False) -> torch.Tensor:
+                        out_split: int = 0, traced: bool = False) -> torch.Tensor:
     """fxquant::attention_fp8_codes: the kernel on laid-out fp8 operands (`codes_operands`) -> [B, H, Nq, head_dim]
-    in out_dtype (or fp8 codes of out_scale), stored [B, Nq, H, head_dim]; traced as in `quantized_attention`."""
+    in out_dtype (or fp8 codes of out_scale, as `attend`), stored [B, Nq, H, head_dim]; traced as in
+    `quantized_attention`."""
     shape = q.new_empty(()).expand(*q.shape[:3], head_dim)  # attend reads only the output shape from q
-    return attend(shape, codes_operands(q, k, v, head_dim, operand_scales), scale, traced, out_scale, out_dtype)
+    return attend(shape, codes_operands(q, k, v, head_dim, operand_scales), scale, traced, out_scale, out_dtype,
+                  out_split)

@@ -13,7 +13,9 @@ The backend rewrites it with patterns, then compiles:
   quantization of a GELU / SiLU of a linear's output (a feed-forward's hidden activations) becomes one
   `linear_activation_quantize` (the GEMM's epilogue writes the next linear's codes; a static quantization of a
   concatenation is split over its parts first, so each can fuse), a static fp8 quantization of
-  a quantized attention's output (the output projection's input) one `quantized_attention_codes`, and a static-fp8
+  a quantized attention's output (the output projection's input) one `quantized_attention_codes` (also when a joint
+  attention's output is cut into two token ranges for two projections: two scales split at the boundary), and a
+  static-fp8
   attention whose q / k / v come from fp8 linears (joint ones concatenated) one `attention_fp8_codes` on operands
   the GEMMs' epilogues write in the kernel's layout (`linear_attention_operand`);
 - CUDA: the quantize, GEMM, attention and conv ops become calls of fxquant's Triton kernels
@@ -442,6 +444,13 @@ def _is_head_view(node) -> bool:
                                           or _call(node, _HEAD_VIEW_FUNCTIONS))
 
 
+def _no_op_cast(node) -> bool:
+    """node is `x.to(dtype)` of a tensor already of that dtype."""
+    return (isinstance(node, fx.Node) and node.op == "call_method" and node.target == "to" and not node.kwargs
+            and len(node.args) == 2 and _value(node) is not None and _value(node.args[0]) is not None
+            and _value(node).dtype == _value(node.args[0]).dtype)
+
+
 def _attention_through_views(node) -> tuple | None:
     """(quantized_attention node, the single-use views between it and node, outermost first) when node is the
     attention's output seen through reshapes / transposes / no-op dtype casts, else None."""
@@ -449,10 +458,7 @@ def _attention_through_views(node) -> tuple | None:
     while _only_use(node):
         if node.op == "call_function" and _target(node) == fxq.quantized_attention.default:
             return node, chain
-        no_op_cast = (node.op == "call_method" and node.target == "to" and not node.kwargs and len(node.args) == 2
-                      and _value(node) is not None and _value(node.args[0]) is not None
-                      and _value(node).dtype == _value(node.args[0]).dtype)
-        if not (no_op_cast or _is_head_view(node)):
+        if not (_no_op_cast(node) or _is_head_view(node)):
             return None
         chain.append(node)
         node = node.args[0]
@@ -549,7 +555,7 @@ def fuse_attention_operands(gm: fx.GraphModule) -> int:
         if node.op != "call_function" or _target(node) not in _ATTENTION_OPS:
             continue
         args = _node_args(node, _target(node))
-        (q, k, v, scale, _, operand_scales), out_scale = args[:6], (args[6:] or [None])[0]
+        (q, k, v, scale, _, operand_scales), (out_scale, out_split) = args[:6], (args[6:] or [None, 0])
         projections = [_head_projections(x) for x in (q, k, v)] if operand_scales is not None else []
         if not any(projections):
             continue
@@ -566,11 +572,104 @@ def fuse_attention_operands(gm: fx.GraphModule) -> int:
                                                                    index == 2))
                 operands.append(_with_example_value(gm.graph.call_function(*call)))
             codes = gm.graph.call_function(fxq.attention_fp8_codes.default, (
-                *operands, _value(q).shape[-1], scale, operand_scales, _value(q).dtype, out_scale))
+                *operands, _value(q).shape[-1], scale, operand_scales, _value(q).dtype, out_scale, out_split))
         codes.meta.update(node.meta)
         node.replace_all_uses_with(codes)
         gm.graph.erase_node(node)
         fused += sum(len(projection) for projection in projections if projection)
+    return _cleaned(gm, fused)
+
+
+def _token_ranges(node) -> list[tuple[int, int, fx.Node]] | None:
+    """[(start, stop, slice node), ...] when every use of node ([B, N, C]) takes a range of its tokens (dim 1):
+    `x[:, a:b]` (SD3's joint attention) or the parts of `x.split_with_sizes(sizes, dim=1)` (Flux's); else None."""
+    value = _value(node)
+    users = list(node.users)
+    if value is None or value.dim() != 3:
+        return None
+    if len(users) == 1 and users[0].op == "call_method" and users[0].target == "split_with_sizes" and _arg(
+            users[0], 2, "dim", 0) in (1, -2):
+        sizes = list(_arg(users[0], 1, "split_sizes", ()))
+        parts = list(users[0].users)
+        if not all(isinstance(size, int) for size in sizes) or not all(
+                _call(part, {operator.getitem}) and isinstance(part.args[1], int) for part in parts):
+            return None
+        starts = [sum(sizes[:index]) for index in range(len(sizes))]
+        return [(starts[part.args[1]], starts[part.args[1]] + sizes[part.args[1]], part) for part in parts]
+    ranges = []
+    for user in users:
+        index = user.args[1] if _call(user, {operator.getitem}) else None
+        if not (isinstance(index, tuple) and len(index) == 2 and index[0] == slice(None)
+                and isinstance(index[1], slice) and index[1].step is None):
+            return None
+        start, stop = index[1].start or 0, value.shape[1] if index[1].stop is None else index[1].stop
+        if not (isinstance(start, int) and isinstance(stop, int)):
+            return None
+        ranges.append((start, stop, user))
+    return ranges
+
+
+def _hoist(node, before: fx.Node, position: dict) -> bool:
+    """Move node, and what it needs, in front of `before` (position: each node's place in the graph) when it comes
+    after it; only side-effect-free calls move. Returns whether node is now in front of before."""
+    if not isinstance(node, fx.Node) or position[node] < position[before]:
+        return True
+    pure = node.op in ("call_function", "call_method") and not str(node.target).endswith("_") and not _is_fxquant(node)
+    if not (pure and all(_hoist(arg, before, position) for arg in node.all_input_nodes)):
+        return False
+    before.prepend(node)
+    position[node] = position[before] - 0.5
+    return True
+
+
+def fuse_split_attention_output_quantization(gm: fx.GraphModule) -> int:
+    """Rewrite a quantized attention whose output, through views, is cut into two token ranges, each quantized
+    statically for its own output projection (SD3 / Flux joint attention: image and text streams; recipe option
+    static_attention_outputs), into one quantized_attention_codes with the two scales split at the boundary: the
+    attention kernel writes both projections' codes. The scales' selection moves in front of the attention. Returns
+    how many."""
+    fused = 0
+    for attention in [n for n in gm.graph.nodes if n.op == "call_function"
+                      and _target(n) == fxq.quantized_attention.default]:
+        chain, node = [], attention
+        while len(node.users) == 1 and _is_head_view(next(iter(node.users))) or len(node.users) == 1 and (
+                _no_op_cast(next(iter(node.users)))):
+            node = next(iter(node.users))
+            chain.append(node)
+        ranges = _token_ranges(node)
+        quantizations = []
+        for start, stop, part in sorted(ranges or [], key=lambda found: found[0]):
+            quantize = part
+            while len(quantize.users) == 1 and _row_view(next(iter(quantize.users))):
+                quantize = next(iter(quantize.users))
+            quantize = next(iter(quantize.users)) if len(quantize.users) == 1 else None
+            if quantize is None or _target(quantize) != fxq.quantize_per_tensor_fp8.default:
+                break
+            quantizations.append((start, stop, quantize))
+        if len(quantizations) != 2 or quantizations[0][:2] != (0, quantizations[1][0]) or (
+                quantizations[1][1] != _value(node).shape[1]):
+            continue
+        position = {n: index for index, n in enumerate(gm.graph.nodes)}
+        after = attention.next
+        scales = [quantize.args[1] for _, _, quantize in quantizations]
+        if not all(_hoist(scale, after, position) for scale in scales):
+            continue
+        with gm.graph.inserting_before(after):
+            both = gm.graph.call_function(torch.cat, ([gm.graph.call_function(torch.reshape, (scale, (-1,)))
+                                                       for scale in scales],))
+            codes = gm.graph.call_function(fxq.quantized_attention_codes.default, (
+                *_node_args(attention, fxq.quantized_attention.default), both, quantizations[0][1]))
+        codes.meta.update(attention.meta)
+        attention.replace_all_uses_with(codes)
+        gm.graph.erase_node(attention)
+        for view in chain:  # a cast of the codes would change them: the no-op casts go
+            if view.op == "call_method" and view.target == "to":
+                view.replace_all_uses_with(view.args[0])
+                gm.graph.erase_node(view)
+        for _, _, quantize in quantizations:
+            quantize.replace_all_uses_with(quantize.args[0])
+            gm.graph.erase_node(quantize)
+        fused += 1
     return _cleaned(gm, fused)
 
 
@@ -614,10 +713,11 @@ def _triton_quantized_attention(q, k, v, scale, pv_fp8, operand_scales):
     return quantized_attention(q, k, v, scale, pv_fp8, operand_scales, traced=True)
 
 
-def _triton_quantized_attention_codes(q, k, v, scale, pv_fp8, operand_scales, out_scale):
+def _triton_quantized_attention_codes(q, k, v, scale, pv_fp8, operand_scales, out_scale, out_split):
     from .attention import quantized_attention
 
-    return quantized_attention(q, k, v, scale, pv_fp8, operand_scales, traced=True, out_scale=out_scale)
+    return quantized_attention(q, k, v, scale, pv_fp8, operand_scales, traced=True, out_scale=out_scale,
+                               out_split=out_split)
 
 
 def _triton_linear_attention_operand(x_q, x_scale, w_q, w_scale, bias, scale, heads, tokens, keys_major):
@@ -626,10 +726,11 @@ def _triton_linear_attention_operand(x_q, x_scale, w_q, w_scale, bias, scale, he
     return attention_operand_gemm(x_q, x_scale, w_q, w_scale, bias, scale, heads, tokens, keys_major, traced=True)
 
 
-def _triton_attention_fp8_codes(q, k, v, head_dim, scale, operand_scales, out_dtype, out_scale):
+def _triton_attention_fp8_codes(q, k, v, head_dim, scale, operand_scales, out_dtype, out_scale, out_split):
     from .attention import attention_fp8_codes
 
-    return attention_fp8_codes(q, k, v, head_dim, scale, operand_scales, out_dtype, out_scale, traced=True)
+    return attention_fp8_codes(q, k, v, head_dim, scale, operand_scales, out_dtype, out_scale, out_split,
+                               traced=True)
 
 
 def _triton_int8_conv2d(x, act_scale, act_zero, w_q, w_scale, w_sum, bias, stride, padding, dilation):
@@ -823,6 +924,7 @@ def fxquant_backend(gm: fx.GraphModule, example_inputs, mode: str | None = None,
         compile_counter["fused_activations"] += fuse_activation_epilogues(gm)
     if ours.get("fxquant.fuse_attention_outputs", True):
         compile_counter["fused_attention_outputs"] += fuse_attention_output_quantization(gm)
+        compile_counter["fused_split_attention_outputs"] += fuse_split_attention_output_quantization(gm)
     if ours.get("fxquant.fuse_attention_operands", True):
         compile_counter["fused_attention_operands"] += fuse_attention_operands(gm)
     if not _on_cuda(example_inputs):

@@ -71,8 +71,8 @@ def _quantized_attention_cuda(q, k, v, scale, pv_fp8, operand_scales=None):
 
 
 @torch.library.register_kernel("fxquant::quantized_attention_codes", "cuda")
-def _quantized_attention_codes_cuda(q, k, v, scale, pv_fp8, operand_scales, out_scale):
-    return quantized_attention(q, k, v, scale, pv_fp8, operand_scales, out_scale=out_scale)
+def _quantized_attention_codes_cuda(q, k, v, scale, pv_fp8, operand_scales, out_scale, out_split=0):
+    return quantized_attention(q, k, v, scale, pv_fp8, operand_scales, out_scale=out_scale, out_split=out_split)
 
 
 @torch.library.register_kernel("fxquant::linear_attention_operand", "cuda")
@@ -81,8 +81,8 @@ def _linear_attention_operand_cuda(x_q, x_scale, w_q, w_scale, bias, scale, head
 
 
 @torch.library.register_kernel("fxquant::attention_fp8_codes", "cuda")
-def _attention_fp8_codes_cuda(q, k, v, head_dim, scale, operand_scales, out_dtype, out_scale=None):
-    return attention_fp8_codes(q, k, v, head_dim, scale, operand_scales, out_dtype, out_scale)
+def _attention_fp8_codes_cuda(q, k, v, head_dim, scale, operand_scales, out_dtype, out_scale=None, out_split=0):
+    return attention_fp8_codes(q, k, v, head_dim, scale, operand_scales, out_dtype, out_scale, out_split)
 
 
 @torch.library.register_kernel("fxquant::int8_conv2d", "cuda")

@@ -419,7 +419,8 @@ def test_attention_kernel_on_laid_out_codes_masks_unwritten_padding(head_dim):
     for traced in (False, True):
         out = attention_fp8_codes(*laid_out, head_dim, head_dim**-0.5, scales, torch.float32, traced=traced)
         assert out.stride() == reference.stride() and torch.equal(out, zero_padded)
-        codes = attention_fp8_codes(*laid_out, head_dim, head_dim**-0.5, scales, torch.float32, out_scale, traced)
+        codes = attention_fp8_codes(*laid_out, head_dim, head_dim**-0.5, scales, torch.float32, out_scale,
+                                    traced=traced)
         assert torch.equal(codes.view(torch.uint8), zero_padded_codes.view(torch.uint8))
 
 
@@ -446,6 +447,25 @@ def test_conv_kernel_is_exact(batch, channels, size, out_channels, kernel, strid
         for traced in (False, True):
             out = quantized_conv2d(x, scale, zero, weights, *args[3:], traced=traced)
             assert out.is_contiguous() and torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("traced", [False, True])
+def test_attention_kernel_writes_codes_of_two_scales_split_at_a_query(traced):
+    """A joint attention's output codes for two projections: queries before out_split take the first static scale,
+    the rest the second (fxquant::quantized_attention_codes with out_split), heads last."""
+    q, k, v = (torch.randn(2, 2, n, 64) for n in (40, 50, 50))
+    scales = torch.stack([x.abs().amax() for x in (q, k, v)]) / 448
+    out_scale, split = torch.tensor([0.5 / 448, 0.2 / 448]), 17
+    out = quantized_attention(q, k, v, 0.125, True, scales)
+    codes = quantized_attention(q, k, v, 0.125, True, scales, traced=traced, out_scale=out_scale, out_split=split)
+    reference = fxq.quantized_attention_codes(q, k, v, 0.125, True, scales, out_scale, split)
+    assert codes.stride() == reference.stride() == out.stride()
+    _assert_fp8_neighbours(codes[:, :, :split], out[:, :, :split] / out_scale[0])
+    _assert_fp8_neighbours(codes[:, :, split:], out[:, :, split:] / out_scale[1])
+    float_reference = fxq.quantized_attention(q, k, v, 0.125, True, scales)  # the op: each range its own scale
+    for rows, part_scale in ((slice(0, split), out_scale[:1]), (slice(split, None), out_scale[1:])):
+        expected = fxq.quantize_per_tensor_fp8(float_reference[:, :, rows], part_scale)
+        assert torch.equal(reference[:, :, rows].float(), expected.float())
 
 
 def test_inductor_sees_only_outputs_written():
@@ -477,6 +497,7 @@ def test_gpu_only_ptx_assembles_for_hopper(tmp_path):
     assert all(report["cubin_bytes"] > 0 for report in gemm.values())
     assert reports["attention"]["d72_fp8_pv_fp8_codes"]["cubin_bytes"] > 0  # the attention writing fp8 codes
     assert reports["attention"]["d72_fp8_pv_fp8_codes_static_raw_tail"]["cubin_bytes"] > 0  # laid-out operands
+    assert reports["attention"]["d64_fp8_pv_fp8_split_codes_static_raw_tail"]["cubin_bytes"] > 0  # two scales
     assert gemm["fp8_attention_operand"]["cubin_bytes"] > 0  # the GEMM storing them
     assert reports["conv"]["conv3x3_int8"]["ptx_wgmma"] > 0  # the implicit-GEMM conv on the tensor cores
     assert reports["conv"]["conv3x3_int8_per_patch"]["ptx_wgmma"] > 0
