@@ -124,8 +124,9 @@ def test_attention_codes_op_is_the_static_quantization_of_the_attention_and_opch
 @pytest.mark.parametrize("head_dim", [16, 24])
 def test_attention_operand_ops_lay_out_codes_for_the_kernel_and_opcheck(head_dim):
     """Q / K: [B, H, N, Dp] codes, V keys-major [B, H, Dv, Np] (24 -> 16 + a 32-wide Q / K tail, 16 + a 16-wide V
-    tail; Np: N up to 16 keys), the padding zero; the linear form equals the layout of the linear's fp32 output seen as heads; attention on the
-    laid-out codes equals quantized_attention on the float operands (the codes requantize exactly)."""
+    tail; Np: N up to 16 keys), the padding zero; the linear form equals the layout of the linear's fp32 output seen
+    as heads; attention on the laid-out codes equals quantized_attention on the float operands (the codes requantize
+    exactly)."""
     batch, heads, tokens, width = 2, 2, 5, 2 * head_dim
     x = torch.randn(batch * tokens, 32)
     x_q, x_scale = fxq.quantize_per_token_fp8(x)
