@@ -632,8 +632,7 @@ def fuse_split_attention_output_quantization(gm: fx.GraphModule) -> int:
     for attention in [n for n in gm.graph.nodes if n.op == "call_function"
                       and _target(n) == fxq.quantized_attention.default]:
         chain, node = [], attention
-        while len(node.users) == 1 and _is_head_view(next(iter(node.users))) or len(node.users) == 1 and (
-                _no_op_cast(next(iter(node.users)))):
+        while len(node.users) == 1 and (_is_head_view(next(iter(node.users))) or _no_op_cast(next(iter(node.users)))):
             node = next(iter(node.users))
             chain.append(node)
         ranges = _token_ranges(node)
@@ -651,7 +650,7 @@ def fuse_split_attention_output_quantization(gm: fx.GraphModule) -> int:
             continue
         position = {n: index for index, n in enumerate(gm.graph.nodes)}
         after = attention.next
-        scales = [quantize.args[1] for _, _, quantize in quantizations]
+        scales = [_node_args(quantize, fxq.quantize_per_tensor_fp8.default)[1] for _, _, quantize in quantizations]
         if not all(_hoist(scale, after, position) for scale in scales):
             continue
         with gm.graph.inserting_before(after):
@@ -666,8 +665,8 @@ def fuse_split_attention_output_quantization(gm: fx.GraphModule) -> int:
             if view.op == "call_method" and view.target == "to":
                 view.replace_all_uses_with(view.args[0])
                 gm.graph.erase_node(view)
-        for _, _, quantize in quantizations:
-            quantize.replace_all_uses_with(quantize.args[0])
+        for _, _, quantize in quantizations:  # the rows it quantized are codes now
+            quantize.replace_all_uses_with(_node_args(quantize, fxq.quantize_per_tensor_fp8.default)[0])
             gm.graph.erase_node(quantize)
         fused += 1
     return _cleaned(gm, fused)
