@@ -203,8 +203,9 @@ def test_static_quantization_of_a_concatenation_fuses_into_both_producers(quanti
 def test_joint_attention_writes_both_projections_codes(quantized_family, name):
     """A joint attention's output, cut into text and image token ranges for two output projections with static fp8
     inputs (SD3: slices, Flux: split_with_sizes), becomes one quantized_attention_codes with both scales split at
-    the boundary, in every block that projects both streams (SD3's last block drops its text stream); the compiled
-    model computes what eager does (scales per timestep group: their selection moves in front of the attention)."""
+    the boundary, in every block that projects both streams; SD3's last block keeps only its image tokens, a slice
+    that the one-projection rewrite follows. The compiled model computes what eager does (scales per timestep
+    group: their selection moves in front of the attention)."""
     _, qmodel, _ = quantized_family(name, "w8a8-fp8:attention=fp8-static,static_attention_outputs=true,"
                                           "timestep_groups=[500]")
     if name == "sd3":
@@ -218,4 +219,6 @@ def test_joint_attention_writes_both_projections_codes(quantized_family, name):
         eager = qmodel(**inputs, return_dict=False)[0]
         compiled = torch.compile(qmodel, backend="fxquant")(**inputs, return_dict=False)[0]
     assert compile_counter["fused_split_attention_outputs"] == joint > 0
+    if name == "sd3":
+        assert compile_counter["fused_attention_outputs"] == len(qmodel.model.transformer_blocks) - joint
     assert relative_l2(compiled, eager) <= 1e-5

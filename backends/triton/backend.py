@@ -451,14 +451,20 @@ def _no_op_cast(node) -> bool:
             and _value(node).dtype == _value(node.args[0]).dtype)
 
 
+def _token_slice(node) -> bool:
+    """node is `x[:, a:b]` (a range of tokens; SD3's last block keeps only its image tokens)."""
+    index = node.args[1] if _call(node, {operator.getitem}) else None
+    return isinstance(index, tuple) and len(index) == 2 and index[0] == slice(None) and isinstance(index[1], slice)
+
+
 def _attention_through_views(node) -> tuple | None:
     """(quantized_attention node, the single-use views between it and node, outermost first) when node is the
-    attention's output seen through reshapes / transposes / no-op dtype casts, else None."""
+    attention's output seen through reshapes / transposes / no-op dtype casts / a token slice, else None."""
     chain = []
     while _only_use(node):
         if node.op == "call_function" and _target(node) == fxq.quantized_attention.default:
             return node, chain
-        if not (_no_op_cast(node) or _is_head_view(node)):
+        if not (_no_op_cast(node) or _is_head_view(node) or _token_slice(node)):
             return None
         chain.append(node)
         node = node.args[0]
