@@ -5,6 +5,7 @@ epilogue; int8 activations against 8-, 4- or 2-bit weights (W8A8, W4A8, W2A8), t
     out[m, n] = a_scale[m] * b_scale[n] * (sum_k a[m, k] b[n, k] - a_zero[m] * b_sum[n]) + bias[n]
     (optionally)  out[m, n] = residual[m, n] + gate[m // rows_per_gate, n] * out[m, n]   (fxquant::linear_residual)
     (or)          out[m, n] = quantize(act(out[m, n]), out_scale, out_zero)    (fxquant::linear_activation_quantize)
+    (and)         stored at split offsets, an attention operand's layout          (fxquant::linear_attention_operand)
 
 a: activations [M, K] (row-major), b: weights [N, K] (row-major, i.e. B^T) as int8 / fp8 codes, or packed uint8
 [N, K * bits / 8] (fxquant.quantizer.pack_bits: field i of byte j holds element i * K * bits / 8 + j);
