@@ -199,15 +199,15 @@ def test_static_quantization_of_a_concatenation_fuses_into_both_producers(quanti
     assert relative_l2(compiled, eager) <= 1e-5
 
 
-@pytest.mark.parametrize("name", ["sd3", "flux"])
-def test_joint_attention_writes_both_projections_codes(quantized_family, name):
+@pytest.mark.parametrize("name,groups", [("sd3", ",timestep_groups=[500]"), ("flux", ",timestep_groups=[500]"),
+                                         ("sd3", "")])
+def test_joint_attention_writes_both_projections_codes(quantized_family, name, groups):
     """A joint attention's output, cut into text and image token ranges for two output projections with static fp8
     inputs (SD3: slices, Flux: split_with_sizes), becomes one quantized_attention_codes with both scales split at
     the boundary, in every block that projects both streams; SD3's last block keeps only its image tokens, a slice
-    that the one-projection rewrite follows. The compiled model computes what eager does (scales per timestep
-    group: their selection moves in front of the attention)."""
-    _, qmodel, _ = quantized_family(name, "w8a8-fp8:attention=fp8-static,static_attention_outputs=true,"
-                                          "timestep_groups=[500]")
+    that the one-projection rewrite follows. The compiled model computes what eager does (scales taken from their
+    buffers or per timestep group: their selection moves in front of the attention)."""
+    _, qmodel, _ = quantized_family(name, "w8a8-fp8:attention=fp8-static,static_attention_outputs=true" + groups)
     if name == "sd3":
         joint = sum(not block.context_pre_only for block in qmodel.model.transformer_blocks)
     else:

@@ -615,13 +615,18 @@ def _token_ranges(node) -> list[tuple[int, int, fx.Node]] | None:
     return ranges
 
 
+_SELECTIONS = {"index_select", "reshape", "view", "to", "float", "contiguous", "squeeze", "unsqueeze"}
+_SELECTION_FUNCTIONS = {operator.getitem, torch.index_select, torch.reshape, torch.select}
+
+
 def _hoist(node, before: fx.Node, position: dict) -> bool:
     """Move node, and what it needs, in front of `before` (position: each node's place in the graph) when it comes
-    after it; only side-effect-free calls move. Returns whether node is now in front of before."""
+    after it; only selections and views move (how a static scale is picked from its buffer, per timestep group).
+    Returns whether node is now in front of before."""
     if not isinstance(node, fx.Node) or position[node] < position[before]:
         return True
-    pure = node.op in ("call_function", "call_method") and not str(node.target).endswith("_") and not _is_fxquant(node)
-    if not (pure and all(_hoist(arg, before, position) for arg in node.all_input_nodes)):
+    selection = node.op == "call_method" and node.target in _SELECTIONS or _call(node, _SELECTION_FUNCTIONS)
+    if not (selection and all(_hoist(arg, before, position) for arg in node.all_input_nodes)):
         return False
     before.prepend(node)
     position[node] = position[before] - 0.5
