@@ -396,13 +396,8 @@ def distribute_static_quantization(gm: fx.GraphModule) -> int:
             codes = [_with_example_value(gm.graph.call_function(torch.reshape, (_with_example_value(
                 gm.graph.call_function(op, (_rows(gm, part), *args[1:]))), tuple(_value(part).shape))))
                 for part in parts]
-            source = _with_example_value(gm.graph.call_function(torch.cat, (codes, -1)))
-        for view in reversed(chain):  # innermost first: moved after the new concatenation, reading it
-            node.prepend(view)
-            view.args = (source, *view.args[1:])
-            source = view
-        node.replace_all_uses_with(source)
-        gm.graph.erase_node(node)
+            joined_codes = _with_example_value(gm.graph.call_function(torch.cat, (codes, -1)))
+        _replay_views(gm, node, joined_codes, chain)
         distributed += 1
     return _cleaned(gm, distributed)
 
@@ -444,6 +439,22 @@ def _is_head_view(node) -> bool:
                                           or _call(node, _HEAD_VIEW_FUNCTIONS))
 
 
+def _replay_views(gm: fx.GraphModule, node: fx.Node, source: fx.Node, chain: list) -> None:
+    """Put source in place of node: the views of chain (outermost first, single-use, between source's stand-in and
+    node's input) move in front of node and read source instead, no-op casts dropped (they would cast codes); node's
+    uses take the outermost view, and node goes."""
+    for view in reversed(chain):  # innermost first
+        if view.op == "call_method" and view.target == "to":
+            view.replace_all_uses_with(source)
+            gm.graph.erase_node(view)
+            continue
+        node.prepend(view)
+        view.args = (source, *view.args[1:])
+        source = view
+    node.replace_all_uses_with(source)
+    gm.graph.erase_node(node)
+
+
 def _no_op_cast(node) -> bool:
     """node is `x.to(dtype)` of a tensor already of that dtype."""
     return (isinstance(node, fx.Node) and node.op == "call_method" and node.target == "to" and not node.kwargs
@@ -451,10 +462,16 @@ def _no_op_cast(node) -> bool:
             and _value(node).dtype == _value(node.args[0]).dtype)
 
 
-def _token_slice(node) -> bool:
-    """node is `x[:, a:b]` (a range of tokens; SD3's last block keeps only its image tokens)."""
+def _token_range(node) -> tuple[int, int] | None:
+    """(a, b) when node is `x[:, a:b]` of a [B, N, C] x with integer bounds (a range of tokens: SD3's joint attention
+    cuts its output so), else None."""
     index = node.args[1] if _call(node, {operator.getitem}) else None
-    return isinstance(index, tuple) and len(index) == 2 and index[0] == slice(None) and isinstance(index[1], slice)
+    value = _value(node.args[0]) if index is not None else None
+    if not (value is not None and value.dim() == 3 and isinstance(index, tuple) and len(index) == 2
+            and index[0] == slice(None) and isinstance(index[1], slice) and index[1].step is None):
+        return None
+    start, stop = index[1].start or 0, value.shape[1] if index[1].stop is None else index[1].stop
+    return (start, stop) if isinstance(start, int) and isinstance(stop, int) else None
 
 
 def _attention_through_views(node) -> tuple | None:
@@ -464,7 +481,7 @@ def _attention_through_views(node) -> tuple | None:
     while _only_use(node):
         if node.op == "call_function" and _target(node) == fxq.quantized_attention.default:
             return node, chain
-        if not (_no_op_cast(node) or _is_head_view(node) or _token_slice(node)):
+        if not (_no_op_cast(node) or _is_head_view(node) or _token_range(node)):
             return None
         chain.append(node)
         node = node.args[0]
@@ -488,17 +505,7 @@ def fuse_attention_output_quantization(gm: fx.GraphModule) -> int:
             codes = gm.graph.call_function(fxq.quantized_attention_codes.default,
                                            (*_node_args(attention, fxq.quantized_attention.default), out_scale))
         codes.meta.update(attention.meta)
-        source = codes
-        for view in reversed(chain):  # innermost first: moved after the codes, reading them
-            if view.target == "to":
-                view.replace_all_uses_with(source)
-                gm.graph.erase_node(view)
-                continue
-            node.prepend(view)
-            view.args = (source, *view.args[1:])
-            source = view
-        node.replace_all_uses_with(source)
-        gm.graph.erase_node(node)
+        _replay_views(gm, node, codes, chain)
         gm.graph.erase_node(attention)
         fused += 1
     return _cleaned(gm, fused)
@@ -602,17 +609,8 @@ def _token_ranges(node) -> list[tuple[int, int, fx.Node]] | None:
             return None
         starts = [sum(sizes[:index]) for index in range(len(sizes))]
         return [(starts[part.args[1]], starts[part.args[1]] + sizes[part.args[1]], part) for part in parts]
-    ranges = []
-    for user in users:
-        index = user.args[1] if _call(user, {operator.getitem}) else None
-        if not (isinstance(index, tuple) and len(index) == 2 and index[0] == slice(None)
-                and isinstance(index[1], slice) and index[1].step is None):
-            return None
-        start, stop = index[1].start or 0, value.shape[1] if index[1].stop is None else index[1].stop
-        if not (isinstance(start, int) and isinstance(stop, int)):
-            return None
-        ranges.append((start, stop, user))
-    return ranges
+    ranges = [(*_token_range(user), user) for user in users if _token_range(user)]
+    return ranges if len(ranges) == len(users) else None
 
 
 _SELECTIONS = {"index_select", "reshape", "view", "to", "float", "contiguous", "squeeze", "unsqueeze"}

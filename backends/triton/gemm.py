@@ -277,7 +277,8 @@ def quantized_gemm(a: torch.Tensor, a_scale: torch.Tensor, a_zero: torch.Tensor 
 
     out / split_out / bias_per_row (`attention_operand_gemm`): the output buffer, written at the kernel's SPLIT_OUT
     offsets (split_out = (split_m, stride_om_outer, stride_om, split_n, stride_on_outer, stride_on, out_run,
-    out_offset)), and the bias indexed by row; b_scale may then be [1] (broadcast) as well."""
+    out_offset)), and the product transposed (a: weights, b: activations): the bias indexed by row, b_scale [1]
+    (broadcast) or one per row of b."""
     packed = weight_bits != 8
     assert weight_bits in (8, 4, 2), f"weight_bits {weight_bits}"
     assert a.dim() == 2 and b.dim() == 2 and a.shape[1] == b.shape[1] * 8 // weight_bits, \
@@ -303,7 +304,8 @@ def quantized_gemm(a: torch.Tensor, a_scale: torch.Tensor, a_zero: torch.Tensor 
     if m == 0:
         return out if residual is None else out.view(out_shape)
     a_scale = a_scale.reshape(-1).float().expand(m).contiguous()
-    b_scale = b_scale.reshape(-1).float().expand(n).contiguous()
+    if bias_per_row:  # the transposed product: b holds the activations, whose scale may be one value
+        b_scale = b_scale.reshape(-1).float().expand(n).contiguous()
     split_m, stride_om_outer, stride_om, split_n, stride_on_outer, stride_on, out_run, out_offset = split_out or (
         m, 0, out.stride(0), n, 0, out.stride(1), 1, 0)
     a_zero = a_zero.reshape(-1).expand(m).contiguous() if a_zero is not None else None
