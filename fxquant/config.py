@@ -141,6 +141,9 @@ class QuantConfig:
     recipe_name: ClassVar[str] = "custom"
 
     def __post_init__(self):
+        for switch in (f.name for f in dataclasses.fields(self) if f.type == "bool"):
+            if not isinstance(getattr(self, switch), bool):
+                raise RecipeError(f"{switch}={getattr(self, switch)!r} must be true or false.")
         if self.weight_bits not in WEIGHT_BITS:
             raise RecipeError(f"weight_bits={self.weight_bits} is not supported; use one of {WEIGHT_BITS}.")
         if self.act_bits != 8:

@@ -64,6 +64,8 @@ def test_invalid_config_values():
         fxquant.W8A8Fp8Config(weight_bits=4)
     with pytest.raises(fxquant.RecipeError, match=r"attention='int4' is unknown; use one of \(None, 'int8', "):
         fxquant.get_config("w8a8:attention=int4")
+    with pytest.raises(fxquant.RecipeError, match="static_conv_activations='maybe' must be true or false"):
+        fxquant.get_config("w8a8:static_conv_activations=maybe")
 
 
 def test_convert_without_calibration():
