@@ -394,6 +394,65 @@ def conv_benchmark() -> list[dict]:
     return rows
 
 
+CONV_TILES = [(128, 128, 64, 8, 3), (128, 128, 128, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3),
+              (128, 128, 64, 4, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 64, 64, 4, 4),
+              (128, 256, 128, 8, 3), (64, 128, 128, 4, 3)]  # BLOCK_M, BLOCK_N, BLOCK_K, warps, stages
+
+
+def conv_tile_sweep() -> list[dict]:
+    """The implicit-GEMM conv kernel alone (static codes prepared once, channels-last) over CONV_TILES at every
+    CONV_SHAPES shape, int8 and fp8 e4m3 operands, against cuDNN bf16 (NCHW and channels-last); int8 outputs
+    checked equal to the default tile's, fp8 error against the bf16 conv."""
+    from fxquant.backends.triton.conv import channels_last_codes, conv_config, launch_conv
+
+    rows = []
+    for channels, size, out_channels, kernel, stride in CONV_SHAPES:
+        x = torch.randn(2, channels, size, size, device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(out_channels, channels, kernel, kernel, device="cuda", dtype=torch.bfloat16) * 0.05
+        bias = torch.randn(out_channels, device="cuda", dtype=torch.bfloat16)
+        geometry = ([stride] * 2, [kernel // 2] * 2, [1, 1])
+        exact = F.conv2d(x, w, bias, *geometry)
+        w_q, w_scale = quantize_weight_per_channel(w)
+        scale, zero = (p.reshape(1) for p in asymmetric_params(x.float().min(), x.float().max()))
+        operands = {"int8": (channels_last_codes(x, scale, zero), scale.float(), zero.int(),
+                             w_q.permute(0, 2, 3, 1).contiguous(), w_scale, w_q.sum(dim=(1, 2, 3), dtype=torch.int32))}
+        x_scale = fp8_scale(x.float().abs().amax()).reshape(1)
+        w8, w8_scale = _fp8_weight(w.reshape(out_channels, -1))
+        operands["fp8"] = (quantize_fp8_with_scale(x.float(), x_scale).permute(0, 2, 3, 1).contiguous(), x_scale, None,
+                           w8.reshape(w.shape).permute(0, 2, 3, 1).contiguous(), w8_scale, None)
+        out = torch.empty_like(exact)
+        m = out.shape[0] * out.shape[2] * out.shape[3]
+        default = {name: launch_conv(*ops[:6], bias, torch.empty_like(exact), *geometry).clone()
+                   for name, ops in operands.items()}
+        row = {"shape": [2, channels, size, size, out_channels, kernel, stride], "default_tile": conv_config(
+                   m, out_channels), "fp8_rel_err_vs_bf16_conv": relative_l2(default["fp8"], exact),
+               "int8_rel_err_vs_bf16_conv": relative_l2(default["int8"], exact),
+               "ms": {"cudnn_bf16_nchw": _graph_median_ms(lambda: F.conv2d(x, w, bias, *geometry))}}
+        x_last, w_last = x.contiguous(memory_format=torch.channels_last), w.contiguous(memory_format=torch.channels_last)
+        row["ms"]["cudnn_bf16_channels_last"] = _graph_median_ms(lambda: F.conv2d(x_last, w_last, bias, *geometry))
+        for bm, bn, bk, warps, stages in CONV_TILES:
+            config = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=warps, num_stages=stages)
+            for name, ops in operands.items():
+                label = f"{name}_{bm}x{bn}x{bk}_w{warps}_s{stages}"
+                try:
+                    result = launch_conv(*ops[:6], bias, out, *geometry, config=config)
+                    if name == "int8" and not torch.equal(result, default[name]):
+                        row.setdefault("int8_tiles_not_equal_to_default", []).append(label)
+                    row["ms"][label] = _graph_median_ms(lambda: launch_conv(*ops[:6], bias, out, *geometry,
+                                                                            config=config))
+                except Exception as err:  # e.g. shared memory: recorded, the sweep goes on
+                    row["ms"][label] = None
+                    row.setdefault("errors", {})[label] = _error_row(err)["error"]
+        for name in operands:
+            timed = {k: v for k, v in row["ms"].items() if k.startswith(name) and v}
+            best = min(timed, key=timed.get)
+            row[f"best_{name}"] = best
+            row[f"best_{name}_vs_cudnn_channels_last"] = row["ms"]["cudnn_bf16_channels_last"] / timed[best]
+        rows.append(row)
+        print("conv_tiles", {k: v for k, v in row.items() if k != "ms"}, flush=True)
+    return rows
+
+
 # (input shape, prologue) of the quantizations whose launch config is swept: every benchmarked model's widths
 QUANTIZE_SWEEP_CASES = {"pixart_1152_layernorm_adaln": ((8192, 1152), dict(norm="layer", eps=1e-6), True),
                         "pixart_1152_plain": ((8192, 1152), {}, False),
@@ -1078,6 +1137,7 @@ def model_benchmark(name: str, variants: list[str], results: dict, save, layers:
 KERNEL_SECTIONS = {"kernels": check_kernels, "prologue": prologue_benchmark,
                    "concat_prologue": concat_prologue_benchmark, "v_operand": v_operand_benchmark,
                    "attention_operands": attention_operands_benchmark, "conv": conv_benchmark,
+                   "conv_tiles": conv_tile_sweep,
                    "quantize_configs": quantize_config_sweep,
                    "epilogue": epilogue_sweep, "gemm": gemm_benchmark, "packed": packed_gemm_sweep,
                    "packed_tiles": packed_tile_sweep, "model_gemms": model_gemm_sweep,
@@ -1111,7 +1171,7 @@ def main() -> None:
             f.write("\n")
 
     for section, run in KERNEL_SECTIONS.items():
-        if section in args.sections and section.startswith("attention"):  # saved shape by shape
+        if section in args.sections and section in ("attention", "attention_configs"):  # saved shape by shape
             result[section] = []
             for shape in args.attention_shapes:
                 result[section] += run((shape,))
