@@ -100,13 +100,15 @@ def attention_reports() -> dict:
 
 def conv_reports() -> dict:
     """The implicit-GEMM conv (3 x 3 taps, bias) at its GPU tile, 128 x 128 x 64, 8 warps, 3 stages: on static int8
-    codes, and on the bf16 input quantized per patch in the K loop."""
+    codes, on the bf16 input quantized per patch in the K loop, and on static fp8 codes."""
     reports = {}
-    for label, per_patch in (("conv3x3_int8", False), ("conv3x3_int8_per_patch", True)):
-        types = {"a_ptr": "*bf16" if per_patch else "*i8", "w_ptr": "*i8", "out_ptr": "*bf16", "a_scale_ptr": "*fp32",
+    for label, per_patch, fp8 in (("conv3x3_int8", False, False), ("conv3x3_int8_per_patch", True, False),
+                                  ("conv3x3_fp8", False, True)):
+        codes = "*fp8e4nv" if fp8 else "*i8"
+        types = {"a_ptr": "*bf16" if per_patch else codes, "w_ptr": codes, "out_ptr": "*bf16", "a_scale_ptr": "*fp32",
                  "a_zero_ptr": "*i32", "w_scale_ptr": "*fp32", "w_sum_ptr": "*i32", "bias_ptr": "*bf16"}
-        constants = dict(KH=3, KW=3, HAS_BIAS=True, PER_PATCH=per_patch, OUT_RUN=16, BLOCK_M=128, BLOCK_N=128,
-                         BLOCK_K=64, GROUP_M=8)
+        constants = dict(KH=3, KW=3, HAS_BIAS=True, PER_PATCH=per_patch, FP8=fp8, OUT_RUN=16, BLOCK_M=128,
+                         BLOCK_N=128, BLOCK_K=64, GROUP_M=8)
         reports[label] = _report(_conv_kernel, types, constants, 8, 3)
     return reports
 

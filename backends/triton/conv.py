@@ -11,8 +11,9 @@ exists. Static activations (one scale and zero point): the input is quantized on
 the zero point's code, which the w_sum correction cancels like any other. Dynamic activations (a scale and zero
 point per patch, i.e. per row, from pooled per-pixel channel ranges: `patch_params`): the K loop reads the float
 input, channels-last as well, and quantizes each tile with its rows' parameters, once per tap (padding: 0.0, whose
-code is the zero point). Either way the arithmetic is fxquant::int8_conv2d's im2col reference's. The output is stored as
-the model's NCHW tensor.
+code is the zero point). Either way the arithmetic is fxquant::int8_conv2d's im2col reference's. Float8 e4m3 codes
+and weights (static, symmetric: padding loads 0) accumulate in fp32 instead. The output is stored as the model's NCHW
+tensor.
 
 `quantized_conv2d` is the launcher; tests compare it with fxquant::int8_conv2d's reference.
 """
@@ -46,12 +47,12 @@ def conv_config(m: int, n: int) -> dict:
 def _conv_kernel(
     a_ptr, w_ptr, out_ptr, a_scale_ptr, a_zero_ptr, w_scale_ptr, w_sum_ptr, bias_ptr,
     M, N, C, H, W, OUT_H, OUT_W, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w,
-    KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, PER_PATCH: tl.constexpr, OUT_RUN: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, PER_PATCH: tl.constexpr, FP8: tl.constexpr,
+    OUT_RUN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """a: channels-last [B, H, W, C] contiguous: int8 codes with one scale / zero point, or (PER_PATCH) the float
-    input with a scale / zero point per output position (row), quantized in the K loop; w: int8
-    [N, KH, KW, C] contiguous; out [B, N, OUT_H, OUT_W] contiguous. OUT_RUN: output positions come in aligned runs
+    input with a scale / zero point per output position (row), quantized in the K loop, or (FP8) float8 e4m3 codes
+    with one scale and no zero point; w: int8 (FP8: float8 e4m3) [N, KH, KW, C] contiguous; out [B, N, OUT_H, OUT_W] contiguous. OUT_RUN: output positions come in aligned runs
     of this many (a power of two dividing OUT_H * OUT_W)."""
     pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
@@ -68,13 +69,15 @@ def _conv_kernel(
         zero = tl.load(a_zero_ptr + rows, mask=row_ok, other=0)
         a_scale = tl.load(a_scale_ptr + rows, mask=row_ok, other=1.0)
         inverse = tl.div_rn(1.0, a_scale)
+    elif FP8:
+        a_scale = tl.load(a_scale_ptr)
     else:
         zero = tl.load(a_zero_ptr)
         a_scale = tl.load(a_scale_ptr)
         zero_code = zero.to(tl.int8)
     channels = tl.arange(0, BLOCK_K)
     channel_steps = tl.cdiv(C, BLOCK_K)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32 if FP8 else tl.int32)
     for step in range(0, KH * KW * channel_steps):  # one loop over every (tap, channel block): pipelined as one
         tap = step // channel_steps
         channel = (step % channel_steps) * BLOCK_K + channels
@@ -88,18 +91,23 @@ def _conv_kernel(
             values = tl.load(tile, mask=inside[:, None] & channel_ok[None, :], other=0.0).to(tl.float32)
             codes = rint(values * inverse[:, None]) + zero[:, None].to(tl.float32)
             a = tl.minimum(tl.maximum(codes, -128.0), 127.0).to(tl.int8)
+        elif FP8:
+            a = tl.load(tile, mask=inside[:, None] & channel_ok[None, :], other=0.0)
         else:
             a = tl.load(tile, mask=inside[:, None] & channel_ok[None, :], other=zero_code)
         w = tl.load(w_ptr + cols[None, :] * (KH * KW * C) + (tap * C + channel)[:, None],
-                    mask=channel_ok[:, None] & col_ok[None, :], other=0)
-        acc = tl.dot(a, w, acc, out_dtype=tl.int32)
+                    mask=channel_ok[:, None] & col_ok[None, :], other=0.0 if FP8 else 0)
+        acc = tl.dot(a, w, acc, out_dtype=tl.float32 if FP8 else tl.int32)
 
-    w_sum = tl.load(w_sum_ptr + cols, mask=col_ok, other=0)
     w_scale = tl.load(w_scale_ptr + cols, mask=col_ok, other=0.0)
-    if PER_PATCH:
+    if FP8:
+        out = acc * a_scale * w_scale[None, :]
+    elif PER_PATCH:
+        w_sum = tl.load(w_sum_ptr + cols, mask=col_ok, other=0)
         acc = acc - zero[:, None] * w_sum[None, :]
         out = acc.to(tl.float32) * a_scale[:, None] * w_scale[None, :]
     else:
+        w_sum = tl.load(w_sum_ptr + cols, mask=col_ok, other=0)
         acc = acc - zero * w_sum[None, :]
         out = acc.to(tl.float32) * a_scale * w_scale[None, :]
     if HAS_BIAS:
@@ -151,11 +159,29 @@ def quantized_conv2d(x: torch.Tensor, act_scale: torch.Tensor | None, act_zero: 
         act_scale, act_zero = act_scale.reshape(1).float(), act_zero.reshape(1).int()
     weights = w_q.permute(0, 2, 3, 1)
     weights = weights if weights.is_contiguous() else weights.contiguous()
-    config = conv_config(m, out_channels)
+    return launch_conv(inputs, act_scale, act_zero, weights, w_scale, w_sum, bias, out, stride, padding, dilation,
+                       per_patch, traced)
+
+
+def launch_conv(inputs: torch.Tensor, act_scale: torch.Tensor, act_zero: torch.Tensor | None, weights: torch.Tensor,
+                w_scale: torch.Tensor, w_sum: torch.Tensor | None, bias: torch.Tensor | None, out: torch.Tensor, stride,
+                padding, dilation, per_patch: bool = False, traced: bool = False,
+                config: dict | None = None) -> torch.Tensor:
+    """The kernel on prepared operands: inputs channels-last [B, H, W, C] contiguous (int8 codes with act_zero, fp8
+    codes without, or with per_patch the float input and a scale / zero point per output position), weights
+    [O, kh, kw, C] contiguous of the codes' dtype, out [B, O, H', W'] (written and returned). config (benchmarks):
+    a tile in place of `conv_config`'s."""
+    batch, height, width, channels = inputs.shape
+    out_channels, kh, kw, _ = weights.shape
+    out_h, out_w = out.shape[2:]
+    m = batch * out_h * out_w
+    config = config or conv_config(m, out_channels)
     positions = out_h * out_w
     grid = (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(out_channels, config["BLOCK_N"]),)
     kernel = wrap_triton(_conv_kernel) if traced else _conv_kernel
-    kernel[grid](inputs, weights, out, act_scale, act_zero, w_scale, w_sum, bias if bias is not None else w_scale, m,
-                 out_channels, channels, height, width, out_h, out_w, *stride, *padding, *dilation, KH=kh, KW=kw,
-                 HAS_BIAS=bias is not None, PER_PATCH=per_patch, OUT_RUN=min(16, positions & -positions), **config)
+    kernel[grid](inputs, weights, out, act_scale, act_zero if act_zero is not None else act_scale, w_scale,
+                 w_sum if w_sum is not None else w_scale, bias if bias is not None else w_scale, m, out_channels,
+                 channels, height, width, out_h, out_w, *stride, *padding, *dilation, KH=kh, KW=kw,
+                 HAS_BIAS=bias is not None, PER_PATCH=per_patch, FP8=weights.dtype == torch.float8_e4m3fn,
+                 OUT_RUN=min(16, positions & -positions), **config)
     return out

@@ -11,14 +11,15 @@ import torch
 import fxquant  # noqa: F401
 from fxquant.metrics import relative_l2
 from fxquant.ops import prologue_reference
-from fxquant.quantizer import asymmetric_params, fp8_scale, pack_bits, quantize_weight_per_channel
+from fxquant.quantizer import (asymmetric_params, fp8_scale, pack_bits, quantize_fp8_with_scale,
+                               quantize_weight_per_channel)
 
 triton = pytest.importorskip("triton")
 from fxquant.backends.triton.quantize import (fused_quantize_per_token, quantize_per_token,  # noqa: E402
                                               quantize_per_token_fp8)
 from fxquant.backends.triton.gemm import attention_operand_gemm, quantized_gemm, unpack_weights  # noqa: E402
 from fxquant.backends.triton.attention import attention_fp8_codes, quantized_attention  # noqa: E402
-from fxquant.backends.triton.conv import quantized_conv2d  # noqa: E402
+from fxquant.backends.triton.conv import launch_conv, quantized_conv2d  # noqa: E402
 
 fxq = torch.ops.fxquant
 
@@ -449,6 +450,24 @@ def test_conv_kernel_is_exact(batch, channels, size, out_channels, kernel, strid
             assert out.is_contiguous() and torch.equal(out, expected)
 
 
+@pytest.mark.parametrize("stride,padding", [(1, 1), (2, 1), (1, 0)])
+def test_conv_kernel_on_fp8_codes(stride, padding):
+    """Float8 e4m3 codes (one scale) against fp8 weights (per-channel scales): the kernel's fp32 sums equal a float
+    convolution of the dequantised codes to float rounding; padding taps read 0."""
+    x, w = torch.randn(2, 40, 9, 7), torch.randn(24, 40, 3, 3) * 0.1
+    x_scale = fp8_scale(x.abs().amax()).reshape(1)
+    w_scale = fp8_scale(w.abs().amax(dim=(1, 2, 3)))
+    x_q, w_q = quantize_fp8_with_scale(x, x_scale), quantize_fp8_with_scale(w, w_scale[:, None, None, None])
+    bias = torch.randn(24)
+    expected = torch.nn.functional.conv2d(x_q.float() * x_scale, w_q.float() * w_scale[:, None, None, None], bias,
+                                          stride, padding)
+    for traced in (False, True):
+        out = launch_conv(x_q.permute(0, 2, 3, 1).contiguous(), x_scale, None, w_q.permute(0, 2, 3, 1).contiguous(),
+                          w_scale, None, bias, torch.empty_like(expected), [stride] * 2, [padding] * 2, [1, 1],
+                          traced=traced)
+        assert relative_l2(out, expected) < 1e-6
+
+
 @pytest.mark.parametrize("traced", [False, True])
 def test_attention_kernel_writes_codes_of_two_scales_split_at_a_query(traced):
     """A joint attention's output codes for two projections: queries before out_split take the first static scale,
@@ -501,6 +520,7 @@ def test_gpu_only_ptx_assembles_for_hopper(tmp_path):
     assert gemm["fp8_attention_operand"]["cubin_bytes"] > 0  # the GEMM storing them
     assert reports["conv"]["conv3x3_int8"]["ptx_wgmma"] > 0  # the implicit-GEMM conv on the tensor cores
     assert reports["conv"]["conv3x3_int8_per_patch"]["ptx_wgmma"] > 0
+    assert reports["conv"]["conv3x3_fp8"]["ptx_wgmma"] > 0
     assert gemm["w4a8"]["ptx_nibble_masks"] > 0 and gemm["w2a8"]["ptx_nibble_masks"] == 0
     assert gemm["fp8_gelu_codes"]["ptx_tanh_approx"] > 0 and gemm["fp8_gelu_codes"]["ptx_exp2"] == 0
 
