@@ -344,6 +344,33 @@ def attention_operands_benchmark() -> list[dict]:
     return rows
 
 
+OPERAND_PART_CASES = {  # name -> (heads, head dim, tokens per part): SD3's joint parts alone and together, a
+    "sd3_joint": (24, 64, [4096, 333]), "sd3_image": (24, 64, [4096]),  # 16-aligned text part, PixArt
+    "sd3_text": (24, 64, [333]), "sd3_text336": (24, 64, [336]), "sd3_joint_text336": (24, 64, [4096, 336]),
+    "pixart": (16, 72, [4096])}
+
+
+def operand_parts_benchmark() -> list[dict]:
+    """attention_operand_gemm (batch 2) per set of parts, Q (token-major) and V (keys-major): which part of a joint
+    operand costs what."""
+    from fxquant.backends.triton.gemm import attention_operand_gemm
+
+    rows = []
+    for case, (heads, head_dim, tokens) in OPERAND_PART_CASES.items():
+        width = heads * head_dim
+        activations = [quantize_per_token_fp8(torch.randn(2 * count, width, device="cuda", dtype=torch.bfloat16))
+                       for count in tokens]
+        weights = [_fp8_weight(torch.randn(width, width, device="cuda") * 0.05) for _ in tokens]
+        args = ([x for x, _ in activations], [s for _, s in activations], [w for w, _ in weights],
+                [s for _, s in weights], [torch.randn(width, device="cuda", dtype=torch.bfloat16) for _ in tokens],
+                torch.tensor([0.01], device="cuda"), heads, tokens)
+        rows.append({"case": case, "tokens": tokens, "us": {
+            operand: 1e3 * _graph_median_ms(lambda: attention_operand_gemm(*args, operand == "v", traced=True))
+            for operand in ("q", "v")}})
+        print("operand_parts", rows[-1], flush=True)
+    return rows
+
+
 CONV_SHAPES = [  # SDXL-size UNet convolutions at 1024 px (batch 2): (channels, size, out channels, kernel, stride)
     (320, 128, 320, 3, 1), (320, 128, 320, 3, 2), (640, 64, 640, 3, 1), (1280, 32, 1280, 3, 1), (640, 64, 1280, 1, 1)]
 
@@ -449,7 +476,7 @@ def conv_tile_sweep() -> list[dict]:
             row[f"best_{name}"] = best
             row[f"best_{name}_vs_cudnn_channels_last"] = row["ms"]["cudnn_bf16_channels_last"] / timed[best]
         rows.append(row)
-        print("conv_tiles", {k: v for k, v in row.items() if k != "ms"}, flush=True)
+        print("conv_tiles", row, flush=True)
     return rows
 
 
@@ -1136,7 +1163,8 @@ def model_benchmark(name: str, variants: list[str], results: dict, save, layers:
 
 KERNEL_SECTIONS = {"kernels": check_kernels, "prologue": prologue_benchmark,
                    "concat_prologue": concat_prologue_benchmark, "v_operand": v_operand_benchmark,
-                   "attention_operands": attention_operands_benchmark, "conv": conv_benchmark,
+                   "attention_operands": attention_operands_benchmark, "operand_parts": operand_parts_benchmark,
+                   "conv": conv_benchmark,
                    "conv_tiles": conv_tile_sweep,
                    "quantize_configs": quantize_config_sweep,
                    "epilogue": epilogue_sweep, "gemm": gemm_benchmark, "packed": packed_gemm_sweep,
