@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from ...ops import attention_operand_shape
+from ...ops import KEY_ALIGNMENT, attention_operand_shape
 
 from . import INTERPRET
 from .quantize import (ACTIVATION_CODES, FP8_MAX, apply_activation, launcher, load_per_group, per_group_operand, rint,
@@ -343,15 +343,23 @@ def attention_operand_gemm(x_q: list[torch.Tensor], x_scale: list[torch.Tensor],
     epilogue stores the fp8 codes of out / scale straight into the attention operand's layout
     (`attention_operand_shape`, the parts one after the other along tokens; padding left unwritten): Q / K rows of
     tokens at (sample, token), columns at (head, channel); for V (keys_major) the product runs transposed (rows:
-    channels, so that each channel's run of keys is stored contiguously)."""
+    channels, so that each channel's run of keys is stored contiguously). V's last part, when it starts at an
+    aligned key, also covers the key padding (its activations padded with zero rows per sample): a part of a token
+    count off the 16-key alignment would store its keys one byte at a time (SD3's 333 text tokens: 73 us against
+    12 for 336, gpu-bench-h100/joint-v-operand-parts.json); the padding keys' codes are never read."""
     batch, head_dim = x_q[0].shape[0] // tokens[0], w_q[0].shape[0] // heads
     out = torch.empty(attention_operand_shape(batch, heads, sum(tokens), head_dim, keys_major),
                       dtype=torch.float8_e4m3fn, device=x_q[0].device)
     sample, head, token, channel = out.stride() if not keys_major else (*out.stride()[:2], 1, out.stride(2))
     offset = 0  # of the part's first token, in elements
-    for part_q, part_scale, part_w, part_w_scale, part_bias, count in zip(x_q, x_scale, w_q, w_scale, bias, tokens):
+    for index, (part_q, part_scale, part_w, part_w_scale, part_bias, count) in enumerate(
+            zip(x_q, x_scale, w_q, w_scale, bias, tokens)):
         if keys_major:  # rows: channels (head, channel); columns: tokens (sample, token)
-            split = (head_dim, head, channel, count, sample, token, _run(count), offset)
+            stored = out.shape[-1] - offset if index == len(tokens) - 1 and offset % KEY_ALIGNMENT == 0 \
+                else count
+            if stored != count:
+                part_q, part_scale = _pad_samples(part_q, batch, stored), _pad_samples(part_scale, batch, stored)
+            split = (head_dim, head, channel, stored, sample, token, _run(stored), offset)
             quantized_gemm(part_w, part_w_scale, None, part_q, part_scale, None, part_bias, out.dtype, traced=traced,
                            out_scale=scale, out=out, split_out=split, bias_per_row=True)
         else:
@@ -360,6 +368,18 @@ def attention_operand_gemm(x_q: list[torch.Tensor], x_scale: list[torch.Tensor],
                            out_scale=scale, out=out, split_out=split)
         offset += count * token
     return out
+
+
+def _pad_samples(rows: torch.Tensor, batch: int, count: int) -> torch.Tensor:
+    """rows [batch * n, ...] (or [1]: one value for all) -> [batch * count, ...]: each sample's n rows followed by
+    count - n zero rows (fp8 codes padded as bytes)."""
+    if rows.numel() == 1:
+        return rows
+    as_bytes = rows.dtype == torch.float8_e4m3fn
+    grouped = (rows.view(torch.uint8) if as_bytes else rows).reshape(batch, -1, *rows.shape[1:])
+    padded = torch.nn.functional.pad(grouped, (0, 0) * (rows.dim() - 1) + (0, count - grouped.shape[1]))
+    padded = padded.reshape(batch * count, *rows.shape[1:])
+    return padded.view(torch.float8_e4m3fn) if as_bytes else padded
 
 
 def _run(size: int) -> int:
