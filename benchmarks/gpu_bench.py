@@ -451,8 +451,8 @@ def conv_tile_sweep() -> list[dict]:
         m = out.shape[0] * out.shape[2] * out.shape[3]
         default = {name: launch_conv(*ops[:6], bias, torch.empty_like(exact), *geometry).clone()
                    for name, ops in operands.items()}
-        row = {"shape": [2, channels, size, size, out_channels, kernel, stride], "default_tile": conv_config(
-                   m, out_channels), "fp8_rel_err_vs_bf16_conv": relative_l2(default["fp8"], exact),
+        row = {"shape": [2, channels, size, size, out_channels, kernel, stride], "default_tile": {
+                   name: conv_config(m, out_channels, name == "fp8") for name in operands}, "fp8_rel_err_vs_bf16_conv": relative_l2(default["fp8"], exact),
                "int8_rel_err_vs_bf16_conv": relative_l2(default["int8"], exact),
                "ms": {"cudnn_bf16_nchw": _graph_median_ms(lambda: F.conv2d(x, w, bias, *geometry))}}
         x_last, w_last = x.contiguous(memory_format=torch.channels_last), w.contiguous(memory_format=torch.channels_last)

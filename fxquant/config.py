@@ -45,8 +45,10 @@ class QuantConfig:
             compile backend then has the attention kernel write the projection's codes: no float write, no
             per-token pass.
         static_conv_activations: convolutions take static per-tensor activations whatever act_mode says. fxquant's
-            implicit-GEMM int8 conv kernel then reads channels-last codes quantized once (under the compile backend
-            in the pass producing the input) instead of quantizing the float input per patch, tap by tap.
+            implicit-GEMM conv kernel then reads channels-last codes quantized once (under the compile backend
+            in the pass producing the input) instead of quantizing the float input per patch, tap by tap. With fp8
+            the convolutions run in float8 e4m3 too (per-channel weights, activations absmax / 448): on Hopper
+            the fp8 kernel outran cuDNN bf16 where the int8 one did not.
         keep_condition_layers: keep condition-only layers outside attention (timestep MLP, adaLN modulation,
             caption / context projection) in full precision.
         keep_io_layers: keep the first and the last latent-path layer (patch embedding, output projection) in
@@ -61,7 +63,8 @@ class QuantConfig:
         timestep_groups: boundaries on the normalised 0-1000 timestep scale; static activation scales are then
             calibrated per timestep group and chosen on the device from each call's timestep (fxquant.timestep).
         fp8: use float8 e4m3 instead of int8 for the weights and activations of quantized linears (symmetric,
-            per-channel / per-token or static absmax / 448; Hopper's fast 8-bit path). Convolutions stay int8.
+            per-channel / per-token or static absmax / 448; Hopper's fast 8-bit path). Convolutions stay int8
+            unless static_conv_activations is set.
         bos_aware: find leading text tokens whose magnitude alone stretches the range of the cross-attention
             key / value inputs (MixDQ's BOS token: |x| at least bos_ratio times every later token's) from
             calibration; they skip activation quantization (full-precision activations, cached outputs when the

@@ -272,17 +272,21 @@ def _plane_tables(planes: list[int], group_planes: list[int]) -> tuple[torch.Ten
 
 
 class QuantConv2d(nn.Module):
-    """Int8 conv2d: x [B, C, H, W] quantized inside the op, one scale per patch (dynamic) or per tensor (static).
+    """Int8 conv2d: x [B, C, H, W] quantized inside the op, one scale per patch (dynamic) or per tensor (static);
+    or (fp8) float8 e4m3 weights and activations, the activations with a static per-tensor scale.
 
-    weight_q: int8 [O, C, kh, kw] stored channels-last (the order the implicit-GEMM kernel reads) (8-bit) or the
-    codes packed over C*kh*kw, uint8 [O, C*kh*kw*bits/8] (4 / 2 bits, unpacked for the op)."""
+    weight_q: int8 [O, C, kh, kw] stored channels-last (the order the implicit-GEMM kernel reads) (8-bit), the
+    codes packed over C*kh*kw, uint8 [O, C*kh*kw*bits/8] (4 / 2 bits, unpacked for the op), or (fp8)
+    float8_e4m3fn [O, C, kh, kw] channels-last with per-output-channel scales."""
 
     _timestep = None  # a fxquant.timestep.TimestepGroup when static scales are per timestep group
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: tuple[int, int], stride, padding,
                  dilation, has_bias: bool, act_params: tuple, bias_dtype: torch.dtype, weight_bits: int = 8,
-                 device=None):
+                 fp8: bool = False, device=None):
         super().__init__()
+        if fp8 and (weight_bits != 8 or act_params[0] is None):
+            raise ValueError("An fp8 QuantConv2d needs 8-bit weights and static activation scales.")
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.kernel_size = tuple(kernel_size)
@@ -290,9 +294,10 @@ class QuantConv2d(nn.Module):
         self.padding = list(padding)
         self.dilation = list(dilation)
         self.weight_bits = weight_bits
+        self.fp8 = fp8
         patch = in_channels * self.kernel_size[0] * self.kernel_size[1]
-        weight_q = torch.empty(out_channels, in_channels, *kernel_size, dtype=torch.int8, device=device,
-                               memory_format=torch.channels_last) \
+        weight_q = torch.empty(out_channels, in_channels, *kernel_size, device=device,
+                               dtype=torch.float8_e4m3fn if fp8 else torch.int8, memory_format=torch.channels_last) \
             if weight_bits == 8 else _packed_plane(out_channels, patch, weight_bits, device)
         _register_quant_buffers(self, weight_q, has_bias, bias_dtype, act_params)
 
@@ -301,11 +306,16 @@ class QuantConv2d(nn.Module):
         weight = conv.weight.detach()
         module = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
                      conv.dilation, conv.bias is not None, _static_act_params(layer, weight.device), weight.dtype,
-                     layer.weight_bits, device=weight.device)
-        codes, module.weight_scale = quantize_weight_per_channel(weight, layer.weight_bits)
-        module.weight_sum = _weight_sum(codes)
-        module.weight_q = codes.contiguous(memory_format=torch.channels_last) if layer.weight_bits == 8 else \
-            pack_bits(codes.reshape(codes.shape[0], -1), layer.weight_bits)
+                     layer.weight_bits, layer.number_format == "fp8", device=weight.device)
+        if module.fp8:
+            codes, scale = quantize_fp8(weight.reshape(weight.shape[0], -1), dim=1)
+            module.weight_q = codes.reshape(weight.shape).contiguous(memory_format=torch.channels_last)
+            module.weight_scale = scale.reshape(-1)
+        else:
+            codes, module.weight_scale = quantize_weight_per_channel(weight, layer.weight_bits)
+            module.weight_sum = _weight_sum(codes)
+            module.weight_q = codes.contiguous(memory_format=torch.channels_last) if layer.weight_bits == 8 else \
+                pack_bits(codes.reshape(codes.shape[0], -1), layer.weight_bits)
         if conv.bias is not None:
             module.bias = conv.bias.detach().clone()
         return module
@@ -314,10 +324,14 @@ class QuantConv2d(nn.Module):
     def from_plan(cls, layer: LayerPlan, conv_meta: nn.Conv2d, bias_dtype: torch.dtype) -> QuantConv2d:
         return cls(conv_meta.in_channels, conv_meta.out_channels, conv_meta.kernel_size, conv_meta.stride,
                    conv_meta.padding, conv_meta.dilation, conv_meta.bias is not None,
-                   _static_act_params(layer, "meta"), bias_dtype, layer.weight_bits, device="meta")
+                   _static_act_params(layer, "meta"), bias_dtype, layer.weight_bits, layer.number_format == "fp8",
+                   device="meta")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         act_scale, act_zero = _static_params_for_call(self) if self.act_scale is not None else (None, None)
+        if self.fp8:
+            return fxq.fp8_conv2d(x, act_scale, self.weight_q, self.weight_scale, self.bias, self.stride,
+                                  self.padding, self.dilation)
         weight_q = self.weight_q if self.weight_bits == 8 else _unpack_plane(self.weight_q, self.weight_bits).reshape(
             self.out_channels, self.in_channels, *self.kernel_size)
         return fxq.int8_conv2d(x, act_scale, act_zero, weight_q, self.weight_scale, self.weight_sum, self.bias,
@@ -325,8 +339,9 @@ class QuantConv2d(nn.Module):
 
     def extra_repr(self) -> str:
         mode = "dynamic per-patch" if self.act_scale is None else "static per-tensor"
+        weights = "fp8 e4m3" if self.fp8 else f"W{self.weight_bits}"
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-                f"W{self.weight_bits} per-channel, A8 {mode}")
+                f"{weights} per-channel, A{'fp8' if self.fp8 else '8'} {mode}")
 
 
 QUANT_MODULES = (QuantLinear, QuantConv2d)

@@ -652,3 +652,41 @@ def _(x, act_scale, act_zero, w_q, w_scale, w_sum, bias, stride, padding, dilati
     out_h = conv_output_size(height, kh, stride[0], padding[0], dilation[0])
     out_w = conv_output_size(width, kw, stride[1], padding[1], dilation[1])
     return x.new_empty((batch, out_channels, out_h, out_w))
+
+
+@torch.library.custom_op("fxquant::fp8_conv2d", mutates_args=())
+def fp8_conv2d(
+    x: torch.Tensor,
+    act_scale: torch.Tensor,
+    w_q: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+) -> torch.Tensor:
+    """Float x [B, C, H, W] conv float8 e4m3 w_q [O, C, kh, kw] (scale [O]) -> x.dtype [B, O, H', W'].
+
+    The activation is quantized inside the op to float8 e4m3 with the static act_scale [1] (symmetric, saturated;
+    the zero padding is code 0). Reference: a float convolution of the codes, dequantisation by act_scale x
+    w_scale, bias, one cast."""
+    return fp8_conv2d_reference(x, act_scale, w_q, w_scale, bias, stride, padding, dilation)
+
+
+def fp8_conv2d_reference(x, act_scale, w_q, w_scale, bias, stride, padding, dilation):
+    """The reference body of fxquant::fp8_conv2d, on any device (the kernel is checked against it)."""
+    codes = quantize_fp8_with_scale(x, act_scale.reshape(()))
+    out = F.conv2d(codes.float(), w_q.float(), None, stride, padding, dilation)
+    out = out * act_scale.reshape(()).float() * w_scale.reshape(1, -1, 1, 1)
+    if bias is not None:
+        out = out + bias.float().reshape(1, -1, 1, 1)
+    return out.to(x.dtype).contiguous()
+
+
+@fp8_conv2d.register_fake
+def _(x, act_scale, w_q, w_scale, bias, stride, padding, dilation):
+    batch, _, height, width = x.shape
+    out_channels, _, kh, kw = w_q.shape
+    out_h = conv_output_size(height, kh, stride[0], padding[0], dilation[0])
+    out_w = conv_output_size(width, kw, stride[1], padding[1], dilation[1])
+    return x.new_empty((batch, out_channels, out_h, out_w))

@@ -747,6 +747,12 @@ def _triton_int8_conv2d(x, act_scale, act_zero, w_q, w_scale, w_sum, bias, strid
     return quantized_conv2d(x, act_scale, act_zero, w_q, w_scale, w_sum, bias, stride, padding, dilation, traced=True)
 
 
+def _triton_fp8_conv2d(x, act_scale, w_q, w_scale, bias, stride, padding, dilation):
+    from .conv import quantized_conv2d
+
+    return quantized_conv2d(x, act_scale, None, w_q, w_scale, None, bias, stride, padding, dilation, traced=True)
+
+
 def _triton_fused_quantize_per_token(x, weight, bias, mul, add, norm, eps, activation, fp8):
     from .quantize import fused_quantize_per_token
 
@@ -802,6 +808,7 @@ _KERNELS = {  # fxquant's Triton kernels, launched from Inductor's generated cod
     fxq.linear_attention_operand.default: _triton_linear_attention_operand,
     fxq.attention_fp8_codes.default: _triton_attention_fp8_codes,
     fxq.int8_conv2d.default: _triton_int8_conv2d,
+    fxq.fp8_conv2d.default: _triton_fp8_conv2d,
     fxq.fused_quantize_per_token.default: _triton_fused_quantize_per_token,
     fxq.fused_quantize_concat.default: _triton_fused_quantize_concat,
 }

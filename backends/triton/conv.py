@@ -15,7 +15,7 @@ code is the zero point). Either way the arithmetic is fxquant::int8_conv2d's im2
 and weights (static, symmetric: padding loads 0) accumulate in fp32 instead. The output is stored as the model's NCHW
 tensor.
 
-`quantized_conv2d` is the launcher; tests compare it with fxquant::int8_conv2d's reference.
+`quantized_conv2d` is the launcher; tests compare it with fxquant::int8_conv2d's and fp8_conv2d's references.
 """
 
 from __future__ import annotations
@@ -27,18 +27,26 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from ...ops import conv_output_size
-from ...quantizer import asymmetric_params, quantize_asymmetric
+from ...quantizer import asymmetric_params, quantize_asymmetric, quantize_fp8_with_scale
 
 from . import INTERPRET
 from .gemm import grouped_tile
 from .quantize import rint
 
 
-def conv_config(m: int, n: int) -> dict:
-    """The tile of a launch: one small tile under the CPU interpreter (tests), else 128 x 128 output tiles (64 rows
-    for few positions) over K steps of 64 channels. Not tuned on a GPU yet."""
+def conv_config(m: int, n: int, fp8: bool = False) -> dict:
+    """The tile of a launch: one small tile under the CPU interpreter (tests), else from the H100 sweep
+    (gpu-bench-h100/conv-tiles-int8-fp8.json, SDXL's 320- and 640-channel 3 x 3 convolutions at >= 8192 positions):
+    fp8 takes 128 x 256 x 128 / 8 warps from 512 output channels (0.076 ms against 0.097 for 128 x 128 x 64 at 640)
+    and 128 x 128 x 64 / 4 warps / 4 stages below (0.093 and 0.029 ms, within 1-9 % of the best tile); int8 keeps
+    128 x 128 x 64 / 8 warps (its best tile 1.0-1.6x faster, still slower than cuDNN bf16: int8 is not the fast
+    conv). 64 rows for few positions."""
     if INTERPRET:
         return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, GROUP_M=4, num_warps=4, num_stages=1)
+    if fp8 and m >= 4096:
+        wide = n >= 512
+        return dict(BLOCK_M=128, BLOCK_N=256 if wide else 128, BLOCK_K=128 if wide else 64, GROUP_M=8,
+                    num_warps=8 if wide else 4, num_stages=3 if wide else 4)
     return dict(BLOCK_M=128 if m >= 4096 else 64, BLOCK_N=128 if n >= 128 else 64, BLOCK_K=64, GROUP_M=8,
                 num_warps=8 if m >= 4096 and n >= 128 else 4, num_stages=3)
 
@@ -117,10 +125,14 @@ def _conv_kernel(
     tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
-def channels_last_codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-    """float x [B, C, H, W] -> its int8 codes (quantize_asymmetric with the static scale / zero point) as a
-    contiguous [B, H, W, C] tensor: plain PyTorch, which Inductor can fuse into whatever produces x."""
-    return quantize_asymmetric(x.permute(0, 2, 3, 1), scale.reshape(()), zero.reshape(())).contiguous()
+def channels_last_codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:
+    """float x [B, C, H, W] -> its int8 codes (quantize_asymmetric with the static scale / zero point), or with zero
+    None its float8 e4m3 codes (quantize_fp8_with_scale), as a contiguous [B, H, W, C] tensor: plain PyTorch, which
+    Inductor can fuse into whatever produces x."""
+    x = x.permute(0, 2, 3, 1)
+    codes = quantize_fp8_with_scale(x, scale.reshape(())) if zero is None else \
+        quantize_asymmetric(x, scale.reshape(()), zero.reshape(()))
+    return codes.contiguous()
 
 
 def patch_params(x: torch.Tensor, kernel: tuple, stride, padding, dilation) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,12 +147,13 @@ def patch_params(x: torch.Tensor, kernel: tuple, stride, padding, dilation) -> t
 
 
 def quantized_conv2d(x: torch.Tensor, act_scale: torch.Tensor | None, act_zero: torch.Tensor | None,
-                     w_q: torch.Tensor, w_scale: torch.Tensor, w_sum: torch.Tensor, bias: torch.Tensor | None, stride,
-                     padding, dilation, traced: bool = False) -> torch.Tensor:
+                     w_q: torch.Tensor, w_scale: torch.Tensor, w_sum: torch.Tensor | None, bias: torch.Tensor | None,
+                     stride, padding, dilation, traced: bool = False) -> torch.Tensor:
     """fxquant::int8_conv2d: float x [B, C, H, W]; act_scale fp32 / act_zero int32 (one value each: static, the
     input quantized once into channels-last codes) or None (dynamic: a scale and zero point per patch, the input
     quantized in the K loop tap by tap); w_q int8 [O, C, kh, kw] (read in [O, kh, kw, C] order: free when stored
     channels-last), w_scale fp32 [O], w_sum int32 [O], bias [O] or None -> x.dtype [B, O, H', W'] (contiguous).
+    fxquant::fp8_conv2d: w_q float8 e4m3, act_scale static, act_zero and w_sum None (fp8 codes of x).
     traced: launched through torch.library.wrap_triton (graphs the compile backend hands to Inductor)."""
     batch, channels, height, width = x.shape
     out_channels, _, kh, kw = w_q.shape
@@ -156,7 +169,8 @@ def quantized_conv2d(x: torch.Tensor, act_scale: torch.Tensor | None, act_zero: 
         act_scale, act_zero = patch_params(x, (kh, kw), stride, padding, dilation)
     else:
         inputs = channels_last_codes(x, act_scale, act_zero)
-        act_scale, act_zero = act_scale.reshape(1).float(), act_zero.reshape(1).int()
+        act_scale = act_scale.reshape(1).float()
+        act_zero = act_zero.reshape(1).int() if act_zero is not None else None
     weights = w_q.permute(0, 2, 3, 1)
     weights = weights if weights.is_contiguous() else weights.contiguous()
     return launch_conv(inputs, act_scale, act_zero, weights, w_scale, w_sum, bias, out, stride, padding, dilation,
@@ -175,13 +189,14 @@ def launch_conv(inputs: torch.Tensor, act_scale: torch.Tensor, act_zero: torch.T
     out_channels, kh, kw, _ = weights.shape
     out_h, out_w = out.shape[2:]
     m = batch * out_h * out_w
-    config = config or conv_config(m, out_channels)
+    fp8 = weights.dtype == torch.float8_e4m3fn
+    config = config or conv_config(m, out_channels, fp8)
     positions = out_h * out_w
     grid = (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(out_channels, config["BLOCK_N"]),)
     kernel = wrap_triton(_conv_kernel) if traced else _conv_kernel
     kernel[grid](inputs, weights, out, act_scale, act_zero if act_zero is not None else act_scale, w_scale,
                  w_sum if w_sum is not None else w_scale, bias if bias is not None else w_scale, m, out_channels,
                  channels, height, width, out_h, out_w, *stride, *padding, *dilation, KH=kh, KW=kw,
-                 HAS_BIAS=bias is not None, PER_PATCH=per_patch, FP8=weights.dtype == torch.float8_e4m3fn,
+                 HAS_BIAS=bias is not None, PER_PATCH=per_patch, FP8=fp8,
                  OUT_RUN=min(16, positions & -positions), **config)
     return out

@@ -88,3 +88,8 @@ def _attention_fp8_codes_cuda(q, k, v, head_dim, scale, operand_scales, out_dtyp
 @torch.library.register_kernel("fxquant::int8_conv2d", "cuda")
 def _int8_conv2d_cuda(x, act_scale, act_zero, w_q, w_scale, w_sum, bias, stride, padding, dilation):
     return quantized_conv2d(x, act_scale, act_zero, w_q, w_scale, w_sum, bias, stride, padding, dilation)
+
+
+@torch.library.register_kernel("fxquant::fp8_conv2d", "cuda")
+def _fp8_conv2d_cuda(x, act_scale, w_q, w_scale, bias, stride, padding, dilation):
+    return quantized_conv2d(x, act_scale, None, w_q, w_scale, None, bias, stride, padding, dilation)

@@ -87,6 +87,10 @@ def main() -> None:
         "conv_int8_per_patch": lambda: conv.quantized_conv2d(
             torch.randn(1, 32, 8, 8, dtype=torch.bfloat16), None, None, torch.zeros(16, 32, 3, 3, dtype=torch.int8),
             torch.ones(16), torch.zeros(16, dtype=torch.int32), None, [1, 1], [1, 1], [1, 1], traced=True),
+        "conv_fp8": lambda: conv.quantized_conv2d(
+            torch.randn(1, 32, 8, 8, dtype=torch.bfloat16), torch.ones(1), None,
+            torch.zeros(16, 32, 3, 3, dtype=torch.float8_e4m3fn), torch.ones(16), None,
+            torch.ones(16, dtype=torch.bfloat16), [1, 1], [1, 1], [1, 1], traced=True),
         "attention_fp8": lambda: attention.quantized_attention(
             *(torch.randn(1, 2, 64, 72, dtype=torch.bfloat16) for _ in range(3)), 0.1, True, traced=True),
     }

@@ -19,7 +19,7 @@ from fxquant.backends.triton.quantize import (fused_quantize_per_token, quantize
                                               quantize_per_token_fp8)
 from fxquant.backends.triton.gemm import attention_operand_gemm, quantized_gemm, unpack_weights  # noqa: E402
 from fxquant.backends.triton.attention import attention_fp8_codes, quantized_attention  # noqa: E402
-from fxquant.backends.triton.conv import launch_conv, quantized_conv2d  # noqa: E402
+from fxquant.backends.triton.conv import quantized_conv2d  # noqa: E402
 
 fxq = torch.ops.fxquant
 
@@ -452,20 +452,20 @@ def test_conv_kernel_is_exact(batch, channels, size, out_channels, kernel, strid
 
 @pytest.mark.parametrize("stride,padding", [(1, 1), (2, 1), (1, 0)])
 def test_conv_kernel_on_fp8_codes(stride, padding):
-    """Float8 e4m3 codes (one scale) against fp8 weights (per-channel scales): the kernel's fp32 sums equal a float
-    convolution of the dequantised codes to float rounding; padding taps read 0."""
+    """fxquant::fp8_conv2d on the implicit-GEMM kernel: float8 e4m3 codes of x (one static scale; the padding reads
+    code 0) against fp8 weights (per-channel scales, stored channels-last or not), fp32 sums: equal to the op's
+    reference (a float convolution of the codes) to float rounding."""
     x, w = torch.randn(2, 40, 9, 7), torch.randn(24, 40, 3, 3) * 0.1
     x_scale = fp8_scale(x.abs().amax()).reshape(1)
     w_scale = fp8_scale(w.abs().amax(dim=(1, 2, 3)))
-    x_q, w_q = quantize_fp8_with_scale(x, x_scale), quantize_fp8_with_scale(w, w_scale[:, None, None, None])
+    w_q = quantize_fp8_with_scale(w, w_scale[:, None, None, None])
     bias = torch.randn(24)
-    expected = torch.nn.functional.conv2d(x_q.float() * x_scale, w_q.float() * w_scale[:, None, None, None], bias,
-                                          stride, padding)
-    for traced in (False, True):
-        out = launch_conv(x_q.permute(0, 2, 3, 1).contiguous(), x_scale, None, w_q.permute(0, 2, 3, 1).contiguous(),
-                          w_scale, None, bias, torch.empty_like(expected), [stride] * 2, [padding] * 2, [1, 1],
-                          traced=traced)
-        assert relative_l2(out, expected) < 1e-6
+    geometry = ([stride] * 2, [padding] * 2, [1, 1])
+    expected = fxq.fp8_conv2d(x, x_scale, w_q, w_scale, bias, *geometry)
+    for weights in (w_q, w_q.contiguous(memory_format=torch.channels_last)):
+        for traced in (False, True):
+            out = quantized_conv2d(x, x_scale, None, weights, w_scale, None, bias, *geometry, traced=traced)
+            assert out.is_contiguous() and relative_l2(out, expected) < 1e-6
 
 
 @pytest.mark.parametrize("traced", [False, True])
@@ -500,7 +500,7 @@ def test_inductor_sees_only_outputs_written():
                        "gemm_fp8_gate_residual": ["out_ptr"], "gemm_fp8_gate_per_tile": ["out_ptr"],
                        "gemm_fp8_gelu_quantize": ["out_ptr"], "gemm_fp8_attention_operand": ["out_ptr"],
                        "attention_fp8_laid_out": ["out_ptr"], "attention_fp8": ["out_ptr"], "conv_int8": ["out_ptr"],
-                       "conv_int8_per_patch": ["out_ptr"]}
+                       "conv_int8_per_patch": ["out_ptr"], "conv_fp8": ["out_ptr"]}
 
 
 def test_gpu_only_ptx_assembles_for_hopper(tmp_path):
