@@ -12,7 +12,7 @@ bf16 eager / torch.compile (whole model or its repeated blocks), fxquant recipes
 (whole model or `compile_blocks`), torchao float8 / int8 dynamic (when torchao imports; failures are recorded as
 such). Section `packed` sweeps W4A8 against W8A8 over the token count, `packed_tiles` the W4A8 tiles at few tokens
 (weights read from memory), `attention_configs` the attention tiles. The JSON (device, versions, date) is rewritten
-after every variant (attention sections: every shape), so a run cut short keeps what it measured.
+after every variant (attention sections and conv_tiles: every shape), so a run cut short keeps what it measured.
 """
 
 from __future__ import annotations
@@ -426,14 +426,14 @@ CONV_TILES = [(128, 128, 64, 8, 3), (128, 128, 128, 8, 3), (128, 256, 64, 8, 3),
               (128, 256, 128, 8, 3), (64, 128, 128, 4, 3)]  # BLOCK_M, BLOCK_N, BLOCK_K, warps, stages
 
 
-def conv_tile_sweep() -> list[dict]:
+def conv_tile_sweep(shapes=tuple(CONV_SHAPES)) -> list[dict]:
     """The implicit-GEMM conv kernel alone (static codes prepared once, channels-last) over CONV_TILES at every
     CONV_SHAPES shape, int8 and fp8 e4m3 operands, against cuDNN bf16 (NCHW and channels-last); int8 outputs
     checked equal to the default tile's, fp8 error against the bf16 conv."""
     from fxquant.backends.triton.conv import channels_last_codes, conv_config, launch_conv
 
     rows = []
-    for channels, size, out_channels, kernel, stride in CONV_SHAPES:
+    for channels, size, out_channels, kernel, stride in shapes:
         x = torch.randn(2, channels, size, size, device="cuda", dtype=torch.bfloat16)
         w = torch.randn(out_channels, channels, kernel, kernel, device="cuda", dtype=torch.bfloat16) * 0.05
         bias = torch.randn(out_channels, device="cuda", dtype=torch.bfloat16)
@@ -1198,10 +1198,12 @@ def main() -> None:
             json.dump(result, f, indent=2)
             f.write("\n")
 
+    per_shape = {"attention": args.attention_shapes, "attention_configs": args.attention_shapes,
+                 "conv_tiles": CONV_SHAPES}
     for section, run in KERNEL_SECTIONS.items():
-        if section in args.sections and section in ("attention", "attention_configs"):  # saved shape by shape
+        if section in args.sections and section in per_shape:  # saved shape by shape
             result[section] = []
-            for shape in args.attention_shapes:
+            for shape in per_shape[section]:
                 result[section] += run((shape,))
                 save()
         elif section in args.sections:
