@@ -60,8 +60,9 @@ def _conv_kernel(
 ):
     """a: channels-last [B, H, W, C] contiguous: int8 codes with one scale / zero point, or (PER_PATCH) the float
     input with a scale / zero point per output position (row), quantized in the K loop, or (FP8) float8 e4m3 codes
-    with one scale and no zero point; w: int8 (FP8: float8 e4m3) [N, KH, KW, C] contiguous; out [B, N, OUT_H, OUT_W] contiguous. OUT_RUN: output positions come in aligned runs
-    of this many (a power of two dividing OUT_H * OUT_W)."""
+    with one scale and no zero point; w: int8 (FP8: float8 e4m3) [N, KH, KW, C] contiguous; out [B, N, OUT_H,
+    OUT_W] contiguous. OUT_RUN: output positions come in aligned runs of this many (a power of two dividing
+    OUT_H * OUT_W)."""
     pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -164,6 +165,7 @@ def quantized_conv2d(x: torch.Tensor, act_scale: torch.Tensor | None, act_zero: 
     if m == 0:
         return out
     per_patch = act_scale is None
+    assert not (per_patch and w_q.dtype == torch.float8_e4m3fn), "fp8 convolutions take a static activation scale"
     if per_patch:  # channels-last too (under the compile backend written so by the pass producing x)
         inputs = x.permute(0, 2, 3, 1).contiguous()
         act_scale, act_zero = patch_params(x, (kh, kw), stride, padding, dilation)
