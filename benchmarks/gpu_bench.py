@@ -376,11 +376,13 @@ CONV_SHAPES = [  # SDXL-size UNet convolutions at 1024 px (batch 2): (channels, 
 
 
 def conv_benchmark() -> list[dict]:
-    """The implicit-GEMM int8 conv, static activations and per-patch ones, against the im2col reference (exactness)
-    and its time against cuDNN bf16 (NCHW and channels-last inputs); static: with and without the quantization of its
-    input (plain PyTorch, compiled, as the backend leaves it to Inductor); per patch: with its parameter pass."""
+    """The implicit-GEMM conv through its launcher: int8 with static activations and per-patch ones against the
+    im2col reference (exactness), fp8 (static) against fxquant::fp8_conv2d's reference, and their times against cuDNN
+    bf16 (NCHW and channels-last inputs). The launcher's times include its eager quantization of the input (static)
+    or its parameter pass (per patch); the quantization alone, compiled as the backend leaves it to Inductor, is
+    timed too. `conv_tiles` times the kernel alone."""
     from fxquant.backends.triton.conv import channels_last_codes, quantized_conv2d
-    from fxquant.ops import int8_conv2d_reference
+    from fxquant.ops import fp8_conv2d_reference, int8_conv2d_reference
 
     rows = []
     for channels, size, out_channels, kernel, stride in CONV_SHAPES:
@@ -396,6 +398,10 @@ def conv_benchmark() -> list[dict]:
         reference = int8_conv2d_reference(x, scale, zero, w_q, w_scale, w_sum, bias, *geometry)
         per_patch = quantized_conv2d(x, None, None, w_q, w_scale, w_sum, bias, *geometry, traced=True)
         per_patch_reference = int8_conv2d_reference(x, None, None, w_q, w_scale, w_sum, bias, *geometry)
+        w8, w8_scale = _fp8_weight(w.reshape(out_channels, -1))
+        w8 = w8.reshape(w.shape).contiguous(memory_format=torch.channels_last)
+        x8_scale = fp8_scale(x.float().abs().amax()).reshape(1)
+        fp8_out = quantized_conv2d(x, x8_scale, None, w8, w8_scale, None, bias, *geometry, traced=True)
         torch._dynamo.reset()
         codes = torch.compile(channels_last_codes)
         x_last = x.contiguous(memory_format=torch.channels_last)
@@ -406,8 +412,13 @@ def conv_benchmark() -> list[dict]:
                "per_patch_rel_err_vs_reference": relative_l2(per_patch, per_patch_reference),
                "rel_err_vs_bf16_conv": relative_l2(out, F.conv2d(x, w, bias, *geometry)),
                "per_patch_rel_err_vs_bf16_conv": relative_l2(per_patch, F.conv2d(x, w, bias, *geometry)),
+               "fp8_rel_err_vs_reference": relative_l2(fp8_out, fp8_conv2d_reference(x, x8_scale, w8, w8_scale, bias,
+                                                                                      *geometry)),
+               "fp8_rel_err_vs_bf16_conv": relative_l2(fp8_out, F.conv2d(x, w, bias, *geometry)),
                "ms": {"fxquant_int8_conv": _graph_median_ms(lambda: quantized_conv2d(
                           x, scale, zero, w_q, w_scale, w_sum, bias, *geometry, traced=True)),
+                      "fxquant_fp8_conv": _graph_median_ms(lambda: quantized_conv2d(
+                          x, x8_scale, None, w8, w8_scale, None, bias, *geometry, traced=True)),
                       "fxquant_int8_conv_per_patch": _graph_median_ms(lambda: quantized_conv2d(
                           x, None, None, w_q, w_scale, w_sum, bias, *geometry, traced=True)),
                       "quantize_input_compiled": _graph_median_ms(lambda: codes(x, scale, zero)),
