@@ -462,8 +462,9 @@ def conv_tile_sweep(shapes=tuple(CONV_SHAPES)) -> list[dict]:
         m = out.shape[0] * out.shape[2] * out.shape[3]
         default = {name: launch_conv(*ops[:6], bias, torch.empty_like(exact), *geometry).clone()
                    for name, ops in operands.items()}
-        row = {"shape": [2, channels, size, size, out_channels, kernel, stride], "default_tile": {
-                   name: conv_config(m, out_channels, name == "fp8") for name in operands}, "fp8_rel_err_vs_bf16_conv": relative_l2(default["fp8"], exact),
+        row = {"shape": [2, channels, size, size, out_channels, kernel, stride],
+               "default_tile": {name: conv_config(m, out_channels, name == "fp8") for name in operands},
+               "fp8_rel_err_vs_bf16_conv": relative_l2(default["fp8"], exact),
                "int8_rel_err_vs_bf16_conv": relative_l2(default["int8"], exact),
                "ms": {"cudnn_bf16_nchw": _graph_median_ms(lambda: F.conv2d(x, w, bias, *geometry))}}
         x_last, w_last = x.contiguous(memory_format=torch.channels_last), w.contiguous(memory_format=torch.channels_last)
@@ -1175,8 +1176,7 @@ def model_benchmark(name: str, variants: list[str], results: dict, save, layers:
 KERNEL_SECTIONS = {"kernels": check_kernels, "prologue": prologue_benchmark,
                    "concat_prologue": concat_prologue_benchmark, "v_operand": v_operand_benchmark,
                    "attention_operands": attention_operands_benchmark, "operand_parts": operand_parts_benchmark,
-                   "conv": conv_benchmark,
-                   "conv_tiles": conv_tile_sweep,
+                   "conv": conv_benchmark, "conv_tiles": conv_tile_sweep,
                    "quantize_configs": quantize_config_sweep,
                    "epilogue": epilogue_sweep, "gemm": gemm_benchmark, "packed": packed_gemm_sweep,
                    "packed_tiles": packed_tile_sweep, "model_gemms": model_gemm_sweep,
