@@ -375,6 +375,22 @@ CONV_SHAPES = [  # SDXL-size UNet convolutions at 1024 px (batch 2): (channels, 
     (320, 128, 320, 3, 1), (320, 128, 320, 3, 2), (640, 64, 640, 3, 1), (1280, 32, 1280, 3, 1), (640, 64, 1280, 1, 1)]
 
 
+def _conv_case(channels: int, size: int, out_channels: int, kernel: int, stride: int) -> dict:
+    """A CONV_SHAPES convolution (batch 2, "same" padding) on random bf16 data with its static quantizations: int8
+    (scale / zero point of x, per-channel codes and their sums) and fp8 (absmax scales); weights channels-last."""
+    x = torch.randn(2, channels, size, size, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(out_channels, channels, kernel, kernel, device="cuda", dtype=torch.bfloat16) * 0.05
+    w_q, w_scale = quantize_weight_per_channel(w)
+    w8, w8_scale = _fp8_weight(w.reshape(out_channels, -1))
+    scale, zero = (p.reshape(1) for p in asymmetric_params(x.float().min(), x.float().max()))
+    return dict(x=x, w=w, bias=torch.randn(out_channels, device="cuda", dtype=torch.bfloat16),
+                geometry=([stride] * 2, [kernel // 2] * 2, [1, 1]),
+                int8=(scale.float(), zero.int(), w_q.contiguous(memory_format=torch.channels_last), w_scale,
+                      w_q.sum(dim=(1, 2, 3), dtype=torch.int32)),
+                fp8=(fp8_scale(x.float().abs().amax()).reshape(1), None,
+                     w8.reshape(w.shape).contiguous(memory_format=torch.channels_last), w8_scale, None))
+
+
 def conv_benchmark() -> list[dict]:
     """The implicit-GEMM conv through its launcher: int8 with static activations and per-patch ones against the
     im2col reference (exactness), fp8 (static) against fxquant::fp8_conv2d's reference, and their times against cuDNN
@@ -386,21 +402,14 @@ def conv_benchmark() -> list[dict]:
 
     rows = []
     for channels, size, out_channels, kernel, stride in CONV_SHAPES:
-        x = torch.randn(2, channels, size, size, device="cuda", dtype=torch.bfloat16)
-        w = torch.randn(out_channels, channels, kernel, kernel, device="cuda", dtype=torch.bfloat16) * 0.05
-        bias = torch.randn(out_channels, device="cuda", dtype=torch.bfloat16)
-        w_q, w_scale = quantize_weight_per_channel(w)
-        w_q = w_q.contiguous(memory_format=torch.channels_last)
-        w_sum = w_q.sum(dim=(1, 2, 3), dtype=torch.int32)
-        scale, zero = (p.reshape(1) for p in asymmetric_params(x.float().min(), x.float().max()))
-        geometry = ([stride] * 2, [kernel // 2] * 2, [1, 1])
+        case = _conv_case(channels, size, out_channels, kernel, stride)
+        x, w, bias, geometry = case["x"], case["w"], case["bias"], case["geometry"]
+        scale, zero, w_q, w_scale, w_sum = case["int8"]
+        x8_scale, _, w8, w8_scale, _ = case["fp8"]
         out = quantized_conv2d(x, scale, zero, w_q, w_scale, w_sum, bias, *geometry, traced=True)
         reference = int8_conv2d_reference(x, scale, zero, w_q, w_scale, w_sum, bias, *geometry)
         per_patch = quantized_conv2d(x, None, None, w_q, w_scale, w_sum, bias, *geometry, traced=True)
         per_patch_reference = int8_conv2d_reference(x, None, None, w_q, w_scale, w_sum, bias, *geometry)
-        w8, w8_scale = _fp8_weight(w.reshape(out_channels, -1))
-        w8 = w8.reshape(w.shape).contiguous(memory_format=torch.channels_last)
-        x8_scale = fp8_scale(x.float().abs().amax()).reshape(1)
         fp8_out = quantized_conv2d(x, x8_scale, None, w8, w8_scale, None, bias, *geometry, traced=True)
         torch._dynamo.reset()
         codes = torch.compile(channels_last_codes)
@@ -445,19 +454,14 @@ def conv_tile_sweep(shapes=tuple(CONV_SHAPES)) -> list[dict]:
 
     rows = []
     for channels, size, out_channels, kernel, stride in shapes:
-        x = torch.randn(2, channels, size, size, device="cuda", dtype=torch.bfloat16)
-        w = torch.randn(out_channels, channels, kernel, kernel, device="cuda", dtype=torch.bfloat16) * 0.05
-        bias = torch.randn(out_channels, device="cuda", dtype=torch.bfloat16)
-        geometry = ([stride] * 2, [kernel // 2] * 2, [1, 1])
+        case = _conv_case(channels, size, out_channels, kernel, stride)
+        x, w, bias, geometry = case["x"], case["w"], case["bias"], case["geometry"]
         exact = F.conv2d(x, w, bias, *geometry)
-        w_q, w_scale = quantize_weight_per_channel(w)
-        scale, zero = (p.reshape(1) for p in asymmetric_params(x.float().min(), x.float().max()))
-        operands = {"int8": (channels_last_codes(x, scale, zero), scale.float(), zero.int(),
-                             w_q.permute(0, 2, 3, 1).contiguous(), w_scale, w_q.sum(dim=(1, 2, 3), dtype=torch.int32))}
-        x_scale = fp8_scale(x.float().abs().amax()).reshape(1)
-        w8, w8_scale = _fp8_weight(w.reshape(out_channels, -1))
-        operands["fp8"] = (quantize_fp8_with_scale(x.float(), x_scale).permute(0, 2, 3, 1).contiguous(), x_scale, None,
-                           w8.reshape(w.shape).permute(0, 2, 3, 1).contiguous(), w8_scale, None)
+        operands = {}
+        for name in ("int8", "fp8"):  # the kernel's operands: channels-last codes, weights [O, kh, kw, C]
+            scale, zero, weights, w_scale, w_sum = case[name]
+            operands[name] = (channels_last_codes(x, scale, zero), scale, zero, weights.permute(0, 2, 3, 1), w_scale,
+                              w_sum)
         out = torch.empty_like(exact)
         m = out.shape[0] * out.shape[2] * out.shape[3]
         default = {name: launch_conv(*ops[:6], bias, torch.empty_like(exact), *geometry).clone()
