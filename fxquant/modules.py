@@ -271,6 +271,18 @@ def _plane_tables(planes: list[int], group_planes: list[int]) -> tuple[torch.Ten
     return multipliers, divisors
 
 
+def _fp8_conv(layer: LayerPlan) -> bool:
+    """Whether a convolution's plan asks for fp8, which the conv kernel runs with 8-bit weights and static
+    activations only."""
+    if layer.number_format != "fp8":
+        return False
+    if layer.weight_bits != 8 or layer.act_mode != "static_per_tensor":
+        raise ValueError(f"Layer {layer.fqn!r}: an fp8 convolution needs 8-bit weights and static activations "
+                         f"(static_conv_activations=true); the plan gives {layer.weight_bits}-bit weights and "
+                         f"{layer.act_mode} activations.")
+    return True
+
+
 class QuantConv2d(nn.Module):
     """Int8 conv2d: x [B, C, H, W] quantized inside the op, one scale per patch (dynamic) or per tensor (static);
     or (fp8) float8 e4m3 weights and activations, the activations with a static per-tensor scale.
@@ -285,8 +297,6 @@ class QuantConv2d(nn.Module):
                  dilation, has_bias: bool, act_params: tuple, bias_dtype: torch.dtype, weight_bits: int = 8,
                  fp8: bool = False, device=None):
         super().__init__()
-        if fp8 and (weight_bits != 8 or act_params[0] is None):
-            raise ValueError("An fp8 QuantConv2d needs 8-bit weights and static activation scales.")
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.kernel_size = tuple(kernel_size)
@@ -306,7 +316,7 @@ class QuantConv2d(nn.Module):
         weight = conv.weight.detach()
         module = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
                      conv.dilation, conv.bias is not None, _static_act_params(layer, weight.device), weight.dtype,
-                     layer.weight_bits, layer.number_format == "fp8", device=weight.device)
+                     layer.weight_bits, _fp8_conv(layer), device=weight.device)
         if module.fp8:
             codes, scale = quantize_fp8(weight.reshape(weight.shape[0], -1), dim=1)
             module.weight_q = codes.reshape(weight.shape).contiguous(memory_format=torch.channels_last)
@@ -324,8 +334,7 @@ class QuantConv2d(nn.Module):
     def from_plan(cls, layer: LayerPlan, conv_meta: nn.Conv2d, bias_dtype: torch.dtype) -> QuantConv2d:
         return cls(conv_meta.in_channels, conv_meta.out_channels, conv_meta.kernel_size, conv_meta.stride,
                    conv_meta.padding, conv_meta.dilation, conv_meta.bias is not None,
-                   _static_act_params(layer, "meta"), bias_dtype, layer.weight_bits, layer.number_format == "fp8",
-                   device="meta")
+                   _static_act_params(layer, "meta"), bias_dtype, layer.weight_bits, _fp8_conv(layer), device="meta")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         act_scale, act_zero = _static_params_for_call(self) if self.act_scale is not None else (None, None)

@@ -111,3 +111,15 @@ def test_save_rejects_non_diffusers_model(tmp_path):
     assert qmodel.plan.layers["mid"].quantized
     with pytest.raises(fxquant.CheckpointError, match="needs a diffusers model"):
         fxquant.save(qmodel, tmp_path / "x")
+
+
+def test_fp8_convolution_without_static_activations_is_refused():
+    """A plan that gives a convolution fp8 with per-patch activations (e.g. an edited checkpoint plan.json) is
+    refused, naming the layer and the recipe option it needs."""
+    from fxquant.modules import QuantConv2d
+    from fxquant.plan import LayerPlan
+
+    layer = LayerPlan(fqn="down.conv", op="conv2d", group="conv", role="latent", weight_bits=8, number_format="fp8",
+                      act_bits=8, act_mode="dynamic_per_token")
+    with pytest.raises(ValueError, match="'down.conv'.*static_conv_activations=true"):
+        QuantConv2d.from_plan(layer, nn.Conv2d(4, 8, 3, device="meta"), torch.float32)
