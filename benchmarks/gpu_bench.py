@@ -1041,7 +1041,14 @@ def _measure(model, inputs: dict) -> dict:
 
 
 def _error_row(err: Exception) -> dict:
-    return {"error": f"{type(err).__name__}: {str(err).strip().splitlines()[0][:300] if str(err).strip() else ''}"}
+    """{"error": the exception's type and first line, then its root cause's (a backend failure wraps the real one, whose
+    message starts on a later line)}."""
+    causes = [err]
+    while (cause := getattr(causes[-1], "inner_exception", None) or causes[-1].__cause__) and len(causes) < 8:
+        causes.append(cause)
+    parts = [err] if len(causes) == 1 else [err, causes[-1]]
+    return {"error": " <- ".join(f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
+                                 for e in parts)}
 
 
 def _torchao(model, kind: str):
