@@ -1089,7 +1089,9 @@ def _variant_model(variant: str, model, inputs: dict, name: str):
     """(the model of a variant, ready to call, fxquant's eager output or None). Variants: bf16_eager, bf16_compile,
     bf16_compile_reduce_overhead, bf16_compile_blocks (its repeated blocks compiled),
     fxquant:<recipe>[@<backend or Inductor option>=<0|1>,...] (the whole model compiled), fxquant-blocks:<recipe>[@...]
-    (its repeated blocks compiled, QuantizedModel.compile_blocks), torchao:float8|int8 (the whole model compiled),
+    (its repeated blocks compiled, QuantizedModel.compile_blocks), fxquant-nested:<recipe>[@...] (the whole model
+    compiled with its repeated blocks as nested regions, QuantizedModel.nest_blocks), torchao:float8|int8 (the whole
+    model compiled),
     torchao-blocks:float8|int8 (its repeated blocks compiled)."""
     if variant == "bf16_compile":
         return torch.compile(model), None
@@ -1104,7 +1106,7 @@ def _variant_model(variant: str, model, inputs: dict, name: str):
         model = _torchao(model, variant.split(":", 1)[1])
         compile_repeated_blocks(model)
         return model, None
-    if not variant.startswith(("fxquant:", "fxquant-blocks:")):
+    if not variant.startswith(("fxquant:", "fxquant-blocks:", "fxquant-nested:")):
         return model, None
     recipe_name, _, option_text = variant.split(":", 1)[1].partition("@")
     options = {key: value == "1" for key, value in (item.split("=") for item in option_text.split(",") if item)}
@@ -1115,6 +1117,8 @@ def _variant_model(variant: str, model, inputs: dict, name: str):
     if variant.startswith("fxquant-blocks:"):
         qmodel.compile_blocks(options=options or None)
         return qmodel, eager_out
+    if variant.startswith("fxquant-nested:"):
+        qmodel.nest_blocks()
     return torch.compile(qmodel, backend="fxquant", options=options or None), eager_out
 
 

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from . import runtime_class
 from .plan import QuantPlan
 
 MIN_HEAD_DIM = 16
@@ -75,7 +76,6 @@ def _unflatten(input: torch.Tensor, dim: int, sizes) -> torch.Tensor:
 
 
 ATTENTION_FORMAT = "fxquant_attention_format"  # attribute of a quantized attention module: its format
-_QUANTIZED_CLASSES: dict[type, type] = {}  # attention class -> its subclass that runs forward in QuantizedAttention
 
 
 def _operand_scales(module: nn.Module) -> torch.Tensor | None:
@@ -88,27 +88,17 @@ def _operand_scales(module: nn.Module) -> torch.Tensor | None:
     return table[0] if timestep is None else table.index_select(0, timestep.index)[0]
 
 
-def _quantized_class(cls: type) -> type:
-    """cls whose forward runs inside QuantizedAttention. One subclass per attention class, swapped in as the module's
-    class: identical blocks then still share one compiled graph (a per-module forward wrapper made Dynamo recompile
-    every block under regional compilation)."""
-    if cls not in _QUANTIZED_CLASSES:
-        def forward(self, *args, **kwargs):
-            with QuantizedAttention(getattr(self, ATTENTION_FORMAT), _operand_scales(self)):
-                return self.fxquant_unquantized_forward(*args, **kwargs)
+def _quantized_members(cls: type) -> dict:
+    """The quantized subclass of attention class cls (runtime_class kind "quantized", swapped in by `install`): its
+    forward runs cls's inside QuantizedAttention."""
+    def forward(self, *args, **kwargs):
+        with QuantizedAttention(getattr(self, ATTENTION_FORMAT), _operand_scales(self)):
+            return self.fxquant_unquantized_forward(*args, **kwargs)
 
-        def __reduce_ex__(self, protocol):  # pickle finds no run-time class by name: rebuild it from cls
-            return _quantized_instance, (cls,), self.__dict__
-
-        _QUANTIZED_CLASSES[cls] = type(f"Fxquant{cls.__name__}", (cls,), {  # (not QuantizedAttention: the mode)
-            "forward": forward, "fxquant_unquantized_forward": cls.forward, "__reduce_ex__": __reduce_ex__,
-            "__module__": __name__})
-    return _QUANTIZED_CLASSES[cls]
+    return {"forward": forward, "fxquant_unquantized_forward": cls.forward}
 
 
-def _quantized_instance(cls: type) -> nn.Module:
-    """An empty instance of cls's quantized subclass (unpickling sets its state)."""
-    return object.__new__(_quantized_class(cls))
+runtime_class.register("quantized", _quantized_members)
 
 
 def _device_of(module: nn.Module) -> torch.device:
@@ -130,7 +120,7 @@ def install(model: nn.Module, plan: QuantPlan) -> None:
             module.register_buffer(OPERAND_SCALES, torch.tensor(layer.attention_scales, dtype=torch.float32,
                                                                 device=_device_of(module)))
         setattr(module, ATTENTION_FORMAT, layer.attention_format)
-        module.__class__ = _quantized_class(type(module))
+        module.__class__ = runtime_class.subclass("quantized", type(module))
 
 
 class SdpaTap(TorchFunctionMode):

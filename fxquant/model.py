@@ -6,18 +6,21 @@ diffusers pipeline accepts them in place of its transformer / unet.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
 from torch import nn
 
-from . import attention
+from . import attention, runtime_class
 from .capture import bind_arguments, capture
 from .errors import CalibrationError
 from .modules import QUANT_MODULES
 from .plan import QuantPlan
 from .state import QuantState
 from .timestep import TimestepGroup, group_index, timestep_scale
+
+MAX_BLOCK_VARIANTS = 256  # distinct subgraphs torch may cache per nested block class
 
 
 class _Wrapper(nn.Module):
@@ -115,15 +118,19 @@ class QuantizedModel(_Wrapper):
         of the model's repeated blocks (`repeated_blocks`); the rest of the model runs eagerly. Identical blocks share
         one compiled graph, so a 28-block DiT compiles about one block's worth instead of 28 (blocks that differ,
         e.g. in their bit-widths, compile once per variant: torch._dynamo's recompile limit is raised to the number
-        of blocks). Returns the names of the compiled blocks."""
+        of blocks). Undoes `nest_blocks`. Returns the names of the compiled blocks."""
         if "backend" in compile_kwargs:
             raise ValueError("compile_blocks always compiles with backend=\"fxquant\"; pass only torch.compile's "
                              "other arguments (mode, options, dynamic, fullgraph)")
-        if not repeated_blocks(self.model):
-            raise ValueError(f"{type(self.model).__name__} has no repeated blocks (an nn.ModuleList of two or more "
-                             "modules of one class); compile the whole model: torch.compile(qmodel, "
-                             "backend=\"fxquant\")")
+        set_nested_blocks(self.model, False)
         return compile_repeated_blocks(self.model, backend="fxquant", **compile_kwargs)
+
+    def nest_blocks(self, nested: bool = True) -> list[str]:
+        """Hierarchical compilation of the whole model: makes the forward of every repeated block (`repeated_blocks`)
+        a torch.compiler.nested_compile_region, so that `torch.compile(qmodel, backend="fxquant")` traces one graph in
+        which identical blocks call one shared subgraph; the backend rewrites it and Inductor compiles it once. Eager
+        calls are unchanged; nested=False undoes it. Returns the blocks' names."""
+        return set_nested_blocks(self.model, nested)
 
     def quantized_weight_bytes(self) -> tuple[int, int]:
         """(bytes of the quantized layers as stored: packed weights, scales, biases; the same layers in bf16)."""
@@ -150,6 +157,32 @@ def repeated_blocks(model: nn.Module) -> list[str]:
                 visit(child, f"{path}.")
 
     visit(model, "")
+    return names
+
+
+def _nested_members(cls: type) -> dict:
+    """The nested-region subclass of a repeated block's class (runtime_class kind "nested", `nest_blocks`): its
+    forward is cls's as a torch.compiler.nested_compile_region, allowed one cached subgraph per block variant where
+    torch lets the limit be set (mixed-precision blocks differ)."""
+    limit = inspect.signature(torch.compiler.nested_compile_region).parameters.get("max_reuse_entries")
+    options = {"max_reuse_entries": MAX_BLOCK_VARIANTS} if limit is not None else {}
+    return {"forward": torch.compiler.nested_compile_region(cls.forward, **options)}
+
+
+runtime_class.register("nested", _nested_members)
+
+
+def set_nested_blocks(model: nn.Module, nested: bool) -> list[str]:
+    """Swap the nested-region subclass in (nested) or out as the class of every block of `repeated_blocks(model)`;
+    returns their names (ValueError if there are none)."""
+    names = repeated_blocks(model)
+    if not names:
+        raise ValueError(f"{type(model).__name__} has no repeated blocks (an nn.ModuleList of two or more modules of "
+                         "one class); compile the whole model: torch.compile(qmodel, backend=\"fxquant\")")
+    for name in names:
+        block = model.get_submodule(name)
+        base = runtime_class.base_class(block, "nested")
+        block.__class__ = runtime_class.subclass("nested", base) if nested else base
     return names
 
 

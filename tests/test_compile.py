@@ -1,14 +1,18 @@
 """torch.compile(qmodel, backend="fxquant"): registered by entry point, matches eager, compiles once per shape."""
 
 import copy
+import io
 import types
 
 import pytest
 import torch
+from diffusers import PixArtTransformer2DModel
 from diffusers.models.attention import BasicTransformerBlock, JointTransformerBlock
 
 from families import FAMILIES
-from fxquant.backends.triton.backend import compile_counter, concatenates_fp8_values, inline_kernels, split_options
+import fxquant
+from fxquant.backends.triton.backend import (compile_counter, concatenates_fp8_values, fxquant_backend, graph_modules,
+                                            inline_kernels, split_options)
 from fxquant.metrics import relative_l2
 from fxquant.model import QuantizedModel, repeated_blocks
 
@@ -168,6 +172,51 @@ def test_compile_blocks_compiles_one_graph_for_identical_blocks(quantized_family
             assert relative_l2(qmodel(**inputs, return_dict=False)[0], expected) <= 1e-3
     assert compile_counter["graphs"] == 1, f"{compile_counter['graphs']} graphs for {len(names)} identical blocks"
     assert compile_counter["fused_prologues"] > 0
+
+
+NESTED_RECIPE = "w8a8-fp8:static_hidden_activations=true,attention=fp8-static,static_attention_outputs=true"
+
+
+def test_nested_blocks_share_one_subgraph_that_every_fusion_rewrites():
+    """nest_blocks: a whole-model compile of a 4-block PixArt calls one shared subgraph for its identical blocks (the
+    first, fed by the patch embedding, torch traces inline); the backend rewrites inside it, so every block gets the
+    fusions the flat graph gets, with the same outputs; a nested model saves whole (torch.save) and compile_blocks
+    restores the blocks' classes."""
+    family = FAMILIES["pixart"]
+    torch.manual_seed(0)
+    model = PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=32, in_channels=4, out_channels=8,
+                                     num_layers=4, cross_attention_dim=64, caption_channels=24, sample_size=8,
+                                     patch_size=2, norm_type="ada_norm_single", use_additional_conditions=False).eval()
+    qmodel = fxquant.quantize(model, NESTED_RECIPE, [family.inputs(batch=2, seed=seed) for seed in range(2)])
+    inputs = family.inputs(batch=2, seed=4)
+    graphs, outputs, counts = [], {}, {}
+
+    def recording_backend(gm, example_inputs):
+        graphs.append(gm)
+        return fxquant_backend(gm, example_inputs)
+
+    for nested in (False, True):
+        assert len(qmodel.nest_blocks(nested)) == 4
+        torch._dynamo.reset()
+        compile_counter.clear()
+        with torch.no_grad():
+            outputs[nested] = torch.compile(qmodel, backend=recording_backend)(**inputs, return_dict=False)[0]
+        counts[nested] = {key: compile_counter[key] for key in ("fused_prologues", "fused_residuals",
+                                                                "fused_attention_outputs", "fused_attention_operands")}
+    calls = [node for node in graphs[-1].graph.nodes if node.target is torch.ops.higher_order.invoke_subgraph]
+    assert len(calls) == 3 and len({node.args[1] for node in calls}) == 1
+    assert graph_modules(graphs[-1])[1][1] == 3
+    assert counts[True] == counts[False] and min(counts[True].values()) >= 4
+    assert relative_l2(outputs[True], outputs[False]) <= 1e-6
+    saved = io.BytesIO()
+    torch.save(qmodel, saved)  # (pickle itself cannot take float8 tensors)
+    saved.seek(0)
+    restored = torch.load(saved, weights_only=False)
+    assert type(restored.model.transformer_blocks[1]) is type(qmodel.model.transformer_blocks[1])
+    with torch.no_grad():
+        assert relative_l2(restored(**inputs, return_dict=False)[0], outputs[False]) <= 1e-6
+    qmodel.compile_blocks()
+    assert all(type(block) is BasicTransformerBlock for block in qmodel.model.transformer_blocks)
 
 
 def test_repeated_blocks_of_a_unet_and_a_model_without_any():

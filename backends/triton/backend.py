@@ -915,6 +915,21 @@ def normalize_arithmetic(gm: fx.GraphModule) -> int:
     return rewritten
 
 
+def graph_modules(gm: fx.GraphModule) -> list[tuple[fx.GraphModule, int]]:
+    """(graph module, how many times one run of gm runs it): gm itself, then each subgraph its invoke_subgraph calls
+    run (`QuantizedModel.nest_blocks`: one per distinct repeated block), each once, nested ones too."""
+    times: dict[fx.GraphModule, int] = {}
+
+    def visit(graph: fx.GraphModule) -> None:
+        times[graph] = times.get(graph, 0) + 1
+        for node in graph.graph.nodes:
+            if node.op == "call_function" and node.target is torch.ops.higher_order.invoke_subgraph:
+                visit(getattr(graph, node.args[0].target))
+
+    visit(gm)
+    return list(times.items())
+
+
 def fxquant_backend(gm: fx.GraphModule, example_inputs, mode: str | None = None, options: dict | None = None):
     """Dynamo backend: graph module + example inputs (+ torch.compile's mode / options) -> a callable.
 
@@ -924,34 +939,39 @@ def fxquant_backend(gm: fx.GraphModule, example_inputs, mode: str | None = None,
     if unknown:
         raise ValueError(f"Unknown fxquant backend options {sorted(unknown)}; known: {BACKEND_OPTIONS}")
     compile_counter["graphs"] += 1
-    compile_counter["fxquant_ops"] += sum(1 for node in gm.graph.nodes if _is_fxquant(node))
-    compile_counter["attention_ops"] += sum(1 for node in gm.graph.nodes if _is_fxquant(node) and
-                                            _target(node) == fxq.quantized_attention.default)
-    normalize_arithmetic(gm)
-    compile_counter["shared_quantizations"] += deduplicate_quantization(gm)
-    compile_counter["packed_linears"] += fuse_packed_weights(gm)
+    graphs = graph_modules(gm)
+
+    def apply(counter: str, rewrite, *args) -> None:  # to gm and each nested region, counted per call of it
+        compile_counter[counter] += sum(times * rewrite(graph, *args) for graph, times in graphs)
+
+    apply("fxquant_ops", lambda graph: sum(1 for node in graph.graph.nodes if _is_fxquant(node)))
+    apply("attention_ops", lambda graph: sum(1 for node in graph.graph.nodes if _is_fxquant(node) and
+                                             _target(node) == fxq.quantized_attention.default))
+    apply("normalized_arithmetic", normalize_arithmetic)
+    apply("shared_quantizations", deduplicate_quantization)
+    apply("packed_linears", fuse_packed_weights)
     if ours.get("fxquant.fuse_prologues", True):
-        compile_counter["fused_prologues"] += fuse_quantize_prologues(gm)
+        apply("fused_prologues", fuse_quantize_prologues)
     if ours.get("fxquant.fuse_residuals", True):
-        compile_counter["fused_residuals"] += fuse_residual_epilogues(gm)
-    compile_counter["distributed_quantizations"] += distribute_static_quantization(gm)
+        apply("fused_residuals", fuse_residual_epilogues)
+    apply("distributed_quantizations", distribute_static_quantization)
     if ours.get("fxquant.fuse_activations", True):
-        compile_counter["fused_activations"] += fuse_activation_epilogues(gm)
+        apply("fused_activations", fuse_activation_epilogues)
     if ours.get("fxquant.fuse_attention_outputs", True):
-        compile_counter["fused_attention_outputs"] += fuse_attention_output_quantization(gm)
-        compile_counter["fused_split_attention_outputs"] += fuse_split_attention_output_quantization(gm)
+        apply("fused_attention_outputs", fuse_attention_output_quantization)
+        apply("fused_split_attention_outputs", fuse_split_attention_output_quantization)
     if ours.get("fxquant.fuse_attention_operands", True):
-        compile_counter["fused_attention_operands"] += fuse_attention_operands(gm)
+        apply("fused_attention_operands", fuse_attention_operands)
     if not _on_cuda(example_inputs):
         return gm.forward
     from torch._inductor.compile_fx import compile_fx
 
-    if concatenates_fp8_values(gm):
+    if any(concatenates_fp8_values(graph) for graph, _ in graphs):
         config_patches = {"triton.prefer_nd_tiling": True, **config_patches}
     inline = inline_kernels(ours, config_patches)
     if inline:
-        tune_attention(gm)
-    compile_counter["lowered_ops"] += lower_to_inductor(gm, ours.get("fxquant.fuse_quantize", False), inline)
+        apply("tuned_attention", tune_attention)
+    apply("lowered_ops", lower_to_inductor, ours.get("fxquant.fuse_quantize", False), inline)
     return compile_fx(gm, example_inputs, config_patches=config_patches)
 
 
