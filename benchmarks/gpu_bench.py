@@ -1091,8 +1091,7 @@ def _variant_model(variant: str, model, inputs: dict, name: str):
     fxquant:<recipe>[@<backend or Inductor option>=<0|1>,...] (the whole model compiled), fxquant-blocks:<recipe>[@...]
     (its repeated blocks compiled, QuantizedModel.compile_blocks), fxquant-nested:<recipe>[@...] (the whole model
     compiled with its repeated blocks as nested regions, QuantizedModel.nest_blocks), torchao:float8|int8 (the whole
-    model compiled),
-    torchao-blocks:float8|int8 (its repeated blocks compiled)."""
+    model compiled), torchao-blocks:float8|int8 (its repeated blocks compiled)."""
     if variant == "bf16_compile":
         return torch.compile(model), None
     if variant == "bf16_compile_reduce_overhead":  # Inductor's CUDA-graph trees: plain calls replay graphs
