@@ -29,7 +29,7 @@ from ...ops import (KEY_ALIGNMENT, attention_operand_reference, empty_heads_last
 from ...quantizer import attention_operands
 
 from . import INTERPRET
-from .quantize import FP8_MAX
+from .quantize import FP8_MAX, e4m3_grid
 
 LOG2_FP8_MAX = tl.constexpr(math.log2(448.0))
 LOG2E = math.log2(math.e)
@@ -83,7 +83,7 @@ def _attend_tile(acc_a, acc_b, row_max, row_sum, q_a, q_b, q_scale, k_base, k_sc
     v_rows = v_base + keys[:, None] * stride_vn
     v_a = tl.load(v_rows + dims_a[None, :] * stride_vd, mask=key_ok[:, None], other=0.0) if MASKED else \
         tl.load(v_rows + dims_a[None, :] * stride_vd)
-    p_op = p.to(v_a.dtype)
+    p_op = (e4m3_grid(p) if PV_FP8 else p).to(v_a.dtype)
     acc_a = tl.dot(p_op, v_a, acc_a * rescale[:, None], out_dtype=tl.float32)
     if HAS_TAIL:
         if RAW_TAIL:
@@ -171,14 +171,14 @@ def _attention_kernel(
     if PV_FP8 and not STATIC_SCALES:
         out_a *= tl.load(v_scales + dims_a)[None, :]
     if OUT_CODES:
-        out_a = tl.minimum(tl.maximum(out_a, -FP8_MAX), FP8_MAX)
+        out_a = e4m3_grid(tl.minimum(tl.maximum(out_a, -FP8_MAX), FP8_MAX))
     tl.store(out_rows + dims_a[None, :], out_a.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
     if HAS_TAIL:
         out_b = acc_b * norm[:, None]
         if PV_FP8 and not STATIC_SCALES:
             out_b *= tl.load(v_scales + dims_bv)[None, :]
         if OUT_CODES:
-            out_b = tl.minimum(tl.maximum(out_b, -FP8_MAX), FP8_MAX)
+            out_b = e4m3_grid(tl.minimum(tl.maximum(out_b, -FP8_MAX), FP8_MAX))
         tl.store(out_rows + dims_bv[None, :], out_b.to(out_ptr.dtype.element_ty),
                  mask=row_ok[:, None] & (dims_bv < HEAD_DIM)[None, :])
 

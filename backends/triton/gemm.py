@@ -29,8 +29,8 @@ from torch.library import wrap_triton
 from ...ops import KEY_ALIGNMENT, attention_operand_shape
 
 from . import INTERPRET
-from .quantize import (ACTIVATION_CODES, FP8_MAX, apply_activation, launcher, load_per_group, per_group_operand, rint,
-                       row_strided)
+from .quantize import (ACTIVATION_CODES, FP8_MAX, apply_activation, e4m3_grid, launcher, load_per_group,
+                       per_group_operand, rint, row_strided)
 
 
 def get_autotune_config() -> list[triton.Config]:
@@ -179,7 +179,7 @@ def _gemm_kernel(
         zero = tl.load(out_zero_ptr).to(tl.float32)
         out = tl.minimum(tl.maximum(rint(out * tl.div_rn(1.0, tl.load(out_scale_ptr))) + zero, -128.0), 127.0)
     elif OUT_CODES == 2:  # fp8 e4m3, as fxquant::quantize_per_tensor_fp8
-        out = tl.minimum(tl.maximum(out * tl.div_rn(1.0, tl.load(out_scale_ptr)), -FP8_MAX), FP8_MAX)
+        out = e4m3_grid(tl.minimum(tl.maximum(out * tl.div_rn(1.0, tl.load(out_scale_ptr)), -FP8_MAX), FP8_MAX))
     if SPLIT_OUT:  # OUT_RUN: columns come in aligned runs of this many contiguous elements (vectorised stores)
         row_offsets = (rows // split_m) * stride_om_outer + (rows % split_m) * stride_om
         col_offsets = (cols // split_n) * stride_on_outer + (cols % split_n) * stride_on

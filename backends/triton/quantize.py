@@ -42,6 +42,14 @@ if INTERPRET:  # the CPU interpreter has no libdevice (emulate round-half-to-eve
     def sigmoid(x):
         return tl.sigmoid(x)
 
+    @triton.jit
+    def e4m3_grid(x):
+        """x (|x| <= 448) rounded half-to-even onto float8 e4m3's grid, still fp32, so that the cast to fp8 is exact:
+        the interpreter's own fp32 -> e4m3 cast (Triton 3.6) carries no rounded-up mantissa into the exponent
+        (31.5 -> 16.0) and breaks ties upward (29 -> 30)."""
+        step = tl.exp2(tl.maximum(tl.floor(tl.log2(tl.maximum(tl.abs(x), 1e-30))), -6.0) - 3.0)  # subnormals: 2^-9
+        return rint(x / step) * step
+
 else:
 
     @triton.jit
@@ -55,6 +63,10 @@ else:
         half_tanh = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [x * 0.5], dtype=tl.float32,
                                               is_pure=True, pack=1)
         return 0.5 + 0.5 * half_tanh
+
+    @triton.jit
+    def e4m3_grid(x):
+        return x  # the hardware conversion to e4m3 rounds half-to-even itself
 
 
 @triton.jit
@@ -130,7 +142,7 @@ def _quantize_rows_kernel(
         x = apply_activation(x, ACT)
     if FP8:
         scale = tl.maximum(tl.div_rn(tl.max(tl.where(mask, tl.abs(x), 0.0), axis=1), FP8_MAX), SCALE_EPS)
-        q = tl.minimum(tl.maximum(x * tl.div_rn(1.0, scale)[:, None], -FP8_MAX), FP8_MAX)
+        q = e4m3_grid(tl.minimum(tl.maximum(x * tl.div_rn(1.0, scale)[:, None], -FP8_MAX), FP8_MAX))
     else:
         lo = tl.minimum(tl.min(tl.where(mask, x, float("inf")), axis=1), 0.0)
         hi = tl.maximum(tl.max(tl.where(mask, x, float("-inf")), axis=1), 0.0)
