@@ -12,7 +12,7 @@ from diffusers.models.attention import BasicTransformerBlock, JointTransformerBl
 from families import FAMILIES
 import fxquant
 from fxquant.backends.triton.backend import (compile_counter, concatenates_fp8_values, fxquant_backend, graph_modules,
-                                            inline_kernels, split_options)
+                                            inline_kernels, lower_to_inductor, split_options)
 from fxquant.metrics import relative_l2
 from fxquant.model import QuantizedModel, repeated_blocks
 
@@ -172,6 +172,27 @@ def test_compile_blocks_compiles_one_graph_for_identical_blocks(quantized_family
             assert relative_l2(qmodel(**inputs, return_dict=False)[0], expected) <= 1e-3
     assert compile_counter["graphs"] == 1, f"{compile_counter['graphs']} graphs for {len(names)} identical blocks"
     assert compile_counter["fused_prologues"] > 0
+
+
+@pytest.mark.parametrize("name,recipe", [
+    ("unet", "w8a8-fp8:static_conv_activations=true"),
+    ("pixart", "w8a8-fp8:attention=fp8-static,static_attention_outputs=true")])
+def test_cuda_lowering_computes_what_eager_does(quantized_family, name, recipe):
+    """After every rewrite, the functions the backend hands Inductor on CUDA (`lower_to_inductor`: fxquant's Triton
+    kernels, here in the interpreter, incl. fused prologues, code-writing epilogues, fp8 convs and static fp8
+    attention on laid-out operands) compute the eager quantized model's output."""
+    _, qmodel, _ = quantized_family(name, recipe)
+
+    def lowering_backend(gm, example_inputs):
+        fxquant_backend(gm, example_inputs)
+        assert lower_to_inductor(gm, fuse_quantize=False, inline_kernels=True) > 0
+        return gm.forward
+
+    inputs = FAMILIES[name].inputs(batch=2, seed=5)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        lowered = torch.compile(qmodel, backend=lowering_backend)(**inputs, return_dict=False)[0]
+        assert relative_l2(lowered, qmodel(**inputs, return_dict=False)[0]) <= 1e-6
 
 
 NESTED_RECIPE = "w8a8-fp8:static_hidden_activations=true,attention=fp8-static,static_attention_outputs=true"
