@@ -8,6 +8,7 @@ import pytest
 import torch
 from diffusers import PixArtTransformer2DModel
 from diffusers.models.attention import BasicTransformerBlock, JointTransformerBlock
+from diffusers.models.normalization import AdaLayerNormZero
 
 from families import FAMILIES
 import fxquant
@@ -193,6 +194,29 @@ def test_cuda_lowering_computes_what_eager_does(quantized_family, name, recipe):
     with torch.no_grad():
         lowered = torch.compile(qmodel, backend=lowering_backend)(**inputs, return_dict=False)[0]
         assert relative_l2(lowered, qmodel(**inputs, return_dict=False)[0]) <= 1e-6
+
+
+def test_identical_fused_prologues_merge_into_one(quantized_family):
+    """SD3 with its adaLN linears 8-bit: the AdaLayerNormZero modulation linears of every block read SiLU(temb), each
+    through its own SiLU; once fused into prologues, those identical quantizations merge into one whose codes all of
+    them read, computing the same."""
+    _, qmodel, _ = quantized_family("sd3", "w8a8-fp8:keep_condition_layers=false")
+    graphs = []
+
+    def recording_backend(gm, example_inputs):
+        graphs.append(gm)
+        return fxquant_backend(gm, example_inputs)
+
+    inputs = FAMILIES["sd3"].inputs(batch=2, seed=4)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        out = torch.compile(qmodel, backend=recording_backend)(**inputs, return_dict=False)[0]
+        assert relative_l2(out, qmodel(**inputs, return_dict=False)[0]) <= 1e-5
+    linears_per_prologue = [
+        sum(len(codes.users) for codes in node.users if codes.args[1] == 0) for node in graphs[0].graph.nodes
+        if node.target == torch.ops.fxquant.fused_quantize_per_token.default and "silu" in node.args]
+    zero_norms = sum(isinstance(module, AdaLayerNormZero) for module in qmodel.model.modules())
+    assert max(linears_per_prologue) == zero_norms >= 3  # (the last block's AdaLayerNormContinuous casts its SiLU)
 
 
 NESTED_RECIPE = "w8a8-fp8:static_hidden_activations=true,attention=fp8-static,static_attention_outputs=true"

@@ -87,7 +87,7 @@ def _cleaned(gm: fx.GraphModule, count: int) -> int:
 
 
 _QUANTIZE_OPS = (fxq.quantize_per_token.default, fxq.quantize_per_token_fp8.default, fxq.quantize_per_tensor.default,
-                 fxq.quantize_per_tensor_fp8.default)
+                 fxq.quantize_per_tensor_fp8.default, fxq.fused_quantize_per_token.default)
 _VIEWS = {"reshape", "view", "contiguous", torch.reshape}
 
 
@@ -952,6 +952,7 @@ def fxquant_backend(gm: fx.GraphModule, example_inputs, mode: str | None = None,
     apply("packed_linears", fuse_packed_weights)
     if ours.get("fxquant.fuse_prologues", True):
         apply("fused_prologues", fuse_quantize_prologues)
+        apply("shared_quantizations", deduplicate_quantization)  # one prologue for several linears (SD3's adaLN)
     if ours.get("fxquant.fuse_residuals", True):
         apply("fused_residuals", fuse_residual_epilogues)
     apply("distributed_quantizations", distribute_static_quantization)
