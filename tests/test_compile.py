@@ -1,5 +1,6 @@
 """torch.compile(qmodel, backend="fxquant"): registered by entry point, matches eager, compiles once per shape."""
 
+import collections
 import copy
 import io
 import types
@@ -223,8 +224,8 @@ NESTED_RECIPE = "w8a8-fp8:static_hidden_activations=true,attention=fp8-static,st
 
 
 def test_nested_blocks_share_one_subgraph_that_every_fusion_rewrites():
-    """nest_blocks: a whole-model compile of a 4-block PixArt calls one shared subgraph for its identical blocks (the
-    first, fed by the patch embedding, torch traces inline); the backend rewrites inside it, so every block gets the
+    """nest_blocks: a whole-model compile of a 4-block PixArt calls one shared subgraph for its identical blocks (torch
+    2.13 traces the first, fed by the patch embedding, inline); the backend rewrites inside it, so every block gets the
     fusions the flat graph gets, with the same outputs; a nested model saves whole (torch.save) and compile_blocks
     restores the blocks' classes."""
     family = FAMILIES["pixart"]
@@ -248,9 +249,10 @@ def test_nested_blocks_share_one_subgraph_that_every_fusion_rewrites():
             outputs[nested] = torch.compile(qmodel, backend=recording_backend)(**inputs, return_dict=False)[0]
         counts[nested] = {key: compile_counter[key] for key in ("fused_prologues", "fused_residuals",
                                                                 "fused_attention_outputs", "fused_attention_operands")}
-    calls = [node for node in graphs[-1].graph.nodes if node.target is torch.ops.higher_order.invoke_subgraph]
-    assert len(calls) == 3 and len({node.args[1] for node in calls}) == 1
-    assert graph_modules(graphs[-1])[1][1] == 3
+    shared = collections.Counter(node.args[1] for node in graphs[-1].graph.nodes
+                                 if node.target is torch.ops.higher_order.invoke_subgraph)
+    assert max(shared.values(), default=0) >= 3  # blocks 1-3 at least (torch 2.13 inlines block 0)
+    assert max(times for _, times in graph_modules(graphs[-1])[1:]) == max(shared.values())
     assert counts[True] == counts[False] and min(counts[True].values()) >= 4
     assert relative_l2(outputs[True], outputs[False]) <= 1e-6
     saved = io.BytesIO()
