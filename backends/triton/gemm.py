@@ -218,7 +218,32 @@ def unpack_weights(packed: torch.Tensor, weight_bits: int, traced: bool = False)
     return out
 
 
+# tiles stepped down to when a problem gives the chosen tile fewer programs than an H100 has SMs (132)
+SM_COUNT = 132
+_SMALLER_TILES = [dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3),
+                  dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4),
+                  dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=256, GROUP_M=8, num_warps=4, num_stages=3)]
+
+
+def _programs(config: dict, m: int, n: int) -> int:
+    return triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"])
+
+
 def fixed_config(m: int, n: int, k: int, integer: bool, residual: bool = False, packed: bool = False) -> dict:
+    """fixed_config_for_size (below), stepped down through _SMALLER_TILES while it leaves SMs idle: few rows AND few
+    columns, e.g. the transposed V products of short text parts (SD3's 333 text tokens: M 1536 channels, N 672 keys,
+    36 wide tiles; PixArt's 120-token cross-attention: M 1152, N 256, 9 tiles) — unmeasured: `--sections
+    operand_parts` times SD3's text V part (19.4 us with the wide tile, 6.4 us for its Q part on 64 x 64 tiles)."""
+    config = fixed_config_for_size(m, n, k, integer, residual, packed)
+    for smaller in _SMALLER_TILES:
+        if _programs(config, m, n) >= SM_COUNT:
+            break
+        if smaller["BLOCK_M"] * smaller["BLOCK_N"] < config["BLOCK_M"] * config["BLOCK_N"]:
+            config = smaller
+    return config
+
+
+def fixed_config_for_size(m: int, n: int, k: int, integer: bool, residual: bool = False, packed: bool = False) -> dict:
     """The tile config of graphs traced by the compile backend, from the problem size (Inductor would otherwise
     autotune every call site: minutes of compile for a 28-block DiT). From H100 measurements in
     benchmarks/results/gpu-bench-h100/:

@@ -17,6 +17,7 @@ triton = pytest.importorskip("triton")
 from fxquant.backends.triton.quantize import (fused_quantize_per_token, quantize_per_token,  # noqa: E402
                                               quantize_per_token_fp8)
 from fxquant.backends.triton.gemm import attention_operand_gemm, quantized_gemm, unpack_weights  # noqa: E402
+import fxquant.backends.triton.gemm as gemm_module  # noqa: E402
 from fxquant.backends.triton.attention import attention_fp8_codes, quantized_attention  # noqa: E402
 from fxquant.backends.triton.conv import quantized_conv2d  # noqa: E402
 
@@ -285,6 +286,21 @@ def test_gemm_epilogue_writes_the_next_linears_codes(weights, activation):
         else:  # the kernel's fp32 GELU is an ulp from torch's: a code may sit across a rounding boundary
             codes = (out.int() - expected.int()).abs()
             assert codes.max() <= 1 and (codes > 0).float().mean() < 0.01
+
+
+def test_gpu_tiles_fill_the_sms_where_rows_and_columns_are_both_few(monkeypatch):
+    """The traced GEMMs' tile rule (as on the GPU): a problem with few rows and few columns (SD3's 333-token text V
+    product, PixArt's 120-key cross-attention V) steps down to smaller tiles until it has a program per SM; large
+    problems keep the tiles measured for them."""
+    monkeypatch.setattr(gemm_module, "INTERPRET", False)
+    for m, n, k in ((1536, 672, 1536), (1152, 256, 1152)):
+        wide = gemm_module.fixed_config_for_size(m, n, k, False)
+        config = gemm_module.fixed_config(m, n, k, False)
+        assert gemm_module._programs(wide, m, n) < gemm_module.SM_COUNT
+        assert gemm_module._programs(config, m, n) > gemm_module._programs(wide, m, n)
+    pixart_projection = (8192, 1152, 1152, False)
+    assert gemm_module.fixed_config(*pixart_projection) == gemm_module.fixed_config_for_size(*pixart_projection)
+    assert gemm_module._programs(gemm_module.fixed_config(1536, 672, 1536, False), 1536, 672) >= gemm_module.SM_COUNT
 
 
 def test_fp8_quantize_and_gemm_match_float_reference():
