@@ -601,6 +601,15 @@ def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation
     return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
 
+def _conv_output(x: torch.Tensor, w_q: torch.Tensor, stride, padding, dilation) -> torch.Tensor:
+    """An empty [B, O, H', W'] output of x's dtype for a convolution of x [B, C, H, W] with w_q [O, C, kh, kw]."""
+    batch, _, height, width = x.shape
+    out_channels, _, kh, kw = w_q.shape
+    out_h = conv_output_size(height, kh, stride[0], padding[0], dilation[0])
+    out_w = conv_output_size(width, kw, stride[1], padding[1], dilation[1])
+    return x.new_empty((batch, out_channels, out_h, out_w))
+
+
 @torch.library.custom_op("fxquant::int8_conv2d", mutates_args=())
 def int8_conv2d(
     x: torch.Tensor,
@@ -647,11 +656,7 @@ def int8_conv2d_reference(x, act_scale, act_zero, w_q, w_scale, w_sum, bias, str
 
 @int8_conv2d.register_fake
 def _(x, act_scale, act_zero, w_q, w_scale, w_sum, bias, stride, padding, dilation):
-    batch, _, height, width = x.shape
-    out_channels, _, kh, kw = w_q.shape
-    out_h = conv_output_size(height, kh, stride[0], padding[0], dilation[0])
-    out_w = conv_output_size(width, kw, stride[1], padding[1], dilation[1])
-    return x.new_empty((batch, out_channels, out_h, out_w))
+    return _conv_output(x, w_q, stride, padding, dilation)
 
 
 @torch.library.custom_op("fxquant::fp8_conv2d", mutates_args=())
@@ -685,8 +690,4 @@ def fp8_conv2d_reference(x, act_scale, w_q, w_scale, bias, stride, padding, dila
 
 @fp8_conv2d.register_fake
 def _(x, act_scale, w_q, w_scale, bias, stride, padding, dilation):
-    batch, _, height, width = x.shape
-    out_channels, _, kh, kw = w_q.shape
-    out_h = conv_output_size(height, kh, stride[0], padding[0], dilation[0])
-    out_w = conv_output_size(width, kw, stride[1], padding[1], dilation[1])
-    return x.new_empty((batch, out_channels, out_h, out_w))
+    return _conv_output(x, w_q, stride, padding, dilation)

@@ -274,6 +274,8 @@ def test_repeated_blocks_of_a_unet_and_a_model_without_any():
     stand_in = types.SimpleNamespace(model=torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.GELU()))
     with pytest.raises(ValueError, match="no repeated blocks"):
         QuantizedModel.compile_blocks(stand_in)
+    with pytest.raises(ValueError, match="no repeated blocks"):
+        QuantizedModel.nest_blocks(stand_in)
     with pytest.raises(ValueError, match="always compiles with backend"):
         QuantizedModel.compile_blocks(stand_in, backend="inductor")
 

@@ -111,14 +111,14 @@ def _conv_kernel(
     w_scale = tl.load(w_scale_ptr + cols, mask=col_ok, other=0.0)
     if FP8:
         out = acc * a_scale * w_scale[None, :]
-    elif PER_PATCH:
-        w_sum = tl.load(w_sum_ptr + cols, mask=col_ok, other=0)
-        acc = acc - zero[:, None] * w_sum[None, :]
-        out = acc.to(tl.float32) * a_scale[:, None] * w_scale[None, :]
     else:
         w_sum = tl.load(w_sum_ptr + cols, mask=col_ok, other=0)
-        acc = acc - zero * w_sum[None, :]
-        out = acc.to(tl.float32) * a_scale * w_scale[None, :]
+        if PER_PATCH:
+            acc = acc - zero[:, None] * w_sum[None, :]
+            out = acc.to(tl.float32) * a_scale[:, None] * w_scale[None, :]
+        else:
+            acc = acc - zero * w_sum[None, :]
+            out = acc.to(tl.float32) * a_scale * w_scale[None, :]
     if HAS_BIAS:
         out += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     row_offsets = tl.max_contiguous(tl.multiple_of(sample * (N * positions) + position, OUT_RUN), OUT_RUN)
