@@ -189,12 +189,15 @@ def set_nested_blocks(model: nn.Module, nested: bool) -> list[str]:
 def compile_repeated_blocks(model: nn.Module, **compile_kwargs) -> list[str]:
     """`torch.compile(block, **compile_kwargs)` in place for every block of `repeated_blocks(model)`, with
     torch._dynamo's recompile limit raised to their number (blocks that differ compile once per variant); returns
-    their names. Any model: QuantizedModel.compile_blocks uses it, and so do the benchmarks for bf16 and torchao."""
+    their names. Any model: QuantizedModel.compile_blocks uses it, and so do the benchmarks for bf16 and torchao.
+    Static shapes unless compile_kwargs say `dynamic`: a UNet's blocks of one class at several widths and
+    resolutions get a graph per shape, each with the tile configs tuned for its sizes, instead of Dynamo's automatic
+    switch to one symbolic graph on the second shape."""
     names = repeated_blocks(model)
     dynamo_config = torch._dynamo.config
     dynamo_config.cache_size_limit = max(dynamo_config.cache_size_limit, len(names))
     for name in names:
-        model.get_submodule(name).compile(**compile_kwargs)
+        model.get_submodule(name).compile(**{"dynamic": False, **compile_kwargs})
     return names
 
 

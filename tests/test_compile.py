@@ -16,7 +16,8 @@ import fxquant
 from fxquant.backends.triton.backend import (compile_counter, concatenates_fp8_values, fxquant_backend, graph_modules,
                                             inline_kernels, lower_to_inductor, split_options)
 from fxquant.metrics import relative_l2
-from fxquant.model import QuantizedModel, repeated_blocks
+from fxquant.backends.triton import attention
+from fxquant.model import QuantizedModel, compile_repeated_blocks, repeated_blocks
 
 
 def test_backend_registered_through_entry_point():
@@ -278,6 +279,44 @@ def test_repeated_blocks_of_a_unet_and_a_model_without_any():
         QuantizedModel.nest_blocks(stand_in)
     with pytest.raises(ValueError, match="always compiles with backend"):
         QuantizedModel.compile_blocks(stand_in, backend="inductor")
+
+
+def test_compile_blocks_keeps_shapes_static():
+    """Regional compilation gives each shape a block sees (a UNet's widths, a second resolution) a static graph,
+    matching eager: Dynamo would otherwise turn the second shape symbolic, and the attention kernel's tuned tiles are
+    looked up by concrete sizes."""
+    torch._dynamo.reset()
+    family = FAMILIES["unet"]
+    model = family.build()
+    steps = [family.inputs(batch=2, size=size, seed=3) for size in (8, 16)]
+    with torch.no_grad():
+        expected = [model(**inputs, return_dict=False)[0] for inputs in steps]
+    placeholders = []
+
+    def recording_backend(gm, example_inputs):
+        placeholders.append([node.meta["example_value"] for node in gm.graph.find_nodes(op="placeholder")])
+        return gm.forward
+
+    compile_repeated_blocks(model, backend=recording_backend)
+    for inputs, reference in zip(steps, expected):
+        with torch.no_grad():
+            assert relative_l2(model(**inputs, return_dict=False)[0], reference) <= 1e-6
+    assert len(placeholders) >= 2
+    for values in placeholders:
+        assert not any(isinstance(value, torch.SymInt) for value in values)
+        assert all(isinstance(size, int) for value in values if isinstance(value, torch.Tensor) for size in value.shape)
+
+
+def test_traced_attention_takes_the_fixed_tile_for_symbolic_sizes(monkeypatch):
+    """Under dynamic shapes the attention kernel's traced launch cannot look its tuned tile up by size (SymInts are
+    unhashable): it takes FIXED_CONFIG, as for an untuned size."""
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    monkeypatch.setattr(attention, "INTERPRET", False)
+    tokens = ShapeEnv().create_unbacked_symint()
+    assert attention.traced_config((tokens, 77, 64, True, True, torch.bfloat16)) == attention.FIXED_CONFIG
+    monkeypatch.setitem(attention._TUNED, (4096, 77, 64, True, True, torch.bfloat16), {"BLOCK_M": 64})
+    assert attention.traced_config((4096, 77, 64, True, True, torch.bfloat16)) == {"BLOCK_M": 64}
 
 
 def test_static_quantization_of_a_concatenation_fuses_into_both_producers(quantized_family):

@@ -218,6 +218,16 @@ def tune(batch: int, heads: int, n_q: int, n_k: int, head_dim: int, pv_fp8: bool
     return _TUNED[key]
 
 
+def traced_config(key: tuple) -> dict:
+    """The tile config of a traced launch for a `_tuning_key`: what `tune` found, else FIXED_CONFIG (also under
+    dynamic shapes, whose symbolic sizes are no dictionary key); the first autotune config in the interpreter."""
+    if INTERPRET:
+        return get_autotune_config()[0].all_kwargs()
+    if not all(isinstance(size, int) for size in key[:3]):
+        return FIXED_CONFIG
+    return _TUNED.get(key, FIXED_CONFIG)
+
+
 def kernel_operands(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pv_fp8: bool,
                     operand_scales: torch.Tensor | None = None) -> dict:
     """q [B, H, Nq, D], k / v [B, H, Nk, D] (operand_scales: fp32 [3] static fp8 scales, or None) -> the kernel's
@@ -289,8 +299,7 @@ def attend(q: torch.Tensor, operands: dict, scale: float, traced: bool = False,
     args = kernel_args(operands, out, scale, out_scale, out_split)
     flags = dict(operands["flags"], OUT_CODES=0 if out_scale is None else 2 if out_split else 1)
     if traced:
-        config = get_autotune_config()[0].all_kwargs() if INTERPRET else _TUNED.get(
-            _tuning_key(n_q, n_k, head_dim, flags["PV_FP8"], flags["STATIC_SCALES"], dtype), FIXED_CONFIG)
+        config = traced_config(_tuning_key(n_q, n_k, head_dim, flags["PV_FP8"], flags["STATIC_SCALES"], dtype))
         wrap_triton(_attention_kernel.fn)[(triton.cdiv(n_q, config["BLOCK_M"]) * batch * heads,)](*args, **flags,
                                                                                                 **config)
     else:
