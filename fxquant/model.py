@@ -6,6 +6,7 @@ diffusers pipeline accepts them in place of its transformer / unet.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any
 
@@ -166,7 +167,39 @@ def _nested_members(cls: type) -> dict:
     torch lets the limit be set (mixed-precision blocks differ)."""
     limit = inspect.signature(torch.compiler.nested_compile_region).parameters.get("max_reuse_entries")
     options = {"max_reuse_entries": MAX_BLOCK_VARIANTS} if limit is not None else {}
-    return {"forward": torch.compiler.nested_compile_region(cls.forward, **options)}
+
+    base_forward = cls.forward
+
+    @functools.wraps(base_forward)
+    def forward(self, *args, **kwargs):
+        return _unaliased(base_forward(self, *args, **kwargs), [*args, *kwargs.values()])
+
+    return {"forward": torch.compiler.nested_compile_region(forward, **options)}
+
+
+def _unaliased(outputs, inputs: list):
+    """A nested region's outputs (a tensor or a tuple) with none aliasing another or an input, which invoke_subgraph
+    refuses: an output that is an input or a view of one is cloned, and so is every view but the largest (Flux's
+    single blocks return the text and image token ranges of one tensor: the text part is copied)."""
+    if not isinstance(outputs, (tuple, torch.Tensor)):
+        return outputs
+    results = (outputs,) if isinstance(outputs, torch.Tensor) else outputs
+    tensors = [value for value in inputs if isinstance(value, torch.Tensor)]
+    views = [i for i, value in enumerate(results) if isinstance(value, torch.Tensor) and value._base is not None]
+    largest = None
+    for i in views:  # (Dynamo cannot trace max with a key)
+        if largest is None or results[i].numel() > results[largest].numel():
+            largest = i
+
+    def aliases(i: int, value) -> bool:
+        if not isinstance(value, torch.Tensor):
+            return False
+        of_input = any(value is t or value._base is t or (value._base is not None and value._base is t._base)
+                       for t in tensors)
+        return of_input or (i in views and i != largest)
+
+    unaliased = tuple(value.clone() if aliases(i, value) else value for i, value in enumerate(results))
+    return unaliased[0] if isinstance(outputs, torch.Tensor) else unaliased
 
 
 runtime_class.register("nested", _nested_members)

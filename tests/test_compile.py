@@ -322,18 +322,23 @@ def test_traced_attention_takes_the_fixed_tile_for_symbolic_sizes(monkeypatch):
 def test_static_quantization_of_a_concatenation_fuses_into_both_producers(quantized_family):
     """Flux's single blocks quantize cat([attention output, GELU(MLP linear)]) for the output projection: with static
     attention outputs the backend splits that static quantization over the parts, so the attention writes its codes
-    and the MLP GEMM's epilogue applies the GELU and writes the rest; the compiled model computes what eager does."""
+    and the MLP GEMM's epilogue applies the GELU and writes the rest; the compiled model computes what eager does,
+    also with nested blocks (whose text and image outputs are views of one tensor: `_unaliased` copies the text)."""
     _, qmodel, _ = quantized_family("flux", "w8a8-fp8:attention=fp8-static,static_attention_outputs=true")
     single_blocks = len(qmodel.model.single_transformer_blocks)
     inputs = FAMILIES["flux"].inputs(batch=2, seed=4)
-    torch._dynamo.reset()
-    compile_counter.clear()
     with torch.no_grad():
         eager = qmodel(**inputs, return_dict=False)[0]
-        compiled = torch.compile(qmodel, backend="fxquant")(**inputs, return_dict=False)[0]
-    assert compile_counter["distributed_quantizations"] == single_blocks
-    assert compile_counter["fused_attention_outputs"] == compile_counter["fused_activations"] == single_blocks
-    assert relative_l2(compiled, eager) <= 1e-5
+    for nested in (False, True):
+        qmodel.nest_blocks(nested)
+        torch._dynamo.reset()
+        compile_counter.clear()
+        with torch.no_grad():
+            compiled = torch.compile(qmodel, backend="fxquant")(**inputs, return_dict=False)[0]
+        assert compile_counter["distributed_quantizations"] == single_blocks
+        assert compile_counter["fused_attention_outputs"] == compile_counter["fused_activations"] == single_blocks
+        assert relative_l2(compiled, eager) <= 1e-5
+    qmodel.nest_blocks(False)
 
 
 @pytest.mark.parametrize("name,groups", [("sd3", ",timestep_groups=[500]"), ("flux", ",timestep_groups=[500]"),
