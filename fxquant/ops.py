@@ -371,11 +371,17 @@ def linear_activation_quantize(
     output passes (through row views) a GELU / SiLU into a static per-tensor quantization, so that kernels apply
     both in the GEMM's epilogue and write the next linear's 8-bit codes, never the float activations.
 
-    The linear's arguments as in linear_residual; activation "gelu" | "gelu_tanh" | "silu" | "none"; out_scale fp32
+    The linear's arguments as in linear_residual; activation "gelu" | "gelu_tanh" | "silu" | "none", or "geglu" |
+    "geglu_tanh" (diffusers' GEGLU: the linear's 2N outputs split into halves a, g -> a * gelu(g)); out_scale fp32
     [1] with out_zero int32 [1] (asymmetric int8, as quantize_per_tensor) or None (fp8 e4m3, as
     quantize_per_tensor_fp8). Computed in fp32 -> codes [M, N].
     """
-    out = apply_activation(_linear_fp32(x_q, x_scale, x_zero, w, weight_bits, w_scale, w_sum, bias), activation)
+    out = _linear_fp32(x_q, x_scale, x_zero, w, weight_bits, w_scale, w_sum, bias)
+    if activation.startswith("geglu"):
+        out, gate = out.chunk(2, dim=-1)
+        out = out * apply_activation(gate, activation.replace("geglu", "gelu"))
+    else:
+        out = apply_activation(out, activation)
     if out_zero is None:
         return quantize_fp8_with_scale(out, out_scale)
     return quantize_asymmetric(out, out_scale, out_zero)
@@ -383,8 +389,8 @@ def linear_activation_quantize(
 
 @linear_activation_quantize.register_fake
 def _(x_q, x_scale, x_zero, w, weight_bits, w_scale, w_sum, bias, activation, out_scale, out_zero):
-    return x_q.new_empty((x_q.shape[0], w_scale.shape[0]),
-                         dtype=torch.float8_e4m3fn if out_zero is None else torch.int8)
+    width = w_scale.shape[0] // 2 if activation.startswith("geglu") else w_scale.shape[0]
+    return x_q.new_empty((x_q.shape[0], width), dtype=torch.float8_e4m3fn if out_zero is None else torch.int8)
 
 
 def heads_last(x: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,7 @@ linears "embedding", convolutions "conv".
 from __future__ import annotations
 
 import inspect
+import operator
 import re
 from collections import deque
 
@@ -96,12 +97,24 @@ def _through_pass_through(node):
 
 
 def _reads_hidden_activation(linear: fx.Node) -> bool:
-    """The linear's input is a GELU / SiLU of another linear's output (through dropout and views): a feed-forward's
-    second linear."""
+    """The linear's input is a GELU / SiLU of another linear's output, or a GEGLU of its two halves (a * gelu(g),
+    a, g = chunk(2)), through dropout and views: a feed-forward's second linear."""
     activation = _through_pass_through(linear.args[0])
-    return (isinstance(activation, fx.Node) and activation.op == "call_function"
-            and activation.target in _HIDDEN_ACTIVATIONS
-            and node_op_kind(_through_pass_through(activation.args[0])) == "linear")
+    if not (isinstance(activation, fx.Node) and activation.op == "call_function"):
+        return False
+    if activation.target in _HIDDEN_ACTIVATIONS:
+        return node_op_kind(_through_pass_through(activation.args[0])) == "linear"
+    if activation.target != aten.mul.Tensor:
+        return False
+    halves = {}  # chunk index -> (chunk node, whether a GELU reads it)
+    for factor in activation.args:
+        gelu = isinstance(factor, fx.Node) and factor.target == aten.gelu.default
+        half = factor.args[0] if gelu else factor
+        chunk = half.args[0] if isinstance(half, fx.Node) and half.target == operator.getitem else None
+        if isinstance(chunk, fx.Node) and chunk.target == aten.chunk.default and tuple(chunk.args[1:]) == (2, -1):
+            halves[half.args[1]] = (chunk, gelu)
+    return (set(halves) == {0, 1} and halves[0][0] is halves[1][0] and halves[1][1] and not halves[0][1]
+            and node_op_kind(_through_pass_through(halves[0][0].args[0])) == "linear")
 
 
 def _output_projections(attention: fx.Node) -> list[fx.Node]:

@@ -86,10 +86,12 @@ FUSIONS = {  # backend option -> (compile_counter key, {(family, recipe): rewrit
     # add matches through the previous replacement
     "fxquant.fuse_residuals": ("fused_residuals", {("pixart", "w8a8-fp8"): 3, ("pixart", "w4a8"): 3,
                                                    ("unet", "w8a8"): 3, ("dit", "w8a8"): 2}),
-    # the feed-forward's GELU and the static quantization of its output (static_hidden_activations) move into the
-    # first feed-forward linear's epilogue, which writes the second one's codes
+    # the feed-forward's GELU (UNet: GEGLU of the first linear's halves) and the static quantization of its output
+    # (static_hidden_activations) move into the first feed-forward linear's epilogue, which writes the second one's
+    # codes
     "fxquant.fuse_activations": ("fused_activations", {("pixart", "w8a8-fp8:static_hidden_activations=true"): 1,
-                                                       ("dit", "w8a8:static_hidden_activations=true"): 1}),
+                                                       ("dit", "w8a8:static_hidden_activations=true"): 1,
+                                                       ("unet", "w8a8-fp8:static_hidden_activations=true"): 1}),
     # a quantized attention whose output projection takes static fp8 activations writes that projection's codes
     # (self- and cross-attention)
     "fxquant.fuse_attention_outputs": ("fused_attention_outputs", {
@@ -178,12 +180,12 @@ def test_compile_blocks_compiles_one_graph_for_identical_blocks(quantized_family
 
 
 @pytest.mark.parametrize("name,recipe", [
-    ("unet", "w8a8-fp8:static_conv_activations=true"),
+    ("unet", "w8a8-fp8:static_conv_activations=true,static_hidden_activations=true"),
     ("pixart", "w8a8-fp8:attention=fp8-static,static_attention_outputs=true")])
 def test_cuda_lowering_computes_what_eager_does(quantized_family, name, recipe):
     """After every rewrite, the functions the backend hands Inductor on CUDA (`lower_to_inductor`: fxquant's Triton
-    kernels, here in the interpreter, incl. fused prologues, code-writing epilogues, fp8 convs and static fp8
-    attention on laid-out operands) compute the eager quantized model's output."""
+    kernels, here in the interpreter, incl. fused prologues, code-writing epilogues (the UNet's GEGLU), fp8 convs and
+    static fp8 attention on laid-out operands) compute the eager quantized model's output."""
     _, qmodel, _ = quantized_family(name, recipe)
 
     def lowering_backend(gm, example_inputs):

@@ -10,7 +10,7 @@ The backend rewrites it with patterns, then compiles:
   `unpack_int4` / `unpack_int2` -> `int8_linear` becomes one `packed_int8_linear` (4- / 2-bit weights are unpacked
   inside the GEMM's K loop; the int8 codes never reach memory); `residual + gate * linear(...)` (a transformer
   block's gated residual) becomes one `linear_residual` (applied in the GEMM's epilogue); a static per-tensor
-  quantization of a GELU / SiLU of a linear's output (a feed-forward's hidden activations) becomes one
+  quantization of a GELU / SiLU / GEGLU of a linear's output (a feed-forward's hidden activations) becomes one
   `linear_activation_quantize` (the GEMM's epilogue writes the next linear's codes; a static quantization of a
   concatenation is split over its parts first, so each can fuse), a static fp8 quantization of
   a quantized attention's output (the output projection's input) one `quantized_attention_codes` (also when a joint
@@ -403,9 +403,9 @@ def distribute_static_quantization(gm: fx.GraphModule) -> int:
 
 
 def fuse_activation_epilogues(gm: fx.GraphModule) -> int:
-    """Rewrite `quantize_per_tensor(_fp8)(act(linear(...)))` (a GELU / SiLU, seen through row views and eval dropout,
-    of an fxquant linear whose output is used only there; 8-bit static quantization) into
-    linear_activation_quantize nodes; returns how many."""
+    """Rewrite `quantize_per_tensor(_fp8)(act(linear(...)))` (a GELU / SiLU, or a GEGLU of the linear's two halves,
+    seen through row views and eval dropout, of an fxquant linear whose output is used only there; 8-bit static
+    quantization) into linear_activation_quantize nodes; returns how many."""
     fused = 0
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or _target(node) not in _STATIC_QUANTIZE:
@@ -413,12 +413,14 @@ def fuse_activation_epilogues(gm: fx.GraphModule) -> int:
         args = _node_args(node, _target(node))
         fp8 = _target(node) == fxq.quantize_per_tensor_fp8.default
         activation = _activation(_through_row_views(args[0]))
-        if (not fp8 and args[3] != 8) or activation is None or activation[1].startswith("geglu"):
+        if (not fp8 and args[3] != 8) or activation is None:
             continue
         linear = _through_row_views(activation[0])
         linear_args = _linear_residual_args(linear) if _only_use(linear) else None
-        if linear_args is None or _value(linear) is None or _value(node) is None or (
-                _value(linear).shape != _value(node).shape):
+        if linear_args is None or _value(linear) is None or _value(node) is None:
+            continue
+        width = _value(node).shape[-1] * (2 if activation[1].startswith("geglu") else 1)
+        if tuple(_value(linear).shape) != (*_value(node).shape[:-1], width):
             continue
         _replace(gm, node, fxq.linear_activation_quantize.default,
                  (*linear_args, activation[1], args[1], None if fp8 else args[2]))

@@ -5,6 +5,7 @@ epilogue; int8 activations against 8-, 4- or 2-bit weights (W8A8, W4A8, W2A8), t
     out[m, n] = a_scale[m] * b_scale[n] * (sum_k a[m, k] b[n, k] - a_zero[m] * b_sum[n]) + bias[n]
     (optionally)  out[m, n] = residual[m, n] + gate[m // rows_per_gate, n] * out[m, n]   (fxquant::linear_residual)
     (or)          out[m, n] = quantize(act(out[m, n]), out_scale, out_zero)    (fxquant::linear_activation_quantize)
+                  or, gated (GEGLU: b holds 2N rows), quantize(out[m, n] * gelu(out[m, N + n]), out_scale, out_zero)
     (and)         stored at split offsets, an attention operand's layout          (fxquant::linear_attention_operand)
 
 a: activations [M, K] (row-major), b: weights [N, K] (row-major, i.e. B^T) as int8 / fp8 codes, or packed uint8
@@ -91,7 +92,7 @@ def grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl
     return first_m + (pid % (GROUP_M * num_pid_n)) % group_size, (pid % (GROUP_M * num_pid_n)) // group_size
 
 
-@triton.autotune(configs=get_autotune_config(), key=["M", "N", "K", "HAS_ZERO", "WEIGHT_BITS"])
+@triton.autotune(configs=get_autotune_config(), key=["M", "N", "K", "HAS_ZERO", "WEIGHT_BITS", "GATED"])
 @triton.jit
 def _gemm_kernel(
     # pointers
@@ -108,6 +109,7 @@ def _gemm_kernel(
     HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_PER_ROW: tl.constexpr, HAS_GATE: tl.constexpr,
     GATE_PER_TILE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACT: tl.constexpr, OUT_CODES: tl.constexpr,
     INT_ACC: tl.constexpr, WEIGHT_BITS: tl.constexpr, SPLIT_OUT: tl.constexpr, OUT_RUN: tl.constexpr,
+    GATED: tl.constexpr,  # b has 2N rows: out = act(second half's product) times the first half's (8-bit b only)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     PER_BYTE: tl.constexpr = 8 // WEIGHT_BITS if INT_ACC else 1
@@ -127,11 +129,16 @@ def _gemm_kernel(
         a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
         b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32 if INT_ACC else tl.float32)
+        if GATED:
+            acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32 if INT_ACC else tl.float32)
         for k_start in range(0, K, BLOCK_K):
             k_left = K - k_start
             a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
             b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
             acc = tl.dot(a, b, acc, out_dtype=tl.int32 if INT_ACC else tl.float32)
+            if GATED:
+                b_gate = tl.load(b_ptrs + N * stride_bn, mask=offs_k[:, None] < k_left, other=0.0)
+                acc_gate = tl.dot(a, b_gate, acc_gate, out_dtype=tl.int32 if INT_ACC else tl.float32)
             a_ptrs += BLOCK_K * stride_ak
             b_ptrs += BLOCK_K * stride_bk
     else:
@@ -158,6 +165,13 @@ def _gemm_kernel(
     a_scale = tl.load(a_scale_ptr + rows, mask=row_ok, other=0.0)
     b_scale = tl.load(b_scale_ptr + cols, mask=col_ok, other=0.0)
     out = acc.to(tl.float32) * a_scale[:, None] * b_scale[None, :]
+    if GATED:  # the gate half: weight rows N + cols
+        if HAS_ZERO:
+            acc_gate = acc_gate - a_zero[:, None] * tl.load(b_sum_ptr + N + cols, mask=col_ok, other=0)[None, :]
+        gate_half = acc_gate.to(tl.float32) * a_scale[:, None] * tl.load(b_scale_ptr + N + cols, mask=col_ok,
+                                                                         other=0.0)[None, :]
+        if HAS_BIAS:
+            gate_half += tl.load(bias_ptr + N + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS and BIAS_PER_ROW:  # the transposed product of `attention_operand_gemm` (rows: output channels)
         out += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None]
     elif HAS_BIAS:
@@ -174,7 +188,10 @@ def _gemm_kernel(
     if HAS_RESIDUAL:  # residual rows: strided like the output's, contiguous along N (loading it before the K
         # loop was no faster on an H100: gpu-bench-h100/epilogue-sweep-prefetch.json)
         out += tl.load(residual_ptr + rows[:, None] * stride_rm + cols[None, :], mask=tile_ok, other=0.0).to(tl.float32)
-    out = apply_activation(out, ACT)
+    if GATED:
+        out = out * apply_activation(gate_half, ACT)
+    else:
+        out = apply_activation(out, ACT)
     if OUT_CODES == 1:  # asymmetric int8, as fxquant::quantize_per_tensor
         zero = tl.load(out_zero_ptr).to(tl.float32)
         out = tl.minimum(tl.maximum(rint(out * tl.div_rn(1.0, tl.load(out_scale_ptr))) + zero, -128.0), 127.0)
@@ -229,12 +246,16 @@ def _programs(config: dict, m: int, n: int) -> int:
     return triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"])
 
 
-def fixed_config(m: int, n: int, k: int, integer: bool, residual: bool = False, packed: bool = False) -> dict:
+def fixed_config(m: int, n: int, k: int, integer: bool, residual: bool = False, packed: bool = False,
+                 gated: bool = False) -> dict:
     """fixed_config_for_size (below), stepped down through _SMALLER_TILES while it leaves SMs idle: few rows AND few
     columns, e.g. the transposed V products of short text parts (SD3's 333 text tokens: M 1536 channels, N 672 keys,
-    36 wide tiles; PixArt's 120-token cross-attention: M 1152, N 256, 9 tiles) — unmeasured: `--sections
-    operand_parts` times SD3's text V part (19.4 us with the wide tile, 6.4 us for its Q part on 64 x 64 tiles)."""
+    36 wide tiles; PixArt's 120-token cross-attention: M 1152, N 256, 9 tiles: gpu-bench-h100/
+    operand-parts-tile-step-down.json, SD3's text V part 19.4 -> 15.3 us). Gated (GEGLU) products hold two
+    accumulators and read two weight tiles per step: at most 128 columns (untimed)."""
     config = fixed_config_for_size(m, n, k, integer, residual, packed)
+    if gated and config["BLOCK_N"] > 128:
+        config = _SMALLER_TILES[0]
     for smaller in _SMALLER_TILES:
         if _programs(config, m, n) >= SM_COUNT:
             break
@@ -291,8 +312,10 @@ def quantized_gemm(a: torch.Tensor, a_scale: torch.Tensor, a_zero: torch.Tensor 
     int32 [N] (needed with a_zero); bias [N] or None -> out [M, N].
     With residual [..., N] (M rows): out = residual + gate * out, shaped and typed like residual; gate (optional)
     broadcasts against residual varying at most per sample (fxquant::linear_residual).
-    activation ("gelu" | "gelu_tanh" | "silu") is applied last; with out_scale fp32 [1] the output is quantized:
-    int8 codes with out_zero int32 [1], else fp8 e4m3 codes (fxquant::linear_activation_quantize).
+    activation ("gelu" | "gelu_tanh" | "silu") is applied last; "geglu" | "geglu_tanh": b holds 2N rows (and
+    b_scale, b_sum, bias 2N values) and out [M, N] = first half's product * gelu(second half's), as diffusers' GEGLU
+    after its projection. With out_scale fp32 [1] the output is quantized: int8 codes with out_zero int32 [1], else
+    fp8 e4m3 codes (fxquant::linear_activation_quantize).
 
     traced: launch through torch.library.wrap_triton with `fixed_config` (graphs the compile backend hands to
     Inductor), or `config` when given (benchmarks); otherwise the autotuned kernel is launched directly (eager
@@ -313,10 +336,13 @@ def quantized_gemm(a: torch.Tensor, a_scale: torch.Tensor, a_zero: torch.Tensor 
     assert operands_ok, f"operand dtypes {a.dtype}, {b.dtype} at {weight_bits} weight bits"
     assert (a_zero is None) or (b_sum is not None), "a zero point needs the weight row sums b_sum"
     assert out_scale is None or residual is None, "a quantized output takes no residual"
-    assert activation in ACTIVATION_CODES and not activation.startswith("geglu"), f"activation {activation!r}"
+    assert activation in ACTIVATION_CODES, f"activation {activation!r}"
+    gated = activation.startswith("geglu")
+    assert not gated or (b.shape[0] % 2 == 0 and residual is None and split_out is None), \
+        f"a gated activation needs an even number of weight rows ({b.shape[0]}), no residual and no split output"
     m, k = a.shape
-    n = b.shape[0]
-    if packed and (unpack_first if unpack_first is not None else m >= UNPACK_MIN_TOKENS):
+    n = b.shape[0] // 2 if gated else b.shape[0]
+    if packed and (gated or (unpack_first if unpack_first is not None else m >= UNPACK_MIN_TOKENS)):
         b, weight_bits = unpack_weights(b, weight_bits, traced), 8
     if residual is not None:
         assert residual.shape[-1] == n and residual.numel() == m * n, \
@@ -351,9 +377,10 @@ def quantized_gemm(a: torch.Tensor, a_scale: torch.Tensor, a_zero: torch.Tensor 
                  HAS_GATE=gate is not None, GATE_PER_TILE=gate_per_tile, HAS_RESIDUAL=residual is not None,
                  ACT=ACTIVATION_CODES[activation], OUT_CODES=0 if out_scale is None else 1 if out_zero is not None
                  else 2, INT_ACC=a.dtype == torch.int8, WEIGHT_BITS=weight_bits, SPLIT_OUT=split_out is not None,
-                 OUT_RUN=out_run)
+                 OUT_RUN=out_run, GATED=gated)
     if traced:
-        config = config or fixed_config(m, n, k, a.dtype == torch.int8, residual is not None, weight_bits != 8)
+        config = config or fixed_config(m, n, k, a.dtype == torch.int8, residual is not None, weight_bits != 8,
+                                        gated)
         grid = (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"]),)
         wrap_triton(_gemm_kernel.fn)[grid](*args, **flags, **config)
     else:

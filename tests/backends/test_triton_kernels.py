@@ -258,16 +258,20 @@ def test_gemm_epilogue_applies_gate_and_residual(weights, gated, tokens):
 
 
 @pytest.mark.parametrize("weights,activation", [("fp8", "gelu_tanh"), ("fp8", "silu"), ("int8", "gelu"),
-                                                ("int4", "gelu_tanh")])
+                                                ("int4", "gelu_tanh"), ("fp8", "geglu"), ("int8", "geglu_tanh"),
+                                                ("int4", "geglu")])
 def test_gemm_epilogue_writes_the_next_linears_codes(weights, activation):
     """quantize(act(linear(x))) in the GEMM's epilogue (fxquant::linear_activation_quantize): fp8 codes with a static
     scale, or asymmetric int8 codes with a static scale and zero point, against the op's reference, which equals
-    the unfused ops."""
+    the unfused ops; GEGLU: the linear's two halves a, g (two products per tile) -> a * gelu(g)."""
+    gated = activation.startswith("geglu")
     m, k, n = 40, 64, 48
-    x, w, bias = torch.randn(m, k), torch.randn(n, k), torch.randn(n)
+    x, w, bias = torch.randn(m, k), torch.randn(2 * n if gated else n, k), torch.randn(2 * n if gated else n)
     (x_q, x_scale, x_zero, stored, bits, w_scale, w_sum), plain = _linear_operands(x, w, bias, weights)
-    hidden = torch.nn.functional.gelu(plain, approximate="tanh" if activation == "gelu_tanh" else "none") \
-        if activation.startswith("gelu") else torch.nn.functional.silu(plain)
+    hidden, gate = plain.chunk(2, dim=-1) if gated else (None, plain)
+    approximate = "tanh" if activation.endswith("_tanh") else "none"
+    hidden = (hidden if gated else 1.0) * (torch.nn.functional.gelu(gate, approximate=approximate)
+                                           if activation != "silu" else torch.nn.functional.silu(gate))
     if weights == "fp8":  # a calibrated range a little narrower than this call's: some codes saturate
         out_scale, out_zero = fp8_scale(hidden.abs().max() * 0.9).reshape(1), None
         unfused = fxq.quantize_per_tensor_fp8(hidden, out_scale)
@@ -328,7 +332,7 @@ def test_launcher_rejects_bad_input():
     with pytest.raises(AssertionError, match="quantized output takes no residual"):
         quantized_gemm(torch.zeros(2, 8, dtype=torch.int8), torch.ones(2), None, torch.zeros(3, 8, dtype=torch.int8),
                        torch.ones(3), None, None, torch.float32, residual=torch.zeros(2, 3), out_scale=torch.ones(1))
-    with pytest.raises(AssertionError, match="activation 'geglu'"):
+    with pytest.raises(AssertionError, match=r"gated activation needs an even number of weight rows \(3\)"):
         quantized_gemm(torch.zeros(2, 8, dtype=torch.int8), torch.ones(2), None, torch.zeros(3, 8, dtype=torch.int8),
                        torch.ones(3), None, None, torch.float32, activation="geglu")
     with pytest.raises(AssertionError, match=r"residual \(2, 4\) for a \[2, 3\] output"):

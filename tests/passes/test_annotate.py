@@ -99,16 +99,17 @@ def test_dump_writes_each_pass(tmp_path, monkeypatch):
 
 
 STATIC_INPUTS = {  # recipe option -> the linears it gives static activations: the feed-forwards' second linears
-    # (reading a GELU of another linear), the attention output projections (SD3's context stream: to_add_out)
+    # (reading a GELU of another linear, or the UNet's GEGLU of its halves), the attention output projections (SD3's
+    # context stream: to_add_out)
     "static_hidden_activations": (".net.2",), "static_attention_outputs": (".to_out.0", ".to_add_out")}
 
 
-@pytest.mark.parametrize("option", list(STATIC_INPUTS))
-@pytest.mark.parametrize("name", ["pixart", "sd3"])
+@pytest.mark.parametrize("name,option", [(name, option) for name in ("pixart", "sd3") for option in STATIC_INPUTS]
+                         + [("unet", "static_hidden_activations")])
 def test_static_input_options_calibrate_exactly_their_linears(quantized_family, name, option):
-    """With static_hidden_activations / static_attention_outputs, exactly the linears reading a GELU of another
-    linear / an attention's output get a static fp8 scale: the absmax of their input over the calibration calls
-    / 448."""
+    """With static_hidden_activations / static_attention_outputs, exactly the linears reading a GELU (GEGLU) of
+    another linear / an attention's output get a static fp8 scale: the absmax of their input over the calibration
+    calls / 448."""
     reference, qmodel, calibration = quantized_family(name, f"w8a8-fp8:{option}=true")
     static = [layer for layer in qmodel.plan.quantized_layers() if layer.act_mode == "static_per_tensor"]
     expected = [layer.fqn for layer in qmodel.plan.quantized_layers() if layer.fqn.endswith(STATIC_INPUTS[option])]
