@@ -11,7 +11,8 @@ bf16 torch.compile measured in the same run. Random weights: speed does not depe
 bf16 eager / torch.compile (whole model or its repeated blocks), fxquant recipes compiled with backend="fxquant"
 (whole model or `compile_blocks`), torchao float8 / int8 dynamic (when torchao imports; failures are recorded as
 such). Section `packed` sweeps W4A8 against W8A8 over the token count, `packed_tiles` the W4A8 tiles at few tokens
-(weights read from memory), `attention_configs` the attention tiles. The JSON (device, versions, date) is rewritten
+(weights read from memory), `attention_configs` the attention tiles, `geglu` the GEGLU epilogue against its unfused
+path. The JSON (device, versions, date) is rewritten
 after every variant (attention sections and conv_tiles: every shape), so a run cut short keeps what it measured.
 """
 
@@ -166,6 +167,45 @@ def check_kernels() -> list[dict]:
             **packed_errors,
         })
         print("kernels", rows[-1], flush=True)
+    return rows
+
+
+GEGLU_CASES = {"sdxl_1280": (2048, 1280, 5120), "sdxl_640": (8192, 640, 2560)}  # (tokens, K, N): SDXL's GEGLU FFs
+
+
+def geglu_epilogue_benchmark() -> list[dict]:
+    """The GEGLU epilogue (`quantized_gemm(..., activation="geglu")`: weights [2N, K], the program's two products
+    give a * gelu(g), written as static fp8 codes) at SDXL's feed-forward shapes (batch 2, fixed tiles as compiled
+    graphs launch it): code mismatches and error against an fp32 reference, and its time against the unfused path
+    (the fp8 GEMM writing the 2N-wide bf16 output, then Inductor's chunk / GELU / multiply / quantize kernel)."""
+    rows = []
+    for case, (m, k, n) in GEGLU_CASES.items():
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(2 * n, k, device="cuda", dtype=torch.bfloat16) * 0.05
+        bias = torch.randn(2 * n, device="cuda", dtype=torch.bfloat16)
+        x_q, x_scale = quantize_per_token_fp8(x)
+        w_q, w_scale = _fp8_weight(w)
+        full = (x_q.float() * x_scale) @ (w_q.float() * w_scale[:, None]).t() + bias.float()
+        hidden, gate = full.chunk(2, dim=-1)
+        hidden = hidden * F.gelu(gate)
+        scale = fp8_scale(hidden.abs().max()).reshape(1)
+        reference = quantize_fp8_with_scale(hidden, scale)
+        gemm_tail = torch.compile(lambda y: quantize_fp8_with_scale(
+            y.chunk(2, dim=-1)[0] * F.gelu(y.chunk(2, dim=-1)[1]), scale))
+        fused = lambda: quantized_gemm(x_q, x_scale, None, w_q, w_scale, None, bias, torch.bfloat16,  # noqa: E731
+                                       traced=True, activation="geglu", out_scale=scale)
+        unfused = lambda: gemm_tail(quantized_gemm(x_q, x_scale, None, w_q, w_scale, None, bias,  # noqa: E731
+                                                   torch.bfloat16, traced=True))
+        codes = fused()
+        row = {"case": case, "M": m, "K": k, "N": n,
+               "code_mismatch_fraction": (codes.float() != reference.float()).float().mean().item(),
+               "rel_err_vs_reference": relative_l2(codes.float() * scale, hidden),
+               "unfused_rel_err_vs_reference": relative_l2(unfused().float() * scale, hidden),
+               "us": {"fused": 1e3 * _graph_median_ms(fused), "unfused": 1e3 * _graph_median_ms(unfused)}}
+        row["speedup_vs_unfused"] = row["us"]["unfused"] / row["us"]["fused"]
+        rows.append(row)
+        torch._dynamo.reset()
+        print("geglu", row, flush=True)
     return rows
 
 
@@ -1192,7 +1232,8 @@ KERNEL_SECTIONS = {"kernels": check_kernels, "prologue": prologue_benchmark,
                    "attention_operands": attention_operands_benchmark, "operand_parts": operand_parts_benchmark,
                    "conv": conv_benchmark, "conv_tiles": conv_tile_sweep,
                    "quantize_configs": quantize_config_sweep,
-                   "epilogue": epilogue_sweep, "gemm": gemm_benchmark, "packed": packed_gemm_sweep,
+                   "epilogue": epilogue_sweep, "geglu": geglu_epilogue_benchmark, "gemm": gemm_benchmark,
+                   "packed": packed_gemm_sweep,
                    "packed_tiles": packed_tile_sweep, "model_gemms": model_gemm_sweep,
                    "attention": attention_benchmark, "attention_configs": attention_config_sweep}
 
