@@ -12,8 +12,8 @@ bf16 eager / torch.compile (whole model or its repeated blocks), fxquant recipes
 (whole model or `compile_blocks`), torchao float8 / int8 dynamic (when torchao imports; failures are recorded as
 such). Section `packed` sweeps W4A8 against W8A8 over the token count, `packed_tiles` the W4A8 tiles at few tokens
 (weights read from memory), `attention_configs` the attention tiles, `geglu` the GEGLU epilogue against its unfused
-path. The JSON (device, versions, date) is rewritten
-after every variant (attention sections and conv_tiles: every shape), so a run cut short keeps what it measured.
+path. The JSON (device, versions, date) is rewritten after every variant (attention sections and conv_tiles: every
+shape), so a run cut short keeps what it measured.
 """
 
 from __future__ import annotations

@@ -56,8 +56,8 @@ def _report(fn, types: dict, constants: dict, num_warps: int, num_stages: int) -
 
 def gemm_reports() -> dict:
     """The GEMM kernel (plain epilogue) at W8A8 int8, fp8 and packed W4 / W2 (K loop, one dot per field), fp8 with
-    the GELU (tanh) + fp8 codes epilogue and with the GEGLU one (two products per tile), and fp8 storing a keys-major attention operand's codes (split offsets,
-    bias per row); 128 x 128 x 128 tiles, 8 warps, 3 stages."""
+    the GELU (tanh) + fp8 codes epilogue and with the GEGLU one (two products per tile), and fp8 storing a
+    keys-major attention operand's codes (split offsets, bias per row); 128 x 128 x 128 tiles, 8 warps, 3 stages."""
     pointers = {"a_ptr": "*i8", "b_ptr": "*i8", "out_ptr": "*bf16", "a_scale_ptr": "*fp32", "a_zero_ptr": "*i32",
                 "b_scale_ptr": "*fp32", "b_sum_ptr": "*i32", "bias_ptr": "*bf16", "gate_ptr": "*bf16",
                 "residual_ptr": "*bf16", "out_scale_ptr": "*fp32", "out_zero_ptr": "*i32"}
