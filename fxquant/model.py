@@ -130,9 +130,8 @@ class QuantizedModel(_Wrapper):
         """Hierarchical compilation of the whole model: makes the forward of every repeated block (`repeated_blocks`)
         a torch.compiler.nested_compile_region, so that `torch.compile(qmodel, backend="fxquant")` traces one graph in
         which identical blocks call one shared subgraph; the backend rewrites it and Inductor compiles it once. Eager
-        calls are unchanged; nested=False undoes it. Returns the blocks' names. Measured on an H100 (torch 2.11):
-        PixArt and SDXL compile and match their regional outputs; Flux compiles to a wrong output (open), so
-        compile Flux with `compile_blocks`."""
+        calls are unchanged; nested=False undoes it. Returns the blocks' names. Blocks' outputs that are views or
+        inputs are copied (`_unaliased`)."""
         return set_nested_blocks(self.model, nested)
 
     def quantized_weight_bytes(self) -> tuple[int, int]:
@@ -180,27 +179,21 @@ def _nested_members(cls: type) -> dict:
 
 
 def _unaliased(outputs, inputs: list):
-    """A nested region's outputs (a tensor or a tuple) with none aliasing another or an input, which invoke_subgraph
-    refuses: an output that is an input or a view of one is cloned, and so is every view but the largest (Flux's
-    single blocks return the text and image token ranges of one tensor: the text part is copied)."""
+    """A nested region's outputs (a tensor or a tuple) with every output that is an input or a view copied:
+    invoke_subgraph refuses outputs aliasing each other or an input, and Inductor (torch 2.11 on CUDA, 2.13 on the
+    CPU) compiles a region returning a view of its own intermediate into reads of garbage (Flux's single blocks return
+    the text and image token ranges of one tensor: 140 % off on an H100; a three-line region returning `x[:, 3:]`
+    reproduces it on the CPU). The copies cost one pass over those outputs (Flux: both streams of each single
+    block)."""
     if not isinstance(outputs, (tuple, torch.Tensor)):
         return outputs
     results = (outputs,) if isinstance(outputs, torch.Tensor) else outputs
     tensors = [value for value in inputs if isinstance(value, torch.Tensor)]
-    views = [i for i, value in enumerate(results) if isinstance(value, torch.Tensor) and value._base is not None]
-    largest = None
-    for i in views:  # (Dynamo cannot trace max with a key)
-        if largest is None or results[i].numel() > results[largest].numel():
-            largest = i
 
-    def aliases(i: int, value) -> bool:
-        if not isinstance(value, torch.Tensor):
-            return False
-        of_input = any(value is t or value._base is t or (value._base is not None and value._base is t._base)
-                       for t in tensors)
-        return of_input or (i in views and i != largest)
+    def aliases(value) -> bool:
+        return isinstance(value, torch.Tensor) and (value._base is not None or any(value is t for t in tensors))
 
-    unaliased = tuple(value.clone() if aliases(i, value) else value for i, value in enumerate(results))
+    unaliased = tuple(value.clone() if aliases(value) else value for value in results)
     return unaliased[0] if isinstance(outputs, torch.Tensor) else unaliased
 
 

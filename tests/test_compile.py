@@ -17,7 +17,7 @@ from fxquant.backends.triton.backend import (compile_counter, concatenates_fp8_v
                                             inline_kernels, lower_to_inductor, split_options)
 from fxquant.metrics import relative_l2
 from fxquant.backends.triton import attention
-from fxquant.model import QuantizedModel, compile_repeated_blocks, repeated_blocks
+from fxquant.model import QuantizedModel, _unaliased, compile_repeated_blocks, repeated_blocks
 
 
 def test_backend_registered_through_entry_point():
@@ -269,6 +269,19 @@ def test_nested_blocks_share_one_subgraph_that_every_fusion_rewrites():
     assert all(type(block) is BasicTransformerBlock for block in qmodel.model.transformer_blocks)
 
 
+def test_nested_region_outputs_are_never_views_or_inputs():
+    """What a nested block returns is copied where it is a view (of an intermediate or an input) or an input itself:
+    invoke_subgraph refuses aliased outputs, and Inductor miscompiles a region returning a view (Flux's single
+    blocks' token ranges: 140 % off on an H100); other outputs pass through as they are."""
+    hidden, given = torch.randn(2, 8, 4), torch.randn(3)
+    made = hidden * 2
+    outputs = _unaliased((made[:, :3], made[:, 3:], made, given, None), [hidden, given])
+    assert all(value._base is None for value in outputs[:4]) and outputs[2] is made and outputs[4] is None
+    assert outputs[3] is not given and torch.equal(outputs[3], given)
+    assert torch.equal(torch.cat(outputs[:2], dim=1), made)
+    assert _unaliased(hidden, [hidden]) is not hidden and _unaliased(made, [hidden]) is made
+
+
 def test_repeated_blocks_of_a_unet_and_a_model_without_any():
     unet = FAMILIES["unet"].build()
     names = repeated_blocks(unet)
@@ -325,7 +338,7 @@ def test_static_quantization_of_a_concatenation_fuses_into_both_producers(quanti
     """Flux's single blocks quantize cat([attention output, GELU(MLP linear)]) for the output projection: with static
     attention outputs the backend splits that static quantization over the parts, so the attention writes its codes
     and the MLP GEMM's epilogue applies the GELU and writes the rest; the compiled model computes what eager does,
-    also with nested blocks (whose text and image outputs are views of one tensor: `_unaliased` copies the text)."""
+    also with nested blocks (whose text and image outputs are views of one tensor: `_unaliased` copies them)."""
     _, qmodel, _ = quantized_family("flux", "w8a8-fp8:attention=fp8-static,static_attention_outputs=true")
     single_blocks = len(qmodel.model.single_transformer_blocks)
     inputs = FAMILIES["flux"].inputs(batch=2, seed=4)
