@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from . import attention, runtime_class
 from .capture import bind_arguments, capture
@@ -165,17 +166,42 @@ def repeated_blocks(model: nn.Module) -> list[str]:
 def _nested_members(cls: type) -> dict:
     """The nested-region subclass of a repeated block's class (runtime_class kind "nested", `nest_blocks`): its
     forward is cls's as a torch.compiler.nested_compile_region, allowed one cached subgraph per block variant where
-    torch lets the limit be set (mixed-precision blocks differ)."""
+    torch lets the limit be set (mixed-precision blocks differ). Its tensor arguments go in `_unaliased_inputs`
+    and its outputs come out `_unaliased`."""
     limit = inspect.signature(torch.compiler.nested_compile_region).parameters.get("max_reuse_entries")
     options = {"max_reuse_entries": MAX_BLOCK_VARIANTS} if limit is not None else {}
-
     base_forward = cls.forward
+
+    def region(self, *args, **kwargs):
+        return _unaliased(base_forward(self, *args, **kwargs), [*args, *kwargs.values()])
+
+    region = torch.compiler.nested_compile_region(region, **options)
 
     @functools.wraps(base_forward)
     def forward(self, *args, **kwargs):
-        return _unaliased(base_forward(self, *args, **kwargs), [*args, *kwargs.values()])
+        args, kwargs = _unaliased_inputs(args, kwargs)
+        return region(self, *args, **kwargs)
 
-    return {"forward": torch.compiler.nested_compile_region(forward, **options)}
+    return {"forward": forward}
+
+
+def _unaliased_inputs(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """(args, kwargs) of a nested region's call with every tensor that shares its storage with an earlier one (a
+    view of the same base, the base itself, the same tensor twice) copied: invoke_subgraph refuses inputs aliasing
+    each other (CogVideoX's first block gets the text and video token ranges of one tensor). A lone view stays."""
+    leaves, spec = pytree.tree_flatten((args, kwargs))
+    roots = []
+    for index, leaf in enumerate(leaves):
+        if isinstance(leaf, torch.Tensor):
+            root = leaf if leaf._base is None else leaf._base
+            shared = False
+            for seen in roots:  # (identity tests, which Dynamo traces)
+                shared = shared or seen is root
+            if shared:
+                leaves[index] = leaf.clone()
+            else:
+                roots.append(root)
+    return pytree.tree_unflatten(leaves, spec)
 
 
 def _unaliased(outputs, inputs: list):

@@ -17,7 +17,8 @@ from fxquant.backends.triton.backend import (compile_counter, concatenates_fp8_v
                                             inline_kernels, lower_to_inductor, split_options)
 from fxquant.metrics import relative_l2
 from fxquant.backends.triton import attention
-from fxquant.model import QuantizedModel, _unaliased, compile_repeated_blocks, repeated_blocks
+from fxquant.model import (QuantizedModel, _unaliased, _unaliased_inputs, compile_repeated_blocks,
+                           repeated_blocks)
 
 
 def test_backend_registered_through_entry_point():
@@ -280,6 +281,20 @@ def test_nested_region_outputs_are_never_views_or_inputs():
     assert outputs[3] is not given and torch.equal(outputs[3], given)
     assert torch.equal(torch.cat(outputs[:2], dim=1), made)
     assert _unaliased(hidden, [hidden]) is not hidden and _unaliased(made, [hidden]) is made
+
+
+def test_nested_region_inputs_never_alias_each_other():
+    """A nested block's tensor arguments that share storage with an earlier one (CogVideoX's text and video token
+    ranges of one tensor, a tensor passed twice, nested in tuples too) are copied before the region, which refuses
+    aliased inputs; a lone view and everything else pass through."""
+    joint, other, spare = torch.randn(2, 8, 4), torch.randn(3), torch.randn(5)
+    text, video, lone = joint[:, :3], joint[:, 3:], spare[1:]
+    (a, b, (c, d)), kwargs = _unaliased_inputs((text, video, (lone, other)), {"again": other, "flag": True})
+    assert a is text and c is lone and d is other and kwargs["flag"] is True
+    assert b is not video and b._base is None and torch.equal(b, video)
+    assert kwargs["again"] is not other and torch.equal(kwargs["again"], other)
+    args, _ = _unaliased_inputs((spare[1:], spare), {})
+    assert args[1] is not spare and torch.equal(args[1], spare)  # a view and its base alias too
 
 
 def test_repeated_blocks_of_a_unet_and_a_model_without_any():
