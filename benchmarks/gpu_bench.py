@@ -1125,8 +1125,16 @@ def _calibration_calls(inputs: dict, count: int = 8) -> list[dict]:
             for value in torch.linspace(top, 0, count).tolist()]
 
 
+def _nudged(inputs: dict) -> dict:
+    """inputs with the first floating-point tensor (the latent) scaled by 1 + 2^-8, about one bf16 step."""
+    name = next(key for key, value in inputs.items() if torch.is_tensor(value) and value.is_floating_point())
+    return {**inputs, name: inputs[name] * (1 + 2**-8)}
+
+
 def _variant_model(variant: str, model, inputs: dict, name: str):
-    """(the model of a variant, ready to call, fxquant's eager output or None). Variants: bf16_eager, bf16_compile,
+    """(the model of a variant, ready to call, fxquant's eager outputs or None: on the inputs and on `_nudged`
+    inputs, the quantized model's own sensitivity to one bf16 step, against which a compiled-vs-eager difference
+    is judged). Variants: bf16_eager, bf16_compile,
     bf16_compile_reduce_overhead, bf16_compile_blocks (its repeated blocks compiled),
     fxquant:<recipe>[@<backend or Inductor option>=<0|1>,...] (the whole model compiled), fxquant-blocks:<recipe>[@...]
     (its repeated blocks compiled, QuantizedModel.compile_blocks), fxquant-nested:<recipe>[@...] (the whole model
@@ -1152,13 +1160,13 @@ def _variant_model(variant: str, model, inputs: dict, name: str):
     recipe = fxquant.get_config(recipe_name)
     qmodel = fxquant.quantize(model, recipe, _calibration_calls(inputs))
     with torch.no_grad():
-        eager_out = _first_output(qmodel(**inputs, return_dict=False))
+        eager_outputs = tuple(_first_output(qmodel(**call, return_dict=False)) for call in (inputs, _nudged(inputs)))
     if variant.startswith("fxquant-blocks:"):
         qmodel.compile_blocks(options=options or None)
-        return qmodel, eager_out
+        return qmodel, eager_outputs
     if variant.startswith("fxquant-nested:"):
         qmodel.nest_blocks()
-    return torch.compile(qmodel, backend="fxquant", options=options or None), eager_out
+    return torch.compile(qmodel, backend="fxquant", options=options or None), eager_outputs
 
 
 def model_benchmark(name: str, variants: list[str], results: dict, save, layers: int | None = None,
@@ -1182,7 +1190,7 @@ def model_benchmark(name: str, variants: list[str], results: dict, save, layers:
         results["variants"][variant] = row
         try:
             start, allocated = time.time(), torch.cuda.memory_allocated()
-            model, eager_out = _variant_model(variant, build(), inputs, name)
+            model, eager_outputs = _variant_model(variant, build(), inputs, name)
             row["build_and_quantize_seconds"] = time.time() - start  # build (+ quantize + one eager call)
             # what the model keeps on the device (weight_bytes miscounts tensor subclasses such as torchao's)
             row["resident_bytes"] = torch.cuda.memory_allocated() - allocated
@@ -1203,8 +1211,9 @@ def model_benchmark(name: str, variants: list[str], results: dict, save, layers:
             if reference is None:  # the first variant that runs (put bf16_eager first to compare against it)
                 reference, results["reference_variant"] = out.float(), variant
             row["rel_l2_vs_reference_variant"] = relative_l2(out, reference)
-            if eager_out is not None:
-                row["rel_l2_compiled_vs_eager_quantized"] = relative_l2(out, eager_out)
+            if eager_outputs is not None:
+                row["rel_l2_compiled_vs_eager_quantized"] = relative_l2(out, eager_outputs[0])
+                row["rel_l2_eager_quantized_vs_nudged_input"] = relative_l2(eager_outputs[1], eager_outputs[0])
             if profile_to:
                 with open(profile_to, "a") as f:
                     f.write(f"\n## {name} {variant}\n{_profile_table(model, inputs)}\n")
