@@ -173,7 +173,7 @@ def _nested_members(cls: type) -> dict:
     base_forward = cls.forward
 
     def region(self, *args, **kwargs):
-        return _unaliased(base_forward(self, *args, **kwargs), [*args, *kwargs.values()])
+        return _unaliased(base_forward(self, *args, **kwargs), (args, kwargs))
 
     region = torch.compiler.nested_compile_region(region, **options)
 
@@ -204,23 +204,22 @@ def _unaliased_inputs(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     return pytree.tree_unflatten(leaves, spec)
 
 
-def _unaliased(outputs, inputs: list):
-    """A nested region's outputs (a tensor or a tuple) with every output that is an input or a view copied:
-    invoke_subgraph refuses outputs aliasing each other or an input, and Inductor (torch 2.11 on CUDA, 2.13 on the
-    CPU) compiles a region returning a view of its own intermediate into reads of garbage (Flux's single blocks return
-    the text and image token ranges of one tensor: 140 % off on an H100; a three-line region returning `x[:, 3:]`
-    reproduces it on the CPU). The copies cost one pass over those outputs (Flux: both streams of each single
-    block)."""
-    if not isinstance(outputs, (tuple, torch.Tensor)):
-        return outputs
-    results = (outputs,) if isinstance(outputs, torch.Tensor) else outputs
-    tensors = [value for value in inputs if isinstance(value, torch.Tensor)]
+def _unaliased(outputs, inputs):
+    """A nested region's outputs (any pytree: a tensor, a tuple, a diffusers output) with every tensor that is one
+    of the inputs (any pytree) or a view copied: invoke_subgraph refuses outputs aliasing each other or an input,
+    and Inductor (torch 2.11 on CUDA, 2.13 on the CPU) compiles a region returning a view of its own intermediate into
+    reads of garbage (Flux's single blocks return the text and image token ranges of one tensor: 140 % off on an H100;
+    a three-line region returning `x[:, 3:]` reproduces it on the CPU). The copies cost one pass over those outputs
+    (Flux: both streams of each single block)."""
+    given = [leaf for leaf in pytree.tree_leaves(inputs) if isinstance(leaf, torch.Tensor)]
 
-    def aliases(value) -> bool:
-        return isinstance(value, torch.Tensor) and (value._base is not None or any(value is t for t in tensors))
+    def unaliased(value: torch.Tensor) -> torch.Tensor:
+        aliased = value._base is not None
+        for tensor in given:  # (identity tests, which Dynamo traces)
+            aliased = aliased or value is tensor
+        return value.clone() if aliased else value
 
-    unaliased = tuple(value.clone() if aliases(value) else value for value in results)
-    return unaliased[0] if isinstance(outputs, torch.Tensor) else unaliased
+    return pytree.tree_map_only(torch.Tensor, unaliased, outputs)
 
 
 runtime_class.register("nested", _nested_members)

@@ -276,11 +276,12 @@ def test_nested_region_outputs_are_never_views_or_inputs():
     blocks' token ranges: 140 % off on an H100); other outputs pass through as they are."""
     hidden, given = torch.randn(2, 8, 4), torch.randn(3)
     made = hidden * 2
-    outputs = _unaliased((made[:, :3], made[:, 3:], made, given, None), [hidden, given])
+    outputs = _unaliased((made[:, :3], made[:, 3:], made, given, None), ((hidden,), {"given": given}))
     assert all(value._base is None for value in outputs[:4]) and outputs[2] is made and outputs[4] is None
     assert outputs[3] is not given and torch.equal(outputs[3], given)
     assert torch.equal(torch.cat(outputs[:2], dim=1), made)
-    assert _unaliased(hidden, [hidden]) is not hidden and _unaliased(made, [hidden]) is made
+    assert _unaliased(hidden, (hidden,)) is not hidden and _unaliased(made, (hidden,)) is made
+    assert _unaliased({"sample": made[1:]}, ())["sample"]._base is None  # (a diffusers output is a pytree too)
 
 
 def test_nested_region_inputs_never_alias_each_other():
