@@ -131,8 +131,9 @@ class QuantizedModel(_Wrapper):
         """Hierarchical compilation of the whole model: makes the forward of every repeated block (`repeated_blocks`)
         a torch.compiler.nested_compile_region, so that `torch.compile(qmodel, backend="fxquant")` traces one graph in
         which identical blocks call one shared subgraph; the backend rewrites it and Inductor compiles it once. Eager
-        calls are unchanged; nested=False undoes it. Returns the blocks' names. Blocks' outputs that are views or
-        inputs are copied (`_unaliased`)."""
+        calls are unchanged; nested=False undoes it. Returns the blocks' names. A block's arguments that alias each
+        other and its outputs that are views or inputs are copied (`_unaliased_inputs`, `_unaliased`): torch's
+        nested regions refuse aliasing, and Inductor miscompiles regions that return views."""
         return set_nested_blocks(self.model, nested)
 
     def quantized_weight_bytes(self) -> tuple[int, int]:

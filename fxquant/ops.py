@@ -368,8 +368,8 @@ def linear_activation_quantize(
     out_zero: torch.Tensor | None,
 ) -> torch.Tensor:
     """quantize(activation(linear(x))) in one op: the compile backend puts it in place of a quantized linear whose
-    output passes (through row views) a GELU / SiLU into a static per-tensor quantization, so that kernels apply
-    both in the GEMM's epilogue and write the next linear's 8-bit codes, never the float activations.
+    output passes (through row views) a GELU / SiLU / GEGLU into a static per-tensor quantization, so that kernels
+    apply both in the GEMM's epilogue and write the next linear's 8-bit codes, never the float activations.
 
     The linear's arguments as in linear_residual; activation "gelu" | "gelu_tanh" | "silu" | "none", or "geglu" |
     "geglu_tanh" (diffusers' GEGLU: the linear's 2N outputs split into halves a, g -> a * gelu(g)); out_scale fp32
