@@ -1,0 +1,158 @@
+"""Inductor-side questions answered on the CPU: nested whole-model compilation against flat, and compiled-vs-eager
+gaps against each model's own noise floor.
+
+    python benchmarks/inductor_cpu_checks.py --out benchmarks/results/inductor-cpu-checks.json
+
+The backend applies fxquant's rewrites and hands the graph to Inductor's CPU compiler; fxquant's ops stay opaque and
+run their CPU references, so what differs from eager is Inductor's own work (nested regions, fusions, float
+rounding). Residual fusion is off for PixArt and the UNet: linear_residual's CPU reference returns other strides than
+its fake tensor, which CPU Inductor asserts on (on CUDA the op lowers to a Triton kernel). Each compile takes about a
+minute here; none of this belongs in the test suite.
+
+- `nested`: tiny models deep enough that nested regions get real subgraphs, quantized with R; relative L2 of the flat
+  and the nested (`nest_blocks`) whole-model compile against eager.
+- `precision`: bf16 tiny Flux and UNet. Flux: the whole-model compile, the regional one, the whole one with
+  `time_text_embed` left eager, and the whole one under `emulate_precision_casts`, against eager. UNet: the
+  whole-model compile against eager, and eager itself with its latent moved by 2^-8 (one bf16 step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+import torch._inductor.config as inductor_config
+from torch._inductor.compile_fx import compile_fx
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+from families import FAMILIES, TEXT_TOKENS  # noqa: E402
+
+import fxquant  # noqa: E402
+from fxquant.backends.triton.backend import fxquant_backend  # noqa: E402
+from fxquant.metrics import relative_l2  # noqa: E402
+from fxquant.model import compile_repeated_blocks  # noqa: E402
+
+R = ("w8a8-fp8:static_hidden_activations=true,keep_condition_layers=false,attention=fp8-static,"
+     "static_attention_outputs=true")
+
+
+def _deep(name: str) -> torch.nn.Module:
+    """The tiny family with enough blocks that nested regions are called more than once (a region called once is
+    traced inline)."""
+    from diffusers import (CogVideoXTransformer3DModel, FluxTransformer2DModel, PixArtTransformer2DModel,
+                           SD3Transformer2DModel)
+
+    torch.manual_seed(0)
+    if name == "pixart":
+        return PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=32, in_channels=4, out_channels=8,
+                                        num_layers=4, cross_attention_dim=64, caption_channels=24, sample_size=8,
+                                        patch_size=2, norm_type="ada_norm_single", use_additional_conditions=False)
+    if name == "sd3":
+        return SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=4, attention_head_dim=32,
+                                     num_attention_heads=2, joint_attention_dim=24, caption_projection_dim=64,
+                                     pooled_projection_dim=16, out_channels=4, pos_embed_max_size=16)
+    if name == "flux":
+        return FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=3, num_single_layers=4,
+                                      attention_head_dim=32, num_attention_heads=2, joint_attention_dim=24,
+                                      pooled_projection_dim=16, guidance_embeds=True, axes_dims_rope=(8, 12, 12))
+    if name == "cogvideox":
+        return CogVideoXTransformer3DModel(num_attention_heads=2, attention_head_dim=32, in_channels=4, out_channels=4,
+                                           num_layers=4, text_embed_dim=24, time_embed_dim=32, sample_width=8,
+                                           sample_height=8, sample_frames=5, patch_size=2,
+                                           max_text_seq_length=TEXT_TOKENS)
+    return FAMILIES[name].build()
+
+
+def _backend(residuals: bool):
+    def backend(gm, example_inputs):
+        fxquant_backend(gm, example_inputs, options={"fxquant.fuse_residuals": residuals})
+        return compile_fx(gm, example_inputs)
+    return backend
+
+
+def _compiled(model, inputs: dict, residuals: bool) -> torch.Tensor:
+    torch._dynamo.reset()
+    with torch.no_grad():
+        return torch.compile(model, backend=_backend(residuals))(**inputs, return_dict=False)[0]
+
+
+def _eager(model, inputs: dict) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**inputs, return_dict=False)[0]
+
+
+def nested_check(name: str) -> dict:
+    family, residuals = FAMILIES[name], name not in ("pixart", "unet")
+    qmodel = fxquant.quantize(_deep(name).eval(), R, [family.inputs(batch=2, seed=seed) for seed in range(2)])
+    inputs = family.inputs(batch=2, seed=5)
+    eager = _eager(qmodel, inputs)
+    row = {}
+    for nested in (False, True):
+        qmodel.nest_blocks(nested)
+        row["nested_vs_eager" if nested else "flat_vs_eager"] = relative_l2(_compiled(qmodel, inputs, residuals), eager)
+    qmodel.nest_blocks(False)
+    return row
+
+
+def _bf16(inputs: dict, keep: tuple = ()) -> dict:
+    return {key: value.to(torch.bfloat16) if torch.is_tensor(value) and value.is_floating_point() and key not in keep
+            else value for key, value in inputs.items()}
+
+
+def flux_precision_check() -> dict:
+    family, ids = FAMILIES["flux"], ("img_ids", "txt_ids")
+    model = _deep("flux").to(torch.bfloat16).eval()
+    qmodel = fxquant.quantize(model, "w8a8-fp8", [_bf16(family.inputs(batch=1, seed=s), ids) for s in range(2)])
+    inputs = _bf16(family.inputs(batch=1, seed=5), ids)
+    eager = _eager(qmodel, inputs)
+    row = {"whole_vs_eager": relative_l2(_compiled(qmodel, inputs, True), eager)}
+    embed = qmodel.model.time_text_embed
+    embed.forward = torch.compiler.disable(embed.forward)
+    row["whole_with_time_text_embed_eager_vs_eager"] = relative_l2(_compiled(qmodel, inputs, True), eager)
+    del embed.forward
+    with inductor_config.patch(emulate_precision_casts=True):
+        row["whole_emulating_precision_casts_vs_eager"] = relative_l2(_compiled(qmodel, inputs, True), eager)
+    torch._dynamo.reset()
+    compile_repeated_blocks(qmodel.model, backend=_backend(True))
+    row["regional_vs_eager"] = relative_l2(_eager(qmodel, inputs), eager)
+    return row
+
+
+def unet_precision_check() -> dict:
+    family = FAMILIES["unet"]
+    recipe = "w8a8-fp8:static_conv_activations=true,static_hidden_activations=true,keep_condition_layers=false"
+    model = family.build().to(torch.bfloat16).eval()
+    qmodel = fxquant.quantize(model, recipe, [_bf16(family.inputs(batch=2, seed=s)) for s in range(2)])
+    inputs = _bf16(family.inputs(batch=2, seed=5))
+    eager = _eager(qmodel, inputs)
+    nudged = _eager(qmodel, {**inputs, "sample": inputs["sample"] * (1 + 2**-8)})
+    return {"whole_vs_eager": relative_l2(_compiled(qmodel, inputs, False), eager),
+            "eager_nudged_input_vs_eager": relative_l2(nudged, eager)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checks", nargs="+", default=["nested", "precision"], choices=["nested", "precision"])
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    results = {"torch": torch.__version__, "recipe_nested": R}
+
+    def save(key: str, row: dict) -> None:
+        results[key] = row
+        print(key, row, flush=True)
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+
+    if "nested" in args.checks:
+        for name in ("pixart", "sd3", "flux", "cogvideox", "unet"):
+            save(f"nested {name}", nested_check(name))
+    if "precision" in args.checks:
+        save("precision flux bf16", flux_precision_check())
+        save("precision unet bf16", unet_precision_check())
+
+
+if __name__ == "__main__":
+    main()
