@@ -28,7 +28,7 @@ import torch._inductor.config as inductor_config
 from torch._inductor.compile_fx import compile_fx
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-from families import FAMILIES, TEXT_TOKENS  # noqa: E402
+from families import FAMILIES  # noqa: E402
 
 import fxquant  # noqa: E402
 from fxquant.backends.triton.backend import fxquant_backend  # noqa: E402
@@ -39,31 +39,9 @@ R = ("w8a8-fp8:static_hidden_activations=true,keep_condition_layers=false,attent
      "static_attention_outputs=true")
 
 
-def _deep(name: str) -> torch.nn.Module:
-    """The tiny family with enough blocks that nested regions are called more than once (a region called once is
-    traced inline)."""
-    from diffusers import (CogVideoXTransformer3DModel, FluxTransformer2DModel, PixArtTransformer2DModel,
-                           SD3Transformer2DModel)
-
-    torch.manual_seed(0)
-    if name == "pixart":
-        return PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=32, in_channels=4, out_channels=8,
-                                        num_layers=4, cross_attention_dim=64, caption_channels=24, sample_size=8,
-                                        patch_size=2, norm_type="ada_norm_single", use_additional_conditions=False)
-    if name == "sd3":
-        return SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=4, attention_head_dim=32,
-                                     num_attention_heads=2, joint_attention_dim=24, caption_projection_dim=64,
-                                     pooled_projection_dim=16, out_channels=4, pos_embed_max_size=16)
-    if name == "flux":
-        return FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=3, num_single_layers=4,
-                                      attention_head_dim=32, num_attention_heads=2, joint_attention_dim=24,
-                                      pooled_projection_dim=16, guidance_embeds=True, axes_dims_rope=(8, 12, 12))
-    if name == "cogvideox":
-        return CogVideoXTransformer3DModel(num_attention_heads=2, attention_head_dim=32, in_channels=4, out_channels=4,
-                                           num_layers=4, text_embed_dim=24, time_embed_dim=32, sample_width=8,
-                                           sample_height=8, sample_frames=5, patch_size=2,
-                                           max_text_seq_length=TEXT_TOKENS)
-    return FAMILIES[name].build()
+# blocks enough that nested regions are called more than once (a region called once is traced inline)
+DEEPER = {"pixart": dict(num_layers=4), "sd3": dict(num_layers=4), "flux": dict(num_layers=3, num_single_layers=4),
+          "cogvideox": dict(num_layers=4), "unet": {}}
 
 
 def _backend(residuals: bool):
@@ -86,7 +64,7 @@ def _eager(model, inputs: dict) -> torch.Tensor:
 
 def nested_check(name: str) -> dict:
     family, residuals = FAMILIES[name], name not in ("pixart", "unet")
-    qmodel = fxquant.quantize(_deep(name).eval(), R, [family.inputs(batch=2, seed=seed) for seed in range(2)])
+    qmodel = fxquant.quantize(family.build(**DEEPER[name]), R, [family.inputs(batch=2, seed=seed) for seed in range(2)])
     inputs = family.inputs(batch=2, seed=5)
     eager = _eager(qmodel, inputs)
     row = {}
@@ -104,7 +82,7 @@ def _bf16(inputs: dict, keep: tuple = ()) -> dict:
 
 def flux_precision_check() -> dict:
     family, ids = FAMILIES["flux"], ("img_ids", "txt_ids")
-    model = _deep("flux").to(torch.bfloat16).eval()
+    model = family.build(**DEEPER["flux"]).to(torch.bfloat16)
     qmodel = fxquant.quantize(model, "w8a8-fp8", [_bf16(family.inputs(batch=1, seed=s), ids) for s in range(2)])
     inputs = _bf16(family.inputs(batch=1, seed=5), ids)
     eager = _eager(qmodel, inputs)
@@ -147,7 +125,7 @@ def main() -> None:
             json.dump(results, f, indent=1)
 
     if "nested" in args.checks:
-        for name in ("pixart", "sd3", "flux", "cogvideox", "unet"):
+        for name in DEEPER:
             save(f"nested {name}", nested_check(name))
     if "precision" in args.checks:
         save("precision flux bf16", flux_precision_check())

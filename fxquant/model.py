@@ -167,8 +167,8 @@ def repeated_blocks(model: nn.Module) -> list[str]:
 def _nested_members(cls: type) -> dict:
     """The nested-region subclass of a repeated block's class (runtime_class kind "nested", `nest_blocks`): its
     forward is cls's as a torch.compiler.nested_compile_region, allowed one cached subgraph per block variant where
-    torch lets the limit be set (mixed-precision blocks differ). Its tensor arguments go in `_unaliased_inputs`
-    and its outputs come out `_unaliased`."""
+    torch lets the limit be set (mixed-precision blocks differ). Under torch.compile its tensor arguments go in
+    `_unaliased_inputs` and its outputs come out `_unaliased`; eager calls run cls's forward as it is."""
     limit = inspect.signature(torch.compiler.nested_compile_region).parameters.get("max_reuse_entries")
     options = {"max_reuse_entries": MAX_BLOCK_VARIANTS} if limit is not None else {}
     base_forward = cls.forward
@@ -180,6 +180,8 @@ def _nested_members(cls: type) -> dict:
 
     @functools.wraps(base_forward)
     def forward(self, *args, **kwargs):
+        if not torch.compiler.is_compiling():
+            return base_forward(self, *args, **kwargs)
         args, kwargs = _unaliased_inputs(args, kwargs)
         return region(self, *args, **kwargs)
 

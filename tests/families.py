@@ -1,7 +1,8 @@
 """Tiny random-init configs of the seven diffusers families fxquant supports, with inputs at two sizes.
 
-FAMILIES maps a name to a Family: build() makes the model from a fixed seed; inputs(batch, size) the forward
-keyword arguments (size = latent height = width; frames fixed) with seeded random values.
+FAMILIES maps a name to a Family: build(**overrides) makes the model from a fixed seed (overrides replace config
+entries, e.g. num_layers=4 for a deeper one); inputs(batch, size) the forward keyword arguments (size = latent
+height = width; frames fixed) with seeded random values.
 """
 
 from __future__ import annotations
@@ -19,14 +20,15 @@ TEXT_TOKENS = 7
 @dataclass
 class Family:
     name: str
-    build_fn: Callable[[], torch.nn.Module]
+    model_class: type
+    config: dict
     inputs_fn: Callable[[torch.Generator, int, int], dict]
     size: int = 8
     second_size: int = 12
 
-    def build(self) -> torch.nn.Module:
+    def build(self, **overrides) -> torch.nn.Module:
         torch.manual_seed(0)
-        return self.build_fn().eval()
+        return self.model_class(**{**self.config, **overrides}).eval()
 
     def inputs(self, batch: int = 2, size: int | None = None, seed: int = 0) -> dict:
         return self.inputs_fn(torch.Generator().manual_seed(seed), batch, size or self.size)
@@ -43,32 +45,32 @@ def _timesteps(g, batch, scale=1000):
 FAMILIES = {
     "pixart": Family(
         "pixart",
-        lambda: PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=32, in_channels=4, out_channels=8,
-                                         num_layers=2, cross_attention_dim=64, caption_channels=24, sample_size=8,
-                                         patch_size=2, norm_type="ada_norm_single", use_additional_conditions=False),
+        PixArtTransformer2DModel, dict(num_attention_heads=2, attention_head_dim=32, in_channels=4, out_channels=8,
+                                       num_layers=2, cross_attention_dim=64, caption_channels=24, sample_size=8,
+                                       patch_size=2, norm_type="ada_norm_single", use_additional_conditions=False),
         lambda g, b, s: dict(hidden_states=_randn(g, b, 4, s, s), encoder_hidden_states=_randn(g, b, TEXT_TOKENS, 24),
                              timestep=_timesteps(g, b).long()),
     ),
     "dit": Family(
         "dit",
-        lambda: DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=32, in_channels=4, out_channels=8,
-                                      num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=10),
+        DiTTransformer2DModel, dict(num_attention_heads=2, attention_head_dim=32, in_channels=4, out_channels=8,
+                                    num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=10),
         lambda g, b, s: dict(hidden_states=_randn(g, b, 4, s, s), timestep=_timesteps(g, b).long(),
                              class_labels=torch.randint(0, 10, (b,), generator=g)),
     ),
     "sd3": Family(
         "sd3",
-        lambda: SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=32,
-                                      num_attention_heads=2, joint_attention_dim=24, caption_projection_dim=64,
-                                      pooled_projection_dim=16, out_channels=4, pos_embed_max_size=16),
+        SD3Transformer2DModel, dict(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=32,
+                                    num_attention_heads=2, joint_attention_dim=24, caption_projection_dim=64,
+                                    pooled_projection_dim=16, out_channels=4, pos_embed_max_size=16),
         lambda g, b, s: dict(hidden_states=_randn(g, b, 4, s, s), encoder_hidden_states=_randn(g, b, TEXT_TOKENS, 24),
                              pooled_projections=_randn(g, b, 16), timestep=_timesteps(g, b)),
     ),
     "flux": Family(
         "flux",
-        lambda: FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=2,
-                                       attention_head_dim=32, num_attention_heads=2, joint_attention_dim=24,
-                                       pooled_projection_dim=16, guidance_embeds=True, axes_dims_rope=(8, 12, 12)),
+        FluxTransformer2DModel, dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=2,
+                                     attention_head_dim=32, num_attention_heads=2, joint_attention_dim=24,
+                                     pooled_projection_dim=16, guidance_embeds=True, axes_dims_rope=(8, 12, 12)),
         lambda g, b, s: dict(hidden_states=_randn(g, b, (s // 2) ** 2, 16),
                              encoder_hidden_states=_randn(g, b, TEXT_TOKENS, 24), pooled_projections=_randn(g, b, 16),
                              timestep=_timesteps(g, b, 1.0), img_ids=_flux_image_ids(s // 2),
@@ -76,27 +78,27 @@ FAMILIES = {
     ),
     "latte": Family(
         "latte",
-        lambda: LatteTransformer3DModel(num_attention_heads=2, attention_head_dim=32, in_channels=4, out_channels=8,
-                                        num_layers=2, cross_attention_dim=64, caption_channels=24, sample_size=8,
-                                        patch_size=2, video_length=4, norm_type="ada_norm_single"),
+        LatteTransformer3DModel, dict(num_attention_heads=2, attention_head_dim=32, in_channels=4, out_channels=8,
+                                      num_layers=2, cross_attention_dim=64, caption_channels=24, sample_size=8,
+                                      patch_size=2, video_length=4, norm_type="ada_norm_single"),
         lambda g, b, s: dict(hidden_states=_randn(g, b, 4, 4, s, s), encoder_hidden_states=_randn(g, b, TEXT_TOKENS, 24),
                              timestep=_timesteps(g, b).long()),
     ),
     "cogvideox": Family(
         "cogvideox",
-        lambda: CogVideoXTransformer3DModel(num_attention_heads=2, attention_head_dim=32, in_channels=4, out_channels=4,
-                                            num_layers=2, text_embed_dim=24, time_embed_dim=32, sample_width=8,
-                                            sample_height=8, sample_frames=5, patch_size=2,
-                                            max_text_seq_length=TEXT_TOKENS),
+        CogVideoXTransformer3DModel, dict(num_attention_heads=2, attention_head_dim=32, in_channels=4, out_channels=4,
+                                          num_layers=2, text_embed_dim=24, time_embed_dim=32, sample_width=8,
+                                          sample_height=8, sample_frames=5, patch_size=2,
+                                          max_text_seq_length=TEXT_TOKENS),
         lambda g, b, s: dict(hidden_states=_randn(g, b, 2, 4, s, s), encoder_hidden_states=_randn(g, b, TEXT_TOKENS, 24),
                              timestep=_timesteps(g, b).long()),
     ),
     "unet": Family(
         "unet",
-        lambda: UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64),
-                                     layers_per_block=1, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                                     up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=24,
-                                     attention_head_dim=8, norm_num_groups=8),
+        UNet2DConditionModel, dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64),
+                                   layers_per_block=1, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                   up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=24,
+                                   attention_head_dim=8, norm_num_groups=8),
         lambda g, b, s: dict(sample=_randn(g, b, 4, s, s), encoder_hidden_states=_randn(g, b, TEXT_TOKENS, 24),
                              timestep=_timesteps(g, b).long()),
     ),

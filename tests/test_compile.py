@@ -7,7 +7,6 @@ import types
 
 import pytest
 import torch
-from diffusers import PixArtTransformer2DModel
 from diffusers.models.attention import BasicTransformerBlock, JointTransformerBlock
 from diffusers.models.normalization import AdaLayerNormZero
 
@@ -233,11 +232,7 @@ def test_nested_blocks_share_one_subgraph_that_every_fusion_rewrites():
     fusions the flat graph gets, with the same outputs; a nested model saves whole (torch.save) and compile_blocks
     restores the blocks' classes."""
     family = FAMILIES["pixart"]
-    torch.manual_seed(0)
-    model = PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=32, in_channels=4, out_channels=8,
-                                     num_layers=4, cross_attention_dim=64, caption_channels=24, sample_size=8,
-                                     patch_size=2, norm_type="ada_norm_single", use_additional_conditions=False).eval()
-    qmodel = fxquant.quantize(model, NESTED_RECIPE, [family.inputs(batch=2, seed=seed) for seed in range(2)])
+    qmodel = fxquant.quantize(family.build(num_layers=4), NESTED_RECIPE, [family.inputs(batch=2, seed=seed) for seed in range(2)])
     inputs = family.inputs(batch=2, seed=4)
     graphs, outputs, counts = [], {}, {}
 
