@@ -212,15 +212,19 @@ def _unaliased(outputs, inputs):
     of the inputs (any pytree) or a view copied: invoke_subgraph refuses outputs aliasing each other or an input,
     and Inductor (torch 2.11 on CUDA, 2.13 on the CPU) compiles a region returning a view of its own intermediate into
     reads of garbage (Flux's single blocks return the text and image token ranges of one tensor: 140 % off on an H100;
-    a three-line region returning `x[:, 3:]` reproduces it on the CPU). The copies cost one pass over those outputs
-    (Flux: both streams of each single block)."""
+    a three-line region returning `x[:, 3:]` reproduces it on the CPU). The copy is `value * 1`, not a clone:
+    Inductor drops a clone whose strides equal its source's as a no-op (`remove_noop_ops`), which gave the view back
+    whenever the slice was dense (a token range at batch 1, a batch range). The copies cost one pass over those
+    outputs (Flux: both streams of each single block)."""
     given = [leaf for leaf in pytree.tree_leaves(inputs) if isinstance(leaf, torch.Tensor)]
 
     def unaliased(value: torch.Tensor) -> torch.Tensor:
         aliased = value._base is not None
         for tensor in given:  # (identity tests, which Dynamo traces)
             aliased = aliased or value is tensor
-        return value.clone() if aliased else value
+        if not aliased:
+            return value
+        return value * 1 if value.dtype != torch.bool else value.clone()
 
     return pytree.tree_map_only(torch.Tensor, unaliased, outputs)
 

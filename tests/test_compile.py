@@ -279,6 +279,27 @@ def test_nested_region_outputs_are_never_views_or_inputs():
     assert _unaliased({"sample": made[1:]}, ())["sample"]._base is None  # (a diffusers output is a pytree too)
 
 
+def test_nested_region_copies_survive_inductors_noop_removal():
+    """The copies `_unaliased` makes survive Inductor's post-grad `remove_noop_ops` (checked on the traced graph, no
+    compile), which drops a clone whose strides equal its source's: for a dense slice (a token range at batch 1, a
+    batch range) the region would return a view of its intermediate again (Flux nested at batch 1: 134 % off)."""
+    from torch._inductor.fx_passes.post_grad import remove_noop_ops
+    from torch._inductor.fx_utils import get_node_storage
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def region(tokens, rows):
+        made, other = tokens * 2, rows * 2
+        return _unaliased((made[:, :3], made[:, 3:], other[1:]), ())
+
+    gm = make_fx(region, tracing_mode="fake")(torch.randn(1, 8, 4), torch.randn(3, 4))
+    remove_noop_ops(gm.graph)
+    products = {get_node_storage(node) for node in gm.graph.nodes if node.target is torch.ops.aten.mul.Tensor
+                and node.args[1] == 2}
+    outputs = next(node for node in gm.graph.nodes if node.op == "output").args[0]
+    assert len(products) == 2 and len(outputs) == 3
+    assert all(get_node_storage(node) not in products for node in outputs)
+
+
 def test_nested_region_inputs_never_alias_each_other():
     """A nested block's tensor arguments that share storage with an earlier one (CogVideoX's text and video token
     ranges of one tensor, a tensor passed twice, nested in tuples too) are copied before the region, which refuses
