@@ -1136,7 +1136,7 @@ def _variant_model(variant: str, model, inputs: dict, name: str):
     inputs, the quantized model's own sensitivity to one bf16 step, against which a compiled-vs-eager difference
     is judged). Variants: bf16_eager, bf16_compile,
     bf16_compile_reduce_overhead, bf16_compile_blocks (its repeated blocks compiled),
-    fxquant:<recipe>[@<backend or Inductor option>=<0|1>,...] (the whole model compiled), fxquant-blocks:<recipe>[@...]
+    fxquant:<recipe>[@<backend or Inductor option>=<0|1>,...] (the whole model compiled as one flat graph), fxquant-blocks:<recipe>[@...]
     (its repeated blocks compiled, QuantizedModel.compile_blocks), fxquant-nested:<recipe>[@...] (the whole model
     compiled with its repeated blocks as nested regions, QuantizedModel.nest_blocks), torchao:float8|int8 (the whole
     model compiled), torchao-blocks:float8|int8 (its repeated blocks compiled)."""
@@ -1164,8 +1164,7 @@ def _variant_model(variant: str, model, inputs: dict, name: str):
     if variant.startswith("fxquant-blocks:"):
         qmodel.compile_blocks(options=options or None)
         return qmodel, eager_outputs
-    if variant.startswith("fxquant-nested:"):
-        qmodel.nest_blocks()
+    qmodel.nest_blocks(variant.startswith("fxquant-nested:"))  # fxquant: the flat whole-model graph
     return torch.compile(qmodel, backend="fxquant", options=options or None), eager_outputs
 
 

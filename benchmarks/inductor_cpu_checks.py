@@ -86,6 +86,7 @@ def flux_precision_check() -> dict:
     family, ids = FAMILIES["flux"], ("img_ids", "txt_ids")
     model = family.build(**DEEPER["flux"]).to(torch.bfloat16)
     qmodel = fxquant.quantize(model, "w8a8-fp8", [_bf16(family.inputs(batch=1, seed=s), ids) for s in range(2)])
+    qmodel.nest_blocks(False)  # the flat whole-model graph, and blocks compiled alone
     inputs = _bf16(family.inputs(batch=1, seed=5), ids)
     eager = _eager(qmodel, inputs)
     row = {"whole_vs_eager": relative_l2(_compiled(qmodel, inputs, True), eager)}
@@ -106,6 +107,7 @@ def unet_precision_check() -> dict:
     recipe = "w8a8-fp8:static_conv_activations=true,static_hidden_activations=true,keep_condition_layers=false"
     model = family.build().to(torch.bfloat16).eval()
     qmodel = fxquant.quantize(model, recipe, [_bf16(family.inputs(batch=2, seed=s)) for s in range(2)])
+    qmodel.nest_blocks(False)  # the flat whole-model graph
     inputs = _bf16(family.inputs(batch=2, seed=5))
     eager = _eager(qmodel, inputs)
     nudged = _eager(qmodel, {**inputs, "sample": inputs["sample"] * (1 + 2**-8)})

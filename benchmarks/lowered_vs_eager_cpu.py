@@ -65,6 +65,7 @@ def case(name: str, recipe: str) -> dict:
         hook.remove()
     conv_layers = {fqn: relative_l2(lowered(module, x), out) for fqn, (module, x, out) in conv_calls.items()}
     torch._dynamo.reset()
+    qmodel.nest_blocks(False)  # each block compiled alone, as compile_blocks does
     for fqn in repeated_blocks(qmodel.model):
         qmodel.model.get_submodule(fqn).compile(backend=lowering_backend)
     with torch.no_grad():

@@ -188,9 +188,10 @@ def test_cuda_lowering_computes_what_eager_does(quantized_family, name, recipe):
     static fp8 attention on laid-out operands) compute the eager quantized model's output."""
     _, qmodel, _ = quantized_family(name, recipe)
 
-    def lowering_backend(gm, example_inputs):
+    def lowering_backend(gm, example_inputs):  # (the blocks' nested subgraphs too)
         fxquant_backend(gm, example_inputs)
-        assert lower_to_inductor(gm, fuse_quantize=False, inline_kernels=True) > 0
+        assert sum(lower_to_inductor(graph, fuse_quantize=False, inline_kernels=True)
+                   for graph, _ in graph_modules(gm)) > 0
         return gm.forward
 
     inputs = FAMILIES[name].inputs(batch=2, seed=5)
@@ -205,6 +206,7 @@ def test_identical_fused_prologues_merge_into_one(quantized_family):
     through its own SiLU; once fused into prologues, those identical quantizations merge into one whose codes all of
     them read, computing the same."""
     _, qmodel, _ = quantized_family("sd3", "w8a8-fp8:keep_condition_layers=false")
+    qmodel.nest_blocks(False)  # one flat graph, in which the blocks' prologues can merge
     graphs = []
 
     def recording_backend(gm, example_inputs):
@@ -220,6 +222,7 @@ def test_identical_fused_prologues_merge_into_one(quantized_family):
         sum(len(codes.users) for codes in node.users if codes.args[1] == 0) for node in graphs[0].graph.nodes
         if node.target == torch.ops.fxquant.fused_quantize_per_token.default and "silu" in node.args]
     zero_norms = sum(isinstance(module, AdaLayerNormZero) for module in qmodel.model.modules())
+    qmodel.nest_blocks()
     assert max(linears_per_prologue) == zero_norms >= 3  # (the last block's AdaLayerNormContinuous casts its SiLU)
 
 
@@ -227,7 +230,7 @@ NESTED_RECIPE = "w8a8-fp8:static_hidden_activations=true,attention=fp8-static,st
 
 
 def test_nested_blocks_share_one_subgraph_that_every_fusion_rewrites():
-    """nest_blocks: a whole-model compile of a 4-block PixArt calls one shared subgraph for its identical blocks (torch
+    """nest_blocks (on by default): a whole-model compile of a 4-block PixArt calls one shared subgraph for its identical blocks (torch
     2.13 traces the first, fed by the patch embedding, inline); the backend rewrites inside it, so every block gets the
     fusions the flat graph gets, with the same outputs; a nested model saves whole (torch.save) and compile_blocks
     restores the blocks' classes."""
@@ -240,6 +243,7 @@ def test_nested_blocks_share_one_subgraph_that_every_fusion_rewrites():
         graphs.append(gm)
         return fxquant_backend(gm, example_inputs)
 
+    assert all(type(block) is not BasicTransformerBlock for block in qmodel.model.transformer_blocks)  # the default
     for nested in (False, True):
         assert len(qmodel.nest_blocks(nested)) == 4
         torch._dynamo.reset()
@@ -263,6 +267,17 @@ def test_nested_blocks_share_one_subgraph_that_every_fusion_rewrites():
         assert relative_l2(restored(**inputs, return_dict=False)[0], outputs[False]) <= 1e-6
     qmodel.compile_blocks()
     assert all(type(block) is BasicTransformerBlock for block in qmodel.model.transformer_blocks)
+
+
+def test_plans_with_timestep_groups_keep_their_blocks_flat():
+    """A plan with timestep groups is not nested by default, and nest_blocks refuses it with a message naming what
+    works (its layers read the group index set outside the blocks, which a nested region cannot take in)."""
+    family = FAMILIES["pixart"]
+    qmodel = fxquant.quantize(family.build(), "w8a8-static:timestep_groups=[500]",
+                              [family.inputs(batch=2, seed=seed) for seed in range(2)])
+    assert all(type(block) is BasicTransformerBlock for block in qmodel.model.transformer_blocks)
+    with pytest.raises(ValueError, match="timestep groups.*compile_blocks"):
+        qmodel.nest_blocks()
 
 
 def test_nested_region_outputs_are_never_views_or_inputs():
@@ -319,7 +334,7 @@ def test_repeated_blocks_of_a_unet_and_a_model_without_any():
     names = repeated_blocks(unet)
     assert any(".resnets." in name for name in names) and any(".attentions." in name for name in names)
     assert all(isinstance(unet.get_submodule(name), torch.nn.Module) for name in names)
-    stand_in = types.SimpleNamespace(model=torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.GELU()))
+    stand_in = types.SimpleNamespace(model=torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.GELU()), _timestep=None)
     with pytest.raises(ValueError, match="no repeated blocks"):
         QuantizedModel.compile_blocks(stand_in)
     with pytest.raises(ValueError, match="no repeated blocks"):
