@@ -11,7 +11,8 @@ minute here; none of this belongs in the test suite.
 
 - `nested`: tiny models deep enough that nested regions get real subgraphs, quantized with R, at batch 1 and 2;
   relative L2 of the flat and the nested (`nest_blocks`) whole-model compile against eager. Batch 1 matters: a token
-  range of a batch-1 tensor is a dense slice, whose clone Inductor drops (session 20: Flux nested 134 % off).
+  range of a batch-1 tensor is a dense slice, whose clone Inductor drops (session 20: Flux nested 134 % off). And
+  PixArt with static scales per timestep group, called in both groups, flat and nested.
 - `precision`: bf16 tiny Flux and UNet. Flux: the whole-model compile, the regional one, the whole one with
   `time_text_embed` left eager, and the whole one under `emulate_precision_casts`, against eager. UNet: the
   whole-model compile against eager, and eager itself with its latent moved by 2^-8 (one bf16 step).
@@ -29,7 +30,7 @@ import torch._inductor.config as inductor_config
 from torch._inductor.compile_fx import compile_fx
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-from families import FAMILIES  # noqa: E402
+from families import FAMILIES, inputs_at_timesteps  # noqa: E402
 
 import fxquant  # noqa: E402
 from fxquant.backends.triton.backend import fxquant_backend  # noqa: E402
@@ -74,6 +75,25 @@ def nested_check(name: str, batch: int) -> dict:
         qmodel.nest_blocks(nested)
         row["nested_vs_eager" if nested else "flat_vs_eager"] = relative_l2(_compiled(qmodel, inputs, residuals), eager)
     qmodel.nest_blocks(False)
+    return row
+
+
+def nested_timestep_groups_check() -> dict:
+    """PixArt with static scales per timestep group (the group index a buffer the nested blocks take in): one
+    compiled model, flat and nested, called in both groups against eager."""
+    family = FAMILIES["pixart"]
+    steps = inputs_at_timesteps(family, [800, 200, 700, 300])
+    qmodel = fxquant.quantize(family.build(**DEEPER["pixart"]), "w8a8-static:timestep_groups=[500]", steps)
+    row = {}
+    for nested in (False, True):
+        qmodel.nest_blocks(nested)
+        torch._dynamo.reset()
+        compiled = torch.compile(qmodel, backend=_backend(False))
+        for inputs in inputs_at_timesteps(family, [900, 100]):
+            with torch.no_grad():
+                out = compiled(**inputs, return_dict=False)[0]
+            row[f"{'nested' if nested else 'flat'}_t{int(inputs['timestep'][0])}_vs_eager"] = relative_l2(
+                out, _eager(qmodel, inputs))
     return row
 
 
@@ -132,6 +152,7 @@ def main() -> None:
         for name in DEEPER:
             for batch in (1, 2):
                 save(f"nested {name} batch {batch}", nested_check(name, batch))
+        save("nested pixart timestep groups", nested_timestep_groups_check())
     if "precision" in args.checks:
         save("precision flux bf16", flux_precision_check())
         save("precision unet bf16", unet_precision_check())

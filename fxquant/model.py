@@ -95,8 +95,7 @@ class QuantizedModel(_Wrapper):
 
     `plan` holds every decision. Call it like the original model; `torch.compile(qmodel, backend="fxquant")`
     compiles everything around fxquant's ops (Triton kernels on CUDA, reference ops on the CPU), with the repeated
-    blocks as nested regions (`nest_blocks`, on from the start where the model has repeated blocks and the plan no
-    timestep groups).
+    blocks as nested regions (`nest_blocks`, on from the start where the model has repeated blocks).
     """
 
     def __init__(self, model: nn.Module, plan: QuantPlan):
@@ -107,16 +106,19 @@ class QuantizedModel(_Wrapper):
         if self._timestep is not None:
             device = next(model.buffers()).device
             self.register_buffer("timestep_boundaries", torch.tensor(plan.timestep_boundaries, device=device))
+            self.register_buffer("timestep_index", torch.zeros(1, dtype=torch.long, device=device), persistent=False)
             for module in model.modules():
                 if isinstance(module, QUANT_MODULES) or hasattr(module, attention.OPERAND_SCALES):
                     module._timestep = self._timestep
-        if repeated_blocks(model) and self._timestep is None:
+        if repeated_blocks(model):
             set_nested_blocks(model, True)
 
     def forward(self, *args, **kwargs):
-        if self._timestep is not None:  # the group's static scales / weight planes are picked on the device
+        if self._timestep is not None:  # the group's static scales / weight planes are picked on the device; the
+            # index lives in a buffer, which nested blocks can take in (a tensor made outside them has no source)
             t = _timestep_argument(self.plan, args, kwargs)
-            self._timestep.index = group_index(t, self.timestep_boundaries, self.plan.timestep_scale)
+            self.timestep_index.copy_(group_index(t, self.timestep_boundaries, self.plan.timestep_scale))
+            self._timestep.index = self.timestep_index
         return self.model(*args, **kwargs)
 
     def compile_blocks(self, **compile_kwargs) -> list[str]:
@@ -139,12 +141,7 @@ class QuantizedModel(_Wrapper):
         instead of 137-200 s flat). Eager calls and torch.export (ONNX) are unchanged; nested=False undoes it (a flat
         whole-model graph). Returns the blocks' names. A block's arguments that alias each other and its outputs that
         are views or inputs are copied (`_unaliased_inputs`, `_unaliased`): torch's nested regions refuse aliasing,
-        and Inductor miscompiles regions that return views. Plans with timestep groups stay flat (ValueError here):
-        their layers read the group index set outside the blocks, which a nested region cannot take in."""
-        if nested and self._timestep is not None:
-            raise ValueError("nest_blocks does not support plans with timestep groups (the blocks' layers read the "
-                             "group index set outside them); compile the flat model (torch.compile(qmodel, "
-                             "backend=\"fxquant\")) or its blocks (qmodel.compile_blocks())")
+        and Inductor miscompiles regions that return views."""
         return set_nested_blocks(self.model, nested)
 
     def quantized_weight_bytes(self) -> tuple[int, int]:

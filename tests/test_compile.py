@@ -269,17 +269,6 @@ def test_nested_blocks_share_one_subgraph_that_every_fusion_rewrites():
     assert all(type(block) is BasicTransformerBlock for block in qmodel.model.transformer_blocks)
 
 
-def test_plans_with_timestep_groups_keep_their_blocks_flat():
-    """A plan with timestep groups is not nested by default, and nest_blocks refuses it with a message naming what
-    works (its layers read the group index set outside the blocks, which a nested region cannot take in)."""
-    family = FAMILIES["pixart"]
-    qmodel = fxquant.quantize(family.build(), "w8a8-static:timestep_groups=[500]",
-                              [family.inputs(batch=2, seed=seed) for seed in range(2)])
-    assert all(type(block) is BasicTransformerBlock for block in qmodel.model.transformer_blocks)
-    with pytest.raises(ValueError, match="timestep groups.*compile_blocks"):
-        qmodel.nest_blocks()
-
-
 def test_nested_region_outputs_are_never_views_or_inputs():
     """What a nested block returns is copied where it is a view (of an intermediate or an input) or an input itself:
     invoke_subgraph refuses aliased outputs, and Inductor miscompiles a region returning a view (Flux's single
@@ -334,7 +323,7 @@ def test_repeated_blocks_of_a_unet_and_a_model_without_any():
     names = repeated_blocks(unet)
     assert any(".resnets." in name for name in names) and any(".attentions." in name for name in names)
     assert all(isinstance(unet.get_submodule(name), torch.nn.Module) for name in names)
-    stand_in = types.SimpleNamespace(model=torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.GELU()), _timestep=None)
+    stand_in = types.SimpleNamespace(model=torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.GELU()))
     with pytest.raises(ValueError, match="no repeated blocks"):
         QuantizedModel.compile_blocks(stand_in)
     with pytest.raises(ValueError, match="no repeated blocks"):
