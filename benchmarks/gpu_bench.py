@@ -1136,10 +1136,11 @@ def _variant_model(variant: str, model, inputs: dict, name: str):
     inputs, the quantized model's own sensitivity to one bf16 step, against which a compiled-vs-eager difference
     is judged). Variants: bf16_eager, bf16_compile,
     bf16_compile_reduce_overhead, bf16_compile_blocks (its repeated blocks compiled),
-    fxquant:<recipe>[@<backend or Inductor option>=<0|1>,...] (the whole model compiled as one flat graph), fxquant-blocks:<recipe>[@...]
-    (its repeated blocks compiled, QuantizedModel.compile_blocks), fxquant-nested:<recipe>[@...] (the whole model
-    compiled with its repeated blocks as nested regions, QuantizedModel.nest_blocks), torchao:float8|int8 (the whole
-    model compiled), torchao-blocks:float8|int8 (its repeated blocks compiled)."""
+    fxquant:<recipe>[@<backend or Inductor option>=<0|1>,...] (the whole model compiled as one flat graph),
+    fxquant-blocks:<recipe>[@...] (its repeated blocks compiled, QuantizedModel.compile_blocks),
+    fxquant-nested:<recipe>[@...] (the whole model compiled with its repeated blocks as nested regions,
+    QuantizedModel.nest_blocks: what torch.compile(qmodel, backend="fxquant") does by default), torchao:float8|int8
+    (the whole model compiled), torchao-blocks:float8|int8 (its repeated blocks compiled)."""
     if variant == "bf16_compile":
         return torch.compile(model), None
     if variant == "bf16_compile_reduce_overhead":  # Inductor's CUDA-graph trees: plain calls replay graphs

@@ -223,8 +223,8 @@ def _unaliased(outputs, inputs):
     reads of garbage (Flux's single blocks return the text and image token ranges of one tensor: 140 % off on an H100;
     a three-line region returning `x[:, 3:]` reproduces it on the CPU). The copy is `value * 1`, not a clone:
     Inductor drops a clone whose strides equal its source's as a no-op (`remove_noop_ops`), which gave the view back
-    whenever the slice was dense (a token range at batch 1, a batch range). The copies cost one pass over those
-    outputs (Flux: both streams of each single block)."""
+    whenever the slice was dense (a token range at batch 1, a batch range); bool outputs, which no diffusers block
+    returns, keep a clone. The copies cost one pass over those outputs (Flux: both streams of each single block)."""
     given = [leaf for leaf in pytree.tree_leaves(inputs) if isinstance(leaf, torch.Tensor)]
 
     def unaliased(value: torch.Tensor) -> torch.Tensor:

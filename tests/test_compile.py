@@ -230,10 +230,10 @@ NESTED_RECIPE = "w8a8-fp8:static_hidden_activations=true,attention=fp8-static,st
 
 
 def test_nested_blocks_share_one_subgraph_that_every_fusion_rewrites():
-    """nest_blocks (on by default): a whole-model compile of a 4-block PixArt calls one shared subgraph for its identical blocks (torch
-    2.13 traces the first, fed by the patch embedding, inline); the backend rewrites inside it, so every block gets the
-    fusions the flat graph gets, with the same outputs; a nested model saves whole (torch.save) and compile_blocks
-    restores the blocks' classes."""
+    """nest_blocks (on by default): a whole-model compile of a 4-block PixArt calls one shared subgraph for its
+    identical blocks (torch 2.13 traces the first, fed by the patch embedding, inline); the backend rewrites inside it,
+    so every block gets the fusions the flat graph gets, with the same outputs; a nested model saves whole (torch.save)
+    and compile_blocks restores the blocks' classes."""
     family = FAMILIES["pixart"]
     qmodel = fxquant.quantize(family.build(num_layers=4), NESTED_RECIPE, [family.inputs(batch=2, seed=seed) for seed in range(2)])
     inputs = family.inputs(batch=2, seed=4)
