@@ -74,7 +74,6 @@ def nested_check(name: str, batch: int) -> dict:
     for nested in (False, True):
         qmodel.nest_blocks(nested)
         row["nested_vs_eager" if nested else "flat_vs_eager"] = relative_l2(_compiled(qmodel, inputs, residuals), eager)
-    qmodel.nest_blocks(False)
     return row
 
 

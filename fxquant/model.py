@@ -118,7 +118,7 @@ class QuantizedModel(_Wrapper):
             # index lives in a buffer, which nested blocks can take in (a tensor made outside them has no source)
             t = _timestep_argument(self.plan, args, kwargs)
             self.timestep_index.copy_(group_index(t, self.timestep_boundaries, self.plan.timestep_scale))
-            self._timestep.index = self.timestep_index
+            self._timestep.index = self.timestep_index  # (each call: .to() replaces the buffer)
         return self.model(*args, **kwargs)
 
     def compile_blocks(self, **compile_kwargs) -> list[str]:
@@ -206,14 +206,19 @@ def _unaliased_inputs(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     for index, leaf in enumerate(leaves):
         if isinstance(leaf, torch.Tensor):
             root = leaf if leaf._base is None else leaf._base
-            shared = False
-            for seen in roots:  # (identity tests, which Dynamo traces)
-                shared = shared or seen is root
-            if shared:
+            if _is_one_of(root, roots):
                 leaves[index] = leaf.clone()
             else:
                 roots.append(root)
     return pytree.tree_unflatten(leaves, spec)
+
+
+def _is_one_of(tensor: torch.Tensor, tensors: list[torch.Tensor]) -> bool:
+    """Whether tensor is (by identity) one of tensors; written as a loop of `is` tests, which Dynamo traces."""
+    found = False
+    for other in tensors:
+        found = found or tensor is other
+    return found
 
 
 def _unaliased(outputs, inputs):
@@ -228,10 +233,7 @@ def _unaliased(outputs, inputs):
     given = [leaf for leaf in pytree.tree_leaves(inputs) if isinstance(leaf, torch.Tensor)]
 
     def unaliased(value: torch.Tensor) -> torch.Tensor:
-        aliased = value._base is not None
-        for tensor in given:  # (identity tests, which Dynamo traces)
-            aliased = aliased or value is tensor
-        if not aliased:
+        if value._base is None and not _is_one_of(value, given):
             return value
         return value * 1 if value.dtype != torch.bool else value.clone()
 
