@@ -1139,7 +1139,8 @@ def _variant_model(variant: str, model, inputs: dict, name: str):
     fxquant:<recipe>[@<backend or Inductor option>=<0|1>,...] (the whole model compiled as one flat graph),
     fxquant-blocks:<recipe>[@...] (its repeated blocks compiled, QuantizedModel.compile_blocks),
     fxquant-nested:<recipe>[@...] (the whole model compiled with its repeated blocks as nested regions,
-    QuantizedModel.nest_blocks: what torch.compile(qmodel, backend="fxquant") does by default), torchao:float8|int8
+    QuantizedModel.nest_blocks: what torch.compile(qmodel, backend="fxquant") does by default),
+    fxquant-graphs:<recipe> (the same with mode="reduce-overhead": Inductor's CUDA-graph trees), torchao:float8|int8
     (the whole model compiled), torchao-blocks:float8|int8 (its repeated blocks compiled)."""
     if variant == "bf16_compile":
         return torch.compile(model), None
@@ -1154,7 +1155,7 @@ def _variant_model(variant: str, model, inputs: dict, name: str):
         model = _torchao(model, variant.split(":", 1)[1])
         compile_repeated_blocks(model)
         return model, None
-    if not variant.startswith(("fxquant:", "fxquant-blocks:", "fxquant-nested:")):
+    if not variant.startswith(("fxquant:", "fxquant-blocks:", "fxquant-nested:", "fxquant-graphs:")):
         return model, None
     recipe_name, _, option_text = variant.split(":", 1)[1].partition("@")
     options = {key: value == "1" for key, value in (item.split("=") for item in option_text.split(",") if item)}
@@ -1165,6 +1166,10 @@ def _variant_model(variant: str, model, inputs: dict, name: str):
     if variant.startswith("fxquant-blocks:"):
         qmodel.compile_blocks(options=options or None)
         return qmodel, eager_outputs
+    if variant.startswith("fxquant-graphs:"):  # torch.compile takes a mode or options, not both
+        if options:
+            raise ValueError(f"{variant}: fxquant-graphs takes no @options (torch.compile's mode excludes them)")
+        return torch.compile(qmodel, backend="fxquant", mode="reduce-overhead"), eager_outputs
     qmodel.nest_blocks(variant.startswith("fxquant-nested:"))  # fxquant: the flat whole-model graph
     return torch.compile(qmodel, backend="fxquant", options=options or None), eager_outputs
 

@@ -21,6 +21,17 @@ import mip
 from .errors import RecipeError
 
 
+def require_solver() -> None:
+    """Raise RecipeError if python-mip cannot load its CBC library (mip 2 ships it in the cbcbox package; an install
+    without it fails only when a program is solved, with NameError: name 'cbclib' is not defined)."""
+    from mip import cbc
+
+    if not getattr(cbc, "has_cbc", True):
+        raise RecipeError("Mixed precision solves an integer program with python-mip's CBC solver, which did not load "
+                          "here: install it with `pip install cbcbox` (mip >= 2 needs it), or use a recipe without "
+                          "mixed_precision.")
+
+
 def allocate_bits(sizes: Mapping[str, int], scores: Mapping[str, Mapping], target_bits: float,
                   tolerance: float = 0.02, latency: Mapping[str, Mapping[int, float]] | None = None,
                   latency_budget: float | None = None, executed_bits: float | None = None,

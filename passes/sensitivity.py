@@ -65,7 +65,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from fxquant.bit_allocation import allocate_bits, weight_bits_of
+from fxquant.bit_allocation import allocate_bits, require_solver, weight_bits_of
 from fxquant.errors import CalibrationError, RecipeError
 from fxquant.metrics import relative_l2, ssim
 from fxquant.model import repeated_blocks
@@ -356,6 +356,7 @@ class SensitivityPass(QuantPass):
         config, plan = state.config, state.plan
         if not config.mixed_precision:
             return PassResult(modified=False)
+        require_solver()  # before the probes, not after them
         start = time.perf_counter()
         units: dict[str, list[LayerPlan]] = defaultdict(list)
         for layer in plan.quantized_layers():

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from fxquant.bit_allocation import allocate_bits, average_bits
+from fxquant.bit_allocation import allocate_bits, average_bits, require_solver
 from fxquant.errors import RecipeError
 
 CANDIDATES = (2, 4, 8)
@@ -72,6 +72,16 @@ def test_unreachable_and_infeasible_budgets_are_clear_errors():
         allocate_bits(sizes, scores, target_bits=6.0, latency_budget=1.0)
     with pytest.raises(RecipeError, match="different layers"):
         allocate_bits({"a": 1}, {"b": {8: 0.0}}, target_bits=8.0)
+
+
+def test_a_missing_cbc_library_is_named_before_any_probe(monkeypatch):
+    """mip 2 loads CBC from the cbcbox package; without it mip fails late with a NameError, so the check comes first."""
+    from mip import cbc
+
+    require_solver()  # the library is here
+    monkeypatch.setattr(cbc, "has_cbc", False)
+    with pytest.raises(RecipeError, match="pip install cbcbox"):
+        require_solver()
 
 
 def test_800_layer_problem_solves_within_10_seconds():
