@@ -1,5 +1,5 @@
 """ONNX Runtime on this CPU: fp32 ORT vs fxquant's int8 graphs (per-token, symmetric per-token and per-tensor
-activations) vs torch.
+activations; and with int8 Q K^T, `attention=int8`) vs torch.
 
     python benchmarks/onnx_cpu.py --out benchmarks/results/onnx-cpu.json
 
@@ -91,28 +91,44 @@ def _torch_call(model, inputs: dict):
 
 def speed_and_accuracy(name: str, model: torch.nn.Module, inputs: dict, calibration: list[dict], runs: int,
                        directory: Path) -> dict:
-    """Every variant timed on `inputs`; accuracy of each against torch fp32 and torch W8A8."""
+    """Every variant timed on `inputs`; accuracy of each against torch fp32 and torch W8A8 (and, for the plan with
+    int8 attention, against its own torch reference: `rel_l2_vs_torch_w8a8_int8_attention`)."""
     qmodel = fxquant.quantize(copy.deepcopy(model), "w8a8", calibration)
+    attention_model = fxquant.quantize(copy.deepcopy(model), "w8a8:attention=int8", calibration)
     variants = {"torch fp32": _torch_call(model, inputs), "torch fxquant w8a8": _torch_call(qmodel, inputs),
+                "torch fxquant w8a8 + int8 attention": _torch_call(attention_model, inputs),
                 "ort fp32": _ort_call(export_float_onnx(model, directory / f"{name}-fp32.onnx", inputs,
                                                       dynamic_batch=False), inputs)}
-    for form in ACT_FORMS:
-        path = fxquant.export_onnx(qmodel, directory / f"{name}-{form}.onnx", inputs, act_form=form,
-                                   dynamic_batch=False)
-        variants[f"ort int8 {form}"] = _ort_call(path, inputs)
-        assert integer_op_count(path) == len(qmodel.plan.quantized_layers()), (name, form)
+    integer_ops = {}
+    exports = [(plan, form, suffix) for plan, forms, suffix in (
+        (qmodel, ACT_FORMS, ""), (attention_model, ("per_token", "per_token_symmetric"), " + int8 attention"))
+        for form in forms]
+    for plan, form, suffix in exports:
+        path = fxquant.export_onnx(plan, directory / f"{name}-{form}{suffix.replace(' ', '_')}.onnx", inputs,
+                                   act_form=form, dynamic_batch=False)
+        variants[f"ort int8 {form}{suffix}"] = _ort_call(path, inputs)
+        integer_ops[f"ort int8 {form}{suffix}"] = integer_op_count(path)
+        # one per quantized layer, plus one per attention call the model makes without a mask (a masked call, e.g.
+        # t2i-dit's cross-attention, keeps the model's own attention)
+        assert integer_ops[f"ort int8 {form}{suffix}"] >= len(plan.plan.quantized_layers()), (name, form, suffix)
     outputs = {label: call() for label, call in variants.items()}
     rows = []
     for label, seconds in interleaved_medians(variants, runs).items():
         rows.append({"variant": label, "median_ms": seconds * 1e3,
                      "rel_l2_vs_torch_fp32": relative_l2(outputs[label], outputs["torch fp32"]),
                      "rel_l2_vs_torch_w8a8": relative_l2(outputs[label], outputs["torch fxquant w8a8"])})
-        print(f"{name:24s} {label:22s} {seconds * 1e3:9.1f} ms  vs fp32 {rows[-1]['rel_l2_vs_torch_fp32']:.4f}  "
+        if label in integer_ops:
+            rows[-1]["integer_ops"] = integer_ops[label]
+        if label.startswith("ort") and label.endswith("int8 attention"):
+            rows[-1]["rel_l2_vs_torch_w8a8_int8_attention"] = relative_l2(
+                outputs[label], outputs["torch fxquant w8a8 + int8 attention"])
+        print(f"{name:24s} {label:42s} {seconds * 1e3:9.1f} ms  vs fp32 {rows[-1]['rel_l2_vs_torch_fp32']:.4f}  "
               f"vs w8a8 {rows[-1]['rel_l2_vs_torch_w8a8']:.4f}", flush=True)
     fp32_ort = next(r["median_ms"] for r in rows if r["variant"] == "ort fp32")
     for row in rows:
         row["speedup_vs_ort_fp32"] = fp32_ort / row["median_ms"]
     return {"model": name, "quantized_layers": len(qmodel.plan.quantized_layers()),
+            "quantized_attention_layers": len(attention_model.plan.quantized_attention()),
             "input_shapes": {k: list(v.shape) for k, v in inputs.items() if isinstance(v, torch.Tensor)}, "rows": rows}
 
 

@@ -139,12 +139,6 @@ def test_regional_compilation_shares_one_graph_with_quantized_attention(attentio
     assert compile_counter["attention_ops"] == 2  # the block's self- and cross-attention
 
 
-def test_onnx_export_refuses_quantized_attention(quantized_family, tmp_path):
-    _, qmodel, calibration = quantized_family("pixart", "w8a8:attention=int8")
-    with pytest.raises(fxquant.FxquantError, match="quantizes attention .* no ONNX translation"):
-        fxquant.export_onnx(qmodel, tmp_path / "m.onnx", calibration[0])
-
-
 @pytest.mark.parametrize("pv_fp8", [False, True])
 def test_reference_in_query_chunks_equals_whole_rows(monkeypatch, pv_fp8):
     q, k, v = torch.randn(2, 3, 50, 16), torch.randn(2, 3, 40, 16), torch.randn(2, 3, 40, 16)

@@ -34,11 +34,11 @@ def _check_exportable(qmodel: QuantizedModel) -> None:
     if fp8:
         raise FxquantError(f"export_onnx: {len(fp8)} layers use fp8 weights (e.g. {fp8[0]!r}); ONNX Runtime's CPU "
                            "provider has no fp8 matmul. Export an int8 recipe (w8a8, w4a8, ...).")
-    attention = qmodel.plan.quantized_attention()
-    if attention:
-        raise FxquantError(f"export_onnx: this plan quantizes attention (recipe attention="
-                           f"{attention[0].attention_format!r}), which has no ONNX translation; quantize with "
-                           "attention=None to export.")
+    fp8_attention = [layer for layer in qmodel.plan.quantized_attention() if layer.attention_format != "int8"]
+    if fp8_attention:
+        raise FxquantError(f"export_onnx: this plan runs attention in fp8 (recipe attention="
+                           f"{fp8_attention[0].attention_format!r}), which ONNX Runtime's CPU provider cannot run; "
+                           "quantize with attention='int8' (integer Q K^T) or attention=None to export.")
     float_types = {t.dtype for t in list(qmodel.parameters()) + list(qmodel.buffers())}
     if float_types & {torch.float16, torch.bfloat16}:
         raise FxquantError(f"export_onnx needs a float32 model on the CPU (ORT's integer kernels take float32 "

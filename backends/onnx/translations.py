@@ -104,12 +104,22 @@ def _augmented_product(x_u8, weight_kn, x_scale, zero_u8_grid_int32, w_scale, w_
     return out if bias is None else op.Sub(out, op.Neg(bias))
 
 
-def _symmetric_rows(rows):
-    """rows [M, K] -> (uint8 [M, K] with zero point 128, scale [M, 1]): one scale per row, absmax / 127."""
+def _symmetric_rows(rows, signed: bool = False):
+    """rows [M, K] -> (codes [M, K], scale [M, 1]): one scale per row, absmax / 127; the codes as uint8 with zero point
+    128, or (signed) as int8 with zero point 0."""
     scale = op.Max(op.Div(op.ReduceMax(op.Abs(rows), _axes(-1), keepdims=1), _const(127.0)), _const(1e-8))
     scale_vector = op.Reshape(scale, _axes(-1))
-    middle = op.Expand(op.Constant(value=ir.tensor(np.array(MIDDLE_U8, dtype=np.uint8))), op.Shape(scale_vector))
-    return op.QuantizeLinear(rows, scale_vector, middle, axis=0), scale
+    zero = np.array(0, dtype=np.int8) if signed else np.array(MIDDLE_U8, dtype=np.uint8)
+    zeros = op.Expand(op.Constant(value=ir.tensor(zero)), op.Shape(scale_vector))
+    return op.QuantizeLinear(rows, scale_vector, zeros, axis=0), scale
+
+
+def _symmetric_tokens(x, signed: bool):
+    """x [B, H, N, D] -> (codes [B, H, N, D], scale [B, H, N, 1]): `_symmetric_rows` over each token's D values
+    (fxquant.quantizer.attention_operands' Q and K)."""
+    codes, scale = _symmetric_rows(op.Reshape(x, op.Concat(_axes(-1), op.Shape(x, start=-1), axis=0)), signed)
+    return (op.Reshape(codes, op.Shape(x)),
+            op.Reshape(scale, op.Concat(op.Shape(x, end=-1), _axes(1), axis=0)))
 
 
 def _shift_to_uint8_grid(zero_int32):
@@ -233,6 +243,21 @@ def translation_table(act_form: str = "per_token", zero_point_columns: dict | No
         out = op.Reshape(out, op.Concat(batch_hw, op.Constant(value_ints=[out_channels]), axis=0))
         return op.Transpose(out, perm=[0, 3, 1, 2])
 
+    def quantized_attention(q, k, v, scale: float, pv_fp8: bool, operand_scales=None):
+        """The "int8" format (fxquant.quantizer.attention_operands): Q and K symmetric int8 per token, K first minus
+        its mean over tokens; Q K^T as one batched MatMulInteger (Q as uint8 around 128, K^T int8), scaled per query
+        x per key, Softmax, then P V in float. export_onnx refuses the fp8 formats before this is reached."""
+        if pv_fp8 or operand_scales is not None:
+            raise ValueError("Only attention='int8' has an ONNX translation (ORT's CPU provider has no fp8 matmul).")
+        q_u8, q_scale = _symmetric_tokens(q, signed=False)
+        k_s8, k_scale = _symmetric_tokens(op.Sub(k, op.ReduceMean(k, _axes(-2), keepdims=1)), signed=True)
+        middle = op.Constant(value=ir.tensor(np.array(MIDDLE_U8, dtype=np.uint8)))
+        acc = op.MatMulInteger(q_u8, op.Transpose(k_s8, perm=[0, 1, 3, 2]), middle)
+        # the softmax scale rides on Q's scale, so the scaling is Mul(a_scale, b_scale) of ORT's MatMulIntegerToFloat
+        # pattern (per query [.., Nq, 1] x per key [.., 1, Nk]), applied in the GEMM's output stage
+        score_scale = op.Mul(op.Mul(q_scale, _const(scale)), op.Transpose(k_scale, perm=[0, 1, 3, 2]))
+        return op.MatMul(op.Softmax(op.Mul(op.Cast(acc, to=F32), score_scale), axis=-1), v)
+
     def squeeze_dim(x, dim):
         """torch's squeeze(dim) is a no-op when that dim is not 1; torchlib's translation emits a failing Squeeze."""
         if x.shape is not None and isinstance(x.shape[dim], int) and x.shape[dim] != 1:
@@ -253,6 +278,7 @@ def translation_table(act_form: str = "per_token", zero_point_columns: dict | No
         fxq.unpack_int4.default: unpack_int4,
         fxq.unpack_int2.default: unpack_int2,
         fxq.int8_conv2d.default: int8_conv2d,
+        fxq.quantized_attention.default: quantized_attention,
         torch.ops.aten.squeeze.dim: squeeze_dim,
         torch.ops.aten.bucketize.Tensor: bucketize,
     }

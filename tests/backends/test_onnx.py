@@ -137,6 +137,20 @@ def test_static_4bit_and_mixed_plans_export(exported, recipe):
     assert relative_l2(_run(path, inputs), _torch(qmodel, inputs)) <= MAX_PARITY
 
 
+@pytest.mark.parametrize("name", ["pixart", "flux", "latte"])
+def test_int8_attention_exports_as_integer_query_key_products(exported, name):
+    """attention=int8: each quantized attention's Q K^T is one more integer GEMM in ORT's optimised graph (batched
+    over heads), its softmax and P V stay float; output as torch's reference of the same plan."""
+    qmodel, path = exported(name, "w8a8:attention=int8")
+    attention = qmodel.plan.quantized_attention()
+    assert attention and all(layer.attention_format == "int8" for layer in attention)
+    assert integer_op_count(path) == len(qmodel.plan.quantized_layers()) + len(attention)
+    assert optimized_op_counts(path)["Softmax"] == len(attention)
+    for batch, seed in ((2, 7), (3, 8)):
+        inputs = FAMILIES[name].inputs(batch=batch, seed=seed)
+        assert relative_l2(_run(path, inputs), _torch(qmodel, inputs)) <= MAX_PARITY
+
+
 def test_timestep_groups_select_scales_inside_the_graph(tmp_path):
     """Static scales per timestep group: the ONNX graph computes the group from its timestep input."""
     family = FAMILIES["dit"]
@@ -155,8 +169,9 @@ def test_timestep_groups_select_scales_inside_the_graph(tmp_path):
         assert relative_l2(outputs[t], _torch(qmodel, inputs)) <= MAX_PARITY, t
 
 
-def test_fp8_plans_are_refused_with_a_reason(quantized_family, tmp_path):
-    _, qmodel, _ = quantized_family("pixart", "w8a8-fp8")
+@pytest.mark.parametrize("recipe", ["w8a8-fp8", "w8a8:attention=int8-fp8"])
+def test_fp8_plans_are_refused_with_a_reason(quantized_family, tmp_path, recipe):
+    _, qmodel, _ = quantized_family("pixart", recipe)
     with pytest.raises(FxquantError, match="fp8"):
         fxquant.export_onnx(qmodel, tmp_path / "fp8.onnx", FAMILIES["pixart"].inputs())
 
