@@ -3,7 +3,7 @@ without timestep-group plans; compiled output against the eager quantized model'
 
     python benchmarks/nested_default_probe.py --out probe.json
 
-Cases: PixArt with R (session 19's fastest recipe) and R + timestep_groups=[500] (calls alternating t = 100 / 900,
+Cases: PixArt with R (session 19's fastest recipe; also under mode="max-autotune") and R + timestep_groups=[500] (calls alternating t = 100 / 900,
 so each call picks the other group's scales), the UNet with R + static_conv_activations, viditq-w4a8-mp (weight
 bits per timestep group) nested, flat and under mode="reduce-overhead". Also counts CUDA-graph skips and graph
 breaks. Needs CUDA; the JSON is rewritten after every case.
@@ -33,6 +33,7 @@ DEPTH = {"pixart": dict(num_layers=4), "unet": {}}
 GROUP_TIMESTEPS = [100, 900]
 CASES = [  # (family, recipe, timestep groups exercised, torch.compile mode, flat graph)
     ("pixart", R, False, "reduce-overhead", False),
+    ("pixart", R, False, "max-autotune", False),
     ("pixart", R + ",timestep_groups=[500]", True, None, False),
     ("pixart", R + ",timestep_groups=[500]", True, "reduce-overhead", False),
     ("unet", R + ",static_conv_activations=true", False, "reduce-overhead", False),
