@@ -75,13 +75,21 @@ def test_unreachable_and_infeasible_budgets_are_clear_errors():
 
 
 def test_a_missing_cbc_library_is_named_before_any_probe(monkeypatch):
-    """mip 2 loads CBC from the cbcbox package; without it mip fails late with a NameError, so the check comes first."""
+    """mip 2 loads CBC from the cbcbox package; without it mip fails only when a program is solved (NameError:
+    cbclib), i.e. after every sensitivity probe. The sensitivity pass checks first and names the fix."""
+    import fxquant
+    from families import FAMILIES
     from mip import cbc
+    from fxquant.passes.sensitivity import SensitivityPass
 
     require_solver()  # the library is here
     monkeypatch.setattr(cbc, "has_cbc", False)
+    probes = []
+    monkeypatch.setattr(SensitivityPass, "_damage", lambda self, *args: probes.append(args) or 0.0)
+    family = FAMILIES["dit"]
     with pytest.raises(RecipeError, match="pip install cbcbox"):
-        require_solver()
+        fxquant.quantize(family.build(), "mixdq-w4a8-mp", [family.inputs(batch=2, seed=0)])
+    assert probes == []
 
 
 def test_800_layer_problem_solves_within_10_seconds():
