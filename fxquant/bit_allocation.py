@@ -44,8 +44,10 @@ def allocate_bits(sizes: Mapping[str, int], scores: Mapping[str, Mapping], targe
     Per-timestep-group layers (ViDiT-Q): scores[layer] = {group: {bits: score}}; the layer then gets a width per
     group ({group: bits}) and is stored at the largest (nested planes), which is what the memory budget counts.
     executed_bits bounds the parameter-weighted average of the widths run, over groups (the weight traffic).
-    Raises RecipeError when no choice meets the budget (naming the reachable range) or the inputs disagree.
+    Raises RecipeError when no choice meets the budget (naming the reachable range) or the inputs disagree, or when
+    the solver is missing (`require_solver`).
     """
+    require_solver()
     layers = list(sizes)
     if set(scores) != set(layers):
         raise RecipeError(f"scores and sizes name different layers: {sorted(set(scores) ^ set(layers))[:5]}")
