@@ -1,4 +1,4 @@
-"""Bit allocation by integer programming (MixDQ), solved with python-mip (CBC).
+"""Bit allocation by integer programming (MixDQ), solved with python-mip (CBC, or HiGHS where CBC is missing).
 
 One binary variable per (layer, candidate bit-width); each layer takes exactly one. The program maximises the
 summed sensitivity scores (higher = better quality, e.g. SQNR or SSIM of the output with that layer at that
@@ -21,15 +21,21 @@ import mip
 from .errors import RecipeError
 
 
-def require_solver() -> None:
-    """Raise RecipeError if python-mip cannot load its CBC library (mip 2 ships it in the cbcbox package; an install
-    without it fails only when a program is solved, with NameError: name 'cbclib' is not defined)."""
+def require_solver() -> str:
+    """The python-mip solver to use: CBC (the cbcbox package in mip >= 2), else HiGHS (the highsbox package).
+    Raises RecipeError when neither library loads (without one, mip fails only when a program is solved, e.g.
+    NameError: name 'cbclib' is not defined)."""
     from mip import cbc
 
-    if not getattr(cbc, "has_cbc", True):
-        raise RecipeError("Mixed precision solves an integer program with python-mip's CBC solver, which did not load "
-                          "here: install it with `pip install cbcbox` (mip >= 2 needs it), or use a recipe without "
-                          "mixed_precision.")
+    if getattr(cbc, "has_cbc", True):
+        return mip.CBC
+    from mip import highs
+
+    if highs.has_highs:
+        return mip.HIGHS
+    raise RecipeError("Mixed precision solves an integer program with python-mip, which found no solver library "
+                      "here: install one with `pip install cbcbox` (CBC) or `pip install highsbox` (HiGHS), or use "
+                      "a recipe without mixed_precision.")
 
 
 def allocate_bits(sizes: Mapping[str, int], scores: Mapping[str, Mapping], target_bits: float,
@@ -45,9 +51,9 @@ def allocate_bits(sizes: Mapping[str, int], scores: Mapping[str, Mapping], targe
     group ({group: bits}) and is stored at the largest (nested planes), which is what the memory budget counts.
     executed_bits bounds the parameter-weighted average of the widths run, over groups (the weight traffic).
     Raises RecipeError when no choice meets the budget (naming the reachable range) or the inputs disagree, or when
-    the solver is missing (`require_solver`).
+    no solver library loads (`require_solver`).
     """
-    require_solver()
+    solver = require_solver()
     layers = list(sizes)
     if set(scores) != set(layers):
         raise RecipeError(f"scores and sizes name different layers: {sorted(set(scores) ^ set(layers))[:5]}")
@@ -63,7 +69,7 @@ def allocate_bits(sizes: Mapping[str, int], scores: Mapping[str, Mapping], targe
             f"Average weight bits {target_bits} ± {tolerance} is out of reach: the candidate bit-widths give "
             f"{lowest:.3f} to {highest:.3f}. Choose a target in that range or add candidates."
         )
-    model = mip.Model(sense=mip.MAXIMIZE, solver_name=mip.CBC)
+    model = mip.Model(sense=mip.MAXIMIZE, solver_name=solver)
     model.verbose = 0
     run = {(n, g, b): model.add_var(var_type=mip.BINARY) for n in layers for g, t in grouped[n].items() for b in t}
     stored = {(n, b): model.add_var(var_type=mip.BINARY) for n in layers for b in widths[n]}

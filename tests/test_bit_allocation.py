@@ -12,6 +12,18 @@ from fxquant.errors import RecipeError
 CANDIDATES = (2, 4, 8)
 
 
+@pytest.fixture(params=["CBC", "HiGHS"])
+def solver(request, monkeypatch):
+    """Each program is solved by both of python-mip's free solvers: CBC, and HiGHS (what require_solver falls back
+    to where cbcbox is missing)."""
+    from mip import cbc
+
+    if request.param == "HiGHS":
+        monkeypatch.setattr(cbc, "has_cbc", False)
+    assert require_solver() == request.param
+    return request.param
+
+
 def _problem(layers: int, seed: int):
     rng = random.Random(seed)
     sizes = {f"layer{i}": rng.choice([64, 256, 1024, 4096]) * rng.randint(1, 8) for i in range(layers)}
@@ -36,7 +48,7 @@ def _brute_force(sizes, scores, target, tolerance, latency=None, latency_budget=
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_optimal_against_brute_force(seed):
+def test_optimal_against_brute_force(seed, solver):
     sizes, scores = _problem(6, seed)
     target = 4.0 + seed * 0.3
     tolerance = 0.3  # a loose window so that small problems are feasible
@@ -50,7 +62,7 @@ def test_optimal_against_brute_force(seed):
     assert sum(scores[n][choice[n]] for n in sizes) == pytest.approx(best, abs=1e-6)
 
 
-def test_latency_budget_against_brute_force():
+def test_latency_budget_against_brute_force(solver):
     sizes, scores = _problem(6, 11)
     latency = {n: {b: sizes[n] * b / 1000 for b in CANDIDATES} for n in sizes}
     budget = 0.8 * sum(latency[n][8] for n in sizes)
@@ -60,7 +72,7 @@ def test_latency_budget_against_brute_force():
     assert sum(scores[n][choice[n]] for n in sizes) == pytest.approx(best, abs=1e-6)
 
 
-def test_unreachable_and_infeasible_budgets_are_clear_errors():
+def test_unreachable_and_infeasible_budgets_are_clear_errors(solver):
     sizes, scores = _problem(4, 3)
     with pytest.raises(RecipeError, match="out of reach: the candidate bit-widths give 2.000 to 8.000"):
         allocate_bits(sizes, scores, target_bits=1.0)
@@ -74,16 +86,18 @@ def test_unreachable_and_infeasible_budgets_are_clear_errors():
         allocate_bits({"a": 1}, {"b": {8: 0.0}}, target_bits=8.0)
 
 
-def test_a_missing_cbc_library_is_named_before_any_probe(monkeypatch):
-    """mip 2 loads CBC from the cbcbox package; without it mip fails only when a program is solved (NameError:
-    cbclib), i.e. after every sensitivity probe. The sensitivity pass checks first and names the fix."""
+def test_a_missing_solver_library_is_named_before_any_probe(monkeypatch):
+    """mip 2 loads CBC from the cbcbox package and HiGHS from highsbox; without either mip fails only when a program
+    is solved (NameError: cbclib), i.e. after every sensitivity probe. The sensitivity pass checks first and names
+    the fix."""
     import fxquant
     from families import FAMILIES
-    from mip import cbc
+    from mip import cbc, highs
     from fxquant.passes.sensitivity import SensitivityPass
 
-    require_solver()  # the library is here
+    assert require_solver() == "CBC"  # the library is here
     monkeypatch.setattr(cbc, "has_cbc", False)
+    monkeypatch.setattr(highs, "has_highs", False)
     probes = []
     monkeypatch.setattr(SensitivityPass, "_damage", lambda self, *args: probes.append(args) or 0.0)
     family = FAMILIES["dit"]
@@ -92,7 +106,7 @@ def test_a_missing_cbc_library_is_named_before_any_probe(monkeypatch):
     assert probes == []
 
 
-def test_800_layer_problem_solves_within_10_seconds():
+def test_800_layer_problem_solves_within_10_seconds(solver):
     sizes, scores = _problem(800, 7)  # SDXL-UNet-sized
     start = time.perf_counter()
     choice = allocate_bits(sizes, scores, target_bits=4.0, tolerance=0.02)
