@@ -1104,14 +1104,14 @@ def _torchao(model, kind: str):
 
 
 def _profile_table(model, inputs: dict) -> str:
-    """CUDA time per kernel over 3 calls (top 25)."""
+    """CUDA time per kernel over 3 calls (top 60, full kernel names)."""
     from torch.profiler import ProfilerActivity, profile
 
     with torch.no_grad(), profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(3):
             model(**inputs, return_dict=False)
         torch.cuda.synchronize()
-    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=60, max_name_column_width=160)
 
 
 def _calibration_calls(inputs: dict, count: int = 8) -> list[dict]:

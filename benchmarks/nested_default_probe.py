@@ -81,9 +81,10 @@ def probe(name: str, recipe: str, groups: bool, mode: str | None, flat: bool) ->
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
+    parser.add_argument("--cases", nargs="+", type=int, default=range(len(CASES)), help="indices into CASES")
     args = parser.parse_args()
     results = {"torch": torch.__version__, "device": torch.cuda.get_device_name()}
-    for name, recipe, groups, mode, flat in CASES:
+    for name, recipe, groups, mode, flat in (CASES[i] for i in args.cases):
         key = f"{name} {recipe} mode {mode}{' flat' if flat else ''}"
         try:
             results[key] = probe(name, recipe, groups, mode, flat)
