@@ -538,22 +538,39 @@ def heads_first(x: torch.Tensor, heads: int, tokens: int) -> torch.Tensor:
     return x.view(-1, tokens, heads, x.shape[-1] // heads).transpose(1, 2)
 
 
+def rotate_pairs(x: torch.Tensor) -> torch.Tensor:
+    """The rotary embedding's partner of x [..., D]: channel pairs (2i, 2i + 1) -> (-x[2i + 1], x[2i])."""
+    real, imaginary = x.unflatten(-1, (-1, 2)).unbind(-1)
+    return torch.stack([-imaginary, real], dim=-1).flatten(-2)
+
+
 @torch.library.custom_op("fxquant::linear_attention_operand", mutates_args=())
 def linear_attention_operand(x_q: list[torch.Tensor], x_scale: list[torch.Tensor], w_q: list[torch.Tensor],
                              w_scale: list[torch.Tensor], bias: list[torch.Tensor | None], scale: torch.Tensor,
-                             heads: int, tokens: list[int], keys_major: bool) -> torch.Tensor:
+                             heads: int, tokens: list[int], keys_major: bool, norm: str,
+                             norm_weight: list[torch.Tensor | None], norm_bias: list[torch.Tensor | None],
+                             norm_eps: float, rope: list[torch.Tensor]) -> torch.Tensor:
     """attention_operand_fp8 of fp8 linears' outputs seen as heads and concatenated along tokens (one part, or SD3 /
     Flux joint attention's image and text parts), the outputs kept in fp32 until quantized: part p is
-    heads_first(fp8_linear(x_q[p] [B * tokens[p], K_p], x_scale[p], w_q[p], w_scale[p], bias[p]), heads, tokens[p]).
-    The compile backend puts it in place of the q / k / v projections feeding a static-fp8 attention, so that their
-    GEMMs' epilogues write the attention's operand. -> fp8 codes, shaped as attention_operand_fp8's."""
+    heads_first(fp8_linear(x_q[p] [B * tokens[p], K_p], x_scale[p], w_q[p], w_scale[p], bias[p]), heads, tokens[p]),
+    then normalised over each head's channels unless norm_weight[p] is None: norm "rms" (RMSNorm, weight [D]) or
+    "layer" (LayerNorm, weight and bias norm_bias[p] [D]), eps norm_eps; with rope = [cos, sin] ([sum(tokens), D]
+    each; or []) the concatenation is rotated: x * cos + rotate_pairs(x) * sin (Flux's q / k; CogVideoX's norms). The compile backend puts it in place of the q / k / v projections feeding a static-fp8 attention,
+    so that their GEMMs' epilogues write the attention's operand. -> fp8 codes, shaped as attention_operand_fp8's."""
     parts = [heads_first(fp8_linear_reference(*linear, torch.float32), heads, count)
              for *linear, count in zip(x_q, x_scale, w_q, w_scale, bias, tokens)]
-    return attention_operand_reference(torch.cat(parts, dim=2), scale, keys_major)
+    parts = [part if weight is None else F.rms_norm(part, part.shape[-1:], weight.float(), norm_eps) if norm == "rms"
+             else F.layer_norm(part, part.shape[-1:], weight.float(), bias.float(), norm_eps)
+             for part, weight, bias in zip(parts, norm_weight, norm_bias)]
+    joint = torch.cat(parts, dim=2)
+    if rope:
+        cos, sin = (table.float() for table in rope)
+        joint = joint * cos + rotate_pairs(joint) * sin
+    return attention_operand_reference(joint, scale, keys_major)
 
 
 @linear_attention_operand.register_fake
-def _(x_q, x_scale, w_q, w_scale, bias, scale, heads, tokens, keys_major):
+def _(x_q, x_scale, w_q, w_scale, bias, scale, heads, tokens, keys_major, norm, norm_weight, norm_bias, norm_eps, rope):
     shape = (x_q[0].shape[0] // tokens[0], heads, sum(tokens), w_q[0].shape[0] // heads)
     return x_q[0].new_empty(attention_operand_shape(*shape, keys_major), dtype=torch.float8_e4m3fn)
 

@@ -124,6 +124,28 @@ def test_backend_fusions_rewrite_every_block_and_compute_the_same(quantized_fami
     assert relative_l2(outputs[True], outputs[False]) <= 1e-5  # fp32 model: the same arithmetic, fused
 
 
+@pytest.mark.parametrize("name", ["flux", "cogvideox"])
+def test_normalised_and_rotated_queries_and_keys_come_from_the_gemm_epilogues(quantized_family, name):
+    """Flux's q / k are RMS-normalised per head (each stream with its own weight), concatenated and rotated (RoPE);
+    CogVideoX's LayerNorm-ed per head: every q / k / v projection of a static-fp8 attention then writes the laid-out
+    operand from its GEMM's epilogue (Flux's double blocks: 3 operands x 2 streams, single blocks 3; CogVideoX's
+    blocks 3), computing what the unfused graph does."""
+    _, qmodel, _ = quantized_family(name, "w8a8-fp8:attention=fp8-static")
+    model = qmodel.model
+    expected = 3 * len(model.transformer_blocks) * (2 if name == "flux" else 1) + 3 * len(
+        getattr(model, "single_transformer_blocks", ()))
+    inputs = FAMILIES[name].inputs(batch=2, seed=4)
+    outputs = {}
+    for enabled in (True, False):
+        torch._dynamo.reset()
+        compile_counter.clear()
+        compiled = torch.compile(qmodel, backend="fxquant", options={"fxquant.fuse_attention_operands": enabled})
+        with torch.no_grad():
+            outputs[enabled] = compiled(**inputs, return_dict=False)[0]
+        assert compile_counter["fused_attention_operands"] == (expected if enabled else 0)
+    assert relative_l2(outputs[True], outputs[False]) <= 1e-5
+
+
 @pytest.mark.parametrize("recipe", ["w8a8-fp8:attention=fp8-static", "w8a8"])
 def test_concatenated_text_and_video_tokens_fuse_and_compute_the_same(quantized_family, recipe):
     """CogVideoX concatenates its text and video tokens, each normalised and modulated on its own, before q / k / v
@@ -181,11 +203,13 @@ def test_compile_blocks_compiles_one_graph_for_identical_blocks(quantized_family
 
 @pytest.mark.parametrize("name,recipe", [
     ("unet", "w8a8-fp8:static_conv_activations=true,static_hidden_activations=true"),
-    ("pixart", "w8a8-fp8:attention=fp8-static,static_attention_outputs=true")])
+    ("pixart", "w8a8-fp8:attention=fp8-static,static_attention_outputs=true"),
+    ("flux", "w8a8-fp8:attention=fp8-static")])
 def test_cuda_lowering_computes_what_eager_does(quantized_family, name, recipe):
     """After every rewrite, the functions the backend hands Inductor on CUDA (`lower_to_inductor`: fxquant's Triton
     kernels, here in the interpreter, incl. fused prologues, code-writing epilogues (the UNet's GEGLU), fp8 convs and
-    static fp8 attention on laid-out operands) compute the eager quantized model's output."""
+    static fp8 attention on laid-out operands, Flux's normalised and rotated q / k among them) compute the eager
+    quantized model's output."""
     _, qmodel, _ = quantized_family(name, recipe)
 
     def lowering_backend(gm, example_inputs):  # (the blocks' nested subgraphs too)

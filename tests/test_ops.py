@@ -139,14 +139,15 @@ def test_attention_operand_ops_lay_out_codes_for_the_kernel_and_opcheck(head_dim
     padded, padded_v = (48, 32) if head_dim == 24 else (16, 16)
     q = fxq.attention_operand_fp8(heads_view, scales[0], False)
     linear = ([x_q], [x_scale], [w_q], [w_scale], [bias])
-    v = fxq.linear_attention_operand(*linear, scales[2], heads, [tokens], True)
+    plain = ("none", [None], [None], 0.0, [])  # no head norm, no rotary embedding
+    v = fxq.linear_attention_operand(*linear, scales[2], heads, [tokens], True, *plain)
     assert q.shape == (batch, heads, tokens, padded) and v.shape == (batch, heads, padded_v, 16)
     expected = fxq.quantize_per_tensor_fp8(heads_view, scales[0])
     assert torch.equal(q[..., :head_dim].view(torch.uint8), expected.view(torch.uint8))
     assert not q[..., head_dim:].float().any() and not v[:, :, head_dim:].float().any() and not v[..., 5:].float().any()
     assert torch.equal(v[:, :, :head_dim, :tokens].transpose(-1, -2).float(),
                        fxq.quantize_per_tensor_fp8(heads_view, scales[2]).float())
-    k = fxq.linear_attention_operand(*linear, scales[1], heads, [tokens], False)
+    k = fxq.linear_attention_operand(*linear, scales[1], heads, [tokens], False, *plain)
     assert torch.equal(k.float(), fxq.attention_operand_fp8(heads_view, scales[1], False).float())
     text_q, text_scale = fxq.quantize_per_token_fp8(torch.randn(batch * 3, 32))  # a second part of 3 tokens
     text = ([text_q], [text_scale], [w_q.flip(0)], [w_scale.flip(0)], [None])
@@ -154,7 +155,7 @@ def test_attention_operand_ops_lay_out_codes_for_the_kernel_and_opcheck(head_dim
         batch, 3, heads, head_dim).transpose(1, 2)
     for keys_major in (False, True):  # the parts one after the other along tokens, sample by sample
         joint = fxq.linear_attention_operand(*(a + b for a, b in zip(linear, text)), scales[1], heads, [tokens, 3],
-                                             keys_major)
+                                             keys_major, "none", [None, None], [None, None], 0.0, [])
         expected = fxq.attention_operand_fp8(torch.cat([heads_view, text_view], dim=2), scales[1], keys_major)
         assert torch.equal(joint.view(torch.uint8), expected.view(torch.uint8))
     attention = fxq.attention_fp8_codes(q, k, v, head_dim, head_dim**-0.5, scales, torch.float32)
@@ -165,7 +166,7 @@ def test_attention_operand_ops_lay_out_codes_for_the_kernel_and_opcheck(head_dim
     assert torch.equal(codes.float(), fxq.quantize_per_tensor_fp8(expected, out_scale).float())
     test_utils = ("test_faketensor", "test_aot_dispatch_dynamic")  # (CPU torch multiplies no float8 inputs)
     torch.library.opcheck(fxq.attention_operand_fp8, (heads_view, scales[0], True))
-    torch.library.opcheck(fxq.linear_attention_operand, (*linear, scales[1], heads, [tokens], False),
+    torch.library.opcheck(fxq.linear_attention_operand, (*linear, scales[1], heads, [tokens], False, *plain),
                           test_utils=test_utils)
     torch.library.opcheck(fxq.attention_fp8_codes, (q, k, v, head_dim, 0.25, scales, torch.bfloat16, out_scale),
                           test_utils=test_utils)

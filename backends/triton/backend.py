@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from ...ops import attention_operand_reference, quantize_per_token_reference, varies_per_sample
+from ...ops import attention_operand_reference, quantize_per_token_reference, rotate_pairs, varies_per_sample
 from ...quantizer import quantize_asymmetric, quantize_fp8, quantize_fp8_with_scale, unpack_bits, unpack_int4
 
 compile_counter: Counter = Counter()
@@ -535,28 +535,117 @@ def _head_projection(operand, tokens_first: bool = False) -> tuple | None:
     return node, heads, tokens
 
 
-def _head_projections(operand) -> list[tuple] | None:
-    """[(fp8_linear node, heads, tokens), ...] when operand, an attention's [B, H, N, D] argument, is one head
-    projection (`_head_projection`) or the single-use concatenation along tokens of several (SD3 / Flux joint
-    attention's image and text parts: cat along N of [B, H, N_p, D] views, or cat along N of [B, N_p, H, D] views
-    with the heads moved out after it), else None."""
+def _uncast(node):
+    """node without a trailing `.float()` / `.to(dtype)`."""
+    if isinstance(node, fx.Node) and node.op == "call_method" and (
+            node.target == "float" and len(node.args) == 1
+            or node.target == "to" and len(node.args) == 2 and isinstance(node.args[1], torch.dtype)) \
+            and not node.kwargs:
+        return node.args[0]
+    return node
+
+
+def _evaluated(node, env: dict, budget: list):
+    """node's value computed from env's (node -> value) through at most budget[0] call nodes; KeyError if it needs
+    anything else (a placeholder, an attribute, a longer chain)."""
+    if not isinstance(node, fx.Node) or node in env:
+        return env[node] if isinstance(node, fx.Node) else node
+    if node.op not in ("call_function", "call_method") or budget[0] == 0:
+        raise KeyError(node.name)
+    budget[0] -= 1
+    args = fx.node.map_arg(node.args, lambda arg: _evaluated(arg, env, budget))
+    kwargs = fx.node.map_arg(node.kwargs, lambda arg: _evaluated(arg, env, budget))
+    env[node] = node.target(*args, **kwargs) if node.op == "call_function" else \
+        getattr(args[0], node.target)(*args[1:], **kwargs)
+    return env[node]
+
+
+def _rotates_pairs(node, x) -> bool:
+    """Whether node computes rotate_pairs(x) (fxquant.ops) from x alone, in at most 12 ops: evaluated on a probe."""
+    if _value(x) is None:
+        return False
+    probe = torch.arange(_value(x).numel(), dtype=torch.float32).reshape(_value(x).shape)
+    try:
+        return torch.equal(_evaluated(node, {x: probe}, [12]).float(), rotate_pairs(probe))
+    except (KeyError, RuntimeError, TypeError, ValueError, AttributeError, IndexError):
+        return False
+
+
+def _rope_table(node, value) -> bool:
+    """Whether node is a rotary table broadcasting over value [B, N, H, D] as [N, D]: shaped [1, N, 1, D]."""
+    table = _value(node)
+    return table is not None and tuple(table.shape) == (1, value.shape[1], 1, value.shape[3])
+
+
+def _rotary(node) -> tuple | None:
+    """(x, cos, sin) when node is diffusers' apply_rotary_emb (use_real, channel pairs interleaved) of x [B, N, H, D]:
+    (x.float() * cos + rotate_pairs(x).float() * sin), maybe cast, with cos / sin [1, N, 1, D]; else None."""
+    node, value = _uncast(node), _value(node)
+    if not (_call(node, {operator.add}) and len(node.args) == 2 and all(_call(a, {operator.mul}) for a in node.args)
+            and value is not None and value.dim() == 4):
+        return None
+    for first, second in (node.args, node.args[::-1]):
+        for x, cos in (first.args, first.args[::-1]):
+            for rotated, sin in (second.args, second.args[::-1]):
+                if _rope_table(cos, value) and _rope_table(sin, value) and _rotates_pairs(_uncast(rotated), _uncast(x)):
+                    return _uncast(x), cos, sin
+    return None
+
+
+def _head_norm(node) -> tuple | None:
+    """(input, "rms" | "layer", weight, bias, eps) when node is an RMSNorm with a weight, or a LayerNorm with a weight
+    and a bias, over the last dim, a power-of-two head dim (the GEMM epilogue's tile holds whole heads); else None."""
+    if _value(node) is None or not _call(node, {torch.rms_norm, F.rms_norm, torch.layer_norm, F.layer_norm}):
+        return None
+    head_dim, layer = _value(node).shape[-1], _call(node, {torch.layer_norm, F.layer_norm})
+    shape, weight = _arg(node, 1, "normalized_shape", None), _arg(node, 2, "weight", None)
+    bias, eps = (_arg(node, 3, "bias", None), _arg(node, 4, "eps", 1e-5)) if layer else (None, _arg(node, 3, "eps", None))
+    if weight is None or eps is None or (bias is None) == layer or tuple(shape or ()) != (head_dim,) \
+            or head_dim & (head_dim - 1):
+        return None
+    return node.args[0], "layer" if layer else "rms", weight, bias, eps
+
+
+def _head_projections(operand) -> tuple | None:
+    """([(fp8_linear node, heads, tokens), ...], norm, [norm weight or None per part], [norm bias ...], eps,
+    [cos, sin] or []) when operand, an attention's [B, H, N, D] argument, is one head projection
+    (`_head_projection`) or the single-use concatenation along tokens of several (SD3 / Flux joint attention's image
+    and text parts: cat along N of [B, H, N_p, D] views, or cat along N of [B, N_p, H, D] views with the heads moved
+    out after it); each part maybe normalised per head (`_head_norm`: Flux's RMSNorms, CogVideoX's LayerNorms) and
+    a tokens-first concatenation maybe rotated (Flux's `_rotary`). Else None."""
     value, node = _value(operand), operand
     while _is_head_view(node) and _only_use(node):
         node = node.args[0]
-    if not (_call(node, {torch.cat}) and _only_use(node) and value is not None and _value(node) is not None
-            and _value(node).dim() == 4):
-        single = _head_projection(operand)
-        return [single] if single else None
-    joint = _value(node)
-    dim = _arg(node, 1, "dim", 0) % 4
-    moved = (joint.shape[0], joint.shape[2], joint.shape[1], joint.shape[3])  # [B, N, H, D] -> [B, H, N, D]
-    batch, heads, tokens, head_dim = value.shape
-    layouts = {2: (node is operand, False),  # cat along N of [B, H, N_p, D]
-               1: (tuple(value.shape) == moved and tuple(value.stride()) == (  # cat of [B, N_p, H, D], then moved
-                   tokens * heads * head_dim, head_dim, heads * head_dim, 1), True)}
-    matches, tokens_first = layouts.get(dim, (False, False))
-    parts = [_head_projection(part, tokens_first) for part in _arg(node, 0, "tensors", ())] if matches else []
-    return parts if parts and all(parts) else None
+    rotary = _rotary(node) if _only_use(node) else None
+    rope, inner = ([rotary[1], rotary[2]], rotary[0]) if rotary else ([], node)
+    if rotary and not (_value(inner) is not None and tuple(_value(inner).stride()) == tuple(_value(node).stride())):
+        return None
+    if not (_call(inner, {torch.cat}) and (rotary or _only_use(inner)) and value is not None
+            and _value(inner) is not None and _value(inner).dim() == 4):
+        norm = _head_norm(inner) if rotary or inner is operand else None  # (a heads-first norm is the operand)
+        single = _head_projection(norm[0] if norm else inner if rotary else operand, tokens_first=bool(rotary))
+        norms = [norm[1:] if norm else None]
+    else:
+        joint = _value(inner)
+        dim = _arg(inner, 1, "dim", 0) % 4
+        moved = (joint.shape[0], joint.shape[2], joint.shape[1], joint.shape[3])  # [B, N, H, D] -> [B, H, N, D]
+        batch, heads, tokens, head_dim = value.shape
+        layouts = {2: (inner is operand, False),  # cat along N of [B, H, N_p, D]
+                   1: (tuple(value.shape) == moved and tuple(value.stride()) == (  # cat of [B, N_p, H, D], then moved
+                       tokens * heads * head_dim, head_dim, heads * head_dim, 1), True)}
+        matches, tokens_first = layouts.get(dim, (False, False))
+        if not matches or (rope and not tokens_first):
+            return None
+        found = [_head_norm(part) if _only_use(part) else None for part in _arg(inner, 0, "tensors", ())]
+        parts = [_head_projection(norm[0] if norm else part, tokens_first)
+                 for part, norm in zip(_arg(inner, 0, "tensors", ()), found)]
+        single, norms = (parts if parts and all(parts) else None), [norm[1:] if norm else None for norm in found]
+    kinds = {(norm[0], norm[3]) for norm in norms if norm}  # one kind and eps for all parts
+    if not single or len(kinds) > 1:
+        return None
+    kind, eps = next(iter(kinds), ("none", 0.0))
+    return ((single if isinstance(single, list) else [single]), kind, [norm[1] if norm else None for norm in norms],
+            [norm[2] if norm else None for norm in norms], eps, rope)
 
 
 def fuse_attention_operands(gm: fx.GraphModule) -> int:
@@ -581,17 +670,20 @@ def fuse_attention_operands(gm: fx.GraphModule) -> int:
                 if projection is None:
                     call = (fxq.attention_operand_fp8.default, (x, operand_scale, index == 2))
                 else:
-                    linears = [_node_args(linear, fxq.fp8_linear.default)[:5] for linear, _, _ in projection]
-                    call = (fxq.linear_attention_operand.default, (*map(list, zip(*linears)), operand_scale,
-                                                                   projection[0][1], [part[2] for part in projection],
-                                                                   index == 2))
+                    parts, norm, norm_weight, norm_bias, eps, rope = projection
+                    linears = [_node_args(linear, fxq.fp8_linear.default)[:5] for linear, _, _ in parts]
+                    tables = [_with_example_value(gm.graph.call_function(torch.reshape, (
+                        table, (sum(part[2] for part in parts), _value(x).shape[-1])))) for table in rope]
+                    call = (fxq.linear_attention_operand.default, (
+                        *map(list, zip(*linears)), operand_scale, parts[0][1], [part[2] for part in parts],
+                        index == 2, norm, norm_weight, norm_bias, eps, tables))
                 operands.append(_with_example_value(gm.graph.call_function(*call)))
             codes = gm.graph.call_function(fxq.attention_fp8_codes.default, (
                 *operands, _value(q).shape[-1], scale, operand_scales, _value(q).dtype, out_scale, out_split))
         codes.meta.update(node.meta)
         node.replace_all_uses_with(codes)
         gm.graph.erase_node(node)
-        fused += sum(len(projection) for projection in projections if projection)
+        fused += sum(len(projection[0]) for projection in projections if projection)
     return _cleaned(gm, fused)
 
 
@@ -730,10 +822,12 @@ def _triton_quantized_attention_codes(q, k, v, scale, pv_fp8, operand_scales, ou
                                out_split=out_split)
 
 
-def _triton_linear_attention_operand(x_q, x_scale, w_q, w_scale, bias, scale, heads, tokens, keys_major):
+def _triton_linear_attention_operand(x_q, x_scale, w_q, w_scale, bias, scale, heads, tokens, keys_major, norm,
+                                     norm_weight, norm_bias, norm_eps, rope):
     from .gemm import attention_operand_gemm
 
-    return attention_operand_gemm(x_q, x_scale, w_q, w_scale, bias, scale, heads, tokens, keys_major, traced=True)
+    return attention_operand_gemm(x_q, x_scale, w_q, w_scale, bias, scale, heads, tokens, keys_major, norm,
+                                  norm_weight, norm_bias, norm_eps, rope, traced=True)
 
 
 def _triton_attention_fp8_codes(q, k, v, head_dim, scale, operand_scales, out_dtype, out_scale, out_split):

@@ -7,6 +7,8 @@ epilogue; int8 activations against 8-, 4- or 2-bit weights (W8A8, W4A8, W2A8), t
     (or)          out[m, n] = quantize(act(out[m, n]), out_scale, out_zero)    (fxquant::linear_activation_quantize)
                   or, gated (GEGLU: b holds 2N rows), quantize(out[m, n] * gelu(out[m, N + n]), out_scale, out_zero)
     (and)         stored at split offsets, an attention operand's layout          (fxquant::linear_attention_operand)
+                  after an RMSNorm / LayerNorm over each head's channels (Flux's / CogVideoX's q / k) and a
+                  rotary position embedding (Flux's)
 
 a: activations [M, K] (row-major), b: weights [N, K] (row-major, i.e. B^T) as int8 / fp8 codes, or packed uint8
 [N, K * bits / 8] (fxquant.quantizer.pack_bits: field i of byte j holds element i * K * bits / 8 + j);
@@ -97,7 +99,7 @@ def grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl
 def _gemm_kernel(
     # pointers
     a_ptr, b_ptr, out_ptr, a_scale_ptr, a_zero_ptr, b_scale_ptr, b_sum_ptr, bias_ptr, gate_ptr, residual_ptr,
-    out_scale_ptr, out_zero_ptr,
+    out_scale_ptr, out_zero_ptr, norm_weight_ptr, norm_bias_ptr, cos_ptr, sin_ptr,
     # sizes (K: logical, before packing)
     M, N, K, rows_per_gate,
     # strides (b's in its stored, possibly packed, units)
@@ -105,11 +107,16 @@ def _gemm_kernel(
     # SPLIT_OUT: out[m, n] is stored at out_offset + (m // split_m) * stride_om_outer + (m % split_m) * stride_om
     #                                              + (n // split_n) * stride_on_outer + (n % split_n) * stride_on
     split_m, split_n, stride_om_outer, stride_on_outer, out_offset,
+    # HEAD_NORM / ROPE: row m is token rope_offset + m % split_m of the rotary tables cos / sin [tokens, HEAD_DIM]
+    norm_eps, rope_offset,
     # meta-parameters
     HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_PER_ROW: tl.constexpr, HAS_GATE: tl.constexpr,
     GATE_PER_TILE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACT: tl.constexpr, OUT_CODES: tl.constexpr,
     INT_ACC: tl.constexpr, WEIGHT_BITS: tl.constexpr, SPLIT_OUT: tl.constexpr, OUT_RUN: tl.constexpr,
     GATED: tl.constexpr,  # b has 2N rows: out = act(second half's product) times the first half's (8-bit b only)
+    # per head of HEAD_DIM channels (a tile holds whole heads): HEAD_NORM 1 RMSNorm (weight), 2 LayerNorm (weight,
+    # bias); ROPE: rotary embedding
+    HEAD_NORM: tl.constexpr, ROPE: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     PER_BYTE: tl.constexpr = 8 // WEIGHT_BITS if INT_ACC else 1
@@ -192,6 +199,21 @@ def _gemm_kernel(
         out = out * apply_activation(gate_half, ACT)
     else:
         out = apply_activation(out, ACT)
+    if HEAD_NORM:  # RMSNorm / LayerNorm over each head's channels, affine per channel
+        heads = tl.reshape(out, (BLOCK_M, BLOCK_N // HEAD_DIM, HEAD_DIM))
+        if HEAD_NORM == 2:
+            heads = heads - (tl.sum(heads, axis=2) / HEAD_DIM)[:, :, None]
+        inverse_rms = tl.rsqrt(tl.sum(heads * heads, axis=2) / HEAD_DIM + norm_eps)
+        out = tl.reshape(heads * inverse_rms[:, :, None], (BLOCK_M, BLOCK_N))
+        out = out * tl.load(norm_weight_ptr + cols % HEAD_DIM, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        if HEAD_NORM == 2:
+            out += tl.load(norm_bias_ptr + cols % HEAD_DIM, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    if ROPE:  # rotary embedding: channel pairs (2i, 2i + 1) -> x * cos + (-x[2i + 1], x[2i]) * sin
+        table = (rope_offset + rows % split_m)[:, None] * HEAD_DIM + (cols % HEAD_DIM)[None, :]
+        cos = tl.load(cos_ptr + table, mask=tile_ok, other=0.0).to(tl.float32)
+        sin = tl.load(sin_ptr + table, mask=tile_ok, other=0.0).to(tl.float32)
+        real, imaginary = tl.split(tl.reshape(out, (BLOCK_M, BLOCK_N // 2, 2)))
+        out = out * cos + tl.reshape(tl.join(-imaginary, real), (BLOCK_M, BLOCK_N)) * sin
     if OUT_CODES == 1:  # asymmetric int8, as fxquant::quantize_per_tensor
         zero = tl.load(out_zero_ptr).to(tl.float32)
         out = tl.minimum(tl.maximum(rint(out * tl.div_rn(1.0, tl.load(out_scale_ptr))) + zero, -128.0), 127.0)
@@ -306,7 +328,8 @@ def quantized_gemm(a: torch.Tensor, a_scale: torch.Tensor, a_zero: torch.Tensor 
                    out_zero: torch.Tensor | None = None, config: dict | None = None,
                    gate_per_tile: bool | None = None, unpack_first: bool | None = None,
                    out: torch.Tensor | None = None, split_out: tuple | None = None,
-                   bias_per_row: bool = False) -> torch.Tensor:
+                   bias_per_row: bool = False, head_norm: tuple | None = None,
+                   rope: tuple | None = None) -> torch.Tensor:
     """a [M, K] int8 or fp8, a_scale fp32 [M] or [1] (broadcast), a_zero int32 like a_scale or None; b [N, K] same
     dtype as a, or (int8 a, weight_bits 4 / 2) uint8 [N, K * weight_bits / 8] packed codes; b_scale fp32 [N], b_sum
     int32 [N] (needed with a_zero); bias [N] or None -> out [M, N].
@@ -326,7 +349,10 @@ def quantized_gemm(a: torch.Tensor, a_scale: torch.Tensor, a_zero: torch.Tensor 
     out / split_out / bias_per_row (`attention_operand_gemm`): the output buffer, written at the kernel's SPLIT_OUT
     offsets (split_out = (split_m, stride_om_outer, stride_om, split_n, stride_on_outer, stride_on, out_run,
     out_offset)), and the product transposed (a: weights, b: activations): the bias indexed by row, b_scale [1]
-    (broadcast) or one per row of b."""
+    (broadcast) or one per row of b. head_norm = ("rms" | "layer", weight [D], bias [D] or None, eps) and rope =
+    (cos [T, D], sin [T, D], token offset), with split_out's split_n = D (heads of D channels along N): each head's
+    output is normalised (a LayerNorm takes a bias), then rotated as the token at offset + row % split_m of the
+    tables (Flux's / CogVideoX's q / k)."""
     packed = weight_bits != 8
     assert weight_bits in (8, 4, 2), f"weight_bits {weight_bits}"
     assert a.dim() == 2 and b.dim() == 2 and a.shape[1] == b.shape[1] * 8 // weight_bits, \
@@ -363,26 +389,35 @@ def quantized_gemm(a: torch.Tensor, a_scale: torch.Tensor, a_zero: torch.Tensor 
     dummy = b_scale  # never read when the matching constexpr flag is off
     gate_arg, rows_per_gate, stride_gate_g, stride_gate_n = per_group_operand(
         gate, residual.shape if residual is not None else (m, n), m, dummy)
+    head_dim = split_n if head_norm is not None or rope is not None else 1
+    assert head_dim == 1 or not bias_per_row, "per-head transforms need heads along N"
+    norm, norm_weight, norm_bias, norm_eps = head_norm or ("none", dummy, None, 0.0)
+    assert (norm == "layer") == (norm_bias is not None), "a LayerNorm of heads takes a bias, an RMSNorm none"
+    cos, sin, rope_offset = rope or (dummy, dummy, 0)
 
     args = (a, b, out, a_scale, a_zero if a_zero is not None else dummy, b_scale,
             b_sum if b_sum is not None else dummy, bias if bias is not None else dummy, gate_arg,
             residual if residual is not None else dummy, out_scale if out_scale is not None else dummy,
-            out_zero if out_zero is not None else dummy, m, n, k, rows_per_gate,
+            out_zero if out_zero is not None else dummy, norm_weight, norm_bias if norm_bias is not None else dummy,
+            cos, sin, m, n, k, rows_per_gate,
             a.stride(0), a.stride(1), b.stride(0), b.stride(1), stride_om, stride_on,
             stride_gate_g, stride_gate_n, residual.stride(-2) if residual is not None and residual.dim() > 1 else n,
-            split_m, split_n, stride_om_outer, stride_on_outer, out_offset)
+            split_m, split_n, stride_om_outer, stride_on_outer, out_offset, norm_eps, rope_offset)
     if gate_per_tile is None:
         gate_per_tile = rows_per_gate >= MAX_BLOCK_M
     flags = dict(HAS_ZERO=a_zero is not None, HAS_BIAS=bias is not None, BIAS_PER_ROW=bias_per_row,
                  HAS_GATE=gate is not None, GATE_PER_TILE=gate_per_tile, HAS_RESIDUAL=residual is not None,
                  ACT=ACTIVATION_CODES[activation], OUT_CODES=0 if out_scale is None else 1 if out_zero is not None
                  else 2, INT_ACC=a.dtype == torch.int8, WEIGHT_BITS=weight_bits, SPLIT_OUT=split_out is not None,
-                 OUT_RUN=out_run, GATED=gated)
-    if traced:
+                 OUT_RUN=out_run, GATED=gated, HEAD_NORM=("none", "rms", "layer").index(norm), ROPE=rope is not None,
+                 HEAD_DIM=head_dim)
+    if traced or head_dim > 1:  # per-head transforms need a tile of whole heads: no autotuning
         config = config or fixed_config(m, n, k, a.dtype == torch.int8, residual is not None, weight_bits != 8,
                                         gated)
+        if config["BLOCK_N"] % head_dim:
+            config = {**config, "BLOCK_N": head_dim}
         grid = (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"]),)
-        wrap_triton(_gemm_kernel.fn)[grid](*args, **flags, **config)
+        (wrap_triton(_gemm_kernel.fn) if traced else _gemm_kernel.fn)[grid](*args, **flags, **config)
     else:
         _gemm_kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)](*args, **flags)
     return out if residual is None else out.view(out_shape)
@@ -390,7 +425,10 @@ def quantized_gemm(a: torch.Tensor, a_scale: torch.Tensor, a_zero: torch.Tensor 
 
 def attention_operand_gemm(x_q: list[torch.Tensor], x_scale: list[torch.Tensor], w_q: list[torch.Tensor],
                            w_scale: list[torch.Tensor], bias: list[torch.Tensor | None], scale: torch.Tensor,
-                           heads: int, tokens: list[int], keys_major: bool, traced: bool = False) -> torch.Tensor:
+                           heads: int, tokens: list[int], keys_major: bool,
+                           norm: str = "none", norm_weight: list[torch.Tensor | None] | None = None,
+                           norm_bias: list[torch.Tensor | None] | None = None, norm_eps: float = 0.0,
+                           rope: list[torch.Tensor] = (), traced: bool = False) -> torch.Tensor:
     """fxquant::linear_attention_operand: per part, the fp8 GEMM x_q[p] [B * tokens[p], K] @ w_q[p] [H * D, K]^T whose
     epilogue stores the fp8 codes of out / scale straight into the attention operand's layout
     (`attention_operand_shape`, the parts one after the other along tokens; padding left unwritten): Q / K rows of
@@ -398,14 +436,20 @@ def attention_operand_gemm(x_q: list[torch.Tensor], x_scale: list[torch.Tensor],
     channels, so that each channel's run of keys is stored contiguously). V's last part, when it starts at an
     aligned key, also covers the key padding (its activations padded with zero rows per sample): a part of a token
     count off the 16-key alignment would store its keys one byte at a time (SD3's 333 text tokens: 73 us against
-    12 for 336, gpu-bench-h100/joint-v-operand-parts.json); the padding keys' codes are never read."""
+    12 for 336, gpu-bench-h100/joint-v-operand-parts.json); the padding keys' codes are never read.
+    Q / K only: norm ("rms" | "layer") with norm_weight[p] (None: no norm) and norm_bias[p] normalises part p's heads
+    (eps norm_eps), and rope = [cos, sin] (tables [sum(tokens), D]) rotates every token, in the GEMM's epilogue (as
+    linear_attention_operand)."""
+    norm_weight, rope = norm_weight or [None] * len(tokens), [table.contiguous() for table in rope]
+    norm_bias = norm_bias or [None] * len(tokens)
+    assert not keys_major or not (rope or any(weight is not None for weight in norm_weight)), "V takes no head norm"
     batch, head_dim = x_q[0].shape[0] // tokens[0], w_q[0].shape[0] // heads
     out = torch.empty(attention_operand_shape(batch, heads, sum(tokens), head_dim, keys_major),
                       dtype=torch.float8_e4m3fn, device=x_q[0].device)
     sample, head, token, channel = out.stride() if not keys_major else (*out.stride()[:2], 1, out.stride(2))
-    offset = 0  # of the part's first token, in elements
-    for index, (part_q, part_scale, part_w, part_w_scale, part_bias, count) in enumerate(
-            zip(x_q, x_scale, w_q, w_scale, bias, tokens)):
+    offset, first_token = 0, 0  # the part's first token, in elements and in tokens
+    for index, (part_q, part_scale, part_w, part_w_scale, part_bias, count, part_norm, part_norm_bias) in enumerate(
+            zip(x_q, x_scale, w_q, w_scale, bias, tokens, norm_weight, norm_bias)):
         if keys_major:  # rows: channels (head, channel); columns: tokens (sample, token)
             stored = out.shape[-1] - offset if index == len(tokens) - 1 and offset % KEY_ALIGNMENT == 0 \
                 else count
@@ -417,8 +461,11 @@ def attention_operand_gemm(x_q: list[torch.Tensor], x_scale: list[torch.Tensor],
         else:
             split = (count, sample, token, head_dim, head, channel, _run(head_dim), offset)
             quantized_gemm(part_q, part_scale, None, part_w, part_w_scale, None, part_bias, out.dtype, traced=traced,
-                           out_scale=scale, out=out, split_out=split)
+                           out_scale=scale, out=out, split_out=split,
+                           head_norm=(norm, part_norm, part_norm_bias, norm_eps) if part_norm is not None else None,
+                           rope=(*rope, first_token) if rope else None)
         offset += count * token
+        first_token += count
     return out
 
 

@@ -408,12 +408,49 @@ def test_gemm_epilogue_stores_attention_operand_codes(head_dim, tokens, keys_maj
     out_scale = (exact.abs().max() * 0.9 / 448).reshape(1)  # some codes saturate
     exact = exact / out_scale
     parts = [list(operand) for operand in zip(*linears)]
-    expected = fxq.linear_attention_operand(*parts, out_scale, heads, tokens, keys_major)
+    expected = fxq.linear_attention_operand(*parts, out_scale, heads, tokens, keys_major, "none", [None] * len(tokens),
+                                            [None] * len(tokens), 0.0, [])
     for traced in (False, True):
         codes = attention_operand_gemm(*parts, out_scale, heads, tokens, keys_major, traced=traced)
         assert codes.shape == expected.shape and codes.dtype == torch.float8_e4m3fn
         valid = codes[:, :, :head_dim, :sum(tokens)].transpose(-1, -2) if keys_major else codes[..., :head_dim]
         _assert_fp8_codes(valid, _e4m3(exact))
+
+
+@pytest.mark.parametrize("head_dim,tokens,norm,norms,rope", [
+    (32, [24], "rms", [True], True), (16, [20, 9], "rms", [True, True], True), (32, [20, 9], "rms", [False, True], True),
+    (16, [24], "layer", [True], False), (32, [20, 9], "layer", [True, True], True)])
+def test_gemm_epilogue_normalises_and_rotates_heads(head_dim, tokens, norm, norms, rope):
+    """Flux's / CogVideoX's q / k (linear_attention_operand with a head norm and rope): each part's heads normalised
+    (RMSNorm, or LayerNorm with a bias) with the part's own affine (or not), the joint tokens rotated by the tables'
+    row of their position (or not), then stored as fp8 codes in the attention operand's layout, by the GEMM's
+    epilogue (a tile of one head, or of two); against the float computation in PyTorch."""
+    heads, batch, eps = 2, 2, 1e-6
+    linears = [_fp8_linear_operands(batch * count, 64, heads * head_dim) for count in tokens]
+    weights = [torch.rand(head_dim) + 0.5 if wanted else None for wanted in norms]
+    biases = [torch.randn(head_dim) if wanted and norm == "layer" else None for wanted in norms]
+    angles = torch.rand(sum(tokens), head_dim // 2) * 6
+    tables = [angles.cos().repeat_interleave(2, -1), angles.sin().repeat_interleave(2, -1)] if rope else []
+    outs = [fxq.fp8_linear(*linear, torch.float32).view(batch, count, heads, head_dim)
+            for linear, count in zip(linears, tokens)]
+    for index, (out, weight, bias) in enumerate(zip(outs, weights, biases)):
+        centred = out - out.mean(-1, keepdim=True) if norm == "layer" else out
+        if weight is not None:
+            outs[index] = centred * torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + eps) * weight + (
+                0 if bias is None else bias)
+    exact = torch.cat(outs, dim=1)  # [B, N, H, D], as Flux's processor concatenates
+    if rope:
+        real, imaginary = exact[..., 0::2], exact[..., 1::2]
+        exact = exact * tables[0][:, None] + torch.stack([-imaginary, real], dim=-1).flatten(-2) * tables[1][:, None]
+    exact = exact.transpose(1, 2)
+    out_scale = (exact.abs().max() * 0.9 / 448).reshape(1)
+    parts = [list(operand) for operand in zip(*linears)]
+    transforms = (norm, weights, biases, eps, tables)
+    _assert_fp8_codes(fxq.linear_attention_operand(*parts, out_scale, heads, tokens, False, *transforms),
+                      _e4m3(exact / out_scale))
+    for traced in (False, True):
+        codes = attention_operand_gemm(*parts, out_scale, heads, tokens, False, *transforms, traced=traced)
+        _assert_fp8_codes(codes, _e4m3(exact / out_scale))
 
 
 @pytest.mark.parametrize("head_dim", [32, 72])
