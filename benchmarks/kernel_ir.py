@@ -73,7 +73,7 @@ def gemm_reports() -> dict:
         fp8, gated, rotated = a_type == "*fp8e4nv", label.endswith("geglu_codes"), label.endswith("norm_rope")
         operand, gelu = "attention_operand" in label, gated or label.endswith("gelu_codes")
         constants = dict(HAS_ZERO=not fp8, HAS_BIAS=True, BIAS_PER_ROW=operand and not rotated, HAS_GATE=False,
-                         GATE_PER_TILE=False, HEAD_NORM=1 if rotated else 0, ROPE=rotated, HEAD_DIM=128 if rotated else 1,
+                         GATE_PER_TILE=False, HEAD_NORM=int(rotated), ROPE=rotated, HEAD_DIM=128 if rotated else 1,
                          HAS_RESIDUAL=False, ACT=(1 if gated else 2) if gelu else 0,
                          OUT_CODES=2 if gelu or operand else 0, INT_ACC=not fp8, WEIGHT_BITS=bits, SPLIT_OUT=operand,
                          OUT_RUN=16 if operand else 1, GATED=gated, BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8,

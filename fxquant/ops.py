@@ -555,7 +555,8 @@ def linear_attention_operand(x_q: list[torch.Tensor], x_scale: list[torch.Tensor
     heads_first(fp8_linear(x_q[p] [B * tokens[p], K_p], x_scale[p], w_q[p], w_scale[p], bias[p]), heads, tokens[p]),
     then normalised over each head's channels unless norm_weight[p] is None: norm "rms" (RMSNorm, weight [D]) or
     "layer" (LayerNorm, weight and bias norm_bias[p] [D]), eps norm_eps; with rope = [cos, sin] ([sum(tokens), D]
-    each; or []) the concatenation is rotated: x * cos + rotate_pairs(x) * sin (Flux's q / k; CogVideoX's norms). The compile backend puts it in place of the q / k / v projections feeding a static-fp8 attention,
+    each; or []) the concatenation is rotated: x * cos + rotate_pairs(x) * sin (Flux's q / k; CogVideoX's are
+    LayerNorm-ed). The compile backend puts it in place of the q / k / v projections feeding a static-fp8 attention,
     so that their GEMMs' epilogues write the attention's operand. -> fp8 codes, shaped as attention_operand_fp8's."""
     parts = [heads_first(fp8_linear_reference(*linear, torch.float32), heads, count)
              for *linear, count in zip(x_q, x_scale, w_q, w_scale, bias, tokens)]

@@ -16,8 +16,9 @@ The backend rewrites it with patterns, then compiles:
   a quantized attention's output (the output projection's input) one `quantized_attention_codes` (also when a joint
   attention's output is cut into two token ranges for two projections: two scales split at the boundary), and a
   static-fp8
-  attention whose q / k / v come from fp8 linears (joint ones concatenated) one `attention_fp8_codes` on operands
-  the GEMMs' epilogues write in the kernel's layout (`linear_attention_operand`);
+  attention whose q / k / v come from fp8 linears (joint ones concatenated; q / k maybe normalised per head and
+  rotated, as Flux's and CogVideoX's) one `attention_fp8_codes` on operands the GEMMs' epilogues write in the
+  kernel's layout (`linear_attention_operand`, the head norms and the rotary embedding applied there);
 - CUDA: the quantize, GEMM, attention and conv ops become calls of fxquant's Triton kernels
   traced through `wrap_triton`, which Inductor launches from its own generated code (no Python dispatch per op; the
   attention kernel's tile is autotuned per shape before tracing, GEMM tiles are fixed rules); static per-tensor
@@ -565,8 +566,9 @@ def _rotates_pairs(node, x) -> bool:
     if _value(x) is None:
         return False
     probe = torch.arange(_value(x).numel(), dtype=torch.float32).reshape(_value(x).shape)
+    expected = rotate_pairs(probe)
     try:
-        return torch.equal(_evaluated(node, {x: probe}, [12]).float(), rotate_pairs(probe))
+        return torch.equal(_evaluated(node, {x: probe}, [12]).float(), expected)
     except (KeyError, RuntimeError, TypeError, ValueError, AttributeError, IndexError):
         return False
 
@@ -599,7 +601,8 @@ def _head_norm(node) -> tuple | None:
         return None
     head_dim, layer = _value(node).shape[-1], _call(node, {torch.layer_norm, F.layer_norm})
     shape, weight = _arg(node, 1, "normalized_shape", None), _arg(node, 2, "weight", None)
-    bias, eps = (_arg(node, 3, "bias", None), _arg(node, 4, "eps", 1e-5)) if layer else (None, _arg(node, 3, "eps", None))
+    bias, eps = (_arg(node, 3, "bias", None), _arg(node, 4, "eps", 1e-5)) if layer else \
+        (None, _arg(node, 3, "eps", None))
     if weight is None or eps is None or (bias is None) == layer or tuple(shape or ()) != (head_dim,) \
             or head_dim & (head_dim - 1):
         return None

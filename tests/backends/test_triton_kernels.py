@@ -418,8 +418,9 @@ def test_gemm_epilogue_stores_attention_operand_codes(head_dim, tokens, keys_maj
 
 
 @pytest.mark.parametrize("head_dim,tokens,norm,norms,rope", [
-    (32, [24], "rms", [True], True), (16, [20, 9], "rms", [True, True], True), (32, [20, 9], "rms", [False, True], True),
-    (16, [24], "layer", [True], False), (32, [20, 9], "layer", [True, True], True)])
+    (32, [24], "rms", [True], True), (16, [20, 9], "rms", [True, True], True),
+    (32, [20, 9], "rms", [False, True], True), (16, [24], "layer", [True], False),
+    (32, [20, 9], "layer", [True, True], True)])
 def test_gemm_epilogue_normalises_and_rotates_heads(head_dim, tokens, norm, norms, rope):
     """Flux's / CogVideoX's q / k (linear_attention_operand with a head norm and rope): each part's heads normalised
     (RMSNorm, or LayerNorm with a bias) with the part's own affine (or not), the joint tokens rotated by the tables'
