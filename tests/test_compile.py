@@ -124,17 +124,20 @@ def test_backend_fusions_rewrite_every_block_and_compute_the_same(quantized_fami
     assert relative_l2(outputs[True], outputs[False]) <= 1e-5  # fp32 model: the same arithmetic, fused
 
 
-@pytest.mark.parametrize("name", ["flux", "cogvideox"])
-def test_normalised_and_rotated_queries_and_keys_come_from_the_gemm_epilogues(quantized_family, name):
+@pytest.mark.parametrize("name,config", [("flux", {}), ("cogvideox", {}), ("sd3", {"qk_norm": "rms_norm"})])
+def test_normalised_and_rotated_queries_and_keys_come_from_the_gemm_epilogues(name, config):
     """Flux's q / k are RMS-normalised per head (each stream with its own weight), concatenated and rotated (RoPE);
-    CogVideoX's LayerNorm-ed per head: every q / k / v projection of a static-fp8 attention then writes the laid-out
-    operand from its GEMM's epilogue (Flux's double blocks: 3 operands x 2 streams, single blocks 3; CogVideoX's
-    blocks 3), computing what the unfused graph does."""
-    _, qmodel, _ = quantized_family(name, "w8a8-fp8:attention=fp8-static")
+    CogVideoX's LayerNorm-ed per head; SD3.5-style q / k (`qk_norm="rms_norm"`) RMS-normalised by diffusers' RMSNorm
+    written out in PyTorch ops: every q / k / v projection of a static-fp8 attention then writes the laid-out
+    operand from its GEMM's epilogue (joint blocks: 3 operands x 2 streams, single-stream blocks 3), computing what
+    the unfused graph does."""
+    family = FAMILIES[name]
+    qmodel = fxquant.quantize(family.build(**config), "w8a8-fp8:attention=fp8-static",
+                              [family.inputs(batch=2, seed=seed) for seed in range(2)])
     model = qmodel.model
-    expected = 3 * len(model.transformer_blocks) * (2 if name == "flux" else 1) + 3 * len(
+    expected = 3 * len(model.transformer_blocks) * (1 if name == "cogvideox" else 2) + 3 * len(
         getattr(model, "single_transformer_blocks", ()))
-    inputs = FAMILIES[name].inputs(batch=2, seed=4)
+    inputs = family.inputs(batch=2, seed=4)
     outputs = {}
     for enabled in (True, False):
         torch._dynamo.reset()

@@ -514,12 +514,13 @@ def fuse_attention_output_quantization(gm: fx.GraphModule) -> int:
     return _cleaned(gm, fused)
 
 
-def _head_projection(operand, tokens_first: bool = False) -> tuple | None:
+def _head_projection(operand, tokens_first: bool = False, shared: bool = False) -> tuple | None:
     """(fp8_linear node, heads, tokens) when operand is the single-use output [B * N, H * D] of an fp8 linear seen
     through views as its heads: [B, H, N, D] with operand[b, h, n, d] = out[b * N + n, h * D + d], or, tokens_first,
-    [B, N, H, D] (the same values, heads not yet moved out); else None."""
+    [B, N, H, D] (the same values, heads not yet moved out); else None. shared: operand itself may have several uses
+    (all inside the norm / rotation being fused, which reads it twice)."""
     value, node = _value(operand), operand
-    while _is_head_view(node) and _only_use(node):
+    while _is_head_view(node) and (_only_use(node) or shared and node is operand):
         node = node.args[0]
     if not (node.op == "call_function" and _target(node) == fxq.fp8_linear.default and _only_use(node)
             and value is not None and value.dim() == 4 and _value(node) is not None
@@ -594,9 +595,39 @@ def _rotary(node) -> tuple | None:
     return None
 
 
+def _call_or_method(node, functions: set, method: str) -> bool:
+    return _call(node, functions) or isinstance(node, fx.Node) and node.op == "call_method" and node.target == method
+
+
+def _decomposed_rms_norm(node) -> tuple | None:
+    """(x, weight, eps) when node is diffusers' RMSNorm written out, x * rsqrt(x.float().pow(2).mean(-1, keepdim=True)
+    + eps) [cast] * weight, and x has no uses but these two; else None."""
+    if not _call(node, {operator.mul}) or len(node.args) != 2:
+        return None
+    for scaled, weight in (node.args, node.args[::-1]):
+        scaled = _uncast(scaled)
+        if _value(weight) is None or _value(weight).dim() != 1 or not _call(scaled, {operator.mul}):
+            continue
+        for x, inverse in (scaled.args, scaled.args[::-1]):
+            shifted = inverse.args[0] if _call_or_method(inverse, {torch.rsqrt}, "rsqrt") else None
+            if not (_call(shifted, {operator.add}) and len(shifted.args) == 2):
+                continue
+            variance, eps = shifted.args if isinstance(shifted.args[1], float) else shifted.args[::-1]
+            squared = variance.args[0] if _call_or_method(variance, {torch.mean}, "mean") and _arg(
+                variance, 1, "dim", None) in (-1, [-1], (-1,)) and _arg(variance, 2, "keepdim", False) else None
+            if (isinstance(eps, float) and _call_or_method(squared, {torch.pow, operator.pow}, "pow")
+                    and squared.args[1:] == (2,) and _uncast(squared.args[0]) is x and len(x.users) == 2):
+                return x, weight, eps
+    return None
+
+
 def _head_norm(node) -> tuple | None:
-    """(input, "rms" | "layer", weight, bias, eps) when node is an RMSNorm with a weight, or a LayerNorm with a weight
-    and a bias, over the last dim, a power-of-two head dim (the GEMM epilogue's tile holds whole heads); else None."""
+    """(input, "rms" | "layer", weight, bias, eps) when node is an RMSNorm with a weight (torch's, or diffusers'
+    written out: `_decomposed_rms_norm`), or a LayerNorm with a weight and a bias, over the last dim, a power-of-two
+    head dim (the GEMM epilogue's tile holds whole heads); else None."""
+    decomposed = _decomposed_rms_norm(node)
+    if decomposed and _value(node) is not None and not _value(node).shape[-1] & (_value(node).shape[-1] - 1):
+        return decomposed[0], "rms", decomposed[1], None, decomposed[2]
     if _value(node) is None or not _call(node, {torch.rms_norm, F.rms_norm, torch.layer_norm, F.layer_norm}):
         return None
     head_dim, layer = _value(node).shape[-1], _call(node, {torch.layer_norm, F.layer_norm})
@@ -626,7 +657,8 @@ def _head_projections(operand) -> tuple | None:
     if not (_call(inner, {torch.cat}) and (rotary or _only_use(inner)) and value is not None
             and _value(inner) is not None and _value(inner).dim() == 4):
         norm = _head_norm(inner) if rotary or inner is operand else None  # (a heads-first norm is the operand)
-        single = _head_projection(norm[0] if norm else inner if rotary else operand, tokens_first=bool(rotary))
+        single = _head_projection(norm[0] if norm else inner if rotary else operand, tokens_first=bool(rotary),
+                                  shared=bool(norm or rotary))
         norms = [norm[1:] if norm else None]
     else:
         joint = _value(inner)
@@ -640,7 +672,7 @@ def _head_projections(operand) -> tuple | None:
         if not matches or (rope and not tokens_first):
             return None
         found = [_head_norm(part) if _only_use(part) else None for part in _arg(inner, 0, "tensors", ())]
-        parts = [_head_projection(norm[0] if norm else part, tokens_first)
+        parts = [_head_projection(norm[0] if norm else part, tokens_first, shared=bool(norm))
                  for part, norm in zip(_arg(inner, 0, "tensors", ()), found)]
         single, norms = (parts if parts and all(parts) else None), [norm[1:] if norm else None for norm in found]
     kinds = {(norm[0], norm[3]) for norm in norms if norm}  # one kind and eps for all parts
