@@ -146,6 +146,11 @@ def _call(node, targets) -> bool:
     return isinstance(node, fx.Node) and node.op == "call_function" and node.target in targets
 
 
+def _call_or_method(node, functions: set, method: str) -> bool:
+    """node calls one of functions, or the tensor method of that name (`torch.chunk(x, 2)` / `x.chunk(2)`)."""
+    return _call(node, functions) or isinstance(node, fx.Node) and node.op == "call_method" and node.target == method
+
+
 def _arg(node: fx.Node, index: int, name: str, default):
     """A call's argument by position or keyword."""
     return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
@@ -196,7 +201,7 @@ def _chunk_halves(hidden, gate):
             and _only_use(gate) and hidden.args[0] is gate.args[0] and (hidden.args[1], gate.args[1]) == (0, 1)):
         return None
     chunk = hidden.args[0]
-    is_chunk = chunk.op == "call_method" and chunk.target == "chunk" or _call(chunk, {torch.chunk})
+    is_chunk = _call_or_method(chunk, {torch.chunk}, "chunk")
     source = chunk.args[0] if is_chunk else None
     if not (is_chunk and len(chunk.users) == 2 and _arg(chunk, 1, "chunks", None) == 2 and _value(source) is not None
             and _arg(chunk, 2, "dim", 0) in (-1, _value(source).dim() - 1)):
@@ -249,17 +254,27 @@ def _norm_prologue(node) -> dict:
         found = _modulation(node, combine)
         if found:
             node, parts[name] = found
-    width = _value(node).shape[-1] if _value(node) is not None else None
-    normalized_shape = list(_arg(node, 1, "normalized_shape", ())) if _call(node, _LAYER_NORM | _RMS_NORM) else None
-    if _only_use(node) and normalized_shape == [width]:
-        layer = _call(node, _LAYER_NORM)
-        eps = _arg(node, 4 if layer else 3, "eps", 1e-5 if layer else None)
-        parts.update(x=node.args[0], norm="layer" if layer else "rms", weight=_arg(node, 2, "weight", None),
-                     bias=_arg(node, 3, "bias", None) if layer else None,
+    found = _norm_call(node) if _only_use(node) else None
+    if found:
+        x, norm, weight, bias, eps = found
+        parts.update(x=x, norm=norm, weight=weight, bias=bias,
                      eps=torch.finfo(_value(node).dtype).eps if eps is None else float(eps))
     else:
         parts["x"] = node
     return parts
+
+
+def _norm_call(node) -> tuple | None:
+    """(x, "layer" | "rms", weight, bias, eps or None: the dtype's) when node is torch's LayerNorm / RMSNorm function
+    over its input's last dim; else None."""
+    value = _value(node)
+    if value is None or not _call(node, _LAYER_NORM | _RMS_NORM) or \
+            list(_arg(node, 1, "normalized_shape", ())) != [value.shape[-1]]:
+        return None
+    layer = _call(node, _LAYER_NORM)
+    eps = _arg(node, 4 if layer else 3, "eps", 1e-5 if layer else None)
+    return node.args[0], "layer" if layer else "rms", _arg(node, 2, "weight", None), \
+        _arg(node, 3, "bias", None) if layer else None, eps
 
 
 def _concat_prologue(node) -> tuple | None:
@@ -595,10 +610,6 @@ def _rotary(node) -> tuple | None:
     return None
 
 
-def _call_or_method(node, functions: set, method: str) -> bool:
-    return _call(node, functions) or isinstance(node, fx.Node) and node.op == "call_method" and node.target == method
-
-
 def _decomposed_rms_norm(node) -> tuple | None:
     """(x, weight, eps) when node is diffusers' RMSNorm written out, x * rsqrt(x.float().pow(2).mean(-1, keepdim=True)
     + eps) [cast] * weight, and x has no uses but these two; else None."""
@@ -626,18 +637,14 @@ def _head_norm(node) -> tuple | None:
     written out: `_decomposed_rms_norm`), or a LayerNorm with a weight and a bias, over the last dim, a power-of-two
     head dim (the GEMM epilogue's tile holds whole heads); else None."""
     decomposed = _decomposed_rms_norm(node)
-    if decomposed and _value(node) is not None and not _value(node).shape[-1] & (_value(node).shape[-1] - 1):
-        return decomposed[0], "rms", decomposed[1], None, decomposed[2]
-    if _value(node) is None or not _call(node, {torch.rms_norm, F.rms_norm, torch.layer_norm, F.layer_norm}):
+    found = (decomposed[0], "rms", decomposed[1], None, decomposed[2]) if decomposed else _norm_call(node)
+    if not found or _value(node) is None:
         return None
-    head_dim, layer = _value(node).shape[-1], _call(node, {torch.layer_norm, F.layer_norm})
-    shape, weight = _arg(node, 1, "normalized_shape", None), _arg(node, 2, "weight", None)
-    bias, eps = (_arg(node, 3, "bias", None), _arg(node, 4, "eps", 1e-5)) if layer else \
-        (None, _arg(node, 3, "eps", None))
-    if weight is None or eps is None or (bias is None) == layer or tuple(shape or ()) != (head_dim,) \
-            or head_dim & (head_dim - 1):
+    _, norm, weight, bias, eps = found
+    head_dim = _value(node).shape[-1]
+    if weight is None or eps is None or (bias is None) == (norm == "layer") or head_dim & (head_dim - 1):
         return None
-    return node.args[0], "layer" if layer else "rms", weight, bias, eps
+    return found
 
 
 def _head_projections(operand) -> tuple | None:
