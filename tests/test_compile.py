@@ -8,7 +8,7 @@ import types
 import pytest
 import torch
 from diffusers.models.attention import BasicTransformerBlock, JointTransformerBlock
-from diffusers.models.normalization import AdaLayerNormZero
+from diffusers.models.normalization import AdaLayerNormZero, RMSNorm
 
 from families import FAMILIES
 import fxquant
@@ -77,6 +77,23 @@ def test_backend_fuses_packed_weight_unpacking_into_the_gemm(quantized_family, n
     assert torch.equal(fast, eager)
 
 
+def _fused_and_unfused(qmodel, inputs: dict, option: str, counter: str) -> tuple[int, float]:
+    """Compile qmodel with the backend option on and off: (compile_counter[counter] with it on, relative L2 between
+    the two outputs); with the option off the counter must stay 0."""
+    outputs, fused = {}, None
+    for enabled in (True, False):
+        torch._dynamo.reset()
+        compile_counter.clear()
+        compiled = torch.compile(qmodel, backend="fxquant", options={option: enabled})
+        with torch.no_grad():
+            outputs[enabled] = compiled(**inputs, return_dict=False)[0]
+        if enabled:
+            fused = compile_counter[counter]
+        else:
+            assert compile_counter[counter] == 0
+    return fused, relative_l2(outputs[True], outputs[False])
+
+
 FUSIONS = {  # backend option -> (compile_counter key, {(family, recipe): rewrites per transformer block})
     # PixArt: two LayerNorm + adaLN modulations and the GELU before the feed-forward's second linear; UNet: three
     # affine LayerNorms and the GEGLU; each chain and its quantization become one fused_quantize_per_token
@@ -112,16 +129,9 @@ def test_backend_fusions_rewrite_every_block_and_compute_the_same(quantized_fami
     counter, cases = FUSIONS[option]
     _, qmodel, _ = quantized_family(name, recipe)
     blocks = [m for m in qmodel.model.modules() if isinstance(m, (BasicTransformerBlock, JointTransformerBlock))]
-    inputs = FAMILIES[name].inputs(batch=2, seed=4)
-    outputs = {}
-    for enabled in (True, False):
-        torch._dynamo.reset()
-        compile_counter.clear()
-        compiled = torch.compile(qmodel, backend="fxquant", options={option: enabled})
-        with torch.no_grad():
-            outputs[enabled] = compiled(**inputs, return_dict=False)[0]
-        assert compile_counter[counter] == (cases[name, recipe] * len(blocks) if enabled else 0)
-    assert relative_l2(outputs[True], outputs[False]) <= 1e-5  # fp32 model: the same arithmetic, fused
+    fused, error = _fused_and_unfused(qmodel, FAMILIES[name].inputs(batch=2, seed=4), option, counter)
+    assert fused == cases[name, recipe] * len(blocks)
+    assert error <= 1e-5  # fp32 model: the same arithmetic, fused
 
 
 @pytest.mark.parametrize("name,config", [("flux", {}), ("cogvideox", {}), ("sd3", {"qk_norm": "rms_norm"})])
@@ -137,16 +147,10 @@ def test_normalised_and_rotated_queries_and_keys_come_from_the_gemm_epilogues(na
     model = qmodel.model
     expected = 3 * len(model.transformer_blocks) * (1 if name == "cogvideox" else 2) + 3 * len(
         getattr(model, "single_transformer_blocks", ()))
-    inputs = family.inputs(batch=2, seed=4)
-    outputs = {}
-    for enabled in (True, False):
-        torch._dynamo.reset()
-        compile_counter.clear()
-        compiled = torch.compile(qmodel, backend="fxquant", options={"fxquant.fuse_attention_operands": enabled})
-        with torch.no_grad():
-            outputs[enabled] = compiled(**inputs, return_dict=False)[0]
-        assert compile_counter["fused_attention_operands"] == (expected if enabled else 0)
-    assert relative_l2(outputs[True], outputs[False]) <= 1e-5
+    fused, error = _fused_and_unfused(qmodel, family.inputs(batch=2, seed=4), "fxquant.fuse_attention_operands",
+                                      "fused_attention_operands")
+    assert fused == expected
+    assert error <= 1e-5
 
 
 @pytest.mark.parametrize("recipe", ["w8a8-fp8:attention=fp8-static", "w8a8"])
@@ -155,16 +159,10 @@ def test_concatenated_text_and_video_tokens_fuse_and_compute_the_same(quantized_
     and before the feed-forward: per block both become one fused_quantize_concat (and the GELU before the second
     feed-forward linear one fused_quantize_per_token), with the same results as the unfused graph."""
     _, qmodel, _ = quantized_family("cogvideox", recipe)
-    inputs = FAMILIES["cogvideox"].inputs(batch=2, seed=4)
-    outputs = {}
-    for enabled in (True, False):
-        torch._dynamo.reset()
-        compile_counter.clear()
-        compiled = torch.compile(qmodel, backend="fxquant", options={"fxquant.fuse_prologues": enabled})
-        with torch.no_grad():
-            outputs[enabled] = compiled(**inputs, return_dict=False)[0]
-        assert compile_counter["fused_prologues"] == (3 * len(qmodel.model.transformer_blocks) if enabled else 0)
-    assert relative_l2(outputs[True], outputs[False]) <= 1e-5
+    fused, error = _fused_and_unfused(qmodel, FAMILIES["cogvideox"].inputs(batch=2, seed=4),
+                                      "fxquant.fuse_prologues", "fused_prologues")
+    assert fused == 3 * len(qmodel.model.transformer_blocks)
+    assert error <= 1e-5
 
 
 @pytest.mark.parametrize("name,joint", [("sd3", True), ("pixart", False)])
@@ -226,6 +224,48 @@ def test_cuda_lowering_computes_what_eager_does(quantized_family, name, recipe):
     with torch.no_grad():
         lowered = torch.compile(qmodel, backend=lowering_backend)(**inputs, return_dict=False)[0]
         assert relative_l2(lowered, qmodel(**inputs, return_dict=False)[0]) <= 1e-6
+
+
+class _RmsNormFeedForward(torch.nn.Module):
+    """diffusers' RMSNorm (written out in PyTorch ops, weighted or not) -> linear -> GELU -> linear."""
+
+    def __init__(self, width: int, weighted: bool):
+        super().__init__()
+        self.norm = RMSNorm(width, eps=1e-6, elementwise_affine=weighted)
+        self.proj = torch.nn.Linear(width, width)
+        self.out = torch.nn.Linear(width, width)
+        if weighted:
+            torch.nn.init.normal_(self.norm.weight, 1.0, 0.2)
+
+    def forward(self, hidden_states):
+        return self.out(torch.nn.functional.gelu(self.proj(self.norm(hidden_states))))
+
+
+@pytest.mark.parametrize("weighted", [True, False])
+def test_written_out_rms_norm_fuses_into_the_quantize_prologue(weighted):
+    """diffusers' RMSNorm before a quantized linear (x * rsqrt(mean(x^2) + eps) [* weight], not torch.rms_norm, as in
+    SD3.5-style blocks) becomes the fused prologue's norm: no rsqrt is left in the graph, and lowered to the Triton
+    kernels (interpreter) it computes the eager output."""
+    torch.manual_seed(0)
+    calibration = [{"hidden_states": torch.randn(2, 16, 32) * 3 + 1} for _ in range(2)]
+    qmodel = fxquant.quantize(_RmsNormFeedForward(32, weighted).eval(), "w8a8-fp8:keep_io_layers=false",
+                              calibration)
+    norms, rsqrts = [], []
+
+    def lowering_backend(gm, example_inputs):
+        fxquant_backend(gm, example_inputs)
+        nodes = list(gm.graph.nodes)
+        norms.extend(node.args[5] for node in nodes if node.target == torch.ops.fxquant.fused_quantize_per_token.default)
+        rsqrts.extend(node for node in nodes if node.target in (torch.rsqrt, "rsqrt"))
+        lower_to_inductor(gm, fuse_quantize=False, inline_kernels=True)
+        return gm.forward
+
+    hidden_states = torch.randn(2, 16, 32) * 3 + 1
+    torch._dynamo.reset()
+    with torch.no_grad():
+        lowered = torch.compile(qmodel, backend=lowering_backend)(hidden_states=hidden_states)
+        assert relative_l2(lowered, qmodel(hidden_states=hidden_states)) <= 1e-6
+    assert sorted(norms) == ["none", "rms"] and not rsqrts  # the norm's prologue, and the GELU's
 
 
 def test_identical_fused_prologues_merge_into_one(quantized_family):

@@ -266,8 +266,11 @@ def _norm_prologue(node) -> dict:
 
 def _norm_call(node) -> tuple | None:
     """(x, "layer" | "rms", weight, bias, eps or None: the dtype's) when node is torch's LayerNorm / RMSNorm function
-    over its input's last dim; else None."""
+    over its input's last dim, or diffusers' RMSNorm written out (`_decomposed_rms_norm`); else None."""
     value = _value(node)
+    decomposed = _decomposed_rms_norm(node)
+    if decomposed:
+        return decomposed[0], "rms", decomposed[1], None, decomposed[2]
     if value is None or not _call(node, _LAYER_NORM | _RMS_NORM) or \
             list(_arg(node, 1, "normalized_shape", ())) != [value.shape[-1]]:
         return None
@@ -275,6 +278,29 @@ def _norm_call(node) -> tuple | None:
     eps = _arg(node, 4 if layer else 3, "eps", 1e-5 if layer else None)
     return node.args[0], "layer" if layer else "rms", _arg(node, 2, "weight", None), \
         _arg(node, 3, "bias", None) if layer else None, eps
+
+
+def _decomposed_rms_norm(node) -> tuple | None:
+    """(x, weight or None, eps) when node is diffusers' RMSNorm written out, x * rsqrt(x.float().pow(2).mean(-1,
+    keepdim=True) + eps), cast, then times a 1-D weight if it has one, and x has no uses but these two; else None."""
+    candidates = [(_uncast(node), None)]
+    if _call(node, {operator.mul}) and len(node.args) == 2:
+        candidates += [(_uncast(scaled), weight) for scaled, weight in (node.args, node.args[::-1])
+                       if _value(weight) is not None and _value(weight).dim() == 1]
+    for scaled, weight in candidates:
+        if not (_call(scaled, {operator.mul}) and len(scaled.args) == 2):
+            continue
+        for x, inverse in (scaled.args, scaled.args[::-1]):
+            shifted = inverse.args[0] if _call_or_method(inverse, {torch.rsqrt}, "rsqrt") else None
+            if not (_call(shifted, {operator.add}) and len(shifted.args) == 2):
+                continue
+            variance, eps = shifted.args if isinstance(shifted.args[1], float) else shifted.args[::-1]
+            squared = variance.args[0] if _call_or_method(variance, {torch.mean}, "mean") and _arg(
+                variance, 1, "dim", None) in (-1, [-1], (-1,)) and _arg(variance, 2, "keepdim", False) else None
+            if (isinstance(eps, float) and _call_or_method(squared, {torch.pow, operator.pow}, "pow")
+                    and squared.args[1:] == (2,) and _uncast(squared.args[0]) is x and len(x.users) == 2):
+                return x, weight, eps
+    return None
 
 
 def _concat_prologue(node) -> tuple | None:
@@ -610,34 +636,11 @@ def _rotary(node) -> tuple | None:
     return None
 
 
-def _decomposed_rms_norm(node) -> tuple | None:
-    """(x, weight, eps) when node is diffusers' RMSNorm written out, x * rsqrt(x.float().pow(2).mean(-1, keepdim=True)
-    + eps) [cast] * weight, and x has no uses but these two; else None."""
-    if not _call(node, {operator.mul}) or len(node.args) != 2:
-        return None
-    for scaled, weight in (node.args, node.args[::-1]):
-        scaled = _uncast(scaled)
-        if _value(weight) is None or _value(weight).dim() != 1 or not _call(scaled, {operator.mul}):
-            continue
-        for x, inverse in (scaled.args, scaled.args[::-1]):
-            shifted = inverse.args[0] if _call_or_method(inverse, {torch.rsqrt}, "rsqrt") else None
-            if not (_call(shifted, {operator.add}) and len(shifted.args) == 2):
-                continue
-            variance, eps = shifted.args if isinstance(shifted.args[1], float) else shifted.args[::-1]
-            squared = variance.args[0] if _call_or_method(variance, {torch.mean}, "mean") and _arg(
-                variance, 1, "dim", None) in (-1, [-1], (-1,)) and _arg(variance, 2, "keepdim", False) else None
-            if (isinstance(eps, float) and _call_or_method(squared, {torch.pow, operator.pow}, "pow")
-                    and squared.args[1:] == (2,) and _uncast(squared.args[0]) is x and len(x.users) == 2):
-                return x, weight, eps
-    return None
-
-
 def _head_norm(node) -> tuple | None:
     """(input, "rms" | "layer", weight, bias, eps) when node is an RMSNorm with a weight (torch's, or diffusers'
     written out: `_decomposed_rms_norm`), or a LayerNorm with a weight and a bias, over the last dim, a power-of-two
     head dim (the GEMM epilogue's tile holds whole heads); else None."""
-    decomposed = _decomposed_rms_norm(node)
-    found = (decomposed[0], "rms", decomposed[1], None, decomposed[2]) if decomposed else _norm_call(node)
+    found = _norm_call(node)
     if not found or _value(node) is None:
         return None
     _, norm, weight, bias, eps = found
