@@ -24,6 +24,7 @@ from fxquant.backends.triton.conv import _conv_kernel
 from fxquant.backends.triton.gemm import _gemm_kernel
 
 TARGET = GPUTarget("cuda", 90, 32)
+TRACED_FLOAT = "fp64"  # how Inductor types a Python float argument of a traced kernel launch
 
 
 def _report(fn, types: dict, constants: dict, num_warps: int, num_stages: int) -> dict:
@@ -31,7 +32,7 @@ def _report(fn, types: dict, constants: dict, num_warps: int, num_stages: int) -
     names = fn.arg_names
     signature = {name: types.get(name, "i32") for name in names}
     signature.update({name: "constexpr" for name in constants})
-    aligned = [name for name in names if name not in constants and signature[name] != "fp32"]
+    aligned = [name for name in names if name not in constants and signature[name] not in ("fp32", "fp64")]
     source = ASTSource(fn=fn, signature=signature,
                        constexprs={(names.index(name),): value for name, value in constants.items()},
                        attrs={(names.index(name),): [["tt.divisibility", 16]] for name in aligned})
@@ -62,7 +63,7 @@ def gemm_reports() -> dict:
     pointers = {"a_ptr": "*i8", "b_ptr": "*i8", "out_ptr": "*bf16", "a_scale_ptr": "*fp32", "a_zero_ptr": "*i32",
                 "b_scale_ptr": "*fp32", "b_sum_ptr": "*i32", "bias_ptr": "*bf16", "gate_ptr": "*bf16",
                 "residual_ptr": "*bf16", "out_scale_ptr": "*fp32", "out_zero_ptr": "*i32", "norm_weight_ptr": "*bf16",
-                "norm_bias_ptr": "*bf16", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "norm_eps": "fp32"}
+                "norm_bias_ptr": "*bf16", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "norm_eps": TRACED_FLOAT}
     reports = {}
     for label, bits, a_type, b_type in (("int8", 8, "*i8", "*i8"), ("fp8", 8, "*fp8e4nv", "*fp8e4nv"),
                                         ("w4a8", 4, "*i8", "*u8"), ("w2a8", 2, "*i8", "*u8"),
@@ -95,7 +96,7 @@ def attention_reports() -> dict:
         operand = "*fp8e4nv" if raw_tail else "*i8"
         types = {"q_ptr": operand, "q_scale_ptr": "*fp32", "k_ptr": operand, "k_scale_ptr": "*fp32",
                  "v_ptr": "*fp8e4nv" if pv_fp8 else "*bf16", "v_scale_ptr": "*fp32",
-                 "out_ptr": "*fp8e4nv" if codes else "*bf16", "out_scale_ptr": "*fp32", "score_scale": "fp32"}
+                 "out_ptr": "*fp8e4nv" if codes else "*bf16", "out_scale_ptr": "*fp32", "score_scale": TRACED_FLOAT}
         constants = dict(HEAD_DIM=head_dim, DIM_A=64, DIM_B=32, DIM_BV=16, HAS_TAIL=head_dim > 64, PV_FP8=pv_fp8,
                          STATIC_SCALES=raw_tail, OUT_CODES=codes, RAW_TAIL=raw_tail, BLOCK_M=128, BLOCK_N=128,
                          **({"stride_vn": 1} if pv_fp8 else {"stride_vd": 1}))

@@ -203,7 +203,7 @@ def _gemm_kernel(
         heads = tl.reshape(out, (BLOCK_M, BLOCK_N // HEAD_DIM, HEAD_DIM))
         if HEAD_NORM == 2:
             heads = heads - (tl.sum(heads, axis=2) / HEAD_DIM)[:, :, None]
-        inverse_rms = tl.rsqrt(tl.sum(heads * heads, axis=2) / HEAD_DIM + norm_eps)
+        inverse_rms = tl.rsqrt((tl.sum(heads * heads, axis=2) / HEAD_DIM + norm_eps).to(tl.float32))  # (fp64 traced)
         out = tl.reshape(heads * inverse_rms[:, :, None], (BLOCK_M, BLOCK_N))
         out = out * tl.load(norm_weight_ptr + cols % HEAD_DIM, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         if HEAD_NORM == 2:
