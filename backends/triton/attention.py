@@ -193,7 +193,7 @@ def _pad_last(x: torch.Tensor, pad: int) -> torch.Tensor:
 
 
 FIXED_CONFIG = dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)  # the autotuner's H100 choice at PixArt's shape
-_TUNED: dict[tuple, dict] = {}  # _tuning_key(...) -> tile config of traced launches
+_TUNED: dict[tuple, dict] = {}  # _tuning_key(...) -> the autotuner's tile for that problem, for every launch
 
 
 def _tuning_key(n_q: int, n_k: int, head_dim: int, pv_fp8: bool, static: bool, dtype: torch.dtype) -> tuple:
@@ -209,12 +209,10 @@ def tune(batch: int, heads: int, n_q: int, n_k: int, head_dim: int, pv_fp8: bool
     outside any tracing, so compiled graphs run the tile the autotuner picks for each attention shape. static: with
     static fp8 operand scales."""
     key = _tuning_key(n_q, n_k, head_dim, pv_fp8, static, dtype)
-    if key not in _TUNED:
+    if key not in _TUNED:  # the eager launch autotunes and keeps the winner
         q, k, v = (torch.randn(batch, heads, n, head_dim, device="cuda", dtype=dtype) for n in (n_q, n_k, n_k))
         operand_scales = torch.full((3,), 4.0 / 448, device="cuda") if static else None
         quantized_attention(q, k, v, head_dim**-0.5, pv_fp8, operand_scales)
-        best = _attention_kernel.best_config
-        _TUNED[key] = dict(**best.kwargs, num_warps=best.num_warps, num_stages=best.num_stages)
     return _TUNED[key]
 
 
@@ -298,12 +296,15 @@ def attend(q: torch.Tensor, operands: dict, scale: float, traced: bool = False,
         return out
     args = kernel_args(operands, out, scale, out_scale, out_split)
     flags = dict(operands["flags"], OUT_CODES=0 if out_scale is None else 2 if out_split else 1)
-    if traced:
-        config = traced_config(_tuning_key(n_q, n_k, head_dim, flags["PV_FP8"], flags["STATIC_SCALES"], dtype))
-        wrap_triton(_attention_kernel.fn)[(triton.cdiv(n_q, config["BLOCK_M"]) * batch * heads,)](*args, **flags,
-                                                                                                **config)
-    else:
+    key = _tuning_key(n_q, n_k, head_dim, flags["PV_FP8"], flags["STATIC_SCALES"], dtype)
+    if traced or key in _TUNED:
+        config = traced_config(key) if traced else _TUNED[key]
+        launch = wrap_triton(_attention_kernel.fn) if traced else _attention_kernel.fn
+        launch[(triton.cdiv(n_q, config["BLOCK_M"]) * batch * heads,)](*args, **flags, **config)
+    else:  # the first eager launch of this problem autotunes; every later launch (eager or traced) takes the winner
         _attention_kernel[lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]) * batch * heads,)](*args, **flags)
+        best = _attention_kernel.best_config
+        _TUNED[key] = dict(**best.kwargs, num_warps=best.num_warps, num_stages=best.num_stages)
     return out
 
 
@@ -315,8 +316,8 @@ def quantized_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale
     [2] split at query out_split): the output as fp8 codes of these static scales (fxquant::quantized_attention_codes).
 
     traced: launch through torch.library.wrap_triton with the config `tune` found for this problem, else
-    FIXED_CONFIG (graphs the compile backend hands to Inductor); otherwise the autotuned kernel is launched directly
-    (eager calls)."""
+    FIXED_CONFIG (graphs the compile backend hands to Inductor); otherwise launched directly, autotuned at the first
+    launch of each problem (`_tuning_key`) and with that tile after (eager calls, opaque ops under CUDA graphs)."""
     return attend(q, kernel_operands(q, k, v, pv_fp8, operand_scales), scale, traced, out_scale, out_split=out_split)
 
 

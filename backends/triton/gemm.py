@@ -17,9 +17,10 @@ sums b_sum), per-channel b_scale, optional bias, optional per-sample gate and re
 `h + gate * proj(...)`: the projection's output never reaches memory), or a GELU / SiLU and a static per-tensor
 quantization (a feed-forward's hidden activations stored as the next GEMM's int8 / fp8 codes), one cast at the store.
 Accumulation is exact int32 for int8 and fp32 for fp8. The launcher `quantized_gemm` checks, allocates and
-launches; tests compare it with fxquant::int8_linear's reference. With `traced=True` the launch goes through
-`torch.library.wrap_triton` with a fixed tile config, so that the compile backend's graphs trace into the kernel and
-Inductor launches it from its own generated code.
+launches; tests compare it with fxquant::int8_linear's reference. Every launch takes its tile from the problem size
+(`fixed_config`: no autotuning at a model's first call, the same arithmetic eager and compiled); with `traced=True`
+it goes through `torch.library.wrap_triton`, so that the compile backend's graphs trace into the kernel and Inductor
+launches it from its own generated code. Benchmarks can ask for the autotuner's tile (`config="autotune"`).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from .quantize import (ACTIVATION_CODES, FP8_MAX, apply_activation, e4m3_grid, l
 
 
 def get_autotune_config() -> list[triton.Config]:
-    """Hopper-sized tiles (BLOCK_K >= 128, so that a 2-bit tile still feeds the dot 32 values of K); one small tile
+    """The tiles `config="autotune"` tries (benchmarks; fixed_config's rules come from its choices): Hopper-sized (BLOCK_K >= 128, so that a 2-bit tile still feeds the dot 32 values of K); one small tile
     under the CPU interpreter (tests)."""
     if INTERPRET:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4, num_stages=1)]
@@ -94,7 +95,6 @@ def grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl
     return first_m + (pid % (GROUP_M * num_pid_n)) % group_size, (pid % (GROUP_M * num_pid_n)) // group_size
 
 
-@triton.autotune(configs=get_autotune_config(), key=["M", "N", "K", "HAS_ZERO", "WEIGHT_BITS", "GATED"])
 @triton.jit
 def _gemm_kernel(
     # pointers
@@ -229,6 +229,10 @@ def _gemm_kernel(
     tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=tile_ok)
 
 
+_autotuned_gemm_kernel = triton.autotune(configs=get_autotune_config(),
+                                        key=["M", "N", "K", "HAS_ZERO", "WEIGHT_BITS", "GATED"])(_gemm_kernel)
+
+
 @triton.jit
 def _unpack_kernel(packed_ptr, out_ptr, N, PACKED_K, stride_pn, WEIGHT_BITS: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_KP: tl.constexpr):
@@ -325,7 +329,7 @@ def quantized_gemm(a: torch.Tensor, a_scale: torch.Tensor, a_zero: torch.Tensor 
                    out_dtype: torch.dtype, weight_bits: int = 8, traced: bool = False,
                    gate: torch.Tensor | None = None, residual: torch.Tensor | None = None,
                    activation: str = "none", out_scale: torch.Tensor | None = None,
-                   out_zero: torch.Tensor | None = None, config: dict | None = None,
+                   out_zero: torch.Tensor | None = None, config: dict | str | None = None,
                    gate_per_tile: bool | None = None, unpack_first: bool | None = None,
                    out: torch.Tensor | None = None, split_out: tuple | None = None,
                    bias_per_row: bool = False, head_norm: tuple | None = None,
@@ -340,9 +344,9 @@ def quantized_gemm(a: torch.Tensor, a_scale: torch.Tensor, a_zero: torch.Tensor 
     after its projection. With out_scale fp32 [1] the output is quantized: int8 codes with out_zero int32 [1], else
     fp8 e4m3 codes (fxquant::linear_activation_quantize).
 
-    traced: launch through torch.library.wrap_triton with `fixed_config` (graphs the compile backend hands to
-    Inductor), or `config` when given (benchmarks); otherwise the autotuned kernel is launched directly (eager
-    calls). gate_per_tile (benchmarks): load the gate as one vector per sample in a tile (default: when every
+    The tile is `config` when given (benchmarks; "autotune": the autotuner's pick for this problem), else
+    `fixed_config`'s. traced: launch through torch.library.wrap_triton (graphs the compile backend hands to
+    Inductor). gate_per_tile (benchmarks): load the gate as one vector per sample in a tile (default: when every
     tile size fits in a sample) or per element. unpack_first (benchmarks): packed weights are unpacked into an int8
     copy before the GEMM (`unpack_weights`; default: from UNPACK_MIN_TOKENS rows of a on) or in its K loop.
 
@@ -411,15 +415,15 @@ def quantized_gemm(a: torch.Tensor, a_scale: torch.Tensor, a_zero: torch.Tensor 
                  else 2, INT_ACC=a.dtype == torch.int8, WEIGHT_BITS=weight_bits, SPLIT_OUT=split_out is not None,
                  OUT_RUN=out_run, GATED=gated, HEAD_NORM=("none", "rms", "layer").index(norm), ROPE=rope is not None,
                  HEAD_DIM=head_dim)
-    if traced or head_dim > 1:  # per-head transforms need a tile of whole heads: no autotuning
+    if config == "autotune":
+        assert not traced and head_dim == 1, "autotuning launches eagerly, with no per-head transform"
+        _autotuned_gemm_kernel[lambda meta: (_programs(meta, m, n),)](*args, **flags)
+    else:
         config = config or fixed_config(m, n, k, a.dtype == torch.int8, residual is not None, weight_bits != 8,
                                         gated)
-        if config["BLOCK_N"] % head_dim:
+        if config["BLOCK_N"] % head_dim:  # per-head transforms need a tile of whole heads
             config = {**config, "BLOCK_N": head_dim}
-        grid = (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"]),)
-        (wrap_triton(_gemm_kernel.fn) if traced else _gemm_kernel.fn)[grid](*args, **flags, **config)
-    else:
-        _gemm_kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)](*args, **flags)
+        (wrap_triton(_gemm_kernel) if traced else _gemm_kernel)[(_programs(config, m, n),)](*args, **flags, **config)
     return out if residual is None else out.view(out_shape)
 
 

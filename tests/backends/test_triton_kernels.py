@@ -19,6 +19,7 @@ from fxquant.backends.triton.quantize import (fused_quantize_per_token, quantize
 from fxquant.backends.triton.gemm import attention_operand_gemm, quantized_gemm, unpack_weights  # noqa: E402
 import fxquant.backends.triton.gemm as gemm_module  # noqa: E402
 from fxquant.backends.triton.attention import attention_fp8_codes, quantized_attention  # noqa: E402
+import fxquant.backends.triton.attention as attention_module  # noqa: E402
 from fxquant.backends.triton.conv import quantized_conv2d  # noqa: E402
 
 fxq = torch.ops.fxquant
@@ -365,6 +366,39 @@ def test_attention_kernel_matches_reference(batch, heads, n_q, n_k, head_dim, at
     assert relative_l2(reference, exact) < {"int8": 0.02, "int8-fp8": 0.04, "fp8-static": 0.07}[attention_format]
     traced = quantized_attention(q, k, v, scale, pv_fp8, scales, traced=True)
     assert torch.equal(traced, out)
+
+
+def _counting_runs(monkeypatch, autotuner) -> list:
+    """Record every launch through a Triton autotuner (its run method) in the list returned."""
+    runs, run = [], autotuner.run
+    monkeypatch.setattr(autotuner, "run", lambda *args, **kwargs: runs.append(1) or run(*args, **kwargs))
+    return runs
+
+
+def test_launches_autotune_only_an_attention_problem_first_met(monkeypatch):
+    """No autotuning at a model's first call beyond one per attention problem: an eager attention launch autotunes
+    the first time it meets a problem (sizes, format, dtype) and every later launch of it, eager or traced, codes out
+    or not, takes the winner; GEMM launches take the backend's fixed tile, the autotuner only on request
+    (benchmarks), with the same exact int8 result."""
+    attention_runs = _counting_runs(monkeypatch, attention_module._attention_kernel)
+    monkeypatch.setattr(attention_module, "_TUNED", {})
+    q, k, v = (torch.randn(1, 2, 40, 32) for _ in range(3))
+    scales = torch.stack([x.abs().amax() for x in (q, k, v)]) / 448
+    first = quantized_attention(q, k, v, 0.2, True, scales)
+    again, traced = quantized_attention(q, k, v, 0.2, True, scales), quantized_attention(q, k, v, 0.2, True, scales,
+                                                                                          traced=True)
+    quantized_attention(q, k, v, 0.2, True, scales, out_scale=torch.tensor([0.01]))
+    assert len(attention_runs) == 1 and len(attention_module._TUNED) == 1
+    assert torch.equal(first, again) and torch.equal(first, traced)
+
+    gemm_runs = _counting_runs(monkeypatch, gemm_module._autotuned_gemm_kernel)
+    x_q, x_scale, x_zero = fxq.quantize_per_token(torch.randn(40, 64))
+    w_q, w_scale = quantize_weight_per_channel(torch.randn(24, 64), 8)
+    w_sum = w_q.sum(dim=1, dtype=torch.int32)
+    fixed = quantized_gemm(x_q, x_scale, x_zero, w_q, w_scale, w_sum, None, torch.float32)
+    assert not gemm_runs
+    tuned = quantized_gemm(x_q, x_scale, x_zero, w_q, w_scale, w_sum, None, torch.float32, config="autotune")
+    assert len(gemm_runs) == 1 and torch.equal(fixed, tuned)
 
 
 @pytest.mark.parametrize("head_dim", [32, 72])
