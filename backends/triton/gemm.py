@@ -25,6 +25,8 @@ launches it from its own generated code. Benchmarks can ask for the autotuner's 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -261,7 +263,8 @@ def unpack_weights(packed: torch.Tensor, weight_bits: int, traced: bool = False)
     return out
 
 
-# tiles stepped down to when a problem gives the chosen tile fewer programs than an H100 has SMs (132)
+# tiles stepped down to when a problem gives the chosen tile fewer programs than the GPU has SMs (an H100: 132), or
+# when its K-loop buffers exceed the shared memory a program may hold (an H100: 227 KB; sm_89 cards: 99 KB)
 SM_COUNT = 132
 _SMALLER_TILES = [dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3),
                   dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4),
@@ -272,22 +275,50 @@ def _programs(config: dict, m: int, n: int) -> int:
     return triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"])
 
 
+@functools.cache
+def device_limits(index: int) -> tuple[int, int]:
+    """(SM count, bytes of shared memory a program may hold) of CUDA device `index`, as Triton's driver reads them."""
+    properties = triton.runtime.driver.active.utils.get_device_properties(index)
+    return properties["multiprocessor_count"], properties["max_shared_mem"]
+
+
+def pipeline_bytes(config: dict, gated: bool = False) -> int:
+    """Shared memory of the K loop's software pipeline: num_stages copies of the activation tile and the weight tile
+    (gated: two), one byte per 8-bit code (packed weights need less: an upper bound). Equals what Triton 3.6
+    allocates for the 8-bit kernels at sm_90 (kernel-ir-sm90.json: 96 KB at 128 x 128 x 128 / 3 stages, 144 KB
+    gated)."""
+    weight_tiles = 2 if gated else 1
+    return config["num_stages"] * config["BLOCK_K"] * (config["BLOCK_M"] + weight_tiles * config["BLOCK_N"])
+
+
+def _area(config: dict) -> int:
+    return config["BLOCK_M"] * config["BLOCK_N"]
+
+
 def fixed_config(m: int, n: int, k: int, integer: bool, residual: bool = False, packed: bool = False,
-                 gated: bool = False) -> dict:
+                 gated: bool = False, limits: tuple[int, int] | None = None) -> dict:
     """fixed_config_for_size (below), stepped down through _SMALLER_TILES while it leaves SMs idle: few rows AND few
     columns, e.g. the transposed V products of short text parts (SD3's 333 text tokens: M 1536 channels, N 672 keys,
     36 wide tiles; PixArt's 120-token cross-attention: M 1152, N 256, 9 tiles: gpu-bench-h100/
     operand-parts-tile-step-down.json, SD3's text V part 19.4 -> 15.3 us). Gated (GEGLU) products hold two
-    accumulators and read two weight tiles per step: at most 128 columns (untimed)."""
+    accumulators and read two weight tiles per step: at most 128 columns (untimed). limits: `device_limits` of the
+    GPU (default: an H100's SM count, no shared-memory check); where the pipeline does not fit, fewer stages (down to
+    2), then smaller tiles (untimed: no such GPU here)."""
+    sm_count, shared = limits or (SM_COUNT, None)
     config = fixed_config_for_size(m, n, k, integer, residual, packed)
     if gated and config["BLOCK_N"] > 128:
         config = _SMALLER_TILES[0]
     for smaller in _SMALLER_TILES:
-        if _programs(config, m, n) >= SM_COUNT:
+        if _programs(config, m, n) >= sm_count:
             break
-        if smaller["BLOCK_M"] * smaller["BLOCK_N"] < config["BLOCK_M"] * config["BLOCK_N"]:
+        if _area(smaller) < _area(config):
             config = smaller
-    return config
+    if shared is None or pipeline_bytes(config, gated) <= shared:
+        return config
+    fitting = [{**tile, "num_stages": stages}
+               for tile in [config] + [tile for tile in _SMALLER_TILES if _area(tile) < _area(config)]
+               for stages in range(tile["num_stages"], 1, -1)]
+    return next((tile for tile in fitting if pipeline_bytes(tile, gated) <= shared), fitting[-1])
 
 
 def fixed_config_for_size(m: int, n: int, k: int, integer: bool, residual: bool = False, packed: bool = False) -> dict:
@@ -419,8 +450,11 @@ def quantized_gemm(a: torch.Tensor, a_scale: torch.Tensor, a_zero: torch.Tensor 
         assert not traced and head_dim == 1, "autotuning launches eagerly, with no per-head transform"
         _autotuned_gemm_kernel[lambda meta: (_programs(meta, m, n),)](*args, **flags)
     else:
-        config = config or fixed_config(m, n, k, a.dtype == torch.int8, residual is not None, weight_bits != 8,
-                                        gated)
+        if config is None:
+            limits = device_limits(a.device.index if a.device.index is not None else torch.cuda.current_device()) \
+                if a.is_cuda else None
+            config = fixed_config(m, n, k, a.dtype == torch.int8, residual is not None, weight_bits != 8, gated,
+                                  limits)
         if config["BLOCK_N"] % head_dim:  # per-head transforms need a tile of whole heads
             config = {**config, "BLOCK_N": head_dim}
         (wrap_triton(_gemm_kernel) if traced else _gemm_kernel)[(_programs(config, m, n),)](*args, **flags, **config)

@@ -308,6 +308,29 @@ def test_gpu_tiles_fill_the_sms_where_rows_and_columns_are_both_few(monkeypatch)
     assert gemm_module._programs(gemm_module.fixed_config(1536, 672, 1536, False), 1536, 672) >= gemm_module.SM_COUNT
 
 
+def test_gpu_tiles_fit_the_shared_memory_a_program_may_hold(monkeypatch):
+    """On a GPU whose programs may hold less shared memory than an H100's (227 KB; sm_89 cards: 99 KB), the GEMM
+    tiles keep their K-loop pipeline within it (fewer stages first, then smaller tiles); with an H100's limits nothing
+    changes. The byte count is what Triton allocates for the 8-bit kernels at sm_90 (kernel-ir-sm90.json)."""
+    monkeypatch.setattr(gemm_module, "INTERPRET", False)
+    with open(os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "results", "kernel-ir-sm90.json")) as f:
+        report = json.load(f)["gemm"]
+    ir_tile = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, num_stages=3)
+    assert gemm_module.pipeline_bytes(ir_tile) == report["fp8"]["shared_bytes"] == report["int8"]["shared_bytes"]
+    assert gemm_module.pipeline_bytes(ir_tile, gated=True) == report["fp8_geglu_codes"]["shared_bytes"]
+    h100, sm89 = (132, 232448), (128, 101376)
+    stepped_down = 0
+    for m, n, k, integer, gated in ((8192, 4608, 1152, False, False), (8192, 1152, 4608, True, False),
+                                    (35552, 1920, 1920, False, False), (8192, 5120, 1280, False, True),
+                                    (16, 3072, 12288, True, False), (1536, 672, 1536, False, False)):
+        default = gemm_module.fixed_config(m, n, k, integer, gated=gated)
+        assert gemm_module.fixed_config(m, n, k, integer, gated=gated, limits=h100) == default
+        fitted = gemm_module.fixed_config(m, n, k, integer, gated=gated, limits=sm89)
+        assert gemm_module.pipeline_bytes(fitted, gated) <= sm89[1] and fitted["num_stages"] >= 2
+        stepped_down += fitted != default
+    assert stepped_down >= 2  # the wide fp8 tile and the GEGLU one do not fit 99 KB at 3 stages
+
+
 def test_fp8_quantize_and_gemm_match_float_reference():
     x, w = torch.randn(9, 40), torch.randn(12, 40)
     x_q, x_scale = quantize_per_token_fp8(x)
