@@ -22,6 +22,7 @@ import fxquant  # noqa: F401  (registers the ops the kernels' modules import)
 from fxquant.backends.triton.attention import _attention_kernel
 from fxquant.backends.triton.conv import _conv_kernel
 from fxquant.backends.triton.gemm import _gemm_kernel
+from fxquant.backends.triton.quantize import _quantize_rows_kernel
 
 TARGET = GPUTarget("cuda", 90, 32)
 TRACED_FLOAT = "fp64"  # how Inductor types a Python float argument of a traced kernel launch
@@ -121,16 +122,32 @@ def conv_reports() -> dict:
     return reports
 
 
+def quantize_reports() -> dict:
+    """The per-token quantize kernel at its GPU launch for 2048-wide rows (one row per program, one warp), fp8 codes:
+    plain; after a LayerNorm + adaLN modulation (PixArt's prologue); and that over CogVideoX's text / video
+    concatenation (each part read in place with its own modulation)."""
+    reports = {}
+    for label, norm, modulated, concat in (("fp8_plain", 0, False, False), ("fp8_layernorm_adaln", 1, True, False),
+                                           ("fp8_concat_layernorm_adaln", 1, True, True)):
+        types = {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "scale_ptr": "*fp32", "zero_ptr": "*fp32", "w_ptr": "*bf16",
+                 "b_ptr": "*bf16", "mul_ptr": "*bf16", "add_ptr": "*bf16", "tail_ptr": "*bf16", "tail_mul_ptr": "*bf16",
+                 "tail_add_ptr": "*bf16", "eps": TRACED_FLOAT}
+        constants = dict(NORM=norm, HAS_W=False, HAS_B=False, HAS_MUL=modulated, HAS_ADD=modulated, ACT=0,
+                         GATED=False, FP8=True, CONCAT=concat, ROWS=1, BLOCK_K=2048, stride_mul_c=1, stride_add_c=1)
+        reports[label] = _report(_quantize_rows_kernel, types, constants, 1, 3)
+    return reports
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     result = {"target": "cuda sm_90", "triton": triton.__version__, "gemm": gemm_reports(),
-              "attention": attention_reports(), "conv": conv_reports()}
+              "attention": attention_reports(), "conv": conv_reports(), "quantize": quantize_reports()}
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
         f.write("\n")
-    for family in ("gemm", "attention", "conv"):
+    for family in ("gemm", "attention", "conv", "quantize"):
         for name, report in result[family].items():
             print(family, name, report)
 

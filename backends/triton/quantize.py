@@ -124,17 +124,19 @@ def _quantize_rows_kernel(
         x = x * tl.load(w_ptr + offs, mask=offs < K, other=0.0).to(tl.float32)[None, :]
     if HAS_B:
         x = x + tl.load(b_ptr + offs, mask=offs < K, other=0.0).to(tl.float32)[None, :]
+    # CONCAT: a row reads its own part's modulation only (masked loads: the other part's costs no memory traffic)
+    head_mask, tail_mask = (mask & in_head, mask & ~in_head) if CONCAT else (mask, mask)
     if HAS_MUL:
-        mul = load_per_group(mul_ptr, rows, offs, mask, rows_per_mul, stride_mul_g, stride_mul_c)
+        mul = load_per_group(mul_ptr, rows, offs, head_mask, rows_per_mul, stride_mul_g, stride_mul_c)
         if CONCAT:
-            mul = tl.where(in_head, mul, load_per_group(tail_mul_ptr, rows, offs, mask, rows_per_tail_mul,
-                                                        stride_tail_mul_g, stride_tail_mul_c))
+            mul += load_per_group(tail_mul_ptr, rows, offs, tail_mask, rows_per_tail_mul, stride_tail_mul_g,
+                                  stride_tail_mul_c)
         x = x * mul
     if HAS_ADD:
-        add = load_per_group(add_ptr, rows, offs, mask, rows_per_add, stride_add_g, stride_add_c)
+        add = load_per_group(add_ptr, rows, offs, head_mask, rows_per_add, stride_add_g, stride_add_c)
         if CONCAT:
-            add = tl.where(in_head, add, load_per_group(tail_add_ptr, rows, offs, mask, rows_per_tail_add,
-                                                        stride_tail_add_g, stride_tail_add_c))
+            add += load_per_group(tail_add_ptr, rows, offs, tail_mask, rows_per_tail_add, stride_tail_add_g,
+                                  stride_tail_add_c)
         x = x + add
     if GATED:  # the gate is the second half of each 2K-wide row
         x = x * apply_activation(tl.load(row_ptrs + K, mask=mask, other=0.0).to(tl.float32), ACT)

@@ -621,7 +621,8 @@ def test_inductor_sees_only_outputs_written():
 def test_gpu_only_ptx_assembles_for_hopper(tmp_path):
     """The GPU path's inline PTX (nibble unpacking in the W4A8 K loop, the hardware tanh in GELU / SiLU epilogues)
     never runs under the CPU interpreter: compile the kernels for sm_90 without a GPU (benchmarks/kernel_ir.py, which
-    runs ptxas) and check that the PTX holds those instructions and assembles."""
+    runs ptxas; Python floats typed fp64 as Inductor's traced launches pass them) and check that the PTX holds those
+    instructions and assembles."""
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     script = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "kernel_ir.py")
     subprocess.run([sys.executable, script, "--out", str(tmp_path / "ir.json")], env=env, check=True,
@@ -638,6 +639,7 @@ def test_gpu_only_ptx_assembles_for_hopper(tmp_path):
     assert reports["conv"]["conv3x3_fp8"]["ptx_wgmma"] > 0
     assert gemm["w4a8"]["ptx_nibble_masks"] > 0 and gemm["w2a8"]["ptx_nibble_masks"] == 0
     assert gemm["fp8_gelu_codes"]["ptx_tanh_approx"] > 0 and gemm["fp8_gelu_codes"]["ptx_exp2"] == 0
+    assert all(report["cubin_bytes"] > 0 for report in reports["quantize"].values())  # incl. the concat prologue
 
 
 def test_every_inlined_kernel_also_runs_as_a_cuda_op():
