@@ -741,7 +741,8 @@ def gemm_benchmark() -> list[dict]:
                 "fxquant_w2a8_gemm": _graph_median_ms(
                     lambda: quantized_gemm(q, s, z, w2, ws2, wsum2, bias, torch.bfloat16, 2, config="autotune")),
                 "fxquant_int8_quantize_plus_gemm": _graph_median_ms(
-                    lambda: quantized_gemm(*quantize_per_token(x), wq, ws, wsum, bias, torch.bfloat16, config="autotune")),
+                    lambda: quantized_gemm(*quantize_per_token(x), wq, ws, wsum, bias, torch.bfloat16,
+                                           config="autotune")),
                 "fxquant_int8_quantize_only": _graph_median_ms(lambda: quantize_per_token(x)),
             }
             row = {"M": m, "K": k, "N": n, "ms": times, "autotuned_configs": _autotuned_configs(m, n, k),
@@ -839,7 +840,8 @@ def packed_tile_sweep() -> list[dict]:
                 "fxquant_int8_gemm_fixed_config": _cold_ms(
                     lambda i: quantized_gemm(q, s, z, *int8[i], wsum, bias, torch.bfloat16, traced=True), n * k),
                 "fxquant_fp8_gemm": _cold_ms(
-                    lambda i: quantized_gemm(q8, s8, None, *fp8[i], None, bias, torch.bfloat16, config="autotune"), n * k),
+                    lambda i: quantized_gemm(q8, s8, None, *fp8[i], None, bias, torch.bfloat16, config="autotune"),
+                    n * k),
                 "fxquant_fp8_gemm_fixed_config": _cold_ms(
                     lambda i: quantized_gemm(q8, s8, None, *fp8[i], None, bias, torch.bfloat16, traced=True), n * k),
                 "fxquant_w4a8_fixed_config": _cold_ms(

@@ -255,7 +255,8 @@ def test_written_out_rms_norm_fuses_into_the_quantize_prologue(weighted):
     def lowering_backend(gm, example_inputs):
         fxquant_backend(gm, example_inputs)
         nodes = list(gm.graph.nodes)
-        norms.extend(node.args[5] for node in nodes if node.target == torch.ops.fxquant.fused_quantize_per_token.default)
+        fused = torch.ops.fxquant.fused_quantize_per_token.default
+        norms.extend(node.args[5] for node in nodes if node.target == fused)
         rsqrts.extend(node for node in nodes if node.target in (torch.rsqrt, "rsqrt"))
         lower_to_inductor(gm, fuse_quantize=False, inline_kernels=True)
         return gm.forward

@@ -40,8 +40,9 @@ from .quantize import (ACTIVATION_CODES, FP8_MAX, apply_activation, e4m3_grid, l
 
 
 def get_autotune_config() -> list[triton.Config]:
-    """The tiles `config="autotune"` tries (benchmarks; fixed_config's rules come from its choices): Hopper-sized (BLOCK_K >= 128, so that a 2-bit tile still feeds the dot 32 values of K); one small tile
-    under the CPU interpreter (tests)."""
+    """The tiles `config="autotune"` tries (benchmarks; fixed_config's rules come from its choices): Hopper-sized
+    (BLOCK_K >= 128, so that a 2-bit tile still feeds the dot 32 values of K); one small tile under the CPU
+    interpreter (tests)."""
     if INTERPRET:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4, num_stages=1)]
     return [
