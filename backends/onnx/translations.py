@@ -81,7 +81,7 @@ def _zero_point_product(x_u8, weight_kn, x_scale, zero_u8_grid_int32, w_scale, w
     (MatMulInteger(q_u8, w) - zero [M, 1] * w_sum [N]) + bias. Written as MatMulInteger -> Cast -> Mul(x_scale *
     w_scale), which ORT fuses into one MatMulIntegerToFloat (scales applied in the GEMM's output stage), minus the
     rank-one zero-point term (x_scale * zero) (w_scale * w_sum) in float, then the bias, added with the bias first:
-    ORT 1.31 folds a trailing constant Add into MatMulIntegerToFloat and then scales it by a per-row A scale."""
+    ORT 1.31 and 1.32 fold a trailing constant Add into MatMulIntegerToFloat and then scale it by a per-row A scale."""
     product = op.Mul(op.Cast(op.MatMulInteger(x_u8, weight_kn), to=F32), op.Mul(x_scale, w_scale))
     correction = op.Mul(op.Mul(x_scale, op.Cast(zero_u8_grid_int32, to=F32)), op.Mul(op.Cast(w_sum, to=F32), w_scale))
     out = op.Sub(product, correction)
@@ -182,8 +182,8 @@ def translation_table(act_form: str = "per_token", zero_point_columns: dict | No
         if id(x_scale) in symmetric_scales:  # MatMulInteger -> Cast -> Mul(x_scale * w_scale): MatMulIntegerToFloat
             middle = op.Constant(value=ir.tensor(np.array(MIDDLE_U8, dtype=np.uint8)))
             out = op.Mul(op.Cast(op.MatMulInteger(x_q, weight, middle), to=F32), op.Mul(x_scale, w_scale))
-            # the bias as a Sub: ORT 1.31 folds an Add of a constant that follows the scaling Mul into
-            # MatMulIntegerToFloat and then multiplies it by the per-row A scale as well (see _zero_point_product)
+            # the bias as a Sub: ORT 1.31 and 1.32 fold an Add of a constant that follows the scaling Mul into
+            # MatMulIntegerToFloat, then multiply it by the per-row A scale as well (see _zero_point_product)
             return out if bias is None else op.Sub(out, op.Neg(bias))
         if per_token:
             columns = zero_point_columns.get(w_q.name, zero_point_columns.get(tuple(w_q.shape or ())))
