@@ -447,6 +447,7 @@ def quantized_gemm(a: torch.Tensor, a_scale: torch.Tensor, a_zero: torch.Tensor 
                  else 2, INT_ACC=a.dtype == torch.int8, WEIGHT_BITS=weight_bits, SPLIT_OUT=split_out is not None,
                  OUT_RUN=out_run, GATED=gated, HEAD_NORM=("none", "rms", "layer").index(norm), ROPE=rope is not None,
                  HEAD_DIM=head_dim)
+    assert config is None or config == "autotune" or isinstance(config, dict), f"config {config!r}"
     if config == "autotune":
         assert not traced and head_dim == 1, "autotuning launches eagerly, with no per-head transform"
         _autotuned_gemm_kernel[lambda meta: (_programs(meta, m, n),)](*args, **flags)
