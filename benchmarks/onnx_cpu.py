@@ -9,12 +9,14 @@ weights) and the t2i-dit reference denoiser at a classifier-free-guidance batch.
 accuracy of each ORT graph against torch (fp32 and fxquant W8A8 per-token), ORT-vs-torch parity of W8A8 on the three
 reference models' recorded denoiser calls with the integer-op census. Timings are reported, never asserted.
 `--columns-ab`: only the stack's ORT graphs, the per-token form's zero-point columns per layer against per weight
-shape (and the symmetric form), interleaved.
+shape (and the symmetric form), interleaved. `--op-profile`: only ORT's kernel time per operator type of the
+stack's fp32 and int8 graphs.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import copy
 import json
 import platform
@@ -161,6 +163,34 @@ def zero_point_columns_ab(model: torch.nn.Module, inputs: dict, runs: int, direc
     return {"rows": rows, "column_counts": sorted(set(per_layer(qmodel).values()))}
 
 
+def op_profile(model: torch.nn.Module, inputs: dict, runs: int, directory: Path) -> dict:
+    """ORT's kernel time per operator type, per run (its profiler; 3 warm-up runs not counted), for the model's fp32
+    graph and each int8 activation form of its W8A8 plan: where each graph's time goes."""
+    qmodel = fxquant.quantize(copy.deepcopy(model), "w8a8", [inputs])
+    paths = {"fp32": export_float_onnx(model, directory / "profile-fp32.onnx", inputs, dynamic_batch=False)}
+    for form in ACT_FORMS:
+        paths[f"int8 {form}"] = fxquant.export_onnx(qmodel, directory / f"profile-{form}.onnx", inputs, act_form=form,
+                                                    dynamic_batch=False)
+    result = {}
+    for label, path in paths.items():
+        ort_session = session(path, THREADS, profile_prefix=directory / label.replace(" ", "-"))
+        feed = {i.name: inputs[i.name].numpy() for i in ort_session.get_inputs()}
+        for _ in range(runs + 3):
+            ort_session.run(None, feed)
+        events = json.loads(Path(ort_session.end_profiling()).read_text())
+        run_starts = sorted(e["ts"] for e in events if e.get("cat") == "Session" and e["name"] == "model_run")
+        counted = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")
+                   and e["ts"] >= run_starts[3]]
+        per_op = collections.Counter()
+        for event in counted:
+            per_op[event["args"]["op_name"]] += event["dur"] / runs / 1e3
+        result[label] = {"kernel_ms_per_run": sum(per_op.values()),
+                         "ms_per_run_by_op": {op: ms for op, ms in per_op.most_common()}}
+        print(f"op profile {label:28s} {result[label]['kernel_ms_per_run']:8.1f} ms: "
+              + ", ".join(f"{op} {ms:.1f}" for op, ms in per_op.most_common(6)), flush=True)
+    return result
+
+
 def reference_parity(name: str, directory: Path) -> dict:
     """W8A8 per-token ORT vs torch on a reference model's recorded denoiser calls (CFG batch of 4 prompts).
 
@@ -200,8 +230,18 @@ def main() -> None:
                         "speed section already in --out")
     parser.add_argument("--columns-ab", action="store_true", help="only the PixArt-width stack's ORT graphs, "
                         "zero-point columns per layer against per weight shape (written to --out)")
+    parser.add_argument("--op-profile", action="store_true", help="only ORT's kernel time per operator type of the "
+                        "PixArt-width stack's fp32 and int8 graphs (written to --out)")
     args = parser.parse_args()
     torch.set_num_threads(THREADS)
+    if args.op_profile:
+        with tempfile.TemporaryDirectory() as tmp:
+            result = {"date": time.strftime("%Y-%m-%d"), "threads": THREADS, "onnxruntime": onnxruntime.__version__,
+                      "runs": args.runs, "model": f"pixart-width-{args.layers}-blocks",
+                      "op_profile": op_profile(*pixart_width_stack(args.layers), args.runs, Path(tmp))}
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.out}")
+        return
     if args.columns_ab:
         with tempfile.TemporaryDirectory() as tmp:
             result = {"date": time.strftime("%Y-%m-%d"), "threads": THREADS, "onnxruntime": onnxruntime.__version__,

@@ -94,6 +94,26 @@ def _fused_and_unfused(qmodel, inputs: dict, option: str, counter: str) -> tuple
     return fused, relative_l2(outputs[True], outputs[False])
 
 
+def _rewritten(qmodel, inputs: dict, lower: bool = False) -> tuple:
+    """qmodel(**inputs) compiled through the backend's rewrites -> (its output, every graph the rewrites produced,
+    nested subgraphs included). lower: the graphs are then lowered as on CUDA (`lower_to_inductor`: fxquant's Triton
+    kernels, here in the interpreter) and run as Python."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        compiled = fxquant_backend(gm, example_inputs)
+        rewritten = [graph for graph, _ in graph_modules(gm)]
+        graphs.extend(rewritten)
+        if not lower:
+            return compiled
+        assert sum(lower_to_inductor(graph, fuse_quantize=False, inline_kernels=True) for graph in rewritten) > 0
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        return torch.compile(qmodel, backend=backend)(**inputs), graphs
+
+
 FUSIONS = {  # backend option -> (compile_counter key, {(family, recipe): rewrites per transformer block})
     # PixArt: two LayerNorm + adaLN modulations and the GELU before the feed-forward's second linear; UNet: three
     # affine LayerNorms and the GEGLU; each chain and its quantization become one fused_quantize_per_token
@@ -164,17 +184,8 @@ def test_concatenated_text_and_video_tokens_fuse_and_compute_the_same(quantized_
     fused, error = _fused_and_unfused(qmodel, inputs, "fxquant.fuse_prologues", "fused_prologues")
     assert fused == 3 * len(qmodel.model.transformer_blocks)
     assert error <= 1e-5
-    concats = []
-
-    def recording_backend(gm, example_inputs):
-        compiled = fxquant_backend(gm, example_inputs)
-        concats.extend(node for graph, _ in graph_modules(gm) for node in graph.graph.nodes
-                       if node.target == torch.ops.fxquant.fused_quantize_concat.default)
-        return compiled
-
-    torch._dynamo.reset()
-    with torch.no_grad():
-        torch.compile(qmodel, backend=recording_backend)(**inputs, return_dict=False)
+    concats = [node for graph in _rewritten(qmodel, dict(inputs, return_dict=False))[1] for node in graph.graph.nodes
+               if node.target == torch.ops.fxquant.fused_quantize_concat.default]
     assert concats and all(node.args[2] is None and node.args[3] is None and node.args[4] is not None
                            for node in concats)  # no weight / bias: folded into the modulations
 
@@ -228,18 +239,10 @@ def test_cuda_lowering_computes_what_eager_does(quantized_family, name, recipe):
     output. (CogVideoX's attention kernel is left out: at its tiny 39 tokens x head dim 32 the kernel's exp2 / fp8 P
     rounding alone differs from the reference by ~8e-4.)"""
     _, qmodel, _ = quantized_family(name, recipe)
-
-    def lowering_backend(gm, example_inputs):  # (the blocks' nested subgraphs too)
-        fxquant_backend(gm, example_inputs)
-        assert sum(lower_to_inductor(graph, fuse_quantize=False, inline_kernels=True)
-                   for graph, _ in graph_modules(gm)) > 0
-        return gm.forward
-
-    inputs = FAMILIES[name].inputs(batch=2, seed=5)
-    torch._dynamo.reset()
+    inputs = dict(FAMILIES[name].inputs(batch=2, seed=5), return_dict=False)
+    lowered = _rewritten(qmodel, inputs, lower=True)[0][0]
     with torch.no_grad():
-        lowered = torch.compile(qmodel, backend=lowering_backend)(**inputs, return_dict=False)[0]
-        assert relative_l2(lowered, qmodel(**inputs, return_dict=False)[0]) <= 1e-6
+        assert relative_l2(lowered, qmodel(**inputs)[0]) <= 1e-6
 
 
 class _RmsNormFeedForward(torch.nn.Module):
@@ -266,23 +269,14 @@ def test_written_out_rms_norm_fuses_into_the_quantize_prologue(weighted):
     calibration = [{"hidden_states": torch.randn(2, 16, 32) * 3 + 1} for _ in range(2)]
     qmodel = fxquant.quantize(_RmsNormFeedForward(32, weighted).eval(), "w8a8-fp8:keep_io_layers=false",
                               calibration)
-    norms, rsqrts = [], []
-
-    def lowering_backend(gm, example_inputs):
-        fxquant_backend(gm, example_inputs)
-        nodes = list(gm.graph.nodes)
-        fused = torch.ops.fxquant.fused_quantize_per_token.default
-        norms.extend(node.args[5] for node in nodes if node.target == fused)
-        rsqrts.extend(node for node in nodes if node.target in (torch.rsqrt, "rsqrt"))
-        lower_to_inductor(gm, fuse_quantize=False, inline_kernels=True)
-        return gm.forward
-
-    hidden_states = torch.randn(2, 16, 32) * 3 + 1
-    torch._dynamo.reset()
+    inputs = {"hidden_states": torch.randn(2, 16, 32) * 3 + 1}
+    nodes = [node for graph in _rewritten(qmodel, inputs)[1] for node in graph.graph.nodes]
+    norms = [node.args[5] for node in nodes if node.target == torch.ops.fxquant.fused_quantize_per_token.default]
+    assert sorted(norms) == ["none", "rms"]  # the norm's prologue, and the GELU's
+    assert not [node for node in nodes if node.target in (torch.rsqrt, "rsqrt")]
+    lowered = _rewritten(qmodel, inputs, lower=True)[0]
     with torch.no_grad():
-        lowered = torch.compile(qmodel, backend=lowering_backend)(hidden_states=hidden_states)
-        assert relative_l2(lowered, qmodel(hidden_states=hidden_states)) <= 1e-6
-    assert sorted(norms) == ["none", "rms"] and not rsqrts  # the norm's prologue, and the GELU's
+        assert relative_l2(lowered, qmodel(**inputs)) <= 1e-6
 
 
 def test_identical_fused_prologues_merge_into_one(quantized_family):
@@ -291,17 +285,10 @@ def test_identical_fused_prologues_merge_into_one(quantized_family):
     them read, computing the same."""
     _, qmodel, _ = quantized_family("sd3", "w8a8-fp8:keep_condition_layers=false")
     qmodel.nest_blocks(False)  # one flat graph, in which the blocks' prologues can merge
-    graphs = []
-
-    def recording_backend(gm, example_inputs):
-        graphs.append(gm)
-        return fxquant_backend(gm, example_inputs)
-
-    inputs = FAMILIES["sd3"].inputs(batch=2, seed=4)
-    torch._dynamo.reset()
+    inputs = dict(FAMILIES["sd3"].inputs(batch=2, seed=4), return_dict=False)
+    (out, *_), graphs = _rewritten(qmodel, inputs)
     with torch.no_grad():
-        out = torch.compile(qmodel, backend=recording_backend)(**inputs, return_dict=False)[0]
-        assert relative_l2(out, qmodel(**inputs, return_dict=False)[0]) <= 1e-5
+        assert relative_l2(out, qmodel(**inputs)[0]) <= 1e-5
     linears_per_prologue = [
         sum(len(codes.users) for codes in node.users if codes.args[1] == 0) for node in graphs[0].graph.nodes
         if node.target == torch.ops.fxquant.fused_quantize_per_token.default and "silu" in node.args]

@@ -28,10 +28,11 @@ INTEGER_OPS = frozenset({"MatMulInteger", "ConvInteger", "MatMulIntegerToFloat",
 
 
 def session(path: str | Path, threads: int = 2, optimized_path: str | Path | None = None,
-            spin: bool = True) -> ort.InferenceSession:
+            spin: bool = True, profile_prefix: str | Path | None = None) -> ort.InferenceSession:
     """An ORT CPU session with `threads` intra-op threads (all graph optimisations on); optionally saves the
     optimised graph to `optimized_path`. spin=False stops its threads from busy-waiting between runs (needed when
-    several sessions or torch share the cores, as in a benchmark)."""
+    several sessions or torch share the cores, as in a benchmark). profile_prefix: ORT's profiler records every run
+    (`end_profiling()` writes the JSON trace and returns its path)."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
@@ -40,6 +41,9 @@ def session(path: str | Path, threads: int = 2, optimized_path: str | Path | Non
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if optimized_path is not None:
         options.optimized_model_filepath = str(optimized_path)
+    if profile_prefix is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = str(profile_prefix)
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 

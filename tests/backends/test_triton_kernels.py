@@ -362,6 +362,9 @@ def test_launcher_rejects_bad_input():
     with pytest.raises(AssertionError, match=r"residual \(2, 4\) for a \[2, 3\] output"):
         quantized_gemm(torch.zeros(2, 8, dtype=torch.int8), torch.ones(2), None, torch.zeros(3, 8, dtype=torch.int8),
                        torch.ones(3), None, None, torch.float32, residual=torch.zeros(2, 4))
+    with pytest.raises(AssertionError, match="config 'autotun'"):  # a tile dict or "autotune"
+        quantized_gemm(torch.zeros(2, 8, dtype=torch.int8), torch.ones(2), None, torch.zeros(3, 8, dtype=torch.int8),
+                       torch.ones(3), None, None, torch.float32, config="autotun")
 
 
 @pytest.mark.parametrize("batch,heads,n_q,n_k,head_dim", [(1, 2, 40, 50, 32), (2, 1, 33, 70, 72), (1, 3, 64, 64, 64)])
