@@ -290,6 +290,39 @@ def concat_prologue_benchmark() -> list[dict]:
     return [row]
 
 
+def residual_parts_benchmark() -> list[dict]:
+    """CogVideoX-2B's output projection (K 1920) and second feed-forward linear (K 7680), whose fp8 GEMM output is
+    cut into text and video tokens, each gated and added to its own residual stream: the GEMM writing both sums
+    (`tail=`, fxquant::linear_residual_parts) against the GEMM writing bf16 rows, then Inductor's split + gated
+    residual pass (the graph before the rewrite), and the plain GEMM alone; the error between fused and unfused."""
+    text, video, width = 226, 13 * 30 * 45, 1920
+    table = torch.randn(2, 6, width, device="cuda", dtype=torch.bfloat16) * 0.3
+    gates = (table[:, 2:3], table[:, 5:6])
+    residuals = [torch.randn(2, n, width, device="cuda", dtype=torch.bfloat16) for n in (text, video)]
+    sums = torch.compile(lambda out, text_residual, video_residual: [
+        residual + gate * part for part, gate, residual in zip(
+            out.view(2, text + video, width).split([text, video], dim=1), gates, (text_residual, video_residual))])
+    rows = []
+    for k in (1920, 7680):
+        x_q, x_scale = quantize_per_token_fp8(torch.randn(2 * (text + video), k, device="cuda", dtype=torch.bfloat16))
+        w = torch.randn(width, k, device="cuda")
+        w_scale = w.abs().amax(dim=1) / 448
+        w_q, bias = (w / w_scale[:, None]).to(torch.float8_e4m3fn), torch.randn(width, device="cuda")
+        gemm = lambda: quantized_gemm(x_q, x_scale, None, w_q, w_scale, None, bias, torch.bfloat16)  # noqa: E731
+        fused = lambda: quantized_gemm(x_q, x_scale, None, w_q, w_scale, None, bias, torch.bfloat16,  # noqa: E731
+                                       gate=gates[0], residual=residuals[0], tail=(gates[1], residuals[1]))
+        unfused = lambda: sums(gemm(), *residuals)  # noqa: E731
+        row = {"case": f"cogvideox_text_video_residuals_k{k}", "m": x_q.shape[0], "n": width, "k": k,
+               "rel_l2_fused_vs_unfused": [relative_l2(a, b) for a, b in zip(fused(), unfused())],
+               "ms": {"fused_parts": _graph_median_ms(fused), "gemm_then_inductor_residuals": _graph_median_ms(unfused),
+                      "gemm_alone": _graph_median_ms(gemm)}}
+        row["speedup"] = row["ms"]["gemm_then_inductor_residuals"] / row["ms"]["fused_parts"]
+        print("residual_parts", row, flush=True)
+        rows.append(row)
+    torch._dynamo.reset()
+    return rows
+
+
 def v_operand_benchmark() -> list[dict]:
     """The fp8 V operand of static attention as Inductor compiles it from SD3's joint attention (image + text values,
     concatenated along keys, quantized, transposed keys-innermost, keys padded to 16): with and without the
@@ -645,7 +678,11 @@ def epilogue_sweep() -> list[dict]:
 # projections, the first feed-forward GEMM with its GELU + fp8-codes epilogue, the second
 MODEL_GEMMS = [("cogvideox_proj", 35552, 1920, 1920, None), ("cogvideox_ff1", 35552, 1920, 7680, "gelu_tanh"),
                ("cogvideox_ff2", 35552, 7680, 1920, None), ("sd3_proj", 8858, 1536, 1536, None),
-               ("sd3_ff1", 8858, 1536, 6144, "gelu_tanh"), ("sd3_ff2", 8858, 6144, 1536, None)]
+               ("sd3_ff1", 8858, 1536, 6144, "gelu_tanh"), ("sd3_ff2", 8858, 6144, 1536, None),
+               # SDXL at 1024 px, batch 2: 60 of its 70 transformer blocks at 1280 channels x 1024 tokens (q / k / v /
+               # out: 160 tiles of 128 x 128 on 132 SMs, 1.2 waves), the other 10 at 640 x 4096
+               ("sdxl_proj", 2048, 1280, 1280, None), ("sdxl_ff1", 2048, 1280, 10240, "geglu"),
+               ("sdxl_ff2", 2048, 5120, 1280, None), ("sdxl_proj_640", 8192, 640, 640, None)]
 # tiles `model_gemm_sweep` times: the autotuner's list, the epilogue sweep's, and deeper / wider Hopper tiles
 MODEL_GEMM_TILES = sorted({*EPILOGUE_CONFIGS, (128, 256, 128, 8, 4), (256, 128, 128, 8, 4), (128, 256, 64, 8, 3),
                            (256, 128, 64, 8, 4), (128, 128, 64, 4, 5), (256, 256, 64, 8, 3)})
@@ -668,7 +705,8 @@ def model_gemm_sweep(names: list[str] | None = None) -> list[dict]:
         w8, ws8 = _fp8_weight(w)
         extra = dict(activation=activation, out_scale=torch.full((1,), 0.01, device="cuda")) if activation else {}
         flops = 2 * m * n * k
-        fixed = fixed_config(m, n, k, False)
+        gated = bool(activation) and activation.startswith("geglu")  # (n weight rows: n / 2 outputs)
+        fixed = fixed_config(m, n // 2 if gated else n, k, False, gated=gated)
         times = {"bf16_cublas": _graph_median_ms(lambda: torch.nn.functional.linear(x, w, bias)),
                  "fp8_cublas_scaled_mm": _graph_median_ms(lambda: torch._scaled_mm(
                      q8, w8.t(), scale_a=s8, scale_b=ws8[None, :].contiguous(), bias=bias, out_dtype=torch.bfloat16)),
@@ -1255,7 +1293,8 @@ def model_benchmark(name: str, variants: list[str], results: dict, save, layers:
 
 
 KERNEL_SECTIONS = {"kernels": check_kernels, "prologue": prologue_benchmark,
-                   "concat_prologue": concat_prologue_benchmark, "v_operand": v_operand_benchmark,
+                   "concat_prologue": concat_prologue_benchmark, "residual_parts": residual_parts_benchmark,
+                   "v_operand": v_operand_benchmark,
                    "attention_operands": attention_operands_benchmark, "operand_parts": operand_parts_benchmark,
                    "conv": conv_benchmark, "conv_tiles": conv_tile_sweep,
                    "quantize_configs": quantize_config_sweep,

@@ -59,24 +59,28 @@ def _report(fn, types: dict, constants: dict, num_warps: int, num_stages: int) -
 def gemm_reports() -> dict:
     """The GEMM kernel (plain epilogue) at W8A8 int8, fp8 and packed W4 / W2 (K loop, one dot per field), fp8 with
     the GELU (tanh) + fp8 codes epilogue and with the GEGLU one (two products per tile), fp8 storing a
-    keys-major attention operand's codes (split offsets, bias per row), and a query operand's after a per-head
-    RMSNorm and rotary embedding (Flux, head dim 128); 128 x 128 x 128 tiles, 8 warps, 3 stages."""
+    keys-major attention operand's codes (split offsets, bias per row), a query operand's after a per-head
+    RMSNorm and rotary embedding (Flux, head dim 128), and fp8 with gated residuals per token part (CogVideoX's
+    text / video rows); 128 x 128 x 128 tiles, 8 warps, 3 stages."""
     pointers = {"a_ptr": "*i8", "b_ptr": "*i8", "out_ptr": "*bf16", "a_scale_ptr": "*fp32", "a_zero_ptr": "*i32",
                 "b_scale_ptr": "*fp32", "b_sum_ptr": "*i32", "bias_ptr": "*bf16", "gate_ptr": "*bf16",
                 "residual_ptr": "*bf16", "out_scale_ptr": "*fp32", "out_zero_ptr": "*i32", "norm_weight_ptr": "*bf16",
-                "norm_bias_ptr": "*bf16", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "norm_eps": TRACED_FLOAT}
+                "norm_bias_ptr": "*bf16", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "tail_gate_ptr": "*bf16",
+                "tail_residual_ptr": "*bf16", "tail_out_ptr": "*bf16", "norm_eps": TRACED_FLOAT}
     reports = {}
     for label, bits, a_type, b_type in (("int8", 8, "*i8", "*i8"), ("fp8", 8, "*fp8e4nv", "*fp8e4nv"),
                                         ("w4a8", 4, "*i8", "*u8"), ("w2a8", 2, "*i8", "*u8"),
                                         ("fp8_gelu_codes", 8, "*fp8e4nv", "*fp8e4nv"),
                                         ("fp8_geglu_codes", 8, "*fp8e4nv", "*fp8e4nv"),
                                         ("fp8_attention_operand", 8, "*fp8e4nv", "*fp8e4nv"),
-                                        ("fp8_attention_operand_norm_rope", 8, "*fp8e4nv", "*fp8e4nv")):
+                                        ("fp8_attention_operand_norm_rope", 8, "*fp8e4nv", "*fp8e4nv"),
+                                        ("fp8_gate_residual_parts", 8, "*fp8e4nv", "*fp8e4nv")):
         fp8, gated, rotated = a_type == "*fp8e4nv", label.endswith("geglu_codes"), label.endswith("norm_rope")
+        parts = label.endswith("residual_parts")
         operand, gelu = "attention_operand" in label, gated or label.endswith("gelu_codes")
-        constants = dict(HAS_ZERO=not fp8, HAS_BIAS=True, BIAS_PER_ROW=operand and not rotated, HAS_GATE=False,
-                         GATE_PER_TILE=False, HEAD_NORM=int(rotated), ROPE=rotated, HEAD_DIM=128 if rotated else 1,
-                         HAS_RESIDUAL=False, ACT=(1 if gated else 2) if gelu else 0,
+        constants = dict(HAS_ZERO=not fp8, HAS_BIAS=True, BIAS_PER_ROW=operand and not rotated, HAS_GATE=parts,
+                         GATE_PER_TILE=parts, HEAD_NORM=int(rotated), ROPE=rotated, HEAD_DIM=128 if rotated else 1,
+                         HAS_RESIDUAL=parts, ROW_PARTS=parts, ACT=(1 if gated else 2) if gelu else 0,
                          OUT_CODES=2 if gelu or operand else 0, INT_ACC=not fp8, WEIGHT_BITS=bits, SPLIT_OUT=operand,
                          OUT_RUN=16 if operand else 1, GATED=gated, BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8,
                          stride_ak=1, stride_bk=1, stride_on=1)

@@ -345,6 +345,43 @@ def _(x_q, x_scale, x_zero, w, weight_bits, w_scale, w_sum, bias, gate, residual
     return torch.empty_like(residual, memory_format=torch.contiguous_format)
 
 
+@torch.library.custom_op("fxquant::linear_residual_parts", mutates_args=())
+def linear_residual_parts(
+    x_q: torch.Tensor,
+    x_scale: torch.Tensor,
+    x_zero: torch.Tensor | None,
+    w: torch.Tensor,
+    weight_bits: int,
+    w_scale: torch.Tensor,
+    w_sum: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    head_gate: torch.Tensor | None,
+    head_residual: torch.Tensor,
+    tail_gate: torch.Tensor | None,
+    tail_residual: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """linear_residual over two token parts (CogVideoX: text, then video tokens of each sample), for a linear whose
+    output [B, T_head + T_tail, N] is split along tokens and each part gated and added to its own residual stream:
+    -> (head_residual + head_gate * out[:, :T_head], tail_residual + tail_gate * out[:, T_head:]). The linear's
+    arguments as in linear_residual; residuals [B, T_part, N] (the token counts come from them), gates per sample
+    (both or neither). Kernels write each part's result directly and never the linear's output.
+    """
+    out = _linear_fp32(x_q, x_scale, x_zero, w, weight_bits, w_scale, w_sum, bias)
+    head, tail = out.reshape(head_residual.shape[0], -1, out.shape[-1]).split(
+        [head_residual.shape[1], tail_residual.shape[1]], dim=1)
+    parts = []
+    for part, gate, residual in ((head, head_gate, head_residual), (tail, tail_gate, tail_residual)):
+        part = part * gate.float() if gate is not None else part
+        parts.append((residual.float() + part).to(residual.dtype))
+    return tuple(parts)
+
+
+@linear_residual_parts.register_fake
+def _(x_q, x_scale, x_zero, w, weight_bits, w_scale, w_sum, bias, head_gate, head_residual, tail_gate, tail_residual):
+    return (torch.empty_like(head_residual, memory_format=torch.contiguous_format),
+            torch.empty_like(tail_residual, memory_format=torch.contiguous_format))
+
+
 def _linear_fp32(x_q, x_scale, x_zero, w, weight_bits, w_scale, w_sum, bias) -> torch.Tensor:
     """fp8_linear (fp8 x_q), int8_linear (weight_bits 8) or packed_int8_linear (4 / 2) -> fp32 [M, N]."""
     if x_q.dtype == torch.float8_e4m3fn:

@@ -190,6 +190,20 @@ def test_concatenated_text_and_video_tokens_fuse_and_compute_the_same(quantized_
                            for node in concats)  # no weight / bias: folded into the modulations
 
 
+@pytest.mark.parametrize("recipe", ["w8a8-fp8:static_hidden_activations=true,static_attention_outputs=true,"
+                                    "attention=fp8-static", "w8a8"])
+def test_text_and_video_residuals_fuse_into_the_gemm_epilogue(quantized_family, recipe):
+    """CogVideoX cuts the output projection's and the feed-forward's result into text and video tokens, each gated
+    and added to its own residual stream: per block both become one linear_residual_parts (the last block's
+    feed-forward text part is never used, so that one stays), with the same results as the unfused graph (lowered
+    to the kernels: test_cuda_lowering_computes_what_eager_does)."""
+    _, qmodel, _ = quantized_family("cogvideox", recipe)
+    inputs = FAMILIES["cogvideox"].inputs(batch=2, seed=4)
+    fused, error = _fused_and_unfused(qmodel, inputs, "fxquant.fuse_residuals", "fused_residual_parts")
+    assert fused == 2 * len(qmodel.model.transformer_blocks) - 1
+    assert error <= 1e-5
+
+
 @pytest.mark.parametrize("name,joint", [("sd3", True), ("pixart", False)])
 def test_nd_tiling_where_fp8_attention_values_are_concatenated(quantized_family, name, joint):
     """SD3's joint attention concatenates image and text values before the fp8 V operand's transpose: the backend
@@ -235,14 +249,18 @@ def test_cuda_lowering_computes_what_eager_does(quantized_family, name, recipe):
     """After every rewrite, the functions the backend hands Inductor on CUDA (`lower_to_inductor`: fxquant's Triton
     kernels, here in the interpreter, incl. fused prologues, code-writing epilogues (the UNet's GEGLU), fp8 convs and
     static fp8 attention on laid-out operands, Flux's normalised and rotated q / k, CogVideoX's text / video concat
-    prologue with the LayerNorm's affine folded into its modulations among them) compute the eager quantized model's
+    prologue with the LayerNorm's affine folded into its modulations and its text / video residual epilogues among
+    them) compute the eager quantized model's
     output. (CogVideoX's attention kernel is left out: at its tiny 39 tokens x head dim 32 the kernel's exp2 / fp8 P
     rounding alone differs from the reference by ~8e-4.)"""
     _, qmodel, _ = quantized_family(name, recipe)
     inputs = dict(FAMILIES[name].inputs(batch=2, seed=5), return_dict=False)
-    lowered = _rewritten(qmodel, inputs, lower=True)[0][0]
+    (lowered, *_), graphs = _rewritten(qmodel, inputs, lower=True)
     with torch.no_grad():
         assert relative_l2(lowered, qmodel(**inputs)[0]) <= 1e-6
+    if name == "cogvideox":
+        assert any(node.op == "call_function" and node.target.__name__ == "_triton_linear_residual_parts"
+                   for graph in graphs for node in graph.graph.nodes)
 
 
 class _RmsNormFeedForward(torch.nn.Module):

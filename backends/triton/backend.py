@@ -9,7 +9,9 @@ The backend rewrites it with patterns, then compiles:
   text and video tokens) one `fused_quantize_concat`;
   `unpack_int4` / `unpack_int2` -> `int8_linear` becomes one `packed_int8_linear` (4- / 2-bit weights are unpacked
   inside the GEMM's K loop; the int8 codes never reach memory); `residual + gate * linear(...)` (a transformer
-  block's gated residual) becomes one `linear_residual` (applied in the GEMM's epilogue); a static per-tensor
+  block's gated residual) becomes one `linear_residual` (applied in the GEMM's epilogue; a linear whose output is
+  cut along tokens into two parts with their own gates and residuals, CogVideoX's text and video rows, one
+  `linear_residual_parts`); a static per-tensor
   quantization of a GELU / SiLU / GEGLU of a linear's output (a feed-forward's hidden activations) becomes one
   `linear_activation_quantize` (the GEMM's epilogue writes the next linear's codes; a static quantization of a
   concatenation is split over its parts first, so each can fuse), a static fp8 quantization of
@@ -175,9 +177,11 @@ def _with_example_value(node: fx.Node) -> fx.Node:
     return node
 
 
-def _through_row_views(node):
-    """Step back over single-use reshapes / views that keep the last dim and over eval-mode dropout."""
-    while _only_use(node):
+def _through_row_views(node, shared: bool = False):
+    """Step back over single-use reshapes / views that keep the last dim and over eval-mode dropout (shared: node
+    itself may have several uses)."""
+    while shared or _only_use(node):
+        shared = False
         if node.op == "call_method" and node.target in _ROW_VIEWS or _call(node, {torch.reshape}):
             source = node.args[0]
         elif _call(node, {F.dropout}) and (_arg(node, 1, "p", 0.5) == 0 or not _arg(node, 2, "training", True)):
@@ -396,11 +400,11 @@ def _linear_residual_args(node) -> tuple | None:
     return tuple(args[:8])
 
 
-def _through_output_views(node):
+def _through_output_views(node, shared: bool = False):
     """Step back over single-use row views, eval dropout and x / 1.0 or x * 1.0 (diffusers' attention processors
-    divide by `rescale_output_factor`, 1.0 by default)."""
+    divide by `rescale_output_factor`, 1.0 by default; shared: node itself may have several uses)."""
     while True:
-        node = _through_row_views(node)
+        node, shared = _through_row_views(node, shared), False
         if not (_only_use(node) and _call(node, _MUL | {operator.truediv}) and len(node.args) == 2
                 and isinstance(node.args[1], (int, float)) and node.args[1] == 1):
             return node
@@ -427,6 +431,51 @@ def fuse_residual_epilogues(gm: fx.GraphModule) -> int:
             _replace(gm, node, fxq.linear_residual.default, (*linear_args, gate, residual))  # the next block's
             fused += 1  # residual add matches through the replacement's example value
             break
+    return _cleaned(gm, fused)
+
+
+def _residual_part(part: fx.Node) -> tuple | None:
+    """(add node, gate or None, residual) when a token part's only use is `residual + [gate *] part` (gate per
+    sample, residual shaped and typed like the sum), else None."""
+    use = next(iter(part.users)) if _only_use(part) else None
+    gated = _modulation(use, _MUL) if use is not None else None
+    if gated and gated[0] is not part:
+        return None
+    add = next(iter(use.users)) if gated and _only_use(use) else use
+    if not (_call(add, _ADD) and len(add.args) == 2 and not add.kwargs and _value(add) is not None):
+        return None
+    branch = use if gated else part
+    residual = add.args[1] if add.args[0] is branch else add.args[0]
+    if _value(residual) is None or (_value(residual).shape, _value(residual).dtype) != (
+            _value(add).shape, _value(add).dtype):
+        return None
+    return add, gated[1] if gated else None, residual
+
+
+def fuse_residual_part_epilogues(gm: fx.GraphModule) -> int:
+    """Rewrite an fxquant linear whose [B, T, N] output (through row views) is cut along tokens into two parts,
+    each used only in `residual + [gate *] part` (CogVideoX: text and video rows after the attention's output
+    projection and after the feed-forward), into one linear_residual_parts node; returns how many."""
+    order = {node: position for position, node in enumerate(gm.graph.nodes)}
+    fused = 0
+    for x in list(gm.graph.nodes):
+        ranges = sorted(_token_ranges(x) or [], key=lambda part: part[0])
+        if len(ranges) != 2 or (ranges[0][0], ranges[0][1], ranges[1][1]) != (0, ranges[1][0], _value(x).shape[1]):
+            continue
+        linear_args = _linear_residual_args(_through_output_views(x, shared=True))
+        parts = [_residual_part(part) for _, _, part in ranges]
+        if linear_args is None or None in parts or (parts[0][1] is None) != (parts[1][1] is None):
+            continue
+        first_add = min(parts[0][0], parts[1][0], key=order.get)
+        if any(order.get(operand, -1) > order[first_add] for _, *operands in parts for operand in operands):
+            continue  # a gate or residual made after the first sum
+        with gm.graph.inserting_before(first_add):
+            both = _with_example_value(gm.graph.call_function(fxq.linear_residual_parts.default, (
+                *linear_args, *parts[0][1:], *parts[1][1:])))
+            for index, (add, _, _) in enumerate(parts):
+                add.replace_all_uses_with(_with_example_value(gm.graph.call_function(operator.getitem, (both, index))))
+                gm.graph.erase_node(add)
+        fused += 1
     return _cleaned(gm, fused)
 
 
@@ -766,14 +815,18 @@ def fuse_attention_operands(gm: fx.GraphModule) -> int:
 
 def _token_ranges(node) -> list[tuple[int, int, fx.Node]] | None:
     """[(start, stop, slice node), ...] when every use of node ([B, N, C]) takes a range of its tokens (dim 1):
-    `x[:, a:b]` (SD3's joint attention) or the parts of `x.split_with_sizes(sizes, dim=1)` (Flux's); else None."""
+    `x[:, a:b]` (SD3's joint attention) or the parts of `x.split_with_sizes(sizes, dim=1)` (Flux's) or of
+    `x.split(sizes, dim=1)` (CogVideoX's); else None."""
     value = _value(node)
     users = list(node.users)
     if value is None or value.dim() != 3:
         return None
-    if len(users) == 1 and users[0].op == "call_method" and users[0].target == "split_with_sizes" and _arg(
-            users[0], 2, "dim", 0) in (1, -2):
-        sizes = list(_arg(users[0], 1, "split_sizes", ()))
+    split = users[0] if len(users) == 1 else None
+    if split is not None and (split.op == "call_method" and split.target in ("split", "split_with_sizes") or _call(
+            split, {torch.split, torch.Tensor.split, torch.Tensor.split_with_sizes})) and _arg(split, 2, "dim", 0) in (
+            1, -2):
+        sizes = _arg(split, 1, "split_sizes", split.kwargs.get("split_size"))
+        sizes = list(sizes) if isinstance(sizes, (list, tuple)) else [None]  # (one int: equal pieces, not matched)
         parts = list(users[0].users)
         if not all(isinstance(size, int) for size in sizes) or not all(
                 _call(part, {operator.getitem}) and isinstance(part.args[1], int) for part in parts):
@@ -878,6 +931,14 @@ def _triton_linear_residual(x_q, x_scale, x_zero, w, weight_bits, w_scale, w_sum
                           gate=gate, residual=residual)
 
 
+def _triton_linear_residual_parts(x_q, x_scale, x_zero, w, weight_bits, w_scale, w_sum, bias, head_gate,
+                                  head_residual, tail_gate, tail_residual):
+    from .gemm import quantized_gemm
+
+    return quantized_gemm(x_q, x_scale, x_zero, w, w_scale, w_sum, bias, head_residual.dtype, weight_bits,
+                          traced=True, gate=head_gate, residual=head_residual, tail=(tail_gate, tail_residual))
+
+
 def _triton_linear_activation_quantize(x_q, x_scale, x_zero, w, weight_bits, w_scale, w_sum, bias, activation,
                                        out_scale, out_zero):
     from .gemm import quantized_gemm
@@ -975,6 +1036,7 @@ _KERNELS = {  # fxquant's Triton kernels, launched from Inductor's generated cod
     fxq.packed_int8_linear.default: _triton_packed_int8_linear,
     fxq.fp8_linear.default: _triton_fp8_linear,
     fxq.linear_residual.default: _triton_linear_residual,
+    fxq.linear_residual_parts.default: _triton_linear_residual_parts,
     fxq.linear_activation_quantize.default: _triton_linear_activation_quantize,
     fxq.quantized_attention.default: _triton_quantized_attention,
     fxq.quantized_attention_codes.default: _triton_quantized_attention_codes,
@@ -1059,7 +1121,7 @@ BACKEND_OPTIONS = {
     "fxquant.fuse_prologues": "fuse the norm / modulation / activation producing a per-token quantization's input "
                               "into it (True)",
     "fxquant.fuse_residuals": "apply a per-sample gate and the residual add after a quantized linear in its GEMM's "
-                              "epilogue (True)",
+                              "epilogue, also per token part when its output is cut in two (True)",
     "fxquant.fuse_activations": "apply a GELU / SiLU and a static per-tensor quantization after a quantized linear "
                                 "in its GEMM's epilogue (True)",
     "fxquant.fuse_attention_outputs": "have a quantized attention write its output projection's fp8 codes when that "
@@ -1128,6 +1190,7 @@ def fxquant_backend(gm: fx.GraphModule, example_inputs, mode: str | None = None,
         apply("shared_quantizations", deduplicate_quantization)  # one prologue for several linears (SD3's adaLN)
     if ours.get("fxquant.fuse_residuals", True):
         apply("fused_residuals", fuse_residual_epilogues)
+        apply("fused_residual_parts", fuse_residual_part_epilogues)
     apply("distributed_quantizations", distribute_static_quantization)
     if ours.get("fxquant.fuse_activations", True):
         apply("fused_activations", fuse_activation_epilogues)

@@ -58,6 +58,13 @@ def _linear_residual_cuda(x_q, x_scale, x_zero, w, weight_bits, w_scale, w_sum, 
                           residual=residual)
 
 
+@torch.library.register_kernel("fxquant::linear_residual_parts", "cuda")
+def _linear_residual_parts_cuda(x_q, x_scale, x_zero, w, weight_bits, w_scale, w_sum, bias, head_gate, head_residual,
+                                tail_gate, tail_residual):
+    return quantized_gemm(x_q, x_scale, x_zero, w, w_scale, w_sum, bias, head_residual.dtype, weight_bits,
+                          gate=head_gate, residual=head_residual, tail=(tail_gate, tail_residual))
+
+
 @torch.library.register_kernel("fxquant::linear_activation_quantize", "cuda")
 def _linear_activation_quantize_cuda(x_q, x_scale, x_zero, w, weight_bits, w_scale, w_sum, bias, activation,
                                      out_scale, out_zero):

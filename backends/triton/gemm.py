@@ -26,6 +26,7 @@ launches it from its own generated code. Benchmarks can ask for the autotuner's 
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import triton
@@ -99,12 +100,19 @@ def grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl
 
 
 @triton.jit
+def _gate_row(gate_ptr, group, cols, col_ok, stride_gate_g, stride_gate_n):
+    """One group's gate vector (a sample's adaLN gate) over the tile's columns, as fp32 [1, BLOCK_N]."""
+    return tl.load(gate_ptr + group * stride_gate_g + cols * stride_gate_n, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+
+
+@triton.jit
 def _gemm_kernel(
     # pointers
     a_ptr, b_ptr, out_ptr, a_scale_ptr, a_zero_ptr, b_scale_ptr, b_sum_ptr, bias_ptr, gate_ptr, residual_ptr,
     out_scale_ptr, out_zero_ptr, norm_weight_ptr, norm_bias_ptr, cos_ptr, sin_ptr,
-    # sizes (K: logical, before packing)
-    M, N, K, rows_per_gate,
+    tail_gate_ptr, tail_residual_ptr, tail_out_ptr,
+    # sizes (K: logical, before packing; ROW_PARTS: a sample's rows are head_tokens, then tail_tokens)
+    M, N, K, rows_per_gate, head_tokens, tail_tokens,
     # strides (b's in its stored, possibly packed, units)
     stride_am, stride_ak, stride_bn, stride_bk, stride_om, stride_on, stride_gate_g, stride_gate_n, stride_rm,
     # SPLIT_OUT: out[m, n] is stored at out_offset + (m // split_m) * stride_om_outer + (m % split_m) * stride_om
@@ -120,6 +128,10 @@ def _gemm_kernel(
     # per head of HEAD_DIM channels (a tile holds whole heads): HEAD_NORM 1 RMSNorm (weight), 2 LayerNorm (weight,
     # bias); ROPE: rotary embedding
     HEAD_NORM: tl.constexpr, ROPE: tl.constexpr, HEAD_DIM: tl.constexpr,
+    # rows (sample, token) split into two token parts, each with its own gate, residual and output (CogVideoX's
+    # text / video rows): the head's are gate_ptr / residual_ptr / out_ptr, the tail's tail_*; rows_per_gate is the
+    # sample's token count
+    ROW_PARTS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     PER_BYTE: tl.constexpr = 8 // WEIGHT_BITS if INT_ACC else 1
@@ -186,16 +198,34 @@ def _gemm_kernel(
         out += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None]
     elif HAS_BIAS:
         out += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    if ROW_PARTS:  # each row's part and its row there
+        token = rows % (head_tokens + tail_tokens)
+        sample = rows // (head_tokens + tail_tokens)
+        in_head = (token < head_tokens)[:, None]
+        head_rows = sample * head_tokens + token
+        tail_rows = sample * tail_tokens + token - head_tokens
     if HAS_GATE and GATE_PER_TILE:  # rows_per_gate >= BLOCK_M: the tile's rows belong to at most two groups
         first = (pid_m * BLOCK_M) // rows_per_gate
         last = tl.minimum(pid_m * BLOCK_M + BLOCK_M - 1, M - 1) // rows_per_gate
-        gate_first = tl.load(gate_ptr + first * stride_gate_g + cols * stride_gate_n, mask=col_ok, other=0.0)
-        gate_last = tl.load(gate_ptr + last * stride_gate_g + cols * stride_gate_n, mask=col_ok, other=0.0)
-        in_first = (rows // rows_per_gate) == first
-        out = out * tl.where(in_first[:, None], gate_first.to(tl.float32)[None, :], gate_last.to(tl.float32)[None, :])
+        in_first = ((rows // rows_per_gate) == first)[:, None]
+        gates = tl.where(in_first, _gate_row(gate_ptr, first, cols, col_ok, stride_gate_g, stride_gate_n),
+                         _gate_row(gate_ptr, last, cols, col_ok, stride_gate_g, stride_gate_n))
+        if ROW_PARTS:
+            gates = tl.where(in_head, gates, tl.where(
+                in_first, _gate_row(tail_gate_ptr, first, cols, col_ok, stride_gate_g, stride_gate_n),
+                _gate_row(tail_gate_ptr, last, cols, col_ok, stride_gate_g, stride_gate_n)))
+        out = out * gates
     elif HAS_GATE:
-        out = out * load_per_group(gate_ptr, rows, cols, tile_ok, rows_per_gate, stride_gate_g, stride_gate_n)
-    if HAS_RESIDUAL:  # residual rows: strided like the output's, contiguous along N (loading it before the K
+        gates = load_per_group(gate_ptr, rows, cols, tile_ok, rows_per_gate, stride_gate_g, stride_gate_n)
+        if ROW_PARTS:
+            gates = tl.where(in_head, gates, load_per_group(tail_gate_ptr, rows, cols, tile_ok, rows_per_gate,
+                                                            stride_gate_g, stride_gate_n))
+        out = out * gates
+    if HAS_RESIDUAL and ROW_PARTS:  # each row from its part's residual (rows of both strided alike)
+        residual_ptrs = tl.where(in_head, residual_ptr + head_rows[:, None] * stride_rm,
+                                 tail_residual_ptr + tail_rows[:, None] * stride_rm) + cols[None, :]
+        out += tl.load(residual_ptrs, mask=tile_ok, other=0.0).to(tl.float32)
+    elif HAS_RESIDUAL:  # residual rows: strided like the output's, contiguous along N (loading it before the K
         # loop was no faster on an H100: gpu-bench-h100/epilogue-sweep-prefetch.json)
         out += tl.load(residual_ptr + rows[:, None] * stride_rm + cols[None, :], mask=tile_ok, other=0.0).to(tl.float32)
     if GATED:
@@ -222,7 +252,10 @@ def _gemm_kernel(
         out = tl.minimum(tl.maximum(rint(out * tl.div_rn(1.0, tl.load(out_scale_ptr))) + zero, -128.0), 127.0)
     elif OUT_CODES == 2:  # fp8 e4m3, as fxquant::quantize_per_tensor_fp8
         out = e4m3_grid(tl.minimum(tl.maximum(out * tl.div_rn(1.0, tl.load(out_scale_ptr)), -FP8_MAX), FP8_MAX))
-    if SPLIT_OUT:  # OUT_RUN: columns come in aligned runs of this many contiguous elements (vectorised stores)
+    if ROW_PARTS:
+        out_ptrs = tl.where(in_head, out_ptr + head_rows[:, None] * stride_om,
+                            tail_out_ptr + tail_rows[:, None] * stride_om) + cols[None, :] * stride_on
+    elif SPLIT_OUT:  # OUT_RUN: columns come in aligned runs of this many contiguous elements (vectorised stores)
         row_offsets = (rows // split_m) * stride_om_outer + (rows % split_m) * stride_om
         col_offsets = (cols // split_n) * stride_on_outer + (cols % split_n) * stride_on
         col_offsets = tl.max_contiguous(tl.multiple_of(col_offsets, OUT_RUN), OUT_RUN)
@@ -365,12 +398,15 @@ def quantized_gemm(a: torch.Tensor, a_scale: torch.Tensor, a_zero: torch.Tensor 
                    gate_per_tile: bool | None = None, unpack_first: bool | None = None,
                    out: torch.Tensor | None = None, split_out: tuple | None = None,
                    bias_per_row: bool = False, head_norm: tuple | None = None,
-                   rope: tuple | None = None) -> torch.Tensor:
+                   rope: tuple | None = None, tail: tuple | None = None):
     """a [M, K] int8 or fp8, a_scale fp32 [M] or [1] (broadcast), a_zero int32 like a_scale or None; b [N, K] same
     dtype as a, or (int8 a, weight_bits 4 / 2) uint8 [N, K * weight_bits / 8] packed codes; b_scale fp32 [N], b_sum
     int32 [N] (needed with a_zero); bias [N] or None -> out [M, N].
     With residual [..., N] (M rows): out = residual + gate * out, shaped and typed like residual; gate (optional)
-    broadcasts against residual varying at most per sample (fxquant::linear_residual).
+    broadcasts against residual varying at most per sample (fxquant::linear_residual). With tail = (tail_gate,
+    tail_residual): a's rows are samples of two token parts, residual [B, T_head, N] and tail_residual [B, T_tail,
+    N], each with its own gate (or both None); returns (head out, tail out) shaped like the residuals
+    (fxquant::linear_residual_parts).
     activation ("gelu" | "gelu_tanh" | "silu") is applied last; "geglu" | "geglu_tanh": b holds 2N rows (and
     b_scale, b_sum, bias 2N values) and out [M, N] = first half's product * gelu(second half's), as diffusers' GEGLU
     after its projection. With out_scale fp32 [1] the output is quantized: int8 codes with out_zero int32 [1], else
@@ -398,6 +434,7 @@ def quantized_gemm(a: torch.Tensor, a_scale: torch.Tensor, a_zero: torch.Tensor 
     assert operands_ok, f"operand dtypes {a.dtype}, {b.dtype} at {weight_bits} weight bits"
     assert (a_zero is None) or (b_sum is not None), "a zero point needs the weight row sums b_sum"
     assert out_scale is None or residual is None, "a quantized output takes no residual"
+    assert tail is None or (residual is not None and split_out is None and out is None), "parts need residuals"
     assert activation in ACTIVATION_CODES, f"activation {activation!r}"
     gated = activation.startswith("geglu")
     assert not gated or (b.shape[0] % 2 == 0 and residual is None and split_out is None), \
@@ -406,16 +443,24 @@ def quantized_gemm(a: torch.Tensor, a_scale: torch.Tensor, a_zero: torch.Tensor 
     n = b.shape[0] // 2 if gated else b.shape[0]
     if packed and (gated or (unpack_first if unpack_first is not None else m >= UNPACK_MIN_TOKENS)):
         b, weight_bits = unpack_weights(b, weight_bits, traced), 8
+    tail_gate, tail_residual = tail or (None, None)
+    if tail is not None:
+        assert (gate is None) == (tail_gate is None), "both parts gated, or neither"
+        residual, tail_residual = _strided_alike(row_strided(residual), row_strided(tail_residual), (-2,))
+        gate, tail_gate = _strided_alike(gate, tail_gate, (0, -1))
     if residual is not None:
-        assert residual.shape[-1] == n and residual.numel() == m * n, \
+        rows_shape = residual.shape if tail is None else (residual.shape[0], residual.shape[1] + tail_residual.shape[1],
+                                                          n)
+        assert residual.shape[-1] == n and math.prod(rows_shape) == m * n, \
             f"residual {tuple(residual.shape)} for a [{m}, {n}] output"
         out_dtype, out_shape, residual = residual.dtype, residual.shape, row_strided(residual)
     if out_scale is not None:
         out_dtype = torch.int8 if out_zero is not None else torch.float8_e4m3fn
     if out is None:
-        out = torch.empty((m, n), dtype=out_dtype, device=a.device)
+        out = torch.empty((m if tail is None else out_shape[:-1].numel(), n), dtype=out_dtype, device=a.device)
+    tail_out = torch.empty_like(tail_residual, memory_format=torch.contiguous_format) if tail is not None else None
     if m == 0:
-        return out if residual is None else out.view(out_shape)
+        return out if residual is None else out.view(out_shape) if tail is None else (out.view(out_shape), tail_out)
     a_scale = a_scale.reshape(-1).float().expand(m).contiguous()
     if bias_per_row:  # the transposed product: b holds the activations, whose scale may be one value
         b_scale = b_scale.reshape(-1).float().expand(n).contiguous()
@@ -424,18 +469,20 @@ def quantized_gemm(a: torch.Tensor, a_scale: torch.Tensor, a_zero: torch.Tensor 
     a_zero = a_zero.reshape(-1).expand(m).contiguous() if a_zero is not None else None
     dummy = b_scale  # never read when the matching constexpr flag is off
     gate_arg, rows_per_gate, stride_gate_g, stride_gate_n = per_group_operand(
-        gate, residual.shape if residual is not None else (m, n), m, dummy)
+        gate, rows_shape if residual is not None else (m, n), m, dummy)
     head_dim = split_n if head_norm is not None or rope is not None else 1
     assert head_dim == 1 or not bias_per_row, "per-head transforms need heads along N"
     norm, norm_weight, norm_bias, norm_eps = head_norm or ("none", dummy, None, 0.0)
     assert (norm == "layer") == (norm_bias is not None), "a LayerNorm of heads takes a bias, an RMSNorm none"
     cos, sin, rope_offset = rope or (dummy, dummy, 0)
+    parts_pointers, parts_tokens = ((tail_gate if tail_gate is not None else dummy, tail_residual, tail_out),
+                                    (out_shape[1], tail_residual.shape[1])) if tail is not None else ((dummy,) * 3, (0, 0))
 
     args = (a, b, out, a_scale, a_zero if a_zero is not None else dummy, b_scale,
             b_sum if b_sum is not None else dummy, bias if bias is not None else dummy, gate_arg,
             residual if residual is not None else dummy, out_scale if out_scale is not None else dummy,
             out_zero if out_zero is not None else dummy, norm_weight, norm_bias if norm_bias is not None else dummy,
-            cos, sin, m, n, k, rows_per_gate,
+            cos, sin, *parts_pointers, m, n, k, rows_per_gate, *parts_tokens,
             a.stride(0), a.stride(1), b.stride(0), b.stride(1), stride_om, stride_on,
             stride_gate_g, stride_gate_n, residual.stride(-2) if residual is not None and residual.dim() > 1 else n,
             split_m, split_n, stride_om_outer, stride_on_outer, out_offset, norm_eps, rope_offset)
@@ -446,7 +493,7 @@ def quantized_gemm(a: torch.Tensor, a_scale: torch.Tensor, a_zero: torch.Tensor 
                  ACT=ACTIVATION_CODES[activation], OUT_CODES=0 if out_scale is None else 1 if out_zero is not None
                  else 2, INT_ACC=a.dtype == torch.int8, WEIGHT_BITS=weight_bits, SPLIT_OUT=split_out is not None,
                  OUT_RUN=out_run, GATED=gated, HEAD_NORM=("none", "rms", "layer").index(norm), ROPE=rope is not None,
-                 HEAD_DIM=head_dim)
+                 HEAD_DIM=head_dim, ROW_PARTS=tail is not None)
     assert config is None or config == "autotune" or isinstance(config, dict), f"config {config!r}"
     if config == "autotune":
         assert not traced and head_dim == 1, "autotuning launches eagerly, with no per-head transform"
@@ -460,7 +507,17 @@ def quantized_gemm(a: torch.Tensor, a_scale: torch.Tensor, a_zero: torch.Tensor 
         if config["BLOCK_N"] % head_dim:  # per-head transforms need a tile of whole heads
             config = {**config, "BLOCK_N": head_dim}
         (wrap_triton(_gemm_kernel) if traced else _gemm_kernel)[(_programs(config, m, n),)](*args, **flags, **config)
+    if tail is not None:
+        return out.view(out_shape), tail_out
     return out if residual is None else out.view(out_shape)
+
+
+def _strided_alike(head: torch.Tensor | None, tail: torch.Tensor | None, dims: tuple) -> tuple:
+    """Two parts' operands that the kernel indexes with one set of strides (residuals: the row stride, dims (-2,);
+    gates: (0, -1)): as they are where those strides match (gates sliced from one adaLN output), else contiguous."""
+    if head is None or all(head.stride(dim) == tail.stride(dim) for dim in dims):
+        return head, tail
+    return head.contiguous(), tail.contiguous()
 
 
 def attention_operand_gemm(x_q: list[torch.Tensor], x_scale: list[torch.Tensor], w_q: list[torch.Tensor],

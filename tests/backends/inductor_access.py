@@ -69,6 +69,10 @@ def main() -> None:
             torch.zeros(128, 96, dtype=torch.float8_e4m3fn), torch.ones(128), None,
             torch.zeros(96, 96, dtype=torch.float8_e4m3fn), torch.ones(96), None, None, torch.bfloat16, traced=True,
             gate=table[:, 2:3], residual=x, gate_per_tile=True),
+        "gemm_fp8_residual_parts": lambda: gemm.quantized_gemm(
+            torch.zeros(128, 96, dtype=torch.float8_e4m3fn), torch.ones(128), None,
+            torch.zeros(96, 96, dtype=torch.float8_e4m3fn), torch.ones(96), None, None, torch.bfloat16, traced=True,
+            gate=table[:, 2:3], residual=x[:, :16], tail=(table[:, 5:6], x[:, 16:])),
         "gemm_fp8_gelu_quantize": lambda: gemm.quantized_gemm(
             torch.zeros(128, 96, dtype=torch.float8_e4m3fn), torch.ones(128), None,
             torch.zeros(96, 96, dtype=torch.float8_e4m3fn), torch.ones(96), None, None, torch.bfloat16, traced=True,

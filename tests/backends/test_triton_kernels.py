@@ -258,6 +258,30 @@ def test_gemm_epilogue_applies_gate_and_residual(weights, gated, tokens):
     torch.testing.assert_close(expected, residual + (1 if gate is None else gate) * plain.reshape(residual.shape))
 
 
+@pytest.mark.parametrize("weights", ["int8", "fp8"])
+@pytest.mark.parametrize("gated,head,tail", [(True, 7, 32), (True, 5, 40), (False, 7, 32)])
+def test_gemm_epilogue_applies_each_token_parts_gate_and_residual(weights, gated, head, tail):
+    """residual + gate * linear per token part (fxquant::linear_residual_parts, CogVideoX's text / video rows): each
+    sample's first `head` rows go to the head's residual (its rows strided: a slice of wider rows) and gate, the
+    rest to the tail's; 39 tokens per sample: gates per element; 45 with 2 samples: a tile straddles the samples
+    (gates per sample in the tile); the output equals the op's reference and the plain linear split by hand."""
+    batch, k, n = 2, 64, 24
+    x, w, bias = torch.randn(batch * (head + tail), k), torch.randn(n, k), torch.randn(n)
+    head_residual, tail_residual = torch.randn(batch, head, 2 * n)[..., :n], torch.randn(batch, tail, n)
+    table = _adaln_operands(batch, n) if gated else (None, None)
+    (x_q, x_scale, x_zero, stored, bits, w_scale, w_sum), plain = _linear_operands(x, w, bias, weights)
+    expected = fxq.linear_residual_parts(x_q, x_scale, x_zero, stored, bits, w_scale, w_sum, bias, table[0],
+                                         head_residual, table[1], tail_residual)
+    out = quantized_gemm(x_q, x_scale, x_zero, stored, w_scale, w_sum, bias, torch.float32, bits, gate=table[0],
+                         residual=head_residual, tail=(table[1], tail_residual))
+    plain = plain.reshape(batch, head + tail, n)
+    for part, reference, gate, residual, tokens in zip(out, expected, table, (head_residual, tail_residual),
+                                                       (slice(0, head), slice(head, None))):
+        assert part.shape == residual.shape and part.is_contiguous()
+        torch.testing.assert_close(part, reference, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(reference, residual + (1 if gate is None else gate) * plain[:, tokens])
+
+
 @pytest.mark.parametrize("weights,activation", [("fp8", "gelu_tanh"), ("fp8", "silu"), ("int8", "gelu"),
                                                 ("int4", "gelu_tanh"), ("fp8", "geglu"), ("int8", "geglu_tanh"),
                                                 ("int4", "geglu")])
@@ -616,6 +640,7 @@ def test_inductor_sees_only_outputs_written():
                        "scale_ptr"], "quantize_geglu": ["q_ptr", "scale_ptr", "zero_ptr"],
                        "quantize_concat_fp8": ["q_ptr", "scale_ptr"], "gemm_int8": ["out_ptr"],
                        "gemm_fp8_gate_residual": ["out_ptr"], "gemm_fp8_gate_per_tile": ["out_ptr"],
+                       "gemm_fp8_residual_parts": ["out_ptr", "tail_out_ptr"],
                        "gemm_fp8_gelu_quantize": ["out_ptr"], "gemm_fp8_attention_operand": ["out_ptr"],
                        "attention_fp8_laid_out": ["out_ptr"], "attention_fp8": ["out_ptr"], "conv_int8": ["out_ptr"],
                        "conv_int8_per_patch": ["out_ptr"], "conv_fp8": ["out_ptr"]}
