@@ -584,48 +584,45 @@ QUANTIZE_SWEEP_CASES = {"pixart_1152_layernorm_adaln": ((8192, 1152), dict(norm=
                         "sd3_1536_layernorm_adaln": ((8192, 1536), dict(norm="layer", eps=1e-6), True),
                         "flux_3072_layernorm_adaln": ((4608, 3072), dict(norm="layer", eps=1e-6), True),
                         "sdxl_640_layernorm": ((8192, 640), dict(norm="layer", eps=1e-5), False),
-                        "sdxl_1280_geglu": ((2048, 2 * 5120), dict(activation="geglu"), False)}
+                        "sdxl_1280_geglu": ((2048, 2 * 5120), dict(activation="geglu"), False),
+                        # CogVideoX-2B's text / video concat prologue (two samples of 226 + 17550 tokens), as the
+                        # backend launches it (LayerNorm without affine: folded into each part's modulation)
+                        "cogvideox_1920_concat_layernorm_adaln": ((2, 226, 17550, 1920), dict(norm="layer", eps=1e-5),
+                                                                  True)}
 
 
-def quantize_config_sweep() -> list[dict]:
-    """Time the quantize kernel over (rows per program, warps) at every case's shape, int8 and fp8, against the
-    launcher's current rule (`_launch_config`)."""
+def quantize_config_sweep(names: list[str] | None = None) -> list[dict]:
+    """Time the quantize kernel over (rows per program, warps) at every case's shape ([M, C], or [B, T_head,
+    T_tail, C] for the concat form), int8 and fp8, against the launcher's current rule (`_launch_config`)."""
     from fxquant.backends.triton import quantize as kernels
 
     rows = []
     for name, (shape, spec, adaln) in QUANTIZE_SWEEP_CASES.items():
-        x = torch.randn(shape, device="cuda", dtype=torch.bfloat16) * 2 + 0.1
-        m, width = shape[0], shape[1] // (2 if spec.get("activation") == "geglu" else 1)
-        mul = torch.randn(1, width, device="cuda", dtype=torch.bfloat16) if adaln else None
+        if names and name not in names:
+            continue
+        concat = len(shape) == 4
+        parts = [torch.randn((shape[0], tokens, shape[-1]) if concat else shape, device="cuda",
+                             dtype=torch.bfloat16) * 2 + 0.1 for tokens in (shape[1:3] if concat else (0,))]
+        width = shape[-1] // (2 if spec.get("activation") == "geglu" else 1)
+        m = sum(part.numel() for part in parts) // shape[-1]
+        mods = [torch.randn((shape[0], 1, width) if concat else (1, width), device="cuda", dtype=torch.bfloat16)
+                if adaln else None for _ in range(4 if concat else 2)]
+        operands = dict(mul=mods[0], add=mods[1], **dict(tail=parts[1], tail_mul=mods[2], tail_add=mods[3])
+                        if concat else {}, **spec)
         block = triton.next_power_of_2(width)
         default = kernels._launch_config(width, spec.get("activation") == "geglu")
         for fp8 in (False, True):
-            q = torch.empty((m, width), device="cuda", dtype=torch.float8_e4m3fn if fp8 else torch.int8)
-            scale = torch.empty((m, 1), device="cuda")
-            zero = torch.empty((m, 1), device="cuda", dtype=torch.int32)
-            norm = spec.get("norm", "none")
             times = {}
             for rows_per_program in (1, 2, 4, 8, 16):
                 for warps in (1, 2, 4, 8, 16):
                     if rows_per_program * block // (32 * warps) > 128 or rows_per_program * block < 32 * warps:
                         continue  # register spill / idle threads
-
-                    def launch():
-                        kernels._quantize_rows_kernel[(triton.cdiv(m, rows_per_program),)](
-                            x, q, scale, scale if fp8 else zero, x, x, x if mul is None else mul,
-                            x if mul is None else mul, m, width, x.stride(0), q.stride(0), 1e-6,
-                            m, 0, 1, m, 0, 1, NORM=kernels.NORM_CODES[norm], HAS_W=False, HAS_B=False,
-                            HAS_MUL=mul is not None, HAS_ADD=mul is not None,
-                            ACT=kernels.ACTIVATION_CODES[spec.get("activation", "none")],
-                            GATED=spec.get("activation") == "geglu", FP8=fp8, ROWS=rows_per_program,
-                            BLOCK_K=block, num_warps=warps)
-
-                    launch()
-                    torch.cuda.synchronize()
-                    times[f"{rows_per_program}x{warps}"] = do_bench_cudagraph(launch, rep=100, return_mode="median")
+                    launch = lambda: kernels.fused_quantize_per_token(  # noqa: E731
+                        parts[0], fp8=fp8, config=(rows_per_program, warps), **operands)
+                    times[f"{rows_per_program}x{warps}"] = _graph_median_ms(launch)
             best = min(times, key=times.get)
             current = times.get(f"{default[0]}x{default[2]}")
-            bytes_moved = x.numel() * x.element_size() + m * width
+            bytes_moved = sum(part.numel() * part.element_size() for part in parts) + m * width
             rows.append({"case": name, "shape": list(shape), "fp8": fp8, "ms_by_rows_x_warps": times,
                          "best": best, "best_ms": times[best], "current": f"{default[0]}x{default[2]}",
                          "current_ms": current, "best_TBps": bytes_moved / (times[best] * 1e-3) / 1e12})
@@ -1315,6 +1312,8 @@ def main() -> None:
                         help="the models whose attention shapes the attention section times")
     parser.add_argument("--model-gemms", nargs="+", choices=[entry[0] for entry in MODEL_GEMMS],
                         help="the GEMMs the model_gemms section sweeps (default: all)")
+    parser.add_argument("--quantize-cases", nargs="+", choices=list(QUANTIZE_SWEEP_CASES),
+                        help="the cases the quantize_configs section sweeps (default: all)")
     parser.add_argument("--layers", type=int, help="blocks of the model (pixart only; default: the full model)")
     parser.add_argument("--profile", help="write each variant's kernel profile to this text file")
     parser.add_argument("--compile-profile", help="write a cProfile of each variant's first (compiling) call here")
@@ -1339,7 +1338,8 @@ def main() -> None:
                 result[section] += run((shape,))
                 save()
         elif section in args.sections:
-            result[section] = run(args.model_gemms) if section == "model_gemms" else run()
+            selected = {"model_gemms": args.model_gemms, "quantize_configs": args.quantize_cases}
+            result[section] = run(selected[section]) if section in selected else run()
             save()
     if "models" in args.sections:
         result["models"] = {}

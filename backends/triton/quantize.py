@@ -189,14 +189,15 @@ def per_group_operand(operand: torch.Tensor | None, shape: torch.Size, rows: int
 
 def fused_quantize_per_token(x: torch.Tensor, weight=None, bias=None, mul=None, add=None, norm: str = "none",
                              eps: float = 0.0, activation: str = "none", fp8: bool = False, traced: bool = False,
-                             tail=None, tail_mul=None, tail_add=None):
+                             tail=None, tail_mul=None, tail_add=None, config: tuple | None = None):
     """fxquant::fused_quantize_per_token on the GPU: x [..., C_in] float -> (q [M, C] int8 or fp8, fp32 scale
     [M, 1], int32 zero [M, 1] (fp8: [M, 0])). Arguments as fxquant.ops.prologue_reference; traced: see launcher.
     With tail [B, T_tail, C] (x then [B, T_head, C]): fxquant::fused_quantize_concat, the rows of
     cat([prologue(x, mul, add), prologue(tail, tail_mul, tail_add)], dim=1), both parts read in place (strided per
     sample and per token: e.g. token slices of one buffer, without a copy).
     Absent operands are passed as the scale buffer (never read), not as x: Inductor materialises a separate copy of
-    a not-yet-stored input for every argument it is passed as (4 copies of Flux's 15360-wide rows, measured)."""
+    a not-yet-stored input for every argument it is passed as (4 copies of Flux's 15360-wide rows, measured).
+    config (benchmarks): (rows per program, warps) in place of `_launch_config`'s."""
     check_prologue(norm, activation, any(t is not None for t in (weight, bias, mul, add)))
     concat = tail is not None
     if concat:
@@ -222,6 +223,8 @@ def fused_quantize_per_token(x: torch.Tensor, weight=None, bias=None, mul=None, 
         tail_mul_args = per_group_operand(tail_mul, out_shape, m, scale)
         tail_add_args = per_group_operand(tail_add, out_shape, m, scale)
         rows_per_program, block, warps = _launch_config(width, gated)
+        if config is not None:
+            rows_per_program, warps = config
         launcher(_quantize_rows_kernel, traced)[(triton.cdiv(m, rows_per_program),)](
             x, q, scale, scale if fp8 else zero, scale if weight is None else weight, scale if bias is None else bias,
             mul_args[0], add_args[0], m, width, x.stride(-2) if x.dim() > 1 else 0, q.stride(0), eps,
