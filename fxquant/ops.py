@@ -334,7 +334,12 @@ def linear_residual(
     gate broadcasts against residual varying at most per sample (varies_per_sample). Computed in fp32, cast once
     to residual's dtype; the output has residual's shape.
     """
-    out = _linear_fp32(x_q, x_scale, x_zero, w, weight_bits, w_scale, w_sum, bias).reshape(residual.shape)
+    return _gated_sum(_linear_fp32(x_q, x_scale, x_zero, w, weight_bits, w_scale, w_sum, bias).reshape(residual.shape),
+                      gate, residual)
+
+
+def _gated_sum(out: torch.Tensor, gate: torch.Tensor | None, residual: torch.Tensor) -> torch.Tensor:
+    """residual + gate * out (fp32 out; gate optional) in fp32, cast once to residual's dtype."""
     if gate is not None:
         out = out * gate.float()
     return (residual.float() + out).to(residual.dtype)
@@ -369,11 +374,7 @@ def linear_residual_parts(
     out = _linear_fp32(x_q, x_scale, x_zero, w, weight_bits, w_scale, w_sum, bias)
     head, tail = out.reshape(head_residual.shape[0], -1, out.shape[-1]).split(
         [head_residual.shape[1], tail_residual.shape[1]], dim=1)
-    parts = []
-    for part, gate, residual in ((head, head_gate, head_residual), (tail, tail_gate, tail_residual)):
-        part = part * gate.float() if gate is not None else part
-        parts.append((residual.float() + part).to(residual.dtype))
-    return tuple(parts)
+    return _gated_sum(head, head_gate, head_residual), _gated_sum(tail, tail_gate, tail_residual)
 
 
 @linear_residual_parts.register_fake

@@ -102,7 +102,8 @@ def grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl
 @triton.jit
 def _gate_row(gate_ptr, group, cols, col_ok, stride_gate_g, stride_gate_n):
     """One group's gate vector (a sample's adaLN gate) over the tile's columns, as fp32 [1, BLOCK_N]."""
-    return tl.load(gate_ptr + group * stride_gate_g + cols * stride_gate_n, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    gate = tl.load(gate_ptr + group * stride_gate_g + cols * stride_gate_n, mask=col_ok, other=0.0)
+    return gate.to(tl.float32)[None, :]
 
 
 @triton.jit
@@ -475,8 +476,8 @@ def quantized_gemm(a: torch.Tensor, a_scale: torch.Tensor, a_zero: torch.Tensor 
     norm, norm_weight, norm_bias, norm_eps = head_norm or ("none", dummy, None, 0.0)
     assert (norm == "layer") == (norm_bias is not None), "a LayerNorm of heads takes a bias, an RMSNorm none"
     cos, sin, rope_offset = rope or (dummy, dummy, 0)
-    parts_pointers, parts_tokens = ((tail_gate if tail_gate is not None else dummy, tail_residual, tail_out),
-                                    (out_shape[1], tail_residual.shape[1])) if tail is not None else ((dummy,) * 3, (0, 0))
+    parts_pointers, parts_tokens = ((dummy,) * 3, (0, 0)) if tail is None else (
+        (tail_gate if tail_gate is not None else dummy, tail_residual, tail_out), (out_shape[1], tail_residual.shape[1]))
 
     args = (a, b, out, a_scale, a_zero if a_zero is not None else dummy, b_scale,
             b_sum if b_sum is not None else dummy, bias if bias is not None else dummy, gate_arg,
