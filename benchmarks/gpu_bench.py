@@ -34,6 +34,7 @@ import triton
 from triton.testing import do_bench_cudagraph
 
 import fxquant
+from fxquant.backends.triton import attention as attention_kernels
 from fxquant.backends.triton.attention import (_attention_kernel, _tuning_key, attend, kernel_args, kernel_operands,
                                                quantized_attention, traced_config, tune)
 from fxquant.backends.triton.gemm import quantized_gemm, unpack_weights
@@ -931,8 +932,8 @@ def attention_benchmark(shapes=tuple(ATTENTION_SHAPES)) -> list[dict]:
     """fxquant's quantized attention against SDPA (bf16, PyTorch's fastest backend) at the models' shapes: errors
     against fp32 SDPA and (PixArt) against the reference op, times of SDPA, the whole op (operands + kernel; eager and
     compiled, where Inductor fuses the operand quantization), of the operand quantization alone and of the kernel alone
-    on prepared operands. fp8_static takes each operand's own absmax / 448 as its static scale (a calibration that
-    saw this call)."""
+    on prepared operands (also with half of P's exponentials on the FMA pipes, `attention.FMA_EXP2`). fp8_static
+    takes each operand's own absmax / 448 as its static scale (a calibration that saw this call)."""
     rows = []
     for name in shapes:
         batch, heads, tokens, head_dim = ATTENTION_SHAPES[name]
@@ -957,6 +958,10 @@ def attention_benchmark(shapes=tuple(ATTENTION_SHAPES)) -> list[dict]:
                 lambda: attention_operands(q, k, v, pv_fp8, scales))
             operands = kernel_operands(q, k, v, pv_fp8, scales)
             row["ms"][f"fxquant_{label}_kernel_only"] = _graph_median_ms(lambda: attend(q, operands, scale))
+            attention_kernels.FMA_EXP2 = True  # half of P's exponentials on the FMA pipes, same tile
+            row["rel_err_vs_fp32"][f"fxquant_{label}_fma_exp2"] = relative_l2(attend(q, operands, scale), exact)
+            row["ms"][f"fxquant_{label}_kernel_only_fma_exp2"] = _graph_median_ms(lambda: attend(q, operands, scale))
+            attention_kernels.FMA_EXP2 = False
             try:  # as the compile backend does: tile autotuned for the shape, then traced into Inductor
                 tune(batch, heads, tokens, tokens, head_dim, pv_fp8, static, q.dtype)
                 compiled = torch.compile(lambda q, k, v, scales: quantized_attention(q, k, v, scale, pv_fp8, scales,
@@ -1007,8 +1012,8 @@ def attention_config_sweep(shapes=tuple(ATTENTION_SHAPES), formats=("fp8_static"
                 grid = (triton.cdiv(tokens, bm) * batch * heads,)
                 try:
                     launch = lambda: _attention_kernel.fn[grid](  # noqa: E731
-                        *args, **operands["flags"], OUT_CODES=False, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
-                        num_stages=stages)
+                        *args, **operands["flags"], OUT_CODES=False, FMA_EXP2=False, BLOCK_M=bm, BLOCK_N=bn,
+                        num_warps=warps, num_stages=stages)
                     launch()
                     differences[key] = relative_l2(out, reference)  # tiles round P differently: ~1e-2 at most
                     if differences[key] > 5e-2:
