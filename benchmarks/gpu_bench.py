@@ -958,10 +958,11 @@ def attention_benchmark(shapes=tuple(ATTENTION_SHAPES)) -> list[dict]:
                 lambda: attention_operands(q, k, v, pv_fp8, scales))
             operands = kernel_operands(q, k, v, pv_fp8, scales)
             row["ms"][f"fxquant_{label}_kernel_only"] = _graph_median_ms(lambda: attend(q, operands, scale))
-            attention_kernels.FMA_EXP2 = True  # half of P's exponentials on the FMA pipes, same tile
+            default, attention_kernels.FMA_EXP2 = attention_kernels.FMA_EXP2, True  # half of P's exponentials on
+            # the FMA pipes, same tile
             row["rel_err_vs_fp32"][f"fxquant_{label}_fma_exp2"] = relative_l2(attend(q, operands, scale), exact)
             row["ms"][f"fxquant_{label}_kernel_only_fma_exp2"] = _graph_median_ms(lambda: attend(q, operands, scale))
-            attention_kernels.FMA_EXP2 = False
+            attention_kernels.FMA_EXP2 = default
             try:  # as the compile backend does: tile autotuned for the shape, then traced into Inductor
                 tune(batch, heads, tokens, tokens, head_dim, pv_fp8, static, q.dtype)
                 compiled = torch.compile(lambda q, k, v, scales: quantized_attention(q, k, v, scale, pv_fp8, scales,

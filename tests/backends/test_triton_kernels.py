@@ -427,8 +427,8 @@ def _exp2_fma_kernel(x_ptr, out_ptr, N, BLOCK: tl.constexpr):
 
 
 def test_exponentials_on_the_fma_pipes_match_exp2_and_keep_attention_as_accurate(monkeypatch):
-    """exp2_fma (2^x for x <= 0 without the special-function unit) stays within 1.1e-4 of 2^x down to -125 and is 0
-    below; with half of each tile's exponentials on it (attention.FMA_EXP2), the kernel's output moves far less than
+    """exp2_fma (2^x for x <= 0 without the special-function unit) stays within 1.1e-4 of 2^x down to -125 and is
+    ~0 (2^-125) below, -inf included; with half of each tile's exponentials on it (attention.FMA_EXP2), the kernel's output moves far less than
     its fp8 P rounding allows and stays as close to exact attention."""
     x = torch.cat([-torch.rand(4000) * 130, torch.tensor([0.0, -0.5, -1.0, -125.0, float("-inf")])])
     out = torch.empty_like(x)
