@@ -932,7 +932,7 @@ def attention_benchmark(shapes=tuple(ATTENTION_SHAPES)) -> list[dict]:
     """fxquant's quantized attention against SDPA (bf16, PyTorch's fastest backend) at the models' shapes: errors
     against fp32 SDPA and (PixArt) against the reference op, times of SDPA, the whole op (operands + kernel; eager and
     compiled, where Inductor fuses the operand quantization), of the operand quantization alone and of the kernel alone
-    on prepared operands (also with half of P's exponentials on the FMA pipes, `attention.FMA_EXP2`). fp8_static
+    on prepared operands (also with 1/2 and 1/4 of P's exponentials on the FMA pipes, `attention.FMA_EXP2`). fp8_static
     takes each operand's own absmax / 448 as its static scale (a calibration that saw this call)."""
     rows = []
     for name in shapes:
@@ -958,10 +958,13 @@ def attention_benchmark(shapes=tuple(ATTENTION_SHAPES)) -> list[dict]:
                 lambda: attention_operands(q, k, v, pv_fp8, scales))
             operands = kernel_operands(q, k, v, pv_fp8, scales)
             row["ms"][f"fxquant_{label}_kernel_only"] = _graph_median_ms(lambda: attend(q, operands, scale))
-            default, attention_kernels.FMA_EXP2 = attention_kernels.FMA_EXP2, True  # half of P's exponentials on
-            # the FMA pipes, same tile
-            row["rel_err_vs_fp32"][f"fxquant_{label}_fma_exp2"] = relative_l2(attend(q, operands, scale), exact)
-            row["ms"][f"fxquant_{label}_kernel_only_fma_exp2"] = _graph_median_ms(lambda: attend(q, operands, scale))
+            default = attention_kernels.FMA_EXP2
+            for share in (2, 4):  # one in `share` of P's exponentials on the FMA pipes, same tile
+                attention_kernels.FMA_EXP2 = share
+                row["rel_err_vs_fp32"][f"fxquant_{label}_fma_exp2_{share}"] = relative_l2(attend(q, operands, scale),
+                                                                                         exact)
+                row["ms"][f"fxquant_{label}_kernel_only_fma_exp2_{share}"] = _graph_median_ms(
+                    lambda: attend(q, operands, scale))
             attention_kernels.FMA_EXP2 = default
             try:  # as the compile backend does: tile autotuned for the shape, then traced into Inductor
                 tune(batch, heads, tokens, tokens, head_dim, pv_fp8, static, q.dtype)
@@ -1013,7 +1016,7 @@ def attention_config_sweep(shapes=tuple(ATTENTION_SHAPES), formats=("fp8_static"
                 grid = (triton.cdiv(tokens, bm) * batch * heads,)
                 try:
                     launch = lambda: _attention_kernel.fn[grid](  # noqa: E731
-                        *args, **operands["flags"], OUT_CODES=False, FMA_EXP2=False, BLOCK_M=bm, BLOCK_N=bn,
+                        *args, **operands["flags"], OUT_CODES=False, FMA_EXP2=0, BLOCK_M=bm, BLOCK_N=bn,
                         num_warps=warps, num_stages=stages)
                     launch()
                     differences[key] = relative_l2(out, reference)  # tiles round P differently: ~1e-2 at most

@@ -34,10 +34,10 @@ from .quantize import FP8_MAX, e4m3_grid
 
 LOG2_FP8_MAX = tl.constexpr(math.log2(448.0))
 LOG2E = math.log2(math.e)
-# Half of each tile's exponentials on the FMA / integer pipes (`exp2_fma`) instead of the special-function unit, which
-# bounds the kernel at head dim 64 (FA4's trick): off until timed on a GPU (gpu_bench --sections attention times both;
-# FXQUANT_FMA_EXP2=1 turns it on for a whole process, e.g. a model benchmark)
-FMA_EXP2 = os.environ.get("FXQUANT_FMA_EXP2") == "1"
+# One in FMA_EXP2 of each tile's exponentials (2: half, 4: a quarter; 0: none) on the FMA / integer pipes (`exp2_fma`)
+# instead of the special-function unit, which bounds the kernel at head dim 64 (FA4's trick): off until timed on a
+# GPU (gpu_bench --sections attention times 2 and 4; FXQUANT_FMA_EXP2=2 sets it for a whole process, e.g. a model)
+FMA_EXP2 = int(os.environ.get("FXQUANT_FMA_EXP2", "0"))
 EXP2_ROUND = tl.constexpr(12582912.0)  # 1.5 * 2^23: x + it rounds x to an integer held in the low mantissa bits
 EXP2_ROUND_BITS = tl.constexpr(0x4B400000)
 
@@ -68,12 +68,18 @@ def exp2_fma(x):
 
 @triton.jit
 def _exp2(x, FMA_EXP2: tl.constexpr):
-    """2^x of a [M, N] tile: FMA_EXP2: odd columns by `exp2_fma`, even ones by the special-function unit."""
-    if FMA_EXP2:
-        hardware, emulated = tl.split(tl.reshape(x, (x.shape[0], x.shape[1] // 2, 2)))
-        return tl.reshape(tl.join(tl.exp2(hardware), exp2_fma(emulated)), (x.shape[0], x.shape[1]))
-    else:
+    """2^x of a [M, N] tile; FMA_EXP2 2: odd columns by `exp2_fma`, 4: one column in four, 0: none (the rest by the
+    special-function unit)."""
+    if FMA_EXP2 == 0:
         return tl.exp2(x)
+    else:
+        even, odd = tl.split(tl.reshape(x, (x.shape[0], x.shape[1] // 2, 2)))
+        if FMA_EXP2 == 2:
+            odd = exp2_fma(odd)
+        else:
+            hardware, emulated = tl.split(tl.reshape(odd, (x.shape[0], x.shape[1] // 4, 2)))
+            odd = tl.reshape(tl.join(tl.exp2(hardware), exp2_fma(emulated)), (x.shape[0], x.shape[1] // 2))
+        return tl.reshape(tl.join(tl.exp2(even), odd), (x.shape[0], x.shape[1]))
 
 
 @triton.jit
@@ -83,8 +89,8 @@ def _attend_tile(acc_a, acc_b, row_max, row_sum, q_a, q_b, q_scale, k_base, k_sc
                  MASKED: tl.constexpr, FMA_EXP2: tl.constexpr):
     """One key / value tile into the running softmax state. MASKED: the last, partial tile (keys past N_K);
     STATIC_SCALES: q_scale already carries K's scale (no per-key scales); RAW_TAIL: the tail's channels past
-    HEAD_DIM are not zero (masked on load). dims_b: Q / K's tail channels, dims_bv: V's (narrower). FMA_EXP2: half
-    of P's exponentials on the FMA pipes (`_exp2`)."""
+    HEAD_DIM are not zero (masked on load). dims_b: Q / K's tail channels, dims_bv: V's (narrower). FMA_EXP2: one in
+    that many of P's exponentials on the FMA pipes (`_exp2`)."""
     key_ok = keys < N_K
     k_rows = k_base + keys[:, None] * stride_kn
     k_a = tl.load(k_rows + dims_a[None, :], mask=key_ok[:, None], other=0.0) if MASKED else \
