@@ -332,6 +332,9 @@ def attend(q: torch.Tensor, operands: dict, scale: float, traced: bool = False,
     if out.numel() == 0:
         return out
     args = kernel_args(operands, out, scale, out_scale, out_split)
+    if FMA_EXP2 not in (0, 2, 4):
+        raise ValueError(f"attention.FMA_EXP2 (env FXQUANT_FMA_EXP2) is {FMA_EXP2}: 0 (off), 2 (half of P's "
+                         "exponentials on the FMA pipes) or 4 (a quarter)")
     flags = dict(operands["flags"], OUT_CODES=0 if out_scale is None else 2 if out_split else 1, FMA_EXP2=FMA_EXP2)
     key = _tuning_key(n_q, n_k, head_dim, flags["PV_FP8"], flags["STATIC_SCALES"], dtype)
     if traced or key in _TUNED:
