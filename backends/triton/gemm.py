@@ -216,12 +216,13 @@ def _gemm_kernel(
                 in_first, _gate_row(tail_gate_ptr, first, cols, col_ok, stride_gate_g, stride_gate_n),
                 _gate_row(tail_gate_ptr, last, cols, col_ok, stride_gate_g, stride_gate_n)))
         out = out * gates
+    elif HAS_GATE and ROW_PARTS:  # each row loads its own part's gate (as the concat prologue its modulation)
+        out = out * (load_per_group(gate_ptr, rows, cols, tile_ok & in_head, rows_per_gate, stride_gate_g,
+                                    stride_gate_n)
+                     + load_per_group(tail_gate_ptr, rows, cols, tile_ok & ~in_head, rows_per_gate, stride_gate_g,
+                                      stride_gate_n))
     elif HAS_GATE:
-        gates = load_per_group(gate_ptr, rows, cols, tile_ok, rows_per_gate, stride_gate_g, stride_gate_n)
-        if ROW_PARTS:
-            gates = tl.where(in_head, gates, load_per_group(tail_gate_ptr, rows, cols, tile_ok, rows_per_gate,
-                                                            stride_gate_g, stride_gate_n))
-        out = out * gates
+        out = out * load_per_group(gate_ptr, rows, cols, tile_ok, rows_per_gate, stride_gate_g, stride_gate_n)
     if HAS_RESIDUAL and ROW_PARTS:  # each row from its part's residual (rows of both strided alike)
         residual_ptrs = tl.where(in_head, residual_ptr + head_rows[:, None] * stride_rm,
                                  tail_residual_ptr + tail_rows[:, None] * stride_rm) + cols[None, :]
@@ -445,16 +446,16 @@ def quantized_gemm(a: torch.Tensor, a_scale: torch.Tensor, a_zero: torch.Tensor 
     if packed and (gated or (unpack_first if unpack_first is not None else m >= UNPACK_MIN_TOKENS)):
         b, weight_bits = unpack_weights(b, weight_bits, traced), 8
     tail_gate, tail_residual = tail or (None, None)
-    if tail is not None:
-        assert (gate is None) == (tail_gate is None), "both parts gated, or neither"
-        residual, tail_residual = _strided_alike(row_strided(residual), row_strided(tail_residual), (-2,))
-        gate, tail_gate = _strided_alike(gate, tail_gate, (0, -1))
     if residual is not None:
         rows_shape = residual.shape if tail is None else (residual.shape[0], residual.shape[1] + tail_residual.shape[1],
                                                           n)
         assert residual.shape[-1] == n and math.prod(rows_shape) == m * n, \
             f"residual {tuple(residual.shape)} for a [{m}, {n}] output"
         out_dtype, out_shape, residual = residual.dtype, residual.shape, row_strided(residual)
+    if tail is not None:
+        assert (gate is None) == (tail_gate is None), "both parts gated, or neither"
+        residual, tail_residual = _strided_alike(residual, row_strided(tail_residual), (-2,))
+        gate, tail_gate = _strided_alike(gate, tail_gate, (0, -1))
     if out_scale is not None:
         out_dtype = torch.int8 if out_zero is not None else torch.float8_e4m3fn
     if out is None:

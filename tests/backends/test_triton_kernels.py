@@ -391,6 +391,13 @@ def test_launcher_rejects_bad_input():
     with pytest.raises(AssertionError, match="config 'autotun'"):  # a tile dict or "autotune"
         quantized_gemm(torch.zeros(2, 8, dtype=torch.int8), torch.ones(2), None, torch.zeros(3, 8, dtype=torch.int8),
                        torch.ones(3), None, None, torch.float32, config="autotun")
+    with pytest.raises(AssertionError, match="parts need residuals"):  # token parts: a head residual too
+        quantized_gemm(torch.zeros(2, 8, dtype=torch.int8), torch.ones(2), None, torch.zeros(3, 8, dtype=torch.int8),
+                       torch.ones(3), None, None, torch.float32, tail=(None, torch.zeros(1, 1, 3)))
+    with pytest.raises(AssertionError, match="both parts gated, or neither"):
+        quantized_gemm(torch.zeros(2, 8, dtype=torch.int8), torch.ones(2), None, torch.zeros(3, 8, dtype=torch.int8),
+                       torch.ones(3), None, None, torch.float32, residual=torch.zeros(1, 1, 3),
+                       gate=torch.ones(1, 1, 3), tail=(None, torch.zeros(1, 1, 3)))
 
 
 @pytest.mark.parametrize("batch,heads,n_q,n_k,head_dim", [(1, 2, 40, 50, 32), (2, 1, 33, 70, 72), (1, 3, 64, 64, 64)])
@@ -445,6 +452,13 @@ def test_exponentials_on_the_fma_pipes_match_exp2_and_keep_attention_as_accurate
     emulated = quantized_attention(q, k, v, 0.125, True, scales)
     assert relative_l2(emulated, hardware) < 0.01
     assert relative_l2(emulated, exact) < relative_l2(hardware, exact) + 0.005
+
+
+def test_attention_refuses_an_fma_exponential_share_it_does_not_have(monkeypatch):
+    monkeypatch.setattr(attention_module, "FMA_EXP2", 3)
+    q = torch.randn(1, 1, 16, 64)
+    with pytest.raises(ValueError, match=r"FMA_EXP2 \(env FXQUANT_FMA_EXP2\) is 3: 0 \(off\), 2"):
+        quantized_attention(q, q, q, 0.125, True, torch.full((3,), 4.0 / 448))
 
 
 def _counting_runs(monkeypatch, autotuner) -> list:
