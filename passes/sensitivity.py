@@ -39,7 +39,8 @@ probes run the whole model.
 
 Probes persist (config.sensitivity_cache, a JSON file): each damage is written as soon as it is measured, keyed by
 unit, timestep group and bits, under a fingerprint of everything a damage depends on (the probe-related config, the
-plan of every probed layer with its calibrated scales, the model's parameters and the replayed calls). A run that
+plan of every probed layer with its calibrated scales, the model's parameters and the replayed calls; measured values
+within 1 %, since a GPU's calibration moves in its last bits from run to run). A run that
 crashed or was stopped resumes where it stopped; a rerun that changes only the allocation's budgets (target_bits,
 executed_bits, act_target_bits) probes no unit again (the joint check of the allocation still runs); a file made for
 another model, calibration or recipe is refused.
@@ -113,42 +114,72 @@ def _ssim_damage(samples: torch.Tensor, reference: torch.Tensor) -> float:
     return 1.0 - sum(ssim(frames, reference, data_range)) / len(frames)
 
 
-def _digest(value) -> str:
-    """A tensor, or nested lists / tuples / dicts of them and plain values -> text that changes when they do (float
-    sums rounded to 10 digits, so that a resumed run on the same device matches; other objects by their type only,
-    never their address)."""
+# calibrated LayerPlan fields: compared within _MEASURED_RTOL, not hashed; zero points are neither (they follow the
+# scales and the calls)
+_MEASURED_FIELDS = ("act_scale", "outlier_ratio", "smooth", "attention_scales")
+# a GPU's nondeterministic bf16 reductions move a calibrated maximum by about one bf16 step (2^-8, 0.4 %) between
+# runs of the same calibration; a change of data, model or recipe moves far more or changes the hashed part
+_MEASURED_RTOL = 1e-2
+
+
+def _digest(value, measured: list[float]) -> str:
+    """A tensor, or nested lists / tuples / dicts of them and plain values -> text of what must match exactly (tensor
+    shapes and dtypes, plain values; other objects by their type only, never their address); each tensor's sum of
+    absolute values is appended to `measured` instead."""
     if isinstance(value, torch.Tensor):
-        exact = value.detach().double()
-        return f"{tuple(value.shape)}:{value.dtype}:{float(exact.sum()):.10g}:{float(exact.abs().sum()):.10g}"
+        measured.append(float(value.detach().double().abs().sum()))
+        return f"{tuple(value.shape)}:{value.dtype}"
     if isinstance(value, dict):
-        return "{" + ",".join(f"{key}={_digest(item)}" for key, item in sorted(value.items())) + "}"
+        return "{" + ",".join(f"{key}={_digest(item, measured)}" for key, item in sorted(value.items())) + "}"
     if isinstance(value, (list, tuple)):
-        return "[" + ",".join(_digest(item) for item in value) + "]"
+        return "[" + ",".join(_digest(item, measured) for item in value) + "]"
     return repr(value) if value is None or isinstance(value, (bool, int, float, str)) else type(value).__name__
 
 
-def _fingerprint(state: QuantState, units: dict, calls: list) -> str:
-    """sha256 of what a probe's damage depends on: the probe-related config, the plans of the probed layers (with
-    their calibrated scales), the model's parameters and buffers, and the replayed calls."""
+def _fingerprint(state: QuantState, units: dict, calls: list) -> tuple[str, list[float]]:
+    """What a probe's damage depends on, in two parts: the sha256 of what must match exactly (the probe-related
+    config, the probed layers' plans without their calibrated values, the shapes and dtypes of the model's tensors
+    and of the replayed calls) and the measured values (the calibrated scales, smoothing factors and outlier ratios,
+    the absolute sums of the model's parameters and buffers and of the calls' tensors), which match within
+    _MEASURED_RTOL."""
+    measured: list[float] = []
     config = {key: value for key, value in dataclasses.asdict(state.config).items() if key not in _NOT_FINGERPRINTED}
-    layers = {name: [dataclasses.asdict(layer) for layer in unit] for name, unit in units.items()}
-    model = [_digest(tensor) for tensor in (*state.model.parameters(), *state.model.buffers())]
+    layers = {}
+    for name, unit in units.items():
+        layers[name] = [{key: value for key, value in dataclasses.asdict(layer).items()
+                         if key not in (*_MEASURED_FIELDS, "act_zero")} for layer in unit]
+        values = torch.utils._pytree.tree_leaves([getattr(layer, key) for layer in unit for key in _MEASURED_FIELDS])
+        measured.extend(float(value) for value in values if value is not None)
+    model = [_digest(tensor, measured) for tensor in (*state.model.parameters(), *state.model.buffers())]
     text = json.dumps({"config": config, "layers": layers, "model": model,
-                       "calls": _digest([list(call) for call in calls])}, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()
+                       "calls": _digest([list(call) for call in calls], measured)}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest(), measured
+
+
+def _measured_match(stored: list[float], measured: list[float]) -> bool:
+    """True when two runs' measured values (_fingerprint) agree within _MEASURED_RTOL each."""
+    return len(stored) == len(measured) and all(
+        abs(a - b) <= _MEASURED_RTOL * max(abs(a), abs(b)) for a, b in zip(stored, measured))
 
 
 class _ProbeCache:
-    """Probe damages in a JSON file (config.sensitivity_cache), rewritten atomically after every probe."""
+    """Probe damages in a JSON file (config.sensitivity_cache), rewritten atomically after every probe, under the
+    fingerprint (_fingerprint) of what they depend on."""
 
-    def __init__(self, path: str, fingerprint: str):
-        self.path, self.fingerprint, self.damage = Path(path), fingerprint, {}
+    def __init__(self, path: str, fingerprint: tuple[str, list[float]]):
+        self.path, (self.fingerprint, self.measured), self.damage = Path(path), fingerprint, {}
         if self.path.exists():
             data = json.loads(self.path.read_text())
-            if data.get("fingerprint") != fingerprint:
+            if data.get("fingerprint") != self.fingerprint:
+                differs = "its fingerprint differs"
+            elif not _measured_match(data.get("measured", []), self.measured):
+                differs = f"its calibrated scales, weights or calls differ by more than {_MEASURED_RTOL:.0%}"
+            else:
+                differs = None
+            if differs:
                 raise CalibrationError(
                     f"sensitivity_cache {str(self.path)!r} holds the probes of another model, calibration or recipe "
-                    "(its fingerprint differs): delete it, or name another file to probe afresh.")
+                    f"({differs}): delete it, or name another file to probe afresh.")
             self.damage = data["damage"]
 
     def __len__(self) -> int:
@@ -160,7 +191,8 @@ class _ProbeCache:
     def put(self, key: str, value: float) -> None:
         self.damage[key] = value
         partial = self.path.with_name(self.path.name + ".partial")
-        partial.write_text(json.dumps({"fingerprint": self.fingerprint, "damage": self.damage}))
+        partial.write_text(json.dumps({"fingerprint": self.fingerprint, "measured": self.measured,
+                                       "damage": self.damage}))
         os.replace(partial, self.path)  # a crash mid-write leaves the previous file whole
 
 

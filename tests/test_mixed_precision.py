@@ -443,11 +443,20 @@ def test_sensitivity_cache_resumes_a_stopped_run_and_refuses_another_model(tmp_p
     fxquant.quantize(copy.deepcopy(reference), dataclasses.replace(config, target_bits=6.0), calibration)
     assert not probed
 
+    probed.clear()  # a weight one bf16 step off (as a GPU's calibration moves between runs): still this model
+    nudged = copy.deepcopy(reference)
+    with torch.no_grad():
+        next(nudged.parameters()).mul_(1 + 2**-8)
+    fxquant.quantize(nudged, config, calibration)
+    assert not probed
+
     other = copy.deepcopy(reference)
     with torch.no_grad():
-        next(other.parameters()).mul_(1.01)
-    with pytest.raises(fxquant.errors.CalibrationError, match="another model"):
+        next(other.parameters()).mul_(1.05)
+    with pytest.raises(fxquant.errors.CalibrationError, match="another model.*differ by more than 1%"):
         fxquant.quantize(other, config, calibration)
+    with pytest.raises(fxquant.errors.CalibrationError, match="another model.*fingerprint differs"):
+        fxquant.quantize(copy.deepcopy(reference), dataclasses.replace(config, candidate_bits=[4, 8]), calibration)
 
 
 @pytest.mark.parametrize("name,falls_back", [("pixart", False), ("flux", False), ("unet", True)])
