@@ -136,12 +136,12 @@ def _digest(value, measured: list[float]) -> str:
     return repr(value) if value is None or isinstance(value, (bool, int, float, str)) else type(value).__name__
 
 
-def _fingerprint(state: QuantState, units: dict, calls: list) -> tuple[str, list[float]]:
-    """What a probe's damage depends on, in two parts: the sha256 of what must match exactly (the probe-related
-    config, the probed layers' plans without their calibrated values, the shapes and dtypes of the model's tensors
-    and of the replayed calls) and the measured values (the calibrated scales, smoothing factors and outlier ratios,
-    the absolute sums of the model's parameters and buffers and of the calls' tensors), which match within
-    _MEASURED_RTOL."""
+def _fingerprint(state: QuantState, units: dict, calls: list) -> tuple[dict[str, str], list[float]]:
+    """What a probe's damage depends on, in two parts: sha256 hashes of what must match exactly ("config": the
+    probe-related config; "layers": the probed layers' plans without their calibrated values; "model" and "calls":
+    the shapes and dtypes of the model's parameters and buffers and of the replayed calls' tensors) and the measured
+    values (the calibrated scales, smoothing factors and outlier ratios, the absolute sums of those tensors), which
+    match within _MEASURED_RTOL."""
     measured: list[float] = []
     config = {key: value for key, value in dataclasses.asdict(state.config).items() if key not in _NOT_FINGERPRINTED}
     layers = {}
@@ -150,10 +150,12 @@ def _fingerprint(state: QuantState, units: dict, calls: list) -> tuple[str, list
                          if key not in (*_MEASURED_FIELDS, "act_zero")} for layer in unit]
         values = torch.utils._pytree.tree_leaves([getattr(layer, key) for layer in unit for key in _MEASURED_FIELDS])
         measured.extend(float(value) for value in values if value is not None)
-    model = [_digest(tensor, measured) for tensor in (*state.model.parameters(), *state.model.buffers())]
-    text = json.dumps({"config": config, "layers": layers, "model": model,
-                       "calls": _digest([list(call) for call in calls], measured)}, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest(), measured
+    parts = {"config": config, "layers": layers,
+             "model": [_digest(tensor, measured) for tensor in (*state.model.parameters(), *state.model.buffers())],
+             "calls": _digest([list(call) for call in calls], measured)}
+    hashes = {key: hashlib.sha256(json.dumps(part, sort_keys=True, default=str).encode()).hexdigest()
+              for key, part in parts.items()}
+    return hashes, measured
 
 
 def _measured_match(stored: list[float], measured: list[float]) -> bool:
@@ -166,12 +168,15 @@ class _ProbeCache:
     """Probe damages in a JSON file (config.sensitivity_cache), rewritten atomically after every probe, under the
     fingerprint (_fingerprint) of what they depend on."""
 
-    def __init__(self, path: str, fingerprint: tuple[str, list[float]]):
+    def __init__(self, path: str, fingerprint: tuple[dict[str, str], list[float]]):
         self.path, (self.fingerprint, self.measured), self.damage = Path(path), fingerprint, {}
         if self.path.exists():
             data = json.loads(self.path.read_text())
-            if data.get("fingerprint") != self.fingerprint:
-                differs = "its fingerprint differs"
+            stored = data.get("fingerprint")
+            stored = stored if isinstance(stored, dict) else {}
+            changed = [key for key, value in self.fingerprint.items() if stored.get(key) != value]
+            if changed:
+                differs = f"its fingerprint differs in {', '.join(changed)}"
             elif not _measured_match(data.get("measured", []), self.measured):
                 differs = f"its calibrated scales, weights or calls differ by more than {_MEASURED_RTOL:.0%}"
             else:

@@ -455,7 +455,7 @@ def test_sensitivity_cache_resumes_a_stopped_run_and_refuses_another_model(tmp_p
         next(other.parameters()).mul_(1.05)
     with pytest.raises(fxquant.errors.CalibrationError, match="another model.*differ by more than 1%"):
         fxquant.quantize(other, config, calibration)
-    with pytest.raises(fxquant.errors.CalibrationError, match="another model.*fingerprint differs"):
+    with pytest.raises(fxquant.errors.CalibrationError, match="another model.*fingerprint differs in config"):
         fxquant.quantize(copy.deepcopy(reference), dataclasses.replace(config, candidate_bits=[4, 8]), calibration)
 
 
