@@ -34,10 +34,9 @@ import triton
 from triton.testing import do_bench_cudagraph
 
 import fxquant
-from fxquant.backends.triton import attention as attention_kernels
 from fxquant.backends.triton.attention import (_attention_kernel, _tuning_key, attend, kernel_args, kernel_operands,
                                                quantized_attention, traced_config, tune)
-from fxquant.backends.triton.gemm import quantized_gemm, unpack_weights
+from fxquant.backends.triton.gemm import fixed_config, quantized_gemm, unpack_weights
 from fxquant.backends.triton.quantize import fused_quantize_per_token, quantize_per_token, quantize_per_token_fp8
 from fxquant.metrics import relative_l2
 from fxquant.model import compile_repeated_blocks
@@ -294,8 +293,9 @@ def concat_prologue_benchmark() -> list[dict]:
 def residual_parts_benchmark() -> list[dict]:
     """CogVideoX-2B's output projection (K 1920) and second feed-forward linear (K 7680), whose fp8 GEMM output is
     cut into text and video tokens, each gated and added to its own residual stream: the GEMM writing both sums
-    (`tail=`, fxquant::linear_residual_parts) against the GEMM writing bf16 rows, then Inductor's split + gated
-    residual pass (the graph before the rewrite), and the plain GEMM alone; the error between fused and unfused."""
+    (`tail=`, fxquant::linear_residual_parts; at the residual epilogue's tile and at the plain GEMM's) against the GEMM
+    writing bf16 rows, then Inductor's split + gated residual pass (the graph before the rewrite), and the plain GEMM
+    alone; the error between fused and unfused."""
     text, video, width = 226, 13 * 30 * 45, 1920
     table = torch.randn(2, 6, width, device="cuda", dtype=torch.bfloat16) * 0.3
     gates = (table[:, 2:3], table[:, 5:6])
@@ -312,11 +312,16 @@ def residual_parts_benchmark() -> list[dict]:
         gemm = lambda: quantized_gemm(x_q, x_scale, None, w_q, w_scale, None, bias, torch.bfloat16)  # noqa: E731
         fused = lambda: quantized_gemm(x_q, x_scale, None, w_q, w_scale, None, bias, torch.bfloat16,  # noqa: E731
                                        gate=gates[0], residual=residuals[0], tail=(gates[1], residuals[1]))
+        gemm_tile = fixed_config(x_q.shape[0], width, k, False)
+        fused_gemm_tile = lambda: quantized_gemm(  # noqa: E731
+            x_q, x_scale, None, w_q, w_scale, None, bias, torch.bfloat16, gate=gates[0], residual=residuals[0],
+            tail=(gates[1], residuals[1]), config=gemm_tile)
         unfused = lambda: sums(gemm(), *residuals)  # noqa: E731
         row = {"case": f"cogvideox_text_video_residuals_k{k}", "m": x_q.shape[0], "n": width, "k": k,
                "rel_l2_fused_vs_unfused": [relative_l2(a, b) for a, b in zip(fused(), unfused())],
-               "ms": {"fused_parts": _graph_median_ms(fused), "gemm_then_inductor_residuals": _graph_median_ms(unfused),
-                      "gemm_alone": _graph_median_ms(gemm)}}
+               "ms": {"fused_parts": _graph_median_ms(fused), "fused_parts_gemm_tile": _graph_median_ms(fused_gemm_tile),
+                      "gemm_then_inductor_residuals": _graph_median_ms(unfused), "gemm_alone": _graph_median_ms(gemm)},
+               "gemm_tile": gemm_tile}
         row["speedup"] = row["ms"]["gemm_then_inductor_residuals"] / row["ms"]["fused_parts"]
         print("residual_parts", row, flush=True)
         rows.append(row)
@@ -690,8 +695,6 @@ def model_gemm_sweep(names: list[str] | None = None) -> list[dict]:
     """The fp8 GEMM at MODEL_GEMMS per tile of MODEL_GEMM_TILES (traced-style launches, the model's epilogue) against
     the compile backend's tile (`fixed_config`), cuBLAS fp8 and bf16: TFLOP/s, and whether the backend's rule picks
     the fastest tile at these larger shapes."""
-    from fxquant.backends.triton.gemm import fixed_config
-
     rows = []
     for name, m, k, n, activation in MODEL_GEMMS:
         if names and name not in names:
@@ -932,8 +935,8 @@ def attention_benchmark(shapes=tuple(ATTENTION_SHAPES)) -> list[dict]:
     """fxquant's quantized attention against SDPA (bf16, PyTorch's fastest backend) at the models' shapes: errors
     against fp32 SDPA and (PixArt) against the reference op, times of SDPA, the whole op (operands + kernel; eager and
     compiled, where Inductor fuses the operand quantization), of the operand quantization alone and of the kernel alone
-    on prepared operands (also with 1/2 and 1/4 of P's exponentials on the FMA pipes, `attention.FMA_EXP2`). fp8_static
-    takes each operand's own absmax / 448 as its static scale (a calibration that saw this call)."""
+    on prepared operands. fp8_static takes each operand's own absmax / 448 as its static scale (a calibration that
+    saw this call)."""
     rows = []
     for name in shapes:
         batch, heads, tokens, head_dim = ATTENTION_SHAPES[name]
@@ -958,14 +961,6 @@ def attention_benchmark(shapes=tuple(ATTENTION_SHAPES)) -> list[dict]:
                 lambda: attention_operands(q, k, v, pv_fp8, scales))
             operands = kernel_operands(q, k, v, pv_fp8, scales)
             row["ms"][f"fxquant_{label}_kernel_only"] = _graph_median_ms(lambda: attend(q, operands, scale))
-            default = attention_kernels.FMA_EXP2
-            for share in (2, 4):  # one in `share` of P's exponentials on the FMA pipes, same tile
-                attention_kernels.FMA_EXP2 = share
-                row["rel_err_vs_fp32"][f"fxquant_{label}_fma_exp2_{share}"] = relative_l2(attend(q, operands, scale),
-                                                                                         exact)
-                row["ms"][f"fxquant_{label}_kernel_only_fma_exp2_{share}"] = _graph_median_ms(
-                    lambda: attend(q, operands, scale))
-            attention_kernels.FMA_EXP2 = default
             try:  # as the compile backend does: tile autotuned for the shape, then traced into Inductor
                 tune(batch, heads, tokens, tokens, head_dim, pv_fp8, static, q.dtype)
                 compiled = torch.compile(lambda q, k, v, scales: quantized_attention(q, k, v, scale, pv_fp8, scales,
@@ -1016,7 +1011,7 @@ def attention_config_sweep(shapes=tuple(ATTENTION_SHAPES), formats=("fp8_static"
                 grid = (triton.cdiv(tokens, bm) * batch * heads,)
                 try:
                     launch = lambda: _attention_kernel.fn[grid](  # noqa: E731
-                        *args, **operands["flags"], OUT_CODES=False, FMA_EXP2=0, BLOCK_M=bm, BLOCK_N=bn,
+                        *args, **operands["flags"], OUT_CODES=False, BLOCK_M=bm, BLOCK_N=bn,
                         num_warps=warps, num_stages=stages)
                     launch()
                     differences[key] = relative_l2(out, reference)  # tiles round P differently: ~1e-2 at most

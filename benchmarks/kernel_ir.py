@@ -93,23 +93,20 @@ def attention_reports() -> dict:
     """The attention kernel, P V in bf16 and fp8, head dims 64 and 72 (64 + 32 tail), 128 x 128 tiles, 8 warps; and
     with fp8 output codes (static_attention_outputs) at head dim 72, static fp8 operands there with their tails
     masked (laid out by the q / k / v GEMMs: attention_fp8_codes), codes of two scales split at a query (a joint
-    attention's two streams) at head dim 64, and static codes at head dim 64 (CogVideoX) with none, half or a quarter of
-    P's exponentials on the FMA pipes (FMA_EXP2 0 / 2 / 4)."""
+    attention's two streams) at head dim 64, and static codes at head dim 64 (CogVideoX)."""
     reports = {}
-    for head_dim, pv_fp8, codes, raw_tail, fma_exp2 in (
-            (64, False, 0, False, 0), (64, True, 0, False, 0), (72, False, 0, False, 0),
-            (72, True, 0, False, 0), (72, True, 1, False, 0), (72, True, 1, True, 0),
-            (64, True, 2, True, 0), (64, True, 1, True, 0), (64, True, 1, True, 2), (64, True, 1, True, 4)):
+    for head_dim, pv_fp8, codes, raw_tail in ((64, False, 0, False), (64, True, 0, False), (72, False, 0, False),
+                                              (72, True, 0, False), (72, True, 1, False), (72, True, 1, True),
+                                              (64, True, 2, True), (64, True, 1, True)):
         operand = "*fp8e4nv" if raw_tail else "*i8"
         types = {"q_ptr": operand, "q_scale_ptr": "*fp32", "k_ptr": operand, "k_scale_ptr": "*fp32",
                  "v_ptr": "*fp8e4nv" if pv_fp8 else "*bf16", "v_scale_ptr": "*fp32",
                  "out_ptr": "*fp8e4nv" if codes else "*bf16", "out_scale_ptr": "*fp32", "score_scale": TRACED_FLOAT}
         constants = dict(HEAD_DIM=head_dim, DIM_A=64, DIM_B=32, DIM_BV=16, HAS_TAIL=head_dim > 64, PV_FP8=pv_fp8,
-                         STATIC_SCALES=raw_tail, OUT_CODES=codes, RAW_TAIL=raw_tail, FMA_EXP2=fma_exp2,
-                         BLOCK_M=128, BLOCK_N=128,
+                         STATIC_SCALES=raw_tail, OUT_CODES=codes, RAW_TAIL=raw_tail, BLOCK_M=128, BLOCK_N=128,
                          **({"stride_vn": 1} if pv_fp8 else {"stride_vd": 1}))
         label = f"d{head_dim}_{'fp8' if pv_fp8 else 'bf16'}_pv" + ["", "_fp8_codes", "_fp8_split_codes"][codes] + (
-            "_static_raw_tail" if raw_tail else "") + (f"_fma_exp2_{fma_exp2}" if fma_exp2 else "")
+            "_static_raw_tail" if raw_tail else "")
         reports[label] = _report(_attention_kernel.fn, types, constants, 8, 3)
     return reports
 

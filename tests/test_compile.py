@@ -94,14 +94,14 @@ def _fused_and_unfused(qmodel, inputs: dict, option: str, counter: str) -> tuple
     return fused, relative_l2(outputs[True], outputs[False])
 
 
-def _rewritten(qmodel, inputs: dict, lower: bool = False) -> tuple:
-    """qmodel(**inputs) compiled through the backend's rewrites -> (its output, every graph the rewrites produced,
-    nested subgraphs included). lower: the graphs are then lowered as on CUDA (`lower_to_inductor`: fxquant's Triton
-    kernels, here in the interpreter) and run as Python."""
+def _rewritten(qmodel, inputs: dict, lower: bool = False, options: dict | None = None) -> tuple:
+    """qmodel(**inputs) compiled through the backend's rewrites (with the backend `options`) -> (its output, every
+    graph the rewrites produced, nested subgraphs included). lower: the graphs are then lowered as on CUDA
+    (`lower_to_inductor`: fxquant's Triton kernels, here in the interpreter) and run as Python."""
     graphs = []
 
     def backend(gm, example_inputs):
-        compiled = fxquant_backend(gm, example_inputs)
+        compiled = fxquant_backend(gm, example_inputs, options=options)
         rewritten = [graph for graph, _ in graph_modules(gm)]
         graphs.extend(rewritten)
         if not lower:
@@ -196,10 +196,10 @@ def test_text_and_video_residuals_fuse_into_the_gemm_epilogue(quantized_family, 
     """CogVideoX cuts the output projection's and the feed-forward's result into text and video tokens, each gated
     and added to its own residual stream: per block both become one linear_residual_parts (the last block's
     feed-forward text part is never used, so that one stays), with the same results as the unfused graph (lowered
-    to the kernels: test_cuda_lowering_computes_what_eager_does)."""
+    to the kernels: test_cuda_lowering_computes_what_eager_does). Off by default (slower on an H200)."""
     _, qmodel, _ = quantized_family("cogvideox", recipe)
     inputs = FAMILIES["cogvideox"].inputs(batch=2, seed=4)
-    fused, error = _fused_and_unfused(qmodel, inputs, "fxquant.fuse_residuals", "fused_residual_parts")
+    fused, error = _fused_and_unfused(qmodel, inputs, "fxquant.fuse_residual_parts", "fused_residual_parts")
     assert fused == 2 * len(qmodel.model.transformer_blocks) - 1
     assert error <= 1e-5
 
@@ -249,13 +249,14 @@ def test_cuda_lowering_computes_what_eager_does(quantized_family, name, recipe):
     """After every rewrite, the functions the backend hands Inductor on CUDA (`lower_to_inductor`: fxquant's Triton
     kernels, here in the interpreter, incl. fused prologues, code-writing epilogues (the UNet's GEGLU), fp8 convs and
     static fp8 attention on laid-out operands, Flux's normalised and rotated q / k, CogVideoX's text / video concat
-    prologue with the LayerNorm's affine folded into its modulations and its text / video residual epilogues among
-    them) compute the eager quantized model's
+    prologue with the LayerNorm's affine folded into its modulations and its text / video residual epilogues, an
+    option, among them) compute the eager quantized model's
     output. (CogVideoX's attention kernel is left out: at its tiny 39 tokens x head dim 32 the kernel's exp2 / fp8 P
     rounding alone differs from the reference by ~8e-4.)"""
     _, qmodel, _ = quantized_family(name, recipe)
     inputs = dict(FAMILIES[name].inputs(batch=2, seed=5), return_dict=False)
-    (lowered, *_), graphs = _rewritten(qmodel, inputs, lower=True)
+    options = {"fxquant.fuse_residual_parts": True} if name == "cogvideox" else None
+    (lowered, *_), graphs = _rewritten(qmodel, inputs, lower=True, options=options)
     with torch.no_grad():
         assert relative_l2(lowered, qmodel(**inputs)[0]) <= 1e-6
     if name == "cogvideox":

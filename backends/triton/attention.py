@@ -17,7 +17,6 @@ rounds (running vs final row maxima).
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import torch.nn.functional as F
@@ -34,12 +33,6 @@ from .quantize import FP8_MAX, e4m3_grid
 
 LOG2_FP8_MAX = tl.constexpr(math.log2(448.0))
 LOG2E = math.log2(math.e)
-# One in FMA_EXP2 of each tile's exponentials (2: half, 4: a quarter; 0: none) on the FMA / integer pipes (`exp2_fma`)
-# instead of the special-function unit, which bounds the kernel at head dim 64 (FA4's trick): off until timed on a
-# GPU (gpu_bench --sections attention times 2 and 4; FXQUANT_FMA_EXP2=2 sets it for a whole process, e.g. a model)
-FMA_EXP2 = int(os.environ.get("FXQUANT_FMA_EXP2", "0"))
-EXP2_ROUND = tl.constexpr(12582912.0)  # 1.5 * 2^23: x + it rounds x to an integer held in the low mantissa bits
-EXP2_ROUND_BITS = tl.constexpr(0x4B400000)
 
 
 def get_autotune_config() -> list[triton.Config]:
@@ -54,43 +47,13 @@ def get_autotune_config() -> list[triton.Config]:
 
 
 @triton.jit
-def exp2_fma(x):
-    """2^x for x <= 0 without the special-function unit: x = j + f with j the nearest integer (by adding EXP2_ROUND),
-    2^f for |f| <= 1/2 by a degree-3 polynomial (relative error 1.0e-4, far below P's fp8 / bf16 rounding), 2^j
-    added to its exponent bits. x is clamped at -125 (2^-125: zero for a probability)."""
-    x = tl.maximum(x, -125.0)
-    rounded = x + EXP2_ROUND
-    fraction = x - (rounded - EXP2_ROUND)
-    power = ((0.05500813 * fraction + 0.24220925) * fraction + 0.69328282) * fraction + 1.0
-    exponent = (rounded.to(tl.int32, bitcast=True) - EXP2_ROUND_BITS) << 23
-    return (power.to(tl.int32, bitcast=True) + exponent).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _exp2(x, FMA_EXP2: tl.constexpr):
-    """2^x of a [M, N] tile; FMA_EXP2 2: odd columns by `exp2_fma`, 4: one column in four, 0: none (the rest by the
-    special-function unit)."""
-    if FMA_EXP2 == 0:
-        return tl.exp2(x)
-    else:
-        even, odd = tl.split(tl.reshape(x, (x.shape[0], x.shape[1] // 2, 2)))
-        if FMA_EXP2 == 2:
-            odd = exp2_fma(odd)
-        else:
-            hardware, emulated = tl.split(tl.reshape(odd, (x.shape[0], x.shape[1] // 4, 2)))
-            odd = tl.reshape(tl.join(tl.exp2(hardware), exp2_fma(emulated)), (x.shape[0], x.shape[1] // 2))
-        return tl.reshape(tl.join(tl.exp2(even), odd), (x.shape[0], x.shape[1]))
-
-
-@triton.jit
 def _attend_tile(acc_a, acc_b, row_max, row_sum, q_a, q_b, q_scale, k_base, k_scale_base, v_base, keys, N_K,
                  stride_kn, stride_vn, stride_vd, dims_a, dims_b, dims_bv, HEAD_DIM: tl.constexpr,
                  HAS_TAIL: tl.constexpr, PV_FP8: tl.constexpr, STATIC_SCALES: tl.constexpr, RAW_TAIL: tl.constexpr,
-                 MASKED: tl.constexpr, FMA_EXP2: tl.constexpr):
+                 MASKED: tl.constexpr):
     """One key / value tile into the running softmax state. MASKED: the last, partial tile (keys past N_K);
     STATIC_SCALES: q_scale already carries K's scale (no per-key scales); RAW_TAIL: the tail's channels past
-    HEAD_DIM are not zero (masked on load). dims_b: Q / K's tail channels, dims_bv: V's (narrower). FMA_EXP2: one in
-    that many of P's exponentials on the FMA pipes (`_exp2`)."""
+    HEAD_DIM are not zero (masked on load). dims_b: Q / K's tail channels, dims_bv: V's (narrower)."""
     key_ok = keys < N_K
     k_rows = k_base + keys[:, None] * stride_kn
     k_a = tl.load(k_rows + dims_a[None, :], mask=key_ok[:, None], other=0.0) if MASKED else \
@@ -115,7 +78,7 @@ def _attend_tile(acc_a, acc_b, row_max, row_sum, q_a, q_b, q_scale, k_base, k_sc
     rescale = tl.exp2(row_max - new_max)
     # fp8: P arrives multiplied by 448 (e4m3's range) through the exponent; row_sum carries the factor, so it cancels
     bias = new_max - LOG2_FP8_MAX if PV_FP8 else new_max
-    p = _exp2(scaled * q_scale[:, None] - bias[:, None], FMA_EXP2)
+    p = tl.exp2(scaled * q_scale[:, None] - bias[:, None])
     row_sum = row_sum * rescale + tl.sum(p, axis=1)
     v_rows = v_base + keys[:, None] * stride_vn
     v_a = tl.load(v_rows + dims_a[None, :] * stride_vd, mask=key_ok[:, None], other=0.0) if MASKED else \
@@ -143,7 +106,7 @@ def _attention_kernel(
     stride_vb, stride_vh, stride_vn, stride_vd, stride_ob, stride_oh, stride_on,
     HEAD_DIM: tl.constexpr, DIM_A: tl.constexpr, DIM_B: tl.constexpr, DIM_BV: tl.constexpr, HAS_TAIL: tl.constexpr,
     PV_FP8: tl.constexpr, STATIC_SCALES: tl.constexpr, OUT_CODES: tl.constexpr, RAW_TAIL: tl.constexpr,
-    FMA_EXP2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """HAS_TAIL (HEAD_DIM > DIM_A): Q / K are padded to DIM_A + DIM_B along the head dim, V to DIM_A + DIM_BV (the P V
     product's N side takes a narrower tail), with zeros (tiles load unmasked) or, RAW_TAIL, with anything (tail loads
@@ -187,12 +150,12 @@ def _attention_kernel(
         acc_a, acc_b, row_max, row_sum = _attend_tile(
             acc_a, acc_b, row_max, row_sum, q_a, q_b, q_scale, k_base, k_scale_base, v_base,
             start + tl.arange(0, BLOCK_N), N_K, stride_kn, stride_vn, stride_vd, dims_a, dims_b, dims_bv, HEAD_DIM,
-            HAS_TAIL, PV_FP8, STATIC_SCALES, RAW_TAIL, False, FMA_EXP2)
+            HAS_TAIL, PV_FP8, STATIC_SCALES, RAW_TAIL, False)
     if full_tiles_end < N_K:
         acc_a, acc_b, row_max, row_sum = _attend_tile(
             acc_a, acc_b, row_max, row_sum, q_a, q_b, q_scale, k_base, k_scale_base, v_base,
             full_tiles_end + tl.arange(0, BLOCK_N), N_K, stride_kn, stride_vn, stride_vd, dims_a, dims_b, dims_bv,
-            HEAD_DIM, HAS_TAIL, PV_FP8, STATIC_SCALES, RAW_TAIL, True, FMA_EXP2)
+            HEAD_DIM, HAS_TAIL, PV_FP8, STATIC_SCALES, RAW_TAIL, True)
 
     norm = 1.0 / row_sum
     out_rows = out_ptr + b * stride_ob + h * stride_oh + rows[:, None] * stride_on
@@ -332,10 +295,7 @@ def attend(q: torch.Tensor, operands: dict, scale: float, traced: bool = False,
     if out.numel() == 0:
         return out
     args = kernel_args(operands, out, scale, out_scale, out_split)
-    if FMA_EXP2 not in (0, 2, 4):
-        raise ValueError(f"attention.FMA_EXP2 (env FXQUANT_FMA_EXP2) is {FMA_EXP2}: 0 (off), 2 (half of P's "
-                         "exponentials on the FMA pipes) or 4 (a quarter)")
-    flags = dict(operands["flags"], OUT_CODES=0 if out_scale is None else 2 if out_split else 1, FMA_EXP2=FMA_EXP2)
+    flags = dict(operands["flags"], OUT_CODES=0 if out_scale is None else 2 if out_split else 1)
     key = _tuning_key(n_q, n_k, head_dim, flags["PV_FP8"], flags["STATIC_SCALES"], dtype)
     if traced or key in _TUNED:
         config = traced_config(key) if traced else _TUNED[key]

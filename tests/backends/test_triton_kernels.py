@@ -14,12 +14,11 @@ from fxquant.quantizer import (asymmetric_params, fp8_scale, pack_bits, quantize
                                quantize_weight_per_channel)
 
 triton = pytest.importorskip("triton")
-import triton.language as tl  # noqa: E402
 from fxquant.backends.triton.quantize import (fused_quantize_per_token, quantize_per_token,  # noqa: E402
                                               quantize_per_token_fp8)
 from fxquant.backends.triton.gemm import attention_operand_gemm, quantized_gemm, unpack_weights  # noqa: E402
 import fxquant.backends.triton.gemm as gemm_module  # noqa: E402
-from fxquant.backends.triton.attention import attention_fp8_codes, exp2_fma, quantized_attention  # noqa: E402
+from fxquant.backends.triton.attention import attention_fp8_codes, quantized_attention  # noqa: E402
 import fxquant.backends.triton.attention as attention_module  # noqa: E402
 from fxquant.backends.triton.conv import quantized_conv2d  # noqa: E402
 
@@ -427,40 +426,6 @@ def test_attention_kernel_matches_reference(batch, heads, n_q, n_k, head_dim, at
     assert torch.equal(traced, out)
 
 
-@triton.jit
-def _exp2_fma_kernel(x_ptr, out_ptr, N, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    tl.store(out_ptr + offs, exp2_fma(tl.load(x_ptr + offs, mask=offs < N, other=0.0)), mask=offs < N)
-
-
-@pytest.mark.parametrize("share", [2, 4])
-def test_exponentials_on_the_fma_pipes_match_exp2_and_keep_attention_as_accurate(monkeypatch, share):
-    """exp2_fma (2^x for x <= 0 without the special-function unit) stays within 1.1e-4 of 2^x down to -125 and is
-    ~0 (2^-125) below, -inf included; with one in `share` of each tile's exponentials on it (attention.FMA_EXP2),
-    the kernel's output moves far less than its fp8 P rounding allows and stays as close to exact attention."""
-    x = torch.cat([-torch.rand(4000) * 130, torch.tensor([0.0, -0.5, -1.0, -125.0, float("-inf")])])
-    out = torch.empty_like(x)
-    _exp2_fma_kernel[(triton.cdiv(x.numel(), 256),)](x, out, x.numel(), BLOCK=256)
-    normal = x >= -125
-    assert ((out[normal] / torch.exp2(x[normal].double()).float() - 1).abs().max() < 1.1e-4)
-    assert out[~normal].abs().max() < 2.0**-124 and out[-1] == out[-1]  # -inf: ~0, not NaN
-    q, k, v = (torch.randn(2, 2, n, 64) for n in (40, 50, 50))
-    scales = torch.stack([t.abs().amax() for t in (q, k, v)]) / 448
-    exact = torch.nn.functional.scaled_dot_product_attention(q, k, v)
-    hardware = quantized_attention(q, k, v, 0.125, True, scales)
-    monkeypatch.setattr(attention_module, "FMA_EXP2", share)
-    emulated = quantized_attention(q, k, v, 0.125, True, scales)
-    assert relative_l2(emulated, hardware) < 0.01
-    assert relative_l2(emulated, exact) < relative_l2(hardware, exact) + 0.005
-
-
-def test_attention_refuses_an_fma_exponential_share_it_does_not_have(monkeypatch):
-    monkeypatch.setattr(attention_module, "FMA_EXP2", 3)
-    q = torch.randn(1, 1, 16, 64)
-    with pytest.raises(ValueError, match=r"FMA_EXP2 \(env FXQUANT_FMA_EXP2\) is 3: 0 \(off\), 2"):
-        quantized_attention(q, q, q, 0.125, True, torch.full((3,), 4.0 / 448))
-
-
 def _counting_runs(monkeypatch, autotuner) -> list:
     """Record every launch through a Triton autotuner (its run method) in the list returned."""
     runs, run = [], autotuner.run
@@ -704,8 +669,6 @@ def test_gpu_only_ptx_assembles_for_hopper(tmp_path):
     assert reports["attention"]["d72_fp8_pv_fp8_codes"]["cubin_bytes"] > 0  # the attention writing fp8 codes
     assert reports["attention"]["d72_fp8_pv_fp8_codes_static_raw_tail"]["cubin_bytes"] > 0  # laid-out operands
     assert reports["attention"]["d64_fp8_pv_fp8_split_codes_static_raw_tail"]["cubin_bytes"] > 0  # two scales
-    on_fma = reports["attention"]["d64_fp8_pv_fp8_codes_static_raw_tail_fma_exp2_2"]  # half of P's exponentials
-    assert 0 < on_fma["ptx_exp2"] < reports["attention"]["d64_fp8_pv_fp8_codes_static_raw_tail"]["ptx_exp2"] * 0.6
     assert gemm["fp8_attention_operand"]["cubin_bytes"] > 0  # the GEMM storing them
     assert reports["conv"]["conv3x3_int8"]["ptx_wgmma"] > 0  # the implicit-GEMM conv on the tensor cores
     assert reports["conv"]["conv3x3_int8_per_patch"]["ptx_wgmma"] > 0
