@@ -616,7 +616,7 @@ def quantize_config_sweep(names: list[str] | None = None) -> list[dict]:
         operands = dict(mul=mods[0], add=mods[1], **dict(tail=parts[1], tail_mul=mods[2], tail_add=mods[3])
                         if concat else {}, **spec)
         block = triton.next_power_of_2(width)
-        default = kernels._launch_config(width, spec.get("activation") == "geglu")
+        default = kernels._launch_config(width, spec.get("activation") == "geglu", concat)
         for fp8 in (False, True):
             times = {}
             for rows_per_program in (1, 2, 4, 8, 16):

@@ -331,21 +331,45 @@ def _area(config: dict) -> int:
     return config["BLOCK_M"] * config["BLOCK_N"]
 
 
+_WIDE_TILE = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)
+# work per unit time of a 128 x 256 (or 256 x 128) tile against a 128 x 128 one: PixArt's 8192 x 1152 x 1152 runs
+# as fast in 3 waves of the wide tile as in 5 of the narrow one (epilogue-sweep-and-prologue.json: 29.3 / 29.5 us)
+LARGE_TILE_EFFICIENCY = 1.2
+
+
+def _wave_time(config: dict, m: int, n: int, sm_count: int) -> float:
+    """Relative time of a GEMM on `config`'s tiles: full waves of programs over the SMs, each as long as a tile's area
+    over its efficiency (LARGE_TILE_EFFICIENCY for tiles larger than 128 x 128)."""
+    efficiency = LARGE_TILE_EFFICIENCY if _area(config) > _area(_SMALLER_TILES[0]) else 1.0
+    return triton.cdiv(_programs(config, m, n), sm_count) * _area(config) / efficiency
+
+
 def fixed_config(m: int, n: int, k: int, integer: bool, residual: bool = False, packed: bool = False,
                  gated: bool = False, limits: tuple[int, int] | None = None) -> dict:
-    """fixed_config_for_size (below), stepped down through _SMALLER_TILES while it leaves SMs idle: few rows AND few
-    columns, e.g. the transposed V products of short text parts (SD3's 333 text tokens: M 1536 channels, N 672 keys,
-    36 wide tiles; PixArt's 120-token cross-attention: M 1152, N 256, 9 tiles: gpu-bench-h100/
+    """fixed_config_for_size (below), traded between 128 x 128 and a larger tile (128 x 256 / 256 x 128) where the
+    other takes less time by `_wave_time` (fp8 only for 128 x 128 -> 128 x 256, and not with a residual epilogue,
+    whose fastest tile was measured; on an H200, gpu-bench-h200/sdxl-gemm-tiles.json: SDXL's 8192 x 640 x 640 narrow,
+    320 programs in 3 waves against 192 in 2, 445 -> 538 TFLOP/s; its 2048 x 1280 x 1280 and 2048 x 5120 x 1280 wide,
+    80 programs in one wave against 160 in two, 589 -> 605 and 877 -> 944); a 128 x 128 tile is stepped down through _SMALLER_TILES while it leaves SMs
+    idle: few rows AND few columns, e.g. the transposed V products of short text parts (SD3's 333 text tokens: M 1536
+    channels, N 672 keys, 36 wide tiles; PixArt's 120-token cross-attention: M 1152, N 256, 9 tiles: gpu-bench-h100/
     operand-parts-tile-step-down.json, SD3's text V part 19.4 -> 15.3 us). Gated (GEGLU) products hold two
     accumulators and read two weight tiles per step: at most 128 columns (untimed). limits: `device_limits` of the
     GPU (default: an H100's SM count, no shared-memory check); where the pipeline does not fit, fewer stages (down to
     2), then smaller tiles (untimed: no such GPU here)."""
     sm_count, shared = limits or (SM_COUNT, None)
     config = fixed_config_for_size(m, n, k, integer, residual, packed)
+    narrow = _SMALLER_TILES[0]
     if gated and config["BLOCK_N"] > 128:
-        config = _SMALLER_TILES[0]
-    for smaller in _SMALLER_TILES:
-        if _programs(config, m, n) >= sm_count:
+        config = narrow
+    candidates = [config]  # the first of equal wave times wins
+    if _area(config) > _area(narrow):
+        candidates.append(narrow)
+    elif _area(config) == _area(narrow) and not (integer or residual or gated):
+        candidates.append(_WIDE_TILE)
+    config = min(candidates, key=lambda tile: _wave_time(tile, m, n, sm_count))
+    for smaller in _SMALLER_TILES[1:]:
+        if _programs(config, m, n) >= sm_count or _area(config) > _area(narrow):
             break
         if _area(smaller) < _area(config):
             config = smaller

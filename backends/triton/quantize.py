@@ -156,11 +156,13 @@ def _quantize_rows_kernel(
     tl.store(scale_ptr + rows, scale, mask=rows < M)
 
 
-def _launch_config(k: int, gated: bool) -> tuple[int, int, int]:
+def _launch_config(k: int, gated: bool, concat: bool = False) -> tuple[int, int, int]:
     """(rows per program, BLOCK_K, warps): one row per program, a warp per 2048 values loaded (swept on an H100 at
-    widths 640-4608 and GEGLU 2 x 5120: benchmarks/results/gpu-bench-h100/quantize-configs-and-flux-torchao.json)."""
+    widths 640-4608 and GEGLU 2 x 5120: benchmarks/results/gpu-bench-h100/quantize-configs-and-flux-torchao.json), per
+    1024 in the concat form, whose rows also pick their part's modulation vectors (CogVideoX's 1920-wide rows on an
+    H200: int8 136 -> 125 us, fp8 107 -> 106 us with 2 warps; gpu-bench-h200/residual-parts-and-concat-prologue-configs.json)."""
     block = triton.next_power_of_2(k)
-    return 1, block, max(1, min(16, block * (2 if gated else 1) // 2048))
+    return 1, block, max(1, min(16, block * (2 if gated else 1) * (2 if concat else 1) // 2048))
 
 
 def launcher(kernel, traced: bool):
@@ -222,7 +224,7 @@ def fused_quantize_per_token(x: torch.Tensor, weight=None, bias=None, mul=None, 
         add_args = per_group_operand(add, out_shape, m, scale)
         tail_mul_args = per_group_operand(tail_mul, out_shape, m, scale)
         tail_add_args = per_group_operand(tail_add, out_shape, m, scale)
-        rows_per_program, block, warps = _launch_config(width, gated)
+        rows_per_program, block, warps = _launch_config(width, gated, concat)
         if config is not None:
             rows_per_program, warps = config
         launcher(_quantize_rows_kernel, traced)[(triton.cdiv(m, rows_per_program),)](

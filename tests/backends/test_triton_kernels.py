@@ -333,6 +333,19 @@ def test_gpu_tiles_fill_the_sms_where_rows_and_columns_are_both_few(monkeypatch)
     assert gemm_module._programs(gemm_module.fixed_config(1536, 672, 1536, False), 1536, 672) >= gemm_module.SM_COUNT
 
 
+def test_gpu_tiles_weigh_waves(monkeypatch):
+    """Between 128 x 128 and 128 x 256 tiles, the rule takes the one with less wave time, as measured on SDXL's fp8
+    GEMMs (gpu-bench-h200/sdxl-gemm-tiles.json): its 1280-wide projections and second feed-forward linear (2048
+    tokens: 80 wide programs in one wave against 160 in two) wide, its 640-wide projections (8192 tokens: 192 wide
+    programs in two waves against 320 in three) narrow; PixArt's projection (a tie: 3 wide waves, 5 narrow) keeps
+    the size rule's wide tile, and a residual epilogue its measured 128 x 128."""
+    monkeypatch.setattr(gemm_module, "INTERPRET", False)
+    width = {shape: gemm_module.fixed_config(*shape, False)["BLOCK_N"]
+             for shape in ((2048, 1280, 1280), (2048, 1280, 5120), (8192, 640, 640), (8192, 1152, 1152))}
+    assert width == {(2048, 1280, 1280): 256, (2048, 1280, 5120): 256, (8192, 640, 640): 128, (8192, 1152, 1152): 256}
+    assert gemm_module.fixed_config(2048, 1280, 5120, False, residual=True)["BLOCK_N"] == 128
+
+
 def test_gpu_tiles_fit_the_shared_memory_a_program_may_hold(monkeypatch):
     """On a GPU whose programs may hold less shared memory than an H100's (227 KB; sm_89 cards: 99 KB), the GEMM
     tiles keep their K-loop pipeline within it (fewer stages first, then smaller tiles); with an H100's limits nothing
