@@ -5,14 +5,20 @@
 Each kernel is compiled as a real launch would specialise it (16-divisible pointers / sizes, unit strides as
 constants) and its TTGIR / PTX is searched for: wgmma ops and how many are left in flight at each wait (`pendings`:
 0 = every MMA waited on at once, no overlap with the next tile's work), cp.async copies (software pipelining),
-register -> shared round trips (`local_alloc` of computed values), layout conversions, exp2 / cvt counts.
+register -> shared round trips (`local_alloc` of computed values), layout conversions, exp2 / cvt counts; and in its
+SASS (nvdisasm, as Triton ships it) all instructions and those of the special-function unit's exponentials and the
+fp8 packing conversions (for the attention kernel: what bounds it per score element).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
+import os
 import re
+import subprocess
+import tempfile
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -28,6 +34,17 @@ TARGET = GPUTarget("cuda", 90, 32)
 TRACED_FLOAT = "fp64"  # how Inductor types a Python float argument of a traced kernel launch
 
 
+def sass_opcodes(cubin: bytes) -> collections.Counter:
+    """Opcode (with its modifiers) -> how many instructions of it in the cubin's SASS, by Triton's nvdisasm."""
+    nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
+        file.write(cubin)
+        file.flush()
+        sass = subprocess.run([nvdisasm, "-c", file.name], capture_output=True, text=True, check=True).stdout
+    return collections.Counter(match.group(1) for match in re.finditer(
+        r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)", sass, re.MULTILINE))
+
+
 def _report(fn, types: dict, constants: dict, num_warps: int, num_stages: int) -> dict:
     """Compile `fn` with the given argument types (default i32) and constexprs for sm_90; counts from its IR."""
     names = fn.arg_names
@@ -39,6 +56,7 @@ def _report(fn, types: dict, constants: dict, num_warps: int, num_stages: int) -
                        attrs={(names.index(name),): [["tt.divisibility", 16]] for name in aligned})
     kernel = triton.compile(source, target=TARGET, options=dict(num_warps=num_warps, num_stages=num_stages))
     ttgir, ptx = kernel.asm["ttgir"], kernel.asm["ptx"]
+    sass = sass_opcodes(kernel.asm["cubin"])
     return {
         "wgmma_ops": ttgir.count("ttng.warp_group_dot "),
         "wgmma_wait_pendings": [int(p) for p in re.findall(r"pendings = (\d+)", ttgir)],
@@ -53,6 +71,9 @@ def _report(fn, types: dict, constants: dict, num_warps: int, num_stages: int) -
         "ptx_nibble_masks": ptx.count("0x0F0F0F0F"),  # and W4 nibbles unpacked four bytes per instruction
         "cubin_bytes": len(kernel.asm["cubin"]),  # ptxas accepted the PTX
         "shared_bytes": kernel.metadata.shared,
+        "sass_instructions": sum(sass.values()),
+        "sass_mufu_ex2": sass["MUFU.EX2"],
+        "sass_f2fp": sum(count for opcode, count in sass.items() if opcode.startswith("F2FP")),
     }
 
 

@@ -682,6 +682,10 @@ def test_gpu_only_ptx_assembles_for_hopper(tmp_path):
     assert reports["attention"]["d72_fp8_pv_fp8_codes"]["cubin_bytes"] > 0  # the attention writing fp8 codes
     assert reports["attention"]["d72_fp8_pv_fp8_codes_static_raw_tail"]["cubin_bytes"] > 0  # laid-out operands
     assert reports["attention"]["d64_fp8_pv_fp8_split_codes_static_raw_tail"]["cubin_bytes"] > 0  # two scales
+    # one special-function exponential per score element a thread holds (128 x 128 tile, 256 threads), in the full
+    # and the masked copy of the tile step, plus the rows' rescales
+    exponentials = reports["attention"]["d64_fp8_pv_fp8_codes_static_raw_tail"]["sass_mufu_ex2"]
+    assert 2 * 128 * 128 // 256 < exponentials <= 2 * 128 * 128 // 256 + 8
     assert gemm["fp8_attention_operand"]["cubin_bytes"] > 0  # the GEMM storing them
     assert reports["conv"]["conv3x3_int8"]["ptx_wgmma"] > 0  # the implicit-GEMM conv on the tensor cores
     assert reports["conv"]["conv3x3_int8_per_patch"]["ptx_wgmma"] > 0
