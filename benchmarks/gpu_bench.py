@@ -31,6 +31,7 @@ import traceback
 import torch
 import torch.nn.functional as F
 import triton
+import triton.language as tl
 from triton.testing import do_bench_cudagraph
 
 import fxquant
@@ -288,6 +289,43 @@ def concat_prologue_benchmark() -> list[dict]:
     torch._dynamo.reset()
     print("concat_prologue", row, flush=True)
     return [row]
+
+
+@triton.jit
+def _pipe_probe_kernel(x_ptr, out_ptr, OP: tl.constexpr, STEPS: tl.constexpr, BLOCK: tl.constexpr):
+    """Per element and step, register-resident: OP 0 an FFMA (and an FADD into a sum); 1 also an exp2 (MUFU.EX2);
+    2 instead of the sum an fp32 -> e4m3 conversion (F2FP, two elements per instruction) xor-ed into integer codes;
+    3 the exp2 and the conversion (the attention kernel's softmax step)."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + offs)
+    total = tl.zeros_like(x)
+    codes = tl.zeros(x.shape, tl.int32)
+    for _ in range(STEPS):
+        x = x * 0.999 - 0.001
+        y = tl.exp2(x) if OP % 2 == 1 else x
+        if OP >= 2:
+            codes ^= y.to(tl.float8e4nv).to(tl.uint8, bitcast=True).to(tl.int32)
+        else:
+            total += y
+    tl.store(out_ptr + offs, total + codes.to(tl.float32))
+
+
+def pipe_probe_benchmark() -> list[dict]:
+    """Which unit the attention kernel's softmax step waits on: billions of elements per second of an FFMA chain
+    alone, with an exp2, with an fp32 -> e4m3 conversion, and with both (64 register-resident elements per thread,
+    4 warps, enough programs for every SM). If exp2 + conversion costs about the sum of their extra times, both run
+    on one low-throughput unit (then computing P's exponentials in f16x2 would not help); about the larger of the
+    two, separate ones."""
+    block, steps = 64 * 128, 256
+    x = torch.rand(block * 132 * 16, device="cuda") - 1.0
+    out = torch.empty_like(x)
+    grid = (x.numel() // block,)
+    rows = []
+    for op, label in enumerate(("ffma", "ffma_exp2", "ffma_e4m3", "ffma_exp2_e4m3")):
+        ms = _graph_median_ms(lambda: _pipe_probe_kernel[grid](x, out, OP=op, STEPS=steps, BLOCK=block, num_warps=4))
+        rows.append({"op": label, "ms": ms, "g_elements_per_s": x.numel() * steps / (ms * 1e-3) / 1e9})
+        print("pipes", rows[-1], flush=True)
+    return rows
 
 
 def residual_parts_benchmark() -> list[dict]:
@@ -1295,6 +1333,7 @@ def model_benchmark(name: str, variants: list[str], results: dict, save, layers:
 
 KERNEL_SECTIONS = {"kernels": check_kernels, "prologue": prologue_benchmark,
                    "concat_prologue": concat_prologue_benchmark, "residual_parts": residual_parts_benchmark,
+                   "pipes": pipe_probe_benchmark,
                    "v_operand": v_operand_benchmark,
                    "attention_operands": attention_operands_benchmark, "operand_parts": operand_parts_benchmark,
                    "conv": conv_benchmark, "conv_tiles": conv_tile_sweep,
