@@ -357,7 +357,8 @@ def residual_parts_benchmark() -> list[dict]:
         unfused = lambda: sums(gemm(), *residuals)  # noqa: E731
         row = {"case": f"cogvideox_text_video_residuals_k{k}", "m": x_q.shape[0], "n": width, "k": k,
                "rel_l2_fused_vs_unfused": [relative_l2(a, b) for a, b in zip(fused(), unfused())],
-               "ms": {"fused_parts": _graph_median_ms(fused), "fused_parts_gemm_tile": _graph_median_ms(fused_gemm_tile),
+               "ms": {"fused_parts": _graph_median_ms(fused),
+                      "fused_parts_gemm_tile": _graph_median_ms(fused_gemm_tile),
                       "gemm_then_inductor_residuals": _graph_median_ms(unfused), "gemm_alone": _graph_median_ms(gemm)},
                "gemm_tile": gemm_tile}
         row["speedup"] = row["ms"]["gemm_then_inductor_residuals"] / row["ms"]["fused_parts"]

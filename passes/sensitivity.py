@@ -122,12 +122,18 @@ _MEASURED_FIELDS = ("act_scale", "outlier_ratio", "smooth", "attention_scales")
 _MEASURED_RTOL = 1e-2
 
 
+def _magnitudes(values: torch.Tensor) -> list[float]:
+    """[sum, max] of the absolute values (0, 0 when empty): what _fingerprint compares of a tensor or a vector."""
+    values = values.detach().double().abs().flatten()
+    return [float(values.sum()), float(values.max())] if values.numel() else [0.0, 0.0]
+
+
 def _digest(value, measured: list[float]) -> str:
     """A tensor, or nested lists / tuples / dicts of them and plain values -> text of what must match exactly (tensor
-    shapes and dtypes, plain values; other objects by their type only, never their address); each tensor's sum of
-    absolute values is appended to `measured` instead."""
+    shapes and dtypes, plain values; other objects by their type only, never their address); each tensor's
+    `_magnitudes` are appended to `measured` instead."""
     if isinstance(value, torch.Tensor):
-        measured.append(float(value.detach().double().abs().sum()))
+        measured.extend(_magnitudes(value))
         return f"{tuple(value.shape)}:{value.dtype}"
     if isinstance(value, dict):
         return "{" + ",".join(f"{key}={_digest(item, measured)}" for key, item in sorted(value.items())) + "}"
@@ -140,16 +146,21 @@ def _fingerprint(state: QuantState, units: dict, calls: list) -> tuple[dict[str,
     """What a probe's damage depends on, in two parts: sha256 hashes of what must match exactly ("config": the
     probe-related config; "layers": the probed layers' plans without their calibrated values; "model" and "calls":
     the shapes and dtypes of the model's parameters and buffers and of the replayed calls' tensors) and the measured
-    values (the calibrated scales, smoothing factors and outlier ratios, the absolute sums of those tensors), which
-    match within _MEASURED_RTOL."""
+    values (`_magnitudes` of each probed layer's calibrated scales, smoothing factors and outlier ratio, and of those
+    tensors: two numbers each, so that the file stays small), which match within _MEASURED_RTOL."""
     measured: list[float] = []
     config = {key: value for key, value in dataclasses.asdict(state.config).items() if key not in _NOT_FINGERPRINTED}
     layers = {}
     for name, unit in units.items():
-        layers[name] = [{key: value for key, value in dataclasses.asdict(layer).items()
-                         if key not in (*_MEASURED_FIELDS, "act_zero")} for layer in unit]
-        values = torch.utils._pytree.tree_leaves([getattr(layer, key) for layer in unit for key in _MEASURED_FIELDS])
-        measured.extend(float(value) for value in values if value is not None)
+        layers[name] = []
+        for layer in unit:
+            plan = {key: value for key, value in dataclasses.asdict(layer).items()
+                    if key not in (*_MEASURED_FIELDS, "act_zero")}
+            for key in _MEASURED_FIELDS:
+                values = [v for v in torch.utils._pytree.tree_leaves(getattr(layer, key)) if v is not None]
+                plan[key] = len(values)
+                measured.extend(_magnitudes(torch.tensor(values, dtype=torch.float64)))
+            layers[name].append(plan)
     parts = {"config": config, "layers": layers,
              "model": [_digest(tensor, measured) for tensor in (*state.model.parameters(), *state.model.buffers())],
              "calls": _digest([list(call) for call in calls], measured)}

@@ -350,13 +350,13 @@ def fixed_config(m: int, n: int, k: int, integer: bool, residual: bool = False, 
     other takes less time by `_wave_time` (fp8 only for 128 x 128 -> 128 x 256, and not with a residual epilogue,
     whose fastest tile was measured; on an H200, gpu-bench-h200/sdxl-gemm-tiles.json: SDXL's 8192 x 640 x 640 narrow,
     320 programs in 3 waves against 192 in 2, 445 -> 538 TFLOP/s; its 2048 x 1280 x 1280 and 2048 x 5120 x 1280 wide,
-    80 programs in one wave against 160 in two, 589 -> 605 and 877 -> 944); a 128 x 128 tile is stepped down through _SMALLER_TILES while it leaves SMs
-    idle: few rows AND few columns, e.g. the transposed V products of short text parts (SD3's 333 text tokens: M 1536
-    channels, N 672 keys, 36 wide tiles; PixArt's 120-token cross-attention: M 1152, N 256, 9 tiles: gpu-bench-h100/
-    operand-parts-tile-step-down.json, SD3's text V part 19.4 -> 15.3 us). Gated (GEGLU) products hold two
-    accumulators and read two weight tiles per step: at most 128 columns (untimed). limits: `device_limits` of the
-    GPU (default: an H100's SM count, no shared-memory check); where the pipeline does not fit, fewer stages (down to
-    2), then smaller tiles (untimed: no such GPU here)."""
+    80 programs in one wave against 160 in two, 589 -> 605 and 877 -> 944); a 128 x 128 tile is stepped down through
+    _SMALLER_TILES while it leaves SMs idle: few rows AND few columns, e.g. the transposed V products of short text
+    parts (SD3's 333 text tokens: M 1536 channels, N 672 keys, 36 wide tiles; PixArt's 120-token cross-attention: M
+    1152, N 256, 9 tiles: gpu-bench-h100/operand-parts-tile-step-down.json, SD3's text V part 19.4 -> 15.3 us).
+    Gated (GEGLU) products hold two accumulators and read two weight tiles per step: at most 128 columns (untimed).
+    limits: `device_limits` of the GPU (default: an H100's SM count, no shared-memory check); where the pipeline does
+    not fit, fewer stages (down to 2), then smaller tiles (untimed: no such GPU here)."""
     sm_count, shared = limits or (SM_COUNT, None)
     config = fixed_config_for_size(m, n, k, integer, residual, packed)
     narrow = _SMALLER_TILES[0]

@@ -160,7 +160,8 @@ def _launch_config(k: int, gated: bool, concat: bool = False) -> tuple[int, int,
     """(rows per program, BLOCK_K, warps): one row per program, a warp per 2048 values loaded (swept on an H100 at
     widths 640-4608 and GEGLU 2 x 5120: benchmarks/results/gpu-bench-h100/quantize-configs-and-flux-torchao.json), per
     1024 in the concat form, whose rows also pick their part's modulation vectors (CogVideoX's 1920-wide rows on an
-    H200: int8 136 -> 125 us, fp8 107 -> 106 us with 2 warps; gpu-bench-h200/residual-parts-and-concat-prologue-configs.json)."""
+    H200: int8 136 -> 125 us, fp8 107 -> 106 us with 2 warps;
+    gpu-bench-h200/residual-parts-and-concat-prologue-configs.json)."""
     block = triton.next_power_of_2(k)
     return 1, block, max(1, min(16, block * (2 if gated else 1) * (2 if concat else 1) // 2048))
 
