@@ -294,8 +294,8 @@ def concat_prologue_benchmark() -> list[dict]:
 @triton.jit
 def _pipe_probe_kernel(x_ptr, out_ptr, OP: tl.constexpr, STEPS: tl.constexpr, BLOCK: tl.constexpr):
     """Per element and step, register-resident: OP 0 an FFMA (and an FADD into a sum); 1 also an exp2 (MUFU.EX2);
-    2 instead of the sum an fp32 -> e4m3 conversion (F2FP, two elements per instruction) xor-ed into integer codes;
-    3 the exp2 and the conversion (the attention kernel's softmax step)."""
+    2 instead of the sum one fp32 -> e4m3 conversion of two values (F2FP, as the attention kernel packs P) xor-ed into
+    integer codes; 3 the exp2 and the conversion (the attention kernel's softmax step)."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     x = tl.load(x_ptr + offs)
     total = tl.zeros_like(x)
@@ -304,7 +304,9 @@ def _pipe_probe_kernel(x_ptr, out_ptr, OP: tl.constexpr, STEPS: tl.constexpr, BL
         x = x * 0.999 - 0.001
         y = tl.exp2(x) if OP % 2 == 1 else x
         if OP >= 2:
-            codes ^= y.to(tl.float8e4nv).to(tl.uint8, bitcast=True).to(tl.int32)
+            codes ^= tl.inline_asm_elementwise(
+                "{\n.reg .b16 c;\ncvt.rn.satfinite.e4m3x2.f32 c, $1, $2;\ncvt.u32.u16 $0, c;\n}", "=r,f,f", [y, x],
+                dtype=tl.int32, is_pure=True, pack=1)
         else:
             total += y
     tl.store(out_ptr + offs, total + codes.to(tl.float32))
