@@ -71,6 +71,11 @@ class QuantConfig:
             tokens are the same in every calibration call) and the static range is calibrated without them.
         mixed_precision: choose weight bits from sensitivity probing and integer programming (passes/sensitivity):
             "layer" (MixDQ: one choice per linear), "block-group" (ViDiT-Q: one per block x layer group) or None.
+        share_bits_across_blocks: with mixed_precision, the layers at one position in the members of a list of
+            repeated blocks (a DiT's transformer blocks; a UNet level's resnets or attention blocks:
+            fxquant.model.repeated_blocks) form one unit and take the same bits, so that the blocks stay identical
+            and regional or nested compilation compiles each list once (otherwise every block that differs in its
+            bits is compiled anew).
         candidate_bits: the weight bit-widths the allocation chooses from (2, 4, 6, 8; 6-bit weights are stored
             as a 4-bit and a 2-bit plane).
         target_bits: parameter-weighted average weight bits of the quantized linears (± 0.02).
@@ -126,6 +131,7 @@ class QuantConfig:
     bos_aware: bool = False
     bos_ratio: float = 2.0
     mixed_precision: str | None = None
+    share_bits_across_blocks: bool = False
     candidate_bits: list[int] = field(default_factory=lambda: [4, 8])
     target_bits: float = 8.0
     bits_per_timestep_group: bool = False
@@ -178,6 +184,8 @@ class QuantConfig:
             raise RecipeError(f"candidate_bits={self.candidate_bits} must be a non-empty subset of {CANDIDATE_BITS}.")
         if self.mixed_precision and not (min(self.candidate_bits) <= self.target_bits <= max(self.candidate_bits)):
             raise RecipeError(f"target_bits={self.target_bits} lies outside candidate_bits {self.candidate_bits}.")
+        if self.share_bits_across_blocks and not self.mixed_precision:
+            raise RecipeError("share_bits_across_blocks needs a mixed_precision setting.")
         if self.bits_per_timestep_group and (not self.timestep_groups or not self.mixed_precision):
             raise RecipeError("bits_per_timestep_group needs timestep_groups and a mixed_precision setting.")
         if self.executed_bits is not None and not (self.bits_per_timestep_group and

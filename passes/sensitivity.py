@@ -1,13 +1,15 @@
 """sensitivity: metric-decoupled sensitivity probing, then bit allocation by integer programming (mixed precision).
 
-Reads: config (mixed_precision, candidate_bits, target_bits, bits_per_timestep_group, content_metric,
-sensitivity_cache), state.recorded_calls (the full-precision trajectory recorded during calibration), state.render
-(the pipeline's sampler, for the rendered content metric), plan layers (groups, balancing, static scales), the float
-model. Writes: LayerPlan.weight_bits / group_weight_bits, LayerPlan.sensitivity / sensitivity_metric,
+Reads: config (mixed_precision, share_bits_across_blocks, candidate_bits, target_bits, bits_per_timestep_group,
+content_metric, sensitivity_cache), state.recorded_calls (the full-precision trajectory recorded during calibration),
+state.render (the pipeline's sampler, for the rendered content metric), plan layers (groups, balancing, static
+scales), the float model. Writes: LayerPlan.weight_bits / group_weight_bits, LayerPlan.sensitivity / sensitivity_metric,
 plan.sensitivity_seconds, the cache file. Runs only when the config asks for mixed precision.
 
 Units: "layer" = each quantized layer (MixDQ); "block-group" = the quantized layers of one block and layer group
-(ViDiT-Q), the block being the FQN up to its first numeric component. For each unit x candidate bits (x timestep
+(ViDiT-Q), the block being the FQN up to its first numeric component. With config.share_bits_across_blocks the members
+of each list of repeated blocks share their units (the layers at one position in all of them: one unit), so that the
+blocks keep identical code for the compiler. For each unit x candidate bits (x timestep
 group) the unit's layers are lowered to the real QuantLinear / QuantConv2d at those bits, everything else stays
 full precision, the recorded calls (of that timestep group) are replayed and the output is compared with full
 precision by the unit's metric, as relative noise power (10^(-SQNR/10), additive across layers):
@@ -79,7 +81,7 @@ from fxquant.timestep import TimestepGroup
 from .base import PassResult, QuantPass
 from .lower import replace_module
 
-_BLOCK = re.compile(r"^(.*?\.\d+)\.")
+_BLOCK = re.compile(r"^(.*?\.(?:\d+|\*))\.")  # a block index, or "*" for every member of a list
 # config fields that do not change a probe's damage (the program's budgets, how probes run): a cache survives
 # changing them
 _NOT_FINGERPRINTED = {"target_bits", "executed_bits", "act_target_bits", "sensitivity_cache",
@@ -87,11 +89,18 @@ _NOT_FINGERPRINTED = {"target_bits", "executed_bits", "act_target_bits", "sensit
 _CONTENT_GROUPS = {"layer": ("cross-attention", "mlp"), "block-group": ("cross-attention",)}
 
 
-def _unit_name(layer: LayerPlan, granularity: str) -> str:
+def _unit_name(layer: LayerPlan, granularity: str, shared_blocks: list[str]) -> str:
+    """The sensitivity unit of a layer: its name ("layer") or its block and layer group ("block-group"), with the
+    index of the repeated block it lies in replaced by "*" when that block is among `shared_blocks`
+    (config.share_bits_across_blocks: one unit for that position in every member of the list)."""
+    fqn = layer.fqn
+    block = next((name for name in shared_blocks if fqn.startswith(name + ".")), None)
+    if block is not None:
+        fqn = f"{block.rsplit('.', 1)[0]}.*{fqn[len(block):]}"
     if granularity == "layer":
-        return layer.fqn
-    block = _BLOCK.match(layer.fqn)
-    return f"{block.group(1) if block else '(top)'}/{layer.group}"
+        return fqn
+    match = _BLOCK.match(fqn)
+    return f"{match.group(1) if match else '(top)'}/{layer.group}"
 
 
 def _metric(layers: list[LayerPlan], granularity: str, content_metric: str = "proxy") -> str:
@@ -407,9 +416,10 @@ class SensitivityPass(QuantPass):
         require_solver()  # before the probes, not after them
         start = time.perf_counter()
         units: dict[str, list[LayerPlan]] = defaultdict(list)
+        shared_blocks = repeated_blocks(state.model) if config.share_bits_across_blocks else []
         for layer in plan.quantized_layers():
             if layer.number_format == "int":
-                units[_unit_name(layer, config.mixed_precision)].append(layer)
+                units[_unit_name(layer, config.mixed_precision, shared_blocks)].append(layer)
         groups = [None]
         if config.bits_per_timestep_group:
             groups = list(range(len(plan.timestep_boundaries) + 1))

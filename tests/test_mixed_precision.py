@@ -481,3 +481,36 @@ def test_probes_replay_the_blocks_before_their_unit_with_equal_damages(monkeypat
                              calibration)
     for layer in whole.plan.quantized_layers():
         assert replayed.plan.layers[layer.fqn].sensitivity == pytest.approx(layer.sensitivity, rel=1e-4)
+
+
+def _block_bits(qmodel) -> list[tuple]:
+    """Per transformer block: the planned weight bits of its quantized layers, in order."""
+    layers = qmodel.plan.quantized_layers()
+    return [tuple(layer.weight_bits for layer in layers if layer.fqn.startswith(f"transformer_blocks.{index}."))
+            for index in range(len(qmodel.model.transformer_blocks))]
+
+
+def test_bits_shared_across_blocks_keep_the_blocks_one_compiled_graph():
+    """share_bits_across_blocks: each layer position of the repeated transformer blocks is one unit (one probe, one
+    choice), so every block gets the same bits and regional compilation compiles one graph; without it, one graph per
+    distinct bit pattern of the blocks. The budget holds either way."""
+    family = FAMILIES["pixart"]
+    calibration = inputs_at_timesteps(family, [900, 500, 100])
+    graphs, patterns, averages = {}, {}, {}
+    for shared in (False, True):
+        qmodel = fxquant.quantize(family.build(), f"mixdq-w4a8-mp:share_bits_across_blocks={str(shared).lower()}",
+                                  calibration)
+        patterns[shared] = _block_bits(qmodel)
+        layers = qmodel.plan.quantized_layers()
+        averages[shared] = sum(l.num_params * l.weight_bits for l in layers) / sum(l.num_params for l in layers)
+        torch._dynamo.reset()
+        compile_counter.clear()
+        qmodel.compile_blocks()
+        with torch.no_grad():
+            qmodel(**family.inputs(batch=2, seed=7), return_dict=False)
+        graphs[shared] = compile_counter["graphs"]
+    assert len(set(patterns[True])) == 1 and graphs[True] == 1
+    assert graphs[False] == len(set(patterns[False]))
+    assert all(abs(average - 4.0) <= 0.02 + 1e-9 for average in averages.values())
+    with pytest.raises(fxquant.RecipeError, match="share_bits_across_blocks needs a mixed_precision"):
+        fxquant.get_config("w4a8:share_bits_across_blocks=true")
