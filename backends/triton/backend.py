@@ -11,7 +11,7 @@ The backend rewrites it with patterns, then compiles:
   inside the GEMM's K loop; the int8 codes never reach memory); `residual + gate * linear(...)` (a transformer
   block's gated residual) becomes one `linear_residual` (applied in the GEMM's epilogue; a linear whose output is
   cut along tokens into two parts with their own gates and residuals, CogVideoX's text and video rows, one
-  `linear_residual_parts`); a static per-tensor
+  `linear_residual_parts` under the option fxquant.fuse_residual_parts); a static per-tensor
   quantization of a GELU / SiLU / GEGLU of a linear's output (a feed-forward's hidden activations) becomes one
   `linear_activation_quantize` (the GEMM's epilogue writes the next linear's codes; a static quantization of a
   concatenation is split over its parts first, so each can fuse), a static fp8 quantization of
@@ -827,7 +827,7 @@ def _token_ranges(node) -> list[tuple[int, int, fx.Node]] | None:
             1, -2):
         sizes = _arg(split, 1, "split_sizes", split.kwargs.get("split_size"))
         sizes = list(sizes) if isinstance(sizes, (list, tuple)) else [None]  # (one int: equal pieces, not matched)
-        parts = list(users[0].users)
+        parts = list(split.users)
         if not all(isinstance(size, int) for size in sizes) or not all(
                 _call(part, {operator.getitem}) and isinstance(part.args[1], int) for part in parts):
             return None

@@ -409,7 +409,7 @@ def fixed_config_for_size(m: int, n: int, k: int, integer: bool, residual: bool 
     if not integer and m >= 16384 and n < 2048 and k <= 2048:  # tall and narrow: the tall tile
         return dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)
     if n >= 2048 or (not integer and (k <= 2048 or m >= 16384)):
-        return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)
+        return _WIDE_TILE
     if k <= 2048:  # int8, narrow N: more, smaller tiles
         return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4)
     return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4)
