@@ -78,7 +78,8 @@ def _report(fn, types: dict, constants: dict, num_warps: int, num_stages: int) -
 
 
 def gemm_reports() -> dict:
-    """The GEMM kernel (plain epilogue) at W8A8 int8, fp8 and packed W4 / W2 (K loop, one dot per field), fp8 with
+    """The GEMM kernel (plain epilogue) at W8A8 int8, fp8 and packed W4 / W2 (K loop, one dot per field; against
+    int8 or fp8 activations), fp8 with
     the GELU (tanh) + fp8 codes epilogue and with the GEGLU one (two products per tile), fp8 storing a
     keys-major attention operand's codes (split offsets, bias per row), a query operand's after a per-head
     RMSNorm and rotary embedding (Flux, head dim 128), and fp8 with gated residuals per token part (CogVideoX's
@@ -91,6 +92,7 @@ def gemm_reports() -> dict:
     reports = {}
     for label, bits, a_type, b_type in (("int8", 8, "*i8", "*i8"), ("fp8", 8, "*fp8e4nv", "*fp8e4nv"),
                                         ("w4a8", 4, "*i8", "*u8"), ("w2a8", 2, "*i8", "*u8"),
+                                        ("w4a8_fp8", 4, "*fp8e4nv", "*u8"), ("w2a8_fp8", 2, "*fp8e4nv", "*u8"),
                                         ("fp8_gelu_codes", 8, "*fp8e4nv", "*fp8e4nv"),
                                         ("fp8_geglu_codes", 8, "*fp8e4nv", "*fp8e4nv"),
                                         ("fp8_attention_operand", 8, "*fp8e4nv", "*fp8e4nv"),

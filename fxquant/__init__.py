@@ -9,8 +9,8 @@ from . import ops  # noqa: F401  (registers the fxquant custom ops)
 from .api import convert, export_onnx, inspect_passes, prepare, quantize, quantize_pipeline
 from .checkpoint import load, save
 from .config import (RECIPES, MixdqW4A8MPConfig, MixdqW8A8Config, QuantConfig, SmoothQuantW8A8Config,
-                     ViditqW4A8Config, ViditqW4A8MPConfig, ViditqW8A8Config, W4A8DynamicConfig, W8A8DynamicConfig,
-                     W8A8Fp8Config, W8A8StaticConfig, get_config)
+                     ViditqW4A8Config, ViditqW4A8MPConfig, ViditqW8A8Config, W4A8DynamicConfig, W4A8Fp8Config,
+                     W8A8DynamicConfig, W8A8Fp8Config, W8A8StaticConfig, get_config)
 from .errors import CalibrationError, CaptureError, CheckpointError, FxquantError, RecipeError
 from .model import PreparedModel, QuantizedModel
 from .plan import LayerPlan, QuantPlan
@@ -35,7 +35,7 @@ _register_cuda_kernels()
 __all__ = [
     "prepare", "convert", "quantize", "quantize_pipeline", "inspect_passes", "save", "load", "export_onnx",
     "QuantConfig", "W8A8DynamicConfig", "W8A8StaticConfig", "SmoothQuantW8A8Config", "ViditqW8A8Config",
-    "W4A8DynamicConfig", "ViditqW4A8Config", "W8A8Fp8Config", "ViditqW4A8MPConfig", "MixdqW8A8Config",
+    "W4A8DynamicConfig", "ViditqW4A8Config", "W8A8Fp8Config", "W4A8Fp8Config", "ViditqW4A8MPConfig", "MixdqW8A8Config",
     "MixdqW4A8MPConfig", "RECIPES", "get_config",
     "QuantPlan", "LayerPlan", "PreparedModel", "QuantizedModel",
     "FxquantError", "CaptureError", "RecipeError", "CalibrationError", "CheckpointError",

@@ -64,7 +64,9 @@ class QuantConfig:
             calibrated per timestep group and chosen on the device from each call's timestep (fxquant.timestep).
         fp8: use float8 e4m3 instead of int8 for the weights and activations of quantized linears (symmetric,
             per-channel / per-token or static absmax / 448; Hopper's fast 8-bit path). Convolutions stay int8
-            unless static_conv_activations is set.
+            unless static_conv_activations is set. With weight_bits 4 / 2 the linears' weights stay integer codes
+            (packed, per-channel scales), which float8 e4m3 holds exactly: they are unpacked into e4m3 for the fp8
+            GEMM (convolutions then stay int8).
         bos_aware: find leading text tokens whose magnitude alone stretches the range of the cross-attention
             key / value inputs (MixDQ's BOS token: |x| at least bos_ratio times every later token's) from
             calibration; they skip activation quantization (full-precision activations, cached outputs when the
@@ -167,8 +169,6 @@ class QuantConfig:
                               or self.static_attention_outputs):
             raise RecipeError("Channel balancing (smooth_alpha / rotate) needs act_mode='dynamic_per_token' and "
                               "static_hidden_activations=False, static_attention_outputs=False.")
-        if self.fp8 and self.weight_bits != 8:
-            raise RecipeError("fp8 needs weight_bits=8.")
         self.timestep_groups = [float(b) for b in self.timestep_groups]
         static = self.act_mode == "static_per_tensor" or self.static_hidden_activations or (
             self.static_attention_outputs or self.static_conv_activations)
@@ -320,6 +320,16 @@ class W8A8Fp8Config(QuantConfig):
 
 
 @dataclass
+class W4A8Fp8Config(QuantConfig):
+    """Int4 per-channel weight codes (packed two per byte, unpacked into float8 e4m3, which holds them exactly)
+    against float8 e4m3 per-token activations on linears: W4A8's weight memory at the fp8 path's speed."""
+
+    weight_bits: int = 4
+    fp8: bool = True
+    recipe_name: ClassVar[str] = "w4a8-fp8"
+
+
+@dataclass
 class ViditqW4A8MPConfig(ViditqW8A8Config):
     """ViDiT-Q-MP: channel balancing, per-token activations, weight bits 4 / 6 / 8 chosen per block x layer group
     and per timestep group (two groups, split at t = 500) by metric-decoupled sensitivity and integer programming,
@@ -355,8 +365,8 @@ class MixdqW4A8MPConfig(MixdqW8A8Config):
 
 
 _ALL_CONFIGS = (QuantConfig, W8A8DynamicConfig, W8A8StaticConfig, SmoothQuantW8A8Config, ViditqW8A8Config,
-                W4A8DynamicConfig, ViditqW4A8Config, W8A8Fp8Config, ViditqW4A8MPConfig, MixdqW8A8Config,
-                MixdqW4A8MPConfig)
+                W4A8DynamicConfig, ViditqW4A8Config, W8A8Fp8Config, W4A8Fp8Config, ViditqW4A8MPConfig,
+                MixdqW8A8Config, MixdqW4A8MPConfig)
 _CONFIG_CLASSES: dict[str, type[QuantConfig]] = {cls.__name__: cls for cls in _ALL_CONFIGS}
 RECIPES: dict[str, type[QuantConfig]] = {cls.recipe_name: cls for cls in _ALL_CONFIGS[1:]}
 

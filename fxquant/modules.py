@@ -49,12 +49,12 @@ def _static_params_for_call(module: nn.Module) -> tuple[torch.Tensor, torch.Tens
 
 
 def _register_quant_buffers(module: nn.Module, weight_q: torch.Tensor, has_bias: bool, bias_dtype: torch.dtype,
-                            act_params: tuple) -> None:
+                            act_params: tuple, fp8: bool) -> None:
     """Buffers every quantized layer has: weight_q (given, empty), per-output-channel weight_scale (fp32) and, for
-    integer weights, weight_sum (int32; None for fp8), bias in the model's dtype or None, static act_scale /
-    act_zero or None."""
+    int8 activations, weight_sum (int32; None for fp8, whose activations have no zero point), bias in the model's
+    dtype or None, static act_scale / act_zero or None."""
     out, device = weight_q.shape[0], weight_q.device
-    integer = weight_q.dtype != torch.float8_e4m3fn
+    integer = not fp8
     module.register_buffer("weight_q", weight_q)
     module.register_buffer("weight_scale", torch.empty(out, dtype=torch.float32, device=device))
     module.register_buffer("weight_sum", torch.empty(out, dtype=torch.int32, device=device) if integer else None)
@@ -71,7 +71,8 @@ class QuantLinear(nn.Module):
     timestep group, of which each group uses the first few (plane_multipliers int32 [G, P] combines them into the
     group's int8 codes on the device, level_divisor fp32 [G] refines the scale). Buffers: weight_q (plane 0),
     weight_q1, weight_q2 (further planes), weight_scale fp32 [N] (of plane 0), weight_sum int32 [N] (row sums of
-    the codes; [P, N] per plane when nested), bias or None; fp8: weight_q float8_e4m3fn [N, K] and fp8 activations.
+    the codes; [P, N] per plane when nested), bias or None; fp8: fp8 activations against weight_q float8_e4m3fn
+    [N, K], or (one 4- / 2-bit plane) the packed integer codes, unpacked into e4m3 (exact) per call, no weight_sum.
     act_scale fp32 [G] / act_zero int32 [G] (fp8: zeros) for static activations, None when per token;
     smooth_inv / rotation_signs fp32 [K] when balanced (fxquant.balance). fp_tokens > 0 (BOS-aware): the first
     fp_tokens tokens of x [..., L, K] skip activation quantization (full-precision x against the dequantized
@@ -92,10 +93,13 @@ class QuantLinear(nn.Module):
         self.rotation_block = rotation_block
         self.fp8 = fp8
         self.fp_tokens = fp_tokens
+        if fp8 and len(self.planes) > 1:
+            raise ValueError(f"fp8 activations take one weight plane, got planes {self.planes} (nested planes "
+                             "combine into codes wider than float8 e4m3 holds exactly).")
         first = torch.empty((out_features, in_features), dtype=torch.float8_e4m3fn if fp8 else torch.int8,
                             device=device) if self.planes[0] == 8 else _packed_plane(out_features, in_features,
                                                                                      self.planes[0], device)
-        _register_quant_buffers(self, first, has_bias, bias_dtype, act_params)
+        _register_quant_buffers(self, first, has_bias, bias_dtype, act_params, fp8)
         for index, width in enumerate(self.planes[1:], start=1):
             self.register_buffer(f"weight_q{index}", _packed_plane(out_features, in_features, width, device))
         if len(self.planes) > 1:
@@ -134,13 +138,14 @@ class QuantLinear(nn.Module):
         if layer.rotation_block:
             module.rotation_signs = rotation_signs(linear.in_features, layer.fqn, seed).to(device)
             weight = rotate(weight, module.rotation_signs, layer.rotation_block)
-        if module.fp8:
+        if module.fp8 and planes == [8]:
             module.weight_q, scale = quantize_fp8(weight, dim=1)
             module.weight_scale = scale.reshape(-1)
         else:
             codes, module.weight_scale = quantize_weight_planes(weight, planes)
-            sums = [_weight_sum(code) for code in codes]
-            module.weight_sum = sums[0] if len(codes) == 1 else torch.stack(sums)
+            if not module.fp8:
+                sums = [_weight_sum(code) for code in codes]
+                module.weight_sum = sums[0] if len(codes) == 1 else torch.stack(sums)
             for index, (code, width) in enumerate(zip(codes, planes)):
                 setattr(module, "weight_q" if index == 0 else f"weight_q{index}",
                         code if width == 8 else pack_bits(code, width))
@@ -182,14 +187,17 @@ class QuantLinear(nn.Module):
         return out
 
     def _fp8_forward(self, rows: torch.Tensor, dtype: torch.dtype):
-        """rows [M, K] -> (out [M, N] in dtype, the fp8 weights, their scales); activations per token or static."""
+        """rows [M, K] -> (out [M, N] in dtype, the fp8 weights, their scales); activations per token or static;
+        packed integer codes unpacked into e4m3 first (through float16: Triton converts no integer to fp8)."""
+        weight_q = self.weight_q if self.planes == [8] else _unpack_plane(self.weight_q, self.planes[0]).to(
+            torch.float16).to(torch.float8_e4m3fn)
         if self.act_scale is None:
             x_q, x_scale = fxq.quantize_per_token_fp8(rows)
         else:
             x_scale = _static_params_for_call(self)[0]
             x_q = fxq.quantize_per_tensor_fp8(rows, x_scale)
-        out = fxq.fp8_linear(x_q, x_scale, self.weight_q, self.weight_scale, self.bias, dtype)
-        return out, self.weight_q, self.weight_scale
+        out = fxq.fp8_linear(x_q, x_scale, weight_q, self.weight_scale, self.bias, dtype)
+        return out, weight_q, self.weight_scale
 
     def _int_forward(self, rows: torch.Tensor, dtype: torch.dtype):
         """rows [M, K] -> (out [M, N] in dtype, the call's int8 weight codes, their scales)."""
@@ -229,7 +237,9 @@ class QuantLinear(nn.Module):
             f"A{self.act_bits} " + ("dynamic per-token" if self.act_scale is None else "static per-tensor")
         balance = [name for name, on in (("smooth", self.smooth_inv is not None),
                                          (f"rotate{self.rotation_block}", self.rotation_signs is not None)) if on]
-        weights = "fp8 e4m3" if self.fp8 else "W" + "+".join(map(str, self.planes))
+        weights = "W" + "+".join(map(str, self.planes))
+        if self.fp8:
+            weights = "fp8 e4m3" if self.planes == [8] else f"{weights} codes as fp8 e4m3"
         return (f"in={self.in_features}, out={self.out_features}, {weights} per-channel, {mode}"
                 + (f", {'+'.join(balance)}" if balance else "")
                 + (f", first {self.fp_tokens} tokens full precision" if self.fp_tokens else ""))
@@ -309,7 +319,7 @@ class QuantConv2d(nn.Module):
         weight_q = torch.empty(out_channels, in_channels, *kernel_size, device=device,
                                dtype=torch.float8_e4m3fn if fp8 else torch.int8, memory_format=torch.channels_last) \
             if weight_bits == 8 else _packed_plane(out_channels, patch, weight_bits, device)
-        _register_quant_buffers(self, weight_q, has_bias, bias_dtype, act_params)
+        _register_quant_buffers(self, weight_q, has_bias, bias_dtype, act_params, fp8)
 
     @classmethod
     def from_float(cls, conv: nn.Conv2d, layer: LayerPlan) -> QuantConv2d:

@@ -312,6 +312,27 @@ def _(x_q, x_scale, w_q, w_scale, bias, out_dtype):
     return x_q.new_empty((x_q.shape[0], w_q.shape[0]), dtype=out_dtype)
 
 
+@torch.library.custom_op("fxquant::packed_fp8_linear", mutates_args=())
+def packed_fp8_linear(
+    x_q: torch.Tensor,
+    x_scale: torch.Tensor,
+    w_packed: torch.Tensor,
+    weight_bits: int,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """fp8_linear against 4- or 2-bit integer weight codes packed uint8 [N, K * weight_bits / 8] (their e4m3 values
+    are the codes exactly). The compile backend puts it in place of unpack -> e4m3 cast -> fp8_linear, so that
+    kernels unpack the weights inside the GEMM. Reference: the codes upcast to fp32, then fp8_linear's."""
+    return fp8_linear_reference(x_q, x_scale, unpack_bits(w_packed, weight_bits), w_scale, bias, out_dtype)
+
+
+@packed_fp8_linear.register_fake
+def _(x_q, x_scale, w_packed, weight_bits, w_scale, bias, out_dtype):
+    return x_q.new_empty((x_q.shape[0], w_packed.shape[0]), dtype=out_dtype)
+
+
 @torch.library.custom_op("fxquant::linear_residual", mutates_args=())
 def linear_residual(
     x_q: torch.Tensor,
@@ -329,8 +350,8 @@ def linear_residual(
     output (through row views) is scaled by a per-sample gate (adaLN-Zero's `gate * out`, optional) and added to a
     residual stream, so that kernels apply both in the GEMM's epilogue and never write the linear's output.
 
-    The linear is fp8_linear (fp8 x_q, x_zero / w_sum None, weight_bits 8), int8_linear (weight_bits 8) or
-    packed_int8_linear (weight_bits 4 / 2) with these arguments; its rows [M, N] are viewed as residual [..., N];
+    The linear is fp8_linear (fp8 x_q, x_zero / w_sum None, weight_bits 8), packed_fp8_linear (fp8 x_q, weight_bits
+    4 / 2), int8_linear (weight_bits 8) or packed_int8_linear (weight_bits 4 / 2) with these arguments; its rows [M, N] are viewed as residual [..., N];
     gate broadcasts against residual varying at most per sample (varies_per_sample). Computed in fp32, cast once
     to residual's dtype; the output has residual's shape.
     """
@@ -384,10 +405,11 @@ def _(x_q, x_scale, x_zero, w, weight_bits, w_scale, w_sum, bias, head_gate, hea
 
 
 def _linear_fp32(x_q, x_scale, x_zero, w, weight_bits, w_scale, w_sum, bias) -> torch.Tensor:
-    """fp8_linear (fp8 x_q), int8_linear (weight_bits 8) or packed_int8_linear (4 / 2) -> fp32 [M, N]."""
-    if x_q.dtype == torch.float8_e4m3fn:
-        return fp8_linear_reference(x_q, x_scale, w, w_scale, bias, torch.float32)
+    """fp8_linear / packed_fp8_linear (fp8 x_q), int8_linear / packed_int8_linear (weight_bits 8 / 4, 2) ->
+    fp32 [M, N]."""
     codes = w if weight_bits == 8 else unpack_bits(w, weight_bits)
+    if x_q.dtype == torch.float8_e4m3fn:
+        return fp8_linear_reference(x_q, x_scale, codes, w_scale, bias, torch.float32)
     return int8_linear_reference(x_q, x_scale, x_zero, codes, w_scale, w_sum, bias, torch.float32)
 
 

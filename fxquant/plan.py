@@ -24,8 +24,8 @@ class LayerPlan:
     fqn: module name; op: "linear" | "conv2d" | "sdpa"; group: self-attention, cross-attention,
     temporal-attention, mlp, conv, embedding; role: "latent" (reached from the latent input), "condition"
     (reached only from timestep / condition inputs) or "timestep" (reached only from the timestep).
-    weight_bits None means full precision, and keep_reason says why. number_format: "int" or "fp8" (e4m3 weights
-    and activations).
+    weight_bits None means full precision, and keep_reason says why. number_format: "int" or "fp8" (e4m3 activations;
+    e4m3 weights at 8 bits, integer codes held in e4m3 at 4 / 2).
     act_scale, act_zero: static per-tensor activation scale and zero point (asymmetric int8, from the calibrated
     min / max) per timestep group, or None when activations are quantized per token at run time.
     outlier_ratio: max / median of the calibrated per-channel |x| maxima (linears); balance: "smooth", "rotate",
@@ -206,9 +206,11 @@ class QuantPlan:
 
 
 def _bits_cell(layer: LayerPlan) -> str:
-    """The W column: "-", "fp8", "8", "4/8" (per timestep group), with "+bos1" when leading tokens stay fp."""
+    """The W column: "-", "fp8", "4 (e4m3)" (integer codes run in fp8), "8", "4/8" (per timestep group), with
+    "+bos1" when leading tokens stay fp."""
     if not layer.quantized:
         return "-"
-    bits = "fp8" if layer.number_format == "fp8" else (
+    fp8 = layer.number_format == "fp8"
+    bits = ("fp8" if layer.weight_bits == 8 else f"{layer.weight_bits} (e4m3)") if fp8 else (
         "/".join(map(str, layer.group_weight_bits)) if layer.group_weight_bits else str(layer.weight_bits))
     return bits + (f" +bos{layer.fp_tokens}" if layer.fp_tokens else "")

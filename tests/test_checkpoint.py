@@ -17,7 +17,8 @@ def _out(model, inputs):
 
 @pytest.mark.parametrize("name,recipe", [(n, "w8a8") for n in FAMILIES] + [
     ("unet", "w8a8-static"), ("sd3", "w8a8:attention=int8-fp8"), ("pixart", "w8a8-fp8:static_hidden_activations=true"),
-    ("flux", "w8a8:attention=fp8-static"), ("pixart", "w8a8-fp8:attention=fp8-static,static_attention_outputs=true")])
+    ("flux", "w8a8:attention=fp8-static"), ("pixart", "w8a8-fp8:attention=fp8-static,static_attention_outputs=true"),
+    ("pixart", "w4a8-fp8:static_hidden_activations=true")])
 def test_save_load_identical_outputs(quantized_family, tmp_path, name, recipe):
     _, qmodel, _ = quantized_family(name, recipe)
     fxquant.save(qmodel, tmp_path / "ckpt")
@@ -29,7 +30,8 @@ def test_save_load_identical_outputs(quantized_family, tmp_path, name, recipe):
     for layer in loaded.plan.quantized_layers():
         module = loaded.model.get_submodule(layer.fqn)
         assert type(module).__name__ in ("QuantLinear", "QuantConv2d")
-        assert module.weight_q.dtype == (torch.float8_e4m3fn if layer.number_format == "fp8" else torch.int8)
+        assert module.weight_q.dtype == (torch.uint8 if layer.weight_bits < 8 else torch.float8_e4m3fn
+                                         if layer.number_format == "fp8" else torch.int8)
         if type(module).__name__ == "QuantConv2d":  # in the order the conv kernel reads, as when quantized
             assert module.weight_q.is_contiguous(memory_format=torch.channels_last)
 

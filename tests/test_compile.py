@@ -61,11 +61,13 @@ def test_compiled_matches_eager_and_does_not_recompile_per_step(quantized_family
         assert compile_counter["shared_quantizations"] >= 2 * len(qmodel.model.transformer_blocks)
 
 
-@pytest.mark.parametrize("name", ["pixart", "unet"])
-def test_backend_fuses_packed_weight_unpacking_into_the_gemm(quantized_family, name):
+@pytest.mark.parametrize("name,recipe", [("pixart", "w4a8"), ("unet", "w4a8"),
+                                         ("pixart", "w4a8-fp8:static_hidden_activations=true")])
+def test_backend_fuses_packed_weight_unpacking_into_the_gemm(quantized_family, name, recipe):
+    """int8 and fp8 activations alike (w4a8-fp8: after the residual and activation epilogues fused)."""
     torch._dynamo.reset()
     compile_counter.clear()
-    _, qmodel, _ = quantized_family(name, "w4a8")
+    _, qmodel, _ = quantized_family(name, recipe)
     packed = [layer for layer in qmodel.plan.quantized_layers() if layer.op == "linear" and layer.weight_bits == 4]
     assert packed, "the family has 4-bit linears"
     compiled = torch.compile(qmodel, backend="fxquant")
@@ -73,7 +75,7 @@ def test_backend_fuses_packed_weight_unpacking_into_the_gemm(quantized_family, n
     with torch.no_grad():
         eager = qmodel(**inputs, return_dict=False)[0]
         fast = compiled(**inputs, return_dict=False)[0]
-    assert compile_counter["packed_linears"] == len(packed)  # every 4-bit linear runs packed_int8_linear
+    assert compile_counter["packed_linears"] == len(packed)  # every 4-bit linear runs packed codes
     assert torch.equal(fast, eager)
 
 
@@ -122,7 +124,7 @@ FUSIONS = {  # backend option -> (compile_counter key, {(family, recipe): rewrit
     # every `h + [gate *] proj(...)` (attention outputs, feed-forward) becomes one linear_residual; the next block's
     # add matches through the previous replacement
     "fxquant.fuse_residuals": ("fused_residuals", {("pixart", "w8a8-fp8"): 3, ("pixart", "w4a8"): 3,
-                                                   ("unet", "w8a8"): 3, ("dit", "w8a8"): 2}),
+                                                   ("pixart", "w4a8-fp8"): 3, ("unet", "w8a8"): 3, ("dit", "w8a8"): 2}),
     # the feed-forward's GELU (UNet: GEGLU of the first linear's halves) and the static quantization of its output
     # (static_hidden_activations) move into the first feed-forward linear's epilogue, which writes the second one's
     # codes
@@ -137,6 +139,7 @@ FUSIONS = {  # backend option -> (compile_counter key, {(family, recipe): rewrit
     # joint attention: image and text projections into one operand each
     "fxquant.fuse_attention_operands": ("fused_attention_operands", {
         ("pixart", "w8a8-fp8:attention=fp8-static,static_attention_outputs=true"): 6,
+        ("pixart", "w4a8-fp8:attention=fp8-static,static_attention_outputs=true"): 6,  # from e4m3-unpacked int4 codes
         ("sd3", "w8a8-fp8:attention=fp8-static"): 6}),
 }
 
@@ -244,11 +247,12 @@ def test_compile_blocks_compiles_one_graph_for_identical_blocks(quantized_family
 @pytest.mark.parametrize("name,recipe", [
     ("unet", "w8a8-fp8:static_conv_activations=true,static_hidden_activations=true"),
     ("pixart", "w8a8-fp8:attention=fp8-static,static_attention_outputs=true"),
+    ("pixart", "w4a8-fp8:attention=fp8-static,static_attention_outputs=true,static_hidden_activations=true"),
     ("flux", "w8a8-fp8:attention=fp8-static"), ("cogvideox", "w8a8-fp8:static_hidden_activations=true")])
 def test_cuda_lowering_computes_what_eager_does(quantized_family, name, recipe):
     """After every rewrite, the functions the backend hands Inductor on CUDA (`lower_to_inductor`: fxquant's Triton
     kernels, here in the interpreter, incl. fused prologues, code-writing epilogues (the UNet's GEGLU), fp8 convs and
-    static fp8 attention on laid-out operands, Flux's normalised and rotated q / k, CogVideoX's text / video concat
+    static fp8 attention on laid-out operands, fp8 GEMMs on int4 codes unpacked into e4m3 by Inductor's code, Flux's normalised and rotated q / k, CogVideoX's text / video concat
     prologue with the LayerNorm's affine folded into its modulations and its text / video residual epilogues, an
     option, among them) compute the eager quantized model's
     output. (CogVideoX's attention kernel is left out: at its tiny 39 tokens x head dim 32 the kernel's exp2 / fp8 P

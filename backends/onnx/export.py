@@ -32,7 +32,7 @@ def _check_exportable(qmodel: QuantizedModel) -> None:
         raise FxquantError(f"export_onnx expects a fxquant.QuantizedModel, got {type(qmodel).__name__}.")
     fp8 = [layer.fqn for layer in qmodel.plan.quantized_layers() if layer.number_format == "fp8"]
     if fp8:
-        raise FxquantError(f"export_onnx: {len(fp8)} layers use fp8 weights (e.g. {fp8[0]!r}); ONNX Runtime's CPU "
+        raise FxquantError(f"export_onnx: {len(fp8)} layers run in fp8 (e.g. {fp8[0]!r}); ONNX Runtime's CPU "
                            "provider has no fp8 matmul. Export an int8 recipe (w8a8, w4a8, ...).")
     fp8_attention = [layer for layer in qmodel.plan.quantized_attention() if layer.attention_format != "int8"]
     if fp8_attention:

@@ -8,7 +8,9 @@ The backend rewrites it with patterns, then compiles:
   float rows between them never reach memory), and one of two such chains concatenated along tokens (CogVideoX's
   text and video tokens) one `fused_quantize_concat`;
   `unpack_int4` / `unpack_int2` -> `int8_linear` becomes one `packed_int8_linear` (4- / 2-bit weights are unpacked
-  inside the GEMM's K loop; the int8 codes never reach memory); `residual + gate * linear(...)` (a transformer
+  inside the GEMM's K loop; the int8 codes never reach memory), and, after the fusions below, an fp8 GEMM whose
+  weights are the e4m3 cast of unpacked integer codes (`w4a8-fp8`) reads the packed codes (`packed_fp8_linear`, or
+  the fused op with them); `residual + gate * linear(...)` (a transformer
   block's gated residual) becomes one `linear_residual` (applied in the GEMM's epilogue; a linear whose output is
   cut along tokens into two parts with their own gates and residuals, CogVideoX's text and video rows, one
   `linear_residual_parts` under the option fxquant.fuse_residual_parts); a static per-tensor
@@ -135,6 +137,47 @@ def fuse_packed_weights(gm: fx.GraphModule) -> int:
                  (x_q, x_scale, x_zero, w_q.args[0], _UNPACK_BITS[_target(w_q)], w_scale, w_sum, bias, out_dtype))
         fused += 1
     return _cleaned(gm, fused)  # the unpack nodes left without users go too
+
+
+_FUSED_LINEARS = (fxq.linear_residual.default, fxq.linear_residual_parts.default,
+                  fxq.linear_activation_quantize.default)  # a linear's (x_q, x_scale, x_zero, w, weight_bits, ...)
+
+
+def _packed_e4m3_source(w) -> tuple | None:
+    """(packed codes node, bits) when w is QuantLinear's e4m3 copy of unpacked integer codes (unpack_int4 /
+    unpack_int2 -> .to(float16) -> .to(float8_e4m3fn)), else None."""
+    node = w
+    for dtype in (torch.float8_e4m3fn, torch.float16):
+        if not (isinstance(node, fx.Node) and node.op == "call_method" and node.target == "to" and not node.kwargs
+                and tuple(node.args[1:]) == (dtype,)):
+            return None
+        node = node.args[0]
+    if isinstance(node, fx.Node) and node.op == "call_function" and _target(node) in _UNPACK_BITS:
+        return node.args[0], _UNPACK_BITS[_target(node)]
+    return None
+
+
+def fuse_packed_e4m3_weights(gm: fx.GraphModule) -> int:
+    """Rewrite fp8 GEMMs on e4m3 copies of unpacked integer codes to read the packed codes: fp8_linear into
+    packed_fp8_linear, linear_residual / linear_residual_parts / linear_activation_quantize with the packed weights
+    and their bits; returns how many. Runs after the fusions that match fp8_linear (linear_attention_operand keeps its
+    unpacked weights: Inductor's unpacking)."""
+    fused = 0
+    for node in list(gm.graph.nodes):
+        op = _target(node) if node.op == "call_function" else None
+        if op == fxq.fp8_linear.default:
+            x_q, x_scale, w, w_scale, bias, out_dtype = _node_args(node, op)
+            source = _packed_e4m3_source(w)
+            if source:
+                _replace(gm, node, fxq.packed_fp8_linear.default, (x_q, x_scale, *source, w_scale, bias, out_dtype))
+                fused += 1
+        elif op in _FUSED_LINEARS:
+            args = _node_args(node, op)  # (x_q, x_scale, x_zero, w, weight_bits, ...)
+            source = _packed_e4m3_source(args[3])
+            if source:
+                _replace(gm, node, op, (*args[:3], *source, *args[5:]))
+                fused += 1
+    return _cleaned(gm, fused)
 
 
 _ADD, _MUL = {operator.add, torch.add}, {operator.mul, torch.mul}
@@ -924,6 +967,12 @@ def _triton_fp8_linear(x_q, x_scale, w_q, w_scale, bias, out_dtype):
     return quantized_gemm(x_q, x_scale, None, w_q, w_scale, None, bias, out_dtype, traced=True)
 
 
+def _triton_packed_fp8_linear(x_q, x_scale, w_packed, weight_bits, w_scale, bias, out_dtype):
+    from .gemm import quantized_gemm
+
+    return quantized_gemm(x_q, x_scale, None, w_packed, w_scale, None, bias, out_dtype, weight_bits, traced=True)
+
+
 def _triton_linear_residual(x_q, x_scale, x_zero, w, weight_bits, w_scale, w_sum, bias, gate, residual):
     from .gemm import quantized_gemm
 
@@ -1035,6 +1084,7 @@ _KERNELS = {  # fxquant's Triton kernels, launched from Inductor's generated cod
     fxq.int8_linear.default: _triton_int8_linear,
     fxq.packed_int8_linear.default: _triton_packed_int8_linear,
     fxq.fp8_linear.default: _triton_fp8_linear,
+    fxq.packed_fp8_linear.default: _triton_packed_fp8_linear,
     fxq.linear_residual.default: _triton_linear_residual,
     fxq.linear_residual_parts.default: _triton_linear_residual_parts,
     fxq.linear_activation_quantize.default: _triton_linear_activation_quantize,
@@ -1202,6 +1252,7 @@ def fxquant_backend(gm: fx.GraphModule, example_inputs, mode: str | None = None,
         apply("fused_split_attention_outputs", fuse_split_attention_output_quantization)
     if ours.get("fxquant.fuse_attention_operands", True):
         apply("fused_attention_operands", fuse_attention_operands)
+    apply("packed_linears", fuse_packed_e4m3_weights)
     if not _on_cuda(example_inputs):
         return gm.forward
     from torch._inductor.compile_fx import compile_fx

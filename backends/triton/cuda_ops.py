@@ -52,6 +52,11 @@ def _fp8_linear_cuda(x_q, x_scale, w_q, w_scale, bias, out_dtype):
     return quantized_gemm(x_q, x_scale, None, w_q, w_scale, None, bias, out_dtype)
 
 
+@torch.library.register_kernel("fxquant::packed_fp8_linear", "cuda")
+def _packed_fp8_linear_cuda(x_q, x_scale, w_packed, weight_bits, w_scale, bias, out_dtype):
+    return quantized_gemm(x_q, x_scale, None, w_packed, w_scale, None, bias, out_dtype, weight_bits)
+
+
 @torch.library.register_kernel("fxquant::linear_residual", "cuda")
 def _linear_residual_cuda(x_q, x_scale, x_zero, w, weight_bits, w_scale, w_sum, bias, gate, residual):
     return quantized_gemm(x_q, x_scale, x_zero, w, w_scale, w_sum, bias, residual.dtype, weight_bits, gate=gate,

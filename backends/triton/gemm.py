@@ -1,6 +1,9 @@
 """Quantized GEMM: int8 x int8 -> int32 (or fp8 e4m3 x fp8 e4m3 -> fp32) with the dequantisation fused in the
-epilogue; int8 activations against 8-, 4- or 2-bit weights (W8A8, W4A8, W2A8), the packed ones unpacked in the K loop
-(few tokens: memory-bound) or into an int8 copy by a kernel of their own before the GEMM (many tokens: compute-bound).
+epilogue; int8 or fp8 activations against 8-, 4- or 2-bit weights (W8A8, W4A8, W2A8), the packed integer codes
+unpacked in the K loop (few tokens: memory-bound) or into an int8 / e4m3 copy by a kernel of their own before the GEMM
+(many tokens: compute-bound). Against fp8 activations the K loop holds a code c as the e4m3 value c * 2^-9 (a
+subnormal, or 2^-6 = 8 * 2^-9, whose bits are c's sign and magnitude: no conversion instruction), the epilogue
+multiplies by 2^9.
 
     out[m, n] = a_scale[m] * b_scale[n] * (sum_k a[m, k] b[n, k] - a_zero[m] * b_sum[n]) + bias[n]
     (optionally)  out[m, n] = residual[m, n] + gate[m // rows_per_gate, n] * out[m, n]   (fxquant::linear_residual)
@@ -73,6 +76,14 @@ LOW_NIBBLES_ASM = tl.constexpr("{ .reg .b32 t; and.b32 t, $1, 0x0F0F0F0F; xor.b3
                                "add.u32 t, t, 0x78787878; xor.b32 $0, t, 0x80808080; }")
 HIGH_NIBBLES_ASM = tl.constexpr("{ .reg .b32 t; shr.u32 t, $1, 4; and.b32 t, t, 0x0F0F0F0F; "
                                 "xor.b32 t, t, 0x08080808; add.u32 t, t, 0x78787878; xor.b32 $0, t, 0x80808080; }")
+# the same nibbles as e4m3 bytes of c * 2^-9: sign bit 7, magnitude |c| <= 8 in bits 0-3 (n = nibble, s = n >> 3 per
+# byte: |c| = (n ^ 15 s) + s, no carry crosses a byte)
+_E4M3_NIBBLES = ("and.b32 t, t, 0x0F0F0F0F; shr.u32 s, t, 3; and.b32 s, s, 0x01010101; mul.lo.u32 f, s, 15; "
+                 "xor.b32 t, t, f; add.u32 t, t, s; shl.b32 s, s, 7; or.b32 $0, t, s; }")
+LOW_NIBBLES_E4M3_ASM = tl.constexpr("{ .reg .b32 t, s, f; mov.b32 t, $1; " + _E4M3_NIBBLES)
+HIGH_NIBBLES_E4M3_ASM = tl.constexpr("{ .reg .b32 t, s, f; shr.u32 t, $1, 4; " + _E4M3_NIBBLES)
+E4M3_CODE_UNIT = tl.constexpr(2.0 ** -9)  # the e4m3 value of code 1 in the K loop against fp8 activations
+E4M3_CODES_PER_UNIT = tl.constexpr(2.0 ** 9)  # the epilogue's rescale
 
 
 @triton.jit
@@ -86,6 +97,20 @@ def unpack_field(packed, field: tl.constexpr, WEIGHT_BITS: tl.constexpr):
         return tl.inline_asm_elementwise(HIGH_NIBBLES_ASM, "=r,r", [packed], dtype=tl.int8, is_pure=True, pack=4)
     else:
         return (packed << (8 - WEIGHT_BITS * (field + 1))) >> (8 - WEIGHT_BITS)
+
+
+@triton.jit
+def unpack_field_e4m3(packed, field: tl.constexpr, WEIGHT_BITS: tl.constexpr):
+    """unpack_field's codes c as float8 e4m3 values c * E4M3_CODE_UNIT (exact): nibbles in PTX on the GPU (bit
+    operations only), otherwise converted through fp32."""
+    if PTX and WEIGHT_BITS == 4 and field == 0:
+        return tl.inline_asm_elementwise(LOW_NIBBLES_E4M3_ASM, "=r,r", [packed], dtype=tl.int8, is_pure=True,
+                                         pack=4).to(tl.float8e4nv, bitcast=True)
+    elif PTX and WEIGHT_BITS == 4:
+        return tl.inline_asm_elementwise(HIGH_NIBBLES_E4M3_ASM, "=r,r", [packed], dtype=tl.int8, is_pure=True,
+                                         pack=4).to(tl.float8e4nv, bitcast=True)
+    else:
+        return (unpack_field(packed, field, WEIGHT_BITS).to(tl.float32) * E4M3_CODE_UNIT).to(tl.float8e4nv)
 
 
 @triton.jit
@@ -135,7 +160,7 @@ def _gemm_kernel(
     ROW_PARTS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    PER_BYTE: tl.constexpr = 8 // WEIGHT_BITS if INT_ACC else 1
+    PER_BYTE: tl.constexpr = 8 // WEIGHT_BITS
     BLOCK_KP: tl.constexpr = BLOCK_K // PER_BYTE  # packed rows per step; each field covers BLOCK_KP values of K
     pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
@@ -169,17 +194,22 @@ def _gemm_kernel(
         # operand, which the tensor cores read from registers: no trip through shared memory after the shifts
         a_ptrs = a_ptr + offs_k[:, None] * stride_ak + offs_m[None, :] * stride_am  # [BLOCK_KP, BLOCK_M]
         b_ptrs = b_ptr + offs_n[:, None] * stride_bn + offs_k[None, :] * stride_bk  # [BLOCK_N, BLOCK_KP]
-        acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32)
+        acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32 if INT_ACC else tl.float32)
         for k_start in range(0, packed_k, BLOCK_KP):
             k_left = packed_k - k_start
             b = tl.load(b_ptrs, mask=offs_k[None, :] < k_left, other=0).to(tl.int8, bitcast=True)
             for field in tl.static_range(PER_BYTE):
-                codes = unpack_field(b, field, WEIGHT_BITS)
-                a = tl.load(a_ptrs + field * packed_k * stride_ak, mask=offs_k[:, None] < k_left, other=0)
-                acc_t = tl.dot(codes, a, acc_t, out_dtype=tl.int32)
+                if INT_ACC:
+                    codes = unpack_field(b, field, WEIGHT_BITS)
+                else:
+                    codes = unpack_field_e4m3(b, field, WEIGHT_BITS)
+                a = tl.load(a_ptrs + field * packed_k * stride_ak, mask=offs_k[:, None] < k_left, other=0.0)
+                acc_t = tl.dot(codes, a, acc_t, out_dtype=tl.int32 if INT_ACC else tl.float32)
             a_ptrs += BLOCK_KP * stride_ak
             b_ptrs += BLOCK_KP * stride_bk
         acc = tl.trans(acc_t)
+        if not INT_ACC:
+            acc = acc * E4M3_CODES_PER_UNIT
 
     if HAS_ZERO:
         a_zero = tl.load(a_zero_ptr + rows, mask=row_ok, other=0)
@@ -272,9 +302,10 @@ _autotuned_gemm_kernel = triton.autotune(configs=get_autotune_config(),
 
 
 @triton.jit
-def _unpack_kernel(packed_ptr, out_ptr, N, PACKED_K, stride_pn, WEIGHT_BITS: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_KP: tl.constexpr):
-    """packed uint8 [N, PACKED_K] (fxquant.quantizer.pack_bits) -> int8 codes [N, PACKED_K * 8 / WEIGHT_BITS]."""
+def _unpack_kernel(packed_ptr, out_ptr, N, PACKED_K, stride_pn, WEIGHT_BITS: tl.constexpr, E4M3: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_KP: tl.constexpr):
+    """packed uint8 [N, PACKED_K] (fxquant.quantizer.pack_bits) -> int8 codes [N, PACKED_K * 8 / WEIGHT_BITS], or
+    (E4M3) their float8 e4m3 values."""
     PER_BYTE: tl.constexpr = 8 // WEIGHT_BITS
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.program_id(1) * BLOCK_KP + tl.arange(0, BLOCK_KP)
@@ -282,20 +313,24 @@ def _unpack_kernel(packed_ptr, out_ptr, N, PACKED_K, stride_pn, WEIGHT_BITS: tl.
     b = tl.load(packed_ptr + rows[:, None] * stride_pn + cols[None, :], mask=mask, other=0).to(tl.int8, bitcast=True)
     for field in tl.static_range(PER_BYTE):
         codes = unpack_field(b, field, WEIGHT_BITS)
+        if E4M3:
+            codes = codes.to(tl.float32).to(tl.float8e4nv)
         tl.store(out_ptr + rows[:, None] * (PACKED_K * PER_BYTE) + field * PACKED_K + cols[None, :], codes, mask=mask)
 
 
-def unpack_weights(packed: torch.Tensor, weight_bits: int, traced: bool = False) -> torch.Tensor:
+def unpack_weights(packed: torch.Tensor, weight_bits: int, traced: bool = False,
+                   dtype: torch.dtype = torch.int8) -> torch.Tensor:
     """uint8 [N, K * weight_bits / 8] packed codes (last dim contiguous) -> int8 [N, K], as
-    fxquant.quantizer.unpack_bits; traced: launched through torch.library.wrap_triton."""
+    fxquant.quantizer.unpack_bits, or (dtype float8_e4m3fn) the codes' e4m3 values; traced: launched through
+    torch.library.wrap_triton."""
     assert packed.dtype == torch.uint8 and packed.dim() == 2 and packed.stride(1) == 1 and weight_bits in (4, 2), \
         f"packed weights {packed.dtype} {tuple(packed.shape)} at {weight_bits} bits"
     n, packed_k = packed.shape
-    out = torch.empty((n, packed_k * 8 // weight_bits), dtype=torch.int8, device=packed.device)
+    out = torch.empty((n, packed_k * 8 // weight_bits), dtype=dtype, device=packed.device)
     block_n, block_kp = (32, 32) if INTERPRET else (32, 256)
     grid = (triton.cdiv(n, block_n), triton.cdiv(packed_k, block_kp))
     launcher(_unpack_kernel, traced)[grid](packed, out, n, packed_k, packed.stride(0), WEIGHT_BITS=weight_bits,
-                                           BLOCK_N=block_n, BLOCK_KP=block_kp)
+                                           E4M3=dtype == torch.float8_e4m3fn, BLOCK_N=block_n, BLOCK_KP=block_kp)
     return out
 
 
@@ -426,7 +461,7 @@ def quantized_gemm(a: torch.Tensor, a_scale: torch.Tensor, a_zero: torch.Tensor 
                    bias_per_row: bool = False, head_norm: tuple | None = None,
                    rope: tuple | None = None, tail: tuple | None = None):
     """a [M, K] int8 or fp8, a_scale fp32 [M] or [1] (broadcast), a_zero int32 like a_scale or None; b [N, K] same
-    dtype as a, or (int8 a, weight_bits 4 / 2) uint8 [N, K * weight_bits / 8] packed codes; b_scale fp32 [N], b_sum
+    dtype as a, or (weight_bits 4 / 2) uint8 [N, K * weight_bits / 8] packed codes; b_scale fp32 [N], b_sum
     int32 [N] (needed with a_zero); bias [N] or None -> out [M, N].
     With residual [..., N] (M rows): out = residual + gate * out, shaped and typed like residual; gate (optional)
     broadcasts against residual varying at most per sample (fxquant::linear_residual). With tail = (tail_gate,
@@ -455,8 +490,7 @@ def quantized_gemm(a: torch.Tensor, a_scale: torch.Tensor, a_zero: torch.Tensor 
     assert weight_bits in (8, 4, 2), f"weight_bits {weight_bits}"
     assert a.dim() == 2 and b.dim() == 2 and a.shape[1] == b.shape[1] * 8 // weight_bits, \
         f"shapes {tuple(a.shape)} x {tuple(b.shape)} at {weight_bits} weight bits"
-    operands_ok = (a.dtype == torch.int8 and b.dtype == torch.uint8) if packed else (
-        a.dtype == b.dtype and a.dtype in (torch.int8, torch.float8_e4m3fn))
+    operands_ok = a.dtype in (torch.int8, torch.float8_e4m3fn) and b.dtype == (torch.uint8 if packed else a.dtype)
     assert operands_ok, f"operand dtypes {a.dtype}, {b.dtype} at {weight_bits} weight bits"
     assert (a_zero is None) or (b_sum is not None), "a zero point needs the weight row sums b_sum"
     assert out_scale is None or residual is None, "a quantized output takes no residual"
@@ -468,7 +502,7 @@ def quantized_gemm(a: torch.Tensor, a_scale: torch.Tensor, a_zero: torch.Tensor 
     m, k = a.shape
     n = b.shape[0] // 2 if gated else b.shape[0]
     if packed and (gated or (unpack_first if unpack_first is not None else m >= UNPACK_MIN_TOKENS)):
-        b, weight_bits = unpack_weights(b, weight_bits, traced), 8
+        b, weight_bits = unpack_weights(b, weight_bits, traced, a.dtype), 8
     tail_gate, tail_residual = tail or (None, None)
     if residual is not None:
         rows_shape = residual.shape if tail is None else (residual.shape[0], residual.shape[1] + tail_residual.shape[1],

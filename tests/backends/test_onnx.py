@@ -169,7 +169,7 @@ def test_timestep_groups_select_scales_inside_the_graph(tmp_path):
         assert relative_l2(outputs[t], _torch(qmodel, inputs)) <= MAX_PARITY, t
 
 
-@pytest.mark.parametrize("recipe", ["w8a8-fp8", "w8a8:attention=int8-fp8"])
+@pytest.mark.parametrize("recipe", ["w8a8-fp8", "w4a8-fp8", "w8a8:attention=int8-fp8"])
 def test_fp8_plans_are_refused_with_a_reason(quantized_family, tmp_path, recipe):
     _, qmodel, _ = quantized_family("pixart", recipe)
     with pytest.raises(FxquantError, match="fp8"):

@@ -174,6 +174,56 @@ def test_packed_weight_gemm_unpacks_exactly(bits, m, k, n, unpack_first):
                                               torch.float32), expected)
 
 
+@pytest.mark.parametrize("bits", [4, 2])
+@pytest.mark.parametrize("unpack_first", [False, True])
+def test_packed_weight_gemm_against_fp8_activations(bits, unpack_first):
+    """fp8 activations against packed integer codes, in the K loop (each code c as the e4m3 value c * 2^-9, rescaled
+    in the epilogue) or unpacked first into the codes' e4m3 values: fp8_linear on the codes either way."""
+    x, w, bias = torch.randn(70, 128), torch.randn(40, 128), torch.randn(40)
+    x_q, x_scale = fxq.quantize_per_token_fp8(x)
+    w_q, w_scale = quantize_weight_per_channel(w, bits)
+    expected = fxq.fp8_linear(x_q, x_scale, w_q.to(torch.float16).to(torch.float8_e4m3fn), w_scale, bias,
+                              torch.float32)
+    out = quantized_gemm(x_q, x_scale, None, pack_bits(w_q, bits), w_scale, None, bias, torch.float32, bits,
+                         unpack_first=unpack_first)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)  # fp32 sums in another order
+    assert torch.equal(fxq.packed_fp8_linear(x_q, x_scale, pack_bits(w_q, bits), bits, w_scale, bias,
+                                             torch.float32), expected)
+    assert torch.equal(unpack_weights(pack_bits(w_q, bits), bits, dtype=torch.float8_e4m3fn).float(), w_q.float())
+
+
+def _run_ptx_bit_ops(asm: str, value: int) -> int:
+    """Evaluate the b32 bit-operation PTX of gemm's nibble unpacking ($1 = value) in Python -> $0."""
+    registers, mask = {"$1": value}, 0xFFFFFFFF
+    ops = {"mov": lambda a: a, "and": lambda a, b: a & b, "or": lambda a, b: a | b, "xor": lambda a, b: a ^ b,
+           "add": lambda a, b: a + b, "mul": lambda a, b: a * b, "shr": lambda a, b: a >> b,
+           "shl": lambda a, b: a << b}
+    for instruction in asm.strip("{} ").split(";"):
+        if not instruction.strip() or instruction.strip().startswith(".reg"):
+            continue
+        opcode, operands = instruction.split(None, 1)
+        target, *sources = [operand.strip() for operand in operands.split(",")]
+        values = [registers[s] if s in registers else int(s, 0) for s in sources]
+        registers[target] = ops[opcode.split(".")[0]](*values) & mask
+    return registers["$0"]
+
+
+def test_ptx_nibbles_become_e4m3_bytes_of_the_scaled_codes():
+    """The GPU-only PTX of the fp8 K loop (never run by the interpreter), evaluated instruction by instruction on
+    every byte value in every byte position: each byte's low / high nibble, a signed 4-bit code c, becomes the
+    e4m3 byte of c * 2^-9 (E4M3_CODE_UNIT), as the interpreter's conversion makes it."""
+    from fxquant.backends.triton.gemm import E4M3_CODE_UNIT, HIGH_NIBBLES_E4M3_ASM, LOW_NIBBLES_E4M3_ASM
+
+    low, high = torch.arange(256) & 15, torch.arange(256) >> 4
+    for nibbles, asm in ((low, LOW_NIBBLES_E4M3_ASM.value), (high, HIGH_NIBBLES_E4M3_ASM.value)):
+        codes = torch.where(nibbles >= 8, nibbles - 16, nibbles)
+        expected = (codes.float() * E4M3_CODE_UNIT.value).to(torch.float8_e4m3fn).view(torch.uint8).tolist()
+        for shift in (0, 8, 16, 24):
+            for byte in range(256):
+                filler = 0x5A5A5A5A & ~(0xFF << shift)  # other bytes must not disturb this one
+                assert (_run_ptx_bit_ops(asm, filler | byte << shift) >> shift) & 0xFF == expected[byte], byte
+
+
 def test_packed_weights_are_unpacked_first_from_unpack_min_tokens(monkeypatch):
     """The default path: the K loop unpacks below UNPACK_MIN_TOKENS rows, the unpack kernel from there on."""
     from fxquant.backends.triton import gemm
@@ -691,6 +741,7 @@ def test_gpu_only_ptx_assembles_for_hopper(tmp_path):
     assert reports["conv"]["conv3x3_int8_per_patch"]["ptx_wgmma"] > 0
     assert reports["conv"]["conv3x3_fp8"]["ptx_wgmma"] > 0
     assert gemm["w4a8"]["ptx_nibble_masks"] > 0 and gemm["w2a8"]["ptx_nibble_masks"] == 0
+    assert gemm["w4a8_fp8"]["ptx_nibble_masks"] > 0 and gemm["w4a8_fp8"]["ptx_wgmma"] > 0  # e4m3 codes, fp8 MMA
     assert gemm["fp8_gelu_codes"]["ptx_tanh_approx"] > 0 and gemm["fp8_gelu_codes"]["ptx_exp2"] == 0
     assert all(report["cubin_bytes"] > 0 for report in reports["quantize"].values())  # incl. the concat prologue
 

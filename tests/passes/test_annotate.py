@@ -6,6 +6,7 @@ import torch
 import fxquant
 from families import FAMILIES
 from fxquant.metrics import relative_l2
+from fxquant.quantizer import quantize_fp8, unpack_bits
 
 
 def _annotated(name):
@@ -182,3 +183,45 @@ def test_fp8_recipes_run_static_convolutions_in_fp8(quantized_family, tmp_path):
     loaded = fxquant.load(tmp_path / "fp8-convs")
     with torch.no_grad():
         assert torch.equal(loaded(**inputs, return_dict=False)[0], out)
+
+
+def test_w4a8_fp8_runs_int4_codes_against_fp8_activations(quantized_family):
+    """w4a8-fp8: every quantized linear keeps W4A8's packed int4 codes and per-channel scales (no row sums: fp8
+    activations have no zero point) and runs them as e4m3 values, which hold the codes exactly, against fp8
+    activations: each linear computes a float matmul of its fp8-quantized input and its dequantized int4 weights.
+    Convolutions stay int8 even with static_conv_activations (the fp8 conv kernel takes 8-bit weights)."""
+    reference, qmodel, _ = quantized_family("pixart", "w4a8-fp8")
+    _, int4, _ = quantized_family("pixart", "w4a8")
+    linears = [layer for layer in qmodel.plan.quantized_layers() if layer.op == "linear"]
+    assert linears and all(layer.number_format == "fp8" and layer.weight_bits == 4 for layer in linears)
+    inputs = FAMILIES["pixart"].inputs(batch=2, seed=9)
+    seen = {}
+
+    def record(args, out, fqn):  # returns None: the hook leaves the output alone
+        seen.setdefault(fqn, (args[0], out))
+
+    hooks = [qmodel.model.get_submodule(layer.fqn).register_forward_hook(
+        lambda module, args, out, fqn=layer.fqn: record(args, out, fqn)) for layer in linears]
+    with torch.no_grad():
+        expected, out, int4_out = (model(**inputs, return_dict=False)[0] for model in (reference, qmodel, int4))
+    for hook in hooks:
+        hook.remove()
+    for layer in linears:
+        module, int4_module = qmodel.model.get_submodule(layer.fqn), int4.model.get_submodule(layer.fqn)
+        assert module.weight_q.dtype == torch.uint8 and module.weight_sum is None
+        assert torch.equal(module.weight_q, int4_module.weight_q)
+        assert torch.equal(module.weight_scale, int4_module.weight_scale)
+        codes = unpack_bits(module.weight_q, 4)
+        assert torch.equal(codes.to(torch.float16).to(torch.float8_e4m3fn).float(), codes.float())
+        x, y = seen[layer.fqn]
+        rows = x.reshape(-1, x.shape[-1]).float()
+        x_q, x_scale = quantize_fp8(rows)
+        x_codes = x_q.float() * x_scale
+        w = codes.float() * module.weight_scale[:, None]
+        assert relative_l2(y.reshape(rows.shape[0], -1), torch.nn.functional.linear(x_codes, w, module.bias)) < 1e-5
+    # int4 weights dominate the error: fp8 activations add little to W4A8 int8's
+    error, int4_error = relative_l2(out, expected), relative_l2(int4_out, expected)
+    assert error < 0.05 and error < 1.5 * int4_error, (error, int4_error)
+    _, unet, _ = quantized_family("unet", "w4a8-fp8:static_conv_activations=true")
+    convs = [layer for layer in unet.plan.quantized_layers() if layer.op == "conv2d"]
+    assert convs and all(layer.number_format == "int" for layer in convs)
