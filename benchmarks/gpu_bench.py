@@ -41,10 +41,10 @@ from fxquant.backends.triton.gemm import fixed_config, quantized_gemm, unpack_we
 from fxquant.backends.triton.quantize import fused_quantize_per_token, quantize_per_token, quantize_per_token_fp8
 from fxquant.metrics import relative_l2
 from fxquant.model import compile_repeated_blocks
-from fxquant.ops import (int8_linear_reference, prologue_reference, quantize_per_token_reference,
-                         quantized_attention_reference)
+from fxquant.ops import (fp8_linear_reference, int8_linear_reference, prologue_reference,
+                         quantize_per_token_reference, quantized_attention_reference)
 from fxquant.quantizer import (asymmetric_params, attention_operands, fp8_scale, pack_bits, quantize_fp8,
-                               quantize_fp8_with_scale, quantize_weight_per_channel)
+                               quantize_fp8_with_scale, quantize_weight_per_channel, unpack_bits)
 
 DIT_SHAPES = [(1152, 1152), (1152, 3456), (1152, 4608), (4608, 1152)]  # (K, N) of PixArt-alpha's linears
 FP8_MAX = 448.0
@@ -414,7 +414,7 @@ def attention_operands_benchmark() -> list[dict]:
     fp32 reference; the attention kernel on the laid-out codes (tails masked) against it on bf16 operands."""
     from fxquant.backends.triton.attention import attention_fp8_codes
     from fxquant.backends.triton.gemm import attention_operand_gemm
-    from fxquant.ops import attention_operand_reference, fp8_linear_reference, heads_first
+    from fxquant.ops import attention_operand_reference, heads_first
 
     rows = []
     for case, (batch, tokens, heads, head_dim) in ATTENTION_OPERAND_CASES.items():
@@ -935,7 +935,13 @@ def packed_tile_sweep() -> list[dict]:
                 "fxquant_w4a8_fixed_config": _cold_ms(
                     lambda i: quantized_gemm(q, s, z, w4[i][0], w4[i][1], w4[i][2], bias, torch.bfloat16, 4,
                                              traced=True), n * k // 2),
+                "fxquant_w4a8_fp8_fixed_config": _cold_ms(  # int4 codes as e4m3 against fp8 activations
+                    lambda i: quantized_gemm(q8, s8, None, w4[i][0], w4[i][1], None, bias, torch.bfloat16, 4,
+                                             traced=True), n * k // 2),
             }
+            w4_fp8_error = relative_l2(  # against the fp32 product of the codes (Hopper's fp8 accumulation: ~1e-3)
+                quantized_gemm(q8, s8, None, w4[0][0], w4[0][1], None, bias, torch.float32, 4, traced=True),
+                fp8_linear_reference(q8, s8, unpack_bits(w4[0][0], 4), w4[0][1], bias, torch.float32))
             errors = {}
             reference_w4 = quantized_gemm(q, s, z, *w4[0], bias, torch.bfloat16, 4, unpack_first=False)
             for tile in PACKED_TILES:
@@ -953,12 +959,15 @@ def packed_tile_sweep() -> list[dict]:
             best = min(w4_times, key=w4_times.get)
             int8_ms = times["fxquant_int8_gemm"]
             row = {"M": m, "K": k, "N": n, "weight_copies": copies, "ms": times, "errors": errors,
+                   "w4a8_fp8_rel_l2_vs_fp32": w4_fp8_error,
+                   "w4a8_fp8_speedup_vs_fp8": times["fxquant_fp8_gemm"] / times["fxquant_w4a8_fp8_fixed_config"],
                    "fixed_config_int8": fixed_config(m, n, k, True),
                    "fixed_config_w4a8": fixed_config(m, n, k, True, packed=m < UNPACK_MIN_TOKENS), "best_w4a8": best,
                    "speedup_vs_int8": {key: int8_ms / t for key, t in times.items()}}
             rows.append(row)
             print("packed tiles", m, k, n, {key: round(t * 1e3, 1) for key, t in times.items()
-                                            if "w4a8_" not in key or key == best}, "best", best, flush=True)
+                                            if "w4a8_" not in key or key == best or "fp8" in key}, "best", best,
+                  "w4a8_fp8 error", f"{w4_fp8_error:.2e}", flush=True)
     return rows
 
 

@@ -252,10 +252,10 @@ def test_compile_blocks_compiles_one_graph_for_identical_blocks(quantized_family
 def test_cuda_lowering_computes_what_eager_does(quantized_family, name, recipe):
     """After every rewrite, the functions the backend hands Inductor on CUDA (`lower_to_inductor`: fxquant's Triton
     kernels, here in the interpreter, incl. fused prologues, code-writing epilogues (the UNet's GEGLU), fp8 convs and
-    static fp8 attention on laid-out operands, fp8 GEMMs on int4 codes unpacked into e4m3 by Inductor's code, Flux's normalised and rotated q / k, CogVideoX's text / video concat
+    static fp8 attention on laid-out operands, fp8 GEMMs on packed int4 codes (and q / k / v operand GEMMs on the
+    codes Inductor's code unpacks into e4m3), Flux's normalised and rotated q / k, CogVideoX's text / video concat
     prologue with the LayerNorm's affine folded into its modulations and its text / video residual epilogues, an
-    option, among them) compute the eager quantized model's
-    output. (CogVideoX's attention kernel is left out: at its tiny 39 tokens x head dim 32 the kernel's exp2 / fp8 P
+    option, among them) compute the eager quantized model's output. (CogVideoX's attention kernel is left out: at its tiny 39 tokens x head dim 32 the kernel's exp2 / fp8 P
     rounding alone differs from the reference by ~8e-4.)"""
     _, qmodel, _ = quantized_family(name, recipe)
     inputs = dict(FAMILIES[name].inputs(batch=2, seed=5), return_dict=False)
