@@ -66,7 +66,8 @@ class QuantConfig:
             per-channel / per-token or static absmax / 448; Hopper's fast 8-bit path). Convolutions stay int8
             unless static_conv_activations is set. With weight_bits 4 / 2 the linears' weights stay integer codes
             (packed, per-channel scales), which float8 e4m3 holds exactly: they are unpacked into e4m3 for the fp8
-            GEMM (convolutions then stay int8).
+            GEMM (convolutions then stay int8). With mixed_precision every linear runs fp8 activations against the
+            bits chosen: e4m3 weights at 8, integer codes at 4 / 2 (convolutions int8).
         bos_aware: find leading text tokens whose magnitude alone stretches the range of the cross-attention
             key / value inputs (MixDQ's BOS token: |x| at least bos_ratio times every later token's) from
             calibration; they skip activation quantization (full-precision activations, cached outputs when the
@@ -218,8 +219,11 @@ class QuantConfig:
                                                 or self.render_prompts < 1):
             raise RecipeError("content_metric='render' scores whole generations: it needs a mixed_precision setting, "
                               "no timestep_groups (a probe's generation spans them all), and render_prompts >= 1.")
-        if self.mixed_precision and self.fp8:
-            raise RecipeError("mixed_precision chooses integer weight bits; it cannot be combined with fp8.")
+        if self.mixed_precision and self.fp8 and (self.bits_per_timestep_group or 6 in self.candidate_bits
+                                                  or self.act_candidate_bits != [8]):
+            raise RecipeError("mixed_precision with fp8 chooses per layer among 2 / 4 / 8 weight bits with 8-bit "
+                              "activations (e4m3 holds one plane's codes, not nested planes): use "
+                              "bits_per_timestep_group=false, candidate_bits from 2, 4, 8 and act_candidate_bits=[8].")
         if self.sensitivity_calls < 1 or self.sensitivity_rows < 2:
             raise RecipeError(f"sensitivity_calls={self.sensitivity_calls} must be at least 1 and "
                               f"sensitivity_rows={self.sensitivity_rows} at least 2 (a guidance batch keeps both "

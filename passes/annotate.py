@@ -10,7 +10,8 @@ Role, by graph reachability from the inputs: "latent" if the latent input reache
 "timestep" if only the timestep does, else "condition". Activation mode: the config's, or static per tensor for a
 linear reading a GELU / SiLU of another linear (config.static_hidden_activations) or an attention's output
 (config.static_attention_outputs), and for every convolution with config.static_conv_activations. Number format:
-fp8 (config.fp8) for linears and for convolutions with static activations and 8-bit weights, else int.
+fp8 (config.fp8) for linears and for convolutions with static activations and 8-bit weights (no mixed precision),
+else int.
 Group, by graph structure: a linear whose output reaches an attention node's query / key / value without passing
 another linear, or that the attention output reaches first, belongs to that attention. The attention is
 cross-attention when no latent-path linear feeds its key, temporal-attention when its module name says
@@ -232,9 +233,10 @@ class AnnotatePass(QuantPass):
             layer.in_features = module.weight.shape[1]
             layer.out_features = module.weight.shape[0]
             layer.weight_bits, layer.weight_granularity = config.weight_bits, config.weight_granularity
-            # fp8 convolutions need static activations (the kernel's codes have one scale) and 8-bit weights
-            layer.number_format = "fp8" if config.fp8 and (
-                kind == "linear" or (static_input and config.weight_bits == 8)) else "int"
+            # fp8 convolutions need static activations (the kernel's codes have one scale) and 8-bit weights, which
+            # mixed precision may change
+            layer.number_format = "fp8" if config.fp8 and (kind == "linear" or (
+                static_input and config.weight_bits == 8 and not config.mixed_precision)) else "int"
             layer.act_bits, layer.act_mode = config.act_bits, config.act_mode
             if static_input:
                 layer.act_mode = "static_per_tensor"

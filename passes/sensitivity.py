@@ -418,8 +418,7 @@ class SensitivityPass(QuantPass):
         units: dict[str, list[LayerPlan]] = defaultdict(list)
         shared_blocks = repeated_blocks(state.model) if config.share_bits_across_blocks else []
         for layer in plan.quantized_layers():
-            if layer.number_format == "int":
-                units[_unit_name(layer, config.mixed_precision, shared_blocks)].append(layer)
+            units[_unit_name(layer, config.mixed_precision, shared_blocks)].append(layer)
         groups = [None]
         if config.bits_per_timestep_group:
             groups = list(range(len(plan.timestep_boundaries) + 1))
@@ -583,6 +582,5 @@ class SensitivityPass(QuantPass):
     def ensures(self, state):
         if state.config.mixed_precision:
             for layer in state.plan.quantized_layers():
-                if layer.number_format == "int":
-                    assert layer.weight_bits in state.config.candidate_bits, layer.fqn
-                    assert layer.act_bits in state.config.act_candidate_bits, layer.fqn
+                assert layer.weight_bits in state.config.candidate_bits, layer.fqn
+                assert layer.act_bits in state.config.act_candidate_bits, layer.fqn

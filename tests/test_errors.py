@@ -60,8 +60,6 @@ def test_invalid_config_values():
         fxquant.get_config("viditq-w8a8:static_hidden_activations=true")
     with pytest.raises(fxquant.RecipeError, match="smooth_alpha=1.5 must lie in"):
         fxquant.SmoothQuantW8A8Config(smooth_alpha=1.5)
-    with pytest.raises(fxquant.RecipeError, match="it cannot be combined with fp8"):
-        fxquant.get_config("mixdq-w4a8-mp:fp8=true")
     with pytest.raises(fxquant.RecipeError, match=r"attention='int4' is unknown; use one of \(None, 'int8', "):
         fxquant.get_config("w8a8:attention=int4")
     with pytest.raises(fxquant.RecipeError, match="static_conv_activations='maybe' must be true or false"):

@@ -292,6 +292,32 @@ def test_bos_tokens_with_fp8_static_activations():
     assert relative_l2(out, expected) < 0.05
 
 
+def test_mixdq_mp_with_fp8_activations(tmp_path):
+    """MixDQ's allocation over fp8 linears: each runs fp8 activations against its chosen bits, e4m3 weights at 8,
+    packed integer codes (run as e4m3) at 4 / 2, within the budget and about as close to full precision as the
+    int8-activation allocation; convolutions stay int8; the checkpoint restores it bit for bit."""
+    family = FAMILIES["unet"]
+    reference = family.build()
+    calibration = [family.inputs(batch=2, seed=seed) for seed in range(2)]
+    qmodel, int8 = (fxquant.quantize(copy.deepcopy(reference), f"mixdq-w4a8-mp:fp8={fp8},static_conv_activations=true",
+                                     calibration) for fp8 in ("true", "false"))
+    plan = qmodel.plan
+    assert abs(plan.quantized_average_weight_bits - 4.0) <= 0.02 + 1e-9
+    linears = [layer for layer in plan.quantized_layers() if layer.op == "linear"]
+    assert {layer.number_format for layer in linears} == {"fp8"} and len({l.weight_bits for l in linears}) > 1
+    assert all(layer.number_format == "int" for layer in plan.quantized_layers() if layer.op == "conv2d")
+    for layer in linears:
+        weight_q = qmodel.model.get_submodule(layer.fqn).weight_q
+        assert weight_q.dtype == (torch.float8_e4m3fn if layer.weight_bits == 8 else torch.uint8)
+    inputs = family.inputs(batch=2, seed=9)
+    with torch.no_grad():
+        out, int8_out, expected = (model(**inputs, return_dict=False)[0] for model in (qmodel, int8, reference))
+        # this tiny UNet's 4-bit budget costs ~13 % either way; fp8 activations add ~2 % of that
+        assert relative_l2(out, expected) < 1.2 * relative_l2(int8_out, expected)
+        assert torch.equal(fxquant.load(fxquant.save(qmodel, tmp_path / "mp-fp8"))(**inputs, return_dict=False)[0],
+                           out)
+
+
 @pytest.mark.parametrize("recipe,message", [
     ("mixdq-w4a8-mp:target_bits=9.0", "target_bits=9.0 lies outside"),
     ("w8a8:mixed_precision=tensor", "mixed_precision='tensor' is unknown"),
@@ -309,6 +335,8 @@ def test_bos_tokens_with_fp8_static_activations():
     ("viditq-w4a8-mp:content_metric=render", "content_metric='render' scores whole generations"),
     ("w8a8:content_metric=render", "content_metric='render' scores whole generations"),
     ("mixdq-w4a8-mp:content_metric=render,render_prompts=0", "render_prompts >= 1"),
+    ("viditq-w4a8-mp:fp8=true", "mixed_precision with fp8 chooses per layer among 2 / 4 / 8"),
+    ("mixdq-w4a8-mp:fp8=true,candidate_bits=[4,6,8]", "mixed_precision with fp8"),
 ])
 def test_mixed_precision_config_errors(recipe, message):
     with pytest.raises(fxquant.RecipeError, match=re.escape(message)):
