@@ -54,10 +54,9 @@ def _register_quant_buffers(module: nn.Module, weight_q: torch.Tensor, has_bias:
     int8 activations, weight_sum (int32; None for fp8, whose activations have no zero point), bias in the model's
     dtype or None, static act_scale / act_zero or None."""
     out, device = weight_q.shape[0], weight_q.device
-    integer = not fp8
     module.register_buffer("weight_q", weight_q)
     module.register_buffer("weight_scale", torch.empty(out, dtype=torch.float32, device=device))
-    module.register_buffer("weight_sum", torch.empty(out, dtype=torch.int32, device=device) if integer else None)
+    module.register_buffer("weight_sum", None if fp8 else torch.empty(out, dtype=torch.int32, device=device))
     module.register_buffer("bias", torch.empty(out, dtype=bias_dtype, device=device) if has_bias else None)
     module.register_buffer("act_scale", act_params[0])
     module.register_buffer("act_zero", act_params[1])
