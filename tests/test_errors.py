@@ -66,6 +66,15 @@ def test_invalid_config_values():
         fxquant.get_config("w8a8:static_conv_activations=maybe")
 
 
+def test_fp8_linear_refuses_nested_weight_planes():
+    """Nested planes combine into codes wider than e4m3 holds exactly (the config refuses such recipes; a plan made
+    by hand reaches the module)."""
+    from fxquant.modules import QuantLinear
+
+    with pytest.raises(ValueError, match="fp8 activations take one weight plane, got planes \\[4, 4\\]"):
+        QuantLinear(16, 8, False, (None, None), torch.float32, planes=[4, 4], fp8=True, device="meta")
+
+
 def test_convert_without_calibration():
     family = FAMILIES["dit"]
     with pytest.raises(fxquant.CalibrationError, match="before any calibration"):
