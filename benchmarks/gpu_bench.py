@@ -43,7 +43,8 @@ from fxquant.metrics import relative_l2
 from fxquant.model import compile_repeated_blocks
 from fxquant.ops import (fp8_linear_reference, int8_linear_reference, prologue_reference,
                          quantize_per_token_reference, quantized_attention_reference)
-from fxquant.quantizer import (asymmetric_params, attention_operands, fp8_scale, pack_bits, quantize_fp8,
+from fxquant.quantizer import (asymmetric_params, attention_operands, fp8_scale, pack_bits, pack_sign_magnitude,
+                               quantize_fp8,
                                quantize_fp8_with_scale, quantize_weight_per_channel, unpack_bits)
 
 DIT_SHAPES = [(1152, 1152), (1152, 3456), (1152, 4608), (4608, 1152)]  # (K, N) of PixArt-alpha's linears
@@ -105,10 +106,12 @@ def _fp8_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (w.float() / scale[:, None]).to(torch.float8_e4m3fn), scale
 
 
-def _packed_weight(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(packed uint8 codes, fp32 scale, int32 row sums) of w at 4 or 2 bits."""
+def _packed_weight(w: torch.Tensor, bits: int, fp8: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(packed uint8 codes, fp32 scale, int32 row sums) of w at 4 or 2 bits, packed as an int8 (pack_bits) or an fp8
+    layer (4 bits: pack_sign_magnitude) keeps them."""
     codes, scale = quantize_weight_per_channel(w, bits)
-    return pack_bits(codes, bits), scale, codes.sum(dim=1, dtype=torch.int32)
+    packed = pack_sign_magnitude(codes) if fp8 and bits == 4 else pack_bits(codes, bits)
+    return packed, scale, codes.sum(dim=1, dtype=torch.int32)
 
 
 def check_kernels() -> list[dict]:
@@ -145,10 +148,16 @@ def check_kernels() -> list[dict]:
             packed, scale, sums = _packed_weight(w, bits)
             codes, _ = quantize_weight_per_channel(w, bits)
             ref_packed = int8_linear_reference(q, s, z, codes, scale, sums, bias, torch.float32)
+            packed_fp8 = _packed_weight(w, bits, fp8=True)[0]
+            ref_packed_fp8 = fp8_linear_reference(q8, s8, codes, scale, bias, torch.float32)
             for unpack_first, path in ((False, "k_loop"), (True, "unpack_first")):
                 out_packed = quantized_gemm(q, s, z, packed, scale, sums, bias, torch.bfloat16, bits,
                                             unpack_first=unpack_first)
                 packed_errors[f"w{bits}a8_gemm_{path}_rel_err_vs_reference"] = relative_l2(out_packed, ref_packed)
+                out_packed_fp8 = quantized_gemm(q8, s8, None, packed_fp8, scale, None, bias, torch.bfloat16, bits,
+                                                unpack_first=unpack_first)
+                packed_errors[f"w{bits}a8_fp8_gemm_{path}_rel_err_vs_reference"] = relative_l2(out_packed_fp8,
+                                                                                             ref_packed_fp8)
         rows.append({
             "M": m, "K": k, "N": n,
             "int8_quantize_mismatch_fraction": (q != ref_q).float().mean().item(),
@@ -901,10 +910,11 @@ def _cold_ms(call, weight_bytes: int) -> float:
 
 
 def packed_tile_sweep() -> list[dict]:
-    """Few tokens (M 16 / 64 / 256), where a linear is memory-bound: W4A8 (K-loop unpacking) at each tile of
-    PACKED_TILES and at the compile backend's tile (`fixed_config`), against the W8A8 int8 / fp8 GEMMs (autotuned
-    and at the backend's tile) and bf16 cuBLAS, every weight read from memory (rotating copies, `_cold_ms`), at
-    PixArt's attention and first feed-forward shapes and Flux's feed-forward."""
+    """Few tokens (M 16 / 64 / 256), where a linear is memory-bound: W4A8 against int8 and against fp8 activations
+    (K-loop unpacking; an fp8 layer's sign / magnitude codes) at each tile of PACKED_TILES and at the compile
+    backend's tile (`fixed_config`, which unpacks first from UNPACK_MIN_TOKENS on), against the W8A8 int8 / fp8
+    GEMMs (autotuned and at the backend's tile) and bf16 cuBLAS, every weight read from memory (rotating copies,
+    `_cold_ms`), at PixArt's attention and first feed-forward shapes and Flux's feed-forward."""
     from fxquant.backends.triton.gemm import UNPACK_MIN_TOKENS, fixed_config
 
     rows = []
@@ -917,6 +927,7 @@ def packed_tile_sweep() -> list[dict]:
         wsum = int8[0][0].sum(dim=1, dtype=torch.int32)
         fp8 = [_fp8_weight(x) for x in w]
         w4 = [_packed_weight(x, 4) for x in w]
+        w4f = [_packed_weight(x, 4, fp8=True) for x in w]
         for m in (16, 64, 256):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             q, s, z = quantize_per_token(x)
@@ -936,39 +947,50 @@ def packed_tile_sweep() -> list[dict]:
                     lambda i: quantized_gemm(q, s, z, w4[i][0], w4[i][1], w4[i][2], bias, torch.bfloat16, 4,
                                              traced=True), n * k // 2),
                 "fxquant_w4a8_fp8_fixed_config": _cold_ms(  # int4 codes as e4m3 against fp8 activations
-                    lambda i: quantized_gemm(q8, s8, None, w4[i][0], w4[i][1], None, bias, torch.bfloat16, 4,
+                    lambda i: quantized_gemm(q8, s8, None, w4f[i][0], w4f[i][1], None, bias, torch.bfloat16, 4,
                                              traced=True), n * k // 2),
             }
             w4_fp8_error = relative_l2(  # against the fp32 product of the codes (Hopper's fp8 accumulation: ~1e-3)
-                quantized_gemm(q8, s8, None, w4[0][0], w4[0][1], None, bias, torch.float32, 4, traced=True),
-                fp8_linear_reference(q8, s8, unpack_bits(w4[0][0], 4), w4[0][1], bias, torch.float32))
+                quantized_gemm(q8, s8, None, w4f[0][0], w4f[0][1], None, bias, torch.float32, 4, traced=True),
+                fp8_linear_reference(q8, s8, unpack_bits(w4[0][0], 4), w4f[0][1], bias, torch.float32))
             errors = {}
-            reference_w4 = quantized_gemm(q, s, z, *w4[0], bias, torch.bfloat16, 4, unpack_first=False)
+            references = {"w4a8": quantized_gemm(q, s, z, *w4[0], bias, torch.bfloat16, 4, unpack_first=False),
+                          "w4a8_fp8": quantized_gemm(q8, s8, None, w4f[0][0], w4f[0][1], None, bias, torch.bfloat16,
+                                                     4, unpack_first=False)}
             for tile in PACKED_TILES:
                 label, config = _gemm_tile(*tile)
-                key = f"fxquant_w4a8_{label}"
-                try:
-                    call = lambda i: quantized_gemm(q, s, z, w4[i][0], w4[i][1], w4[i][2], bias,  # noqa: E731
-                                                    torch.bfloat16, 4, traced=True, config=config, unpack_first=False)
-                    if not torch.equal(call(0), reference_w4):
-                        raise AssertionError("output differs from the W4A8 kernel's at the backend's tile")  # exact
-                    times[key] = _cold_ms(call, n * k // 2)
-                except Exception as err:  # out of resources: recorded
-                    errors[key] = _error_row(err)["error"]
-            w4_times = {key: t for key, t in times.items() if key.startswith("fxquant_w4a8_") and "fixed" not in key}
-            best = min(w4_times, key=w4_times.get)
+                for kind, (a, a_scale, a_zero, weights) in (("w4a8", (q, s, z, w4)), ("w4a8_fp8", (q8, s8, None, w4f))):
+                    key = f"fxquant_{kind}_{label}"
+                    try:
+                        call = lambda i: quantized_gemm(  # noqa: E731
+                            a, a_scale, a_zero, weights[i][0], weights[i][1], None if a_zero is None else weights[i][2],
+                            bias, torch.bfloat16, 4, traced=True, config=config, unpack_first=False)
+                        if kind == "w4a8" and not torch.equal(call(0), references[kind]):  # int32 sums: exact
+                            raise AssertionError("output differs from the W4A8 kernel's at the backend's tile")
+                        if kind == "w4a8_fp8" and relative_l2(call(0), references[kind]) > 1e-2:  # fp8 MMA order
+                            raise AssertionError("output differs from the W4A8 fp8 kernel's at the backend's tile")
+                        times[key] = _cold_ms(call, n * k // 2)
+                    except Exception as err:  # out of resources: recorded
+                        errors[key] = _error_row(err)["error"]
+            best = {kind: min((key for key in times if key.startswith(f"fxquant_{kind}_") and "fixed" not in key
+                               and (kind == "w4a8_fp8") == ("fp8" in key)), key=times.get)
+                    for kind in ("w4a8", "w4a8_fp8")}
             int8_ms = times["fxquant_int8_gemm"]
             row = {"M": m, "K": k, "N": n, "weight_copies": copies, "ms": times, "errors": errors,
                    "w4a8_fp8_rel_l2_vs_fp32": w4_fp8_error,
                    "w4a8_fp8_speedup_vs_fp8_fixed_config":  # both at the tile the compile backend launches
                        times["fxquant_fp8_gemm_fixed_config"] / times["fxquant_w4a8_fp8_fixed_config"],
+                   "w4a8_fp8_best_tile_speedup_vs_fp8_fixed_config":
+                       times["fxquant_fp8_gemm_fixed_config"] / times[best["w4a8_fp8"]],
                    "fixed_config_int8": fixed_config(m, n, k, True),
-                   "fixed_config_w4a8": fixed_config(m, n, k, True, packed=m < UNPACK_MIN_TOKENS), "best_w4a8": best,
+                   "fixed_config_w4a8": fixed_config(m, n, k, True, packed=m < UNPACK_MIN_TOKENS),
+                   "fixed_config_w4a8_fp8": fixed_config(m, n, k, False, packed=m < UNPACK_MIN_TOKENS),
+                   "best_w4a8": best["w4a8"], "best_w4a8_fp8": best["w4a8_fp8"],
                    "speedup_vs_int8": {key: int8_ms / t for key, t in times.items()}}
             rows.append(row)
             print("packed tiles", m, k, n, {key: round(t * 1e3, 1) for key, t in times.items()
-                                            if "w4a8_" not in key or key == best or "fp8" in key}, "best", best,
-                  "w4a8_fp8 error", f"{w4_fp8_error:.2e}", flush=True)
+                                            if "w4a8_" not in key or key in best.values() or "fixed" in key},
+                  "best", best, "w4a8_fp8 error", f"{w4_fp8_error:.2e}", flush=True)
     return rows
 
 

@@ -38,7 +38,9 @@ CONFIG_NAME = "config.json"
 PLAN_NAME = "plan.json"
 WEIGHTS_NAME = "model.safetensors"
 CHECKPOINT_CLASS = "QuantizedModel"
-PACKING_FORMAT = 2  # 4- / 2-bit fields: field i of byte j holds element i * K / f + j (1: element f * j + i)
+# 4- / 2-bit fields: field i of byte j holds element i * K / f + j (1: element f * j + i); 3: fp8 layers' 4-bit codes
+# as sign / magnitude fields (quantizer.pack_sign_magnitude; 2: two's complement nibbles)
+PACKING_FORMAT = 3
 ALLOWED_MODEL_MODULES = ("diffusers.",)  # model classes a checkpoint may name
 
 
@@ -144,10 +146,14 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> Quantiz
     if config.get("_class_name") != CHECKPOINT_CLASS:
         raise CheckpointError(f"{root / CONFIG_NAME} is not an fxquant checkpoint config (_class_name).")
     plan = QuantPlan.from_dict(_read_json(root / PLAN_NAME))
-    packed = any(min(layer.group_weight_bits or [layer.weight_bits]) < 8 for layer in plan.quantized_layers())
-    if packed and config.get("packing_format", 1) != PACKING_FORMAT:
+    packed = [layer for layer in plan.quantized_layers() if min(layer.group_weight_bits or [layer.weight_bits]) < 8]
+    packing_format = config.get("packing_format", 1)
+    if packed and packing_format == 1:
         raise CheckpointError(f"{root} stores packed 4- / 2-bit weights in the interleaved layout of fxquant before "
                               "packing format 2; quantize the model again and save it.")
+    if packing_format == 2 and any(layer.number_format == "fp8" and layer.weight_bits == 4 for layer in packed):
+        raise CheckpointError(f"{root} stores fp8 layers' 4-bit codes as two's complement nibbles (packing format 2, "
+                              "before sign / magnitude fields); quantize the model again and save it.")
     weights = root / config["weights"]["file"]
     if not weights.exists():
         raise CheckpointError(f"{root} is incomplete: {weights.name} is missing.")

@@ -14,7 +14,8 @@ from torch import nn
 from . import ops  # noqa: F401  (registers torch.ops.fxquant)
 from .balance import rotate, rotation_signs
 from .plan import LayerPlan
-from .quantizer import pack_bits, plane_widths, quantize_fp8, quantize_weight_per_channel, quantize_weight_planes
+from .quantizer import (pack_bits, pack_sign_magnitude, plane_widths, quantize_fp8, quantize_weight_per_channel,
+                        quantize_weight_planes)
 
 fxq = torch.ops.fxquant
 
@@ -71,7 +72,8 @@ class QuantLinear(nn.Module):
     group's int8 codes on the device, level_divisor fp32 [G] refines the scale). Buffers: weight_q (plane 0),
     weight_q1, weight_q2 (further planes), weight_scale fp32 [N] (of plane 0), weight_sum int32 [N] (row sums of
     the codes; [P, N] per plane when nested), bias or None; fp8: fp8 activations against weight_q float8_e4m3fn
-    [N, K], or (one 4- / 2-bit plane) the packed integer codes, unpacked into e4m3 (exact) per call, no weight_sum.
+    [N, K], or (one 4- / 2-bit plane) the packed integer codes (4 bits: quantizer.pack_sign_magnitude's layout),
+    unpacked into e4m3 (exact) per call, no weight_sum.
     act_scale fp32 [G] / act_zero int32 [G] (fp8: zeros) for static activations, None when per token;
     smooth_inv / rotation_signs fp32 [K] when balanced (fxquant.balance). fp_tokens > 0 (BOS-aware): the first
     fp_tokens tokens of x [..., L, K] skip activation quantization (full-precision x against the dequantized
@@ -146,8 +148,9 @@ class QuantLinear(nn.Module):
                 sums = [_weight_sum(code) for code in codes]
                 module.weight_sum = sums[0] if len(codes) == 1 else torch.stack(sums)
             for index, (code, width) in enumerate(zip(codes, planes)):
-                setattr(module, "weight_q" if index == 0 else f"weight_q{index}",
-                        code if width == 8 else pack_bits(code, width))
+                if width != 8:
+                    code = pack_sign_magnitude(code) if module.fp8 and width == 4 else pack_bits(code, width)
+                setattr(module, "weight_q" if index == 0 else f"weight_q{index}", code)
         if linear.bias is not None:
             module.bias = linear.bias.detach().clone()
         return module
@@ -187,9 +190,8 @@ class QuantLinear(nn.Module):
 
     def _fp8_forward(self, rows: torch.Tensor, dtype: torch.dtype):
         """rows [M, K] -> (out [M, N] in dtype, the fp8 weights, their scales); activations per token or static;
-        packed integer codes unpacked into e4m3 first (through float16: Triton converts no integer to fp8)."""
-        weight_q = self.weight_q if self.planes == [8] else _unpack_plane(self.weight_q, self.planes[0]).to(
-            torch.float16).to(torch.float8_e4m3fn)
+        packed integer codes unpacked into their e4m3 values first (fxquant::unpack_fp8_codes)."""
+        weight_q = self.weight_q if self.planes == [8] else fxq.unpack_fp8_codes(self.weight_q, self.planes[0])
         if self.act_scale is None:
             x_q, x_scale = fxq.quantize_per_token_fp8(rows)
         else:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .quantizer import (FP8_MAX, asymmetric_params, attention_operands, quantize_asymmetric, quantize_fp8,
-                        quantize_fp8_with_scale, unpack_bits, unpack_int4)
+                        quantize_fp8_with_scale, unpack_bits, unpack_fp8_layer_codes, unpack_int4)
 
 _CUDA_INT_MM_MIN_ROWS = 17  # cuBLAS int8 GEMM through torch._int_mm needs M > 16 and K, N multiples of 8
 
@@ -322,10 +322,11 @@ def packed_fp8_linear(
     bias: torch.Tensor | None,
     out_dtype: torch.dtype,
 ) -> torch.Tensor:
-    """fp8_linear against 4- or 2-bit integer weight codes packed uint8 [N, K * weight_bits / 8] (their e4m3 values
-    are the codes exactly). The compile backend puts it in place of unpack -> e4m3 cast -> fp8_linear, so that
-    kernels unpack the weights inside the GEMM. Reference: the codes upcast to fp32, then fp8_linear's."""
-    return fp8_linear_reference(x_q, x_scale, unpack_bits(w_packed, weight_bits), w_scale, bias, out_dtype)
+    """fp8_linear against 4- or 2-bit integer weight codes packed uint8 [N, K * weight_bits / 8] in an fp8 layer's
+    layout (quantizer.unpack_fp8_layer_codes; their e4m3 values are the codes exactly). The compile backend puts it in
+    place of unpack_fp8_codes -> fp8_linear, so that kernels unpack the weights inside the GEMM. Reference: the codes
+    upcast to fp32, then fp8_linear's."""
+    return fp8_linear_reference(x_q, x_scale, unpack_fp8_layer_codes(w_packed, weight_bits), w_scale, bias, out_dtype)
 
 
 @packed_fp8_linear.register_fake
@@ -407,9 +408,10 @@ def _(x_q, x_scale, x_zero, w, weight_bits, w_scale, w_sum, bias, head_gate, hea
 def _linear_fp32(x_q, x_scale, x_zero, w, weight_bits, w_scale, w_sum, bias) -> torch.Tensor:
     """fp8_linear / packed_fp8_linear (fp8 x_q), int8_linear / packed_int8_linear (weight_bits 8 / 4, 2) ->
     fp32 [M, N]."""
-    codes = w if weight_bits == 8 else unpack_bits(w, weight_bits)
     if x_q.dtype == torch.float8_e4m3fn:
+        codes = w if weight_bits == 8 else unpack_fp8_layer_codes(w, weight_bits)
         return fp8_linear_reference(x_q, x_scale, codes, w_scale, bias, torch.float32)
+    codes = w if weight_bits == 8 else unpack_bits(w, weight_bits)
     return int8_linear_reference(x_q, x_scale, x_zero, codes, w_scale, w_sum, bias, torch.float32)
 
 
@@ -678,6 +680,18 @@ def unpack_int2_op(packed: torch.Tensor) -> torch.Tensor:
 @unpack_int2_op.register_fake
 def _(packed):
     return packed.new_empty((*packed.shape[:-1], packed.shape[-1] * 4), dtype=torch.int8)
+
+
+@torch.library.custom_op("fxquant::unpack_fp8_codes", mutates_args=())
+def unpack_fp8_codes(packed: torch.Tensor, weight_bits: int) -> torch.Tensor:
+    """An fp8 layer's packed 4- / 2-bit weight codes uint8 [N, K * weight_bits / 8]
+    (quantizer.unpack_fp8_layer_codes' layouts) -> float8_e4m3fn [N, K] holding the codes exactly, for fp8_linear."""
+    return unpack_fp8_layer_codes(packed, weight_bits).to(torch.float16).to(torch.float8_e4m3fn)
+
+
+@unpack_fp8_codes.register_fake
+def _(packed, weight_bits):
+    return packed.new_empty((*packed.shape[:-1], packed.shape[-1] * 8 // weight_bits), dtype=torch.float8_e4m3fn)
 
 
 def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:

@@ -131,6 +131,34 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return unpack_bits(packed, 4)
 
 
+def pack_sign_magnitude(q: torch.Tensor) -> torch.Tensor:
+    """int8 [N, K] with values in [-7, 7] (K even; a symmetric 4-bit grid) -> uint8 [N, K/2], the layout fp8
+    layers keep their 4-bit codes in: byte j holds c0 = element j and c1 = element K/2 + j (pack_bits' halves) as
+    bit 7 sign of c0, bit 6 sign of c1, bits 3-5 |c1|, bits 0-2 |c0|. A kernel makes c0's float8 e4m3 byte of
+    c0 * 2^-9 (sign bit 7, magnitude a subnormal's mantissa) with one AND (byte & 0x87), c1's with two shifts and two
+    ANDs; from two's complement nibbles it takes nine operations per byte."""
+    if q.shape[-1] % 2 or q.numel() and int(q.abs().max()) > 7:
+        raise ValueError(f"pack_sign_magnitude packs codes in [-7, 7] with an even last dimension, got shape "
+                         f"{tuple(q.shape)}" + (f" and |code| up to {int(q.abs().max())}" if q.numel() else ""))
+    first, second = q.to(torch.int16).chunk(2, dim=-1)
+    return ((first < 0).to(torch.int16) << 7 | (second < 0).to(torch.int16) << 6 | second.abs() << 3
+            | first.abs()).to(torch.uint8)
+
+
+def unpack_sign_magnitude(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of pack_sign_magnitude: uint8 [N, K/2] -> int8 [N, K]."""
+    byte = packed.to(torch.int16)
+    first = torch.where(byte & 0x80 != 0, -(byte & 7), byte & 7)
+    second = torch.where(byte & 0x40 != 0, -((byte >> 3) & 7), (byte >> 3) & 7)
+    return torch.cat([first, second], dim=-1).to(torch.int8)
+
+
+def unpack_fp8_layer_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """An fp8 layer's packed weight codes -> int8 [N, K]: 4 bits in pack_sign_magnitude's layout, 2 bits in
+    pack_bits' (two's complement: [-2, 1] has no sign / magnitude form)."""
+    return unpack_sign_magnitude(packed) if bits == 4 else unpack_bits(packed, bits)
+
+
 def plane_widths(levels: list[int]) -> list[int]:
     """Bit-widths a layer runs at (e.g. [4, 8]: W4 in some timestep groups, W8 in others) -> the widths of the
     weight planes that store them (e.g. [4, 4]). Running at levels[i] bits uses the first planes whose widths add

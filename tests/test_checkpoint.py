@@ -130,3 +130,18 @@ def test_checkpoint_with_old_packing_layout_rejected(quantized_family, tmp_path)
     config_path.write_text(json.dumps(config))
     with pytest.raises(fxquant.CheckpointError, match="interleaved layout"):
         fxquant.load(tmp_path / "ckpt")
+
+
+def test_checkpoint_with_twos_complement_fp8_codes_rejected(quantized_family, tmp_path):
+    """Packing format 2 kept fp8 layers' 4-bit codes as two's complement nibbles: such a checkpoint is refused, one
+    whose packed layers are all int8 layers (the same layout since) still loads."""
+    for recipe, loads in (("w4a8-fp8", False), ("w4a8", True)):
+        _, qmodel, _ = quantized_family("pixart", recipe)
+        fxquant.save(qmodel, tmp_path / recipe)
+        config_path = tmp_path / recipe / "config.json"
+        config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "packing_format": 2}))
+        if loads:
+            fxquant.load(tmp_path / recipe)
+        else:
+            with pytest.raises(fxquant.CheckpointError, match="two's complement"):
+                fxquant.load(tmp_path / recipe)

@@ -202,3 +202,20 @@ def test_unpack_int4_op():
     q = torch.randint(-8, 8, (3, 12), dtype=torch.int8)
     assert torch.equal(fxq.unpack_int4(pack_int4(q)), q)
     torch.library.opcheck(fxq.unpack_int4, (pack_int4(q),))
+
+
+def test_unpack_fp8_codes_op_reads_sign_magnitude_fields():
+    """fp8 layers keep 4-bit codes as sign / magnitude fields: byte j holds elements j and K/2 + j, signs in bits 7
+    / 6, magnitudes in bits 0-2 / 3-5; unpack_fp8_codes gives their e4m3 values (2 bits: pack_bits' layout)."""
+    from fxquant.quantizer import pack_bits, pack_sign_magnitude, unpack_sign_magnitude
+
+    assert pack_sign_magnitude(torch.tensor([[-3, 5]], dtype=torch.int8)).tolist() == [[0x80 | 5 << 3 | 3]]
+    q = torch.randint(-7, 8, (3, 12), dtype=torch.int8)
+    assert torch.equal(unpack_sign_magnitude(pack_sign_magnitude(q)), q)
+    out = fxq.unpack_fp8_codes(pack_sign_magnitude(q), 4)
+    assert out.dtype == torch.float8_e4m3fn and torch.equal(out.float(), q.float())
+    q2 = torch.randint(-2, 2, (3, 12), dtype=torch.int8)
+    assert torch.equal(fxq.unpack_fp8_codes(pack_bits(q2, 2), 2).float(), q2.float())
+    torch.library.opcheck(fxq.unpack_fp8_codes, (pack_sign_magnitude(q), 4))
+    with pytest.raises(ValueError, match=r"codes in \[-7, 7\]"):
+        pack_sign_magnitude(torch.tensor([[-8, 0]], dtype=torch.int8))  # no sign / magnitude form in 4 bits

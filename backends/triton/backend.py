@@ -9,8 +9,8 @@ The backend rewrites it with patterns, then compiles:
   text and video tokens) one `fused_quantize_concat`;
   `unpack_int4` / `unpack_int2` -> `int8_linear` becomes one `packed_int8_linear` (4- / 2-bit weights are unpacked
   inside the GEMM's K loop; the int8 codes never reach memory), and, after the fusions below, an fp8 GEMM whose
-  weights are the e4m3 cast of unpacked integer codes (`w4a8-fp8`) reads the packed codes (`packed_fp8_linear`, or
-  the fused op with them); `residual + gate * linear(...)` (a transformer
+  weights are unpacked integer codes (`unpack_fp8_codes`, `w4a8-fp8`) reads the packed codes (`packed_fp8_linear`,
+  or the fused op with them); `residual + gate * linear(...)` (a transformer
   block's gated residual) becomes one `linear_residual` (applied in the GEMM's epilogue; a linear whose output is
   cut along tokens into two parts with their own gates and residuals, CogVideoX's text and video rows, one
   `linear_residual_parts` under the option fxquant.fuse_residual_parts); a static per-tensor
@@ -47,7 +47,8 @@ import torch.nn.functional as F
 from torch import fx
 
 from ...ops import attention_operand_reference, quantize_per_token_reference, rotate_pairs, varies_per_sample
-from ...quantizer import quantize_asymmetric, quantize_fp8, quantize_fp8_with_scale, unpack_bits, unpack_int4
+from ...quantizer import (quantize_asymmetric, quantize_fp8, quantize_fp8_with_scale, unpack_bits,
+                          unpack_fp8_layer_codes, unpack_int4)
 
 compile_counter: Counter = Counter()
 fxq = torch.ops.fxquant
@@ -144,16 +145,9 @@ _FUSED_LINEARS = (fxq.linear_residual.default, fxq.linear_residual_parts.default
 
 
 def _packed_e4m3_source(w) -> tuple | None:
-    """(packed codes node, bits) when w is QuantLinear's e4m3 copy of unpacked integer codes (unpack_int4 /
-    unpack_int2 -> .to(float16) -> .to(float8_e4m3fn)), else None."""
-    node = w
-    for dtype in (torch.float8_e4m3fn, torch.float16):
-        if not (isinstance(node, fx.Node) and node.op == "call_method" and node.target == "to" and not node.kwargs
-                and tuple(node.args[1:]) == (dtype,)):
-            return None
-        node = node.args[0]
-    if isinstance(node, fx.Node) and node.op == "call_function" and _target(node) in _UNPACK_BITS:
-        return node.args[0], _UNPACK_BITS[_target(node)]
+    """(packed codes node, bits) when w is an fp8 layer's unpacked integer codes (unpack_fp8_codes), else None."""
+    if isinstance(w, fx.Node) and w.op == "call_function" and _target(w) == fxq.unpack_fp8_codes.default:
+        return tuple(_node_args(w, fxq.unpack_fp8_codes.default))
     return None
 
 
@@ -1073,10 +1067,15 @@ def _unpack_int2(packed: torch.Tensor) -> torch.Tensor:
     return unpack_bits(packed, 2)
 
 
+def _unpack_fp8_codes(packed: torch.Tensor, weight_bits: int) -> torch.Tensor:
+    return unpack_fp8_layer_codes(packed, weight_bits).to(torch.float16).to(torch.float8_e4m3fn)
+
+
 _UNPACK_BODIES = {  # unpacking left after fuse_packed_weights (the nested weight planes of a mixed-precision layer,
     # recombined per timestep group): plain PyTorch, which Inductor fuses into the recombination
     fxq.unpack_int4.default: unpack_int4,
     fxq.unpack_int2.default: _unpack_int2,
+    fxq.unpack_fp8_codes.default: _unpack_fp8_codes,  # linear_attention_operand's weights (w4a8-fp8)
 }
 _KERNELS = {  # fxquant's Triton kernels, launched from Inductor's generated code
     fxq.quantize_per_token.default: _triton_quantize_per_token,

@@ -76,12 +76,13 @@ LOW_NIBBLES_ASM = tl.constexpr("{ .reg .b32 t; and.b32 t, $1, 0x0F0F0F0F; xor.b3
                                "add.u32 t, t, 0x78787878; xor.b32 $0, t, 0x80808080; }")
 HIGH_NIBBLES_ASM = tl.constexpr("{ .reg .b32 t; shr.u32 t, $1, 4; and.b32 t, t, 0x0F0F0F0F; "
                                 "xor.b32 t, t, 0x08080808; add.u32 t, t, 0x78787878; xor.b32 $0, t, 0x80808080; }")
-# the same nibbles as e4m3 bytes of c * 2^-9: sign bit 7, magnitude |c| <= 8 in bits 0-3 (n = nibble, s = n >> 3 per
-# byte: |c| = (n ^ 15 s) + s, no carry crosses a byte)
-_E4M3_NIBBLES = ("and.b32 t, t, 0x0F0F0F0F; shr.u32 s, t, 3; and.b32 s, s, 0x01010101; mul.lo.u32 f, s, 15; "
-                 "xor.b32 t, t, f; add.u32 t, t, s; shl.b32 s, s, 7; or.b32 $0, t, s; }")
-LOW_NIBBLES_E4M3_ASM = tl.constexpr("{ .reg .b32 t, s, f; mov.b32 t, $1; " + _E4M3_NIBBLES)
-HIGH_NIBBLES_E4M3_ASM = tl.constexpr("{ .reg .b32 t, s, f; shr.u32 t, $1, 4; " + _E4M3_NIBBLES)
+# fp8 layers keep 4-bit codes as sign / magnitude fields (fxquant.quantizer.pack_sign_magnitude: bits 7 / 6 the
+# signs of fields 0 / 1, bits 0-2 / 3-5 their magnitudes); the e4m3 byte of c * 2^-9 is c's sign in bit 7 and |c| <= 7
+# as a subnormal's mantissa, four bytes per instruction: field 0 in one AND, field 1 in two shifts and two ANDs (ptxas
+# fuses the OR). From two's complement nibbles it took nine operations (SASS: 8 per field, 2.7x the K loop's others).
+FIELD0_E4M3_ASM = tl.constexpr("and.b32 $0, $1, 0x87878787;")
+FIELD1_E4M3_ASM = tl.constexpr("{ .reg .b32 t, s; shr.u32 t, $1, 3; and.b32 t, t, 0x07070707; shl.b32 s, $1, 1; "
+                               "and.b32 s, s, 0x80808080; or.b32 $0, t, s; }")
 E4M3_CODE_UNIT = tl.constexpr(2.0 ** -9)  # the e4m3 value of code 1 in the K loop against fp8 activations
 E4M3_CODES_PER_UNIT = tl.constexpr(2.0 ** 9)  # the epilogue's rescale
 
@@ -100,17 +101,29 @@ def unpack_field(packed, field: tl.constexpr, WEIGHT_BITS: tl.constexpr):
 
 
 @triton.jit
+def fp8_layer_codes(packed, field: tl.constexpr, WEIGHT_BITS: tl.constexpr):
+    """Field `field` of an fp8 layer's int8-bitcast packed bytes (fxquant.quantizer.unpack_fp8_layer_codes: 4 bits
+    sign / magnitude, 2 bits two's complement) as signed int8 codes."""
+    if WEIGHT_BITS == 4 and field == 0:
+        return tl.where(packed < 0, -(packed & 7), packed & 7).to(tl.int8)
+    elif WEIGHT_BITS == 4:
+        return tl.where((packed & 0x40) != 0, -((packed >> 3) & 7), (packed >> 3) & 7).to(tl.int8)
+    else:
+        return unpack_field(packed, field, WEIGHT_BITS)
+
+
+@triton.jit
 def unpack_field_e4m3(packed, field: tl.constexpr, WEIGHT_BITS: tl.constexpr):
-    """unpack_field's codes c as float8 e4m3 values c * E4M3_CODE_UNIT (exact): nibbles in PTX on the GPU (bit
-    operations only), otherwise converted through fp32."""
+    """fp8_layer_codes' codes c as float8 e4m3 values c * E4M3_CODE_UNIT (exact): 4-bit fields by bit operations in
+    PTX on the GPU, otherwise converted through fp32."""
     if PTX and WEIGHT_BITS == 4 and field == 0:
-        return tl.inline_asm_elementwise(LOW_NIBBLES_E4M3_ASM, "=r,r", [packed], dtype=tl.int8, is_pure=True,
+        return tl.inline_asm_elementwise(FIELD0_E4M3_ASM, "=r,r", [packed], dtype=tl.int8, is_pure=True,
                                          pack=4).to(tl.float8e4nv, bitcast=True)
     elif PTX and WEIGHT_BITS == 4:
-        return tl.inline_asm_elementwise(HIGH_NIBBLES_E4M3_ASM, "=r,r", [packed], dtype=tl.int8, is_pure=True,
+        return tl.inline_asm_elementwise(FIELD1_E4M3_ASM, "=r,r", [packed], dtype=tl.int8, is_pure=True,
                                          pack=4).to(tl.float8e4nv, bitcast=True)
     else:
-        return (unpack_field(packed, field, WEIGHT_BITS).to(tl.float32) * E4M3_CODE_UNIT).to(tl.float8e4nv)
+        return (fp8_layer_codes(packed, field, WEIGHT_BITS).to(tl.float32) * E4M3_CODE_UNIT).to(tl.float8e4nv)
 
 
 @triton.jit
@@ -305,23 +318,25 @@ _autotuned_gemm_kernel = triton.autotune(configs=get_autotune_config(),
 def _unpack_kernel(packed_ptr, out_ptr, N, PACKED_K, stride_pn, WEIGHT_BITS: tl.constexpr, E4M3: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_KP: tl.constexpr):
     """packed uint8 [N, PACKED_K] (fxquant.quantizer.pack_bits) -> int8 codes [N, PACKED_K * 8 / WEIGHT_BITS], or
-    (E4M3) their float8 e4m3 values."""
+    (E4M3: an fp8 layer's codes, fxquant.quantizer.unpack_fp8_layer_codes) their float8 e4m3 values."""
     PER_BYTE: tl.constexpr = 8 // WEIGHT_BITS
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.program_id(1) * BLOCK_KP + tl.arange(0, BLOCK_KP)
     mask = (rows < N)[:, None] & (cols < PACKED_K)[None, :]
     b = tl.load(packed_ptr + rows[:, None] * stride_pn + cols[None, :], mask=mask, other=0).to(tl.int8, bitcast=True)
     for field in tl.static_range(PER_BYTE):
-        codes = unpack_field(b, field, WEIGHT_BITS)
         if E4M3:
-            codes = codes.to(tl.float32).to(tl.float8e4nv)
+            codes = fp8_layer_codes(b, field, WEIGHT_BITS).to(tl.float32).to(tl.float8e4nv)
+        else:
+            codes = unpack_field(b, field, WEIGHT_BITS)
         tl.store(out_ptr + rows[:, None] * (PACKED_K * PER_BYTE) + field * PACKED_K + cols[None, :], codes, mask=mask)
 
 
 def unpack_weights(packed: torch.Tensor, weight_bits: int, traced: bool = False,
                    dtype: torch.dtype = torch.int8) -> torch.Tensor:
     """uint8 [N, K * weight_bits / 8] packed codes (last dim contiguous) -> int8 [N, K], as
-    fxquant.quantizer.unpack_bits, or (dtype float8_e4m3fn) the codes' e4m3 values; traced: launched through
+    fxquant.quantizer.unpack_bits, or (dtype float8_e4m3fn: an fp8 layer's layout, as
+    fxquant.quantizer.unpack_fp8_layer_codes) the codes' e4m3 values; traced: launched through
     torch.library.wrap_triton."""
     assert packed.dtype == torch.uint8 and packed.dim() == 2 and packed.stride(1) == 1 and weight_bits in (4, 2), \
         f"packed weights {packed.dtype} {tuple(packed.shape)} at {weight_bits} bits"

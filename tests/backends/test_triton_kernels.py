@@ -10,8 +10,8 @@ import torch
 
 import fxquant  # noqa: F401
 from fxquant.metrics import relative_l2
-from fxquant.quantizer import (asymmetric_params, fp8_scale, pack_bits, quantize_fp8_with_scale,
-                               quantize_weight_per_channel)
+from fxquant.quantizer import (asymmetric_params, fp8_scale, pack_bits, pack_sign_magnitude,
+                               quantize_fp8_with_scale, quantize_weight_per_channel)
 
 triton = pytest.importorskip("triton")
 from fxquant.backends.triton.quantize import (fused_quantize_per_token, quantize_per_token,  # noqa: E402
@@ -182,14 +182,14 @@ def test_packed_weight_gemm_against_fp8_activations(bits, unpack_first):
     x, w, bias = torch.randn(70, 128), torch.randn(40, 128), torch.randn(40)
     x_q, x_scale = fxq.quantize_per_token_fp8(x)
     w_q, w_scale = quantize_weight_per_channel(w, bits)
-    expected = fxq.fp8_linear(x_q, x_scale, w_q.to(torch.float16).to(torch.float8_e4m3fn), w_scale, bias,
-                              torch.float32)
-    out = quantized_gemm(x_q, x_scale, None, pack_bits(w_q, bits), w_scale, None, bias, torch.float32, bits,
+    packed = pack_sign_magnitude(w_q) if bits == 4 else pack_bits(w_q, bits)  # an fp8 layer's layout
+    assert torch.equal(fxq.unpack_fp8_codes(packed, bits).float(), w_q.float())
+    expected = fxq.fp8_linear(x_q, x_scale, fxq.unpack_fp8_codes(packed, bits), w_scale, bias, torch.float32)
+    out = quantized_gemm(x_q, x_scale, None, packed, w_scale, None, bias, torch.float32, bits,
                          unpack_first=unpack_first)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)  # fp32 sums in another order
-    assert torch.equal(fxq.packed_fp8_linear(x_q, x_scale, pack_bits(w_q, bits), bits, w_scale, bias,
-                                             torch.float32), expected)
-    assert torch.equal(unpack_weights(pack_bits(w_q, bits), bits, dtype=torch.float8_e4m3fn).float(), w_q.float())
+    assert torch.equal(fxq.packed_fp8_linear(x_q, x_scale, packed, bits, w_scale, bias, torch.float32), expected)
+    assert torch.equal(unpack_weights(packed, bits, dtype=torch.float8_e4m3fn).float(), w_q.float())
 
 
 def _run_ptx_bit_ops(asm: str, value: int) -> int:
@@ -208,20 +208,22 @@ def _run_ptx_bit_ops(asm: str, value: int) -> int:
     return registers["$0"]
 
 
-def test_ptx_nibbles_become_e4m3_bytes_of_the_scaled_codes():
+def test_ptx_fields_become_e4m3_bytes_of_the_scaled_codes():
     """The GPU-only PTX of the fp8 K loop (never run by the interpreter), evaluated instruction by instruction on
-    every byte value in every byte position: each byte's low / high nibble, a signed 4-bit code c, becomes the
-    e4m3 byte of c * 2^-9 (E4M3_CODE_UNIT), as the interpreter's conversion makes it."""
-    from fxquant.backends.triton.gemm import E4M3_CODE_UNIT, HIGH_NIBBLES_E4M3_ASM, LOW_NIBBLES_E4M3_ASM
+    every byte pack_sign_magnitude makes, in every byte position: field 0 / 1 of the byte, a code c in [-7, 7],
+    becomes an e4m3 byte whose value is c * 2^-9 (E4M3_CODE_UNIT), as the interpreter's conversion makes it."""
+    from fxquant.backends.triton.gemm import E4M3_CODE_UNIT, FIELD0_E4M3_ASM, FIELD1_E4M3_ASM
 
-    low, high = torch.arange(256) & 15, torch.arange(256) >> 4
-    for nibbles, asm in ((low, LOW_NIBBLES_E4M3_ASM.value), (high, HIGH_NIBBLES_E4M3_ASM.value)):
-        codes = torch.where(nibbles >= 8, nibbles - 16, nibbles)
-        expected = (codes.float() * E4M3_CODE_UNIT.value).to(torch.float8_e4m3fn).view(torch.uint8).tolist()
+    codes = torch.arange(-7, 8, dtype=torch.int8)
+    pairs = torch.cartesian_prod(codes, codes)  # (field 0, field 1): every byte of the layout
+    packed = pack_sign_magnitude(torch.cat([pairs[:, 0], pairs[:, 1]])[None])[0].tolist()  # byte j: pair j
+    for field, asm in ((0, FIELD0_E4M3_ASM.value), (1, FIELD1_E4M3_ASM.value)):
+        expected = (pairs[:, field].float() * E4M3_CODE_UNIT.value).tolist()
         for shift in (0, 8, 16, 24):
-            for byte in range(256):
-                filler = 0x5A5A5A5A & ~(0xFF << shift)  # other bytes must not disturb this one
-                assert (_run_ptx_bit_ops(asm, filler | byte << shift) >> shift) & 0xFF == expected[byte], byte
+            filler = 0xC5C5C5C5 & ~(0xFF << shift)  # other bytes (signs and magnitudes set) must not disturb this one
+            out = [(_run_ptx_bit_ops(asm, filler | byte << shift) >> shift) & 0xFF for byte in packed]
+            values = torch.tensor(out, dtype=torch.uint8).view(torch.float8_e4m3fn).float().tolist()
+            assert values == expected, (field, shift)
 
 
 def test_packed_weights_are_unpacked_first_from_unpack_min_tokens(monkeypatch):
@@ -741,7 +743,7 @@ def test_gpu_only_ptx_assembles_for_hopper(tmp_path):
     assert reports["conv"]["conv3x3_int8_per_patch"]["ptx_wgmma"] > 0
     assert reports["conv"]["conv3x3_fp8"]["ptx_wgmma"] > 0
     assert gemm["w4a8"]["ptx_nibble_masks"] > 0 and gemm["w2a8"]["ptx_nibble_masks"] == 0
-    assert gemm["w4a8_fp8"]["ptx_nibble_masks"] > 0 and gemm["w4a8_fp8"]["ptx_wgmma"] > 0  # e4m3 codes, fp8 MMA
+    assert gemm["w4a8_fp8"]["ptx_e4m3_field_masks"] > 0 and gemm["w4a8_fp8"]["ptx_wgmma"] > 0  # e4m3 codes, fp8 MMA
     assert gemm["fp8_gelu_codes"]["ptx_tanh_approx"] > 0 and gemm["fp8_gelu_codes"]["ptx_exp2"] == 0
     assert all(report["cubin_bytes"] > 0 for report in reports["quantize"].values())  # incl. the concat prologue
 
