@@ -957,9 +957,14 @@ def packed_tile_sweep() -> list[dict]:
             references = {"w4a8": quantized_gemm(q, s, z, *w4[0], bias, torch.bfloat16, 4, unpack_first=False),
                           "w4a8_fp8": quantized_gemm(q8, s8, None, w4f[0][0], w4f[0][1], None, bias, torch.bfloat16,
                                                      4, unpack_first=False)}
-            for tile in PACKED_TILES:
-                label, config = _gemm_tile(*tile)
+            kloop = {kind: fixed_config(m, n, k, kind == "w4a8", packed=True) for kind in references}
+            tiles = [(label, {kind: config for kind in references}) for label, config in map(_gemm_tile, PACKED_TILES)]
+            for accumulators in (2, 1):  # the K loop at the backend's tile, fields' products in two accumulators / one
+                tiles.append((f"kloop_fixed_config_{accumulators}_accumulators",
+                              {kind: {**kloop[kind], "FIELD_ACCUMULATORS": accumulators} for kind in references}))
+            for label, configs in tiles:
                 for kind, (a, a_scale, a_zero, weights) in (("w4a8", (q, s, z, w4)), ("w4a8_fp8", (q8, s8, None, w4f))):
+                    config = configs[kind]
                     key = f"fxquant_{kind}_{label}"
                     try:
                         call = lambda i: quantized_gemm(  # noqa: E731
@@ -972,7 +977,7 @@ def packed_tile_sweep() -> list[dict]:
                         times[key] = _cold_ms(call, n * k // 2)
                     except Exception as err:  # out of resources: recorded
                         errors[key] = _error_row(err)["error"]
-            best = {kind: min((key for key in times if key.startswith(f"fxquant_{kind}_") and "fixed" not in key
+            best = {kind: min((key for key in times if key.startswith(f"fxquant_{kind}_") and "fixed_config" not in key
                                and (kind == "w4a8_fp8") == ("fp8" in key)), key=times.get)
                     for kind in ("w4a8", "w4a8_fp8")}
             int8_ms = times["fxquant_int8_gemm"]

@@ -172,6 +172,9 @@ def _gemm_kernel(
     # sample's token count
     ROW_PARTS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    # packed K loop: the fields' products alternate between two accumulators, so that one field's MMAs run while the
+    # next field is unpacked (with one, each waits for the previous MMA; 1: benchmarks compare)
+    FIELD_ACCUMULATORS: tl.constexpr = 2,
 ):
     PER_BYTE: tl.constexpr = 8 // WEIGHT_BITS
     BLOCK_KP: tl.constexpr = BLOCK_K // PER_BYTE  # packed rows per step; each field covers BLOCK_KP values of K
@@ -208,6 +211,7 @@ def _gemm_kernel(
         a_ptrs = a_ptr + offs_k[:, None] * stride_ak + offs_m[None, :] * stride_am  # [BLOCK_KP, BLOCK_M]
         b_ptrs = b_ptr + offs_n[:, None] * stride_bn + offs_k[None, :] * stride_bk  # [BLOCK_N, BLOCK_KP]
         acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32 if INT_ACC else tl.float32)
+        acc_odd = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32 if INT_ACC else tl.float32)
         for k_start in range(0, packed_k, BLOCK_KP):
             k_left = packed_k - k_start
             b = tl.load(b_ptrs, mask=offs_k[None, :] < k_left, other=0).to(tl.int8, bitcast=True)
@@ -217,10 +221,13 @@ def _gemm_kernel(
                 else:
                     codes = unpack_field_e4m3(b, field, WEIGHT_BITS)
                 a = tl.load(a_ptrs + field * packed_k * stride_ak, mask=offs_k[:, None] < k_left, other=0.0)
-                acc_t = tl.dot(codes, a, acc_t, out_dtype=tl.int32 if INT_ACC else tl.float32)
+                if FIELD_ACCUMULATORS == 2 and field % 2 == 1:
+                    acc_odd = tl.dot(codes, a, acc_odd, out_dtype=tl.int32 if INT_ACC else tl.float32)
+                else:
+                    acc_t = tl.dot(codes, a, acc_t, out_dtype=tl.int32 if INT_ACC else tl.float32)
             a_ptrs += BLOCK_KP * stride_ak
             b_ptrs += BLOCK_KP * stride_bk
-        acc = tl.trans(acc_t)
+        acc = tl.trans(acc_t + acc_odd)
         if not INT_ACC:
             acc = acc * E4M3_CODES_PER_UNIT
 
