@@ -173,8 +173,9 @@ def _gemm_kernel(
     ROW_PARTS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     # packed K loop: the fields' products alternate between two accumulators, so that one field's MMAs run while the
-    # next field is unpacked (with one, each waits for the previous MMA; 1: benchmarks compare)
-    FIELD_ACCUMULATORS: tl.constexpr = 2,
+    # next field is unpacked (with one, each waits for the previous MMA; 1: benchmarks compare). No default value:
+    # torch's mutation analysis of traced launches fills none in (it would then copy every argument per call)
+    FIELD_ACCUMULATORS: tl.constexpr,
 ):
     PER_BYTE: tl.constexpr = 8 // WEIGHT_BITS
     BLOCK_KP: tl.constexpr = BLOCK_K // PER_BYTE  # packed rows per step; each field covers BLOCK_KP values of K
@@ -575,7 +576,7 @@ def quantized_gemm(a: torch.Tensor, a_scale: torch.Tensor, a_zero: torch.Tensor 
                  ACT=ACTIVATION_CODES[activation], OUT_CODES=0 if out_scale is None else 1 if out_zero is not None
                  else 2, INT_ACC=a.dtype == torch.int8, WEIGHT_BITS=weight_bits, SPLIT_OUT=split_out is not None,
                  OUT_RUN=out_run, GATED=gated, HEAD_NORM=("none", "rms", "layer").index(norm), ROPE=rope is not None,
-                 HEAD_DIM=head_dim, ROW_PARTS=tail is not None)
+                 HEAD_DIM=head_dim, ROW_PARTS=tail is not None, FIELD_ACCUMULATORS=2)
     assert config is None or config == "autotune" or isinstance(config, dict), f"config {config!r}"
     if config == "autotune":
         assert not traced and head_dim == 1, "autotuning launches eagerly, with no per-head transform"
@@ -588,7 +589,8 @@ def quantized_gemm(a: torch.Tensor, a_scale: torch.Tensor, a_zero: torch.Tensor 
                                   limits)
         if config["BLOCK_N"] % head_dim:  # per-head transforms need a tile of whole heads
             config = {**config, "BLOCK_N": head_dim}
-        (wrap_triton(_gemm_kernel) if traced else _gemm_kernel)[(_programs(config, m, n),)](*args, **flags, **config)
+        launch = wrap_triton(_gemm_kernel) if traced else _gemm_kernel
+        launch[(_programs(config, m, n),)](*args, **{**flags, **config})  # a benchmark's config may set a flag
     if tail is not None:
         return out.view(out_shape), tail_out
     return out if residual is None else out.view(out_shape)

@@ -61,6 +61,9 @@ def main() -> None:
             torch.zeros(64, 96, dtype=torch.int8), torch.ones(64), torch.zeros(64, dtype=torch.int32),
             torch.zeros(32, 96, dtype=torch.int8), torch.ones(32), torch.zeros(32, dtype=torch.int32), torch.ones(32),
             torch.bfloat16, traced=True),
+        "gemm_w4a8_fp8": lambda: gemm.quantized_gemm(  # packed codes unpacked in the K loop (inline PTX)
+            torch.zeros(16, 96, dtype=torch.float8_e4m3fn), torch.ones(16), None,
+            torch.zeros(32, 48, dtype=torch.uint8), torch.ones(32), None, torch.ones(32), torch.bfloat16, 4, traced=True),
         "gemm_fp8_gate_residual": lambda: gemm.quantized_gemm(
             torch.zeros(128, 96, dtype=torch.float8_e4m3fn), torch.ones(128), None,
             torch.zeros(96, 96, dtype=torch.float8_e4m3fn), torch.ones(96), None, None, torch.bfloat16, traced=True,

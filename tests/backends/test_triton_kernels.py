@@ -712,6 +712,7 @@ def test_inductor_sees_only_outputs_written():
     assert written == {"quantize_int8": ["q_ptr", "scale_ptr", "zero_ptr"], "quantize_norm_adaln_fp8": ["q_ptr",
                        "scale_ptr"], "quantize_geglu": ["q_ptr", "scale_ptr", "zero_ptr"],
                        "quantize_concat_fp8": ["q_ptr", "scale_ptr"], "gemm_int8": ["out_ptr"],
+                       "gemm_w4a8_fp8": ["out_ptr"],
                        "gemm_fp8_gate_residual": ["out_ptr"], "gemm_fp8_gate_per_tile": ["out_ptr"],
                        "gemm_fp8_residual_parts": ["out_ptr", "tail_out_ptr"],
                        "gemm_fp8_gelu_quantize": ["out_ptr"], "gemm_fp8_attention_operand": ["out_ptr"],
