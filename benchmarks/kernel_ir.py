@@ -68,7 +68,7 @@ def _report(fn, types: dict, constants: dict, num_warps: int, num_stages: int) -
         "ptx_exp2": ptx.count("ex2.approx"),
         "ptx_cvt": ptx.count("cvt."),
         "ptx_tanh_approx": ptx.count("tanh.approx.f32"),  # fxquant's inline PTX: the hardware tanh in activations
-        "ptx_nibble_masks": ptx.count("0x0F0F0F0F"),  # and W4 nibbles unpacked four bytes per instruction
+        "ptx_top_nibble_masks": ptx.count("0xF0F0F0F0"),  # and W4 nibbles top-aligned four bytes per instruction
         "ptx_e4m3_field_masks": ptx.count("0x87878787"),  # (fp8 layers' sign / magnitude fields)
         "cubin_bytes": len(kernel.asm["cubin"]),  # ptxas accepted the PTX
         "shared_bytes": kernel.metadata.shared,

@@ -2,8 +2,8 @@
 epilogue; int8 or fp8 activations against 8-, 4- or 2-bit weights (W8A8, W4A8, W2A8), the packed integer codes
 unpacked in the K loop (few tokens: memory-bound) or into an int8 / e4m3 copy by a kernel of their own before the GEMM
 (many tokens: compute-bound). Against fp8 activations the K loop holds a code c as the e4m3 value c * 2^-9 (a
-subnormal, or 2^-6 = 8 * 2^-9, whose bits are c's sign and magnitude: no conversion instruction), the epilogue
-multiplies by 2^9.
+subnormal whose bits are c's sign and magnitude, which fp8 layers store as such: no conversion instruction), the
+epilogue multiplies by 2^9.
 
     out[m, n] = a_scale[m] * b_scale[n] * (sum_k a[m, k] b[n, k] - a_zero[m] * b_sum[n]) + bias[n]
     (optionally)  out[m, n] = residual[m, n] + gate[m // rows_per_gate, n] * out[m, n]   (fxquant::linear_residual)
@@ -68,18 +68,24 @@ UNPACK_MIN_TOKENS = 256
 
 
 # PTX on four packed bytes per instruction: each byte's low / high nibble sign-extended to a byte (t = nibble ^ 8 is
-# s + 8 in [0, 15]; (t + 0x78) ^ 0x80 is s mod 256, and no carry crosses a byte). The shifts `unpack_field` falls
-# back to (2-bit fields, the CPU interpreter, which runs no PTX) spend a few instructions per value: with the PTX the
-# W4A8 K loop runs 1.5-2x faster on an H100 (gpu-bench-h100/packed-nibble-asm.json).
+# s + 8 in [0, 15]; (t + 0x78) ^ 0x80 is s mod 256, and no carry crosses a byte), for the unpack kernel. The shifts
+# `unpack_field` falls back to (2-bit fields, the CPU interpreter, which runs no PTX) spend a few instructions per
+# value: in session 14's K loop the PTX made W4A8 1.5-2x faster on an H100 (gpu-bench-h100/packed-nibble-asm.json).
 PTX = tl.constexpr(not INTERPRET)
 LOW_NIBBLES_ASM = tl.constexpr("{ .reg .b32 t; and.b32 t, $1, 0x0F0F0F0F; xor.b32 t, t, 0x08080808; "
                                "add.u32 t, t, 0x78787878; xor.b32 $0, t, 0x80808080; }")
 HIGH_NIBBLES_ASM = tl.constexpr("{ .reg .b32 t; shr.u32 t, $1, 4; and.b32 t, t, 0x0F0F0F0F; "
                                 "xor.b32 t, t, 0x08080808; add.u32 t, t, 0x78787878; xor.b32 $0, t, 0x80808080; }")
+# the K loop against int8 activations takes a code c as the int8 c * 2^(8 - bits): its field moved to the byte's top
+# bits, the low bits cleared (4 bits: the high nibble in one AND, the low one after a 4-bit shift: 3 operations per 8
+# codes, where sign-extending them took 9); the epilogue shifts the int32 sums back, exactly
+TOP_HIGH_NIBBLES_ASM = tl.constexpr("and.b32 $0, $1, 0xF0F0F0F0;")
+TOP_LOW_NIBBLES_ASM = tl.constexpr("{ .reg .b32 t; shl.b32 t, $1, 4; and.b32 $0, t, 0xF0F0F0F0; }")
 # fp8 layers keep 4-bit codes as sign / magnitude fields (fxquant.quantizer.pack_sign_magnitude: bits 7 / 6 the
 # signs of fields 0 / 1, bits 0-2 / 3-5 their magnitudes); the e4m3 byte of c * 2^-9 is c's sign in bit 7 and |c| <= 7
 # as a subnormal's mantissa, four bytes per instruction: field 0 in one AND, field 1 in two shifts and two ANDs (ptxas
-# fuses the OR). From two's complement nibbles it took nine operations (SASS: 8 per field, 2.7x the K loop's others).
+# fuses the OR): 5 SASS instructions per 8 codes, where two's complement nibbles took 16 (sm_90, 16-row tile: the
+# K-loop body 375 -> 183 instructions).
 FIELD0_E4M3_ASM = tl.constexpr("and.b32 $0, $1, 0x87878787;")
 FIELD1_E4M3_ASM = tl.constexpr("{ .reg .b32 t, s; shr.u32 t, $1, 3; and.b32 t, t, 0x07070707; shl.b32 s, $1, 1; "
                                "and.b32 s, s, 0x80808080; or.b32 $0, t, s; }")
@@ -98,6 +104,18 @@ def unpack_field(packed, field: tl.constexpr, WEIGHT_BITS: tl.constexpr):
         return tl.inline_asm_elementwise(HIGH_NIBBLES_ASM, "=r,r", [packed], dtype=tl.int8, is_pure=True, pack=4)
     else:
         return (packed << (8 - WEIGHT_BITS * (field + 1))) >> (8 - WEIGHT_BITS)
+
+
+@triton.jit
+def top_aligned_field(packed, field: tl.constexpr, WEIGHT_BITS: tl.constexpr):
+    """Field `field` of int8-bitcast packed bytes (fxquant.quantizer.pack_bits) as the int8 codes c * 2^(8 -
+    WEIGHT_BITS): nibbles four bytes at a time in PTX on the GPU, otherwise shifted up and masked."""
+    if PTX and WEIGHT_BITS == 4 and field == 1:
+        return tl.inline_asm_elementwise(TOP_HIGH_NIBBLES_ASM, "=r,r", [packed], dtype=tl.int8, is_pure=True, pack=4)
+    elif PTX and WEIGHT_BITS == 4:
+        return tl.inline_asm_elementwise(TOP_LOW_NIBBLES_ASM, "=r,r", [packed], dtype=tl.int8, is_pure=True, pack=4)
+    else:
+        return ((packed << (8 - WEIGHT_BITS * (field + 1))) & (-1 << (8 - WEIGHT_BITS))).to(tl.int8)
 
 
 @triton.jit
@@ -218,7 +236,7 @@ def _gemm_kernel(
             b = tl.load(b_ptrs, mask=offs_k[None, :] < k_left, other=0).to(tl.int8, bitcast=True)
             for field in tl.static_range(PER_BYTE):
                 if INT_ACC:
-                    codes = unpack_field(b, field, WEIGHT_BITS)
+                    codes = top_aligned_field(b, field, WEIGHT_BITS)
                 else:
                     codes = unpack_field_e4m3(b, field, WEIGHT_BITS)
                 a = tl.load(a_ptrs + field * packed_k * stride_ak, mask=offs_k[:, None] < k_left, other=0.0)
@@ -229,7 +247,9 @@ def _gemm_kernel(
             a_ptrs += BLOCK_KP * stride_ak
             b_ptrs += BLOCK_KP * stride_bk
         acc = tl.trans(acc_t + acc_odd)
-        if not INT_ACC:
+        if INT_ACC:
+            acc = acc >> (8 - WEIGHT_BITS)  # top-aligned codes: sums of c * 2^(8 - bits) products
+        else:
             acc = acc * E4M3_CODES_PER_UNIT
 
     if HAS_ZERO:

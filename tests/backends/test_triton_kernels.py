@@ -226,6 +226,22 @@ def test_ptx_fields_become_e4m3_bytes_of_the_scaled_codes():
             assert values == expected, (field, shift)
 
 
+def test_ptx_nibbles_become_int8_codes():
+    """The int8 paths' PTX, evaluated on every byte value in every byte position: the unpack kernel's sign-extended
+    nibbles (c as int8) and the K loop's top-aligned ones (c * 16 as int8, the epilogue shifts the sums back)."""
+    from fxquant.backends.triton.gemm import (HIGH_NIBBLES_ASM, LOW_NIBBLES_ASM, TOP_HIGH_NIBBLES_ASM,
+                                              TOP_LOW_NIBBLES_ASM)
+
+    low, high = torch.arange(256) & 15, torch.arange(256) >> 4
+    for nibbles, asm, scale in ((low, LOW_NIBBLES_ASM, 1), (high, HIGH_NIBBLES_ASM, 1), (low, TOP_LOW_NIBBLES_ASM, 16),
+                                (high, TOP_HIGH_NIBBLES_ASM, 16)):
+        expected = ((torch.where(nibbles >= 8, nibbles - 16, nibbles) * scale) & 0xFF).tolist()
+        for shift in (0, 8, 16, 24):
+            filler = 0xA5A5A5A5 & ~(0xFF << shift)  # other bytes must not disturb this one
+            out = [(_run_ptx_bit_ops(asm.value, filler | byte << shift) >> shift) & 0xFF for byte in range(256)]
+            assert out == expected, (asm.value, shift)
+
+
 def test_packed_weights_are_unpacked_first_from_unpack_min_tokens(monkeypatch):
     """The default path: the K loop unpacks below UNPACK_MIN_TOKENS rows, the unpack kernel from there on."""
     from fxquant.backends.triton import gemm
@@ -743,7 +759,7 @@ def test_gpu_only_ptx_assembles_for_hopper(tmp_path):
     assert reports["conv"]["conv3x3_int8"]["ptx_wgmma"] > 0  # the implicit-GEMM conv on the tensor cores
     assert reports["conv"]["conv3x3_int8_per_patch"]["ptx_wgmma"] > 0
     assert reports["conv"]["conv3x3_fp8"]["ptx_wgmma"] > 0
-    assert gemm["w4a8"]["ptx_nibble_masks"] > 0 and gemm["w2a8"]["ptx_nibble_masks"] == 0
+    assert gemm["w4a8"]["ptx_top_nibble_masks"] > 0 and gemm["w2a8"]["ptx_top_nibble_masks"] == 0
     assert gemm["w4a8_fp8"]["ptx_e4m3_field_masks"] > 0 and gemm["w4a8_fp8"]["ptx_wgmma"] > 0  # e4m3 codes, fp8 MMA
     assert gemm["fp8_gelu_codes"]["ptx_tanh_approx"] > 0 and gemm["fp8_gelu_codes"]["ptx_exp2"] == 0
     assert all(report["cubin_bytes"] > 0 for report in reports["quantize"].values())  # incl. the concat prologue
