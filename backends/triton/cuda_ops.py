@@ -11,7 +11,7 @@ import torch
 
 from .attention import attention_fp8_codes, quantized_attention
 from .conv import quantized_conv2d
-from .gemm import attention_operand_gemm, quantized_gemm
+from .gemm import attention_operand_gemm, quantized_gemm, unpack_weights
 from .quantize import fused_quantize_per_token, quantize_per_token, quantize_per_token_fp8
 
 
@@ -40,6 +40,28 @@ def _int8_linear_cuda(x_q, x_scale, x_zero, w_q, w_scale, w_sum, bias, out_dtype
 @torch.library.register_kernel("fxquant::packed_int8_linear", "cuda")
 def _packed_int8_linear_cuda(x_q, x_scale, x_zero, w_packed, weight_bits, w_scale, w_sum, bias, out_dtype):
     return quantized_gemm(x_q, x_scale, x_zero, w_packed, w_scale, w_sum, bias, out_dtype, weight_bits)
+
+
+def _unpacked(packed: torch.Tensor, weight_bits: int, dtype: torch.dtype) -> torch.Tensor:
+    """Packed codes [..., K * weight_bits / 8] -> [..., K] of dtype by the unpack kernel (eager calls; compiled graphs
+    hand unpacking to Inductor as plain PyTorch)."""
+    rows = packed.reshape(-1, packed.shape[-1]).contiguous()
+    return unpack_weights(rows, weight_bits, dtype=dtype).reshape(*packed.shape[:-1], -1)
+
+
+@torch.library.register_kernel("fxquant::unpack_int4", "cuda")
+def _unpack_int4_cuda(packed):
+    return _unpacked(packed, 4, torch.int8)
+
+
+@torch.library.register_kernel("fxquant::unpack_int2", "cuda")
+def _unpack_int2_cuda(packed):
+    return _unpacked(packed, 2, torch.int8)
+
+
+@torch.library.register_kernel("fxquant::unpack_fp8_codes", "cuda")
+def _unpack_fp8_codes_cuda(packed, weight_bits):
+    return _unpacked(packed, weight_bits, torch.float8_e4m3fn)
 
 
 @torch.library.register_kernel("fxquant::quantize_per_token_fp8", "cuda")

@@ -774,3 +774,5 @@ def test_every_inlined_kernel_also_runs_as_a_cuda_op():
 
     missing = [op.name() for op in _KERNELS if not torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "CUDA")]
     assert not missing
+    unpacking = (fxq.unpack_int4, fxq.unpack_int2, fxq.unpack_fp8_codes)  # eager calls: the unpack kernel
+    assert all(torch._C._dispatch_has_kernel_for_dispatch_key(op.default.name(), "CUDA") for op in unpacking)
