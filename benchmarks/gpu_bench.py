@@ -893,7 +893,8 @@ def packed_gemm_sweep() -> list[dict]:
 # BLOCK_M is the MMA's narrow side (the product runs transposed), BLOCK_N < 64 leaves Hopper's warpgroup MMA
 PACKED_TILES = [(16, 64, 256, 4, 3), (16, 64, 256, 4, 4), (16, 64, 512, 4, 3), (16, 128, 256, 4, 3),
                 (16, 128, 256, 8, 3), (16, 32, 256, 4, 4), (16, 32, 512, 2, 3), (32, 64, 256, 4, 3),
-                (32, 128, 256, 4, 3), (64, 64, 256, 4, 3), (64, 128, 256, 4, 3)]
+                (32, 128, 256, 4, 3), (64, 64, 256, 4, 3), (64, 128, 256, 4, 3), (128, 64, 256, 4, 3),
+                (128, 128, 256, 8, 3)]
 COLD_L2_BYTES = 150 * 2**20  # weight copies rotated per timing: 3x an H100's 50 MB L2
 
 
