@@ -954,6 +954,9 @@ def packed_tile_sweep() -> list[dict]:
             w4_fp8_error = relative_l2(  # against the fp32 product of the codes (Hopper's fp8 accumulation: ~1e-3)
                 quantized_gemm(q8, s8, None, w4f[0][0], w4f[0][1], None, bias, torch.float32, 4, traced=True),
                 fp8_linear_reference(q8, s8, unpack_bits(w4[0][0], 4), w4f[0][1], bias, torch.float32))
+            w4_int_error = relative_l2(  # int32 sums: exact up to the output's rounding
+                quantized_gemm(q, s, z, *w4[0], bias, torch.float32, 4, traced=True),
+                int8_linear_reference(q, s, z, unpack_bits(w4[0][0], 4), w4[0][1], w4[0][2], bias, torch.float32))
             errors = {}
             references = {"w4a8": quantized_gemm(q, s, z, *w4[0], bias, torch.bfloat16, 4, unpack_first=False),
                           "w4a8_fp8": quantized_gemm(q8, s8, None, w4f[0][0], w4f[0][1], None, bias, torch.bfloat16,
@@ -983,7 +986,7 @@ def packed_tile_sweep() -> list[dict]:
                     for kind in ("w4a8", "w4a8_fp8")}
             int8_ms = times["fxquant_int8_gemm"]
             row = {"M": m, "K": k, "N": n, "weight_copies": copies, "ms": times, "errors": errors,
-                   "w4a8_fp8_rel_l2_vs_fp32": w4_fp8_error,
+                   "w4a8_fp8_rel_l2_vs_fp32": w4_fp8_error, "w4a8_rel_l2_vs_reference": w4_int_error,
                    "w4a8_fp8_speedup_vs_fp8_fixed_config":  # both at the tile the compile backend launches
                        times["fxquant_fp8_gemm_fixed_config"] / times["fxquant_w4a8_fp8_fixed_config"],
                    "w4a8_fp8_best_tile_speedup_vs_fp8_fixed_config":
@@ -996,7 +999,8 @@ def packed_tile_sweep() -> list[dict]:
             rows.append(row)
             print("packed tiles", m, k, n, {key: round(t * 1e3, 1) for key, t in times.items()
                                             if "w4a8_" not in key or key in best.values() or "fixed" in key},
-                  "best", best, "w4a8_fp8 error", f"{w4_fp8_error:.2e}", flush=True)
+                  "best", best, "w4a8_fp8 error", f"{w4_fp8_error:.2e}", "w4a8 error", f"{w4_int_error:.2e}",
+                  flush=True)
     return rows
 
 
