@@ -919,7 +919,7 @@ def packed_tile_sweep() -> list[dict]:
     from fxquant.backends.triton.gemm import UNPACK_MIN_TOKENS, fixed_config
 
     rows = []
-    for k, n in ((1152, 1152), (1152, 4608), (3072, 12288)):
+    for k, n in ((3072, 12288), (1152, 4608), (1152, 1152)):  # largest first (a run cut short keeps those)
         copies = _weight_copies(n * k // 2)  # enough for the smallest (4-bit) weights
         w = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.05 for _ in range(2)]
         w = [w[i % 2] + i * 1e-3 for i in range(copies)]  # distinct tensors
