@@ -136,11 +136,13 @@ def pack_sign_magnitude(q: torch.Tensor) -> torch.Tensor:
     layers keep their 4-bit codes in: byte j holds c0 = element j and c1 = element K/2 + j (pack_bits' halves) as
     bit 7 sign of c0, bit 6 sign of c1, bits 3-5 |c1|, bits 0-2 |c0|. A kernel makes c0's float8 e4m3 byte of
     c0 * 2^-9 (sign bit 7, magnitude a subnormal's mantissa) with one AND (byte & 0x87), c1's with two shifts and two
-    ANDs; from two's complement nibbles it takes nine operations per byte."""
-    if q.shape[-1] % 2 or q.numel() and int(q.abs().max()) > 7:
+    ANDs (four bytes per instruction); from two's complement nibbles it took nine."""
+    wide = q.to(torch.int16)  # abs of int8 -128 would stay negative
+    largest = int(wide.abs().max()) if q.numel() else 0
+    if q.shape[-1] % 2 or largest > 7:
         raise ValueError(f"pack_sign_magnitude packs codes in [-7, 7] with an even last dimension, got shape "
-                         f"{tuple(q.shape)}" + (f" and |code| up to {int(q.abs().max())}" if q.numel() else ""))
-    first, second = q.to(torch.int16).chunk(2, dim=-1)
+                         f"{tuple(q.shape)} and |code| up to {largest}")
+    first, second = wide.chunk(2, dim=-1)
     return ((first < 0).to(torch.int16) << 7 | (second < 0).to(torch.int16) << 6 | second.abs() << 3
             | first.abs()).to(torch.uint8)
 
