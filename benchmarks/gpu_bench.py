@@ -44,8 +44,7 @@ from fxquant.model import compile_repeated_blocks
 from fxquant.ops import (fp8_linear_reference, int8_linear_reference, prologue_reference,
                          quantize_per_token_reference, quantized_attention_reference)
 from fxquant.quantizer import (asymmetric_params, attention_operands, fp8_scale, pack_bits, pack_sign_magnitude,
-                               quantize_fp8,
-                               quantize_fp8_with_scale, quantize_weight_per_channel, unpack_bits)
+                               quantize_fp8, quantize_fp8_with_scale, quantize_weight_per_channel, unpack_bits)
 
 DIT_SHAPES = [(1152, 1152), (1152, 3456), (1152, 4608), (4608, 1152)]  # (K, N) of PixArt-alpha's linears
 FP8_MAX = 448.0
