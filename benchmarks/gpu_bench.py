@@ -912,10 +912,10 @@ def _cold_ms(call, weight_bytes: int) -> float:
 def packed_tile_sweep() -> list[dict]:
     """Few tokens (M 16 / 64 / 256), where a linear is memory-bound: W4A8 against int8 and against fp8 activations
     (K-loop unpacking; an fp8 layer's sign / magnitude codes) at each tile of PACKED_TILES and at the compile
-    backend's tile (`fixed_config`, which unpacks first from UNPACK_MIN_TOKENS on), against the W8A8 int8 / fp8
+    backend's tile (`fixed_config`, which unpacks first from UNPACK_MIN_TOKENS(_FP8) on), against the W8A8 int8 / fp8
     GEMMs (autotuned and at the backend's tile) and bf16 cuBLAS, every weight read from memory (rotating copies,
     `_cold_ms`), at PixArt's attention and first feed-forward shapes and Flux's feed-forward."""
-    from fxquant.backends.triton.gemm import UNPACK_MIN_TOKENS, fixed_config
+    from fxquant.backends.triton.gemm import UNPACK_MIN_TOKENS, UNPACK_MIN_TOKENS_FP8, fixed_config
 
     rows = []
     for k, n in ((3072, 12288), (1152, 4608), (1152, 1152)):  # largest first (a run cut short keeps those)
@@ -961,7 +961,8 @@ def packed_tile_sweep() -> list[dict]:
                           "w4a8_fp8": quantized_gemm(q8, s8, None, w4f[0][0], w4f[0][1], None, bias, torch.bfloat16,
                                                      4, unpack_first=False)}
             kloop = {kind: fixed_config(m, n, k, kind == "w4a8", packed=True) for kind in references}
-            tiles = [(label, {kind: config for kind in references}) for label, config in map(_gemm_tile, PACKED_TILES)]
+            tiles = [(label, {kind: config for kind in references})
+                     for label, config in (_gemm_tile(*tile) for tile in PACKED_TILES)]
             for accumulators in (2, 1):  # the K loop at the backend's tile, fields' products in two accumulators / one
                 tiles.append((f"kloop_fixed_config_{accumulators}_accumulators",
                               {kind: {**kloop[kind], "FIELD_ACCUMULATORS": accumulators} for kind in references}))
@@ -992,7 +993,7 @@ def packed_tile_sweep() -> list[dict]:
                        times["fxquant_fp8_gemm_fixed_config"] / times[best["w4a8_fp8"]],
                    "fixed_config_int8": fixed_config(m, n, k, True),
                    "fixed_config_w4a8": fixed_config(m, n, k, True, packed=m < UNPACK_MIN_TOKENS),
-                   "fixed_config_w4a8_fp8": fixed_config(m, n, k, False, packed=m < UNPACK_MIN_TOKENS),
+                   "fixed_config_w4a8_fp8": fixed_config(m, n, k, False, packed=m < UNPACK_MIN_TOKENS_FP8),
                    "best_w4a8": best["w4a8"], "best_w4a8_fp8": best["w4a8_fp8"],
                    "speedup_vs_int8": {key: int8_ms / t for key, t in times.items()}}
             rows.append(row)

@@ -63,8 +63,12 @@ def get_autotune_config() -> list[triton.Config]:
 MAX_BLOCK_M = max(config.kwargs["BLOCK_M"] for config in get_autotune_config())
 # from this many tokens on, packed weights are unpacked into int8 codes by a kernel of their own and the W8A8 GEMM
 # runs on them (the unpacking in the K loop halves the int8 GEMM's speed); below, the K loop unpacks. On an H100
-# (gpu-bench-h100/kernels-and-packed-sweep.json) unpacking first wins from 256 tokens on, the K loop at 16 - 64.
+# (gpu-bench-h100/kernels-and-packed-sweep.json) unpacking first wins from 256 tokens on, the K loop at 16 - 64; with
+# session 27's cheaper unpacking (packed-tiles-sign-magnitude.json, 256 tokens) it still does for int8 activations at
+# PixArt's widths (13.4 / 7.4 us against 14.9 / 7.8), not at Flux's (52.5 against 45.7); against fp8 activations the
+# K loop wins at all three (45.6 / 14.8 / 7.6 against 55.7 / 15.4 / 8.2 us): it runs up to 512 (untimed between).
 UNPACK_MIN_TOKENS = 256
+UNPACK_MIN_TOKENS_FP8 = 512
 
 
 # PTX on four packed bytes per instruction: each byte's low / high nibble sign-extended to a byte (t = nibble ^ 8 is
@@ -440,17 +444,18 @@ def fixed_config(m: int, n: int, k: int, integer: bool, residual: bool = False, 
     narrow = _SMALLER_TILES[0]
     if gated and config["BLOCK_N"] > 128:
         config = narrow
-    candidates = [config]  # the first of equal wave times wins
-    if _area(config) > _area(narrow):
-        candidates.append(narrow)
-    elif _area(config) == _area(narrow) and not (integer or residual or gated):
-        candidates.append(_WIDE_TILE)
-    config = min(candidates, key=lambda tile: _wave_time(tile, m, n, sm_count))
-    for smaller in _SMALLER_TILES[1:]:
-        if _programs(config, m, n) >= sm_count or _area(config) > _area(narrow):
-            break
-        if _area(smaller) < _area(config):
-            config = smaller
+    if not packed:  # the packed K loop's tiles are taken as measured
+        candidates = [config]  # the first of equal wave times wins
+        if _area(config) > _area(narrow):
+            candidates.append(narrow)
+        elif _area(config) == _area(narrow) and not (integer or residual or gated):
+            candidates.append(_WIDE_TILE)
+        config = min(candidates, key=lambda tile: _wave_time(tile, m, n, sm_count))
+        for smaller in _SMALLER_TILES[1:]:
+            if _programs(config, m, n) >= sm_count or _area(config) > _area(narrow):
+                break
+            if _area(smaller) < _area(config):
+                config = smaller
     if shared is None or pipeline_bytes(config, gated) <= shared:
         return config
     fitting = [{**tile, "num_stages": stages}
@@ -471,15 +476,25 @@ def fixed_config_for_size(m: int, n: int, k: int, integer: bool, residual: bool 
     - an activation + quantization in the epilogue: as plain GEMMs (kernels-epilogue-tanh-approx.json: PixArt's
       first feed-forward GEMM 104.2 us wide against 110.4 narrow; model-gemm-tiles.json: SD3's 3 % faster);
     - packed weights unpacked in the K loop at <= 16 tokens (a batch's adaLN linears): one 16-row tile, so that the
-      weights are read once (packed-tiles-cold-l2.json: 8.5 / 8.6 / 25.0 us against 9.7 / 9.8 / 27.8 with 64 rows);
-      up to 64 tokens 16 rows as well, or 32 for weights larger than 1152 x 4608 (packed-nibble-asm.json, 64 tokens:
-      5.4 / 8.1 us against 8.1 / 8.4 with 64 rows, Flux's 3072 x 12288: 19.1 against 20.3).
+      weights are read once (packed-tiles-cold-l2.json: 8.5 / 8.6 / 25.0 us against 9.7 / 9.8 / 27.8 with 64 rows),
+      4 stages against fp8 activations (packed-tiles-sign-magnitude.json: 11.6 / 5.2 / 4.8 us against 12.1 / 5.5 /
+      5.1 with 3); up to 64 tokens 16 rows as well for weights smaller than 1152 x 4608, else 32 (1152 x 4608 at 64
+      tokens: 7.4 / 7.3 us fp8 / int8 against 7.7 / 7.9 with 16 rows; Flux's 3072 x 12288: 15.9 / 15.6 against
+      25.1 / 26.6);
+      more tokens (fp8 activations, up to UNPACK_MIN_TOKENS_FP8): a 128 x 128 tile, the weights unpacked at most
+      every 128 tokens, where it makes >= 66 programs (256 tokens: Flux's 42.4 us, 1152 x 4608 13.4 against 45.6 /
+      14.8 with 64 x 64), else 64 x 64 (1152 x 1152: 7.6 us against 12.8).
     """
     if INTERPRET:
         return {**get_autotune_config()[0].all_kwargs()}
     if packed and m <= 64:
-        rows = 16 if m <= 16 or n * k <= 1152 * 4608 else 32
-        return dict(BLOCK_M=rows, BLOCK_N=64, BLOCK_K=256, GROUP_M=8, num_warps=4, num_stages=3)
+        rows = 16 if m <= 16 or n * k < 1152 * 4608 else 32
+        stages = 4 if rows == 16 and not integer else 3
+        return dict(BLOCK_M=rows, BLOCK_N=64, BLOCK_K=256, GROUP_M=8, num_warps=4, num_stages=stages)
+    if packed:
+        wide = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=256, GROUP_M=8, num_warps=8, num_stages=3)
+        if _programs(wide, m, n) >= SM_COUNT // 2:
+            return wide
     if m < 1024:  # few tokens: small tiles so that enough programs fill the SMs
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=256, GROUP_M=8, num_warps=4, num_stages=3)
     if residual:
@@ -520,7 +535,8 @@ def quantized_gemm(a: torch.Tensor, a_scale: torch.Tensor, a_zero: torch.Tensor 
     `fixed_config`'s. traced: launch through torch.library.wrap_triton (graphs the compile backend hands to
     Inductor). gate_per_tile (benchmarks): load the gate as one vector per sample in a tile (default: when every
     tile size fits in a sample) or per element. unpack_first (benchmarks): packed weights are unpacked into an int8
-    copy before the GEMM (`unpack_weights`; default: from UNPACK_MIN_TOKENS rows of a on) or in its K loop.
+    copy before the GEMM (`unpack_weights`; default: from UNPACK_MIN_TOKENS rows of int8 a on, UNPACK_MIN_TOKENS_FP8
+    of fp8 a) or in its K loop.
 
     out / split_out / bias_per_row (`attention_operand_gemm`): the output buffer, written at the kernel's SPLIT_OUT
     offsets (split_out = (split_m, stride_om_outer, stride_om, split_n, stride_on_outer, stride_on, out_run,
@@ -544,7 +560,8 @@ def quantized_gemm(a: torch.Tensor, a_scale: torch.Tensor, a_zero: torch.Tensor 
         f"a gated activation needs an even number of weight rows ({b.shape[0]}), no residual and no split output"
     m, k = a.shape
     n = b.shape[0] // 2 if gated else b.shape[0]
-    if packed and (gated or (unpack_first if unpack_first is not None else m >= UNPACK_MIN_TOKENS)):
+    min_tokens = UNPACK_MIN_TOKENS if a.dtype == torch.int8 else UNPACK_MIN_TOKENS_FP8
+    if packed and (gated or (unpack_first if unpack_first is not None else m >= min_tokens)):
         b, weight_bits = unpack_weights(b, weight_bits, traced, a.dtype), 8
     tail_gate, tail_residual = tail or (None, None)
     if residual is not None:

@@ -243,7 +243,8 @@ def test_ptx_nibbles_become_int8_codes():
 
 
 def test_packed_weights_are_unpacked_first_from_unpack_min_tokens(monkeypatch):
-    """The default path: the K loop unpacks below UNPACK_MIN_TOKENS rows, the unpack kernel from there on."""
+    """The default path: the K loop unpacks below UNPACK_MIN_TOKENS rows (int8 activations; UNPACK_MIN_TOKENS_FP8 for
+    fp8), the unpack kernel from there on."""
     from fxquant.backends.triton import gemm
 
     unpacked = []
@@ -260,6 +261,14 @@ def test_packed_weights_are_unpacked_first_from_unpack_min_tokens(monkeypatch):
         expected = fxq.int8_linear(x_q, x_scale, x_zero, w_q, w_scale, w_sum, None, torch.float32)
         out = gemm.quantized_gemm(x_q, x_scale, x_zero, pack_bits(w_q, 4), w_scale, w_sum, None, torch.float32, 4)
         torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+        assert len(unpacked) == unpacks
+    unpacked.clear()  # fp8 activations: the cheaper K loop runs longer (UNPACK_MIN_TOKENS_FP8)
+    for rows, unpacks in ((gemm.UNPACK_MIN_TOKENS_FP8 - 1, 0), (gemm.UNPACK_MIN_TOKENS_FP8, 1)):
+        x_q, x_scale = fxq.quantize_per_token_fp8(torch.randn(rows, 64))
+        expected = fxq.fp8_linear(x_q, x_scale, w_q.to(torch.float16).to(torch.float8_e4m3fn), w_scale, None,
+                                  torch.float32)
+        out = gemm.quantized_gemm(x_q, x_scale, None, pack_sign_magnitude(w_q), w_scale, None, None, torch.float32, 4)
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
         assert len(unpacked) == unpacks
 
 
