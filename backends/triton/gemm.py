@@ -428,9 +428,10 @@ def _wave_time(config: dict, m: int, n: int, sm_count: int) -> float:
 
 def fixed_config(m: int, n: int, k: int, integer: bool, residual: bool = False, packed: bool = False,
                  gated: bool = False, limits: tuple[int, int] | None = None) -> dict:
-    """fixed_config_for_size (below), traded between 128 x 128 and a larger tile (128 x 256 / 256 x 128) where the
-    other takes less time by `_wave_time` (fp8 only for 128 x 128 -> 128 x 256, and not with a residual epilogue,
-    whose fastest tile was measured; on an H200, gpu-bench-h200/sdxl-gemm-tiles.json: SDXL's 8192 x 640 x 640 narrow,
+    """fixed_config_for_size (below; packed K-loop tiles as it picks them), traded between 128 x 128 and a larger
+    tile (128 x 256 / 256 x 128) where the other takes less time by `_wave_time` (fp8 only for 128 x 128 ->
+    128 x 256, and not with a residual epilogue, whose fastest tile was measured; on an H200,
+    gpu-bench-h200/sdxl-gemm-tiles.json: SDXL's 8192 x 640 x 640 narrow,
     320 programs in 3 waves against 192 in 2, 445 -> 538 TFLOP/s; its 2048 x 1280 x 1280 and 2048 x 5120 x 1280 wide,
     80 programs in one wave against 160 in two, 589 -> 605 and 877 -> 944); a 128 x 128 tile is stepped down through
     _SMALLER_TILES while it leaves SMs idle: few rows AND few columns, e.g. the transposed V products of short text
@@ -491,7 +492,7 @@ def fixed_config_for_size(m: int, n: int, k: int, integer: bool, residual: bool 
         rows = 16 if m <= 16 or n * k < 1152 * 4608 else 32
         stages = 4 if rows == 16 and not integer else 3
         return dict(BLOCK_M=rows, BLOCK_N=64, BLOCK_K=256, GROUP_M=8, num_warps=4, num_stages=stages)
-    if packed:
+    if packed and not integer:  # (int8 activations: 48.1 us at Flux's against 45.6 with 64 x 64)
         wide = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=256, GROUP_M=8, num_warps=8, num_stages=3)
         if _programs(wide, m, n) >= SM_COUNT // 2:
             return wide
