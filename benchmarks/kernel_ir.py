@@ -27,22 +27,31 @@ from triton.compiler import ASTSource
 import fxquant  # noqa: F401  (registers the ops the kernels' modules import)
 from fxquant.backends.triton.attention import _attention_kernel
 from fxquant.backends.triton.conv import _conv_kernel
-from fxquant.backends.triton.gemm import _gemm_kernel
+from fxquant.backends.triton.gemm import _gemm_kernel, fixed_config_for_size
 from fxquant.backends.triton.quantize import _quantize_rows_kernel
 
 TARGET = GPUTarget("cuda", 90, 32)
 TRACED_FLOAT = "fp64"  # how Inductor types a Python float argument of a traced kernel launch
 
 
-def sass_opcodes(cubin: bytes) -> collections.Counter:
-    """Opcode (with its modifiers) -> how many instructions of it in the cubin's SASS, by Triton's nvdisasm."""
+INSTRUCTION = r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)"
+
+
+def sass_text(cubin: bytes) -> str:
+    """The cubin's SASS, by Triton's nvdisasm."""
     nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
         file.write(cubin)
         file.flush()
-        sass = subprocess.run([nvdisasm, "-c", file.name], capture_output=True, text=True, check=True).stdout
-    return collections.Counter(match.group(1) for match in re.finditer(
-        r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)", sass, re.MULTILINE))
+        return subprocess.run([nvdisasm, "-c", file.name], capture_output=True, text=True, check=True).stdout
+
+
+def mma_loop_instructions(sass: str) -> int:
+    """Instructions in the body of the largest loop (label to its backward branch) holding a warpgroup MMA: the
+    K loop's cost per step; 0 when no loop holds one."""
+    bodies = re.findall(r"^(\.L_x_\d+):\n(.*?)BRA `\(\1\)", sass, re.MULTILINE | re.DOTALL)
+    return max((len(re.findall(INSTRUCTION, body, re.MULTILINE)) + 1 for _, body in bodies if "GMMA" in body),
+               default=0)
 
 
 def _report(fn, types: dict, constants: dict, num_warps: int, num_stages: int) -> dict:
@@ -56,7 +65,8 @@ def _report(fn, types: dict, constants: dict, num_warps: int, num_stages: int) -
                        attrs={(names.index(name),): [["tt.divisibility", 16]] for name in aligned})
     kernel = triton.compile(source, target=TARGET, options=dict(num_warps=num_warps, num_stages=num_stages))
     ttgir, ptx = kernel.asm["ttgir"], kernel.asm["ptx"]
-    sass = sass_opcodes(kernel.asm["cubin"])
+    text = sass_text(kernel.asm["cubin"])
+    sass = collections.Counter(match.group(1) for match in re.finditer(INSTRUCTION, text, re.MULTILINE))
     return {
         "wgmma_ops": ttgir.count("ttng.warp_group_dot "),
         "wgmma_wait_pendings": [int(p) for p in re.findall(r"pendings = (\d+)", ttgir)],
@@ -75,6 +85,7 @@ def _report(fn, types: dict, constants: dict, num_warps: int, num_stages: int) -
         "sass_instructions": sum(sass.values()),
         "sass_mufu_ex2": sass["MUFU.EX2"],
         "sass_f2fp": sum(count for opcode, count in sass.items() if opcode.startswith("F2FP")),
+        "sass_mma_loop_instructions": mma_loop_instructions(text),
     }
 
 
@@ -110,6 +121,11 @@ def gemm_reports() -> dict:
                          stride_ak=1, stride_bk=1, stride_on=1, FIELD_ACCUMULATORS=2)
         types = {**pointers, "a_ptr": a_type, "b_ptr": b_type, "out_ptr": "*fp8e4nv" if gelu or operand else "*bf16"}
         reports[label] = _report(_gemm_kernel, types, constants, 8, 3)
+        if label in ("w4a8", "w4a8_fp8"):  # few tokens: the 16-row K-loop tile fixed_config launches there
+            few = fixed_config_for_size(16, 4608, 1152, not fp8, packed=True)
+            tile = {key: few[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}
+            reports[f"{label}_16_rows"] = _report(_gemm_kernel, types, {**constants, **tile}, few["num_warps"],
+                                                  few["num_stages"])
     return reports
 
 

@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from .quantizer import (FP8_MAX, asymmetric_params, attention_operands, quantize_asymmetric, quantize_fp8,
-                        quantize_fp8_with_scale, unpack_bits, unpack_fp8_layer_codes, unpack_int4)
+                        quantize_fp8_with_scale, unpack_bits, unpack_fp8_layer_codes, unpack_fp8_layer_e4m3,
+                        unpack_int4)
 
 _CUDA_INT_MM_MIN_ROWS = 17  # cuBLAS int8 GEMM through torch._int_mm needs M > 16 and K, N multiples of 8
 
@@ -686,7 +687,7 @@ def _(packed):
 def unpack_fp8_codes(packed: torch.Tensor, weight_bits: int) -> torch.Tensor:
     """An fp8 layer's packed 4- / 2-bit weight codes uint8 [N, K * weight_bits / 8]
     (quantizer.unpack_fp8_layer_codes' layouts) -> float8_e4m3fn [N, K] holding the codes exactly, for fp8_linear."""
-    return unpack_fp8_layer_codes(packed, weight_bits).to(torch.float16).to(torch.float8_e4m3fn)
+    return unpack_fp8_layer_e4m3(packed, weight_bits)
 
 
 @unpack_fp8_codes.register_fake

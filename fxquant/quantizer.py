@@ -158,7 +158,15 @@ def unpack_sign_magnitude(packed: torch.Tensor) -> torch.Tensor:
 def unpack_fp8_layer_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
     """An fp8 layer's packed weight codes -> int8 [N, K]: 4 bits in pack_sign_magnitude's layout, 2 bits in
     pack_bits' (two's complement: [-2, 1] has no sign / magnitude form)."""
+    if bits not in (2, 4):
+        raise ValueError(f"fp8 layers pack 4- or 2-bit codes, got {bits} bits")
     return unpack_sign_magnitude(packed) if bits == 4 else unpack_bits(packed, bits)
+
+
+def unpack_fp8_layer_e4m3(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """unpack_fp8_layer_codes as float8_e4m3fn, which holds the codes exactly (through float16: no integer type
+    converts to fp8 directly everywhere)."""
+    return unpack_fp8_layer_codes(packed, bits).to(torch.float16).to(torch.float8_e4m3fn)
 
 
 def plane_widths(levels: list[int]) -> list[int]:

@@ -221,3 +221,5 @@ def test_unpack_fp8_codes_op_reads_sign_magnitude_fields():
         pack_sign_magnitude(torch.tensor([[-8, 0]], dtype=torch.int8))  # no sign / magnitude form in 4 bits
     with pytest.raises(ValueError, match=r"codes in \[-7, 7\]"):
         pack_sign_magnitude(torch.tensor([[-128, 0]], dtype=torch.int8))  # int8 abs(-128) stays negative
+    with pytest.raises(ValueError, match="4- or 2-bit codes"):
+        fxq.unpack_fp8_codes(pack_sign_magnitude(q), 8)

@@ -48,7 +48,7 @@ from torch import fx
 
 from ...ops import attention_operand_reference, quantize_per_token_reference, rotate_pairs, varies_per_sample
 from ...quantizer import (quantize_asymmetric, quantize_fp8, quantize_fp8_with_scale, unpack_bits,
-                          unpack_fp8_layer_codes, unpack_int4)
+                          unpack_fp8_layer_e4m3, unpack_int4)
 
 compile_counter: Counter = Counter()
 fxq = torch.ops.fxquant
@@ -1067,15 +1067,11 @@ def _unpack_int2(packed: torch.Tensor) -> torch.Tensor:
     return unpack_bits(packed, 2)
 
 
-def _unpack_fp8_codes(packed: torch.Tensor, weight_bits: int) -> torch.Tensor:
-    return unpack_fp8_layer_codes(packed, weight_bits).to(torch.float16).to(torch.float8_e4m3fn)
-
-
 _UNPACK_BODIES = {  # unpacking left after fuse_packed_weights (the nested weight planes of a mixed-precision layer,
     # recombined per timestep group): plain PyTorch, which Inductor fuses into the recombination
     fxq.unpack_int4.default: unpack_int4,
     fxq.unpack_int2.default: _unpack_int2,
-    fxq.unpack_fp8_codes.default: _unpack_fp8_codes,  # linear_attention_operand's weights (w4a8-fp8)
+    fxq.unpack_fp8_codes.default: unpack_fp8_layer_e4m3,  # linear_attention_operand's weights (w4a8-fp8)
 }
 _KERNELS = {  # fxquant's Triton kernels, launched from Inductor's generated code
     fxq.quantize_per_token.default: _triton_quantize_per_token,

@@ -89,7 +89,7 @@ TOP_LOW_NIBBLES_ASM = tl.constexpr("{ .reg .b32 t; shl.b32 t, $1, 4; and.b32 $0,
 # signs of fields 0 / 1, bits 0-2 / 3-5 their magnitudes); the e4m3 byte of c * 2^-9 is c's sign in bit 7 and |c| <= 7
 # as a subnormal's mantissa, four bytes per instruction: field 0 in one AND, field 1 in two shifts and two ANDs (ptxas
 # fuses the OR): 5 SASS instructions per 8 codes, where two's complement nibbles took 16 (sm_90, 16-row tile: the
-# K-loop body 375 -> 183 instructions).
+# K-loop body 375 -> 183 instructions with one accumulator; benchmarks/kernel_ir.py counts it).
 FIELD0_E4M3_ASM = tl.constexpr("and.b32 $0, $1, 0x87878787;")
 FIELD1_E4M3_ASM = tl.constexpr("{ .reg .b32 t, s; shr.u32 t, $1, 3; and.b32 t, t, 0x07070707; shl.b32 s, $1, 1; "
                                "and.b32 s, s, 0x80808080; or.b32 $0, t, s; }")
