@@ -890,10 +890,12 @@ def packed_gemm_sweep() -> list[dict]:
 
 # tiles of the packed (W4A8) K-loop kernel timed by `packed_tile_sweep` (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages):
 # BLOCK_M is the MMA's narrow side (the product runs transposed), BLOCK_N < 64 leaves Hopper's warpgroup MMA
-PACKED_TILES = [(16, 64, 256, 4, 3), (16, 64, 256, 4, 4), (16, 64, 512, 4, 3), (16, 128, 256, 4, 3),
-                (16, 128, 256, 8, 3), (16, 32, 256, 4, 4), (16, 32, 512, 2, 3), (32, 64, 256, 4, 3),
-                (32, 128, 256, 4, 3), (64, 64, 256, 4, 3), (64, 128, 256, 4, 3), (128, 64, 256, 4, 3),
-                (128, 128, 256, 8, 3)]
+# (session 28: the 16 x 32 and 512-deep tiles, never the fastest in session 27's sweep, gave way to 128-deep ones, whose
+# K steps divide PixArt's K = 1152 where 256-deep ones leave half a step masked)
+PACKED_TILES = [(16, 64, 256, 4, 3), (16, 64, 256, 4, 4), (16, 64, 128, 4, 4), (16, 128, 256, 4, 3),
+                (16, 128, 256, 8, 3), (32, 64, 256, 4, 3), (32, 64, 128, 4, 4), (32, 128, 256, 4, 3),
+                (64, 64, 256, 4, 3), (64, 64, 128, 4, 4), (64, 128, 256, 4, 3), (128, 64, 256, 4, 3),
+                (128, 128, 256, 8, 3), (128, 128, 128, 8, 4)]
 COLD_L2_BYTES = 150 * 2**20  # weight copies rotated per timing: 3x an H100's 50 MB L2
 
 
@@ -1001,6 +1003,64 @@ def packed_tile_sweep() -> list[dict]:
                                             if "w4a8_" not in key or key in best.values() or "fixed" in key},
                   "best", best, "w4a8_fp8 error", f"{w4_fp8_error:.2e}", "w4a8 error", f"{w4_int_error:.2e}",
                   flush=True)
+    return rows
+
+
+# (name, M, K, N) of the 8-bit GEMMs the compile backend runs at a few hundred tokens (fixed_config's m < 1024
+# rule): PixArt's cross-attention K / V on 2 x 120 text tokens, SD3's context stream (2 x 333) and Flux's text
+# stream (512), and 256 tokens at PixArt's widths (a batch-1 256 px image)
+FEW_TOKEN_GEMMS = [("pixart_cross_kv", 240, 1152, 1152), ("pixart_256_ff1", 256, 1152, 4608),
+                   ("pixart_256_ff2", 256, 4608, 1152), ("sd3_context_proj", 666, 1536, 1536),
+                   ("sd3_context_ff1", 666, 1536, 6144), ("sd3_context_ff2", 666, 6144, 1536),
+                   ("flux_text_proj", 512, 3072, 3072), ("flux_text_ff1", 512, 3072, 12288),
+                   ("flux_text_ff2", 512, 12288, 3072)]
+FEW_TOKEN_TILES = [(64, 64, 256, 4, 3), (64, 64, 128, 4, 4), (64, 128, 128, 4, 4), (128, 64, 128, 4, 4),
+                   (128, 128, 128, 4, 4), (128, 128, 128, 8, 3), (32, 64, 128, 4, 4), (32, 128, 128, 4, 4),
+                   (128, 256, 128, 8, 3), (64, 256, 128, 8, 3)]
+
+
+def few_token_tile_sweep() -> list[dict]:
+    """The fp8 and int8 W8A8 GEMMs at FEW_TOKEN_GEMMS per tile of FEW_TOKEN_TILES against the compile backend's tile
+    (`fixed_config`) and bf16 cuBLAS, every weight read from memory (rotating copies, `_cold_ms`): which tile the
+    m < 1024 rule should take (the autotuner beat it at 256 tokens: packed-tiles-sign-magnitude.json)."""
+    rows = []
+    for name, m, k, n in FEW_TOKEN_GEMMS:
+        copies = _weight_copies(n * k)
+        w = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.05 + i * 1e-3 for i in range(copies)]
+        bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        q, s, z = quantize_per_token(x)
+        q8, s8 = quantize_per_token_fp8(x)
+        int8 = [quantize_weight_per_channel(weight) for weight in w]
+        wsum = int8[0][0].sum(dim=1, dtype=torch.int32)
+        fp8 = [_fp8_weight(weight) for weight in w]
+        launches = {"fp8": lambda i, **config: quantized_gemm(q8, s8, None, *fp8[i], None, bias, torch.bfloat16,
+                                                              traced=True, **config),
+                    "int8": lambda i, **config: quantized_gemm(q, s, z, *int8[i], wsum, bias, torch.bfloat16,
+                                                               traced=True, **config)}
+        times = {"bf16_cublas": _cold_ms(lambda i: F.linear(x, w[i], bias), n * k * 2)}
+        errors, best, fixed = {}, {}, {}
+        for kind, launch in launches.items():
+            times[f"{kind}_fixed_config"] = _cold_ms(launch, n * k)
+            fixed[kind] = fixed_config(m, n, k, kind == "int8")
+            reference = launch(0)
+            for tile in FEW_TOKEN_TILES:
+                label, config = _gemm_tile(*tile)
+                try:
+                    if relative_l2(launch(0, config=config), reference) > 1e-2:  # the MMA order differs a little
+                        raise AssertionError("output differs from the kernel's at the backend's tile")
+                    times[f"{kind}_{label}"] = _cold_ms(lambda i: launch(i, config=config), n * k)
+                except Exception as err:  # out of shared memory: recorded
+                    errors[f"{kind}_{label}"] = _error_row(err)["error"]
+            best[kind] = min((key for key in times if key.startswith(f"{kind}_") and key[len(kind) + 1].isdigit()),
+                             key=times.get)
+        row = {"name": name, "M": m, "K": k, "N": n, "weight_copies": copies, "ms": times, "errors": errors,
+               "fixed_config": fixed, "best": best,
+               "fixed_vs_best": {kind: times[f"{kind}_fixed_config"] / times[key] for kind, key in best.items()}}
+        rows.append(row)
+        print("few-token tiles", name, {key: round(times[key] * 1e3, 1) for key in
+                                        ("bf16_cublas", "fp8_fixed_config", best["fp8"], "int8_fixed_config",
+                                         best["int8"])}, flush=True)
     return rows
 
 
@@ -1385,7 +1445,8 @@ KERNEL_SECTIONS = {"kernels": check_kernels, "prologue": prologue_benchmark,
                    "quantize_configs": quantize_config_sweep,
                    "epilogue": epilogue_sweep, "geglu": geglu_epilogue_benchmark, "gemm": gemm_benchmark,
                    "packed": packed_gemm_sweep,
-                   "packed_tiles": packed_tile_sweep, "model_gemms": model_gemm_sweep,
+                   "packed_tiles": packed_tile_sweep, "few_token_tiles": few_token_tile_sweep,
+                   "model_gemms": model_gemm_sweep,
                    "attention": attention_benchmark, "attention_configs": attention_config_sweep}
 
 

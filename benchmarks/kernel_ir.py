@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
+import io
 import json
 import os
 import re
@@ -21,6 +23,7 @@ import subprocess
 import tempfile
 
 import triton
+from triton import knobs
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
@@ -28,7 +31,7 @@ import fxquant  # noqa: F401  (registers the ops the kernels' modules import)
 from fxquant.backends.triton.attention import _attention_kernel
 from fxquant.backends.triton.conv import _conv_kernel
 from fxquant.backends.triton.gemm import _gemm_kernel, fixed_config_for_size
-from fxquant.backends.triton.quantize import _quantize_rows_kernel
+from fxquant.backends.triton.quantize import _launch_config, _quantize_rows_kernel
 
 TARGET = GPUTarget("cuda", 90, 32)
 TRACED_FLOAT = "fp64"  # how Inductor types a Python float argument of a traced kernel launch
@@ -63,7 +66,12 @@ def _report(fn, types: dict, constants: dict, num_warps: int, num_stages: int) -
     source = ASTSource(fn=fn, signature=signature,
                        constexprs={(names.index(name),): value for name, value in constants.items()},
                        attrs={(names.index(name),): [["tt.divisibility", 16]] for name in aligned})
-    kernel = triton.compile(source, target=TARGET, options=dict(num_warps=num_warps, num_stages=num_stages))
+    log = io.StringIO()  # ptxas's own report (registers, spills), which Triton prints when asked to
+    with knobs.nvidia.scope(), knobs.compilation.scope(), contextlib.redirect_stdout(log):
+        knobs.nvidia.dump_ptxas_log = knobs.compilation.always_compile = True  # (a cached kernel skips ptxas)
+        kernel = triton.compile(source, target=TARGET, options=dict(num_warps=num_warps, num_stages=num_stages))
+    registers = re.search(r"Used (\d+) registers", log.getvalue())
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log.getvalue())
     ttgir, ptx = kernel.asm["ttgir"], kernel.asm["ptx"]
     text = sass_text(kernel.asm["cubin"])
     sass = collections.Counter(match.group(1) for match in re.finditer(INSTRUCTION, text, re.MULTILINE))
@@ -82,6 +90,10 @@ def _report(fn, types: dict, constants: dict, num_warps: int, num_stages: int) -
         "ptx_e4m3_field_masks": ptx.count("0x87878787"),  # (fp8 layers' sign / magnitude fields)
         "cubin_bytes": len(kernel.asm["cubin"]),  # ptxas accepted the PTX
         "shared_bytes": kernel.metadata.shared,
+        # registers per thread (255 at most): with shared_bytes, how many programs an SM holds at once (65536
+        # registers); spilled bytes go to local memory inside the loop
+        "registers": int(registers.group(1)) if registers else None,
+        "spill_bytes": int(spills.group(1)) + int(spills.group(2)) if spills else None,
         "sass_instructions": sum(sass.values()),
         "sass_mufu_ex2": sass["MUFU.EX2"],
         "sass_f2fp": sum(count for opcode, count in sass.items() if opcode.startswith("F2FP")),
@@ -133,7 +145,9 @@ def attention_reports() -> dict:
     """The attention kernel, P V in bf16 and fp8, head dims 64 and 72 (64 + 32 tail), 128 x 128 tiles, 8 warps; and
     with fp8 output codes (static_attention_outputs) at head dim 72, static fp8 operands there with their tails
     masked (laid out by the q / k / v GEMMs: attention_fp8_codes), codes of two scales split at a query (a joint
-    attention's two streams) at head dim 64, and static codes at head dim 64 (CogVideoX)."""
+    attention's two streams) at head dim 64, and static codes at head dim 64 (CogVideoX); the last two also at the
+    tiles the autotuner picks on an H100 (`_swept_tile` rows: 64 x 128 at PixArt's head dim 72, 128 x 128 with 4 warps at
+    CogVideoX's 64)."""
     reports = {}
     for head_dim, pv_fp8, codes, raw_tail in ((64, False, 0, False), (64, True, 0, False), (72, False, 0, False),
                                               (72, True, 0, False), (72, True, 1, False), (72, True, 1, True),
@@ -148,6 +162,9 @@ def attention_reports() -> dict:
         label = f"d{head_dim}_{'fp8' if pv_fp8 else 'bf16'}_pv" + ["", "_fp8_codes", "_fp8_split_codes"][codes] + (
             "_static_raw_tail" if raw_tail else "")
         reports[label] = _report(_attention_kernel.fn, types, constants, 8, 3)
+        if raw_tail and codes == 1:  # as the models run it
+            tile = dict(BLOCK_M=64 if head_dim > 64 else 128, BLOCK_N=128)
+            reports[f"{label}_swept_tile"] = _report(_attention_kernel.fn, types, {**constants, **tile}, 4, 3)
     return reports
 
 
@@ -167,18 +184,20 @@ def conv_reports() -> dict:
 
 
 def quantize_reports() -> dict:
-    """The per-token quantize kernel at its GPU launch for 2048-wide rows (one row per program, one warp), fp8 codes:
-    plain; after a LayerNorm + adaLN modulation (PixArt's prologue); and that over CogVideoX's text / video
-    concatenation (each part read in place with its own modulation)."""
+    """The per-token quantize kernel as launched (`_launch_config`) for 2048-wide rows, fp8 codes: plain; after a
+    LayerNorm + adaLN modulation (PixArt's prologue); and that over CogVideoX's text / video concatenation (1920-wide
+    rows, each part read in place with its own modulation)."""
     reports = {}
     for label, norm, modulated, concat in (("fp8_plain", 0, False, False), ("fp8_layernorm_adaln", 1, True, False),
                                            ("fp8_concat_layernorm_adaln", 1, True, True)):
+        rows, block, warps = _launch_config(1920 if concat else 2048, False, concat)
         types = {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "scale_ptr": "*fp32", "zero_ptr": "*fp32", "w_ptr": "*bf16",
                  "b_ptr": "*bf16", "mul_ptr": "*bf16", "add_ptr": "*bf16", "tail_ptr": "*bf16", "tail_mul_ptr": "*bf16",
                  "tail_add_ptr": "*bf16", "eps": TRACED_FLOAT}
         constants = dict(NORM=norm, HAS_W=False, HAS_B=False, HAS_MUL=modulated, HAS_ADD=modulated, ACT=0,
-                         GATED=False, FP8=True, CONCAT=concat, ROWS=1, BLOCK_K=2048, stride_mul_c=1, stride_add_c=1)
-        reports[label] = _report(_quantize_rows_kernel, types, constants, 1, 3)
+                         GATED=False, FP8=True, CONCAT=concat, ROWS=rows, BLOCK_K=block, stride_mul_c=1,
+                         stride_add_c=1)
+        reports[label] = _report(_quantize_rows_kernel, types, constants, warps, 3)
     return reports
 
 

@@ -772,6 +772,9 @@ def test_gpu_only_ptx_assembles_for_hopper(tmp_path):
     assert gemm["w4a8_fp8"]["ptx_e4m3_field_masks"] > 0 and gemm["w4a8_fp8"]["ptx_wgmma"] > 0  # e4m3 codes, fp8 MMA
     assert gemm["fp8_gelu_codes"]["ptx_tanh_approx"] > 0 and gemm["fp8_gelu_codes"]["ptx_exp2"] == 0
     assert all(report["cubin_bytes"] > 0 for report in reports["quantize"].values())  # incl. the concat prologue
+    # ptxas's register / spill report is read for every kernel (occupancy: 65536 registers per SM)
+    assert all(0 < report["registers"] <= 255 and report["spill_bytes"] >= 0
+               for section in ("gemm", "attention", "conv", "quantize") for report in reports[section].values())
 
 
 def test_every_inlined_kernel_also_runs_as_a_cuda_op():
