@@ -146,8 +146,8 @@ def attention_reports() -> dict:
     with fp8 output codes (static_attention_outputs) at head dim 72, static fp8 operands there with their tails
     masked (laid out by the q / k / v GEMMs: attention_fp8_codes), codes of two scales split at a query (a joint
     attention's two streams) at head dim 64, and static codes at head dim 64 (CogVideoX); the last two also at the
-    tiles the autotuner picks on an H100 (`_swept_tile` rows: 64 x 128 at PixArt's head dim 72, 128 x 128 with 4 warps at
-    CogVideoX's 64)."""
+    tiles the autotuner picks on an H100 (`_swept_tile` rows: 64 x 128 at PixArt's head dim 72, 128 x 128 with 4
+    warps at CogVideoX's 64)."""
     reports = {}
     for head_dim, pv_fp8, codes, raw_tail in ((64, False, 0, False), (64, True, 0, False), (72, False, 0, False),
                                               (72, True, 0, False), (72, True, 1, False), (72, True, 1, True),

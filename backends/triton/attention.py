@@ -28,7 +28,7 @@ from ...ops import (KEY_ALIGNMENT, attention_operand_reference, empty_heads_last
                     padded_head_dim)
 from ...quantizer import attention_operands
 
-from . import INTERPRET
+from . import INTERPRET, ceil_div
 from .quantize import FP8_MAX, e4m3_grid
 
 LOG2_FP8_MAX = tl.constexpr(math.log2(448.0))
@@ -300,9 +300,9 @@ def attend(q: torch.Tensor, operands: dict, scale: float, traced: bool = False,
     if traced or key in _TUNED:
         config = traced_config(key) if traced else _TUNED[key]
         launch = wrap_triton(_attention_kernel.fn) if traced else _attention_kernel.fn
-        launch[(triton.cdiv(n_q, config["BLOCK_M"]) * batch * heads,)](*args, **flags, **config)
+        launch[(ceil_div(n_q, config["BLOCK_M"]) * batch * heads,)](*args, **flags, **config)
     else:  # the first eager launch of this problem autotunes; every later launch (eager or traced) takes the winner
-        _attention_kernel[lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]) * batch * heads,)](*args, **flags)
+        _attention_kernel[lambda meta: (ceil_div(n_q, meta["BLOCK_M"]) * batch * heads,)](*args, **flags)
         best = _attention_kernel.best_config
         _TUNED[key] = dict(**best.kwargs, num_warps=best.num_warps, num_stages=best.num_stages)
     return out

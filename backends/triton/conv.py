@@ -29,7 +29,7 @@ from torch.library import wrap_triton
 from ...ops import conv_output_size
 from ...quantizer import asymmetric_params, quantize_asymmetric, quantize_fp8_with_scale
 
-from . import INTERPRET
+from . import INTERPRET, ceil_div
 from .gemm import grouped_tile
 from .quantize import rint
 
@@ -194,7 +194,7 @@ def launch_conv(inputs: torch.Tensor, act_scale: torch.Tensor, act_zero: torch.T
     fp8 = weights.dtype == torch.float8_e4m3fn
     config = config or conv_config(m, out_channels, fp8)
     positions = out_h * out_w
-    grid = (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(out_channels, config["BLOCK_N"]),)
+    grid = (ceil_div(m, config["BLOCK_M"]) * ceil_div(out_channels, config["BLOCK_N"]),)
     kernel = wrap_triton(_conv_kernel) if traced else _conv_kernel
     kernel[grid](inputs, weights, out, act_scale, act_zero if act_zero is not None else act_scale, w_scale,
                  w_sum if w_sum is not None else w_scale, bias if bias is not None else w_scale, m, out_channels,

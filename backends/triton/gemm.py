@@ -38,7 +38,7 @@ from torch.library import wrap_triton
 
 from ...ops import KEY_ALIGNMENT, attention_operand_shape
 
-from . import INTERPRET
+from . import INTERPRET, ceil_div
 from .quantize import (ACTIVATION_CODES, FP8_MAX, apply_activation, e4m3_grid, launcher, load_per_group,
                        per_group_operand, rint, row_strided)
 
@@ -375,7 +375,7 @@ def unpack_weights(packed: torch.Tensor, weight_bits: int, traced: bool = False,
     n, packed_k = packed.shape
     out = torch.empty((n, packed_k * 8 // weight_bits), dtype=dtype, device=packed.device)
     block_n, block_kp = (32, 32) if INTERPRET else (32, 256)
-    grid = (triton.cdiv(n, block_n), triton.cdiv(packed_k, block_kp))
+    grid = (ceil_div(n, block_n), ceil_div(packed_k, block_kp))
     launcher(_unpack_kernel, traced)[grid](packed, out, n, packed_k, packed.stride(0), WEIGHT_BITS=weight_bits,
                                            E4M3=dtype == torch.float8_e4m3fn, BLOCK_N=block_n, BLOCK_KP=block_kp)
     return out
@@ -390,7 +390,7 @@ _SMALLER_TILES = [dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_war
 
 
 def _programs(config: dict, m: int, n: int) -> int:
-    return triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"])
+    return ceil_div(m, config["BLOCK_M"]) * ceil_div(n, config["BLOCK_N"])
 
 
 @functools.cache
@@ -423,11 +423,19 @@ def _wave_time(config: dict, m: int, n: int, sm_count: int) -> float:
     """Relative time of a GEMM on `config`'s tiles: full waves of programs over the SMs, each as long as a tile's area
     over its efficiency (LARGE_TILE_EFFICIENCY for tiles larger than 128 x 128)."""
     efficiency = LARGE_TILE_EFFICIENCY if _area(config) > _area(_SMALLER_TILES[0]) else 1.0
-    return triton.cdiv(_programs(config, m, n), sm_count) * _area(config) / efficiency
+    return ceil_div(_programs(config, m, n), sm_count) * _area(config) / efficiency
 
 
 def fixed_config(m: int, n: int, k: int, integer: bool, residual: bool = False, packed: bool = False,
                  gated: bool = False, limits: tuple[int, int] | None = None) -> dict:
+    """`_fixed_config`, a new dict per call, the rules evaluated once per problem (every eager launch asks; the
+    interpreter flag is part of the key: tests switch it)."""
+    return dict(_fixed_config(m, n, k, integer, residual, packed, gated, limits, INTERPRET))
+
+
+@functools.cache
+def _fixed_config(m: int, n: int, k: int, integer: bool, residual: bool, packed: bool, gated: bool,
+                  limits: tuple[int, int] | None, interpret: bool) -> dict:
     """fixed_config_for_size (below; packed K-loop tiles as it picks them), traded between 128 x 128 and a larger
     tile (128 x 256 / 256 x 128) where the other takes less time by `_wave_time` (fp8 only for 128 x 128 ->
     128 x 256, and not with a residual epilogue, whose fastest tile was measured; on an H200,

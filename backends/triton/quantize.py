@@ -20,7 +20,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 from triton.language.extra import libdevice
 
-from . import INTERPRET
+from . import INTERPRET, ceil_div
 from ...ops import check_concat, check_prologue, varies_per_sample
 
 SCALE_EPS = tl.constexpr(1e-8)
@@ -162,7 +162,7 @@ def _launch_config(k: int, gated: bool, concat: bool = False) -> tuple[int, int,
     1024 in the concat form, whose rows also pick their part's modulation vectors (CogVideoX's 1920-wide rows on an
     H200: int8 136 -> 125 us, fp8 107 -> 106 us with 2 warps;
     gpu-bench-h200/residual-parts-and-concat-prologue-configs.json)."""
-    block = triton.next_power_of_2(k)
+    block = 1 << (k - 1).bit_length()  # the next power of two (triton's is a constexpr function: slow from Python)
     return 1, block, max(1, min(16, block * (2 if gated else 1) * (2 if concat else 1) // 2048))
 
 
@@ -228,7 +228,7 @@ def fused_quantize_per_token(x: torch.Tensor, weight=None, bias=None, mul=None, 
         rows_per_program, block, warps = _launch_config(width, gated, concat)
         if config is not None:
             rows_per_program, warps = config
-        launcher(_quantize_rows_kernel, traced)[(triton.cdiv(m, rows_per_program),)](
+        launcher(_quantize_rows_kernel, traced)[(ceil_div(m, rows_per_program),)](
             x, q, scale, scale if fp8 else zero, scale if weight is None else weight, scale if bias is None else bias,
             mul_args[0], add_args[0], m, width, x.stride(-2) if x.dim() > 1 else 0, q.stride(0), eps,
             *mul_args[1:], *add_args[1:],
