@@ -130,7 +130,8 @@ def gemm_reports() -> dict:
                          HAS_RESIDUAL=parts, ROW_PARTS=parts, ACT=(1 if gated else 2) if gelu else 0,
                          OUT_CODES=2 if gelu or operand else 0, INT_ACC=not fp8, WEIGHT_BITS=bits, SPLIT_OUT=operand,
                          OUT_RUN=16 if operand else 1, GATED=gated, BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8,
-                         stride_ak=1, stride_bk=1, stride_on=1, FIELD_ACCUMULATORS=2)
+                         stride_ak=1, stride_bk=1, stride_on=1, stride_as=1, stride_bs=1,
+                         FIELD_ACCUMULATORS=2)
         types = {**pointers, "a_ptr": a_type, "b_ptr": b_type, "out_ptr": "*fp8e4nv" if gelu or operand else "*bf16"}
         reports[label] = _report(_gemm_kernel, types, constants, 8, 3)
         if label in ("w4a8", "w4a8_fp8"):  # few tokens: the 16-row K-loop tile fixed_config launches there

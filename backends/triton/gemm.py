@@ -174,8 +174,10 @@ def _gemm_kernel(
     tail_gate_ptr, tail_residual_ptr, tail_out_ptr,
     # sizes (K: logical, before packing; ROW_PARTS: a sample's rows are head_tokens, then tail_tokens)
     M, N, K, rows_per_gate, head_tokens, tail_tokens,
-    # strides (b's in its stored, possibly packed, units)
+    # strides (b's in its stored, possibly packed, units; stride_as / stride_bs: a_scale and a_zero / b_scale, 0
+    # where one value serves every row / column: a static scale, read without an expanded copy)
     stride_am, stride_ak, stride_bn, stride_bk, stride_om, stride_on, stride_gate_g, stride_gate_n, stride_rm,
+    stride_as, stride_bs,
     # SPLIT_OUT: out[m, n] is stored at out_offset + (m // split_m) * stride_om_outer + (m % split_m) * stride_om
     #                                              + (n // split_n) * stride_on_outer + (n % split_n) * stride_on
     split_m, split_n, stride_om_outer, stride_on_outer, out_offset,
@@ -257,17 +259,17 @@ def _gemm_kernel(
             acc = acc * E4M3_CODES_PER_UNIT
 
     if HAS_ZERO:
-        a_zero = tl.load(a_zero_ptr + rows, mask=row_ok, other=0)
+        a_zero = tl.load(a_zero_ptr + rows * stride_as, mask=row_ok, other=0)
         b_sum = tl.load(b_sum_ptr + cols, mask=col_ok, other=0)
         acc = acc - a_zero[:, None] * b_sum[None, :]
-    a_scale = tl.load(a_scale_ptr + rows, mask=row_ok, other=0.0)
-    b_scale = tl.load(b_scale_ptr + cols, mask=col_ok, other=0.0)
+    a_scale = tl.load(a_scale_ptr + rows * stride_as, mask=row_ok, other=0.0)
+    b_scale = tl.load(b_scale_ptr + cols * stride_bs, mask=col_ok, other=0.0)
     out = acc.to(tl.float32) * a_scale[:, None] * b_scale[None, :]
     if GATED:  # the gate half: weight rows N + cols
         if HAS_ZERO:
             acc_gate = acc_gate - a_zero[:, None] * tl.load(b_sum_ptr + N + cols, mask=col_ok, other=0)[None, :]
-        gate_half = acc_gate.to(tl.float32) * a_scale[:, None] * tl.load(b_scale_ptr + N + cols, mask=col_ok,
-                                                                         other=0.0)[None, :]
+        gate_half = acc_gate.to(tl.float32) * a_scale[:, None] * tl.load(b_scale_ptr + (N + cols) * stride_bs,
+                                                                         mask=col_ok, other=0.0)[None, :]
         if HAS_BIAS:
             gate_half += tl.load(bias_ptr + N + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS and BIAS_PER_ROW:  # the transposed product of `attention_operand_gemm` (rows: output channels)
@@ -590,12 +592,13 @@ def quantized_gemm(a: torch.Tensor, a_scale: torch.Tensor, a_zero: torch.Tensor 
     tail_out = torch.empty_like(tail_residual, memory_format=torch.contiguous_format) if tail is not None else None
     if m == 0:
         return out if residual is None else out.view(out_shape) if tail is None else (out.view(out_shape), tail_out)
-    a_scale = a_scale.reshape(-1).float().expand(m).contiguous()
-    if bias_per_row:  # the transposed product: b holds the activations, whose scale may be one value
-        b_scale = b_scale.reshape(-1).float().expand(n).contiguous()
+    a_scale, stride_as = _scales(a_scale, m)  # (the transposed product's activations: b_scale may be one value)
+    b_scale, stride_bs = _scales(b_scale, n * (2 if gated else 1))
     split_m, stride_om_outer, stride_om, split_n, stride_on_outer, stride_on, out_run, out_offset = split_out or (
         m, 0, out.stride(0), n, 0, out.stride(1), 1, 0)
-    a_zero = a_zero.reshape(-1).expand(m).contiguous() if a_zero is not None else None
+    if a_zero is not None:
+        a_zero, zero_stride = _scales(a_zero, m)
+        assert zero_stride == stride_as, "a_scale and a_zero: both per row, or both one value"
     dummy = b_scale  # never read when the matching constexpr flag is off
     gate_arg, rows_per_gate, stride_gate_g, stride_gate_n = per_group_operand(
         gate, rows_shape if residual is not None else (m, n), m, dummy)
@@ -614,6 +617,7 @@ def quantized_gemm(a: torch.Tensor, a_scale: torch.Tensor, a_zero: torch.Tensor 
             cos, sin, *parts_pointers, m, n, k, rows_per_gate, *parts_tokens,
             a.stride(0), a.stride(1), b.stride(0), b.stride(1), stride_om, stride_on,
             stride_gate_g, stride_gate_n, residual.stride(-2) if residual is not None and residual.dim() > 1 else n,
+            stride_as, stride_bs,
             split_m, split_n, stride_om_outer, stride_on_outer, out_offset, norm_eps, rope_offset)
     if gate_per_tile is None:
         gate_per_tile = rows_per_gate >= MAX_BLOCK_M
@@ -640,6 +644,15 @@ def quantized_gemm(a: torch.Tensor, a_scale: torch.Tensor, a_zero: torch.Tensor 
     if tail is not None:
         return out.view(out_shape), tail_out
     return out if residual is None else out.view(out_shape)
+
+
+def _scales(values: torch.Tensor, count: int) -> tuple[torch.Tensor, int]:
+    """Per-row (or per-column) scales or zero points, `count` of them or one for all -> (a 1-D tensor, its stride in
+    the kernel: 0 for the one value)."""
+    flat = values.reshape(-1)
+    assert flat.numel() in (1, count), f"{flat.numel()} scales for {count} rows / columns"
+    flat = flat.float() if flat.is_floating_point() else flat
+    return flat, 0 if flat.numel() == 1 and count > 1 else flat.stride(0)
 
 
 def _strided_alike(head: torch.Tensor | None, tail: torch.Tensor | None, dims: tuple) -> tuple:
