@@ -410,6 +410,25 @@ def test_gpu_tiles_fill_the_sms_where_rows_and_columns_are_both_few(monkeypatch)
     assert gemm_module._programs(gemm_module.fixed_config(1536, 672, 1536, False), 1536, 672) >= gemm_module.SM_COUNT
 
 
+def test_traced_gemm_reads_a_static_scale_in_place(monkeypatch):
+    """A traced GEMM (what Inductor gets) whose activations have one static scale reads it with stride 0: no expanded
+    [M] copy in the graph, which Inductor would run as a kernel of its own before every such linear."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    class Grid:  # the launch itself is not traced here: the glue around it is
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: None
+    monkeypatch.setattr(gemm_module, "wrap_triton", lambda kernel: Grid())
+    m, k, n = 256, 64, 96
+    operands = (torch.zeros(m, k, dtype=torch.float8_e4m3fn), torch.ones(1),
+                torch.zeros(n, k, dtype=torch.float8_e4m3fn), torch.ones(n), torch.zeros(1, m, n, dtype=torch.bfloat16))
+    graph = make_fx(lambda x_q, x_scale, w_q, w_scale, residual: quantized_gemm(
+        x_q, x_scale, None, w_q, w_scale, None, None, torch.bfloat16, traced=True, residual=residual),
+        tracing_mode="fake")(*operands).graph
+    targets = {str(node.target) for node in graph.nodes if node.op == "call_function"}
+    assert targets <= {"aten.view.default", "aten.empty.memory_format"}, targets
+
+
 def test_gpu_tiles_weigh_waves(monkeypatch):
     """Between 128 x 128 and 128 x 256 tiles, the rule takes the one with less wave time, as measured on SDXL's fp8
     GEMMs (gpu-bench-h200/sdxl-gemm-tiles.json): its 1280-wide projections and second feed-forward linear (2048
