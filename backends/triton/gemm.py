@@ -494,7 +494,13 @@ def fixed_config_for_size(m: int, n: int, k: int, integer: bool, residual: bool 
       25.1 / 26.6);
       more tokens (fp8 activations, up to UNPACK_MIN_TOKENS_FP8): a 128 x 128 tile, the weights unpacked at most
       every 128 tokens, where it makes >= 66 programs (256 tokens: Flux's 42.4 us, 1152 x 4608 13.4 against 45.6 /
-      14.8 with 64 x 64), else 64 x 64 (1152 x 1152: 7.6 us against 12.8).
+      14.8 with 64 x 64), else 64 x 64 (1152 x 1152: 7.6 us against 12.8);
+    - 8-bit weights at fewer than 1024 tokens (a text stream, cross-attention K / V, a small image): 64-row tiles,
+      128-deep steps (K = 1152 / 1536 / 3072 are whole steps), 128 columns from N = 3072 on, below that 64 x 64 x 256
+      where K >= 4 N (gpu-bench-h200/few-token-tiles-h200.json, weights read from memory, fp8 / int8 alike: Flux's text
+      stream at 512 tokens 18.4 / 59.7 / 58.1 -> 13.0 / 41.5 / 40.5 us, SD3's context feed-forward at 666 tokens
+      25.0 -> 17.5, PixArt's 1152 -> 4608 at 256 tokens 10.6 -> 7.7; the K >= 4 N ones, 4608 -> 1152 and 6144 ->
+      1536, already fastest at 64 x 64 x 256).
     """
     if INTERPRET:
         return {**get_autotune_config()[0].all_kwargs()}
@@ -506,8 +512,10 @@ def fixed_config_for_size(m: int, n: int, k: int, integer: bool, residual: bool 
         wide = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=256, GROUP_M=8, num_warps=8, num_stages=3)
         if _programs(wide, m, n) >= SM_COUNT // 2:
             return wide
-    if m < 1024:  # few tokens: small tiles so that enough programs fill the SMs
-        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=256, GROUP_M=8, num_warps=4, num_stages=3)
+    if m < 1024:  # few tokens: small tiles so that enough programs fill the SMs (see the docstring)
+        if packed or (n < 3072 and k >= 4 * n):
+            return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=256, GROUP_M=8, num_warps=4, num_stages=3)
+        return dict(BLOCK_M=64, BLOCK_N=128 if n >= 3072 else 64, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4)
     if residual:
         return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)
     if not integer and m >= 16384 and n < 2048 and k <= 2048:  # tall and narrow: the tall tile
