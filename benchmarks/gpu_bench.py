@@ -1193,8 +1193,8 @@ def _pixart(layers: int = 28, pixels: int = 1024, batch: int = 2):
 
 
 def _pixart_256(layers: int = 28):
-    """PixArt-alpha at 256 px, batch 1: 256 image tokens, where the linears read more weight bytes than they compute
-    with (W4A8's case: the issue's "batch-1 low-resolution" work)."""
+    """PixArt-alpha at 256 px, batch 1: 256 image tokens (the issue's "batch-1 low-resolution" case for W4A8, where
+    the weights' bytes weigh more against the work than at 4096 tokens)."""
     return _pixart(layers, pixels=256, batch=1)
 
 

@@ -499,7 +499,7 @@ def fixed_config_for_size(m: int, n: int, k: int, integer: bool, residual: bool 
       128-deep steps (K = 1152 / 1536 / 3072 are whole steps), 128 columns from N = 3072 on, below that 64 x 64 x 256
       where K >= 4 N (gpu-bench-h200/few-token-tiles-h200.json, weights read from memory, fp8 / int8 alike: Flux's text
       stream at 512 tokens 18.4 / 59.7 / 58.1 -> 13.0 / 41.5 / 40.5 us, SD3's context feed-forward at 666 tokens
-      25.0 -> 17.5, PixArt's 1152 -> 4608 at 256 tokens 10.6 -> 7.7; the K >= 4 N ones, 4608 -> 1152 and 6144 ->
+      25.0 -> 17.5, PixArt's 1152 -> 4608 at 256 tokens 10.6 -> 8.2; the K >= 4 N ones, 4608 -> 1152 and 6144 ->
       1536, already fastest at 64 x 64 x 256).
     """
     if INTERPRET:
