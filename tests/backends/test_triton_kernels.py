@@ -442,6 +442,18 @@ def test_gpu_tiles_weigh_waves(monkeypatch):
     assert gemm_module.fixed_config(2048, 1280, 5120, False, residual=True)["BLOCK_N"] == 128
 
 
+def test_gpu_tiles_at_a_few_hundred_tokens(monkeypatch):
+    """Below 1024 tokens (text streams, cross-attention K / V, small images) 8-bit GEMMs take 64-row, 128-deep tiles,
+    128 columns wide from N = 3072 on, and 64 x 64 x 256 where K >= 4 N below that, as the H200 sweep measured
+    (gpu-bench-h200/few-token-tiles-h200.json); packed weights keep the packed sweeps' tile."""
+    monkeypatch.setattr(gemm_module, "INTERPRET", False)
+    tile = {shape: tuple(gemm_module.fixed_config(*shape, False)[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+            for shape in ((512, 12288, 3072), (512, 3072, 12288), (666, 1536, 6144), (240, 1152, 1152))}
+    assert tile == {(512, 12288, 3072): (64, 128, 128), (512, 3072, 12288): (64, 128, 128),
+                    (666, 1536, 6144): (64, 64, 256), (240, 1152, 1152): (64, 64, 128)}
+    assert gemm_module.fixed_config(256, 1152, 1152, False, packed=True)["BLOCK_K"] == 256
+
+
 def test_gpu_tiles_fit_the_shared_memory_a_program_may_hold(monkeypatch):
     """On a GPU whose programs may hold less shared memory than an H100's (227 KB; sm_89 cards: 99 KB), the GEMM
     tiles keep their K-loop pipeline within it (fewer stages first, then smaller tiles); with an H100's limits nothing
