@@ -5,10 +5,10 @@
 A tiny family (tests/families.py) is quantized with the recipe and compiled flat with a backend that applies the
 fxquant rewrites and the CUDA lowering (`lower_to_inductor`), then traces the result the way Inductor's AOT step does
 (aten graph, traced Triton launches as `triton_kernel_wrapper_functional`; Triton's TTIR analysis compiles for an
-sm_90 target, as in tests/backends/inductor_access.py). In place of Inductor a census: launches per kernel and the
-other aten ops, with the source line of each op that computes (a copy, a pointwise or reduction pass Inductor would
-run as kernels of its own). The traced graphs are not run (their outputs are zeros of the right shapes), so a model
-split by graph breaks is still counted whole.
+sm_90 target through tests/backends/inductor_access.py's stand-in driver). In place of Inductor a census: launches
+per kernel and the other aten ops, with the source line of each op that computes (a copy, a pointwise or reduction
+pass Inductor would run as kernels of its own). The traced graphs are not run (their outputs are zeros of the right
+shapes), so a model split by graph breaks is still counted whole.
 """
 
 from __future__ import annotations
@@ -23,10 +23,11 @@ import torch
 import triton
 from functorch.compile import aot_module_simplified
 from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
-from triton.backends.compiler import GPUTarget
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests", "backends"))
 from families import FAMILIES  # noqa: E402
+from inductor_access import Sm90Driver  # noqa: E402
 
 import fxquant  # noqa: E402
 from fxquant.backends.triton import backend  # noqa: E402
@@ -36,14 +37,6 @@ LAYOUT_OPS = {"aten.view.default", "aten._unsafe_view.default", "aten.transpose.
               "aten.select.int", "aten.slice.Tensor", "aten.unsqueeze.default", "aten.squeeze.dim",
               "aten.expand.default", "aten.split.Tensor", "aten.t.default", "aten.view.dtype", "aten.detach.default",
               "aten.empty.memory_format", "aten.new_empty.default", "<built-in function getitem>"}
-
-
-class _Sm90Driver:  # what the TTIR analysis of traced launches asks the active driver for
-    def get_current_target(self):
-        return GPUTarget("cuda", 90, 32)
-
-    def get_active_torch_device(self):
-        return torch.device("cpu")
 
 
 def census(family: str, recipe: str) -> dict:
@@ -80,7 +73,7 @@ def census(family: str, recipe: str) -> dict:
     qmodel = fxquant.quantize(spec.build(), recipe, [spec.inputs(batch=2, seed=seed) for seed in range(2)])
     qmodel.nest_blocks(False)
     torch._dynamo.reset()
-    triton.runtime.driver.set_active(_Sm90Driver())
+    triton.runtime.driver.set_active(Sm90Driver())
     with torch.no_grad():
         torch.compile(qmodel, backend=census_backend)(**spec.inputs(batch=2, seed=4))
     return {"family": family, "recipe": recipe, "kernels": dict(kernels.most_common()), "ops": dict(ops.most_common()),
