@@ -612,7 +612,7 @@ def linear_attention_operand(x_q: list[torch.Tensor], x_scale: list[torch.Tensor
                              w_scale: list[torch.Tensor], bias: list[torch.Tensor | None], scale: torch.Tensor,
                              heads: int, tokens: list[int], keys_major: bool, norm: str,
                              norm_weight: list[torch.Tensor | None], norm_bias: list[torch.Tensor | None],
-                             norm_eps: float, rope: list[torch.Tensor]) -> torch.Tensor:
+                             norm_eps: float, rope: list[torch.Tensor], weight_bits: int = 8) -> torch.Tensor:
     """attention_operand_fp8 of fp8 linears' outputs seen as heads and concatenated along tokens (one part, or SD3 /
     Flux joint attention's image and text parts), the outputs kept in fp32 until quantized: part p is
     heads_first(fp8_linear(x_q[p] [B * tokens[p], K_p], x_scale[p], w_q[p], w_scale[p], bias[p]), heads, tokens[p]),
@@ -620,7 +620,10 @@ def linear_attention_operand(x_q: list[torch.Tensor], x_scale: list[torch.Tensor
     "layer" (LayerNorm, weight and bias norm_bias[p] [D]), eps norm_eps; with rope = [cos, sin] ([sum(tokens), D]
     each; or []) the concatenation is rotated: x * cos + rotate_pairs(x) * sin (Flux's q / k; CogVideoX's are
     LayerNorm-ed). The compile backend puts it in place of the q / k / v projections feeding a static-fp8 attention,
-    so that their GEMMs' epilogues write the attention's operand. -> fp8 codes, shaped as attention_operand_fp8's."""
+    so that their GEMMs' epilogues write the attention's operand. weight_bits 4 / 2: every w_q[p] holds an fp8 layer's
+    packed integer codes (as packed_fp8_linear's; `w4a8-fp8`). -> fp8 codes, shaped as attention_operand_fp8's."""
+    if weight_bits != 8:
+        w_q = [unpack_fp8_layer_codes(packed, weight_bits) for packed in w_q]
     parts = [heads_first(fp8_linear_reference(*linear, torch.float32), heads, count)
              for *linear, count in zip(x_q, x_scale, w_q, w_scale, bias, tokens)]
     parts = [part if weight is None else F.rms_norm(part, part.shape[-1:], weight.float(), norm_eps) if norm == "rms"
@@ -634,7 +637,8 @@ def linear_attention_operand(x_q: list[torch.Tensor], x_scale: list[torch.Tensor
 
 
 @linear_attention_operand.register_fake
-def _(x_q, x_scale, w_q, w_scale, bias, scale, heads, tokens, keys_major, norm, norm_weight, norm_bias, norm_eps, rope):
+def _(x_q, x_scale, w_q, w_scale, bias, scale, heads, tokens, keys_major, norm, norm_weight, norm_bias, norm_eps, rope,
+      weight_bits=8):
     shape = (x_q[0].shape[0] // tokens[0], heads, sum(tokens), w_q[0].shape[0] // heads)
     return x_q[0].new_empty(attention_operand_shape(*shape, keys_major), dtype=torch.float8_e4m3fn)
 

@@ -61,10 +61,12 @@ def test_compiled_matches_eager_and_does_not_recompile_per_step(quantized_family
         assert compile_counter["shared_quantizations"] >= 2 * len(qmodel.model.transformer_blocks)
 
 
-@pytest.mark.parametrize("name,recipe", [("pixart", "w4a8"), ("unet", "w4a8"),
-                                         ("pixart", "w4a8-fp8:static_hidden_activations=true")])
+@pytest.mark.parametrize("name,recipe", [
+    ("pixart", "w4a8"), ("unet", "w4a8"), ("pixart", "w4a8-fp8:static_hidden_activations=true"),
+    ("pixart", "w4a8-fp8:attention=fp8-static,static_attention_outputs=true,static_hidden_activations=true")])
 def test_backend_fuses_packed_weight_unpacking_into_the_gemm(quantized_family, name, recipe):
-    """int8 and fp8 activations alike (w4a8-fp8: after the residual and activation epilogues fused)."""
+    """int8 and fp8 activations alike (w4a8-fp8: after the residual, activation and attention operand epilogues
+    fused)."""
     torch._dynamo.reset()
     compile_counter.clear()
     _, qmodel, _ = quantized_family(name, recipe)
@@ -252,8 +254,8 @@ def test_compile_blocks_compiles_one_graph_for_identical_blocks(quantized_family
 def test_cuda_lowering_computes_what_eager_does(quantized_family, name, recipe):
     """After every rewrite, the functions the backend hands Inductor on CUDA (`lower_to_inductor`: fxquant's Triton
     kernels, here in the interpreter, incl. fused prologues, code-writing epilogues (the UNet's GEGLU), fp8 convs and
-    static fp8 attention on laid-out operands, fp8 GEMMs on packed int4 codes (and q / k / v operand GEMMs on the
-    codes Inductor's code unpacks into e4m3), Flux's normalised and rotated q / k, CogVideoX's text / video concat
+    static fp8 attention on laid-out operands, fp8 GEMMs on packed int4 codes (the q / k / v operand GEMMs too: Q / K
+    unpack them in the K loop, V before its transposed product), Flux's normalised and rotated q / k, CogVideoX's text / video concat
     prologue with the LayerNorm's affine folded into its modulations and its text / video residual epilogues, an
     option, among them) compute the eager quantized model's output. (CogVideoX's attention kernel is left out: at its tiny 39 tokens x head dim 32 the kernel's exp2 / fp8 P
     rounding alone differs from the reference by ~8e-4.)"""

@@ -153,9 +153,9 @@ def _packed_e4m3_source(w) -> tuple | None:
 
 def fuse_packed_e4m3_weights(gm: fx.GraphModule) -> int:
     """Rewrite fp8 GEMMs on e4m3 copies of unpacked integer codes to read the packed codes: fp8_linear into
-    packed_fp8_linear, linear_residual / linear_residual_parts / linear_activation_quantize with the packed weights
-    and their bits; returns how many. Runs after the fusions that match fp8_linear (linear_attention_operand keeps its
-    unpacked weights: Inductor's unpacking)."""
+    packed_fp8_linear, linear_residual / linear_residual_parts / linear_activation_quantize /
+    linear_attention_operand (where every part's weights have the same bits) with the packed weights and their bits;
+    returns how many. Runs after the fusions that match fp8_linear."""
     fused = 0
     for node in list(gm.graph.nodes):
         op = _target(node) if node.op == "call_function" else None
@@ -171,6 +171,12 @@ def fuse_packed_e4m3_weights(gm: fx.GraphModule) -> int:
             if source:
                 _replace(gm, node, op, (*args[:3], *source, *args[5:]))
                 fused += 1
+        elif op == fxq.linear_attention_operand.default:
+            args = _node_args(node, op)  # (x_q, x_scale, w_q, ..., rope, weight_bits): lists of parts
+            sources = [_packed_e4m3_source(w) for w in args[2]]
+            if all(sources) and len({bits for _, bits in sources}) == 1:
+                _replace(gm, node, op, (*args[:2], [packed for packed, _ in sources], *args[3:-1], sources[0][1]))
+                fused += len(sources)
     return _cleaned(gm, fused)
 
 
@@ -1004,11 +1010,11 @@ def _triton_quantized_attention_codes(q, k, v, scale, pv_fp8, operand_scales, ou
 
 
 def _triton_linear_attention_operand(x_q, x_scale, w_q, w_scale, bias, scale, heads, tokens, keys_major, norm,
-                                     norm_weight, norm_bias, norm_eps, rope):
+                                     norm_weight, norm_bias, norm_eps, rope, weight_bits):
     from .gemm import attention_operand_gemm
 
     return attention_operand_gemm(x_q, x_scale, w_q, w_scale, bias, scale, heads, tokens, keys_major, norm,
-                                  norm_weight, norm_bias, norm_eps, rope, traced=True)
+                                  norm_weight, norm_bias, norm_eps, rope, weight_bits, traced=True)
 
 
 def _triton_attention_fp8_codes(q, k, v, head_dim, scale, operand_scales, out_dtype, out_scale, out_split):
@@ -1071,7 +1077,7 @@ _UNPACK_BODIES = {  # unpacking left after fuse_packed_weights (the nested weigh
     # recombined per timestep group): plain PyTorch, which Inductor fuses into the recombination
     fxq.unpack_int4.default: unpack_int4,
     fxq.unpack_int2.default: _unpack_int2,
-    fxq.unpack_fp8_codes.default: unpack_fp8_layer_e4m3,  # linear_attention_operand's weights (w4a8-fp8)
+    fxq.unpack_fp8_codes.default: unpack_fp8_layer_e4m3,  # (joint) attention operand weights of mixed bits
 }
 _KERNELS = {  # fxquant's Triton kernels, launched from Inductor's generated code
     fxq.quantize_per_token.default: _triton_quantize_per_token,

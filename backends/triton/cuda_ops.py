@@ -111,9 +111,9 @@ def _quantized_attention_codes_cuda(q, k, v, scale, pv_fp8, operand_scales, out_
 
 @torch.library.register_kernel("fxquant::linear_attention_operand", "cuda")
 def _linear_attention_operand_cuda(x_q, x_scale, w_q, w_scale, bias, scale, heads, tokens, keys_major, norm,
-                                   norm_weight, norm_bias, norm_eps, rope):
+                                   norm_weight, norm_bias, norm_eps, rope, weight_bits=8):
     return attention_operand_gemm(x_q, x_scale, w_q, w_scale, bias, scale, heads, tokens, keys_major, norm,
-                                  norm_weight, norm_bias, norm_eps, rope)
+                                  norm_weight, norm_bias, norm_eps, rope, weight_bits)
 
 
 @torch.library.register_kernel("fxquant::attention_fp8_codes", "cuda")

@@ -676,7 +676,7 @@ def attention_operand_gemm(x_q: list[torch.Tensor], x_scale: list[torch.Tensor],
                            heads: int, tokens: list[int], keys_major: bool,
                            norm: str = "none", norm_weight: list[torch.Tensor | None] | None = None,
                            norm_bias: list[torch.Tensor | None] | None = None, norm_eps: float = 0.0,
-                           rope: list[torch.Tensor] = (), traced: bool = False) -> torch.Tensor:
+                           rope: list[torch.Tensor] = (), weight_bits: int = 8, traced: bool = False) -> torch.Tensor:
     """fxquant::linear_attention_operand: per part, the fp8 GEMM x_q[p] [B * tokens[p], K] @ w_q[p] [H * D, K]^T whose
     epilogue stores the fp8 codes of out / scale straight into the attention operand's layout
     (`attention_operand_shape`, the parts one after the other along tokens; padding left unwritten): Q / K rows of
@@ -687,7 +687,9 @@ def attention_operand_gemm(x_q: list[torch.Tensor], x_scale: list[torch.Tensor],
     12 for 336, gpu-bench-h100/joint-v-operand-parts.json); the padding keys' codes are never read.
     Q / K only: norm ("rms" | "layer") with norm_weight[p] (None: no norm) and norm_bias[p] normalises part p's heads
     (eps norm_eps), and rope = [cos, sin] (tables [sum(tokens), D]) rotates every token, in the GEMM's epilogue (as
-    linear_attention_operand)."""
+    linear_attention_operand). weight_bits 4 / 2: w_q holds fp8 layers' packed integer codes, unpacked in the Q / K
+    GEMMs' K loop (as any packed fp8 linear: up to UNPACK_MIN_TOKENS_FP8 tokens) and before V's transposed product,
+    whose weights are its left operand."""
     norm_weight, rope = norm_weight or [None] * len(tokens), [table.contiguous() for table in rope]
     norm_bias = norm_bias or [None] * len(tokens)
     assert not keys_major or not (rope or any(weight is not None for weight in norm_weight)), "V takes no head norm"
@@ -704,12 +706,14 @@ def attention_operand_gemm(x_q: list[torch.Tensor], x_scale: list[torch.Tensor],
             if stored != count:
                 part_q, part_scale = _pad_samples(part_q, batch, stored), _pad_samples(part_scale, batch, stored)
             split = (head_dim, head, channel, stored, sample, token, _run(stored), offset)
+            if weight_bits != 8:
+                part_w = unpack_weights(part_w, weight_bits, traced, out.dtype)
             quantized_gemm(part_w, part_w_scale, None, part_q, part_scale, None, part_bias, out.dtype, traced=traced,
                            out_scale=scale, out=out, split_out=split, bias_per_row=True)
         else:
             split = (count, sample, token, head_dim, head, channel, _run(head_dim), offset)
-            quantized_gemm(part_q, part_scale, None, part_w, part_w_scale, None, part_bias, out.dtype, traced=traced,
-                           out_scale=scale, out=out, split_out=split,
+            quantized_gemm(part_q, part_scale, None, part_w, part_w_scale, None, part_bias, out.dtype, weight_bits,
+                           traced=traced, out_scale=scale, out=out, split_out=split,
                            head_norm=(norm, part_norm, part_norm_bias, norm_eps) if part_norm is not None else None,
                            rope=(*rope, first_token) if rope else None)
         offset += count * token

@@ -11,7 +11,7 @@ import torch
 import fxquant  # noqa: F401
 from fxquant.metrics import relative_l2
 from fxquant.quantizer import (asymmetric_params, fp8_scale, pack_bits, pack_sign_magnitude,
-                               quantize_fp8_with_scale, quantize_weight_per_channel)
+                               quantize_fp8_with_scale, quantize_weight_per_channel, unpack_fp8_layer_e4m3)
 
 triton = pytest.importorskip("triton")
 from fxquant.backends.triton.quantize import (fused_quantize_per_token, quantize_per_token,  # noqa: E402
@@ -597,34 +597,44 @@ def test_attention_kernel_writes_static_fp8_codes(head_dim):
     _assert_fp8_codes(codes, _e4m3(out / out_scale))  # (the float output against the reference: the test above)
 
 
-def _fp8_linear_operands(tokens: int, k: int, n: int):
-    """(x_q, x_scale, w_q, w_scale, bias) of an fp8 linear with per-token activations."""
+def _fp8_linear_operands(tokens: int, k: int, n: int, weight_bits: int = 8):
+    """(x_q, x_scale, w_q, w_scale, bias) of an fp8 linear with per-token activations; weight_bits 4: w_q holds
+    symmetric 4-bit codes packed as an fp8 layer keeps them (`w4a8-fp8`)."""
     x_q, x_scale = quantize_per_token_fp8(torch.randn(tokens, k))
     w = torch.randn(n, k)
+    if weight_bits == 4:
+        w_scale = w.abs().amax(dim=1) / 7
+        codes = torch.round(w / w_scale[:, None]).to(torch.int8)
+        return x_q, x_scale, pack_sign_magnitude(codes), w_scale, torch.randn(n)
     w_scale = w.abs().amax(dim=1) / 448
     return x_q, x_scale, (w / w_scale[:, None]).to(torch.float8_e4m3fn), w_scale, torch.randn(n)
 
 
-@pytest.mark.parametrize("head_dim,tokens", [(40, [24]), (32, [33]), (40, [32, 7])])
+@pytest.mark.parametrize("head_dim,tokens,weight_bits", [(40, [24], 8), (32, [33], 8), (40, [32, 7], 8),
+                                                         (40, [24], 4), (32, [33, 7], 4)])
 @pytest.mark.parametrize("keys_major", [False, True])
-def test_gemm_epilogue_stores_attention_operand_codes(head_dim, tokens, keys_major):
+def test_gemm_epilogue_stores_attention_operand_codes(head_dim, tokens, weight_bits, keys_major):
     """fxquant::linear_attention_operand: the GEMM's epilogue writes the fp8 codes at each element's place in the
     attention operand's layout (Q / K heads first; V keys-major, as a transposed product with the bias per row), a
     head dim with a tail (40 -> 32 + 32), token counts off the tiles and off the 16-key alignment, and two parts
-    (a joint attention's image and text tokens) one after the other."""
+    (a joint attention's image and text tokens) one after the other; with 4-bit packed weights (`w4a8-fp8`) too,
+    unpacked in the K loop (Q / K) or before the transposed product (V)."""
     heads, batch = 2, 2
-    linears = [_fp8_linear_operands(batch * count, 64 - 16 * index, heads * head_dim)
+    linears = [_fp8_linear_operands(batch * count, 64 - 16 * index, heads * head_dim, weight_bits)
                for index, count in enumerate(tokens)]
+    plain = [(x_q, x_scale, unpack_fp8_layer_e4m3(w_q, 4) if weight_bits == 4 else w_q, *rest)
+             for x_q, x_scale, w_q, *rest in linears]
     outs = [fxq.fp8_linear(*linear, torch.float32).view(batch, count, heads, head_dim).transpose(1, 2)
-            for linear, count in zip(linears, tokens)]
+            for linear, count in zip(plain, tokens)]
     exact = torch.cat(outs, dim=2)
     out_scale = (exact.abs().max() * 0.9 / 448).reshape(1)  # some codes saturate
     exact = exact / out_scale
     parts = [list(operand) for operand in zip(*linears)]
     expected = fxq.linear_attention_operand(*parts, out_scale, heads, tokens, keys_major, "none", [None] * len(tokens),
-                                            [None] * len(tokens), 0.0, [])
-    for traced in (False, True):
-        codes = attention_operand_gemm(*parts, out_scale, heads, tokens, keys_major, traced=traced)
+                                            [None] * len(tokens), 0.0, [], weight_bits)
+    launched = [attention_operand_gemm(*parts, out_scale, heads, tokens, keys_major, weight_bits=weight_bits,
+                                       traced=traced) for traced in (False, True)]
+    for codes in (expected, *launched):
         assert codes.shape == expected.shape and codes.dtype == torch.float8_e4m3fn
         valid = codes[:, :, :head_dim, :sum(tokens)].transpose(-1, -2) if keys_major else codes[..., :head_dim]
         _assert_fp8_codes(valid, _e4m3(exact))
