@@ -1,6 +1,5 @@
 """The reference models (trained on Fashion-MNIST, committed) and the quality harness, at small N on the CPU."""
 
-import numpy as np
 import pytest
 import torch
 
