@@ -1378,6 +1378,21 @@ def _variant_model(variant: str, model, inputs: dict, name: str):
     return torch.compile(qmodel, backend="fxquant", options=options or None), eager_outputs
 
 
+def _compile_phase_seconds() -> dict[str, float]:
+    """torch.compile's time so far per timed phase (Dynamo tracing, AOT, Inductor lowering / codegen, waiting for
+    kernel compiles, ...), summed over every compile of this process."""
+    names, values = torch._dynamo.utils.compile_times(repr="csv", aggregate=True)
+    return dict(zip(names, map(float, values)))
+
+
+def _phases_since(before: dict[str, float], at_least: float = 0.5) -> dict[str, float]:
+    """The phases that took at least `at_least` seconds since `before` (a _compile_phase_seconds snapshot), longest
+    first: where a variant's first call spent its compile time, without a profiler's overhead."""
+    spent = {name: seconds - before.get(name, 0.0) for name, seconds in _compile_phase_seconds().items()}
+    return {name: round(seconds, 2) for name, seconds in sorted(spent.items(), key=lambda item: -item[1])
+            if seconds >= at_least}
+
+
 def model_benchmark(name: str, variants: list[str], results: dict, save, layers: int | None = None,
                     profile_to: str | None = None, compile_profile_to: str | None = None) -> None:
     """One model: every variant measured on the same inputs into `results`; `save()` is called after each.
@@ -1404,9 +1419,11 @@ def model_benchmark(name: str, variants: list[str], results: dict, save, layers:
             # what the model keeps on the device (weight_bytes miscounts tensor subclasses such as torchao's)
             row["resident_bytes"] = torch.cuda.memory_allocated() - allocated
             profiler = cProfile.Profile() if compile_profile_to else contextlib.nullcontext()
+            phases_before = _compile_phase_seconds()
             with torch.no_grad(), profiler:
                 out = _first_output(model(**inputs, return_dict=False)).clone()  # CUDA-graph trees reuse outputs
             torch.cuda.synchronize()
+            row["compile_phases_seconds"] = _phases_since(phases_before)
             if compile_profile_to:
                 with open(compile_profile_to, "a") as f:
                     f.write(f"\n## {name} {variant}: first call (compile), by cumulative time\n")
