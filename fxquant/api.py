@@ -67,6 +67,14 @@ def calibrate(prepared: PreparedModel, calibration: Calibration, description: st
         calibration(prepared)
         return
     batches = list(calibration)
+    if not batches:
+        raise CalibrationError("The calibration iterable is empty: pass at least one dict of forward keyword arguments.")
+    for index, kwargs in enumerate(batches):
+        if not isinstance(kwargs, dict):
+            raise CalibrationError(
+                f"Calibration batch {index} is a {type(kwargs).__name__}; each batch must be a dict of the model's "
+                f"forward keyword arguments (e.g. {{'hidden_states': x, 'timestep': t, ...}}: inputs get their roles "
+                f"from their names), or pass a callable(prepared) that runs the model itself.")
     for kwargs in tqdm(batches, desc=description, unit="batch"):
         prepared(**kwargs)
 

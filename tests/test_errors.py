@@ -84,6 +84,19 @@ def test_convert_without_calibration():
         fxquant.convert(prepared)
 
 
+def test_calibration_batches_must_be_keyword_dicts():
+    """An empty calibration iterable, or batches that are not dicts of forward keyword arguments (a bare tensor, a
+    tuple), are refused before the model runs, with what to pass instead."""
+    family = FAMILIES["dit"]
+    with pytest.raises(fxquant.CalibrationError, match="calibration iterable is empty"):
+        fxquant.quantize(family.build(), "w8a8", [])
+    batch = family.inputs()
+    for bad in (batch["hidden_states"], tuple(batch.values())):
+        with pytest.raises(fxquant.CalibrationError, match=f"batch 1 is a {type(bad).__name__}; each batch must be "
+                                                           "a dict of the model's forward keyword arguments"):
+            fxquant.quantize(family.build(), "w8a8", [batch, bad])
+
+
 @pytest.mark.parametrize("bad", [math.nan, math.inf])
 def test_nan_or_inf_in_calibration_names_the_layer(bad):
     family = FAMILIES["pixart"]
