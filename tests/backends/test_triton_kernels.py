@@ -598,31 +598,34 @@ def test_attention_kernel_writes_static_fp8_codes(head_dim):
 
 
 def _fp8_linear_operands(tokens: int, k: int, n: int, weight_bits: int = 8):
-    """(x_q, x_scale, w_q, w_scale, bias) of an fp8 linear with per-token activations; weight_bits 4: w_q holds
-    symmetric 4-bit codes packed as an fp8 layer keeps them (`w4a8-fp8`)."""
+    """(x_q, x_scale, w_q, w_scale, bias) of an fp8 linear with per-token activations; weight_bits 4 / 2: w_q holds
+    4-bit codes in [-7, 7] / 2-bit codes in [-2, 1] packed as an fp8 layer keeps them (`w4a8-fp8`, MixDQ's fp8
+    mixed precision)."""
     x_q, x_scale = quantize_per_token_fp8(torch.randn(tokens, k))
     w = torch.randn(n, k)
-    if weight_bits == 4:
-        w_scale = w.abs().amax(dim=1) / 7
-        codes = torch.round(w / w_scale[:, None]).to(torch.int8)
-        return x_q, x_scale, pack_sign_magnitude(codes), w_scale, torch.randn(n)
+    if weight_bits != 8:
+        w_scale = w.abs().amax(dim=1) / (7 if weight_bits == 4 else 2)
+        codes = torch.round(w / w_scale[:, None]).clamp(-2 ** (weight_bits - 1), 2 ** (weight_bits - 1) - 1)
+        codes = codes.to(torch.int8)
+        packed = pack_sign_magnitude(codes) if weight_bits == 4 else pack_bits(codes, weight_bits)
+        return x_q, x_scale, packed, w_scale, torch.randn(n)
     w_scale = w.abs().amax(dim=1) / 448
     return x_q, x_scale, (w / w_scale[:, None]).to(torch.float8_e4m3fn), w_scale, torch.randn(n)
 
 
 @pytest.mark.parametrize("head_dim,tokens,weight_bits", [(40, [24], 8), (32, [33], 8), (40, [32, 7], 8),
-                                                         (40, [24], 4), (32, [33, 7], 4)])
+                                                         (40, [24], 4), (32, [33, 7], 4), (32, [24], 2)])
 @pytest.mark.parametrize("keys_major", [False, True])
 def test_gemm_epilogue_stores_attention_operand_codes(head_dim, tokens, weight_bits, keys_major):
     """fxquant::linear_attention_operand: the GEMM's epilogue writes the fp8 codes at each element's place in the
     attention operand's layout (Q / K heads first; V keys-major, as a transposed product with the bias per row), a
     head dim with a tail (40 -> 32 + 32), token counts off the tiles and off the 16-key alignment, and two parts
-    (a joint attention's image and text tokens) one after the other; with 4-bit packed weights (`w4a8-fp8`) too,
-    unpacked in the K loop (Q / K) or before the transposed product (V)."""
+    (a joint attention's image and text tokens) one after the other; with 4- and 2-bit packed weights (`w4a8-fp8`)
+    too, unpacked in the K loop (Q / K) or before the transposed product (V)."""
     heads, batch = 2, 2
     linears = [_fp8_linear_operands(batch * count, 64 - 16 * index, heads * head_dim, weight_bits)
                for index, count in enumerate(tokens)]
-    plain = [(x_q, x_scale, unpack_fp8_layer_e4m3(w_q, 4) if weight_bits == 4 else w_q, *rest)
+    plain = [(x_q, x_scale, unpack_fp8_layer_e4m3(w_q, weight_bits) if weight_bits != 8 else w_q, *rest)
              for x_q, x_scale, w_q, *rest in linears]
     outs = [fxq.fp8_linear(*linear, torch.float32).view(batch, count, heads, head_dim).transpose(1, 2)
             for linear, count in zip(plain, tokens)]
