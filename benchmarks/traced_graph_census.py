@@ -40,15 +40,24 @@ LAYOUT_OPS = {"aten.view.default", "aten._unsafe_view.default", "aten.transpose.
 
 
 def census(family: str, recipe: str) -> dict:
-    """{"kernels": {name: launches}, "ops": {aten op: count}, "computing_ops": [(op, source line)]}."""
+    """{"kernels": {name: launches}, "specializations": {name: distinct constexpr sets (each one Triton compile)},
+    "ops": {aten op: count}, "computing_ops": [(op, source line)]}."""
     kernels, ops, computing = collections.Counter(), collections.Counter(), []
+    specializations = collections.defaultdict(set)
 
     def count(gm: torch.fx.GraphModule, example_inputs):
         for node in gm.graph.nodes:
             if node.op != "call_function":
                 continue
             if "triton_kernel_wrapper" in str(node.target):
-                kernels[kernel_side_table.get_kernel(node.kwargs["kernel_idx"]).fn.__name__] += 1
+                kernel = kernel_side_table.get_kernel(node.kwargs["kernel_idx"])
+                kernels[kernel.fn.__name__] += 1
+                arguments = {**kernel_side_table.get_constant_args(node.kwargs["constant_args_idx"]),
+                             **node.kwargs["kwargs"]}  # (after AOT the constexprs are among the kwargs)
+                jit = kernel if hasattr(kernel, "constexprs") else kernel.fn  # (an autotuner wraps the kernel)
+                constexpr_names = {jit.arg_names[index] for index in jit.constexprs}
+                specializations[kernel.fn.__name__].add(tuple(sorted(
+                    (name, repr(value)) for name, value in arguments.items() if name in constexpr_names)))
                 continue
             ops[str(node.target)] += 1
             if str(node.target) not in LAYOUT_OPS:
@@ -76,8 +85,9 @@ def census(family: str, recipe: str) -> dict:
     triton.runtime.driver.set_active(Sm90Driver())
     with torch.no_grad():
         torch.compile(qmodel, backend=census_backend)(**spec.inputs(batch=2, seed=4))
-    return {"family": family, "recipe": recipe, "kernels": dict(kernels.most_common()), "ops": dict(ops.most_common()),
-            "computing_ops": [f"{op} | {where}" for op, where in computing]}
+    return {"family": family, "recipe": recipe, "kernels": dict(kernels.most_common()),
+            "specializations": {name: len(sets) for name, sets in specializations.items()},
+            "ops": dict(ops.most_common()), "computing_ops": [f"{op} | {where}" for op, where in computing]}
 
 
 def main() -> None:
@@ -92,7 +102,7 @@ def main() -> None:
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
         f.write("\n")
-    print(json.dumps({key: result[key] for key in ("kernels", "ops")}, indent=1))
+    print(json.dumps({key: result[key] for key in ("kernels", "specializations", "ops")}, indent=1))
 
 
 if __name__ == "__main__":
