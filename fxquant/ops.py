@@ -191,6 +191,26 @@ def fused_quantize_concat(
     return _quantized_rows(torch.cat(parts, dim=1).reshape(-1, head.shape[-1]), fp8)
 
 
+@torch.library.custom_op("fxquant::modulation_table", mutates_args=())
+def modulation_table(table: torch.Tensor, embedding: torch.Tensor, plus_one: list[int]) -> torch.Tensor:
+    """adaLN-single's per-sample modulation vectors in one tensor: table (e.g. [1, G, C]) + embedding ([B, G, C])
+    as PyTorch adds them (broadcast, in their result dtype), then 1 added, in that dtype, to the groups in plus_one
+    (the scales a block uses as `1 + scale`) -> [B, G, C]. The compile backend puts it in place of PixArt's
+    `(scale_shift_table[None] + timestep.reshape(B, 6, -1)).chunk(6, dim=1)` add where every chunk goes to fxquant's
+    fused kernels: Inductor would otherwise compute each chunk (and each 1 + scale) in a kernel of its own; one
+    buffer's chunks reach the kernels as views."""
+    out = table + embedding
+    if plus_one:
+        out[:, plus_one] = 1 + out[:, plus_one]
+    return out
+
+
+@modulation_table.register_fake
+def _(table, embedding, plus_one):
+    return embedding.new_empty(torch.broadcast_shapes(table.shape, embedding.shape),
+                               dtype=torch.result_type(table, embedding))
+
+
 def check_concat(head: torch.Tensor, tail: torch.Tensor, activation: str) -> None:
     """Raise ValueError unless head and tail are [B, T, C] with equal B and C and the activation is not gated."""
     if head.dim() != 3 or tail.dim() != 3 or head.shape[::2] != tail.shape[::2]:

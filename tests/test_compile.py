@@ -137,6 +137,10 @@ FUSIONS = {  # backend option -> (compile_counter key, {(family, recipe): rewrit
     # (self- and cross-attention)
     "fxquant.fuse_attention_outputs": ("fused_attention_outputs", {
         ("pixart", "w8a8-fp8:attention=fp8-static,static_attention_outputs=true"): 2}),
+    # PixArt's adaLN-single table (scale_shift_table + timestep embedding, chunked; two `1 + scale`) whose chunks all
+    # go to the fused prologues and residual epilogues: one modulation_table per block
+    "fxquant.fuse_modulation_tables": ("modulation_tables", {("pixart", "w8a8-fp8"): 1,
+                                                             ("pixart", "w8a8"): 1}),
     # the q / k / v projections of both static-fp8 attentions write the attention's laid-out fp8 operands; SD3's
     # joint attention: image and text projections into one operand each
     "fxquant.fuse_attention_operands": ("fused_attention_operands", {

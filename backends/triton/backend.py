@@ -23,6 +23,8 @@ The backend rewrites it with patterns, then compiles:
   attention whose q / k / v come from fp8 linears (joint ones concatenated; q / k maybe normalised per head and
   rotated, as Flux's and CogVideoX's) one `attention_fp8_codes` on operands the GEMMs' epilogues write in the
   kernel's layout (`linear_attention_operand`, the head norms and the rotary embedding applied there);
+  adaLN-single's chunked modulation table (PixArt's `scale_shift_table[None] + timestep`, each `1 + scale` folded in)
+  whose every chunk goes to those ops becomes one `modulation_table` (one kernel writes all six vectors);
 - CUDA: the quantize, GEMM, attention and conv ops become calls of fxquant's Triton kernels
   traced through `wrap_triton`, which Inductor launches from its own generated code (no Python dispatch per op; the
   attention kernel's tile is autotuned per shape before tracing, GEMM tiles are fixed rules); static per-tensor
@@ -856,6 +858,61 @@ def fuse_attention_operands(gm: fx.GraphModule) -> int:
     return _cleaned(gm, fused)
 
 
+def _plus_one_of(node) -> bool:
+    """node is `1 + x` or `x + 1`."""
+    return _call(node, _ADD) and len(node.args) == 2 and not node.kwargs and 1 in [
+        arg for arg in node.args if isinstance(arg, (int, float))]
+
+
+def _chunk_parts(node) -> list[fx.Node] | None:
+    """The getitem nodes of node's only use when that is `node.chunk(G, dim=1)` of a [B, G, C] value taken apart
+    whole (every use an integer getitem), else None."""
+    value, users = _value(node), list(node.users)
+    if value is None or value.dim() != 3 or len(users) != 1:
+        return None
+    chunk = users[0]
+    if not (_call_or_method(chunk, {torch.chunk}, "chunk") and chunk.args[1:2] == (value.shape[1],)
+            and _arg(chunk, 2, "dim", 0) in (1, -2)):
+        return None
+    parts = list(chunk.users)
+    return parts if all(_call(part, {operator.getitem}) and isinstance(part.args[1], int) for part in parts) else None
+
+
+def fuse_modulation_tables(gm: fx.GraphModule) -> int:
+    """Rewrite `(table + embedding).chunk(G, dim=1)` (adaLN-single: PixArt's per-block modulation) whose every part
+    goes to fxquant ops, directly or as `1 + part`, into one modulation_table node with those 1s folded in; returns
+    how many. Inductor then writes the G vectors with one kernel and hands the fused kernels views of its buffer,
+    where it computed each part (and each `1 + part`) in a kernel of its own, re-adding its slice of the sum."""
+    fused = 0
+    for node in list(gm.graph.nodes):
+        if not (_call(node, _ADD) and len(node.args) == 2 and not node.kwargs
+                and all(_value(arg) is not None for arg in node.args)):
+            continue
+        parts = _chunk_parts(node)
+        if not parts:
+            continue
+        plus_one, folded = [], []
+        for part in parts:
+            uses = list(part.users)
+            if len(uses) == 1 and _plus_one_of(uses[0]) and uses[0].users and all(
+                    _is_fxquant(use) for use in uses[0].users):
+                plus_one.append(part.args[1])
+                folded.append((uses[0], part))
+            elif not (uses and all(_is_fxquant(use) for use in uses)):
+                break
+        else:
+            with gm.graph.inserting_before(node):
+                table = _with_example_value(gm.graph.call_function(fxq.modulation_table.default,
+                                                                   (*node.args, sorted(plus_one))))
+            node.replace_all_uses_with(table)
+            gm.graph.erase_node(node)
+            for one_plus, part in folded:
+                one_plus.replace_all_uses_with(part)
+                gm.graph.erase_node(one_plus)
+            fused += 1
+    return _cleaned(gm, fused)
+
+
 def _token_ranges(node) -> list[tuple[int, int, fx.Node]] | None:
     """[(start, stop, slice node), ...] when every use of node ([B, N, C]) takes a range of its tokens (dim 1):
     `x[:, a:b]` (SD3's joint attention) or the parts of `x.split_with_sizes(sizes, dim=1)` (Flux's) or of
@@ -1050,6 +1107,12 @@ def _triton_fused_quantize_concat(head, tail, weight, bias, head_mul, head_add, 
                                     tail=tail, tail_mul=tail_mul, tail_add=tail_add)
 
 
+def _triton_modulation_table(table, embedding, plus_one):
+    from .quantize import modulation_table
+
+    return modulation_table(table, embedding, plus_one, traced=True)
+
+
 def _triton_quantize_per_token(x):
     from .quantize import quantize_per_token
 
@@ -1097,6 +1160,7 @@ _KERNELS = {  # fxquant's Triton kernels, launched from Inductor's generated cod
     fxq.fp8_conv2d.default: _triton_fp8_conv2d,
     fxq.fused_quantize_per_token.default: _triton_fused_quantize_per_token,
     fxq.fused_quantize_concat.default: _triton_fused_quantize_concat,
+    fxq.modulation_table.default: _triton_modulation_table,
 }
 
 
@@ -1177,6 +1241,9 @@ BACKEND_OPTIONS = {
                                    "and video rows; False: measured 0.87-0.95x the GEMM + Inductor's pass on an H200)",
     "fxquant.fuse_activations": "apply a GELU / SiLU and a static per-tensor quantization after a quantized linear "
                                 "in its GEMM's epilogue (True)",
+    "fxquant.fuse_modulation_tables": "compute adaLN-single's modulation vectors (PixArt's scale_shift_table + the "
+                                       "timestep embedding, chunked) in one op when fxquant's kernels take every "
+                                       "chunk (True)",
     "fxquant.fuse_attention_outputs": "have a quantized attention write its output projection's fp8 codes when that "
                                       "projection takes static activations (True)",
     "fxquant.fuse_attention_operands": "have the fp8 q / k / v projections of a static-fp8 quantized attention write "
@@ -1254,6 +1321,8 @@ def fxquant_backend(gm: fx.GraphModule, example_inputs, mode: str | None = None,
     if ours.get("fxquant.fuse_attention_operands", True):
         apply("fused_attention_operands", fuse_attention_operands)
     apply("packed_linears", fuse_packed_e4m3_weights)
+    if ours.get("fxquant.fuse_modulation_tables", True):
+        apply("modulation_tables", fuse_modulation_tables)
     if not _on_cuda(example_inputs):
         return gm.forward
     from torch._inductor.compile_fx import compile_fx

@@ -12,7 +12,7 @@ import torch
 from .attention import attention_fp8_codes, quantized_attention
 from .conv import quantized_conv2d
 from .gemm import attention_operand_gemm, quantized_gemm, unpack_weights
-from .quantize import fused_quantize_per_token, quantize_per_token, quantize_per_token_fp8
+from .quantize import fused_quantize_per_token, modulation_table, quantize_per_token, quantize_per_token_fp8
 
 
 @torch.library.register_kernel("fxquant::quantize_per_token", "cuda")
@@ -30,6 +30,11 @@ def _fused_quantize_concat_cuda(head, tail, weight, bias, head_mul, head_add, ta
                                 activation, fp8):
     return fused_quantize_per_token(head, weight, bias, head_mul, head_add, norm, eps, activation, fp8, tail=tail,
                                     tail_mul=tail_mul, tail_add=tail_add)
+
+
+@torch.library.register_kernel("fxquant::modulation_table", "cuda")
+def _modulation_table_cuda(table, embedding, plus_one):
+    return modulation_table(table, embedding, plus_one)
 
 
 @torch.library.register_kernel("fxquant::int8_linear", "cuda")

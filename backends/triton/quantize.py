@@ -156,6 +156,39 @@ def _quantize_rows_kernel(
     tl.store(scale_ptr + rows, scale, mask=rows < M)
 
 
+@triton.jit
+def _modulation_table_kernel(table_ptr, embedding_ptr, out_ptr, GROUPS, C, stride_tb, stride_tg, stride_eb, stride_eg,
+                             plus_one_mask, BLOCK_C: tl.constexpr):
+    """One (sample, group) row of fxquant::modulation_table per program: table + embedding rounded to the output's
+    dtype, then + 1 rounded again where bit `group` of plus_one_mask is set (PyTorch's two roundings)."""
+    sample = tl.program_id(0) // GROUPS
+    group = tl.program_id(0) % GROUPS
+    offs = tl.arange(0, BLOCK_C)
+    mask = offs < C
+    total = (tl.load(table_ptr + sample * stride_tb + group * stride_tg + offs, mask=mask, other=0.0).to(tl.float32)
+             + tl.load(embedding_ptr + sample * stride_eb + group * stride_eg + offs, mask=mask, other=0.0).to(
+                 tl.float32)).to(out_ptr.dtype.element_ty)
+    one = ((plus_one_mask >> group) & 1).to(tl.float32)
+    out = (total.to(tl.float32) + one).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + (sample * GROUPS + group) * C + offs, out, mask=mask)
+
+
+def modulation_table(table: torch.Tensor, embedding: torch.Tensor, plus_one: list[int],
+                     traced: bool = False) -> torch.Tensor:
+    """fxquant::modulation_table on the GPU: table [1 or B, G, C] (or [G, C]) and embedding [B, G, C], each with its
+    last dim contiguous -> a contiguous [B, G, C] in their result dtype, one program per (sample, group) row."""
+    table = table.expand(embedding.shape[0], *table.shape[-2:]) if table.dim() == 2 or table.shape[0] == 1 else table
+    assert table.shape == embedding.shape and table.dim() == 3, f"{tuple(table.shape)} + {tuple(embedding.shape)}"
+    assert table.stride(-1) == 1 and embedding.stride(-1) == 1, "the channels must be contiguous"
+    batch, groups, width = embedding.shape
+    out = torch.empty(embedding.shape, dtype=torch.result_type(table, embedding), device=embedding.device)
+    mask = sum(1 << group for group in plus_one)
+    launcher(_modulation_table_kernel, traced)[(batch * groups,)](
+        table, embedding, out, groups, width, table.stride(0), table.stride(1), embedding.stride(0), embedding.stride(1),
+        mask, BLOCK_C=1 << (width - 1).bit_length())
+    return out
+
+
 def _launch_config(k: int, gated: bool, concat: bool = False) -> tuple[int, int, int]:
     """(rows per program, BLOCK_K, warps): one row per program, a warp per 2048 values loaded (swept on an H100 at
     widths 640-4608 and GEGLU 2 x 5120: benchmarks/results/gpu-bench-h100/quantize-configs-and-flux-torchao.json), per

@@ -14,8 +14,8 @@ from fxquant.quantizer import (asymmetric_params, fp8_scale, pack_bits, pack_sig
                                quantize_fp8_with_scale, quantize_weight_per_channel, unpack_fp8_layer_e4m3)
 
 triton = pytest.importorskip("triton")
-from fxquant.backends.triton.quantize import (fused_quantize_per_token, quantize_per_token,  # noqa: E402
-                                              quantize_per_token_fp8)
+from fxquant.backends.triton.quantize import (fused_quantize_per_token, modulation_table,  # noqa: E402
+                                              quantize_per_token, quantize_per_token_fp8)
 from fxquant.backends.triton.gemm import attention_operand_gemm, quantized_gemm, unpack_weights  # noqa: E402
 import fxquant.backends.triton.gemm as gemm_module  # noqa: E402
 from fxquant.backends.triton.attention import attention_fp8_codes, quantized_attention  # noqa: E402
@@ -595,6 +595,30 @@ def test_attention_kernel_writes_static_fp8_codes(head_dim):
     assert codes.stride() == reference.stride() == out.stride()
     assert codes.float().abs().max() == 448 and (out.abs() > 0.5).any()
     _assert_fp8_codes(codes, _e4m3(out / out_scale))  # (the float output against the reference: the test above)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_modulation_table_kernel_matches_the_op(dtype):
+    """fxquant::modulation_table's kernel (PixArt's adaLN-single table: a [1, G, C] parameter + the timestep
+    embedding seen as [B, G, C], 1 added to two groups) computes the op's PyTorch body: fp32 bit for bit; bf16 with
+    its two roundings in the same places (the sum, then 1 + it), which the interpreter does by truncation where the
+    GPU rounds to nearest, as PyTorch does; launched eagerly and traced."""
+    batch, groups, width = 3, 6, 40
+    table = (torch.randn(groups, width) * 0.1).to(dtype)[None]
+    embedding = torch.randn(batch, groups * width).to(dtype).reshape(batch, groups, -1)
+    expected = fxq.modulation_table(table, embedding, [1, 4])
+    assert torch.equal(expected[:, 1], 1 + (table + embedding)[:, 1]) and torch.equal(expected[:, 0],
+                                                                                      (table + embedding)[:, 0])
+    if dtype == torch.bfloat16:  # the interpreter's fp32 -> bf16 cast drops the low 16 bits
+        def rounded(x):
+            return (x.float().view(torch.int32) & ~0xFFFF).view(torch.float32).to(dtype)
+
+        ones = torch.zeros(groups, 1)
+        ones[[1, 4]] = 1
+        expected = rounded(rounded(table.float() + embedding.float()).float() + ones)
+    for traced in (False, True):
+        out = modulation_table(table, embedding, [1, 4], traced=traced)
+        assert out.dtype == dtype and out.shape == (batch, groups, width) and torch.equal(out, expected)
 
 
 def _fp8_linear_operands(tokens: int, k: int, n: int, weight_bits: int = 8):
