@@ -175,13 +175,16 @@ def _modulation_table_kernel(table_ptr, embedding_ptr, out_ptr, GROUPS, C, strid
 
 def modulation_table(table: torch.Tensor, embedding: torch.Tensor, plus_one: list[int],
                      traced: bool = False) -> torch.Tensor:
-    """fxquant::modulation_table on the GPU: table [1 or B, G, C] (or [G, C]) and embedding [B, G, C], each with its
-    last dim contiguous -> a contiguous [B, G, C] in their result dtype, one program per (sample, group) row."""
-    table = table.expand(embedding.shape[0], *table.shape[-2:]) if table.dim() == 2 or table.shape[0] == 1 else table
-    assert table.shape == embedding.shape and table.dim() == 3, f"{tuple(table.shape)} + {tuple(embedding.shape)}"
-    assert table.stride(-1) == 1 and embedding.stride(-1) == 1, "the channels must be contiguous"
-    batch, groups, width = embedding.shape
-    out = torch.empty(embedding.shape, dtype=torch.result_type(table, embedding), device=embedding.device)
+    """fxquant::modulation_table on the GPU: table and embedding broadcast to [B, G, C] (e.g. [1, G, C] and
+    [B, G, C]), each with its last dim contiguous -> a contiguous [B, G, C] in their result dtype, one program per
+    (sample, group) row."""
+    shape = torch.broadcast_shapes(table.shape, embedding.shape)
+    assert len(shape) == 3 and table.stride(-1) == 1 and embedding.stride(-1) == 1, \
+        f"[B, G, C] operands with contiguous channels: {tuple(table.shape)} + {tuple(embedding.shape)}"
+    dtype = torch.result_type(table, embedding)
+    table, embedding = table.expand(shape), embedding.expand(shape)
+    batch, groups, width = shape
+    out = torch.empty(shape, dtype=dtype, device=embedding.device)
     mask = sum(1 << group for group in plus_one)
     launcher(_modulation_table_kernel, traced)[(batch * groups,)](
         table, embedding, out, groups, width, table.stride(0), table.stride(1), embedding.stride(0), embedding.stride(1),

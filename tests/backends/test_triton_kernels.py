@@ -617,8 +617,9 @@ def test_modulation_table_kernel_matches_the_op(dtype):
         ones[[1, 4]] = 1
         expected = rounded(rounded(table.float() + embedding.float()).float() + ones)
     for traced in (False, True):
-        out = modulation_table(table, embedding, [1, 4], traced=traced)
-        assert out.dtype == dtype and out.shape == (batch, groups, width) and torch.equal(out, expected)
+        for operands in ((table, embedding), (embedding, table)):  # the broadcast operand on either side
+            out = modulation_table(*operands, [1, 4], traced=traced)
+            assert out.dtype == dtype and out.shape == (batch, groups, width) and torch.equal(out, expected)
 
 
 def _fp8_linear_operands(tokens: int, k: int, n: int, weight_bits: int = 8):
