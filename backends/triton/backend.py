@@ -193,6 +193,11 @@ def _call(node, targets) -> bool:
     return isinstance(node, fx.Node) and node.op == "call_function" and node.target in targets
 
 
+def _binary(node, targets) -> bool:
+    """node calls one of targets with exactly two positional arguments and no keywords (`a + b`, `a * b`)."""
+    return _call(node, targets) and len(node.args) == 2 and not node.kwargs
+
+
 def _call_or_method(node, functions: set, method: str) -> bool:
     """node calls one of functions, or the tensor method of that name (`torch.chunk(x, 2)` / `x.chunk(2)`)."""
     return _call(node, functions) or isinstance(node, fx.Node) and node.op == "call_method" and node.target == method
@@ -284,7 +289,7 @@ def _per_sample(operand, shape) -> bool:
 
 def _modulation(node, combine):
     """(full-shaped input, per-sample operand) when node is `combine` (add / mul) of the two, else None."""
-    if not (_call(node, combine) and _only_use(node) and len(node.args) == 2 and not node.kwargs):
+    if not (_binary(node, combine) and _only_use(node)):
         return None
     shape = _value(node).shape if _value(node) is not None else None
     for full, operand in (node.args, node.args[::-1]):
@@ -461,7 +466,7 @@ def fuse_residual_epilogues(gm: fx.GraphModule) -> int:
     there; gate per sample) into linear_residual nodes; returns how many."""
     fused = 0
     for node in list(gm.graph.nodes):
-        if not (_call(node, _ADD) and len(node.args) == 2 and not node.kwargs and _value(node) is not None):
+        if not (_binary(node, _ADD) and _value(node) is not None):
             continue
         for branch, residual in (node.args, node.args[::-1]):
             if _value(residual) is None or (_value(residual).shape, _value(residual).dtype) != (
@@ -487,7 +492,7 @@ def _residual_part(part: fx.Node) -> tuple | None:
     if gated and gated[0] is not part:
         return None
     add = next(iter(use.users)) if gated and _only_use(use) else use
-    if not (_call(add, _ADD) and len(add.args) == 2 and not add.kwargs and _value(add) is not None):
+    if not (_binary(add, _ADD) and _value(add) is not None):
         return None
     branch = use if gated else part
     residual = add.args[1] if add.args[0] is branch else add.args[0]
@@ -860,8 +865,7 @@ def fuse_attention_operands(gm: fx.GraphModule) -> int:
 
 def _plus_one_of(node) -> bool:
     """node is `1 + x` or `x + 1`."""
-    return _call(node, _ADD) and len(node.args) == 2 and not node.kwargs and 1 in [
-        arg for arg in node.args if isinstance(arg, (int, float))]
+    return _binary(node, _ADD) and 1 in [arg for arg in node.args if isinstance(arg, (int, float))]
 
 
 def _chunk_parts(node) -> list[fx.Node] | None:
@@ -885,8 +889,7 @@ def fuse_modulation_tables(gm: fx.GraphModule) -> int:
     where it computed each part (and each `1 + part`) in a kernel of its own, re-adding its slice of the sum."""
     fused = 0
     for node in list(gm.graph.nodes):
-        if not (_call(node, _ADD) and len(node.args) == 2 and not node.kwargs
-                and all(_value(arg) is not None for arg in node.args)):
+        if not (_binary(node, _ADD) and all(_value(arg) is not None for arg in node.args)):
             continue
         parts = _chunk_parts(node)
         if not parts:

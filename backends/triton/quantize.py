@@ -20,7 +20,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 from triton.language.extra import libdevice
 
-from . import INTERPRET, ceil_div
+from . import INTERPRET, ceil_div, next_power_of_two
 from ...ops import check_concat, check_prologue, varies_per_sample
 
 SCALE_EPS = tl.constexpr(1e-8)
@@ -188,7 +188,7 @@ def modulation_table(table: torch.Tensor, embedding: torch.Tensor, plus_one: lis
     mask = sum(1 << group for group in plus_one)
     launcher(_modulation_table_kernel, traced)[(batch * groups,)](
         table, embedding, out, groups, width, table.stride(0), table.stride(1), embedding.stride(0), embedding.stride(1),
-        mask, BLOCK_C=1 << (width - 1).bit_length())
+        mask, BLOCK_C=next_power_of_two(width))
     return out
 
 
@@ -198,7 +198,7 @@ def _launch_config(k: int, gated: bool, concat: bool = False) -> tuple[int, int,
     1024 in the concat form, whose rows also pick their part's modulation vectors (CogVideoX's 1920-wide rows on an
     H200: int8 136 -> 125 us, fp8 107 -> 106 us with 2 warps;
     gpu-bench-h200/residual-parts-and-concat-prologue-configs.json)."""
-    block = 1 << (k - 1).bit_length()  # the next power of two (triton's is a constexpr function: slow from Python)
+    block = next_power_of_two(k)
     return 1, block, max(1, min(16, block * (2 if gated else 1) * (2 if concat else 1) // 2048))
 
 
