@@ -27,7 +27,8 @@ The backend rewrites it with patterns, then compiles:
   whose every chunk goes to those ops becomes one `modulation_table` (one kernel writes all six vectors);
 - CUDA: the quantize, GEMM, attention and conv ops become calls of fxquant's Triton kernels
   traced through `wrap_triton`, which Inductor launches from its own generated code (no Python dispatch per op; the
-  attention kernel's tile is autotuned per shape before tracing, GEMM tiles are fixed rules); static per-tensor
+  attention kernel's tile is autotuned per shape before tracing, GEMM tiles are fixed rules; torch's analysis of
+  which arguments a traced kernel writes runs once per kernel specialization, `access_analysis`); static per-tensor
   quantization (pointwise: a conv's channels-last input codes, the attention operands not made by a GEMM) and, with
   the option `fxquant.fuse_quantize`, per-token quantization go to Inductor as plain PyTorch, fused into the ops
   producing their input (norm, adaLN modulate, GELU, the balancing multiply); so does the unpacking of a
@@ -51,6 +52,7 @@ from torch import fx
 from ...ops import attention_operand_reference, quantize_per_token_reference, rotate_pairs, varies_per_sample
 from ...quantizer import (quantize_asymmetric, quantize_fp8, quantize_fp8_with_scale, unpack_bits,
                           unpack_fp8_layer_e4m3, unpack_int4)
+from .access_analysis import memoize_access_analysis
 
 compile_counter: Counter = Counter()
 fxq = torch.ops.fxquant
@@ -1335,6 +1337,7 @@ def fxquant_backend(gm: fx.GraphModule, example_inputs, mode: str | None = None,
     inline = inline_kernels(ours, config_patches)
     if inline:
         apply("tuned_attention", tune_attention)
+        memoize_access_analysis()
     apply("lowered_ops", lower_to_inductor, ours.get("fxquant.fuse_quantize", False), inline)
     return compile_fx(gm, example_inputs, config_patches=config_patches)
 

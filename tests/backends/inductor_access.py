@@ -1,7 +1,8 @@
 """Which pointer arguments torch's Triton-kernel analysis thinks fxquant's kernels write (run as a script, without
 TRITON_INTERPRET: the analysis compiles each kernel to TTIR for an sm_90 target, no GPU needed). Prints JSON
-{case: sorted written argument names}. Inductor copies every argument it thinks written before launching a traced
-kernel, so a read-only operand reported here would cost a full copy per call."""
+{"written": {case: sorted written argument names}, "memoized": the same through fxquant's memo of the analysis,
+"generations": TTIR compiles under the memo}. Inductor copies every argument it thinks written before launching a
+traced kernel, so a read-only operand reported here would cost a full copy per call."""
 
 import json
 
@@ -13,6 +14,7 @@ import fxquant.backends.triton.attention as attention
 import fxquant.backends.triton.conv as conv
 import fxquant.backends.triton.gemm as gemm
 import fxquant.backends.triton.quantize as quantize
+from fxquant.backends.triton.access_analysis import memoize_access_analysis
 
 
 class Sm90Driver:  # what the TTIR generation asks the active driver for (traced_graph_census.py uses it too)
@@ -101,14 +103,42 @@ def main() -> None:
         "attention_fp8": lambda: attention.quantized_attention(
             *(torch.randn(1, 2, 64, 72, dtype=torch.bfloat16) for _ in range(3)), 0.1, True, traced=True),
     }
-    report = {}
+    analysed = {}
     for name, launch in cases.items():
         launches.clear()
         launch()
         (kernel, kwargs), = launches
-        kwargs = {key: value for key, value in kwargs.items() if key not in ("num_warps", "num_stages")}
-        report[name] = written_arguments(kernel, kwargs)
-    print(json.dumps(report))
+        analysed[name] = kernel, {key: value for key, value in kwargs.items() if key not in ("num_warps", "num_stages")}
+    written = {name: written_arguments(kernel, kwargs) for name, (kernel, kwargs) in analysed.items()}
+    print(json.dumps({"written": written, **memoized_report(analysed)}))
+
+
+def _launch_autotuner(kernel):
+    """What Dynamo makes of a launch that passes num_warps / num_stages: a new one-config autotuner."""
+    return triton.autotune(configs=[triton.Config({}, num_warps=4, num_stages=3)], key=[])(kernel)
+
+
+def memoized_report(analysed: dict) -> dict:
+    """With fxquant's memo installed, each case analysed twice, as Dynamo traces two launches of one specialization:
+    each kernel wrapped in a one-config autotuner of its own, the second time on other tensors of the same dtypes:
+    {"memoized": written names per case, "generations": how many times torch compiled a kernel to TTIR}."""
+    from torch._higher_order_ops import triton_kernel_wrap as wrap
+
+    memoize_access_analysis()
+    generate_ttir, generations = wrap.generate_ttir, []
+
+    def counted(*args, **kwargs):
+        generations.append(1)
+        return generate_ttir(*args, **kwargs)
+
+    wrap.generate_ttir = counted
+    memoized = {}
+    for name, (kernel, kwargs) in analysed.items():
+        other = {key: torch.empty(3, dtype=value.dtype) if isinstance(value, torch.Tensor) else value
+                 for key, value in kwargs.items()}
+        memoized[name] = written_arguments(_launch_autotuner(kernel), kwargs)
+        assert written_arguments(_launch_autotuner(kernel), other) == memoized[name]
+    return {"memoized": memoized, "generations": len(generations)}
 
 
 if __name__ == "__main__":
