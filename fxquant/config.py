@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 from .errors import RecipeError
 
 ACT_MODES = ("dynamic_per_token", "static_per_tensor")
-WEIGHT_GRANULARITIES = ("per_channel",)
+WEIGHT_GRANULARITIES = ("per_channel", "per_group")
 WEIGHT_BITS = (8, 4, 2)
 MIXED_PRECISION = (None, "layer", "block-group")
 CANDIDATE_BITS = (2, 4, 6, 8)
@@ -31,7 +31,11 @@ class QuantConfig:
 
     Args:
         weight_bits: bits of the weights of quantized layers (8 in this release).
-        weight_granularity: "per_channel" (one symmetric scale per output channel).
+        weight_granularity: "per_channel" (one symmetric scale per output channel) or "per_group" (4- / 2-bit
+            linear weights: one scale per output channel and run of weight_group_size inputs, applied per K step in
+            the packed GEMM's loop; layers whose input width does not split into such groups, 8-bit layers and
+            convolutions keep per-channel scales).
+        weight_group_size: inputs per weight scale with weight_granularity="per_group" (a power of two, 32 to 1024).
         act_bits: bits of the activations entering quantized layers (8).
         act_mode: "dynamic_per_token" (asymmetric int8, a scale and zero point per token computed at run time;
             convolutions use one per kernel patch) or "static_per_tensor" (one per layer from calibrated min / max;
@@ -117,6 +121,7 @@ class QuantConfig:
 
     weight_bits: int = 8
     weight_granularity: str = "per_channel"
+    weight_group_size: int = 128
     act_bits: int = 8
     act_mode: str = "dynamic_per_token"
     static_hidden_activations: bool = False
@@ -166,6 +171,16 @@ class QuantConfig:
             raise RecipeError(
                 f"weight_granularity={self.weight_granularity!r} is unknown; use one of {WEIGHT_GRANULARITIES}."
             )
+        if self.weight_granularity == "per_group":
+            size = self.weight_group_size
+            if not (isinstance(size, int) and 32 <= size <= 1024 and size & (size - 1) == 0):
+                raise RecipeError(f"weight_group_size={size!r} must be a power of two from 32 to 1024.")
+            if self.weight_bits == 8 and not self.mixed_precision:
+                raise RecipeError("weight_granularity='per_group' applies to 4- / 2-bit weights; use weight_bits=4 or "
+                                  "2, or a mixed_precision setting.")
+            if self.bits_per_timestep_group:
+                raise RecipeError("weight_granularity='per_group' takes one weight plane per layer; nested planes "
+                                  "(bits_per_timestep_group) keep per-channel scales.")
         if self.balances and (self.act_mode != "dynamic_per_token" or self.static_hidden_activations
                               or self.static_attention_outputs):
             raise RecipeError("Channel balancing (smooth_alpha / rotate) needs act_mode='dynamic_per_token' and "

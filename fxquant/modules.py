@@ -14,8 +14,8 @@ from torch import nn
 from . import ops  # noqa: F401  (registers torch.ops.fxquant)
 from .balance import rotate, rotation_signs
 from .plan import LayerPlan
-from .quantizer import (pack_bits, pack_sign_magnitude, plane_widths, quantize_fp8, quantize_weight_per_channel,
-                        quantize_weight_planes)
+from .quantizer import (dequantize_weights, pack_bits, pack_sign_magnitude, plane_widths, quantize_fp8,
+                        quantize_weight_groups, quantize_weight_per_channel, quantize_weight_planes)
 
 fxq = torch.ops.fxquant
 
@@ -36,8 +36,11 @@ def combined_weight_sums(plane_sums: torch.Tensor, multipliers: torch.Tensor) ->
     return (plane_sums * multipliers.unsqueeze(-1)).sum(dim=-2, dtype=torch.int32)
 
 
-def _weight_sum(weight_q: torch.Tensor) -> torch.Tensor:
-    """int32 [N]: per-output-channel sums of the int8 weights (the activation zero-point correction)."""
+def _weight_sum(weight_q: torch.Tensor, groups: int = 0) -> torch.Tensor:
+    """int32 [N]: per-output-channel sums of the int8 weights (the activation zero-point correction); with groups
+    (group-wise scales) int32 [N, groups], the sums over each group's inputs."""
+    if groups:
+        return weight_q.reshape(weight_q.shape[0], groups, -1).sum(dim=2, dtype=torch.int32)
     return weight_q.reshape(weight_q.shape[0], -1).sum(dim=1, dtype=torch.int32)
 
 
@@ -50,14 +53,15 @@ def _static_params_for_call(module: nn.Module) -> tuple[torch.Tensor, torch.Tens
 
 
 def _register_quant_buffers(module: nn.Module, weight_q: torch.Tensor, has_bias: bool, bias_dtype: torch.dtype,
-                            act_params: tuple, fp8: bool) -> None:
-    """Buffers every quantized layer has: weight_q (given, empty), per-output-channel weight_scale (fp32) and, for
-    int8 activations, weight_sum (int32; None for fp8, whose activations have no zero point), bias in the model's
-    dtype or None, static act_scale / act_zero or None."""
+                            act_params: tuple, fp8: bool, scale_groups: int = 0) -> None:
+    """Buffers every quantized layer has: weight_q (given, empty), weight_scale (fp32 [N] per output channel, or
+    [N, scale_groups] per group of inputs) and, for int8 activations, weight_sum (int32, shaped alike; None for fp8,
+    whose activations have no zero point), bias in the model's dtype or None, static act_scale / act_zero or None."""
     out, device = weight_q.shape[0], weight_q.device
+    shape = (out, scale_groups) if scale_groups else (out,)
     module.register_buffer("weight_q", weight_q)
-    module.register_buffer("weight_scale", torch.empty(out, dtype=torch.float32, device=device))
-    module.register_buffer("weight_sum", None if fp8 else torch.empty(out, dtype=torch.int32, device=device))
+    module.register_buffer("weight_scale", torch.empty(shape, dtype=torch.float32, device=device))
+    module.register_buffer("weight_sum", None if fp8 else torch.empty(shape, dtype=torch.int32, device=device))
     module.register_buffer("bias", torch.empty(out, dtype=bias_dtype, device=device) if has_bias else None)
     module.register_buffer("act_scale", act_params[0])
     module.register_buffer("act_zero", act_params[1])
@@ -71,7 +75,8 @@ class QuantLinear(nn.Module):
     timestep group, of which each group uses the first few (plane_multipliers int32 [G, P] combines them into the
     group's int8 codes on the device, level_divisor fp32 [G] refines the scale). Buffers: weight_q (plane 0),
     weight_q1, weight_q2 (further planes), weight_scale fp32 [N] (of plane 0), weight_sum int32 [N] (row sums of
-    the codes; [P, N] per plane when nested), bias or None; fp8: fp8 activations against weight_q float8_e4m3fn
+    the codes; [P, N] per plane when nested), bias or None; inputs_per_scale > 0 (one 4- / 2-bit plane, group-wise:
+    LayerPlan.inputs_per_scale): weight_scale and weight_sum [N, K / inputs_per_scale], one per group of inputs; fp8: fp8 activations against weight_q float8_e4m3fn
     [N, K], or (one 4- / 2-bit plane) the packed integer codes (4 bits: quantizer.pack_sign_magnitude's layout),
     unpacked into e4m3 (exact) per call, no weight_sum.
     act_scale fp32 [G] / act_zero int32 [G] (fp8: zeros) for static activations, None when per token;
@@ -85,10 +90,11 @@ class QuantLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, has_bias: bool, act_params: tuple,
                  bias_dtype: torch.dtype, planes: list[int] = (8,), group_planes: list[int] | None = None,
                  smoothed: bool = False, rotation_block: int = 0, fp8: bool = False, fp_tokens: int = 0,
-                 fp_tokens_cached: bool = False, act_bits: int = 8, device=None):
+                 fp_tokens_cached: bool = False, act_bits: int = 8, inputs_per_scale: int = 0, device=None):
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
+        self.inputs_per_scale = inputs_per_scale
         self.act_bits = act_bits
         self.planes = list(planes)
         self.rotation_block = rotation_block
@@ -97,10 +103,14 @@ class QuantLinear(nn.Module):
         if fp8 and len(self.planes) > 1:
             raise ValueError(f"fp8 activations take one weight plane, got planes {self.planes} (nested planes "
                              "combine into codes wider than float8 e4m3 holds exactly).")
+        if inputs_per_scale and (self.planes not in ([4], [2]) or in_features % inputs_per_scale):
+            raise ValueError(f"group-wise scales take one 4- / 2-bit plane whose {in_features} inputs split into "
+                             f"groups of {inputs_per_scale}; got planes {self.planes}")
         first = torch.empty((out_features, in_features), dtype=torch.float8_e4m3fn if fp8 else torch.int8,
                             device=device) if self.planes[0] == 8 else _packed_plane(out_features, in_features,
                                                                                      self.planes[0], device)
-        _register_quant_buffers(self, first, has_bias, bias_dtype, act_params, fp8)
+        _register_quant_buffers(self, first, has_bias, bias_dtype, act_params, fp8,
+                                in_features // inputs_per_scale if inputs_per_scale else 0)
         for index, width in enumerate(self.planes[1:], start=1):
             self.register_buffer(f"weight_q{index}", _packed_plane(out_features, in_features, width, device))
         if len(self.planes) > 1:
@@ -117,8 +127,8 @@ class QuantLinear(nn.Module):
     @classmethod
     def from_float(cls, linear: nn.Linear, layer: LayerPlan, seed: int = 0,
                    fp_rows: torch.Tensor | None = None) -> QuantLinear:
-        """Fold the plan's balancing into the weight (W * s, then W R), quantize it per output channel into its
-        planes, pack. fp_rows [fp_tokens, K]: the constant leading tokens whose outputs are stored (BOS-aware)."""
+        """Fold the plan's balancing into the weight (W * s, then W R), quantize it per output channel (or group of
+        inputs) into its planes, pack. fp_rows [fp_tokens, K]: the constant leading tokens whose outputs are stored (BOS-aware)."""
         weight = linear.weight.detach().float()
         device = weight.device
         planes = plane_widths(layer.group_weight_bits or [layer.weight_bits])
@@ -128,7 +138,7 @@ class QuantLinear(nn.Module):
                      _group_planes(planes, layer.group_weight_bits), smoothed=_smooths_at_run_time(layer),
                      rotation_block=layer.rotation_block or 0, fp8=layer.number_format == "fp8",
                      fp_tokens=layer.fp_tokens, fp_tokens_cached=cached, act_bits=layer.act_bits or 8,
-                     device=device)
+                     inputs_per_scale=layer.inputs_per_scale, device=device)
         if cached:
             module.fp_token_out = linear(fp_rows.to(device, linear.weight.dtype)).detach().float()
         if layer.smooth is not None:
@@ -143,9 +153,14 @@ class QuantLinear(nn.Module):
             module.weight_q, scale = quantize_fp8(weight, dim=1)
             module.weight_scale = scale.reshape(-1)
         else:
-            codes, module.weight_scale = quantize_weight_planes(weight, planes)
+            if module.inputs_per_scale:
+                codes, module.weight_scale = quantize_weight_groups(weight, planes[0], module.inputs_per_scale)
+                codes = [codes]
+            else:
+                codes, module.weight_scale = quantize_weight_planes(weight, planes)
             if not module.fp8:
-                sums = [_weight_sum(code) for code in codes]
+                sums = [_weight_sum(code, module.weight_scale.shape[1] if module.inputs_per_scale else 0)
+                        for code in codes]
                 module.weight_sum = sums[0] if len(codes) == 1 else torch.stack(sums)
             for index, (code, width) in enumerate(zip(codes, planes)):
                 if width != 8:
@@ -162,7 +177,7 @@ class QuantLinear(nn.Module):
                    planes, _group_planes(planes, layer.group_weight_bits), smoothed=_smooths_at_run_time(layer),
                    rotation_block=layer.rotation_block or 0, fp8=layer.number_format == "fp8",
                    fp_tokens=layer.fp_tokens, fp_tokens_cached=layer.fp_tokens_cached,
-                   act_bits=layer.act_bits or 8, device="meta")
+                   act_bits=layer.act_bits or 8, inputs_per_scale=layer.inputs_per_scale, device="meta")
 
     def _weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(int8 codes [N, K], fp32 scale [N], int32 row sums [N]) of the current call (its timestep group's
@@ -204,7 +219,7 @@ class QuantLinear(nn.Module):
         """rows [M, K] -> (out [M, N] in dtype, the call's int8 weight codes, their scales)."""
         weight_q, weight_scale, weight_sum = self._weights()
         if self.act_bits == 16:  # weight-only: the dequantized weights in the activations' dtype
-            weight = (weight_q.float() * weight_scale.reshape(-1, 1)).to(rows.dtype)
+            weight = dequantize_weights(weight_q, weight_scale).to(rows.dtype)
             out = F.linear(rows, weight, None if self.bias is None else self.bias.to(rows.dtype)).to(dtype)
         elif self.act_scale is None:
             x_q, x_scale, x_zero = fxq.quantize_per_token(rows)
@@ -230,7 +245,7 @@ class QuantLinear(nn.Module):
         if self.fp_token_out is not None:
             return self.fp_token_out.expand(*head.shape[:-1], self.out_features)
         head = self._balance(head)
-        weight = weight_q.float() * weight_scale.reshape(-1, 1)
+        weight = dequantize_weights(weight_q, weight_scale)
         return F.linear(head.float(), weight, None if self.bias is None else self.bias.float())
 
     def extra_repr(self) -> str:
@@ -241,7 +256,8 @@ class QuantLinear(nn.Module):
         weights = "W" + "+".join(map(str, self.planes))
         if self.fp8:
             weights = "fp8 e4m3" if self.planes == [8] else f"{weights} codes as fp8 e4m3"
-        return (f"in={self.in_features}, out={self.out_features}, {weights} per-channel, {mode}"
+        granularity = f"group {self.inputs_per_scale}" if self.inputs_per_scale else "per-channel"
+        return (f"in={self.in_features}, out={self.out_features}, {weights} {granularity}, {mode}"
                 + (f", {'+'.join(balance)}" if balance else "")
                 + (f", first {self.fp_tokens} tokens full precision" if self.fp_tokens else ""))
 

@@ -44,18 +44,38 @@ def quantize_per_token_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return quantize_asymmetric(x, scale, zero), scale, zero
 
 
+def _group_columns(k: int, w_scale: torch.Tensor) -> list[slice]:
+    """The input columns of each scale group of a [N, G] w_scale over K inputs (one group for a [N] w_scale)."""
+    groups = w_scale.shape[1] if w_scale.dim() == 2 else 1
+    size = k // groups
+    return [slice(g * size, (g + 1) * size) for g in range(groups)]
+
+
+def _group_scales(values: torch.Tensor, group: int) -> torch.Tensor:
+    """Group `group`'s column of per-group values [N, G] as a [1, N] row (per-channel values [N]: all of them)."""
+    return (values[:, group] if values.dim() == 2 else values).reshape(1, -1)
+
+
 def int8_linear_reference(x_q, x_scale, x_zero, w_q, w_scale, w_sum, bias, out_dtype) -> torch.Tensor:
-    """The reference body of fxquant::int8_linear, on any device (kernels are checked against it)."""
-    acc = _int_matmul(x_q, w_q) - x_zero.reshape(-1, 1) * w_sum.reshape(1, -1)
-    out = acc.float() * x_scale.reshape(-1, 1) * w_scale.reshape(1, -1)
+    """The reference body of fxquant::int8_linear, on any device (kernels are checked against it): exact int32 sums
+    per scale group, scaled and added in fp32."""
+    out = 0
+    for group, columns in enumerate(_group_columns(x_q.shape[1], w_scale)):
+        acc = _int_matmul(x_q[:, columns].contiguous(), w_q[:, columns].contiguous())
+        acc = acc - x_zero.reshape(-1, 1) * _group_scales(w_sum, group)
+        out = out + acc.float() * _group_scales(w_scale, group)
+    out = out * x_scale.reshape(-1, 1)
     if bias is not None:
         out = out + bias.float()
     return out.to(out_dtype)
 
 
 def fp8_linear_reference(x_q, x_scale, w_q, w_scale, bias, out_dtype) -> torch.Tensor:
-    """The reference body of fxquant::fp8_linear, on any device."""
-    out = (x_q.float() @ w_q.float().t()) * x_scale.reshape(-1, 1) * w_scale.reshape(1, -1)
+    """The reference body of fxquant::fp8_linear, on any device: an fp32 product per scale group."""
+    out = 0
+    for group, columns in enumerate(_group_columns(x_q.shape[1], w_scale)):
+        out = out + (x_q[:, columns].float() @ w_q[:, columns].float().t()) * _group_scales(w_scale, group)
+    out = out * x_scale.reshape(-1, 1)
     if bias is not None:
         out = out + bias.float()
     return out.to(out_dtype)
@@ -254,7 +274,8 @@ def int8_linear(
     """int8 x_q [M, K] (scale, zero [M, 1] or [1]) @ int8 w_q [N, K]^T (scale [N], row sums w_sum [N]) + bias.
 
     out[m, n] = x_scale[m] * w_scale[n] * (sum_k x_q[m, k] w_q[n, k] - x_zero[m] * w_sum[n]) + bias[n], computed
-    in int32 then fp32, cast once to out_dtype.
+    in int32 then fp32, cast once to out_dtype. Group-wise weights: w_scale and w_sum [N, G], one per run of K / G
+    inputs; out[m, n] = x_scale[m] * sum_g w_scale[n, g] * (the group's sum - x_zero[m] * w_sum[n, g]) + bias[n].
     """
     return int8_linear_reference(x_q, x_scale, x_zero, w_q, w_scale, w_sum, bias, out_dtype)
 
@@ -321,7 +342,8 @@ def fp8_linear(
     bias: torch.Tensor | None,
     out_dtype: torch.dtype,
 ) -> torch.Tensor:
-    """fp8 x_q [M, K] (scale [M, 1], or [1] when static) @ fp8 w_q [N, K]^T (scale [N]) + bias -> out_dtype [M, N].
+    """fp8 x_q [M, K] (scale [M, 1], or [1] when static) @ fp8 w_q [N, K]^T (scale [N], or [N, G] per run of K / G
+    inputs) + bias -> out_dtype [M, N].
 
     Reference: the fp8 values upcast to fp32 (exact), an fp32 matmul, per-row x per-column scales, bias, one cast.
     """

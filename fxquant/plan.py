@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import CheckpointError
+from .quantizer import groupable
 
 PLAN_VERSION = 1
 FULL_PRECISION_BITS = 16  # what a kept layer counts for in average_weight_bits
@@ -24,7 +25,8 @@ class LayerPlan:
     fqn: module name; op: "linear" | "conv2d" | "sdpa"; group: self-attention, cross-attention,
     temporal-attention, mlp, conv, embedding; role: "latent" (reached from the latent input), "condition"
     (reached only from timestep / condition inputs) or "timestep" (reached only from the timestep).
-    weight_bits None means full precision, and keep_reason says why. number_format: "int" or "fp8" (e4m3 activations;
+    weight_bits None means full precision, and keep_reason says why. weight_granularity: "per_channel" or
+    "per_group" (weight_group_size inputs per scale where `inputs_per_scale` says the layer runs so). number_format: "int" or "fp8" (e4m3 activations;
     e4m3 weights at 8 bits, integer codes held in e4m3 at 4 / 2).
     act_scale, act_zero: static per-tensor activation scale and zero point (asymmetric int8, from the calibrated
     min / max) per timestep group, or None when activations are quantized per token at run time.
@@ -48,6 +50,7 @@ class LayerPlan:
     out_features: int = 0
     weight_bits: int | None = None
     weight_granularity: str | None = None
+    weight_group_size: int | None = None
     number_format: str | None = None
     act_bits: int | None = None
     act_mode: str | None = None
@@ -71,11 +74,21 @@ class LayerPlan:
     def quantized(self) -> bool:
         return self.weight_bits is not None
 
+    @property
+    def inputs_per_scale(self) -> int:
+        """Inputs per weight scale where the weights run group-wise (a linear with per_group granularity stored as
+        one 4- / 2-bit plane whose input width splits into groups: quantizer.groupable), else 0 (per channel)."""
+        if (self.weight_granularity != "per_group" or self.op != "linear" or self.group_weight_bits
+                or not groupable(self.in_features, self.weight_bits, self.weight_group_size)):
+            return 0
+        return self.weight_group_size
+
     def keep(self, reason: str) -> None:
         """Mark this layer full precision for `reason` (the first reason given wins)."""
         if self.keep_reason is None:
             self.keep_reason = reason
-        self.weight_bits = self.weight_granularity = self.number_format = self.act_bits = self.act_mode = None
+        self.weight_bits = self.weight_granularity = self.weight_group_size = self.number_format = None
+        self.act_bits = self.act_mode = None
         self.act_scale = self.act_zero = None
         self.balance = self.smooth = self.smooth_folded_into = self.rotation_block = self.group_weight_bits = None
         self.fp_tokens, self.fp_tokens_cached = 0, False
@@ -181,7 +194,8 @@ class QuantPlan:
                     layer.role,
                     _bits_cell(layer),
                     layer.attention_format or str(layer.act_bits or "-"),
-                    layer.weight_granularity or "-",
+                    f"group {layer.inputs_per_scale}" if layer.inputs_per_scale else "per_channel" if layer.quantized
+                    else "-",
                     layer.act_mode or "-",
                     (layer.balance or "-") + (f" (1/s in {layer.smooth_folded_into})" if layer.smooth_folded_into
                                               else ""),

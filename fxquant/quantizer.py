@@ -10,6 +10,8 @@ tensor from the calibrated range (static activations).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 SCALE_EPS = 1e-8  # smallest scale: an all-zero row quantizes to zeros instead of dividing by zero
@@ -89,6 +91,37 @@ def dequantize_weight_per_channel(q: torch.Tensor, scale: torch.Tensor, dtype: t
     """Inverse of quantize_weight_per_channel (for references and tests)."""
     shape = (-1,) + (1,) * (q.dim() - 1)
     return (q.float() * scale.reshape(shape)).to(dtype)
+
+
+# packed K loops step through each field's contiguous range of K in whole groups: a step is at least this deep
+MIN_GROUP_STEP = 32
+
+
+def groupable(in_features: int, bits: int, group_size: int) -> bool:
+    """Whether a linear of `in_features` inputs takes `bits`-bit weights with one scale per `group_size` inputs:
+    whole groups, and a packed field's range of K (in_features / (8 / bits) values) made of MIN_GROUP_STEP-deep
+    steps that never straddle a group (so a GEMM's K loop scales each step's partial product by one group's
+    scales)."""
+    step = math.gcd(group_size, in_features * bits // 8)
+    return bits in (4, 2) and in_features % group_size == 0 and step % MIN_GROUP_STEP == 0
+
+
+def quantize_weight_groups(weight: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight [N, K] -> (int8 codes [N, K], fp32 scales [N, K / group_size]): one symmetric scale per output channel
+    and run of group_size inputs (quantize_weight_per_channel applied to each group: absmax / qmax at 4 bits, the
+    fitted clipping of the grid [-2, 1] at 2)."""
+    out_features, in_features = weight.shape
+    if in_features % group_size:
+        raise ValueError(f"{in_features} inputs do not split into groups of {group_size}")
+    codes, scale = quantize_weight_per_channel(weight.detach().float().reshape(-1, group_size), bits)
+    return codes.reshape(out_features, in_features), scale.reshape(out_features, in_features // group_size)
+
+
+def dequantize_weights(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """int8 codes [N, K] with scales [N] (per channel) or [N, G] (per group of K / G inputs) -> fp32 [N, K]."""
+    if scale.dim() == 2:
+        return (q.float().reshape(*scale.shape, -1) * scale.unsqueeze(-1)).reshape(q.shape)
+    return q.float() * scale.reshape(-1, 1)
 
 
 def packable(row_width: int, bits: int) -> bool:

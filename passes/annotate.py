@@ -233,6 +233,8 @@ class AnnotatePass(QuantPass):
             layer.in_features = module.weight.shape[1]
             layer.out_features = module.weight.shape[0]
             layer.weight_bits, layer.weight_granularity = config.weight_bits, config.weight_granularity
+            if config.weight_granularity == "per_group":  # (runs so where LayerPlan.inputs_per_scale says)
+                layer.weight_group_size = config.weight_group_size
             # fp8 convolutions need static activations (the kernel's codes have one scale) and 8-bit weights, which
             # mixed precision may change
             layer.number_format = "fp8" if config.fp8 and (kind == "linear" or (

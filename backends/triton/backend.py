@@ -216,6 +216,12 @@ def _value(node):
     return value if isinstance(value, torch.Tensor) else None
 
 
+def _grouped(w_scale) -> bool:
+    """Whether a linear's weight-scale argument holds group-wise scales ([N, G], G > 1: one group is per channel)."""
+    value = _value(w_scale)
+    return value is not None and value.dim() == 2 and value.shape[1] > 1
+
+
 def _only_use(node) -> bool:
     """The node feeds exactly one other node (so fusing that one leaves it dead)."""
     return isinstance(node, fx.Node) and len(node.users) == 1
@@ -580,7 +586,8 @@ def distribute_static_quantization(gm: fx.GraphModule) -> int:
 def fuse_activation_epilogues(gm: fx.GraphModule) -> int:
     """Rewrite `quantize_per_tensor(_fp8)(act(linear(...)))` (a GELU / SiLU, or a GEGLU of the linear's two halves,
     seen through row views and eval dropout, of an fxquant linear whose output is used only there; 8-bit static
-    quantization) into linear_activation_quantize nodes; returns how many."""
+    quantization; a GEGLU's linear with per-channel weight scales: the gated kernel unpacks packed weights first)
+    into linear_activation_quantize nodes; returns how many."""
     fused = 0
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or _target(node) not in _STATIC_QUANTIZE:
@@ -594,8 +601,9 @@ def fuse_activation_epilogues(gm: fx.GraphModule) -> int:
         linear_args = _linear_residual_args(linear) if _only_use(linear) else None
         if linear_args is None or _value(linear) is None or _value(node) is None:
             continue
-        width = _value(node).shape[-1] * (2 if activation[1].startswith("geglu") else 1)
-        if tuple(_value(linear).shape) != (*_value(node).shape[:-1], width):
+        gated = activation[1].startswith("geglu")
+        width = _value(node).shape[-1] * (2 if gated else 1)
+        if tuple(_value(linear).shape) != (*_value(node).shape[:-1], width) or (gated and _grouped(linear_args[5])):
             continue
         _replace(gm, node, fxq.linear_activation_quantize.default,
                  (*linear_args, activation[1], args[1], None if fp8 else args[2]))
@@ -828,7 +836,8 @@ def _head_projections(operand) -> tuple | None:
 
 def fuse_attention_operands(gm: fx.GraphModule) -> int:
     """Rewrite a static-fp8 quantized attention (operand_scales given) that takes an operand straight from fp8
-    linears (`_head_projections`: q / k / v projections, joint ones concatenated) into attention_fp8_codes on
+    linears with per-channel weight scales (`_head_projections`: q / k / v projections, joint ones concatenated)
+    into attention_fp8_codes on
     laid-out operands: those linears become one linear_attention_operand per operand (the GEMMs' epilogues write the
     fp8 codes in the attention kernel's layout), the other operands attention_operand_fp8 (plain PyTorch for
     Inductor). Returns how many linears were fused."""
@@ -839,6 +848,9 @@ def fuse_attention_operands(gm: fx.GraphModule) -> int:
         args = _node_args(node, _target(node))
         (q, k, v, scale, _, operand_scales), (out_scale, out_split) = args[:6], (args[6:] or [None, 0])
         projections = [_head_projections(x) for x in (q, k, v)] if operand_scales is not None else []
+        projections = [None if projection and any(_grouped(_node_args(linear, fxq.fp8_linear.default)[3])
+                                                  for linear, _, _ in projection[0]) else projection
+                       for projection in projections]  # (V's transposed product has no group-wise K loop)
         if not any(projections):
             continue
         with gm.graph.inserting_before(node):

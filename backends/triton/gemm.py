@@ -200,6 +200,10 @@ def _gemm_kernel(
     # next field is unpacked (with one, each waits for the previous MMA; 1: benchmarks compare). No default value:
     # torch's mutation analysis of traced launches fills none in (it would then copy every argument per call)
     FIELD_ACCUMULATORS: tl.constexpr,
+    # group-wise weight scales (packed weights only): b_scale and b_sum are [N, K / GROUP_K]; each field's step
+    # (within one group: the launcher's BLOCK_K) is its own product, scaled per output channel into an fp32
+    # accumulator; 0: per-channel scales
+    GROUP_K: tl.constexpr,
 ):
     PER_BYTE: tl.constexpr = 8 // WEIGHT_BITS
     BLOCK_KP: tl.constexpr = BLOCK_K // PER_BYTE  # packed rows per step; each field covers BLOCK_KP values of K
@@ -235,8 +239,9 @@ def _gemm_kernel(
         # operand, which the tensor cores read from registers: no trip through shared memory after the shifts
         a_ptrs = a_ptr + offs_k[:, None] * stride_ak + offs_m[None, :] * stride_am  # [BLOCK_KP, BLOCK_M]
         b_ptrs = b_ptr + offs_n[:, None] * stride_bn + offs_k[None, :] * stride_bk  # [BLOCK_N, BLOCK_KP]
-        acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32 if INT_ACC else tl.float32)
-        acc_odd = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32 if INT_ACC else tl.float32)
+        acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32 if INT_ACC and not GROUP_K else tl.float32)
+        acc_odd = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32 if INT_ACC and not GROUP_K else tl.float32)
+        groups = K // GROUP_K if GROUP_K else 1
         for k_start in range(0, packed_k, BLOCK_KP):
             k_left = packed_k - k_start
             b = tl.load(b_ptrs, mask=offs_k[None, :] < k_left, other=0).to(tl.int8, bitcast=True)
@@ -246,25 +251,42 @@ def _gemm_kernel(
                 else:
                     codes = unpack_field_e4m3(b, field, WEIGHT_BITS)
                 a = tl.load(a_ptrs + field * packed_k * stride_ak, mask=offs_k[:, None] < k_left, other=0.0)
-                if FIELD_ACCUMULATORS == 2 and field % 2 == 1:
+                if GROUP_K:  # this step's K range lies in one group
+                    group = offs_n * groups + (field * packed_k + k_start) // GROUP_K
+                    group_scale = tl.load(b_scale_ptr + group)
+                    part = tl.dot(codes, a, out_dtype=tl.int32 if INT_ACC else tl.float32)
+                    acc_t += part.to(tl.float32) * group_scale[:, None]
+                elif FIELD_ACCUMULATORS == 2 and field % 2 == 1:
                     acc_odd = tl.dot(codes, a, acc_odd, out_dtype=tl.int32 if INT_ACC else tl.float32)
                 else:
                     acc_t = tl.dot(codes, a, acc_t, out_dtype=tl.int32 if INT_ACC else tl.float32)
             a_ptrs += BLOCK_KP * stride_ak
             b_ptrs += BLOCK_KP * stride_bk
         acc = tl.trans(acc_t + acc_odd)
-        if INT_ACC:
+        if INT_ACC and GROUP_K:
+            acc = acc * (1.0 / (1 << (8 - WEIGHT_BITS)))  # (exact: a power of two)
+        elif INT_ACC:
             acc = acc >> (8 - WEIGHT_BITS)  # top-aligned codes: sums of c * 2^(8 - bits) products
         else:
             acc = acc * E4M3_CODES_PER_UNIT
 
-    if HAS_ZERO:
+    if HAS_ZERO and GROUP_K:  # a_zero times the sum over groups of b_scale * b_sum (the group scales are in acc)
+        zero_term = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for group in range(0, groups):
+            group_offsets = offs_n * groups + group
+            zero_term += tl.load(b_scale_ptr + group_offsets) * tl.load(b_sum_ptr + group_offsets).to(tl.float32)
+        a_zero = tl.load(a_zero_ptr + rows * stride_as, mask=row_ok, other=0)
+        acc = acc - a_zero.to(tl.float32)[:, None] * zero_term[None, :]
+    elif HAS_ZERO:
         a_zero = tl.load(a_zero_ptr + rows * stride_as, mask=row_ok, other=0)
         b_sum = tl.load(b_sum_ptr + cols, mask=col_ok, other=0)
         acc = acc - a_zero[:, None] * b_sum[None, :]
     a_scale = tl.load(a_scale_ptr + rows * stride_as, mask=row_ok, other=0.0)
-    b_scale = tl.load(b_scale_ptr + cols * stride_bs, mask=col_ok, other=0.0)
-    out = acc.to(tl.float32) * a_scale[:, None] * b_scale[None, :]
+    if GROUP_K:
+        out = acc * a_scale[:, None]
+    else:
+        b_scale = tl.load(b_scale_ptr + cols * stride_bs, mask=col_ok, other=0.0)
+        out = acc.to(tl.float32) * a_scale[:, None] * b_scale[None, :]
     if GATED:  # the gate half: weight rows N + cols
         if HAS_ZERO:
             acc_gate = acc_gate - a_zero[:, None] * tl.load(b_sum_ptr + N + cols, mask=col_ok, other=0)[None, :]
@@ -539,7 +561,9 @@ def quantized_gemm(a: torch.Tensor, a_scale: torch.Tensor, a_zero: torch.Tensor 
                    rope: tuple | None = None, tail: tuple | None = None):
     """a [M, K] int8 or fp8, a_scale fp32 [M] or [1] (broadcast), a_zero int32 like a_scale or None; b [N, K] same
     dtype as a, or (weight_bits 4 / 2) uint8 [N, K * weight_bits / 8] packed codes; b_scale fp32 [N], b_sum
-    int32 [N] (needed with a_zero); bias [N] or None -> out [M, N].
+    int32 [N] (needed with a_zero); bias [N] or None -> out [M, N]. Group-wise packed weights: b_scale and b_sum
+    [N, G], one per run of K / G inputs (unpacked in the K loop at every M, whose steps then lie in one group each:
+    BLOCK_K at most the largest power of two dividing the group and a field's range of K; no GEGLU).
     With residual [..., N] (M rows): out = residual + gate * out, shaped and typed like residual; gate (optional)
     broadcasts against residual varying at most per sample (fxquant::linear_residual). With tail = (tail_gate,
     tail_residual): a's rows are samples of two token parts, residual [B, T_head, N] and tail_residual [B, T_tail,
@@ -579,8 +603,12 @@ def quantized_gemm(a: torch.Tensor, a_scale: torch.Tensor, a_zero: torch.Tensor 
         f"a gated activation needs an even number of weight rows ({b.shape[0]}), no residual and no split output"
     m, k = a.shape
     n = b.shape[0] // 2 if gated else b.shape[0]
+    group_k = k // b_scale.shape[1] if b_scale.dim() == 2 and b_scale.shape[1] > 1 else 0  # (one group: per channel)
+    assert not group_k or (packed and not gated and not unpack_first and b_scale.shape == (n, k // group_k) and (
+        b_sum is None or b_sum.shape == b_scale.shape)), \
+        f"group-wise scales {tuple(b_scale.shape)} need packed weights, no GEGLU, no unpacking first"
     min_tokens = UNPACK_MIN_TOKENS if a.dtype == torch.int8 else UNPACK_MIN_TOKENS_FP8
-    if packed and (gated or (unpack_first if unpack_first is not None else m >= min_tokens)):
+    if packed and not group_k and (gated or (unpack_first if unpack_first is not None else m >= min_tokens)):
         b, weight_bits = unpack_weights(b, weight_bits, traced, a.dtype), 8
     tail_gate, tail_residual = tail or (None, None)
     if residual is not None:
@@ -601,7 +629,11 @@ def quantized_gemm(a: torch.Tensor, a_scale: torch.Tensor, a_zero: torch.Tensor 
     if m == 0:
         return out if residual is None else out.view(out_shape) if tail is None else (out.view(out_shape), tail_out)
     a_scale, stride_as = _scales(a_scale, m)  # (the transposed product's activations: b_scale may be one value)
-    b_scale, stride_bs = _scales(b_scale, n * (2 if gated else 1))
+    if group_k:
+        b_scale, stride_bs = b_scale.float().contiguous(), 0
+        b_sum = b_sum.contiguous() if b_sum is not None else None
+    else:
+        b_scale, stride_bs = _scales(b_scale, n * (2 if gated else 1))
     split_m, stride_om_outer, stride_om, split_n, stride_on_outer, stride_on, out_run, out_offset = split_out or (
         m, 0, out.stride(0), n, 0, out.stride(1), 1, 0)
     if a_zero is not None:
@@ -634,10 +666,12 @@ def quantized_gemm(a: torch.Tensor, a_scale: torch.Tensor, a_zero: torch.Tensor 
                  ACT=ACTIVATION_CODES[activation], OUT_CODES=0 if out_scale is None else 1 if out_zero is not None
                  else 2, INT_ACC=a.dtype == torch.int8, WEIGHT_BITS=weight_bits, SPLIT_OUT=split_out is not None,
                  OUT_RUN=out_run, GATED=gated, HEAD_NORM=("none", "rms", "layer").index(norm), ROPE=rope is not None,
-                 HEAD_DIM=head_dim, ROW_PARTS=tail is not None, FIELD_ACCUMULATORS=2)
+                 HEAD_DIM=head_dim, ROW_PARTS=tail is not None, FIELD_ACCUMULATORS=1 if group_k else 2,
+                 GROUP_K=group_k)
     assert config is None or config == "autotune" or isinstance(config, dict), f"config {config!r}"
     if config == "autotune":
-        assert not traced and head_dim == 1, "autotuning launches eagerly, with no per-head transform"
+        assert not traced and head_dim == 1 and not group_k, \
+            "autotuning launches eagerly, with no per-head transform, per-channel scales"
         _autotuned_gemm_kernel[lambda meta: (_programs(meta, m, n),)](*args, **flags)
     else:
         if config is None:
@@ -647,11 +681,21 @@ def quantized_gemm(a: torch.Tensor, a_scale: torch.Tensor, a_zero: torch.Tensor 
                                   limits)
         if config["BLOCK_N"] % head_dim:  # per-head transforms need a tile of whole heads
             config = {**config, "BLOCK_N": head_dim}
+        if group_k:  # K steps within one group
+            config = {**config, "BLOCK_K": min(config["BLOCK_K"], group_step(group_k, b.shape[1], weight_bits))}
         launch = wrap_triton(_gemm_kernel) if traced else _gemm_kernel
         launch[(_programs(config, m, n),)](*args, **{**flags, **config})  # a benchmark's config may set a flag
     if tail is not None:
         return out.view(out_shape), tail_out
     return out if residual is None else out.view(out_shape)
+
+
+def group_step(group_k: int, packed_k: int, weight_bits: int) -> int:
+    """The deepest K step (in values of K, a power of two) of a packed K loop over group-wise weights that stays in one
+    group: each field covers packed_k contiguous values of K, so the step's packed rows must divide both the group
+    and packed_k (fxquant.quantizer.groupable keeps it at least MIN_GROUP_STEP)."""
+    common = math.gcd(group_k, packed_k)
+    return (common & -common) * (8 // weight_bits)
 
 
 def _scales(values: torch.Tensor, count: int) -> tuple[torch.Tensor, int]:

@@ -11,7 +11,8 @@ import torch
 import fxquant  # noqa: F401
 from fxquant.metrics import relative_l2
 from fxquant.quantizer import (asymmetric_params, fp8_scale, pack_bits, pack_sign_magnitude,
-                               quantize_fp8_with_scale, quantize_weight_per_channel, unpack_fp8_layer_e4m3)
+                               quantize_fp8_with_scale, quantize_weight_groups, quantize_weight_per_channel,
+                               unpack_fp8_layer_e4m3)
 
 triton = pytest.importorskip("triton")
 from fxquant.backends.triton.quantize import (fused_quantize_per_token, modulation_table,  # noqa: E402
@@ -190,6 +191,48 @@ def test_packed_weight_gemm_against_fp8_activations(bits, unpack_first):
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)  # fp32 sums in another order
     assert torch.equal(fxq.packed_fp8_linear(x_q, x_scale, packed, bits, w_scale, bias, torch.float32), expected)
     assert torch.equal(unpack_weights(packed, bits, dtype=torch.float8_e4m3fn).float(), w_q.float())
+
+
+@pytest.mark.parametrize("bits,k,group", [(4, 192, 32), (4, 256, 128), (2, 256, 64)])
+@pytest.mark.parametrize("m", [5, 300])  # (300: above both unpack-first thresholds; group-wise runs the K loop)
+@pytest.mark.parametrize("activations", ["int8", "fp8"])
+def test_group_wise_packed_gemm_matches_the_reference(bits, k, group, m, activations):
+    """Group-wise packed weights (one scale per output channel and run of `group` inputs): each K step of the packed
+    loop lies in one group and is scaled before it is added; the reference ops sum exact per-group products. With a
+    gated residual epilogue too."""
+    n = 24
+    x, w, bias = torch.randn(m, k), torch.randn(n, k), torch.randn(n)
+    w_q, w_scale = quantize_weight_groups(w, bits, group)
+    assert w_scale.shape == (n, k // group)
+    if activations == "int8":
+        x_q, x_scale, x_zero = fxq.quantize_per_token(x)
+        w_sum = w_q.reshape(n, -1, group).sum(dim=2, dtype=torch.int32)
+        packed = pack_bits(w_q, bits)
+        expected = fxq.int8_linear(x_q, x_scale, x_zero, w_q, w_scale, w_sum, bias, torch.float32)
+        assert torch.equal(fxq.packed_int8_linear(x_q, x_scale, x_zero, packed, bits, w_scale, w_sum, bias,
+                                                  torch.float32), expected)
+    else:
+        (x_q, x_scale), x_zero, w_sum = fxq.quantize_per_token_fp8(x), None, None
+        packed = pack_sign_magnitude(w_q) if bits == 4 else pack_bits(w_q, bits)
+        expected = fxq.fp8_linear(x_q, x_scale, fxq.unpack_fp8_codes(packed, bits), w_scale, bias, torch.float32)
+    dequantized = (w_q.float().reshape(n, -1, group) * w_scale[:, :, None]).reshape(n, k)
+    activations_float = x_q.float() if x_zero is None else x_q.float() - x_zero.float()
+    assert relative_l2(expected, activations_float * x_scale @ dequantized.t() + bias) < 1e-5  # the grouped sums
+    out = quantized_gemm(x_q, x_scale, x_zero, packed, w_scale, w_sum, bias, torch.float32, bits)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-4)  # fp32 group sums in another order
+    residual, gate = torch.randn(1, m, n), torch.randn(1, 1, n)
+    gated = quantized_gemm(x_q, x_scale, x_zero, packed, w_scale, w_sum, bias, torch.float32, bits, gate=gate,
+                           residual=residual)
+    torch.testing.assert_close(gated, residual + gate * expected.reshape(1, m, n), rtol=1e-5, atol=1e-4)
+
+
+def test_group_steps_stay_inside_one_group():
+    """The K loop's step (in values of K) divides the group and a packed field's range: PixArt's 1152 inputs in
+    groups of 128 step 128 values (64 packed rows) deep at 4 bits (a field covers 576 values of K: from 512 on, a
+    256-deep step would straddle groups 4 and 5)."""
+    assert gemm_module.group_step(128, 1152 // 2, 4) == 128
+    assert gemm_module.group_step(128, 4608 // 2, 4) == 256
+    assert gemm_module.group_step(64, 1152 // 4, 2) == 128
 
 
 def _run_ptx_bit_ops(asm: str, value: int) -> int:
