@@ -18,7 +18,8 @@ def _out(model, inputs):
 @pytest.mark.parametrize("name,recipe", [(n, "w8a8") for n in FAMILIES] + [
     ("unet", "w8a8-static"), ("sd3", "w8a8:attention=int8-fp8"), ("pixart", "w8a8-fp8:static_hidden_activations=true"),
     ("flux", "w8a8:attention=fp8-static"), ("pixart", "w8a8-fp8:attention=fp8-static,static_attention_outputs=true"),
-    ("pixart", "w4a8-fp8:static_hidden_activations=true")])
+    ("pixart", "w4a8-fp8:static_hidden_activations=true"),
+    ("sd3", "w4a8:weight_granularity=per_group,weight_group_size=32")])
 def test_save_load_identical_outputs(quantized_family, tmp_path, name, recipe):
     _, qmodel, _ = quantized_family(name, recipe)
     fxquant.save(qmodel, tmp_path / "ckpt")

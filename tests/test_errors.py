@@ -64,6 +64,10 @@ def test_invalid_config_values():
         fxquant.get_config("w8a8:attention=int4")
     with pytest.raises(fxquant.RecipeError, match="static_conv_activations='maybe' must be true or false"):
         fxquant.get_config("w8a8:static_conv_activations=maybe")
+    with pytest.raises(fxquant.RecipeError, match="weight_group_size=48 must be a power of two"):
+        fxquant.get_config("w4a8:weight_granularity=per_group,weight_group_size=48")
+    with pytest.raises(fxquant.RecipeError, match="per_group' applies to 4- / 2-bit weights"):
+        fxquant.get_config("w8a8:weight_granularity=per_group")
 
 
 def test_fp8_linear_refuses_nested_weight_planes():

@@ -176,6 +176,12 @@ def test_fp8_plans_are_refused_with_a_reason(quantized_family, tmp_path, recipe)
         fxquant.export_onnx(qmodel, tmp_path / "fp8.onnx", FAMILIES["pixart"].inputs())
 
 
+def test_group_wise_plans_are_refused_with_a_reason(quantized_family, tmp_path):
+    _, qmodel, _ = quantized_family("pixart", "w4a8:weight_granularity=per_group,weight_group_size=32")
+    with pytest.raises(FxquantError, match="group-wise"):
+        fxquant.export_onnx(qmodel, tmp_path / "grouped.onnx", FAMILIES["pixart"].inputs())
+
+
 def test_pipeline_generates_with_the_ort_denoiser(tiny_pipeline_dir, tmp_path):
     """A real diffusers PixArt-alpha pipeline whose transformer calls go to ONNX Runtime, and the example inputs
     the CLI records from a pipeline call export too."""

@@ -1,0 +1,102 @@
+"""Group-wise against per-channel W4 GEMMs on the GPU: correctness at full shapes, then time per call.
+
+    python benchmarks/group_wise_gemm.py --out group-wise-gemm.json
+
+At DiT shapes (PixArt-alpha's 1152 <-> 4608, M from a batch's adaLN rows to 8192 tokens), int8 and fp8
+activations: the group-wise W4 kernel (`quantized_gemm` with [N, K / group] scales: the packed K loop at every M)
+against the fxquant ops' reference on the same codes (relative L2 of fp32 outputs), and the median time (triton.testing.do_bench) of
+it, of per-channel W4 on the same packed codes (the K loop below UNPACK_MIN_TOKENS(_FP8), unpack-first above) and of
+8-bit weights (W8A8), bf16 out. JSON with device, versions, date.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+
+import torch
+import triton
+
+import fxquant  # noqa: F401  (registers the ops)
+from fxquant.backends.triton.gemm import quantized_gemm
+from fxquant.metrics import relative_l2
+from fxquant.quantizer import pack_bits, pack_sign_magnitude, quantize_weight_groups, quantize_weight_per_channel
+
+fxq = torch.ops.fxquant
+SHAPES = [(16, 1152, 4608), (256, 1152, 4608), (4096, 1152, 1152), (8192, 1152, 4608), (8192, 4608, 1152)]
+
+
+def _sums(codes: torch.Tensor, groups: int) -> torch.Tensor:
+    """int32 row sums of int8 weight codes [N, K]: [N] for one group, else [N, groups]."""
+    sums = codes.reshape(codes.shape[0], groups, -1).sum(dim=2, dtype=torch.int32)
+    return sums if groups > 1 else sums.reshape(-1)
+
+
+def _operands(m: int, k: int, n: int, fp8: bool, group: int, device: str) -> dict:
+    """Activation codes and three weight forms of one random problem."""
+    x, w = torch.randn(m, k, device=device), torch.randn(n, k, device=device)
+    if fp8:
+        (x_q, x_scale), x_zero = fxq.quantize_per_token_fp8(x), None
+    else:
+        x_q, x_scale, x_zero = fxq.quantize_per_token(x)
+    pack = pack_sign_magnitude if fp8 else (lambda codes: pack_bits(codes, 4))
+    grouped_q, grouped_scale = quantize_weight_groups(w, 4, group)
+    channel_q, channel_scale = quantize_weight_per_channel(w, 4)
+    eight_q, eight_scale = quantize_weight_per_channel(w, 8)
+    sums = (lambda codes, groups: None) if fp8 else _sums
+    return {"x": (x_q, x_scale, x_zero),
+            "grouped": (grouped_q, pack(grouped_q), grouped_scale, sums(grouped_q, k // group)),
+            "per_channel": (pack(channel_q), channel_scale, sums(channel_q, 1)),
+            "w8": (eight_q.float().to(torch.float8_e4m3fn) if fp8 else eight_q, eight_scale, sums(eight_q, 1))}
+
+
+def measure(m: int, k: int, n: int, fp8: bool, group: int, device: str = "cuda", timed: bool = True) -> dict:
+    """One problem's row: the group-wise kernel's error against the reference and (timed) the three GEMMs' times."""
+    ops = _operands(m, k, n, fp8, group, device)
+    x_q, x_scale, x_zero = ops["x"]
+    codes, packed, scale, w_sum = ops["grouped"]
+    grouped = quantized_gemm(x_q, x_scale, x_zero, packed, scale, w_sum, None, torch.float32, 4)  # (fp32: no rounding)
+    if fp8:
+        reference = fxq.fp8_linear(x_q, x_scale, codes.float().to(torch.float8_e4m3fn), scale, None, torch.float32)
+    else:
+        reference = fxq.int8_linear(x_q, x_scale, x_zero, codes, scale, w_sum, None, torch.float32)
+    runs = {"w4_group": lambda: quantized_gemm(x_q, x_scale, x_zero, packed, scale, w_sum, None, torch.bfloat16, 4),
+            "w4_per_channel": lambda: quantized_gemm(x_q, x_scale, x_zero, *ops["per_channel"][:2],
+                                                     ops["per_channel"][2], None, torch.bfloat16, 4),
+            "w8": lambda: quantized_gemm(x_q, x_scale, x_zero, *ops["w8"][:2], ops["w8"][2], None, torch.bfloat16)}
+    row = {"m": m, "k": k, "n": n, "activations": "fp8" if fp8 else "int8", "group": group,
+           "rel_l2_vs_reference": relative_l2(grouped.float(), reference.float())}
+    if timed:
+        times = {name: triton.testing.do_bench(run, warmup=25, rep=200, return_mode="median") * 1000
+                 for name, run in runs.items()}
+        row.update(us=times, group_vs_per_channel=times["w4_per_channel"] / times["w4_group"],
+                   group_vs_w8=times["w8"] / times["w4_group"])
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--group", type=int, default=128)
+    parser.add_argument("--check-only", action="store_true",
+                        help="small shapes on the CPU, no timing (with TRITON_INTERPRET=1: a smoke run)")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    shapes, device = ([(5, 256, 32), (300, 256, 32)], "cpu") if args.check_only else (SHAPES, "cuda")
+    rows = []
+    for fp8 in (True, False):
+        for m, k, n in shapes:
+            rows.append(measure(m, k, n, fp8, args.group, device, timed=not args.check_only))
+            print(json.dumps(rows[-1]), flush=True)
+    result = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu (interpreter)",
+              "torch": torch.__version__, "triton": triton.__version__,
+              "python": platform.python_version(),
+              "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "rows": rows}
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+        f.write("\n")
+
+
+if __name__ == "__main__":
+    main()
