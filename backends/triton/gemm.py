@@ -200,9 +200,9 @@ def _gemm_kernel(
     # next field is unpacked (with one, each waits for the previous MMA; 1: benchmarks compare). No default value:
     # torch's mutation analysis of traced launches fills none in (it would then copy every argument per call)
     FIELD_ACCUMULATORS: tl.constexpr,
-    # group-wise weight scales (packed weights only): b_scale and b_sum are [N, K / GROUP_K]; each field's step
-    # (within one group: the launcher's BLOCK_K) is its own product, scaled per output channel into an fp32
-    # accumulator; 0: per-channel scales
+    # group-wise weight scales: b_scale and b_sum are [N, K / GROUP_K]; each K step (a packed field's, or an 8-bit
+    # step of unpacked codes; within one group: the launcher's BLOCK_K) is its own product, scaled per output channel
+    # into an fp32 accumulator; 0: per-channel scales
     GROUP_K: tl.constexpr,
 ):
     PER_BYTE: tl.constexpr = 8 // WEIGHT_BITS
@@ -218,17 +218,23 @@ def _gemm_kernel(
     offs_n = cols % N
     offs_k = tl.arange(0, BLOCK_KP)
     packed_k = K // PER_BYTE  # stored rows of b; field i of packed row j is K index i * packed_k + j
+    groups = K // GROUP_K if GROUP_K else 1
     if PER_BYTE == 1:
         a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
         b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32 if INT_ACC else tl.float32)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32 if INT_ACC and not GROUP_K else tl.float32)
         if GATED:
             acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32 if INT_ACC else tl.float32)
         for k_start in range(0, K, BLOCK_K):
             k_left = K - k_start
             a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
             b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
-            acc = tl.dot(a, b, acc, out_dtype=tl.int32 if INT_ACC else tl.float32)
+            if GROUP_K:  # (unpacked group-wise weights: this step lies in one group)
+                group_scale = tl.load(b_scale_ptr + offs_n * groups + k_start // GROUP_K)
+                part = tl.dot(a, b, out_dtype=tl.int32 if INT_ACC else tl.float32)
+                acc += part.to(tl.float32) * group_scale[None, :]
+            else:
+                acc = tl.dot(a, b, acc, out_dtype=tl.int32 if INT_ACC else tl.float32)
             if GATED:
                 b_gate = tl.load(b_ptrs + N * stride_bn, mask=offs_k[:, None] < k_left, other=0.0)
                 acc_gate = tl.dot(a, b_gate, acc_gate, out_dtype=tl.int32 if INT_ACC else tl.float32)
@@ -241,7 +247,6 @@ def _gemm_kernel(
         b_ptrs = b_ptr + offs_n[:, None] * stride_bn + offs_k[None, :] * stride_bk  # [BLOCK_N, BLOCK_KP]
         acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32 if INT_ACC and not GROUP_K else tl.float32)
         acc_odd = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32 if INT_ACC and not GROUP_K else tl.float32)
-        groups = K // GROUP_K if GROUP_K else 1
         for k_start in range(0, packed_k, BLOCK_KP):
             k_left = packed_k - k_start
             b = tl.load(b_ptrs, mask=offs_k[None, :] < k_left, other=0).to(tl.int8, bitcast=True)
@@ -561,9 +566,9 @@ def quantized_gemm(a: torch.Tensor, a_scale: torch.Tensor, a_zero: torch.Tensor 
                    rope: tuple | None = None, tail: tuple | None = None):
     """a [M, K] int8 or fp8, a_scale fp32 [M] or [1] (broadcast), a_zero int32 like a_scale or None; b [N, K] same
     dtype as a, or (weight_bits 4 / 2) uint8 [N, K * weight_bits / 8] packed codes; b_scale fp32 [N], b_sum
-    int32 [N] (needed with a_zero); bias [N] or None -> out [M, N]. Group-wise packed weights: b_scale and b_sum
-    [N, G], one per run of K / G inputs (unpacked in the K loop at every M, whose steps then lie in one group each:
-    BLOCK_K at most the largest power of two dividing the group and a field's range of K; no GEGLU).
+    int32 [N] (needed with a_zero); bias [N] or None -> out [M, N]. Group-wise weights: b_scale and b_sum [N, G],
+    one per run of K / G inputs (each K step then lies in one group: BLOCK_K at most the largest power of two
+    dividing the group and, packed, a field's range of K; no GEGLU).
     With residual [..., N] (M rows): out = residual + gate * out, shaped and typed like residual; gate (optional)
     broadcasts against residual varying at most per sample (fxquant::linear_residual). With tail = (tail_gate,
     tail_residual): a's rows are samples of two token parts, residual [B, T_head, N] and tail_residual [B, T_tail,
@@ -604,11 +609,11 @@ def quantized_gemm(a: torch.Tensor, a_scale: torch.Tensor, a_zero: torch.Tensor 
     m, k = a.shape
     n = b.shape[0] // 2 if gated else b.shape[0]
     group_k = k // b_scale.shape[1] if b_scale.dim() == 2 and b_scale.shape[1] > 1 else 0  # (one group: per channel)
-    assert not group_k or (packed and not gated and not unpack_first and b_scale.shape == (n, k // group_k) and (
+    assert not group_k or (not gated and not bias_per_row and b_scale.shape == (n, k // group_k) and (
         b_sum is None or b_sum.shape == b_scale.shape)), \
-        f"group-wise scales {tuple(b_scale.shape)} need packed weights, no GEGLU, no unpacking first"
+        f"group-wise scales {tuple(b_scale.shape)} for {n} x {k} weights, no GEGLU, no transposed product"
     min_tokens = UNPACK_MIN_TOKENS if a.dtype == torch.int8 else UNPACK_MIN_TOKENS_FP8
-    if packed and not group_k and (gated or (unpack_first if unpack_first is not None else m >= min_tokens)):
+    if packed and (gated or (unpack_first if unpack_first is not None else m >= min_tokens)):
         b, weight_bits = unpack_weights(b, weight_bits, traced, a.dtype), 8
     tail_gate, tail_residual = tail or (None, None)
     if residual is not None:

@@ -194,12 +194,12 @@ def test_packed_weight_gemm_against_fp8_activations(bits, unpack_first):
 
 
 @pytest.mark.parametrize("bits,k,group", [(4, 192, 32), (4, 256, 128), (2, 256, 64)])
-@pytest.mark.parametrize("m", [5, 300])  # (300: above both unpack-first thresholds; group-wise runs the K loop)
+@pytest.mark.parametrize("m,unpack_first", [(5, False), (70, True), (300, None)])  # (300: the default rule's choice)
 @pytest.mark.parametrize("activations", ["int8", "fp8"])
-def test_group_wise_packed_gemm_matches_the_reference(bits, k, group, m, activations):
-    """Group-wise packed weights (one scale per output channel and run of `group` inputs): each K step of the packed
-    loop lies in one group and is scaled before it is added; the reference ops sum exact per-group products. With a
-    gated residual epilogue too."""
+def test_group_wise_packed_gemm_matches_the_reference(bits, k, group, m, unpack_first, activations):
+    """Group-wise packed weights (one scale per output channel and run of `group` inputs), unpacked in the K loop or
+    first: each K step lies in one group and its product is scaled before it is added; the reference ops sum exact
+    per-group products. With a gated residual epilogue too."""
     n = 24
     x, w, bias = torch.randn(m, k), torch.randn(n, k), torch.randn(n)
     w_q, w_scale = quantize_weight_groups(w, bits, group)
@@ -218,11 +218,12 @@ def test_group_wise_packed_gemm_matches_the_reference(bits, k, group, m, activat
     dequantized = (w_q.float().reshape(n, -1, group) * w_scale[:, :, None]).reshape(n, k)
     activations_float = x_q.float() if x_zero is None else x_q.float() - x_zero.float()
     assert relative_l2(expected, activations_float * x_scale @ dequantized.t() + bias) < 1e-5  # the grouped sums
-    out = quantized_gemm(x_q, x_scale, x_zero, packed, w_scale, w_sum, bias, torch.float32, bits)
+    out = quantized_gemm(x_q, x_scale, x_zero, packed, w_scale, w_sum, bias, torch.float32, bits,
+                         unpack_first=unpack_first)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-4)  # fp32 group sums in another order
     residual, gate = torch.randn(1, m, n), torch.randn(1, 1, n)
     gated = quantized_gemm(x_q, x_scale, x_zero, packed, w_scale, w_sum, bias, torch.float32, bits, gate=gate,
-                           residual=residual)
+                           residual=residual, unpack_first=unpack_first)
     torch.testing.assert_close(gated, residual + gate * expected.reshape(1, m, n), rtol=1e-5, atol=1e-4)
 
 
