@@ -4,7 +4,8 @@
 
 At DiT shapes (PixArt-alpha's 1152 <-> 4608, M from a batch's adaLN rows to 8192 tokens), int8 and fp8
 activations: the group-wise W4 GEMM (`quantized_gemm` with [N, K / group] scales), unpacked in its K loop and
-unpacked first, against the fxquant ops' reference on the same codes (relative L2 of fp32 outputs), and the median
+unpacked first, against the fxquant ops' torch references on the same codes (relative L2 of fp32 outputs; session 30's
+run compared with the CUDA op, which is the unpack-first kernel itself), and the median
 time (triton.testing.do_bench, bf16 out) of both, of per-channel W4 (the K loop below UNPACK_MIN_TOKENS(_FP8),
 unpack-first above) and of 8-bit weights (W8A8). JSON with device, versions, date; group_vs_*: the faster group-wise
 form against the others.
@@ -23,6 +24,7 @@ import triton
 import fxquant  # noqa: F401  (registers the ops)
 from fxquant.backends.triton.gemm import quantized_gemm
 from fxquant.metrics import relative_l2
+from fxquant.ops import fp8_linear_reference, int8_linear_reference
 from fxquant.quantizer import pack_bits, pack_sign_magnitude, quantize_weight_groups, quantize_weight_per_channel
 
 fxq = torch.ops.fxquant
@@ -58,10 +60,11 @@ def measure(m: int, k: int, n: int, fp8: bool, group: int, device: str = "cuda",
     ops = _operands(m, k, n, fp8, group, device)
     x_q, x_scale, x_zero = ops["x"]
     codes, packed, scale, w_sum = ops["grouped"]
-    if fp8:
-        reference = fxq.fp8_linear(x_q, x_scale, codes.float().to(torch.float8_e4m3fn), scale, None, torch.float32)
+    if fp8:  # (the ops' torch bodies: on CUDA the ops themselves dispatch to the Triton GEMM)
+        reference = fp8_linear_reference(x_q, x_scale, codes.float().to(torch.float8_e4m3fn), scale, None,
+                                         torch.float32)
     else:
-        reference = fxq.int8_linear(x_q, x_scale, x_zero, codes, scale, w_sum, None, torch.float32)
+        reference = int8_linear_reference(x_q, x_scale, x_zero, codes, scale, w_sum, None, torch.float32)
 
     def grouped(unpack_first: bool, dtype: torch.dtype = torch.bfloat16):
         return lambda: quantized_gemm(x_q, x_scale, x_zero, packed, scale, w_sum, None, dtype, 4,
