@@ -696,9 +696,10 @@ def quantized_gemm(a: torch.Tensor, a_scale: torch.Tensor, a_zero: torch.Tensor 
 
 
 def group_step(group_k: int, packed_k: int, weight_bits: int) -> int:
-    """The deepest K step (in values of K, a power of two) of a packed K loop over group-wise weights that stays in one
-    group: each field covers packed_k contiguous values of K, so the step's packed rows must divide both the group
-    and packed_k (fxquant.quantizer.groupable keeps it at least MIN_GROUP_STEP)."""
+    """The deepest K step (in values of K, a power of two) of a K loop over group-wise weights that stays in one
+    group: each of a packed row's fields covers packed_k contiguous values of K (unpacked codes: weight_bits 8, one
+    field of K), so the step's packed rows must divide both the group and packed_k (fxquant.quantizer.groupable keeps
+    it at least MIN_GROUP_STEP)."""
     common = math.gcd(group_k, packed_k)
     return (common & -common) * (8 // weight_bits)
 
