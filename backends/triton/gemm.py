@@ -69,6 +69,11 @@ MAX_BLOCK_M = max(config.kwargs["BLOCK_M"] for config in get_autotune_config())
 # K loop wins at all three (45.6 / 14.8 / 7.6 against 55.7 / 15.4 / 8.2 us): it runs up to 512 (untimed between).
 UNPACK_MIN_TOKENS = 256
 UNPACK_MIN_TOKENS_FP8 = 512
+# group-wise packed weights against fp8 activations unpack first only from UNPACK_MIN_TOKENS up to this many tokens: on
+# an H100 (gpu-bench-h100/group-wise-gemm-s30.json, group 128) unpacking first won at 256 tokens (34.9 against 91.2 us
+# at 1152 -> 4608) and the K loop from 4096 (44.4 / 219.7 / 161.9 against 47.5 / 230.1 / 420.1 us at PixArt's
+# shapes); against int8 activations unpacking first wins from 256 tokens on, as per channel (untimed in between)
+GROUPED_FP8_UNPACK_MAX_TOKENS = 1024
 
 
 # PTX on four packed bytes per instruction: each byte's low / high nibble sign-extended to a byte (t = nibble ^ 8 is
@@ -584,7 +589,8 @@ def quantized_gemm(a: torch.Tensor, a_scale: torch.Tensor, a_zero: torch.Tensor 
     Inductor). gate_per_tile (benchmarks): load the gate as one vector per sample in a tile (default: when every
     tile size fits in a sample) or per element. unpack_first (benchmarks): packed weights are unpacked into an int8
     copy before the GEMM (`unpack_weights`; default: from UNPACK_MIN_TOKENS rows of int8 a on, UNPACK_MIN_TOKENS_FP8
-    of fp8 a) or in its K loop.
+    of fp8 a; group-wise weights against fp8 a from UNPACK_MIN_TOKENS below GROUPED_FP8_UNPACK_MAX_TOKENS) or in its
+    K loop.
 
     out / split_out / bias_per_row (`attention_operand_gemm`): the output buffer, written at the kernel's SPLIT_OUT
     offsets (split_out = (split_m, stride_om_outer, stride_om, split_n, stride_on_outer, stride_on, out_run,
@@ -612,8 +618,11 @@ def quantized_gemm(a: torch.Tensor, a_scale: torch.Tensor, a_zero: torch.Tensor 
     assert not group_k or (not gated and not bias_per_row and b_scale.shape == (n, k // group_k) and (
         b_sum is None or b_sum.shape == b_scale.shape)), \
         f"group-wise scales {tuple(b_scale.shape)} for {n} x {k} weights, no GEGLU, no transposed product"
-    min_tokens = UNPACK_MIN_TOKENS if a.dtype == torch.int8 else UNPACK_MIN_TOKENS_FP8
-    if packed and (gated or (unpack_first if unpack_first is not None else m >= min_tokens)):
+    if group_k and a.dtype != torch.int8:
+        unpack_by_size = UNPACK_MIN_TOKENS <= m < GROUPED_FP8_UNPACK_MAX_TOKENS
+    else:
+        unpack_by_size = m >= (UNPACK_MIN_TOKENS if a.dtype == torch.int8 else UNPACK_MIN_TOKENS_FP8)
+    if packed and (gated or (unpack_first if unpack_first is not None else unpack_by_size)):
         b, weight_bits = unpack_weights(b, weight_bits, traced, a.dtype), 8
     tail_gate, tail_residual = tail or (None, None)
     if residual is not None:

@@ -288,7 +288,7 @@ def test_ptx_nibbles_become_int8_codes():
 
 def test_packed_weights_are_unpacked_first_from_unpack_min_tokens(monkeypatch):
     """The default path: the K loop unpacks below UNPACK_MIN_TOKENS rows (int8 activations; UNPACK_MIN_TOKENS_FP8 for
-    fp8), the unpack kernel from there on."""
+    fp8), the unpack kernel from there on (group-wise against fp8: up to GROUPED_FP8_UNPACK_MAX_TOKENS)."""
     from fxquant.backends.triton import gemm
 
     unpacked = []
@@ -313,6 +313,13 @@ def test_packed_weights_are_unpacked_first_from_unpack_min_tokens(monkeypatch):
                                   torch.float32)
         out = gemm.quantized_gemm(x_q, x_scale, None, pack_sign_magnitude(w_q), w_scale, None, None, torch.float32, 4)
         torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+        assert len(unpacked) == unpacks
+    unpacked.clear()  # group-wise weights against fp8 activations: unpacked first only between the two bounds
+    w_q, w_scale = quantize_weight_groups(torch.randn(16, 64), 4, 32)
+    for rows, unpacks in ((gemm.UNPACK_MIN_TOKENS - 1, 0), (gemm.UNPACK_MIN_TOKENS, 1),
+                          (gemm.GROUPED_FP8_UNPACK_MAX_TOKENS, 1)):
+        x_q, x_scale = fxq.quantize_per_token_fp8(torch.randn(rows, 64))
+        gemm.quantized_gemm(x_q, x_scale, None, pack_sign_magnitude(w_q), w_scale, None, None, torch.float32, 4)
         assert len(unpacked) == unpacks
 
 
