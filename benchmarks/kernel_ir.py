@@ -103,7 +103,7 @@ def _report(fn, types: dict, constants: dict, num_warps: int, num_stages: int) -
 
 def gemm_reports() -> dict:
     """The GEMM kernel (plain epilogue) at W8A8 int8, fp8 and packed W4 / W2 (K loop, one dot per field; against
-    int8 or fp8 activations), fp8 with
+    int8 or fp8 activations; W4 with group-wise scales, groups of 128), fp8 with
     the GELU (tanh) + fp8 codes epilogue and with the GEGLU one (two products per tile), fp8 storing a
     keys-major attention operand's codes (split offsets, bias per row), a query operand's after a per-head
     RMSNorm and rotary embedding (Flux, head dim 128), and fp8 with gated residuals per token part (CogVideoX's
@@ -117,6 +117,7 @@ def gemm_reports() -> dict:
     for label, bits, a_type, b_type in (("int8", 8, "*i8", "*i8"), ("fp8", 8, "*fp8e4nv", "*fp8e4nv"),
                                         ("w4a8", 4, "*i8", "*u8"), ("w2a8", 2, "*i8", "*u8"),
                                         ("w4a8_fp8", 4, "*fp8e4nv", "*u8"), ("w2a8_fp8", 2, "*fp8e4nv", "*u8"),
+                                        ("w4a8_group128", 4, "*i8", "*u8"), ("w4a8_fp8_group128", 4, "*fp8e4nv", "*u8"),
                                         ("fp8_gelu_codes", 8, "*fp8e4nv", "*fp8e4nv"),
                                         ("fp8_geglu_codes", 8, "*fp8e4nv", "*fp8e4nv"),
                                         ("fp8_attention_operand", 8, "*fp8e4nv", "*fp8e4nv"),
@@ -131,7 +132,7 @@ def gemm_reports() -> dict:
                          OUT_CODES=2 if gelu or operand else 0, INT_ACC=not fp8, WEIGHT_BITS=bits, SPLIT_OUT=operand,
                          OUT_RUN=16 if operand else 1, GATED=gated, BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8,
                          stride_ak=1, stride_bk=1, stride_on=1, stride_as=1, stride_bs=1,
-                         FIELD_ACCUMULATORS=2)
+                         FIELD_ACCUMULATORS=1 if "group" in label else 2, GROUP_K=128 if "group" in label else 0)
         types = {**pointers, "a_ptr": a_type, "b_ptr": b_type, "out_ptr": "*fp8e4nv" if gelu or operand else "*bf16"}
         reports[label] = _report(_gemm_kernel, types, constants, 8, 3)
         if label in ("w4a8", "w4a8_fp8"):  # few tokens: the 16-row K-loop tile fixed_config launches there

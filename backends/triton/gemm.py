@@ -227,7 +227,7 @@ def _gemm_kernel(
     if PER_BYTE == 1:
         a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
         b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32 if INT_ACC and not GROUP_K else tl.float32)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32 if GROUP_K else tl.int32 if INT_ACC else tl.float32)
         if GATED:
             acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32 if INT_ACC else tl.float32)
         for k_start in range(0, K, BLOCK_K):
@@ -250,8 +250,8 @@ def _gemm_kernel(
         # operand, which the tensor cores read from registers: no trip through shared memory after the shifts
         a_ptrs = a_ptr + offs_k[:, None] * stride_ak + offs_m[None, :] * stride_am  # [BLOCK_KP, BLOCK_M]
         b_ptrs = b_ptr + offs_n[:, None] * stride_bn + offs_k[None, :] * stride_bk  # [BLOCK_N, BLOCK_KP]
-        acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32 if INT_ACC and not GROUP_K else tl.float32)
-        acc_odd = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32 if INT_ACC and not GROUP_K else tl.float32)
+        acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32 if GROUP_K else tl.int32 if INT_ACC else tl.float32)
+        acc_odd = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32 if GROUP_K else tl.int32 if INT_ACC else tl.float32)
         for k_start in range(0, packed_k, BLOCK_KP):
             k_left = packed_k - k_start
             b = tl.load(b_ptrs, mask=offs_k[None, :] < k_left, other=0).to(tl.int8, bitcast=True)

@@ -894,6 +894,7 @@ def test_gpu_only_ptx_assembles_for_hopper(tmp_path):
     assert reports["conv"]["conv3x3_fp8"]["ptx_wgmma"] > 0
     assert gemm["w4a8"]["ptx_top_nibble_masks"] > 0 and gemm["w2a8"]["ptx_top_nibble_masks"] == 0
     assert gemm["w4a8_fp8"]["ptx_e4m3_field_masks"] > 0 and gemm["w4a8_fp8"]["ptx_wgmma"] > 0  # e4m3 codes, fp8 MMA
+    assert gemm["w4a8_group128"]["ptx_wgmma"] > 0 and gemm["w4a8_fp8_group128"]["ptx_wgmma"] > 0  # group-wise scales
     assert gemm["fp8_gelu_codes"]["ptx_tanh_approx"] > 0 and gemm["fp8_gelu_codes"]["ptx_exp2"] == 0
     assert all(report["cubin_bytes"] > 0 for report in reports["quantize"].values())  # incl. the concat prologue
     # ptxas's register / spill report is read for every kernel (occupancy: 65536 registers per SM)
