@@ -26,7 +26,7 @@ _PLAIN = (type(None), bool, int, float, str, torch.dtype)
 
 
 def _argument_key(value):
-    """What torch's TTIR generation keeps of one kernel argument, or raises TypeError for what is not keyed."""
+    """What torch's TTIR generation keeps of one kernel argument; raises for what is not keyed."""
     from torch._inductor.ir import IRNode
 
     if isinstance(value, torch.Tensor):
@@ -49,7 +49,7 @@ def analysis_key(kernel, kwargs: dict, *args, **options) -> tuple | None:
     try:
         arguments = tuple(sorted((name, _argument_key(value)) for name, value in kwargs.items()))
         return _kernel_key(kernel), arguments
-    except TypeError:
+    except Exception:  # (an argument or config that cannot be keyed, e.g. an IR node without a dtype: unmemoized)
         return None
 
 
