@@ -25,16 +25,11 @@ import fxquant  # noqa: F401  (registers the ops)
 from fxquant.backends.triton.gemm import quantized_gemm
 from fxquant.metrics import relative_l2
 from fxquant.ops import fp8_linear_reference, int8_linear_reference
-from fxquant.quantizer import pack_bits, pack_sign_magnitude, quantize_weight_groups, quantize_weight_per_channel
+from fxquant.quantizer import (pack_bits, pack_sign_magnitude, quantize_weight_groups, quantize_weight_per_channel,
+                               weight_sums)
 
 fxq = torch.ops.fxquant
 SHAPES = [(16, 1152, 4608), (256, 1152, 4608), (4096, 1152, 1152), (8192, 1152, 4608), (8192, 4608, 1152)]
-
-
-def _sums(codes: torch.Tensor, groups: int) -> torch.Tensor:
-    """int32 row sums of int8 weight codes [N, K]: [N] for one group, else [N, groups]."""
-    sums = codes.reshape(codes.shape[0], groups, -1).sum(dim=2, dtype=torch.int32)
-    return sums if groups > 1 else sums.reshape(-1)
 
 
 def _operands(m: int, k: int, n: int, fp8: bool, group: int, device: str) -> dict:
@@ -48,11 +43,11 @@ def _operands(m: int, k: int, n: int, fp8: bool, group: int, device: str) -> dic
     grouped_q, grouped_scale = quantize_weight_groups(w, 4, group)
     channel_q, channel_scale = quantize_weight_per_channel(w, 4)
     eight_q, eight_scale = quantize_weight_per_channel(w, 8)
-    sums = (lambda codes, groups: None) if fp8 else _sums
+    sums = (lambda codes, groups=0: None) if fp8 else weight_sums
     return {"x": (x_q, x_scale, x_zero),
             "grouped": (grouped_q, pack(grouped_q), grouped_scale, sums(grouped_q, k // group)),
-            "per_channel": (pack(channel_q), channel_scale, sums(channel_q, 1)),
-            "w8": (eight_q.float().to(torch.float8_e4m3fn) if fp8 else eight_q, eight_scale, sums(eight_q, 1))}
+            "per_channel": (pack(channel_q), channel_scale, sums(channel_q)),
+            "w8": (eight_q.float().to(torch.float8_e4m3fn) if fp8 else eight_q, eight_scale, sums(eight_q))}
 
 
 def measure(m: int, k: int, n: int, fp8: bool, group: int, device: str = "cuda", timed: bool = True) -> dict:

@@ -15,7 +15,7 @@ from . import ops  # noqa: F401  (registers torch.ops.fxquant)
 from .balance import rotate, rotation_signs
 from .plan import LayerPlan
 from .quantizer import (dequantize_weights, pack_bits, pack_sign_magnitude, plane_widths, quantize_fp8,
-                        quantize_weight_groups, quantize_weight_per_channel, quantize_weight_planes)
+                        quantize_weight_per_channel, quantize_weight_planes, scale_groups, weight_sums)
 
 fxq = torch.ops.fxquant
 
@@ -34,14 +34,6 @@ def combined_weight_sums(plane_sums: torch.Tensor, multipliers: torch.Tensor) ->
     """Row sums of nested planes' codes [P, N] combined by plane multipliers [P] (one timestep group) or [G, P] (every
     group) -> int32 [N] or [G, N]: the row sums of the codes those multipliers build."""
     return (plane_sums * multipliers.unsqueeze(-1)).sum(dim=-2, dtype=torch.int32)
-
-
-def _weight_sum(weight_q: torch.Tensor, groups: int = 0) -> torch.Tensor:
-    """int32 [N]: per-output-channel sums of the int8 weights (the activation zero-point correction); with groups
-    (group-wise scales) int32 [N, groups], the sums over each group's inputs."""
-    if groups:
-        return weight_q.reshape(weight_q.shape[0], groups, -1).sum(dim=2, dtype=torch.int32)
-    return weight_q.reshape(weight_q.shape[0], -1).sum(dim=1, dtype=torch.int32)
 
 
 def _static_params_for_call(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -153,14 +145,9 @@ class QuantLinear(nn.Module):
             module.weight_q, scale = quantize_fp8(weight, dim=1)
             module.weight_scale = scale.reshape(-1)
         else:
-            if module.inputs_per_scale:
-                codes, module.weight_scale = quantize_weight_groups(weight, planes[0], module.inputs_per_scale)
-                codes = [codes]
-            else:
-                codes, module.weight_scale = quantize_weight_planes(weight, planes)
+            codes, module.weight_scale = quantize_weight_planes(weight, planes, module.inputs_per_scale)
             if not module.fp8:
-                sums = [_weight_sum(code, module.weight_scale.shape[1] if module.inputs_per_scale else 0)
-                        for code in codes]
+                sums = [weight_sums(code, scale_groups(module.weight_scale)) for code in codes]
                 module.weight_sum = sums[0] if len(codes) == 1 else torch.stack(sums)
             for index, (code, width) in enumerate(zip(codes, planes)):
                 if width != 8:
@@ -350,7 +337,7 @@ class QuantConv2d(nn.Module):
             module.weight_scale = scale.reshape(-1)
         else:
             codes, module.weight_scale = quantize_weight_per_channel(weight, layer.weight_bits)
-            module.weight_sum = _weight_sum(codes)
+            module.weight_sum = weight_sums(codes)
             module.weight_q = codes.contiguous(memory_format=torch.channels_last) if layer.weight_bits == 8 else \
                 pack_bits(codes.reshape(codes.shape[0], -1), layer.weight_bits)
         if conv.bias is not None:

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from .quantizer import (FP8_MAX, asymmetric_params, attention_operands, quantize_asymmetric, quantize_fp8,
-                        quantize_fp8_with_scale, unpack_bits, unpack_fp8_layer_codes, unpack_fp8_layer_e4m3,
-                        unpack_int4)
+                        quantize_fp8_with_scale, scale_groups, unpack_bits, unpack_fp8_layer_codes,
+                        unpack_fp8_layer_e4m3, unpack_int4)
 
 _CUDA_INT_MM_MIN_ROWS = 17  # cuBLAS int8 GEMM through torch._int_mm needs M > 16 and K, N multiples of 8
 
@@ -46,14 +46,14 @@ def quantize_per_token_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.T
 
 def _group_columns(k: int, w_scale: torch.Tensor) -> list[slice]:
     """The input columns of each scale group of a [N, G] w_scale over K inputs (one group for a [N] w_scale)."""
-    groups = w_scale.shape[1] if w_scale.dim() == 2 else 1
+    groups = scale_groups(w_scale) or 1
     size = k // groups
     return [slice(g * size, (g + 1) * size) for g in range(groups)]
 
 
 def _group_scales(values: torch.Tensor, group: int) -> torch.Tensor:
     """Group `group`'s column of per-group values [N, G] as a [1, N] row (per-channel values [N]: all of them)."""
-    return (values[:, group] if values.dim() == 2 else values).reshape(1, -1)
+    return (values[:, group] if scale_groups(values) else values).reshape(1, -1)
 
 
 def int8_linear_reference(x_q, x_scale, x_zero, w_q, w_scale, w_sum, bias, out_dtype) -> torch.Tensor:

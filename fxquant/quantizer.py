@@ -117,9 +117,23 @@ def quantize_weight_groups(weight: torch.Tensor, bits: int, group_size: int) -> 
     return codes.reshape(out_features, in_features), scale.reshape(out_features, in_features // group_size)
 
 
+def scale_groups(scale: torch.Tensor) -> int:
+    """How many groups of inputs per-output-channel weight scales split K into: G for [N, G] with G > 1, else 0 (per
+    channel: [N], or [N, 1], as a transposed product passes per-row scales)."""
+    return scale.shape[1] if scale.dim() == 2 and scale.shape[1] > 1 else 0
+
+
+def weight_sums(codes: torch.Tensor, groups: int = 0) -> torch.Tensor:
+    """int32 sums of int8 weight codes [N, ...] per output channel ([N]: the activation zero-point correction), or
+    with groups > 0 per group of inputs ([N, groups])."""
+    if groups:
+        return codes.reshape(codes.shape[0], groups, -1).sum(dim=2, dtype=torch.int32)
+    return codes.reshape(codes.shape[0], -1).sum(dim=1, dtype=torch.int32)
+
+
 def dequantize_weights(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """int8 codes [N, K] with scales [N] (per channel) or [N, G] (per group of K / G inputs) -> fp32 [N, K]."""
-    if scale.dim() == 2:
+    if scale_groups(scale):
         return (q.float().reshape(*scale.shape, -1) * scale.unsqueeze(-1)).reshape(q.shape)
     return q.float() * scale.reshape(-1, 1)
 
@@ -221,16 +235,22 @@ def plane_widths(levels: list[int]) -> list[int]:
     return planes
 
 
-def quantize_weight_planes(weight: torch.Tensor, planes: list[int]) -> tuple[list[torch.Tensor], torch.Tensor]:
+def quantize_weight_planes(weight: torch.Tensor, planes: list[int],
+                           group_size: int = 0) -> tuple[list[torch.Tensor], torch.Tensor]:
     """weight [N, ...] -> (int8 codes of each plane, shaped [N, prod(...)]; fp32 scale [N] of the first plane).
 
-    One plane: quantize_weight_per_channel. Several (nested grids): the finest code q = round(w / (s / 2^R)),
+    One plane: quantize_weight_per_channel, or with group_size quantize_weight_groups (scales [N, K / group_size]). Several (nested grids): the finest code q = round(w / (s / 2^R)),
     s = absmax / qmax(planes[0]) and R the refinement bits, is split from the finest plane up: a plane of r bits
     keeps p = q - 2^r q' in [-2^(r-1), 2^(r-1) - 1] with q' = floor((q + 2^(r-1)) / 2^r) the next coarser code.
     Running at the first i planes means weight ~ q_(i-1) * s / 2^(r_1 + ... + r_(i-1)): one stored copy serves
     every level.
     """
     flat = weight.detach().float().reshape(weight.shape[0], -1)
+    if group_size:
+        if len(planes) != 1:
+            raise ValueError(f"group-wise scales take one weight plane, got planes {planes}")
+        codes, scale = quantize_weight_groups(flat, planes[0], group_size)
+        return [codes], scale
     if len(planes) == 1:
         codes, scale = quantize_weight_per_channel(flat, planes[0])
         return [codes], scale

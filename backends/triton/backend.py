@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import fx
 
 from ...ops import attention_operand_reference, quantize_per_token_reference, rotate_pairs, varies_per_sample
-from ...quantizer import (quantize_asymmetric, quantize_fp8, quantize_fp8_with_scale, unpack_bits,
+from ...quantizer import (quantize_asymmetric, quantize_fp8, quantize_fp8_with_scale, scale_groups, unpack_bits,
                           unpack_fp8_layer_e4m3, unpack_int4)
 from .access_analysis import memoize_access_analysis
 
@@ -217,9 +217,9 @@ def _value(node):
 
 
 def _grouped(w_scale) -> bool:
-    """Whether a linear's weight-scale argument holds group-wise scales ([N, G], G > 1: one group is per channel)."""
+    """Whether a linear's weight-scale argument holds group-wise scales (quantizer.scale_groups)."""
     value = _value(w_scale)
-    return value is not None and value.dim() == 2 and value.shape[1] > 1
+    return value is not None and scale_groups(value) > 0
 
 
 def _only_use(node) -> bool:

@@ -37,6 +37,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from ...ops import KEY_ALIGNMENT, attention_operand_shape
+from ...quantizer import scale_groups
 
 from . import INTERPRET, ceil_div
 from .quantize import (ACTIVATION_CODES, FP8_MAX, apply_activation, e4m3_grid, launcher, load_per_group,
@@ -614,7 +615,7 @@ def quantized_gemm(a: torch.Tensor, a_scale: torch.Tensor, a_zero: torch.Tensor 
         f"a gated activation needs an even number of weight rows ({b.shape[0]}), no residual and no split output"
     m, k = a.shape
     n = b.shape[0] // 2 if gated else b.shape[0]
-    group_k = k // b_scale.shape[1] if b_scale.dim() == 2 and b_scale.shape[1] > 1 else 0  # (one group: per channel)
+    group_k = k // scale_groups(b_scale) if scale_groups(b_scale) else 0
     assert not group_k or (not gated and not bias_per_row and b_scale.shape == (n, k // group_k) and (
         b_sum is None or b_sum.shape == b_scale.shape)), \
         f"group-wise scales {tuple(b_scale.shape)} for {n} x {k} weights, no GEGLU, no transposed product"
