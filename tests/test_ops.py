@@ -7,7 +7,7 @@ import torch.nn.functional as F
 import fxquant  # noqa: F401
 from fxquant.ops import prologue_reference
 from fxquant.quantizer import (dequantize_weight_per_channel, dequantize_weights, groupable, quantize_weight_groups,
-                               quantize_weight_per_channel)
+                               quantize_weight_per_channel, quantize_weight_planes)
 
 fxq = torch.ops.fxquant
 
@@ -69,6 +69,10 @@ def test_group_wise_weights_follow_local_ranges_and_the_linear_ops_apply_them():
     # whole groups, and packed K steps of at least 32 inside one group (PixArt's 1152 inputs; 2 bits: 288 per field)
     assert groupable(1152, 4, 128) and groupable(1152, 2, 128) and not groupable(1152, 4, 256)
     assert not groupable(24, 4, 32) and not groupable(1152, 8, 128)
+    with pytest.raises(ValueError, match="do not split into groups of 32"):
+        quantize_weight_groups(torch.randn(4, 48), 4, 32)
+    with pytest.raises(ValueError, match="group-wise scales take one weight plane"):
+        quantize_weight_planes(torch.randn(4, 64), [4, 4], group_size=32)
 
 
 @pytest.mark.parametrize("stride,padding,dilation", [([1, 1], [1, 1], [1, 1]), ([2, 2], [0, 1], [1, 1]),
