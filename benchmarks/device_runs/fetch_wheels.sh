@@ -3,7 +3,7 @@
 set -e
 mkdir -p .whl
 platforms="--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64"
-for package in diffusers==0.42.1 mip==2.0.0 cffi pycparser highsbox; do
+for package in diffusers==0.42.1 mip==2.0.0 cffi pycparser highsbox nvidia-cudnn-frontend==1.14.1; do
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp $platforms \
     -d .whl "$package"
 done
