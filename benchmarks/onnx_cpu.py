@@ -10,7 +10,8 @@ accuracy of each ORT graph against torch (fp32 and fxquant W8A8 per-token), ORT-
 reference models' recorded denoiser calls with the integer-op census. Timings are reported, never asserted.
 `--columns-ab`: only the stack's ORT graphs, the per-token form's zero-point columns per layer against per weight
 shape (and the symmetric form), interleaved. `--op-profile`: only ORT's kernel time per operator type of the
-stack's fp32 and int8 graphs.
+stack's fp32 and int8 graphs. `--group-wise-ab`: only the stack's ORT graphs of W4A8 with group-wise against
+per-channel weight scales, interleaved.
 """
 
 from __future__ import annotations
@@ -163,6 +164,34 @@ def zero_point_columns_ab(model: torch.nn.Module, inputs: dict, runs: int, direc
     return {"rows": rows, "column_counts": sorted(set(per_layer(qmodel).values()))}
 
 
+def group_wise_ab(model: torch.nn.Module, inputs: dict, runs: int, directory: Path, group: int = 128) -> dict:
+    """ORT only, interleaved: fp32, W4A8 per-channel and group-wise (batched MatMulInteger over the groups) in the
+    exact and symmetric per-token forms; each int8 graph's parity with its own plan's torch reference."""
+    plans = {"per-channel": fxquant.quantize(copy.deepcopy(model), "w4a8", [inputs]),
+             f"group {group}": fxquant.quantize(copy.deepcopy(model), "w4a8:weight_granularity=per_group,"
+                                                f"weight_group_size={group}", [inputs])}
+    variants = {"ort fp32": _ort_call(export_float_onnx(model, directory / "groups-fp32.onnx", inputs,
+                                                        dynamic_batch=False), inputs)}
+    parity = {}
+    for plan_label, qmodel in plans.items():
+        reference = _torch_call(qmodel, inputs)()
+        for form in ("per_token", "per_token_symmetric"):
+            label = f"ort w4a8 {plan_label} {form}"
+            path = fxquant.export_onnx(qmodel, directory / f"{label.replace(' ', '-')}.onnx", inputs,
+                                       act_form=form, dynamic_batch=False)
+            variants[label] = _ort_call(path, inputs)
+            parity[label] = relative_l2(variants[label](), reference)
+    medians = interleaved_medians(variants, runs)
+    rows = [{"variant": label, "median_ms": seconds * 1e3, "speedup_vs_ort_fp32": medians["ort fp32"] / seconds,
+             **({"rel_l2_vs_torch_same_plan": parity[label]} if label in parity else {})}
+            for label, seconds in medians.items()]
+    for row in rows:
+        print(f"group-wise A/B {row['variant']:44s} {row['median_ms']:8.1f} ms  {row['speedup_vs_ort_fp32']:.3f}x",
+              flush=True)
+    return {"rows": rows, "group_wise_layers": sum(bool(layer.inputs_per_scale)
+                                                   for layer in plans[f"group {group}"].plan.quantized_layers())}
+
+
 def op_profile(model: torch.nn.Module, inputs: dict, runs: int, directory: Path) -> dict:
     """ORT's kernel time per operator type, per run (its profiler; 3 warm-up runs not counted), for the model's fp32
     graph and each int8 activation form of its W8A8 plan: where each graph's time goes."""
@@ -232,24 +261,21 @@ def main() -> None:
                         "zero-point columns per layer against per weight shape (written to --out)")
     parser.add_argument("--op-profile", action="store_true", help="only ORT's kernel time per operator type of the "
                         "PixArt-width stack's fp32 and int8 graphs (written to --out)")
+    parser.add_argument("--group-wise-ab", action="store_true", help="only the PixArt-width stack's ORT graphs, "
+                        "W4A8 group-wise against per-channel weight scales (written to --out)")
     args = parser.parse_args()
     torch.set_num_threads(THREADS)
-    if args.op_profile:
-        with tempfile.TemporaryDirectory() as tmp:
+    stack_only = {"op_profile": op_profile, "columns_ab": zero_point_columns_ab, "group_wise_ab": group_wise_ab}
+    for option, run in stack_only.items():
+        if getattr(args, option):
+            with tempfile.TemporaryDirectory() as tmp:
+                measured = run(*pixart_width_stack(args.layers), args.runs, Path(tmp))
             result = {"date": time.strftime("%Y-%m-%d"), "threads": THREADS, "onnxruntime": onnxruntime.__version__,
                       "runs": args.runs, "model": f"pixart-width-{args.layers}-blocks",
-                      "op_profile": op_profile(*pixart_width_stack(args.layers), args.runs, Path(tmp))}
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.out}")
-        return
-    if args.columns_ab:
-        with tempfile.TemporaryDirectory() as tmp:
-            result = {"date": time.strftime("%Y-%m-%d"), "threads": THREADS, "onnxruntime": onnxruntime.__version__,
-                      "runs": args.runs, "model": f"pixart-width-{args.layers}-blocks",
-                      **zero_point_columns_ab(*pixart_width_stack(args.layers), args.runs, Path(tmp))}
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.out}")
-        return
+                      **({"op_profile": measured} if option == "op_profile" else measured)}
+            Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+            print(f"wrote {args.out}")
+            return
     if args.parity_only:
         result = json.loads(Path(args.out).read_text())
         with tempfile.TemporaryDirectory() as tmp:

@@ -34,11 +34,6 @@ def _check_exportable(qmodel: QuantizedModel) -> None:
     if fp8:
         raise FxquantError(f"export_onnx: {len(fp8)} layers run in fp8 (e.g. {fp8[0]!r}); ONNX Runtime's CPU "
                            "provider has no fp8 matmul. Export an int8 recipe (w8a8, w4a8, ...).")
-    grouped = [layer.fqn for layer in qmodel.plan.quantized_layers() if layer.inputs_per_scale]
-    if grouped:
-        raise FxquantError(f"export_onnx: {len(grouped)} layers take group-wise weight scales (e.g. {grouped[0]!r}), "
-                           "which the QDQ export does not translate yet (one integer MatMul per layer needs one scale "
-                           "per output channel). Quantize with weight_granularity='per_channel' to export.")
     fp8_attention = [layer for layer in qmodel.plan.quantized_attention() if layer.attention_format != "int8"]
     if fp8_attention:
         raise FxquantError(f"export_onnx: this plan runs attention in fp8 (recipe attention="
@@ -113,7 +108,7 @@ def zero_point_columns(qmodel: QuantizedModel) -> dict[tuple[int, int] | str, in
     largest: dict[tuple[int, int], int] = {}
     columns: dict[tuple[int, int] | str, int] = {}
     for fqn, module in qmodel.model.named_modules():
-        if isinstance(module, QuantLinear) and module.weight_sum is not None:
+        if isinstance(module, QuantLinear) and module.weight_sum is not None and not module.inputs_per_scale:
             sums = module.weight_sum if module.weight_sum.dim() == 1 else combined_weight_sums(
                 module.weight_sum, module.plane_multipliers)  # nested planes: every timestep group's codes
             shape, layer_largest = (module.out_features, module.in_features), int(sums.abs().max())

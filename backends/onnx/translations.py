@@ -20,7 +20,9 @@ Three forms of the dynamic activations (`act_form`):
   per-patch form above.
 - "per_tensor": ONNX's DynamicQuantizeLinear (one uint8 scale / zero point per call), the form ORT fuses; it changes
   the numbers (one range for all tokens). Both changed forms' costs are measured, not assumed.
-Static (calibrated) activations use the plan's scale and zero point unchanged in every form.
+Static (calibrated) activations use the plan's scale and zero point unchanged in every form. Group-wise weight
+scales ([N, G]) make a linear one MatMulInteger batched over its G groups of inputs, each group's int32 product
+scaled in float and summed (`_group_wise_product`).
 """
 
 from __future__ import annotations
@@ -174,6 +176,8 @@ def translation_table(act_form: str = "per_token", zero_point_columns: dict | No
         return op.Clip(q, *bounds)  # the uint8 grid shifted by 128: a signed bits-bit grid
 
     def int8_linear(x_q, x_scale, x_zero, w_q, w_scale, w_sum, bias, out_dtype):
+        if w_scale.shape is not None and len(w_scale.shape) == 2 and w_scale.shape[1] != 1:
+            return _group_wise_product(x_q, x_scale, x_zero, w_q, w_scale, w_sum, bias)
         weight = op.Transpose(w_q, perm=[1, 0])  # [K, N], folded into the initializer
         if id(x_scale) in scalar_of:  # DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul(a_scale * b_scale)
             scale, zero = scalar_of[id(x_scale)]
@@ -194,6 +198,32 @@ def translation_table(act_form: str = "per_token", zero_point_columns: dict | No
         # static activations: one zero point, which MatMulInteger takes
         acc = op.MatMulInteger(x_q, weight, op.Cast(_first_element(_shift_to_uint8_grid(x_zero)), to=U8))
         return _dequantize_product(acc, x_scale, w_scale, bias)
+
+    def _group_wise_product(x_q, x_scale, x_zero, w_q, w_scale, w_sum, bias):
+        """Group-wise weight scales (w_scale / w_sum [N, G]): one batched MatMulInteger over the G groups of inputs
+        ([G, M, K / G] x [G, K / G, N] -> int32 [G, M, N]), each group's product scaled by its weight scales and
+        summed in float, then the per-row activation scale; a per-row zero point comes off as the rank-one term
+        zero [M, 1] * sum_g w_scale[:, g] w_sum[:, g] (MatMulInteger's zero point must be one value here), a
+        scalar one (symmetric, per-tensor, static forms) goes into MatMulInteger."""
+        groups = w_scale.shape[1]
+        x_groups = op.Transpose(op.Reshape(x_q, op.Constant(value_ints=[0, groups, -1])), perm=[1, 0, 2])
+        weight = op.Transpose(op.Reshape(w_q, op.Constant(value_ints=[0, groups, -1])), perm=[1, 2, 0])  # [G, K/G, N]
+        group_scales = op.Unsqueeze(op.Transpose(w_scale, perm=[1, 0]), _axes(1))  # [G, 1, N]
+        correction = None
+        if id(x_scale) in scalar_of:
+            scale, zero = scalar_of[id(x_scale)]
+            acc, x_scale = op.MatMulInteger(x_groups, weight, zero), scale
+        elif id(x_scale) in symmetric_scales:
+            acc = op.MatMulInteger(x_groups, weight, op.Constant(value=ir.tensor(np.array(MIDDLE_U8, dtype=np.uint8))))
+        elif per_token:
+            acc = op.MatMulInteger(x_groups, weight)
+            scaled_sums = op.ReduceSum(op.Mul(op.Cast(w_sum, to=F32), w_scale), _axes(1), keepdims=0)  # [N]
+            correction = op.Mul(op.Cast(_shift_to_uint8_grid(x_zero), to=F32), scaled_sums)
+        else:  # static activations: one zero point
+            acc = op.MatMulInteger(x_groups, weight, op.Cast(_first_element(_shift_to_uint8_grid(x_zero)), to=U8))
+        out = op.ReduceSum(op.Mul(op.Cast(acc, to=F32), group_scales), _axes(0), keepdims=0)  # [M, N]
+        out = op.Mul(out if correction is None else op.Sub(out, correction), x_scale)
+        return out if bias is None else op.Add(out, bias)
 
     def unpack(packed, bits: int):
         """uint8 [N, K * bits / 8] -> int8 [N, K]: field i of every byte, for i = 0 .. 8 / bits - 1 (lowest bits

@@ -176,10 +176,14 @@ def test_fp8_plans_are_refused_with_a_reason(quantized_family, tmp_path, recipe)
         fxquant.export_onnx(qmodel, tmp_path / "fp8.onnx", FAMILIES["pixart"].inputs())
 
 
-def test_group_wise_plans_are_refused_with_a_reason(quantized_family, tmp_path):
-    _, qmodel, _ = quantized_family("pixart", "w4a8:weight_granularity=per_group,weight_group_size=32")
-    with pytest.raises(FxquantError, match="group-wise"):
-        fxquant.export_onnx(qmodel, tmp_path / "grouped.onnx", FAMILIES["pixart"].inputs())
+@pytest.mark.parametrize("act_form", ["per_token", "per_token_symmetric", "per_tensor"])
+def test_group_wise_plans_export_as_batched_integer_products(exported, act_form):
+    """Group-wise 4-bit weights: each such linear is one MatMulInteger batched over its groups of inputs."""
+    qmodel, path = exported("pixart", "w4a8:weight_granularity=per_group,weight_group_size=32", act_form)
+    assert any(layer.inputs_per_scale for layer in qmodel.plan.quantized_layers())
+    assert integer_op_count(path) == len(qmodel.plan.quantized_layers())
+    inputs = FAMILIES["pixart"].inputs(batch=2, seed=7)
+    assert relative_l2(_run(path, inputs), _torch(qmodel, inputs)) <= MAX_PARITY
 
 
 def test_pipeline_generates_with_the_ort_denoiser(tiny_pipeline_dir, tmp_path):
