@@ -25,10 +25,10 @@ from .quantize import FP8_MAX
 
 @functools.cache
 def _cudnn():
-    """The cudnn-frontend module, or None when it is not installed."""
+    """The cudnn-frontend module, or None when it is not installed (or finds no cuDNN library to load)."""
     try:
         import cudnn
-    except ImportError:
+    except (ImportError, OSError):
         return None
     return cudnn
 
