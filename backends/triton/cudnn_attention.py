@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from ...ops import empty_heads_last
+from ...quantizer import FP8_MAX
 from .attention import attention_fp8_codes
-from .quantize import FP8_MAX
 
 
 @functools.cache
