@@ -24,9 +24,7 @@ The backend rewrites it with patterns, then compiles:
   rotated, as Flux's and CogVideoX's) one `attention_fp8_codes` on operands the GEMMs' epilogues write in the
   kernel's layout (`linear_attention_operand`, the head norms and the rotary embedding applied there);
   adaLN-single's chunked modulation table (PixArt's `scale_shift_table[None] + timestep`, each `1 + scale` folded in)
-  whose every chunk goes to those ops becomes one `modulation_table` (one kernel writes all six vectors); with the
-  option `fxquant.cudnn_attention`, each `attention_fp8_codes` becomes `cudnn_attention_fp8_codes` (cuDNN's fp8
-  flash attention where it applies, an opaque op call);
+  whose every chunk goes to those ops becomes one `modulation_table` (one kernel writes all six vectors);
 - CUDA: the quantize, GEMM, attention and conv ops become calls of fxquant's Triton kernels
   traced through `wrap_triton`, which Inductor launches from its own generated code (no Python dispatch per op; the
   attention kernel's tile is autotuned per shape before tracing, GEMM tiles are fixed rules; torch's analysis of
@@ -1183,17 +1181,6 @@ _KERNELS = {  # fxquant's Triton kernels, launched from Inductor's generated cod
 }
 
 
-def use_cudnn_attention(gm: fx.GraphModule) -> int:
-    """Point every attention_fp8_codes node at cudnn_attention_fp8_codes (same arguments and result), which stays an
-    opaque op call; returns how many."""
-    nodes = [node for node in gm.graph.nodes
-             if node.op == "call_function" and _target(node) == fxq.attention_fp8_codes.default]
-    for node in nodes:
-        node.target = fxq.cudnn_attention_fp8_codes.default
-    gm.recompile()
-    return len(nodes)
-
-
 def lower_to_inductor(gm: fx.GraphModule, fuse_quantize: bool = False, inline_kernels: bool = True) -> int:
     """Point every fxquant op that has a CUDA rewrite at it (arguments in schema order); returns how many.
     Static per-tensor quantization, attention operand layouts and unpacking (pointwise) always go to Inductor as
@@ -1241,11 +1228,10 @@ def concatenates_fp8_values(gm: fx.GraphModule) -> bool:
     attention). Inductor then fuses the concatenation into the fp8 V operand's transpose and, without N-d tiling,
     reads it uncoalesced: 103 us per SD3-medium block against 16 us with `triton.prefer_nd_tiling`
     (gpu-bench-h100/v-operand-inductor-tiling.json; SD3 end to end 1.299x -> 1.369x bf16 compile)."""
-    on_codes = (fxq.attention_fp8_codes.default, fxq.cudnn_attention_fp8_codes.default)
     for node in gm.graph.nodes:
-        attention = node.op == "call_function" and _target(node) in (*_ATTENTION_OPS, *on_codes)
+        attention = node.op == "call_function" and _target(node) in (*_ATTENTION_OPS, fxq.attention_fp8_codes.default)
         args = _node_args(node, _target(node)) if attention else None
-        if args and (_target(node) in on_codes or args[4]):  # fp8 P V
+        if args and (_target(node) == fxq.attention_fp8_codes.default or args[4]):  # fp8 P V
             values = args[2]
             if _call(values, {fxq.attention_operand_fp8.default}):
                 values = values.args[0]
@@ -1279,9 +1265,6 @@ BACKEND_OPTIONS = {
                                       "projection takes static activations (True)",
     "fxquant.fuse_attention_operands": "have the fp8 q / k / v projections of a static-fp8 quantized attention write "
                                        "its operands' codes in the kernel's layout from their GEMM epilogues (True)",
-    "fxquant.cudnn_attention": "run static fp8 attentions on operands the GEMM epilogues wrote by cuDNN's fp8 flash "
-                               "attention where it applies (head dims a multiple of 16, fp8 outputs; package "
-                               "nvidia-cudnn-frontend), else by the Triton kernel (False)",
     "fxquant.fuse_quantize": "hand per-token quantization to Inductor as plain PyTorch, fused with the ops producing "
                              "its input (False: fxquant's one-pass quantize kernel, measured faster on Hopper)",
 }
@@ -1357,8 +1340,6 @@ def fxquant_backend(gm: fx.GraphModule, example_inputs, mode: str | None = None,
     apply("packed_linears", fuse_packed_e4m3_weights)
     if ours.get("fxquant.fuse_modulation_tables", True):
         apply("modulation_tables", fuse_modulation_tables)
-    if ours.get("fxquant.cudnn_attention", False):
-        apply("cudnn_attentions", use_cudnn_attention)
     if not _on_cuda(example_inputs):
         return gm.forward
     from torch._inductor.compile_fx import compile_fx

@@ -11,7 +11,6 @@ import torch
 
 from .attention import attention_fp8_codes, quantized_attention
 from .conv import quantized_conv2d
-from .cudnn_attention import cudnn_attention_fp8_codes
 from .gemm import attention_operand_gemm, quantized_gemm, unpack_weights
 from .quantize import fused_quantize_per_token, modulation_table, quantize_per_token, quantize_per_token_fp8
 
@@ -125,11 +124,6 @@ def _linear_attention_operand_cuda(x_q, x_scale, w_q, w_scale, bias, scale, head
 @torch.library.register_kernel("fxquant::attention_fp8_codes", "cuda")
 def _attention_fp8_codes_cuda(q, k, v, head_dim, scale, operand_scales, out_dtype, out_scale=None, out_split=0):
     return attention_fp8_codes(q, k, v, head_dim, scale, operand_scales, out_dtype, out_scale, out_split)
-
-
-@torch.library.register_kernel("fxquant::cudnn_attention_fp8_codes", "cuda")
-def _cudnn_attention_fp8_codes_cuda(q, k, v, head_dim, scale, operand_scales, out_dtype, out_scale=None, out_split=0):
-    return cudnn_attention_fp8_codes(q, k, v, head_dim, scale, operand_scales, out_dtype, out_scale, out_split)
 
 
 @torch.library.register_kernel("fxquant::int8_conv2d", "cuda")

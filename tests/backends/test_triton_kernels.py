@@ -20,7 +20,6 @@ from fxquant.backends.triton.quantize import (fused_quantize_per_token, modulati
 from fxquant.backends.triton.gemm import attention_operand_gemm, quantized_gemm, unpack_weights  # noqa: E402
 import fxquant.backends.triton.gemm as gemm_module  # noqa: E402
 from fxquant.backends.triton.attention import attention_fp8_codes, quantized_attention  # noqa: E402
-from fxquant.backends.triton.cudnn_attention import cudnn_attention_fp8_codes, unsupported_reason  # noqa: E402
 import fxquant.backends.triton.attention as attention_module  # noqa: E402
 from fxquant.backends.triton.conv import quantized_conv2d  # noqa: E402
 
@@ -784,19 +783,6 @@ def test_attention_kernel_on_laid_out_codes_masks_unwritten_padding(head_dim):
         codes = attention_fp8_codes(*laid_out, head_dim, head_dim**-0.5, scales, torch.float32, out_scale,
                                     traced=traced)
         assert torch.equal(codes.view(torch.uint8), zero_padded_codes.view(torch.uint8))
-    # off a Hopper GPU (here: the interpreter) the cuDNN op's launcher hands the call to the Triton kernel
-    codes = cudnn_attention_fp8_codes(*laid_out, head_dim, head_dim**-0.5, scales, torch.float32, out_scale)
-    assert torch.equal(codes.view(torch.uint8), zero_padded_codes.view(torch.uint8))
-
-
-def test_cudnn_attention_says_why_it_cannot_run_a_call():
-    """The cases cudnn_attention_fp8_codes leaves to the Triton kernel: no static output scale (cuDNN writes fp8
-    outputs on Hopper), a head dim that is not a multiple of 16 or is stored padded, no Hopper GPU."""
-    codes, out_scale = torch.zeros(1, 2, 16, 96, dtype=torch.float8_e4m3fn), torch.ones(1)
-    assert "static scale" in unsupported_reason(codes[..., :64], 64, None)
-    assert "multiples of 16" in unsupported_reason(codes, 72, out_scale)
-    assert "multiples of 16" in unsupported_reason(codes, 64, out_scale)  # stored with padding
-    assert "Hopper" in unsupported_reason(codes[..., :64], 64, out_scale)
 
 
 @pytest.mark.parametrize("batch,channels,size,out_channels,kernel,stride,padding,dilation,with_bias", [
