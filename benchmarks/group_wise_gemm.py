@@ -6,7 +6,8 @@ At DiT shapes (PixArt-alpha's 1152 <-> 4608, M from a batch's adaLN rows to 8192
 activations: the group-wise W4 GEMM (`quantized_gemm` with [N, K / group] scales), unpacked in its K loop and
 unpacked first, against the fxquant ops' torch references on the same codes (relative L2 of fp32 outputs; session 30's
 run compared with the CUDA op, which is the unpack-first kernel itself), and the median
-time (triton.testing.do_bench, bf16 out) of both, of per-channel W4 (the K loop below UNPACK_MIN_TOKENS(_FP8),
+time (CUDA-graph replays, triton.testing.do_bench_cudagraph, bf16 out; sessions 30-31 used do_bench, whose times
+include launch gaps) of both, of per-channel W4 (the K loop below UNPACK_MIN_TOKENS(_FP8),
 unpack-first above) and of 8-bit weights (W8A8). JSON with device, versions, date; group_vs_*: the faster group-wise
 form against the others.
 """
@@ -73,8 +74,10 @@ def measure(m: int, k: int, n: int, fp8: bool, group: int, device: str = "cuda",
            "rel_l2_vs_reference": {form: relative_l2(grouped(first, torch.float32)().float(), reference)
                                    for form, first in (("k_loop", False), ("unpacked_first", True))}}
     if timed:
-        times = {name: triton.testing.do_bench(run, warmup=25, rep=200, return_mode="median") * 1000
-                 for name, run in runs.items()}
+        times = {}
+        for name, run in runs.items():  # CUDA-graph replays: launch gaps (unpack-first is two launches) left out
+            run()
+            times[name] = triton.testing.do_bench_cudagraph(run, rep=200, return_mode="median") * 1000
         fastest = min(times["w4_group_k_loop"], times["w4_group_unpacked_first"])
         row.update(us=times, group_vs_per_channel=times["w4_per_channel"] / fastest, group_vs_w8=times["w8"] / fastest)
     return row
