@@ -22,7 +22,7 @@ Three forms of the dynamic activations (`act_form`):
   the numbers (one range for all tokens). Both changed forms' costs are measured, not assumed.
 Static (calibrated) activations use the plan's scale and zero point unchanged in every form. Group-wise weight
 scales ([N, G]) make a linear one MatMulInteger batched over its G groups of inputs, each group's int32 product
-scaled in float and summed (`_group_wise_product`).
+scaled in float and summed (`group_wise_linear`).
 """
 
 from __future__ import annotations
@@ -177,7 +177,7 @@ def translation_table(act_form: str = "per_token", zero_point_columns: dict | No
 
     def int8_linear(x_q, x_scale, x_zero, w_q, w_scale, w_sum, bias, out_dtype):
         if w_scale.shape is not None and len(w_scale.shape) == 2 and w_scale.shape[1] != 1:
-            return _group_wise_product(x_q, x_scale, x_zero, w_q, w_scale, w_sum, bias)
+            return group_wise_linear(x_q, x_scale, x_zero, w_q, w_scale, w_sum, bias)
         weight = op.Transpose(w_q, perm=[1, 0])  # [K, N], folded into the initializer
         if id(x_scale) in scalar_of:  # DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul(a_scale * b_scale)
             scale, zero = scalar_of[id(x_scale)]
@@ -199,7 +199,7 @@ def translation_table(act_form: str = "per_token", zero_point_columns: dict | No
         acc = op.MatMulInteger(x_q, weight, op.Cast(_first_element(_shift_to_uint8_grid(x_zero)), to=U8))
         return _dequantize_product(acc, x_scale, w_scale, bias)
 
-    def _group_wise_product(x_q, x_scale, x_zero, w_q, w_scale, w_sum, bias):
+    def group_wise_linear(x_q, x_scale, x_zero, w_q, w_scale, w_sum, bias):
         """Group-wise weight scales (w_scale / w_sum [N, G]): one batched MatMulInteger over the G groups of inputs
         ([G, M, K / G] x [G, K / G, N] -> int32 [G, M, N]), each group's product scaled by its weight scales and
         summed in float, then the per-row activation scale; a per-row zero point comes off as the rank-one term
