@@ -21,8 +21,7 @@ Three forms of the dynamic activations (`act_form`):
 - "per_tensor": ONNX's DynamicQuantizeLinear (one uint8 scale / zero point per call), the form ORT fuses; it changes
   the numbers (one range for all tokens). Both changed forms' costs are measured, not assumed.
 Static (calibrated) activations use the plan's scale and zero point unchanged in every form. Group-wise weight
-scales ([N, G]) make a linear one MatMulInteger batched over its G groups of inputs, each group's int32 product
-scaled in float and summed (`group_wise_linear`).
+scales ([N, G]) make a linear one MatMulIntegerToFloat per group of inputs, summed (`group_wise_linear`).
 """
 
 from __future__ import annotations
@@ -200,30 +199,33 @@ def translation_table(act_form: str = "per_token", zero_point_columns: dict | No
         return _dequantize_product(acc, x_scale, w_scale, bias)
 
     def group_wise_linear(x_q, x_scale, x_zero, w_q, w_scale, w_sum, bias):
-        """Group-wise weight scales (w_scale / w_sum [N, G]): one batched MatMulInteger over the G groups of inputs
-        ([G, M, K / G] x [G, K / G, N] -> int32 [G, M, N]), each group's product scaled by its weight scales and
-        summed in float, then the per-row activation scale; a per-row zero point comes off as the rank-one term
-        zero [M, 1] * sum_g w_scale[:, g] w_sum[:, g] (MatMulInteger's zero point must be one value here), a
-        scalar one (symmetric, per-tensor, static forms) goes into MatMulInteger."""
-        groups = w_scale.shape[1]
-        x_groups = op.Transpose(op.Reshape(x_q, op.Constant(value_ints=[0, groups, -1])), perm=[1, 0, 2])
-        weight = op.Transpose(op.Reshape(w_q, op.Constant(value_ints=[0, groups, -1])), perm=[1, 2, 0])  # [G, K/G, N]
-        group_scales = op.Unsqueeze(op.Transpose(w_scale, perm=[1, 0]), _axes(1))  # [G, 1, N]
-        correction = None
+        """Group-wise weight scales (w_scale / w_sum [N, G]): one integer product per group of inputs
+        ([M, K / G] x [K / G, N]) scaled by the row scales times that group's weight scales (MatMulInteger -> Cast ->
+        Mul, which ORT fuses into MatMulIntegerToFloat), the G products summed in one Sum; a per-row zero point comes
+        off as the rank-one term x_scale * zero * sum_g w_scale[:, g] w_sum[:, g] (MatMulInteger's zero point must be
+        one value there), a scalar one (symmetric, per-tensor, static forms) goes into each MatMulInteger."""
+        groups, width = w_scale.shape[1], w_q.shape[1] // w_scale.shape[1]
+        weight = op.Transpose(w_q, perm=[1, 0])  # [K, N], folded into the initializer
+        zero, correction = None, None
         if id(x_scale) in scalar_of:
-            scale, zero = scalar_of[id(x_scale)]
-            acc, x_scale = op.MatMulInteger(x_groups, weight, zero), scale
+            x_scale, zero = scalar_of[id(x_scale)]
         elif id(x_scale) in symmetric_scales:
-            acc = op.MatMulInteger(x_groups, weight, op.Constant(value=ir.tensor(np.array(MIDDLE_U8, dtype=np.uint8))))
+            zero = op.Constant(value=ir.tensor(np.array(MIDDLE_U8, dtype=np.uint8)))
         elif per_token:
-            acc = op.MatMulInteger(x_groups, weight)
             scaled_sums = op.ReduceSum(op.Mul(op.Cast(w_sum, to=F32), w_scale), _axes(1), keepdims=0)  # [N]
-            correction = op.Mul(op.Cast(_shift_to_uint8_grid(x_zero), to=F32), scaled_sums)
+            correction = op.Mul(op.Mul(x_scale, op.Cast(_shift_to_uint8_grid(x_zero), to=F32)), scaled_sums)
         else:  # static activations: one zero point
-            acc = op.MatMulInteger(x_groups, weight, op.Cast(_first_element(_shift_to_uint8_grid(x_zero)), to=U8))
-        out = op.ReduceSum(op.Mul(op.Cast(acc, to=F32), group_scales), _axes(0), keepdims=0)  # [M, N]
-        out = op.Mul(out if correction is None else op.Sub(out, correction), x_scale)
-        return out if bias is None else op.Add(out, bias)
+            zero = op.Cast(_first_element(_shift_to_uint8_grid(x_zero)), to=U8)
+        parts = []
+        for group in range(groups):
+            start, stop = _axes(group * width), _axes((group + 1) * width)
+            product = op.MatMulInteger(op.Slice(x_q, start, stop, _axes(-1)), op.Slice(weight, start, stop, _axes(0)),
+                                       *([zero] if zero is not None else []))
+            group_scale = op.Reshape(op.Slice(w_scale, _axes(group), _axes(group + 1), _axes(1)), _axes(-1))
+            parts.append(op.Mul(op.Cast(product, to=F32), op.Mul(x_scale, group_scale)))
+        out = op.Sum(*parts)
+        out = out if correction is None else op.Sub(out, correction)
+        return out if bias is None else op.Sub(out, op.Neg(bias))  # (a bias Add would fold into the last product)
 
     def unpack(packed, bits: int):
         """uint8 [N, K * bits / 8] -> int8 [N, K]: field i of every byte, for i = 0 .. 8 / bits - 1 (lowest bits
