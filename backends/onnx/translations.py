@@ -225,7 +225,7 @@ def translation_table(act_form: str = "per_token", zero_point_columns: dict | No
             parts.append(op.Mul(op.Cast(product, to=F32), op.Mul(x_scale, group_scale)))
         out = op.Sum(*parts)
         out = out if correction is None else op.Sub(out, correction)
-        return out if bias is None else op.Sub(out, op.Neg(bias))  # (a bias Add would fold into the last product)
+        return out if bias is None else op.Sub(out, op.Neg(bias))  # the bias as a Sub, as in _zero_point_product
 
     def unpack(packed, bits: int):
         """uint8 [N, K * bits / 8] -> int8 [N, K]: field i of every byte, for i = 0 .. 8 / bits - 1 (lowest bits
