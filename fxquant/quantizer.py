@@ -239,9 +239,10 @@ def quantize_weight_planes(weight: torch.Tensor, planes: list[int],
                            group_size: int = 0) -> tuple[list[torch.Tensor], torch.Tensor]:
     """weight [N, ...] -> (int8 codes of each plane, shaped [N, prod(...)]; fp32 scale [N] of the first plane).
 
-    One plane: quantize_weight_per_channel, or with group_size quantize_weight_groups (scales [N, K / group_size]). Several (nested grids): the finest code q = round(w / (s / 2^R)),
-    s = absmax / qmax(planes[0]) and R the refinement bits, is split from the finest plane up: a plane of r bits
-    keeps p = q - 2^r q' in [-2^(r-1), 2^(r-1) - 1] with q' = floor((q + 2^(r-1)) / 2^r) the next coarser code.
+    One plane: quantize_weight_per_channel, or with group_size quantize_weight_groups (scales [N, K / group_size]).
+    Several (nested grids): the finest code q = round(w / (s / 2^R)), s = absmax / qmax(planes[0]) and R the
+    refinement bits, is split from the finest plane up: a plane of r bits keeps p = q - 2^r q' in
+    [-2^(r-1), 2^(r-1) - 1] with q' = floor((q + 2^(r-1)) / 2^r) the next coarser code.
     Running at the first i planes means weight ~ q_(i-1) * s / 2^(r_1 + ... + r_(i-1)): one stored copy serves
     every level.
     """

@@ -128,6 +128,12 @@ def _shift_to_uint8_grid(zero_int32):
     return op.Add(zero_int32, _int32(128))
 
 
+def _group_wise(w_scale) -> bool:
+    """Whether a linear's weight scales (a graph value) are group-wise, [N, G] with G > 1 (as quantizer.scale_groups
+    says of tensors)."""
+    return w_scale.shape is not None and len(w_scale.shape) == 2 and w_scale.shape[1] != 1
+
+
 def _first_element(tensor):
     """A [M, 1] tensor whose rows are all equal -> its scalar value."""
     return op.Reshape(op.Slice(op.Reshape(tensor, _axes(-1)), _axes(0), _axes(1)), _axes())
@@ -174,29 +180,38 @@ def translation_table(act_form: str = "per_token", zero_point_columns: dict | No
                   for v in (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)]
         return op.Clip(q, *bounds)  # the uint8 grid shifted by 128: a signed bits-bit grid
 
+    def one_zero_point(x_scale, x_zero):
+        """(the activations' row or tensor scale, their one uint8 zero point for MatMulInteger), or zero None for
+        fxquant's per-token activations, whose rows each have their own."""
+        if id(x_scale) in scalar_of:  # DynamicQuantizeLinear's own scalars
+            return scalar_of[id(x_scale)]
+        if id(x_scale) in symmetric_scales:
+            return x_scale, op.Constant(value=ir.tensor(np.array(MIDDLE_U8, dtype=np.uint8)))
+        if per_token:
+            return x_scale, None
+        return x_scale, op.Cast(_first_element(_shift_to_uint8_grid(x_zero)), to=U8)  # static activations
+
     def int8_linear(x_q, x_scale, x_zero, w_q, w_scale, w_sum, bias, out_dtype):
-        if w_scale.shape is not None and len(w_scale.shape) == 2 and w_scale.shape[1] != 1:
+        if _group_wise(w_scale):
             return group_wise_linear(x_q, x_scale, x_zero, w_q, w_scale, w_sum, bias)
         weight = op.Transpose(w_q, perm=[1, 0])  # [K, N], folded into the initializer
-        if id(x_scale) in scalar_of:  # DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul(a_scale * b_scale)
-            scale, zero = scalar_of[id(x_scale)]
-            out = op.Mul(op.Cast(op.MatMulInteger(x_q, weight, zero), to=F32), op.Mul(scale, w_scale))
-            return out if bias is None else op.Add(out, bias)
-        if id(x_scale) in symmetric_scales:  # MatMulInteger -> Cast -> Mul(x_scale * w_scale): MatMulIntegerToFloat
-            middle = op.Constant(value=ir.tensor(np.array(MIDDLE_U8, dtype=np.uint8)))
-            out = op.Mul(op.Cast(op.MatMulInteger(x_q, weight, middle), to=F32), op.Mul(x_scale, w_scale))
-            # the bias as a Sub: ORT 1.31 and 1.32 fold an Add of a constant that follows the scaling Mul into
-            # MatMulIntegerToFloat, then multiply it by the per-row A scale as well (see _zero_point_product)
-            return out if bias is None else op.Sub(out, op.Neg(bias))
-        if per_token:
+        scale, zero = one_zero_point(x_scale, x_zero)
+        if zero is None:
             columns = zero_point_columns.get(w_q.name, zero_point_columns.get(tuple(w_q.shape or ())))
             zero = _shift_to_uint8_grid(x_zero)
             if columns:
                 return _augmented_product(x_q, weight, x_scale, zero, w_scale, w_sum, bias, columns)
             return _zero_point_product(x_q, weight, x_scale, zero, w_scale, w_sum, bias)
-        # static activations: one zero point, which MatMulInteger takes
-        acc = op.MatMulInteger(x_q, weight, op.Cast(_first_element(_shift_to_uint8_grid(x_zero)), to=U8))
-        return _dequantize_product(acc, x_scale, w_scale, bias)
+        acc = op.MatMulInteger(x_q, weight, zero)
+        if id(x_scale) in scalar_of:  # DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul(a_scale * b_scale)
+            out = op.Mul(op.Cast(acc, to=F32), op.Mul(scale, w_scale))
+            return out if bias is None else op.Add(out, bias)
+        if id(x_scale) in symmetric_scales:  # MatMulInteger -> Cast -> Mul(x_scale * w_scale): MatMulIntegerToFloat
+            out = op.Mul(op.Cast(acc, to=F32), op.Mul(x_scale, w_scale))
+            # the bias as a Sub: ORT 1.31 and 1.32 fold an Add of a constant that follows the scaling Mul into
+            # MatMulIntegerToFloat, then multiply it by the per-row A scale as well (see _zero_point_product)
+            return out if bias is None else op.Sub(out, op.Neg(bias))
+        return _dequantize_product(acc, x_scale, w_scale, bias)  # static activations
 
     def group_wise_linear(x_q, x_scale, x_zero, w_q, w_scale, w_sum, bias):
         """Group-wise weight scales (w_scale / w_sum [N, G]): one integer product per group of inputs
@@ -206,16 +221,11 @@ def translation_table(act_form: str = "per_token", zero_point_columns: dict | No
         one value there), a scalar one (symmetric, per-tensor, static forms) goes into each MatMulInteger."""
         groups, width = w_scale.shape[1], w_q.shape[1] // w_scale.shape[1]
         weight = op.Transpose(w_q, perm=[1, 0])  # [K, N], folded into the initializer
-        zero, correction = None, None
-        if id(x_scale) in scalar_of:
-            x_scale, zero = scalar_of[id(x_scale)]
-        elif id(x_scale) in symmetric_scales:
-            zero = op.Constant(value=ir.tensor(np.array(MIDDLE_U8, dtype=np.uint8)))
-        elif per_token:
+        x_scale, zero = one_zero_point(x_scale, x_zero)
+        correction = None
+        if zero is None:
             scaled_sums = op.ReduceSum(op.Mul(op.Cast(w_sum, to=F32), w_scale), _axes(1), keepdims=0)  # [N]
             correction = op.Mul(op.Mul(x_scale, op.Cast(_shift_to_uint8_grid(x_zero), to=F32)), scaled_sums)
-        else:  # static activations: one zero point
-            zero = op.Cast(_first_element(_shift_to_uint8_grid(x_zero)), to=U8)
         parts = []
         for group in range(groups):
             start, stop = _axes(group * width), _axes((group + 1) * width)

@@ -615,7 +615,8 @@ def quantized_gemm(a: torch.Tensor, a_scale: torch.Tensor, a_zero: torch.Tensor 
         f"a gated activation needs an even number of weight rows ({b.shape[0]}), no residual and no split output"
     m, k = a.shape
     n = b.shape[0] // 2 if gated else b.shape[0]
-    group_k = k // scale_groups(b_scale) if scale_groups(b_scale) else 0
+    groups = scale_groups(b_scale)
+    group_k = k // groups if groups else 0
     assert not group_k or (not gated and not bias_per_row and b_scale.shape == (n, k // group_k) and (
         b_sum is None or b_sum.shape == b_scale.shape)), \
         f"group-wise scales {tuple(b_scale.shape)} for {n} x {k} weights, no GEGLU, no transposed product"
