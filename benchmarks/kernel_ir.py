@@ -26,8 +26,12 @@ import triton
 from triton import knobs
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon._runtime import GluonASTSource
+from triton.runtime.jit import mangle_type
 
 import fxquant  # noqa: F401  (registers the ops the kernels' modules import)
+from fxquant.backends.triton import attention_hopper
 from fxquant.backends.triton.attention import _attention_kernel
 from fxquant.backends.triton.conv import _conv_kernel
 from fxquant.backends.triton.gemm import _gemm_kernel, fixed_config_for_size
@@ -57,15 +61,17 @@ def mma_loop_instructions(sass: str) -> int:
                default=0)
 
 
-def _report(fn, types: dict, constants: dict, num_warps: int, num_stages: int) -> dict:
-    """Compile `fn` with the given argument types (default i32) and constexprs for sm_90; counts from its IR."""
+def _report(fn, types: dict, constants: dict, num_warps: int, num_stages: int, source_class=ASTSource) -> dict:
+    """Compile `fn` (a Triton kernel, or a Gluon one with source_class GluonASTSource) with the given argument types
+    (default i32) and constexprs for sm_90; counts from its IR."""
     names = fn.arg_names
     signature = {name: types.get(name, "i32") for name in names}
     signature.update({name: "constexpr" for name in constants})
-    aligned = [name for name in names if name not in constants and signature[name] not in ("fp32", "fp64")]
-    source = ASTSource(fn=fn, signature=signature,
-                       constexprs={(names.index(name),): value for name, value in constants.items()},
-                       attrs={(names.index(name),): [["tt.divisibility", 16]] for name in aligned})
+    aligned = [name for name in names if name not in constants and signature[name] not in ("fp32", "fp64")
+               and not signature[name].startswith("tensordesc")]
+    source = source_class(fn=fn, signature=signature,
+                          constexprs={(names.index(name),): value for name, value in constants.items()},
+                          attrs={(names.index(name),): [["tt.divisibility", 16]] for name in aligned})
     log = io.StringIO()  # ptxas's own report (registers, spills), which Triton prints when asked to
     with knobs.nvidia.scope(), knobs.compilation.scope(), contextlib.redirect_stdout(log):
         knobs.nvidia.dump_ptxas_log = knobs.compilation.always_compile = True  # (a cached kernel skips ptxas)
@@ -170,6 +176,34 @@ def attention_reports() -> dict:
     return reports
 
 
+def _descriptor_type(block: list[int]) -> str:
+    """The signature type of a TMA descriptor loading `block` tiles of fp8 codes, as a launch would specialise it."""
+    import torch
+
+    codes = torch.empty(4096, 4096, dtype=torch.float8_e4m3fn, device="meta")
+    layout = gl.NVMMASharedLayout.get_default_for(block, gl.float8e4nv)
+    return mangle_type(attention_hopper.TensorDescriptor(codes, [4096, 4096], [4096, 1], block, layout))
+
+
+def hopper_attention_reports() -> dict:
+    """The Gluon attention kernel (MMAs in flight across the softmax) at its tile configs, head dim 64, bf16 output;
+    at the default tile with head dims 128 and 72 (PixArt: 128-wide tiles) and with fp8 codes of two scales (a joint
+    attention's two streams)."""
+    reports = {}
+    for head_dim, (block_m, block_n, warps, stages), codes in (
+            *((64, config, 0) for config in attention_hopper.CONFIGS), (128, attention_hopper.DEFAULT_CONFIG, 0),
+            (72, attention_hopper.DEFAULT_CONFIG, 1), (64, attention_hopper.DEFAULT_CONFIG, 2)):
+        dim = max(32, 1 << (head_dim - 1).bit_length())
+        types = {"q_desc": _descriptor_type([block_m, dim]), "k_desc": _descriptor_type([block_n, dim]),
+                 "v_desc": _descriptor_type([dim, block_n]), "out_ptr": "*fp8e4nv" if codes else "*bf16",
+                 "scales_ptr": "*fp32", "out_scale_ptr": "*fp32", "score_scale": "fp32"}
+        label = f"d{head_dim}_{block_m}x{block_n}_{warps}w_{stages}s" + ["", "_codes", "_split_codes"][codes]
+        reports[label] = _report(attention_hopper._attention_kernel, types,
+                                 dict(HEAD_DIM=head_dim, OUT_CODES=codes, NUM_STAGES=stages, num_warps=warps), warps,
+                                 stages, GluonASTSource)
+    return reports
+
+
 def conv_reports() -> dict:
     """The implicit-GEMM conv (3 x 3 taps, bias) at its GPU tile, 128 x 128 x 64, 8 warps, 3 stages: on static int8
     codes, on the bf16 input quantized per patch in the K loop, and on static fp8 codes."""
@@ -208,11 +242,12 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     result = {"target": "cuda sm_90", "triton": triton.__version__, "gemm": gemm_reports(),
-              "attention": attention_reports(), "conv": conv_reports(), "quantize": quantize_reports()}
+              "attention": attention_reports(), "hopper_attention": hopper_attention_reports(), "conv": conv_reports(),
+              "quantize": quantize_reports()}
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
         f.write("\n")
-    for family in ("gemm", "attention", "conv", "quantize"):
+    for family in ("gemm", "attention", "hopper_attention", "conv", "quantize"):
         for name, report in result[family].items():
             print(family, name, report)
 

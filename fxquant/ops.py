@@ -702,9 +702,22 @@ def attention_fp8_codes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_
 
 
 @attention_fp8_codes.register_fake
-def _(q, k, v, head_dim, scale, operand_scales, out_dtype, out_scale=None, out_split=0):
+def _attention_fp8_codes_fake(q, k, v, head_dim, scale, operand_scales, out_dtype, out_scale=None, out_split=0):
     like = q.new_empty((*q.shape[:3], head_dim))  # the output's shape
     return empty_heads_last(like, torch.float8_e4m3fn if out_scale is not None else out_dtype)
+
+
+@torch.library.custom_op("fxquant::gluon_attention_fp8_codes", mutates_args=())
+def gluon_attention_fp8_codes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dim: int, scale: float,
+                              operand_scales: torch.Tensor, out_dtype: torch.dtype,
+                              out_scale: torch.Tensor | None = None, out_split: int = 0) -> torch.Tensor:
+    """attention_fp8_codes (same arguments, same result) run on Hopper GPUs by the Gluon kernel that keeps its MMAs
+    in flight across the softmax, where it applies (the compile backend's option fxquant.gluon_attention); here its
+    reference."""
+    return attention_fp8_codes(q, k, v, head_dim, scale, operand_scales, out_dtype, out_scale, out_split)
+
+
+gluon_attention_fp8_codes.register_fake(_attention_fp8_codes_fake)
 
 
 @torch.library.custom_op("fxquant::unpack_int4", mutates_args=())

@@ -151,6 +151,10 @@ FUSIONS = {  # backend option -> (compile_counter key, {(family, recipe): rewrit
         ("pixart", "w8a8-fp8:attention=fp8-static,static_attention_outputs=true"): 6,
         ("pixart", "w4a8-fp8:attention=fp8-static,static_attention_outputs=true"): 6,  # from e4m3-unpacked int4 codes
         ("sd3", "w8a8-fp8:attention=fp8-static"): 6}),
+    # every static-fp8 attention on operands the GEMM epilogues wrote goes to the Gluon kernel's op (self- and
+    # cross-attention; the op's CPU body is attention_fp8_codes' reference)
+    "fxquant.gluon_attention": ("gluon_attentions", {
+        ("pixart", "w8a8-fp8:attention=fp8-static,static_attention_outputs=true"): 2}),
 }
 
 

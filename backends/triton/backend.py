@@ -24,7 +24,9 @@ The backend rewrites it with patterns, then compiles:
   rotated, as Flux's and CogVideoX's) one `attention_fp8_codes` on operands the GEMMs' epilogues write in the
   kernel's layout (`linear_attention_operand`, the head norms and the rotary embedding applied there);
   adaLN-single's chunked modulation table (PixArt's `scale_shift_table[None] + timestep`, each `1 + scale` folded in)
-  whose every chunk goes to those ops becomes one `modulation_table` (one kernel writes all six vectors);
+  whose every chunk goes to those ops becomes one `modulation_table` (one kernel writes all six vectors); with the
+  option `fxquant.gluon_attention`, each `attention_fp8_codes` becomes `gluon_attention_fp8_codes` (the Gluon kernel
+  that keeps its MMAs in flight across the softmax, on Hopper where it applies; an opaque op call);
 - CUDA: the quantize, GEMM, attention and conv ops become calls of fxquant's Triton kernels
   traced through `wrap_triton`, which Inductor launches from its own generated code (no Python dispatch per op; the
   attention kernel's tile is autotuned per shape before tracing, GEMM tiles are fixed rules; torch's analysis of
@@ -1181,6 +1183,20 @@ _KERNELS = {  # fxquant's Triton kernels, launched from Inductor's generated cod
 }
 
 
+def use_gluon_attention(gm: fx.GraphModule) -> int:
+    """Point every attention_fp8_codes node at gluon_attention_fp8_codes (same arguments and result), which stays an
+    opaque op call (Gluon kernels take TMA descriptors made on the host per call); returns how many."""
+    nodes = [node for node in gm.graph.nodes
+             if node.op == "call_function" and _target(node) == fxq.attention_fp8_codes.default]
+    for node in nodes:
+        node.target = fxq.gluon_attention_fp8_codes.default
+    gm.recompile()
+    return len(nodes)
+
+
+_ON_CODES = (fxq.attention_fp8_codes.default, fxq.gluon_attention_fp8_codes.default)  # laid-out fp8 operands
+
+
 def lower_to_inductor(gm: fx.GraphModule, fuse_quantize: bool = False, inline_kernels: bool = True) -> int:
     """Point every fxquant op that has a CUDA rewrite at it (arguments in schema order); returns how many.
     Static per-tensor quantization, attention operand layouts and unpacking (pointwise) always go to Inductor as
@@ -1208,11 +1224,11 @@ def tune_attention(gm: fx.GraphModule) -> int:
 
     seen = 0
     for node in gm.graph.nodes:
-        if node.op != "call_function" or _target(node) not in (*_ATTENTION_OPS, fxq.attention_fp8_codes.default):
+        if node.op != "call_function" or _target(node) not in (*_ATTENTION_OPS, *_ON_CODES):
             continue
         args = _node_args(node, _target(node))
         q_value, k_value = args[0].meta["example_value"], args[1].meta["example_value"]
-        if _target(node) == fxq.attention_fp8_codes.default:  # laid-out fp8 operands, static scales
+        if _target(node) in _ON_CODES:  # laid-out fp8 operands, static scales
             head_dim, pv_fp8, static, dtype = args[3], True, True, args[6]
         else:
             head_dim, pv_fp8, static, dtype = q_value.shape[3], args[4], args[5] is not None, q_value.dtype
@@ -1229,9 +1245,9 @@ def concatenates_fp8_values(gm: fx.GraphModule) -> bool:
     reads it uncoalesced: 103 us per SD3-medium block against 16 us with `triton.prefer_nd_tiling`
     (gpu-bench-h100/v-operand-inductor-tiling.json; SD3 end to end 1.299x -> 1.369x bf16 compile)."""
     for node in gm.graph.nodes:
-        attention = node.op == "call_function" and _target(node) in (*_ATTENTION_OPS, fxq.attention_fp8_codes.default)
+        attention = node.op == "call_function" and _target(node) in (*_ATTENTION_OPS, *_ON_CODES)
         args = _node_args(node, _target(node)) if attention else None
-        if args and (_target(node) == fxq.attention_fp8_codes.default or args[4]):  # fp8 P V
+        if args and (_target(node) in _ON_CODES or args[4]):  # fp8 P V
             values = args[2]
             if _call(values, {fxq.attention_operand_fp8.default}):
                 values = values.args[0]
@@ -1265,6 +1281,9 @@ BACKEND_OPTIONS = {
                                       "projection takes static activations (True)",
     "fxquant.fuse_attention_operands": "have the fp8 q / k / v projections of a static-fp8 quantized attention write "
                                        "its operands' codes in the kernel's layout from their GEMM epilogues (True)",
+    "fxquant.gluon_attention": "run static fp8 attentions on operands the GEMM epilogues wrote by the Gluon kernel "
+                               "that keeps its MMAs in flight across the softmax (Hopper, power-of-two head dims), "
+                               "else by the Triton kernel (False: not yet timed on a GPU)",
     "fxquant.fuse_quantize": "hand per-token quantization to Inductor as plain PyTorch, fused with the ops producing "
                              "its input (False: fxquant's one-pass quantize kernel, measured faster on Hopper)",
 }
@@ -1340,6 +1359,8 @@ def fxquant_backend(gm: fx.GraphModule, example_inputs, mode: str | None = None,
     apply("packed_linears", fuse_packed_e4m3_weights)
     if ours.get("fxquant.fuse_modulation_tables", True):
         apply("modulation_tables", fuse_modulation_tables)
+    if ours.get("fxquant.gluon_attention", False):
+        apply("gluon_attentions", use_gluon_attention)
     if not _on_cuda(example_inputs):
         return gm.forward
     from torch._inductor.compile_fx import compile_fx

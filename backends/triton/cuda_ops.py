@@ -126,6 +126,13 @@ def _attention_fp8_codes_cuda(q, k, v, head_dim, scale, operand_scales, out_dtyp
     return attention_fp8_codes(q, k, v, head_dim, scale, operand_scales, out_dtype, out_scale, out_split)
 
 
+@torch.library.register_kernel("fxquant::gluon_attention_fp8_codes", "cuda")
+def _gluon_attention_fp8_codes_cuda(q, k, v, head_dim, scale, operand_scales, out_dtype, out_scale=None, out_split=0):
+    from .attention_hopper import attention_fp8_codes_or_triton  # (Gluon's Hopper API as of Triton 3.6)
+
+    return attention_fp8_codes_or_triton(q, k, v, head_dim, scale, operand_scales, out_dtype, out_scale, out_split)
+
+
 @torch.library.register_kernel("fxquant::int8_conv2d", "cuda")
 def _int8_conv2d_cuda(x, act_scale, act_zero, w_q, w_scale, w_sum, bias, stride, padding, dilation):
     return quantized_conv2d(x, act_scale, act_zero, w_q, w_scale, w_sum, bias, stride, padding, dilation)

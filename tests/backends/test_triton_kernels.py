@@ -21,6 +21,7 @@ from fxquant.backends.triton.gemm import attention_operand_gemm, quantized_gemm,
 import fxquant.backends.triton.gemm as gemm_module  # noqa: E402
 from fxquant.backends.triton.attention import attention_fp8_codes, quantized_attention  # noqa: E402
 import fxquant.backends.triton.attention as attention_module  # noqa: E402
+from fxquant.backends.triton import attention_hopper  # noqa: E402
 from fxquant.backends.triton.conv import quantized_conv2d  # noqa: E402
 
 fxq = torch.ops.fxquant
@@ -783,6 +784,11 @@ def test_attention_kernel_on_laid_out_codes_masks_unwritten_padding(head_dim):
         codes = attention_fp8_codes(*laid_out, head_dim, head_dim**-0.5, scales, torch.float32, out_scale,
                                     traced=traced)
         assert torch.equal(codes.view(torch.uint8), zero_padded_codes.view(torch.uint8))
+    # off a Hopper GPU (here: the interpreter) the Gluon op's launcher hands the call to the Triton kernel
+    assert not attention_hopper.supported(laid_out[0], head_dim)
+    codes = attention_hopper.attention_fp8_codes_or_triton(*laid_out, head_dim, head_dim**-0.5, scales, torch.float32,
+                                                           out_scale)
+    assert torch.equal(codes.view(torch.uint8), zero_padded_codes.view(torch.uint8))
 
 
 @pytest.mark.parametrize("batch,channels,size,out_channels,kernel,stride,padding,dilation,with_bias", [
@@ -889,6 +895,12 @@ def test_gpu_only_ptx_assembles_for_hopper(tmp_path):
     exponentials = reports["attention"]["d64_fp8_pv_fp8_codes_static_raw_tail"]["sass_mufu_ex2"]
     assert 2 * 128 * 128 // 256 < exponentials <= 2 * 128 * 128 // 256 + 8
     assert gemm["fp8_attention_operand"]["cubin_bytes"] > 0  # the GEMM storing them
+    # the Gluon attention kernel: every tile config assembles, and the scores of the next key tile are waited for
+    # with the P V product still in flight (pendings 1), which the Triton kernel cannot express; one exponential per
+    # score element a thread holds in each of the softmax's three copies (first tile, loop, last tile), plus rescales
+    hopper = reports["hopper_attention"]
+    assert all(report["cubin_bytes"] > 0 and 1 in report["wgmma_wait_pendings"] for report in hopper.values())
+    assert 3 * 128 * 128 // 256 < hopper["d64_128x128_8w_3s"]["sass_mufu_ex2"] <= 3 * (128 * 128 // 256 + 8)
     assert reports["conv"]["conv3x3_int8"]["ptx_wgmma"] > 0  # the implicit-GEMM conv on the tensor cores
     assert reports["conv"]["conv3x3_int8_per_patch"]["ptx_wgmma"] > 0
     assert reports["conv"]["conv3x3_fp8"]["ptx_wgmma"] > 0
@@ -899,7 +911,8 @@ def test_gpu_only_ptx_assembles_for_hopper(tmp_path):
     assert all(report["cubin_bytes"] > 0 for report in reports["quantize"].values())  # incl. the concat prologue
     # ptxas's register / spill report is read for every kernel (occupancy: 65536 registers per SM)
     assert all(0 < report["registers"] <= 255 and report["spill_bytes"] >= 0
-               for section in ("gemm", "attention", "conv", "quantize") for report in reports[section].values())
+               for section in ("gemm", "attention", "hopper_attention", "conv", "quantize")
+               for report in reports[section].values())
 
 
 def test_every_inlined_kernel_also_runs_as_a_cuda_op():
