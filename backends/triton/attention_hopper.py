@@ -6,14 +6,15 @@ Triton's `tl` language waits on every warpgroup MMA at once on Hopper (`pendings
 3.6) issues them asynchronously and waits explicitly. Per key tile j, each warpgroup:
 
     issue S(j) = Q K(j)^T            (async)
-    issue O += P(j-1) V(j-1)         (async; P(j-1) in registers)
+    issue O += P(j-1) V(j-1)         (async; P(j-1) from shared memory)
     wait until S(j) is done          (P V still running)
     softmax of S(j) -> P(j), row maxima and sums, the rescale factor
-    wait until P V is done, O *= rescale
+    wait until P V is done, O *= rescale, P(j) -> shared memory
     TMA-load key / value tile j - 1 + NUM_STAGES into the slot tile j - 1 used
 
 so the exponentials of tile j overlap the P V product of tile j - 1. K and V tiles arrive by TMA into a ring of
-NUM_STAGES shared-memory slots (one mbarrier each). The format is the Triton kernel's with STATIC_SCALES: Q, K, V
+NUM_STAGES shared-memory slots (one mbarrier each). P takes a trip through shared memory because Triton 3.6's wait
+cannot keep an 8-bit register operand alive while its MMA runs. The format is the Triton kernel's with STATIC_SCALES: Q, K, V
 float8 e4m3 with one scale each, P multiplied by 448 through the exponent and cast to e4m3, the output in the
 model's dtype or as e4m3 codes of one or two static scales (OUT_CODES as in `attention.py`).
 
@@ -195,8 +196,9 @@ def _attention_kernel(q_desc, k_desc, v_desc, out_ptr, scales_ptr, out_scale_ptr
              mask=gl.expand_dims(rows < N_Q, 1) & gl.expand_dims(dims < HEAD_DIM, 0))
 
 
+# (BLOCK_M, BLOCK_N, num_warps, NUM_STAGES) tiles, each warp owning 16 query rows of a warpgroup MMA; the default is
+# a guess until timed on a GPU (benchmarks/gluon_attention.py times them all)
 CONFIGS = [(128, 128, 8, 3), (64, 128, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 4)]
-"""(BLOCK_M, BLOCK_N, num_warps, NUM_STAGES) tiles: each warp owns 16 query rows of a warpgroup MMA."""
 DEFAULT_CONFIG = CONFIGS[0]
 
 

@@ -1282,7 +1282,7 @@ BACKEND_OPTIONS = {
     "fxquant.fuse_attention_operands": "have the fp8 q / k / v projections of a static-fp8 quantized attention write "
                                        "its operands' codes in the kernel's layout from their GEMM epilogues (True)",
     "fxquant.gluon_attention": "run static fp8 attentions on operands the GEMM epilogues wrote by the Gluon kernel "
-                               "that keeps its MMAs in flight across the softmax (Hopper, power-of-two head dims), "
+                               "that keeps its MMAs in flight across the softmax (Hopper, head dims 32 to 256), "
                                "else by the Triton kernel (False: not yet timed on a GPU)",
     "fxquant.fuse_quantize": "hand per-token quantization to Inductor as plain PyTorch, fused with the ops producing "
                              "its input (False: fxquant's one-pass quantize kernel, measured faster on Hopper)",
