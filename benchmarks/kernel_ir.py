@@ -77,6 +77,7 @@ def _report(fn, types: dict, constants: dict, num_warps: int, num_stages: int, s
         knobs.nvidia.dump_ptxas_log = knobs.compilation.always_compile = True  # (a cached kernel skips ptxas)
         kernel = triton.compile(source, target=TARGET, options=dict(num_warps=num_warps, num_stages=num_stages))
     registers = re.search(r"Used (\d+) registers", log.getvalue())
+    serialized = "wgmma.mma_async instructions are serialized" in log.getvalue()
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log.getvalue())
     ttgir, ptx = kernel.asm["ttgir"], kernel.asm["ptx"]
     text = sass_text(kernel.asm["cubin"])
@@ -99,6 +100,7 @@ def _report(fn, types: dict, constants: dict, num_warps: int, num_stages: int, s
         # registers per thread (255 at most): with shared_bytes, how many programs an SM holds at once (65536
         # registers); spilled bytes go to local memory inside the loop
         "registers": int(registers.group(1)) if registers else None,
+        "serialized": serialized,  # ptxas made every warpgroup MMA wait at once (its warning C7514)
         "spill_bytes": int(spills.group(1)) + int(spills.group(2)) if spills else None,
         "sass_instructions": sum(sass.values()),
         "sass_mufu_ex2": sass["MUFU.EX2"],
@@ -186,21 +188,22 @@ def _descriptor_type(block: list[int]) -> str:
 
 
 def hopper_attention_reports() -> dict:
-    """The Gluon attention kernel (MMAs in flight across the softmax) at its tile configs, head dim 64, bf16 output;
-    at the default tile with head dims 128 and 72 (PixArt: 128-wide tiles) and with fp8 codes of two scales (a joint
-    attention's two streams)."""
+    """The Gluon attention kernel (MMAs in flight across the softmax) at its configs (tiles and schedule), head dim
+    64, bf16 output; at the default config with head dims 128 and 72 (PixArt: 128-wide tiles) and with fp8 codes of
+    two scales (a joint attention's two streams). `serialized`: ptxas made every warpgroup MMA wait at once (C7514)."""
     reports = {}
-    for head_dim, (block_m, block_n, warps, stages), codes in (
+    for head_dim, (block_m, block_n, warps, stages, lookahead), codes in (
             *((64, config, 0) for config in attention_hopper.CONFIGS), (128, attention_hopper.DEFAULT_CONFIG, 0),
             (72, attention_hopper.DEFAULT_CONFIG, 1), (64, attention_hopper.DEFAULT_CONFIG, 2)):
         dim = max(32, 1 << (head_dim - 1).bit_length())
         types = {"q_desc": _descriptor_type([block_m, dim]), "k_desc": _descriptor_type([block_n, dim]),
                  "v_desc": _descriptor_type([dim, block_n]), "out_ptr": "*fp8e4nv" if codes else "*bf16",
                  "scales_ptr": "*fp32", "out_scale_ptr": "*fp32", "score_scale": "fp32"}
-        label = f"d{head_dim}_{block_m}x{block_n}_{warps}w_{stages}s" + ["", "_codes", "_split_codes"][codes]
+        label = (f"d{head_dim}_{block_m}x{block_n}_{warps}w_{stages}s" + ("_lookahead" if lookahead else "")
+                 + ["", "_codes", "_split_codes"][codes])
         reports[label] = _report(attention_hopper._attention_kernel, types,
-                                 dict(HEAD_DIM=head_dim, OUT_CODES=codes, NUM_STAGES=stages, num_warps=warps), warps,
-                                 stages, GluonASTSource)
+                                 dict(HEAD_DIM=head_dim, OUT_CODES=codes, NUM_STAGES=stages, LOOKAHEAD=lookahead,
+                                      num_warps=warps), warps, stages, GluonASTSource)
     return reports
 
 

@@ -12,7 +12,11 @@ Triton's `tl` language waits on every warpgroup MMA at once on Hopper (`pendings
     wait until P V is done, O *= rescale, P(j) -> shared memory
     TMA-load key / value tile j - 1 + NUM_STAGES into the slot tile j - 1 used
 
-so the exponentials of tile j overlap the P V product of tile j - 1. K and V tiles arrive by TMA into a ring of
+so the exponentials of tile j overlap the P V product of tile j - 1. With LOOKAHEAD, the next tile's scores are issued
+before this tile's softmax as well: P(j-1) V(j-1), then S(j+1), the softmax of S(j) under both, a wait for the first
+(rescale, P(j) stored), a wait for the second (`_lookahead_tile`; more registers: 199 against 127 per thread at the
+default tile, one program per SM instead of two). Which schedule wins is for the GPU to say (in ptxas's SASS the
+plain schedule waits for P V after only part of the row-maximum reduction). K and V tiles arrive by TMA into a ring of
 NUM_STAGES shared-memory slots (one mbarrier each). P takes a trip through shared memory because Triton 3.6's wait
 cannot keep an 8-bit register operand alive while its MMA runs. The format is the Triton kernel's with STATIC_SCALES: Q, K, V
 float8 e4m3 with one scale each, P multiplied by 448 through the exponent and cast to e4m3, the output in the
@@ -98,7 +102,9 @@ def _key_tile(j, s, o, row_max, row_sum, score_scale, q_smem, k_smem, v_smem, p_
     s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))
     p, row_max, row_sum, rescale = _softmax(s, row_max, row_sum, score_scale, j * BLOCK_N, N_K, BLOCK_N, s_layout,
                                             MASKED)
-    o = warpgroup_mma_wait(num_outstanding=0, deps=(o, ))
+    # the softmax's results pass through the wait, so that LLVM cannot sink their arithmetic below it (nothing else
+    # orders the two; ptxas still places the wait itself: it hoisted it above the softmax in the SASS of Triton 3.6)
+    o, p, row_sum, rescale = warpgroup_mma_wait(num_outstanding=0, deps=(o, p, row_sum, rescale))
     o = o * gl.expand_dims(gl.convert_layout(rescale, gl.SliceLayout(1, o_layout)), 1)
     p_smem.store(p.to(gl.float8e4nv))
     fence_async_shared()
@@ -109,13 +115,49 @@ def _key_tile(j, s, o, row_max, row_sum, score_scale, q_smem, k_smem, v_smem, p_
 
 
 @gluon.jit
+def _lookahead_tile(j, s, o, row_max, row_sum, score_scale, q_smem, k_smem, v_smem, p_smem, ready, k_desc, v_desc,
+                    key_row, value_row, n_tiles, N_K, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                    NUM_STAGES: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr, FIRST: gl.constexpr,
+                    LAST: gl.constexpr):
+    """The LOOKAHEAD schedule's step for key tile j, whose scores s are ready (the output complete, P(j-1) in shared
+    memory): P(j-1) V(j-1) (unless FIRST) and S(j+1) (unless LAST, the masked last tile) issued in that order, the
+    softmax of S(j) under both, a wait for the first (the output rescaled, P(j) stored, the slot refilled), then for
+    the second -> (S(j+1), or s when LAST; the output; row state). Nothing is left in flight across the loop's back
+    edge: reading an output after a wait that leaves an MMA issued in an earlier iteration running made ptxas
+    serialize every warpgroup MMA of the kernel (C7514)."""
+    if not FIRST:
+        o = warpgroup_mma(p_smem, v_smem.index((j - 1) % NUM_STAGES).permute((1, 0)), o, is_async=True)
+    if not LAST:
+        following = (j + 1) % NUM_STAGES
+        mbarrier.wait(ready.index(following), ((j + 1) // NUM_STAGES) & 1)
+        s_next = warpgroup_mma(q_smem, k_smem.index(following).permute((1, 0)),
+                               gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout), use_acc=False, is_async=True)
+    p, row_max, row_sum, rescale = _softmax(s, row_max, row_sum, score_scale, j * BLOCK_N, N_K, BLOCK_N, s_layout,
+                                            LAST)
+    # P(j-1) V(j-1) done; S(j+1), issued after it, may still run (the softmax's results pass the wait as in _key_tile)
+    o, p, row_sum, rescale = warpgroup_mma_wait(num_outstanding=0 if LAST else 1, deps=(o, p, row_sum, rescale))
+    o = o * gl.expand_dims(gl.convert_layout(rescale, gl.SliceLayout(1, o_layout)), 1)
+    p_smem.store(p.to(gl.float8e4nv))
+    fence_async_shared()
+    gl.thread_barrier()  # P is written, and every warpgroup's MMAs are done with slot (j - 1) % NUM_STAGES
+    if not FIRST:
+        _load_tile(k_desc, v_desc, k_smem, v_smem, ready, j - 1 + NUM_STAGES, key_row, value_row, n_tiles, BLOCK_N,
+                   NUM_STAGES)
+    if not LAST:
+        s = warpgroup_mma_wait(num_outstanding=0, deps=(s_next, ))
+    return s, o, row_max, row_sum
+
+
+@gluon.jit
 def _attention_kernel(q_desc, k_desc, v_desc, out_ptr, scales_ptr, out_scale_ptr, N_Q, N_K, HEADS, VALUE_ROWS,
                       score_scale, out_split, stride_ob, stride_oh, stride_on, HEAD_DIM: gl.constexpr,
-                      OUT_CODES: gl.constexpr, NUM_STAGES: gl.constexpr, num_warps: gl.constexpr):
+                      OUT_CODES: gl.constexpr, NUM_STAGES: gl.constexpr, LOOKAHEAD: gl.constexpr,
+                      num_warps: gl.constexpr):
     """One program: BLOCK_M queries of one (batch, head) -> out [B, H, Nq, HEAD_DIM] (strides stride_ob / oh / on,
     unit channel stride). VALUE_ROWS: V's stored channels per head (Dv); scales_ptr: Q / K / V's static scales
     (fp32 [3]); score_scale: the softmax scale times log2(e); OUT_CODES, out_scale_ptr, out_split: as
-    `attention._attention_kernel`'s."""
+    `attention._attention_kernel`'s. LOOKAHEAD: the next tile's scores are issued before this tile's softmax
+    (`_lookahead_tile`), else after it (`_key_tile`, the module docstring's schedule)."""
     BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]
     DIM: gl.constexpr = q_desc.block_type.shape[1]
     BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
@@ -156,20 +198,38 @@ def _attention_kernel(q_desc, k_desc, v_desc, out_ptr, scales_ptr, out_scale_ptr
     s = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout),
                       use_acc=False, is_async=True)
     s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
-    p, row_max, row_sum, _ = _softmax(s, row_max, row_sum, score_scale, 0, N_K, BLOCK_N, s_layout, True)
-    p_smem.store(p.to(gl.float8e4nv))
-    fence_async_shared()
-    gl.thread_barrier()
-    for j in range(1, n_tiles - 1):
-        s, o, row_max, row_sum = _key_tile(j, s, o, row_max, row_sum, score_scale, q_smem, k_smem, v_smem, p_smem,
-                                           ready, k_desc, v_desc, key_row, value_row, n_tiles, N_K, BLOCK_N,
-                                           NUM_STAGES, s_layout, o_layout, False)
-    if n_tiles > 1:  # the last tile, masked
-        s, o, row_max, row_sum = _key_tile(n_tiles - 1, s, o, row_max, row_sum, score_scale, q_smem, k_smem, v_smem,
-                                           p_smem, ready, k_desc, v_desc, key_row, value_row, n_tiles, N_K, BLOCK_N,
-                                           NUM_STAGES, s_layout, o_layout, True)
-    last = (n_tiles - 1) % NUM_STAGES
-    o = warpgroup_mma(p_smem, v_smem.index(last).permute((1, 0)), o, is_async=True)
+    if LOOKAHEAD:
+        if n_tiles == 1:
+            s, o, row_max, row_sum = _lookahead_tile(0, s, o, row_max, row_sum, score_scale, q_smem, k_smem, v_smem,
+                                                     p_smem, ready, k_desc, v_desc, key_row, value_row, n_tiles, N_K,
+                                                     BLOCK_M, BLOCK_N, NUM_STAGES, s_layout, o_layout, True, True)
+        else:
+            s, o, row_max, row_sum = _lookahead_tile(0, s, o, row_max, row_sum, score_scale, q_smem, k_smem, v_smem,
+                                                     p_smem, ready, k_desc, v_desc, key_row, value_row, n_tiles, N_K,
+                                                     BLOCK_M, BLOCK_N, NUM_STAGES, s_layout, o_layout, True, False)
+            for j in range(1, n_tiles - 1):
+                s, o, row_max, row_sum = _lookahead_tile(j, s, o, row_max, row_sum, score_scale, q_smem, k_smem,
+                                                         v_smem, p_smem, ready, k_desc, v_desc, key_row, value_row,
+                                                         n_tiles, N_K, BLOCK_M, BLOCK_N, NUM_STAGES, s_layout,
+                                                         o_layout, False, False)
+            s, o, row_max, row_sum = _lookahead_tile(n_tiles - 1, s, o, row_max, row_sum, score_scale, q_smem, k_smem,
+                                                     v_smem, p_smem, ready, k_desc, v_desc, key_row, value_row,
+                                                     n_tiles, N_K, BLOCK_M, BLOCK_N, NUM_STAGES, s_layout, o_layout,
+                                                     False, True)
+    else:
+        p, row_max, row_sum, _ = _softmax(s, row_max, row_sum, score_scale, 0, N_K, BLOCK_N, s_layout, True)
+        p_smem.store(p.to(gl.float8e4nv))
+        fence_async_shared()
+        gl.thread_barrier()
+        for j in range(1, n_tiles - 1):
+            s, o, row_max, row_sum = _key_tile(j, s, o, row_max, row_sum, score_scale, q_smem, k_smem, v_smem,
+                                               p_smem, ready, k_desc, v_desc, key_row, value_row, n_tiles, N_K,
+                                               BLOCK_N, NUM_STAGES, s_layout, o_layout, False)
+        if n_tiles > 1:  # the last tile, masked
+            s, o, row_max, row_sum = _key_tile(n_tiles - 1, s, o, row_max, row_sum, score_scale, q_smem, k_smem,
+                                               v_smem, p_smem, ready, k_desc, v_desc, key_row, value_row, n_tiles,
+                                               N_K, BLOCK_N, NUM_STAGES, s_layout, o_layout, True)
+    o = warpgroup_mma(p_smem, v_smem.index((n_tiles - 1) % NUM_STAGES).permute((1, 0)), o, is_async=True)
     o = warpgroup_mma_wait(num_outstanding=0, deps=(o, ))
     for slot in gl.static_range(NUM_STAGES):
         mbarrier.invalidate(ready.index(slot))
@@ -196,9 +256,10 @@ def _attention_kernel(q_desc, k_desc, v_desc, out_ptr, scales_ptr, out_scale_ptr
              mask=gl.expand_dims(rows < N_Q, 1) & gl.expand_dims(dims < HEAD_DIM, 0))
 
 
-# (BLOCK_M, BLOCK_N, num_warps, NUM_STAGES) tiles, each warp owning 16 query rows of a warpgroup MMA; the default is
-# a guess until timed on a GPU (benchmarks/gluon_attention.py times them all)
-CONFIGS = [(128, 128, 8, 3), (64, 128, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 4)]
+# (BLOCK_M, BLOCK_N, num_warps, NUM_STAGES, LOOKAHEAD): tiles, each warp owning 16 query rows of a warpgroup MMA, and
+# the schedule; the default is a guess until timed on a GPU (benchmarks/gluon_attention.py times them all)
+CONFIGS = [(128, 128, 8, 3, 1), (128, 128, 8, 3, 0), (64, 128, 4, 3, 1), (64, 128, 4, 3, 0), (128, 64, 8, 3, 1),
+           (128, 64, 8, 3, 0), (128, 128, 8, 2, 0), (128, 128, 8, 4, 1)]
 DEFAULT_CONFIG = CONFIGS[0]
 
 
@@ -229,7 +290,7 @@ def attention_fp8_codes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_
                         out_split: int = 0, config: tuple = DEFAULT_CONFIG) -> torch.Tensor:
     """The kernel on `supported` operands, with `attention.attention_fp8_codes`' arguments and result ([B, H, Nq,
     head_dim] in out_dtype, or fp8 codes of out_scale, stored [B, Nq, H, head_dim]); config: a CONFIGS entry."""
-    block_m, block_n, num_warps, num_stages = config
+    block_m, block_n, num_warps, num_stages, lookahead = config
     batch, heads, n_q, _ = q.shape
     shape = q.new_empty(()).expand(batch, heads, n_q, head_dim)
     out = empty_heads_last(shape, torch.float8_e4m3fn if out_scale is not None else out_dtype)
@@ -239,7 +300,8 @@ def attention_fp8_codes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_
     args = kernel_arguments(q, k, v, head_dim, operand_scales, out, scale, out_scale, out_split, block_m, block_n)
     codes = 0 if out_scale is None else 2 if out_split else 1
     _attention_kernel[(ceil_div(n_q, block_m) * batch * heads,)](*args, HEAD_DIM=head_dim, OUT_CODES=codes,
-                                                                  NUM_STAGES=num_stages, num_warps=num_warps)
+                                                                  NUM_STAGES=num_stages, LOOKAHEAD=lookahead,
+                                                                  num_warps=num_warps)
     return out
 
 

@@ -1,11 +1,11 @@
 # Session 33, first: the Gluon fp8-static attention kernel (MMAs in flight across the softmax) against the Triton
 # kernel. Each correctness case in a process of its own (a hung kernel shows as a timeout; session 32's multi-tile
-# hang was the prologue loading NUM_STAGES - 1 tiles, fixed), then kernel times at the four models' shapes (~7 min)
+# hang was the prologue loading NUM_STAGES - 1 tiles, fixed), then kernel times of both schedules at the four models' shapes (~9 min)
 . .whl/setup.sh
 for check in one_tile two_tiles one_tile_d128 two_tiles_d128 partial_tiles cross_attention d32 d72; do
-  timeout 45 python3 benchmarks/gluon_attention.py --checks $check --shapes --out $OUT/gluon-check-$check.json \
+  timeout 60 python3 benchmarks/gluon_attention.py --checks $check --shapes --out $OUT/gluon-check-$check.json \
     2>&1 | grep -v Warning | tail -3 | cut -c1-1500 || true
-  [ -s $OUT/gluon-check-$check.json ] || echo "$check: no result (timeout 45 s)"
+  [ -s $OUT/gluon-check-$check.json ] || echo "$check: no result (timeout 60 s)"
 done
-timeout 300 python3 benchmarks/gluon_attention.py --checks --out $OUT/gluon-attention.json 2>&1 | grep -v Warning \
+timeout 360 python3 benchmarks/gluon_attention.py --checks --out $OUT/gluon-attention.json 2>&1 | grep -v Warning \
   | tail -6 | cut -c1-1500
