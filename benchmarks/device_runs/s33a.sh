@@ -1,11 +1,12 @@
 # Session 33, first: the Gluon fp8-static attention kernel (MMAs in flight across the softmax) against the Triton
-# kernel. Each correctness case in a process of its own (a hung kernel shows as a timeout; session 32's multi-tile
-# hang was the prologue loading NUM_STAGES - 1 tiles, fixed), then kernel times of both schedules at the four models' shapes (~9 min)
+# kernel. Each correctness case in a process of its own; a case without a result (a hang: session 32's multi-tile
+# hang was the prologue loading NUM_STAGES - 1 tiles, fixed) stops the script. Then kernel times of both schedules
+# and every tile at the four models' shapes (~9 min)
 . .whl/setup.sh
 for check in one_tile two_tiles one_tile_d128 two_tiles_d128 partial_tiles cross_attention d32 d72; do
   timeout 60 python3 benchmarks/gluon_attention.py --checks $check --shapes --out $OUT/gluon-check-$check.json \
     2>&1 | grep -v Warning | tail -3 | cut -c1-1500 || true
-  [ -s $OUT/gluon-check-$check.json ] || echo "$check: no result (timeout 60 s)"
+  [ -s $OUT/gluon-check-$check.json ] || { echo "$check: no result in 60 s, stopping"; exit 1; }
 done
 timeout 360 python3 benchmarks/gluon_attention.py --checks --out $OUT/gluon-attention.json 2>&1 | grep -v Warning \
   | tail -6 | cut -c1-1500
