@@ -158,6 +158,8 @@ def _attention_kernel(q_desc, k_desc, v_desc, out_ptr, scales_ptr, out_scale_ptr
     (fp32 [3]); score_scale: the softmax scale times log2(e); OUT_CODES, out_scale_ptr, out_split: as
     `attention._attention_kernel`'s. LOOKAHEAD: the next tile's scores are issued before this tile's softmax
     (`_lookahead_tile`), else after it (`_key_tile`, the module docstring's schedule)."""
+    # LOOKAHEAD reads tile j + 1 while slot (j - 1) % NUM_STAGES is refilled: with two slots they are the same
+    gl.static_assert(not LOOKAHEAD or NUM_STAGES >= 3, "the LOOKAHEAD schedule needs three slots or more")
     BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]
     DIM: gl.constexpr = q_desc.block_type.shape[1]
     BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
