@@ -1219,16 +1219,17 @@ def lower_to_inductor(gm: fx.GraphModule, fuse_quantize: bool = False, inline_ke
 
 def tune_attention(gm: fx.GraphModule) -> int:
     """Autotune the attention kernel for every quantized_attention shape in the graph (real launches on random
-    operands, before Inductor traces the graph); returns how many attention nodes were seen."""
+    operands, before Inductor traces the graph); returns how many attention nodes were seen. (gluon_attention_fp8_codes
+    nodes are opaque calls: their Triton fallback autotunes at its first launch.)"""
     from .attention import tune
 
     seen = 0
     for node in gm.graph.nodes:
-        if node.op != "call_function" or _target(node) not in (*_ATTENTION_OPS, *_ON_CODES):
+        if node.op != "call_function" or _target(node) not in (*_ATTENTION_OPS, fxq.attention_fp8_codes.default):
             continue
         args = _node_args(node, _target(node))
         q_value, k_value = args[0].meta["example_value"], args[1].meta["example_value"]
-        if _target(node) in _ON_CODES:  # laid-out fp8 operands, static scales
+        if _target(node) == fxq.attention_fp8_codes.default:  # laid-out fp8 operands, static scales
             head_dim, pv_fp8, static, dtype = args[3], True, True, args[6]
         else:
             head_dim, pv_fp8, static, dtype = q_value.shape[3], args[4], args[5] is not None, q_value.dtype
