@@ -4,10 +4,10 @@ against the Triton one (`attention.py`) and bf16 SDPA, on a Hopper GPU: correctn
     python benchmarks/gluon_attention.py --out gluon-attention.json
 
 Correctness: on small shapes that exercise one key tile, partial tiles, queries past a tile, a padded head dim (72)
-and NaN codes in the operands' padding channels and keys, the Gluon output against the Triton kernel's (same format; they differ only in the order the
-online softmax's tiles round) and against fp32 SDPA. Timing: the models' attention shapes (gpu_bench's
-ATTENTION_SHAPES), every Gluon tile config, CUDA-graph medians of the kernels alone on
-prepared operands, bf16 output and fp8-codes output.
+and NaN codes in the operands' padding channels and keys, the Gluon output against the Triton kernel's (same format;
+they differ only in the order the online softmax's tiles round) and against fp32 SDPA. Timing: the models' attention
+shapes (gpu_bench's ATTENTION_SHAPES), every Gluon config (tile and schedule), CUDA-graph medians of the kernels
+alone on prepared operands, bf16 output and fp8-codes output.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def gluon(codes, head_dim, scale, operand_scales, out_scale=None, config=attenti
 
 
 def check(name: str, batch: int, heads: int, n_q: int, n_k: int, head_dim: int) -> dict:
-    """Errors of every Gluon config on one small shape, with NaN codes written into V's padding keys."""
+    """Errors of every Gluon config on one small shape, with NaN codes in the operands' padding channels and keys."""
     q = torch.randn(batch, heads, n_q, head_dim, device="cuda", dtype=torch.bfloat16)
     k, v = (torch.randn(batch, heads, n_k, head_dim, device="cuda", dtype=torch.bfloat16) * s for s in (2, 1))
     scale = head_dim**-0.5
