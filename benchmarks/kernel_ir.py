@@ -7,7 +7,9 @@ constants) and its TTGIR / PTX is searched for: wgmma ops and how many are left 
 0 = every MMA waited on at once, no overlap with the next tile's work), cp.async copies (software pipelining),
 register -> shared round trips (`local_alloc` of computed values), layout conversions, exp2 / cvt counts; and in its
 SASS (nvdisasm, as Triton ships it) all instructions and those of the special-function unit's exponentials and the
-fp8 packing conversions (for the attention kernel: what bounds it per score element).
+fp8 packing conversions (for the attention kernel: what bounds it per score element), and whether ptxas serialized
+the warpgroup MMAs. The Gluon attention kernel (`attention_hopper.py`) is compiled the same way, its TMA descriptors
+typed as a launch types them.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import re
 import subprocess
 import tempfile
 
+import torch
 import triton
 from triton import knobs
 from triton.backends.compiler import GPUTarget
@@ -180,8 +183,6 @@ def attention_reports() -> dict:
 
 def _descriptor_type(block: list[int]) -> str:
     """The signature type of a TMA descriptor loading `block` tiles of fp8 codes, as a launch would specialise it."""
-    import torch
-
     codes = torch.empty(4096, 4096, dtype=torch.float8_e4m3fn, device="meta")
     layout = gl.NVMMASharedLayout.get_default_for(block, gl.float8e4nv)
     return mangle_type(attention_hopper.TensorDescriptor(codes, [4096, 4096], [4096, 1], block, layout))
