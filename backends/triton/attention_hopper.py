@@ -194,7 +194,7 @@ def _attention_kernel(q_desc, k_desc, v_desc, out_ptr, scales_ptr, out_scale_ptr
     row_max = gl.full([BLOCK_M], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
     row_sum = gl.zeros([BLOCK_M], gl.float32, gl.SliceLayout(1, s_layout))
     o = gl.zeros([BLOCK_M, DIM], gl.float32, o_layout)
-    # tile 0: its scores alone (masked: it may be the only, partial tile)
+    # tile 0's scores, alone; then each schedule's steps (the last tile's softmax masked: it may be partial)
     mbarrier.wait(q_ready, 0)
     mbarrier.wait(ready.index(0), 0)
     s = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout),
@@ -219,7 +219,8 @@ def _attention_kernel(q_desc, k_desc, v_desc, out_ptr, scales_ptr, out_scale_ptr
                                                      n_tiles, N_K, BLOCK_M, BLOCK_N, NUM_STAGES, s_layout, o_layout,
                                                      False, True)
     else:
-        p, row_max, row_sum, _ = _softmax(s, row_max, row_sum, score_scale, 0, N_K, BLOCK_N, s_layout, True)
+        p, row_max, row_sum, _ = _softmax(s, row_max, row_sum, score_scale, 0, N_K, BLOCK_N, s_layout,
+                                          True)  # (masked: tile 0 may be the only one)
         p_smem.store(p.to(gl.float8e4nv))
         fence_async_shared()
         gl.thread_barrier()
