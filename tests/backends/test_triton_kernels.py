@@ -10,6 +10,7 @@ import torch
 
 import fxquant  # noqa: F401
 from fxquant.metrics import relative_l2
+from fxquant.ops import padded_head_dim
 from fxquant.quantizer import (asymmetric_params, fp8_scale, pack_bits, pack_sign_magnitude,
                                quantize_fp8_with_scale, quantize_weight_groups, quantize_weight_per_channel,
                                unpack_fp8_layer_e4m3)
@@ -807,6 +808,28 @@ def test_attention_kernel_on_laid_out_codes_masks_unwritten_padding(head_dim):
     codes = attention_hopper.attention_fp8_codes_or_triton(*laid_out, head_dim, head_dim**-0.5, scales, torch.float32,
                                                            out_scale)
     assert torch.equal(codes.view(torch.uint8), zero_padded_codes.view(torch.uint8))
+
+
+@pytest.mark.parametrize("head_dim", [64, 72, 40])
+def test_gluon_attention_descriptors_never_reach_the_padding(head_dim):
+    """The Gluon kernel's TMA descriptors over laid-out operands: Q / K end at the head dim (their padding channels,
+    which GEMM epilogues leave unwritten, are zero-filled by the TMA unit, not read) with the stored row stride; V ends
+    at the last key (its padding keys likewise), each head's V rows starting at its stored channel count; tiles a power
+    of two wide."""
+    batch, heads, n_q, n_k = 2, 3, 100, 77
+    padded, value_rows = padded_head_dim(head_dim), padded_head_dim(head_dim, value=True)
+    codes = [torch.zeros(batch, heads, n, padded, dtype=torch.float8_e4m3fn) for n in (n_q, n_k)]
+    v = torch.zeros(batch, heads, value_rows, 80, dtype=torch.float8_e4m3fn)  # 77 keys padded to 80
+    out = torch.empty(batch, n_q, heads, head_dim, dtype=torch.bfloat16).transpose(1, 2)
+    args = attention_hopper.kernel_arguments(*codes, v, head_dim, torch.ones(3), out, 0.125, None, 0, 128, 64)
+    q_desc, k_desc, v_desc = args[:3]
+    dim = 1 << (head_dim - 1).bit_length()
+    assert (q_desc.shape, q_desc.strides, q_desc.block_shape) == ([batch * heads * n_q, head_dim], [padded, 1],
+                                                                  [128, dim])
+    assert (k_desc.shape, k_desc.strides, k_desc.block_shape) == ([batch * heads * n_k, head_dim], [padded, 1],
+                                                                  [64, dim])
+    assert (v_desc.shape, v_desc.strides, v_desc.block_shape) == ([batch * heads * value_rows, n_k], [80, 1], [dim, 64])
+    assert args[6:10] == (n_q, n_k, heads, value_rows)
 
 
 @pytest.mark.parametrize("batch,channels,size,out_channels,kernel,stride,padding,dilation,with_bias", [
