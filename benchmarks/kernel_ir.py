@@ -57,11 +57,16 @@ def sass_text(cubin: bytes) -> str:
 
 
 def mma_loop_instructions(sass: str) -> int:
-    """Instructions in the body of the largest loop (label to its backward branch) holding a warpgroup MMA: the
-    K loop's cost per step; 0 when no loop holds one."""
-    bodies = re.findall(r"^(\.L_x_\d+):\n(.*?)BRA `\(\1\)", sass, re.MULTILINE | re.DOTALL)
-    return max((len(re.findall(INSTRUCTION, body, re.MULTILINE)) + 1 for _, body in bodies if "GMMA" in body),
-               default=0)
+    """Instructions in the body of the largest loop (each label to its first backward branch) holding a warpgroup
+    MMA: the K loop's cost per step; 0 when no loop holds one. A span that runs past an EXIT is no loop of the main
+    path (an mbarrier wait's retry block placed after the kernel's end, branching back into it)."""
+    sizes = []
+    for label in re.finditer(r"^(\.L_x_\d+):$", sass, re.MULTILINE):
+        branch = sass.find(f"BRA `({label.group(1)})", label.end())
+        body = sass[label.end():branch]
+        if branch >= 0 and "GMMA" in body and "EXIT" not in body:
+            sizes.append(len(re.findall(INSTRUCTION, body, re.MULTILINE)) + 1)
+    return max(sizes, default=0)
 
 
 def _report(fn, types: dict, constants: dict, num_warps: int, num_stages: int, source_class=ASTSource) -> dict:
@@ -196,7 +201,7 @@ def hopper_attention_reports() -> dict:
     for head_dim, (block_m, block_n, warps, stages, lookahead), codes in (
             *((64, config, 0) for config in attention_hopper.CONFIGS), (128, attention_hopper.DEFAULT_CONFIG, 0),
             (72, attention_hopper.DEFAULT_CONFIG, 1), (64, attention_hopper.DEFAULT_CONFIG, 2)):
-        dim = max(32, 1 << (head_dim - 1).bit_length())
+        dim = attention_hopper.tile_width(head_dim)
         types = {"q_desc": _descriptor_type([block_m, dim]), "k_desc": _descriptor_type([block_n, dim]),
                  "v_desc": _descriptor_type([dim, block_n]), "out_ptr": "*fp8e4nv" if codes else "*bf16",
                  "scales_ptr": "*fp32", "out_scale_ptr": "*fp32", "score_scale": "fp32"}

@@ -56,6 +56,12 @@ LOG2E = math.log2(math.e)
 MMA_K = gl.constexpr(32)  # a warpgroup MMA's reduction depth for 8-bit operands
 
 
+def tile_width(head_dim: int) -> int:
+    """The width of the kernel's Q / K / V tiles for a head dim: the next power of two, at least one 8-bit MMA's
+    depth (32)."""
+    return max(32, next_power_of_two(head_dim))
+
+
 def supported(q: torch.Tensor, head_dim: int) -> bool:
     """Whether the Gluon kernel takes these operands: on a Hopper GPU (sm_90), head dims 32 to 256."""
     return q.is_cuda and torch.cuda.get_device_capability(q.device) == (9, 0) and 32 <= head_dim <= 256
@@ -90,6 +96,17 @@ def _softmax(s, row_max, row_sum, score_scale, key_start, N_K, BLOCK_N: gl.const
 
 
 @gluon.jit
+def _publish(o, p, rescale, p_smem, o_layout: gl.constexpr):
+    """After the wait for the last P V product: the output rescaled to the new row maxima, P (fp32, times 448) stored
+    as e4m3 for the next P V product, and every warp past a barrier (P written for the asynchronous MMAs) -> o."""
+    o = o * gl.expand_dims(gl.convert_layout(rescale, gl.SliceLayout(1, o_layout)), 1)
+    p_smem.store(p.to(gl.float8e4nv))
+    fence_async_shared()
+    gl.thread_barrier()
+    return o
+
+
+@gluon.jit
 def _key_tile(j, s, o, row_max, row_sum, score_scale, q_smem, k_smem, v_smem, p_smem, ready, k_desc, v_desc, key_row,
               value_row, n_tiles, N_K, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, s_layout: gl.constexpr,
               o_layout: gl.constexpr, MASKED: gl.constexpr):
@@ -105,10 +122,7 @@ def _key_tile(j, s, o, row_max, row_sum, score_scale, q_smem, k_smem, v_smem, p_
     # the softmax's results pass through the wait, so that LLVM cannot sink their arithmetic below it (nothing else
     # orders the two; ptxas still places the wait itself: it hoisted it above the softmax in the SASS of Triton 3.6)
     o, p, row_sum, rescale = warpgroup_mma_wait(num_outstanding=0, deps=(o, p, row_sum, rescale))
-    o = o * gl.expand_dims(gl.convert_layout(rescale, gl.SliceLayout(1, o_layout)), 1)
-    p_smem.store(p.to(gl.float8e4nv))
-    fence_async_shared()
-    gl.thread_barrier()  # P is written, and every warpgroup's MMAs are done with slot `previous`
+    o = _publish(o, p, rescale, p_smem, o_layout)  # (every warpgroup's MMAs are done with slot `previous`)
     _load_tile(k_desc, v_desc, k_smem, v_smem, ready, j - 1 + NUM_STAGES, key_row, value_row, n_tiles, BLOCK_N,
                NUM_STAGES)
     return s, o, row_max, row_sum
@@ -136,10 +150,7 @@ def _lookahead_tile(j, s, o, row_max, row_sum, score_scale, q_smem, k_smem, v_sm
                                             LAST)
     # P(j-1) V(j-1) done; S(j+1), issued after it, may still run (the softmax's results pass the wait as in _key_tile)
     o, p, row_sum, rescale = warpgroup_mma_wait(num_outstanding=0 if LAST else 1, deps=(o, p, row_sum, rescale))
-    o = o * gl.expand_dims(gl.convert_layout(rescale, gl.SliceLayout(1, o_layout)), 1)
-    p_smem.store(p.to(gl.float8e4nv))
-    fence_async_shared()
-    gl.thread_barrier()  # P is written, and every warpgroup's MMAs are done with slot (j - 1) % NUM_STAGES
+    o = _publish(o, p, rescale, p_smem, o_layout)  # (every warpgroup's MMAs are done with slot (j - 1) % NUM_STAGES)
     if not FIRST:
         _load_tile(k_desc, v_desc, k_smem, v_smem, ready, j - 1 + NUM_STAGES, key_row, value_row, n_tiles, BLOCK_N,
                    NUM_STAGES)
@@ -278,7 +289,7 @@ def kernel_arguments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dim
     v keys-major [B, H, Dv, Nkp], all contiguous) writing out ([B, H, Nq, head_dim] view)."""
     batch, heads, n_q, padded = q.shape
     n_k, (value_rows, n_kp) = k.shape[2], v.shape[2:]
-    dim = max(32, next_power_of_two(head_dim))
+    dim = tile_width(head_dim)
     q_desc = _descriptor(q, [batch * heads * n_q, head_dim], [padded, 1], [block_m, dim])
     k_desc = _descriptor(k, [batch * heads * n_k, head_dim], [padded, 1], [block_n, dim])
     v_desc = _descriptor(v, [batch * heads * value_rows, n_k], [n_kp, 1], [dim, block_n])

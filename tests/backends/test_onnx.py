@@ -177,7 +177,7 @@ def test_fp8_plans_are_refused_with_a_reason(quantized_family, tmp_path, recipe)
 
 
 @pytest.mark.parametrize("act_form", ["per_token", "per_token_symmetric", "per_tensor"])
-def test_group_wise_plans_export_as_batched_integer_products(exported, act_form):
+def test_group_wise_plans_export_as_one_integer_product_per_group(exported, act_form):
     """Group-wise 4-bit weights: each such linear is one integer product per group of inputs."""
     qmodel, path = exported("pixart", "w4a8:weight_granularity=per_group,weight_group_size=32", act_form)
     layers = qmodel.plan.quantized_layers()
