@@ -7,7 +7,8 @@ Correctness: on small shapes that exercise one key tile, partial tiles, queries 
 and NaN codes in the operands' padding channels and keys, the Gluon output against the Triton kernel's (same format;
 they differ only in the order the online softmax's tiles round) and against fp32 SDPA. Timing: the models' attention
 shapes (gpu_bench's ATTENTION_SHAPES), every Gluon config (tile and schedule), CUDA-graph medians of the kernels
-alone on prepared operands, bf16 output and fp8-codes output.
+alone on prepared operands, bf16 output and fp8-codes output; and the host's time per call of the launchers and of
+the ops a compiled model calls.
 """
 
 from __future__ import annotations
@@ -75,6 +76,19 @@ def check(name: str, batch: int, heads: int, n_q: int, n_k: int, head_dim: int) 
     return row
 
 
+def host_microseconds(run, calls: int = 20) -> float:
+    """The host's time per call of run (its kernels queued, not waited for), median of 5 batches of `calls`."""
+    times = []
+    for _ in range(5):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(calls):
+            run()
+        times.append((time.perf_counter() - start) / calls * 1e6)
+    torch.cuda.synchronize()
+    return sorted(times)[2]
+
+
 def compare(name: str) -> dict:
     """One model shape: errors and kernel times of bf16 SDPA, the Triton kernel and every Gluon config."""
     batch, heads, tokens, head_dim = ATTENTION_SHAPES[name]
@@ -101,10 +115,19 @@ def compare(name: str) -> dict:
         except Exception as err:
             row.setdefault("errors", {})[key] = f"{type(err).__name__}: {err}"[:1500]
             traceback.print_exc()
+    # host time per call, the kernels queued: the launchers and the ops a compiled model calls (the Gluon op's plain
+    # calls made the Flux stack 30.5 ms against 23.9 in session 33, CUDA-graph replays 18.9 against 19.1)
+    ops = {"triton_op": lambda: torch.ops.fxquant.attention_fp8_codes(*codes, head_dim, scale, operand_scales,
+                                                                       torch.bfloat16),
+           "gluon_op": lambda: torch.ops.fxquant.gluon_attention_fp8_codes(*codes, head_dim, scale, operand_scales,
+                                                                           torch.bfloat16)}
+    default = f"gluon{attention_hopper.DEFAULT_CONFIG}"
+    row["host_us"] = {key: host_microseconds(run) for key, run in
+                      {"triton": runs["triton"], default: runs[default], **ops}.items()}
     flops = 4 * batch * heads * tokens * tokens * head_dim
     row["tflops"] = {key: flops / (t * 1e-3) / 1e12 for key, t in row["ms"].items()}
     row["speedup_vs_triton"] = {key: row["ms"]["triton"] / t for key, t in row["ms"].items()}
-    print(name, {key: round(t, 3) for key, t in row["ms"].items()}, flush=True)
+    print(name, {key: round(t, 3) for key, t in row["ms"].items()}, row["host_us"], flush=True)
     return row
 
 

@@ -194,22 +194,21 @@ def _descriptor_type(block: list[int]) -> str:
 
 
 def hopper_attention_reports() -> dict:
-    """The Gluon attention kernel (MMAs in flight across the softmax) at its configs (tiles and schedule), head dim
-    64, bf16 output; at the default config with head dims 128 and 72 (PixArt: 128-wide tiles) and with fp8 codes of
-    two scales (a joint attention's two streams). `serialized`: ptxas made every warpgroup MMA wait at once (C7514)."""
+    """The Gluon attention kernel (MMAs in flight across the softmax) at its configs, head dim 64, bf16 output; at
+    the default config with head dims 128 and 72 (PixArt: 128-wide tiles) and with fp8 codes of two scales (a joint
+    attention's two streams). `serialized`: ptxas made every warpgroup MMA wait at once (C7514)."""
     reports = {}
-    for head_dim, (block_m, block_n, warps, stages, lookahead), codes in (
+    for head_dim, (block_m, block_n, warps, stages), codes in (
             *((64, config, 0) for config in attention_hopper.CONFIGS), (128, attention_hopper.DEFAULT_CONFIG, 0),
             (72, attention_hopper.DEFAULT_CONFIG, 1), (64, attention_hopper.DEFAULT_CONFIG, 2)):
         dim = attention_hopper.tile_width(head_dim)
         types = {"q_desc": _descriptor_type([block_m, dim]), "k_desc": _descriptor_type([block_n, dim]),
                  "v_desc": _descriptor_type([dim, block_n]), "out_ptr": "*fp8e4nv" if codes else "*bf16",
                  "scales_ptr": "*fp32", "out_scale_ptr": "*fp32", "score_scale": "fp32"}
-        label = (f"d{head_dim}_{block_m}x{block_n}_{warps}w_{stages}s" + ("_lookahead" if lookahead else "")
-                 + ["", "_codes", "_split_codes"][codes])
+        label = f"d{head_dim}_{block_m}x{block_n}_{warps}w_{stages}s" + ["", "_codes", "_split_codes"][codes]
         reports[label] = _report(attention_hopper._attention_kernel, types,
-                                 dict(HEAD_DIM=head_dim, OUT_CODES=codes, NUM_STAGES=stages, LOOKAHEAD=lookahead,
-                                      num_warps=warps), warps, stages, GluonASTSource)
+                                 dict(HEAD_DIM=head_dim, OUT_CODES=codes, NUM_STAGES=stages, num_warps=warps), warps,
+                                 stages, GluonASTSource)
     return reports
 
 

@@ -14,7 +14,8 @@ from diffusers.models.normalization import AdaLayerNormZero, RMSNorm
 from families import FAMILIES
 import fxquant
 from fxquant.backends.triton.backend import (_KERNELS, compile_counter, concatenates_fp8_values, fxquant_backend,
-                                            graph_modules, inline_kernels, lower_to_inductor, split_options)
+                                            gluon_attention, graph_modules, inline_kernels, lower_to_inductor,
+                                            split_options)
 from fxquant.metrics import relative_l2
 from fxquant.backends.triton import attention
 from fxquant.model import (QuantizedModel, _unaliased, _unaliased_inputs, compile_repeated_blocks,
@@ -41,8 +42,13 @@ def test_backend_rejects_unknown_options(quantized_family):
     ("reduce-overhead", {"fxquant.inline_kernels": True}, True), (None, {"fxquant.inline_kernels": False}, False)])
 def test_kernels_are_inlined_unless_cuda_graphs_replay_them(mode, options, inline):
     """Traced kernels by default; opaque op calls where Inductor captures CUDA graphs (as fast there, compiled in
-    half the time); the explicit option wins either way."""
+    half the time); the explicit option wins either way. The Gluon attention kernel (an opaque op call, faster only
+    as a CUDA-graph replay) by default exactly where the kernels are not inlined; its own option wins either way."""
     assert inline_kernels(*split_options(mode, options)) is inline
+    if "fxquant.inline_kernels" not in options:
+        assert gluon_attention(*split_options(mode, options)) is not inline
+        for explicit in (True, False):
+            assert gluon_attention(*split_options(mode, {**options, "fxquant.gluon_attention": explicit})) is explicit
 
 
 @pytest.mark.parametrize("name", ["pixart", "unet"])

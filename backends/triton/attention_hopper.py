@@ -12,15 +12,14 @@ Triton's `tl` language waits on every warpgroup MMA at once on Hopper (`pendings
     wait until P V is done, O *= rescale, P(j) -> shared memory
     TMA-load key / value tile j - 1 + NUM_STAGES into the slot tile j - 1 used
 
-so the exponentials of tile j overlap the P V product of tile j - 1. With LOOKAHEAD, the next tile's scores are issued
-before this tile's softmax as well: P(j-1) V(j-1), then S(j+1), the softmax of S(j) under both, a wait for the first
-(rescale, P(j) stored), a wait for the second (`_lookahead_tile`; more registers: 199 against 127 per thread at the
-default tile, one program per SM instead of two). Which schedule wins is for the GPU to say (in ptxas's SASS the
-plain schedule waits for P V after only part of the row-maximum reduction). K and V tiles arrive by TMA into a ring of
-NUM_STAGES shared-memory slots (one mbarrier each). P takes a trip through shared memory because Triton 3.6's wait
-cannot keep an 8-bit register operand alive while its MMA runs. The format is the Triton kernel's with STATIC_SCALES: Q, K, V
-float8 e4m3 with one scale each, P multiplied by 448 through the exponent and cast to e4m3, the output in the
-model's dtype or as e4m3 codes of one or two static scales (OUT_CODES as in `attention.py`).
+so the exponentials of tile j overlap the P V product of tile j - 1 (in ptxas's SASS the wait for P V lands after
+only part of the row-maximum reduction). The fastest tile measured is 64 queries by one warpgroup (`CONFIGS`). A
+second schedule that also issued S(j+1) before the softmax of S(j) (199 registers, one program per SM) was slower at
+every measured shape (CogVideoX 13.3 against 8.5 ms; removed in session 33). K and V tiles arrive by TMA into a ring
+of NUM_STAGES shared-memory slots (one mbarrier each). P takes a trip through shared memory because Triton 3.6's wait
+cannot keep an 8-bit register operand alive while its MMA runs. The format is the Triton kernel's with
+STATIC_SCALES: Q, K, V float8 e4m3 with one scale each, P multiplied by 448 through the exponent and cast to e4m3, the
+output in the model's dtype or as e4m3 codes of one or two static scales (OUT_CODES as in `attention.py`).
 
 Operands (as fxquant::attention_operand_fp8 lays them out, contiguous): q [B, H, Nq, Dp], k [B, H, Nk, Dp], v
 keys-major [B, H, Dv, Nkp] (Dp / Dv: the head dim D padded, `padded_head_dim`). The tiles are DIM = D rounded up to a
@@ -67,6 +66,12 @@ def supported(q: torch.Tensor, head_dim: int) -> bool:
     return q.is_cuda and torch.cuda.get_device_capability(q.device) == (9, 0) and 32 <= head_dim <= 256
 
 
+# head dims where this kernel beat the Triton one on an H100 (session 33, kernels alone): 64 (CogVideoX 8.44 against
+# 9.07 ms, SD3 0.471 against 0.467) and 128 (Flux 0.348 against 0.373); at PixArt's 72 its 128-wide tiles lose to the
+# Triton kernel's 64 + 16 split (0.39 against 0.35 ms at the best tile); other head dims are untimed
+FASTER_HEAD_DIMS = (64, 128)
+
+
 @gluon.jit
 def _load_tile(k_desc, v_desc, k_smem, v_smem, ready, tile, key_row, value_row, n_tiles,
                BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr):
@@ -96,17 +101,6 @@ def _softmax(s, row_max, row_sum, score_scale, key_start, N_K, BLOCK_N: gl.const
 
 
 @gluon.jit
-def _publish(o, p, rescale, p_smem, o_layout: gl.constexpr):
-    """After the wait for the last P V product: the output rescaled to the new row maxima, P (fp32, times 448) stored
-    as e4m3 for the next P V product, and every warp past a barrier (P written for the asynchronous MMAs) -> o."""
-    o = o * gl.expand_dims(gl.convert_layout(rescale, gl.SliceLayout(1, o_layout)), 1)
-    p_smem.store(p.to(gl.float8e4nv))
-    fence_async_shared()
-    gl.thread_barrier()
-    return o
-
-
-@gluon.jit
 def _key_tile(j, s, o, row_max, row_sum, score_scale, q_smem, k_smem, v_smem, p_smem, ready, k_desc, v_desc, key_row,
               value_row, n_tiles, N_K, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, s_layout: gl.constexpr,
               o_layout: gl.constexpr, MASKED: gl.constexpr):
@@ -122,55 +116,23 @@ def _key_tile(j, s, o, row_max, row_sum, score_scale, q_smem, k_smem, v_smem, p_
     # the softmax's results pass through the wait, so that LLVM cannot sink their arithmetic below it (nothing else
     # orders the two; ptxas still places the wait itself: it hoisted it above the softmax in the SASS of Triton 3.6)
     o, p, row_sum, rescale = warpgroup_mma_wait(num_outstanding=0, deps=(o, p, row_sum, rescale))
-    o = _publish(o, p, rescale, p_smem, o_layout)  # (every warpgroup's MMAs are done with slot `previous`)
+    o = o * gl.expand_dims(gl.convert_layout(rescale, gl.SliceLayout(1, o_layout)), 1)
+    p_smem.store(p.to(gl.float8e4nv))
+    fence_async_shared()
+    gl.thread_barrier()  # P written for the next MMAs; every warpgroup's MMAs done with slot `previous`
     _load_tile(k_desc, v_desc, k_smem, v_smem, ready, j - 1 + NUM_STAGES, key_row, value_row, n_tiles, BLOCK_N,
                NUM_STAGES)
     return s, o, row_max, row_sum
 
 
 @gluon.jit
-def _lookahead_tile(j, s, o, row_max, row_sum, score_scale, q_smem, k_smem, v_smem, p_smem, ready, k_desc, v_desc,
-                    key_row, value_row, n_tiles, N_K, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                    NUM_STAGES: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr, FIRST: gl.constexpr,
-                    LAST: gl.constexpr):
-    """The LOOKAHEAD schedule's step for key tile j, whose scores s are ready (the output complete, P(j-1) in shared
-    memory): P(j-1) V(j-1) (unless FIRST) and S(j+1) (unless LAST, the masked last tile) issued in that order, the
-    softmax of S(j) under both, a wait for the first (the output rescaled, P(j) stored, the slot refilled), then for
-    the second -> (S(j+1), or s when LAST; the output; row state). Nothing is left in flight across the loop's back
-    edge: reading an output after a wait that leaves an MMA issued in an earlier iteration running made ptxas
-    serialize every warpgroup MMA of the kernel (C7514)."""
-    if not FIRST:
-        o = warpgroup_mma(p_smem, v_smem.index((j - 1) % NUM_STAGES).permute((1, 0)), o, is_async=True)
-    if not LAST:
-        following = (j + 1) % NUM_STAGES
-        mbarrier.wait(ready.index(following), ((j + 1) // NUM_STAGES) & 1)
-        s_next = warpgroup_mma(q_smem, k_smem.index(following).permute((1, 0)),
-                               gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout), use_acc=False, is_async=True)
-    p, row_max, row_sum, rescale = _softmax(s, row_max, row_sum, score_scale, j * BLOCK_N, N_K, BLOCK_N, s_layout,
-                                            LAST)
-    # P(j-1) V(j-1) done; S(j+1), issued after it, may still run (the softmax's results pass the wait as in _key_tile)
-    o, p, row_sum, rescale = warpgroup_mma_wait(num_outstanding=0 if LAST else 1, deps=(o, p, row_sum, rescale))
-    o = _publish(o, p, rescale, p_smem, o_layout)  # (every warpgroup's MMAs are done with slot (j - 1) % NUM_STAGES)
-    if not FIRST:
-        _load_tile(k_desc, v_desc, k_smem, v_smem, ready, j - 1 + NUM_STAGES, key_row, value_row, n_tiles, BLOCK_N,
-                   NUM_STAGES)
-    if not LAST:
-        s = warpgroup_mma_wait(num_outstanding=0, deps=(s_next, ))
-    return s, o, row_max, row_sum
-
-
-@gluon.jit
 def _attention_kernel(q_desc, k_desc, v_desc, out_ptr, scales_ptr, out_scale_ptr, N_Q, N_K, HEADS, VALUE_ROWS,
                       score_scale, out_split, stride_ob, stride_oh, stride_on, HEAD_DIM: gl.constexpr,
-                      OUT_CODES: gl.constexpr, NUM_STAGES: gl.constexpr, LOOKAHEAD: gl.constexpr,
-                      num_warps: gl.constexpr):
+                      OUT_CODES: gl.constexpr, NUM_STAGES: gl.constexpr, num_warps: gl.constexpr):
     """One program: BLOCK_M queries of one (batch, head) -> out [B, H, Nq, HEAD_DIM] (strides stride_ob / oh / on,
     unit channel stride). VALUE_ROWS: V's stored channels per head (Dv); scales_ptr: Q / K / V's static scales
     (fp32 [3]); score_scale: the softmax scale times log2(e); OUT_CODES, out_scale_ptr, out_split: as
-    `attention._attention_kernel`'s. LOOKAHEAD: the next tile's scores are issued before this tile's softmax
-    (`_lookahead_tile`), else after it (`_key_tile`, the module docstring's schedule)."""
-    # LOOKAHEAD reads tile j + 1 while slot (j - 1) % NUM_STAGES is refilled: with two slots they are the same
-    gl.static_assert(not LOOKAHEAD or NUM_STAGES >= 3, "the LOOKAHEAD schedule needs three slots or more")
+    `attention._attention_kernel`'s; the schedule is the module docstring's."""
     BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]
     DIM: gl.constexpr = q_desc.block_type.shape[1]
     BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
@@ -205,44 +167,24 @@ def _attention_kernel(q_desc, k_desc, v_desc, out_ptr, scales_ptr, out_scale_ptr
     row_max = gl.full([BLOCK_M], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
     row_sum = gl.zeros([BLOCK_M], gl.float32, gl.SliceLayout(1, s_layout))
     o = gl.zeros([BLOCK_M, DIM], gl.float32, o_layout)
-    # tile 0's scores, alone; then each schedule's steps (the last tile's softmax masked: it may be partial)
+    # tile 0's scores and softmax alone (masked: it may be the only tile); then the steps, the last tile's masked
     mbarrier.wait(q_ready, 0)
     mbarrier.wait(ready.index(0), 0)
     s = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout),
                       use_acc=False, is_async=True)
     s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
-    if LOOKAHEAD:
-        if n_tiles == 1:
-            s, o, row_max, row_sum = _lookahead_tile(0, s, o, row_max, row_sum, score_scale, q_smem, k_smem, v_smem,
-                                                     p_smem, ready, k_desc, v_desc, key_row, value_row, n_tiles, N_K,
-                                                     BLOCK_M, BLOCK_N, NUM_STAGES, s_layout, o_layout, True, True)
-        else:
-            s, o, row_max, row_sum = _lookahead_tile(0, s, o, row_max, row_sum, score_scale, q_smem, k_smem, v_smem,
-                                                     p_smem, ready, k_desc, v_desc, key_row, value_row, n_tiles, N_K,
-                                                     BLOCK_M, BLOCK_N, NUM_STAGES, s_layout, o_layout, True, False)
-            for j in range(1, n_tiles - 1):
-                s, o, row_max, row_sum = _lookahead_tile(j, s, o, row_max, row_sum, score_scale, q_smem, k_smem,
-                                                         v_smem, p_smem, ready, k_desc, v_desc, key_row, value_row,
-                                                         n_tiles, N_K, BLOCK_M, BLOCK_N, NUM_STAGES, s_layout,
-                                                         o_layout, False, False)
-            s, o, row_max, row_sum = _lookahead_tile(n_tiles - 1, s, o, row_max, row_sum, score_scale, q_smem, k_smem,
-                                                     v_smem, p_smem, ready, k_desc, v_desc, key_row, value_row,
-                                                     n_tiles, N_K, BLOCK_M, BLOCK_N, NUM_STAGES, s_layout, o_layout,
-                                                     False, True)
-    else:
-        p, row_max, row_sum, _ = _softmax(s, row_max, row_sum, score_scale, 0, N_K, BLOCK_N, s_layout,
-                                          True)  # (masked: tile 0 may be the only one)
-        p_smem.store(p.to(gl.float8e4nv))
-        fence_async_shared()
-        gl.thread_barrier()
-        for j in range(1, n_tiles - 1):
-            s, o, row_max, row_sum = _key_tile(j, s, o, row_max, row_sum, score_scale, q_smem, k_smem, v_smem,
-                                               p_smem, ready, k_desc, v_desc, key_row, value_row, n_tiles, N_K,
-                                               BLOCK_N, NUM_STAGES, s_layout, o_layout, False)
-        if n_tiles > 1:  # the last tile, masked
-            s, o, row_max, row_sum = _key_tile(n_tiles - 1, s, o, row_max, row_sum, score_scale, q_smem, k_smem,
-                                               v_smem, p_smem, ready, k_desc, v_desc, key_row, value_row, n_tiles,
-                                               N_K, BLOCK_N, NUM_STAGES, s_layout, o_layout, True)
+    p, row_max, row_sum, _ = _softmax(s, row_max, row_sum, score_scale, 0, N_K, BLOCK_N, s_layout, True)
+    p_smem.store(p.to(gl.float8e4nv))
+    fence_async_shared()
+    gl.thread_barrier()
+    for j in range(1, n_tiles - 1):
+        s, o, row_max, row_sum = _key_tile(j, s, o, row_max, row_sum, score_scale, q_smem, k_smem, v_smem, p_smem,
+                                           ready, k_desc, v_desc, key_row, value_row, n_tiles, N_K, BLOCK_N,
+                                           NUM_STAGES, s_layout, o_layout, False)
+    if n_tiles > 1:
+        s, o, row_max, row_sum = _key_tile(n_tiles - 1, s, o, row_max, row_sum, score_scale, q_smem, k_smem, v_smem,
+                                           p_smem, ready, k_desc, v_desc, key_row, value_row, n_tiles, N_K, BLOCK_N,
+                                           NUM_STAGES, s_layout, o_layout, True)
     o = warpgroup_mma(p_smem, v_smem.index((n_tiles - 1) % NUM_STAGES).permute((1, 0)), o, is_async=True)
     o = warpgroup_mma_wait(num_outstanding=0, deps=(o, ))
     for slot in gl.static_range(NUM_STAGES):
@@ -270,10 +212,10 @@ def _attention_kernel(q_desc, k_desc, v_desc, out_ptr, scales_ptr, out_scale_ptr
              mask=gl.expand_dims(rows < N_Q, 1) & gl.expand_dims(dims < HEAD_DIM, 0))
 
 
-# (BLOCK_M, BLOCK_N, num_warps, NUM_STAGES, LOOKAHEAD): tiles, each warp owning 16 query rows of a warpgroup MMA, and
-# the schedule; the default is a guess until timed on a GPU (benchmarks/gluon_attention.py times them all)
-CONFIGS = [(128, 128, 8, 3, 1), (128, 128, 8, 3, 0), (64, 128, 4, 3, 1), (64, 128, 4, 3, 0), (128, 64, 8, 3, 1),
-           (128, 64, 8, 3, 0), (128, 128, 8, 2, 0), (128, 128, 8, 4, 1)]
+# (BLOCK_M, BLOCK_N, num_warps, NUM_STAGES): tiles, each warp owning 16 query rows of a warpgroup MMA. Timed on an
+# H100 (session 33, `benchmarks/gluon_attention.py`): 64 x 128 with one warpgroup and 3 slots fastest at CogVideoX (8.44
+# ms, the Triton kernel 9.07), SD3 (0.471 / 0.467) and Flux (0.348 / 0.373); the last two entries are untimed
+CONFIGS = [(64, 128, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 128, 4, 4), (64, 64, 4, 3)]
 DEFAULT_CONFIG = CONFIGS[0]
 
 
@@ -302,9 +244,13 @@ def kernel_arguments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dim
 def attention_fp8_codes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dim: int, scale: float,
                         operand_scales: torch.Tensor, out_dtype: torch.dtype, out_scale: torch.Tensor | None = None,
                         out_split: int = 0, config: tuple = DEFAULT_CONFIG) -> torch.Tensor:
-    """The kernel on `supported` operands, with `attention.attention_fp8_codes`' arguments and result ([B, H, Nq,
-    head_dim] in out_dtype, or fp8 codes of out_scale, stored [B, Nq, H, head_dim]); config: a CONFIGS entry."""
-    block_m, block_n, num_warps, num_stages, lookahead = config
+    """The kernel on `supported` operands (else ValueError), with `attention.attention_fp8_codes`' arguments and
+    result ([B, H, Nq, head_dim] in out_dtype, or fp8 codes of out_scale, stored [B, Nq, H, head_dim]); config: a
+    CONFIGS entry."""
+    if not supported(q, head_dim):
+        raise ValueError(f"The Gluon attention kernel runs on Hopper GPUs at head dims 32 to 256, not on {q.device} "
+                         f"at head dim {head_dim}")
+    block_m, block_n, num_warps, num_stages = config
     batch, heads, n_q, _ = q.shape
     shape = q.new_empty(()).expand(batch, heads, n_q, head_dim)
     out = empty_heads_last(shape, torch.float8_e4m3fn if out_scale is not None else out_dtype)
@@ -314,15 +260,15 @@ def attention_fp8_codes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_
     args = kernel_arguments(q, k, v, head_dim, operand_scales, out, scale, out_scale, out_split, block_m, block_n)
     codes = 0 if out_scale is None else 2 if out_split else 1
     _attention_kernel[(ceil_div(n_q, block_m) * batch * heads,)](*args, HEAD_DIM=head_dim, OUT_CODES=codes,
-                                                                  NUM_STAGES=num_stages, LOOKAHEAD=lookahead,
-                                                                  num_warps=num_warps)
+                                                                  NUM_STAGES=num_stages, num_warps=num_warps)
     return out
 
 
 def attention_fp8_codes_or_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dim: int, scale: float,
                                   operand_scales: torch.Tensor, out_dtype: torch.dtype,
                                   out_scale: torch.Tensor | None = None, out_split: int = 0) -> torch.Tensor:
-    """fxquant::gluon_attention_fp8_codes on CUDA: this kernel where it is `supported`, else the Triton one."""
-    if supported(q, head_dim):
+    """fxquant::gluon_attention_fp8_codes on CUDA: this kernel at FASTER_HEAD_DIMS where it is `supported`, else the
+    Triton one."""
+    if head_dim in FASTER_HEAD_DIMS and supported(q, head_dim):
         return attention_fp8_codes(q, k, v, head_dim, scale, operand_scales, out_dtype, out_scale, out_split)
     return triton_attention_fp8_codes(q, k, v, head_dim, scale, operand_scales, out_dtype, out_scale, out_split)

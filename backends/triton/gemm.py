@@ -129,15 +129,6 @@ def top_aligned_field(packed, field: tl.constexpr, WEIGHT_BITS: tl.constexpr):
 
 
 @triton.jit
-def exact_float(part):
-    """An int32 product of one K step (|part| <= 256 * 128 * 128 = 2^22: int8 operands, BLOCK_K <= 256) as fp32,
-    exactly: the float whose bits are those of 1.5 * 2^23 plus part, minus 1.5 * 2^23 (an integer add and a float
-    subtract on full-rate pipes; the quarter-rate I2F conversion, 128 per group-wise K step and thread, made the int8
-    group-wise GEMM 5x slower than per channel on an H100: gpu-bench-h100/group-wise-gemm-cuda-graphs-s32.json)."""
-    return (part + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
-
-
-@triton.jit
 def fp8_layer_codes(packed, field: tl.constexpr, WEIGHT_BITS: tl.constexpr):
     """Field `field` of an fp8 layer's int8-bitcast packed bytes (fxquant.quantizer.unpack_fp8_layer_codes: 4 bits
     sign / magnitude, 2 bits two's complement) as signed int8 codes."""
@@ -247,7 +238,7 @@ def _gemm_kernel(
             if GROUP_K:  # (unpacked group-wise weights: this step lies in one group)
                 group_scale = tl.load(b_scale_ptr + offs_n * groups + k_start // GROUP_K)
                 part = tl.dot(a, b, out_dtype=tl.int32 if INT_ACC else tl.float32)
-                acc += (exact_float(part) if INT_ACC else part) * group_scale[None, :]
+                acc += part.to(tl.float32) * group_scale[None, :]
             else:
                 acc = tl.dot(a, b, acc, out_dtype=tl.int32 if INT_ACC else tl.float32)
             if GATED:
@@ -275,7 +266,7 @@ def _gemm_kernel(
                     group = offs_n * groups + (field * packed_k + k_start) // GROUP_K
                     group_scale = tl.load(b_scale_ptr + group)
                     part = tl.dot(codes, a, out_dtype=tl.int32 if INT_ACC else tl.float32)
-                    acc_t += (exact_float(part) if INT_ACC else part) * group_scale[:, None]
+                    acc_t += part.to(tl.float32) * group_scale[:, None]
                 elif FIELD_ACCUMULATORS == 2 and field % 2 == 1:
                     acc_odd = tl.dot(codes, a, acc_odd, out_dtype=tl.int32 if INT_ACC else tl.float32)
                 else:
@@ -706,8 +697,8 @@ def quantized_gemm(a: torch.Tensor, a_scale: torch.Tensor, a_zero: torch.Tensor 
                                   limits)
         if config["BLOCK_N"] % head_dim:  # per-head transforms need a tile of whole heads
             config = {**config, "BLOCK_N": head_dim}
-        if group_k:  # K steps within one group, of at most 256 values (int8 products: exact_float)
-            config = {**config, "BLOCK_K": min(config["BLOCK_K"], group_step(group_k, b.shape[1], weight_bits), 256)}
+        if group_k:  # K steps within one group
+            config = {**config, "BLOCK_K": min(config["BLOCK_K"], group_step(group_k, b.shape[1], weight_bits))}
         launch = wrap_triton(_gemm_kernel) if traced else _gemm_kernel
         launch[(_programs(config, m, n),)](*args, **{**flags, **config})  # a benchmark's config may set a flag
     if tail is not None:
