@@ -6,7 +6,7 @@ against the Triton one (`attention.py`) and bf16 SDPA, on a Hopper GPU: correctn
 Correctness: on small shapes that exercise one key tile, partial tiles, queries past a tile, a padded head dim (72)
 and NaN codes in the operands' padding channels and keys, the Gluon output against the Triton kernel's (same format;
 they differ only in the order the online softmax's tiles round) and against fp32 SDPA. Timing: the models' attention
-shapes (gpu_bench's ATTENTION_SHAPES), every Gluon config (tile and schedule), CUDA-graph medians of the kernels
+shapes (gpu_bench's ATTENTION_SHAPES), every Gluon config (tile), CUDA-graph medians of the kernels
 alone on prepared operands, bf16 output and fp8-codes output; and the host's time per call of the launchers and of
 the ops a compiled model calls.
 """
