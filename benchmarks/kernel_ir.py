@@ -39,6 +39,7 @@ from fxquant.backends.triton.attention import _attention_kernel
 from fxquant.backends.triton.conv import _conv_kernel
 from fxquant.backends.triton.gemm import _gemm_kernel, fixed_config_for_size
 from fxquant.backends.triton.quantize import _launch_config, _quantize_rows_kernel
+from fxquant.ops import head_dim_split
 
 TARGET = GPUTarget("cuda", 90, 32)
 TRACED_FLOAT = "fp64"  # how Inductor types a Python float argument of a traced kernel launch
@@ -195,16 +196,20 @@ def _descriptor_type(block: list[int]) -> str:
 
 def hopper_attention_reports() -> dict:
     """The Gluon attention kernel (MMAs in flight across the softmax) at its configs, head dim 64, bf16 output; at
-    the default config with head dims 128 and 72 (PixArt: 128-wide tiles) and with fp8 codes of two scales (a joint
-    attention's two streams). `serialized`: ptxas made every warpgroup MMA wait at once (C7514)."""
+    the default config with head dims 128 and 72 (PixArt: 64-wide main tiles, 32 / 16-wide tails) and with fp8 codes
+    of two scales (a joint attention's two streams). `serialized`: ptxas made every warpgroup MMA wait at once
+    (C7514)."""
     reports = {}
     for head_dim, (block_m, block_n, warps, stages), codes in (
             *((64, config, 0) for config in attention_hopper.CONFIGS), (128, attention_hopper.DEFAULT_CONFIG, 0),
             (72, attention_hopper.DEFAULT_CONFIG, 1), (64, attention_hopper.DEFAULT_CONFIG, 2)):
-        dim = attention_hopper.tile_width(head_dim)
-        types = {"q_desc": _descriptor_type([block_m, dim]), "k_desc": _descriptor_type([block_n, dim]),
-                 "v_desc": _descriptor_type([dim, block_n]), "out_ptr": "*fp8e4nv" if codes else "*bf16",
-                 "scales_ptr": "*fp32", "out_scale_ptr": "*fp32", "score_scale": "fp32"}
+        dim, tail, value_tail = head_dim_split(head_dim)
+        tail, value_tail = (tail, value_tail) if head_dim > dim else (dim, dim)  # (the main descriptors again)
+        types = {"q_desc": _descriptor_type([block_m, dim]), "q_tail_desc": _descriptor_type([block_m, tail]),
+                 "k_desc": _descriptor_type([block_n, dim]), "k_tail_desc": _descriptor_type([block_n, tail]),
+                 "v_desc": _descriptor_type([dim, block_n]), "v_tail_desc": _descriptor_type([value_tail, block_n]),
+                 "out_ptr": "*fp8e4nv" if codes else "*bf16", "scales_ptr": "*fp32", "out_scale_ptr": "*fp32",
+                 "score_scale": "fp32"}
         label = f"d{head_dim}_{block_m}x{block_n}_{warps}w_{stages}s" + ["", "_codes", "_split_codes"][codes]
         reports[label] = _report(attention_hopper._attention_kernel, types,
                                  dict(HEAD_DIM=head_dim, OUT_CODES=codes, NUM_STAGES=stages, num_warps=warps), warps,

@@ -22,13 +22,13 @@ STATIC_SCALES: Q, K, V float8 e4m3 with one scale each, P multiplied by 448 thro
 output in the model's dtype or as e4m3 codes of one or two static scales (OUT_CODES as in `attention.py`).
 
 Operands (as fxquant::attention_operand_fp8 lays them out, contiguous): q [B, H, Nq, Dp], k [B, H, Nk, Dp], v
-keys-major [B, H, Dv, Nkp] (Dp / Dv: the head dim D padded, `padded_head_dim`). The tiles are DIM = D rounded up to a
-power of two wide (PixArt's 72: 128), and the descriptors see the operands as 2-D row blocks: Q [B * H * Nq, D] and
-K [B * H * Nk, D] with row stride Dp, so the TMA unit zero-fills channels D .. DIM (the padding, which a GEMM epilogue
-may have left unwritten, is never read); V [B * H * Dv, Nk] with row stride Nkp, so its columns past Nk (the unwritten
-padding keys) are zero-filled, while a tile's channel rows past D (padding, the next head's channels) only make output
-channels that are not stored. A key tile that runs past a head's last key reads the next head's keys: their scores
-are masked.
+keys-major [B, H, Dv, Nkp] (Dp / Dv: the head dim D padded, `padded_head_dim`). The tiles split D as the Triton
+kernel's do (`head_dim_split`; PixArt's 72: main tiles 64 wide, Q / K tails 32, V's tail 16 rows), and the
+descriptors see the operands as 2-D row blocks: Q [B * H * Nq, D] and K [B * H * Nk, D] with row stride Dp, so the
+TMA unit zero-fills the tail channels past D (the padding, which a GEMM epilogue may have left unwritten, is never
+read); V [B * H * Dv, Nk] with row stride Nkp, so its columns past Nk (the unwritten padding keys) are zero-filled,
+while its tail rows past D (padding) only make output channels that are not stored. A key tile that runs past a
+head's last key reads the next head's keys: their scores are masked.
 
 Gluon kernels do not run in Triton's CPU interpreter: CI compiles this one for sm_90 (`benchmarks/kernel_ir.py`),
 and the GPU benchmark checks it against the Triton kernel and fp32 attention at the models' shapes.
@@ -45,8 +45,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                               warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from ...ops import empty_heads_last
-from . import ceil_div, next_power_of_two
+from ...ops import empty_heads_last, head_dim_split
+from . import ceil_div
 from .attention import attention_fp8_codes as triton_attention_fp8_codes
 
 LOG2_FP8_MAX = gl.constexpr(math.log2(448.0))
@@ -55,34 +55,57 @@ LOG2E = math.log2(math.e)
 MMA_K = gl.constexpr(32)  # a warpgroup MMA's reduction depth for 8-bit operands
 
 
-def tile_width(head_dim: int) -> int:
-    """The width of the kernel's Q / K / V tiles for a head dim: the next power of two, at least one 8-bit MMA's
-    depth (32)."""
-    return max(32, next_power_of_two(head_dim))
-
-
 def supported(q: torch.Tensor, head_dim: int) -> bool:
     """Whether the Gluon kernel takes these operands: on a Hopper GPU (sm_90), head dims 32 to 256."""
     return q.is_cuda and torch.cuda.get_device_capability(q.device) == (9, 0) and 32 <= head_dim <= 256
 
 
 # head dims where this kernel beat the Triton one on an H100 (session 33, kernels alone): 64 (CogVideoX 8.44 against
-# 9.07 ms, SD3 0.471 against 0.467) and 128 (Flux 0.348 against 0.373); at PixArt's 72 its 128-wide tiles lose to the
-# Triton kernel's 64 + 16 split (0.39 against 0.35 ms at the best tile); other head dims are untimed
+# 9.07 ms, SD3 0.471 against 0.467) and 128 (Flux 0.348 against 0.373); at PixArt's 72 it then ran 128-wide tiles and
+# lost (0.39 against 0.35 ms at the best tile): the split tiles it has since are untimed, as are other head dims
 FASTER_HEAD_DIMS = (64, 128)
 
 
 @gluon.jit
-def _load_tile(k_desc, v_desc, k_smem, v_smem, ready, tile, key_row, value_row, n_tiles,
-               BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr):
-    """TMA-copy key / value tile `tile` (when it exists) into slot tile % NUM_STAGES, signalling ready[slot]."""
+def _load_tile(k_desc, k_tail_desc, v_desc, v_tail_desc, k_smem, k_tail_smem, v_smem, v_tail_smem, ready, tile,
+               key_row, value_row, n_tiles, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, TAIL: gl.constexpr):
+    """TMA-copy key / value tile `tile` (when it exists) into slot tile % NUM_STAGES, signalling ready[slot]; with
+    TAIL, the tail tiles too (K's channels from DIM on, V's rows from DIM on)."""
     slot = tile % NUM_STAGES
     exists = tile < n_tiles
-    mbarrier.expect(ready.index(slot), k_desc.block_type.nbytes + v_desc.block_type.nbytes, pred=exists)
+    DIM: gl.constexpr = k_desc.block_type.shape[1]
+    nbytes: gl.constexpr = k_desc.block_type.nbytes + v_desc.block_type.nbytes
+    if TAIL:
+        mbarrier.expect(ready.index(slot), nbytes + k_tail_desc.block_type.nbytes + v_tail_desc.block_type.nbytes,
+                        pred=exists)
+        tma.async_copy_global_to_shared(k_tail_desc, [key_row + tile * BLOCK_N, DIM], ready.index(slot),
+                                        k_tail_smem.index(slot), pred=exists)
+        tma.async_copy_global_to_shared(v_tail_desc, [value_row + DIM, tile * BLOCK_N], ready.index(slot),
+                                        v_tail_smem.index(slot), pred=exists)
+    else:
+        mbarrier.expect(ready.index(slot), nbytes, pred=exists)
     tma.async_copy_global_to_shared(k_desc, [key_row + tile * BLOCK_N, 0], ready.index(slot), k_smem.index(slot),
                                     pred=exists)
     tma.async_copy_global_to_shared(v_desc, [value_row, tile * BLOCK_N], ready.index(slot), v_smem.index(slot),
                                     pred=exists)
+
+
+@gluon.jit
+def _scores(q_smem, q_tail_smem, k_smem, k_tail_smem, slot, s, TAIL: gl.constexpr):
+    """Issue S = Q K(slot)^T (one asynchronous MMA, two with TAIL: the tail channels' product added) -> s."""
+    s = warpgroup_mma(q_smem, k_smem.index(slot).permute((1, 0)), s, use_acc=False, is_async=True)
+    if TAIL:
+        s = warpgroup_mma(q_tail_smem, k_tail_smem.index(slot).permute((1, 0)), s, is_async=True)
+    return s
+
+
+@gluon.jit
+def _values(p_smem, v_smem, v_tail_smem, slot, o, o_tail, TAIL: gl.constexpr):
+    """Issue O += P V(slot) (one asynchronous MMA; with TAIL a second into the tail channels' output) -> o, o_tail."""
+    o = warpgroup_mma(p_smem, v_smem.index(slot).permute((1, 0)), o, is_async=True)
+    if TAIL:
+        o_tail = warpgroup_mma(p_smem, v_tail_smem.index(slot).permute((1, 0)), o_tail, is_async=True)
+    return o, o_tail
 
 
 @gluon.jit
@@ -101,45 +124,77 @@ def _softmax(s, row_max, row_sum, score_scale, key_start, N_K, BLOCK_N: gl.const
 
 
 @gluon.jit
-def _key_tile(j, s, o, row_max, row_sum, score_scale, q_smem, k_smem, v_smem, p_smem, ready, k_desc, v_desc, key_row,
-              value_row, n_tiles, N_K, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, s_layout: gl.constexpr,
-              o_layout: gl.constexpr, MASKED: gl.constexpr):
+def _rescaled(o, rescale):
+    """The output o times each row's rescale factor."""
+    return o * gl.expand_dims(gl.convert_layout(rescale, gl.SliceLayout(1, o.type.layout)), 1)
+
+
+@gluon.jit
+def _key_tile(j, s, o, o_tail, row_max, row_sum, score_scale, q_smem, q_tail_smem, k_smem, k_tail_smem, v_smem,
+              v_tail_smem, p_smem, ready, k_desc, k_tail_desc, v_desc, v_tail_desc, key_row, value_row, n_tiles, N_K,
+              BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, s_layout: gl.constexpr, TAIL: gl.constexpr,
+              MASKED: gl.constexpr):
     """One step of the schedule in the module docstring: S(j) and P(j-1) V(j-1) in flight together."""
     slot = j % NUM_STAGES
     previous = (j - 1) % NUM_STAGES
     mbarrier.wait(ready.index(slot), (j // NUM_STAGES) & 1)
-    s = warpgroup_mma(q_smem, k_smem.index(slot).permute((1, 0)), s, use_acc=False, is_async=True)
-    o = warpgroup_mma(p_smem, v_smem.index(previous).permute((1, 0)), o, is_async=True)
-    s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))
+    s = _scores(q_smem, q_tail_smem, k_smem, k_tail_smem, slot, s, TAIL)
+    o, o_tail = _values(p_smem, v_smem, v_tail_smem, previous, o, o_tail, TAIL)
+    s = warpgroup_mma_wait(num_outstanding=2 if TAIL else 1, deps=(s, ))  # (groups finish in issue order)
     p, row_max, row_sum, rescale = _softmax(s, row_max, row_sum, score_scale, j * BLOCK_N, N_K, BLOCK_N, s_layout,
                                             MASKED)
     # the softmax's results pass through the wait, so that LLVM cannot sink their arithmetic below it (nothing else
     # orders the two; ptxas still places the wait itself: it hoisted it above the softmax in the SASS of Triton 3.6)
-    o, p, row_sum, rescale = warpgroup_mma_wait(num_outstanding=0, deps=(o, p, row_sum, rescale))
-    o = o * gl.expand_dims(gl.convert_layout(rescale, gl.SliceLayout(1, o_layout)), 1)
+    o, o_tail, p, row_sum, rescale = warpgroup_mma_wait(num_outstanding=0, deps=(o, o_tail, p, row_sum, rescale))
+    o = _rescaled(o, rescale)
+    if TAIL:
+        o_tail = _rescaled(o_tail, rescale)
     p_smem.store(p.to(gl.float8e4nv))
     fence_async_shared()
     gl.thread_barrier()  # P written for the next MMAs; every warpgroup's MMAs done with slot `previous`
-    _load_tile(k_desc, v_desc, k_smem, v_smem, ready, j - 1 + NUM_STAGES, key_row, value_row, n_tiles, BLOCK_N,
-               NUM_STAGES)
-    return s, o, row_max, row_sum
+    _load_tile(k_desc, k_tail_desc, v_desc, v_tail_desc, k_smem, k_tail_smem, v_smem, v_tail_smem, ready,
+               j - 1 + NUM_STAGES, key_row, value_row, n_tiles, BLOCK_N, NUM_STAGES, TAIL)
+    return s, o, o_tail, row_max, row_sum
 
 
 @gluon.jit
-def _attention_kernel(q_desc, k_desc, v_desc, out_ptr, scales_ptr, out_scale_ptr, N_Q, N_K, HEADS, VALUE_ROWS,
-                      score_scale, out_split, stride_ob, stride_oh, stride_on, HEAD_DIM: gl.constexpr,
-                      OUT_CODES: gl.constexpr, NUM_STAGES: gl.constexpr, num_warps: gl.constexpr):
+def _store(out_ptr, o, norm, rows, first_channel, N_Q, HEAD_DIM: gl.constexpr, OUT_CODES: gl.constexpr,
+           stride_on):
+    """Rows `rows` of one head's output (out_ptr at its first element): o [BLOCK_M, width] (channels first_channel
+    on) times each row's norm, clamped to e4m3's range for OUT_CODES, stored below N_Q queries and HEAD_DIM
+    channels."""
+    layout: gl.constexpr = o.type.layout
+    out = o * gl.expand_dims(gl.convert_layout(norm, gl.SliceLayout(1, layout)), 1)
+    if OUT_CODES:
+        out = gl.minimum(gl.maximum(out, -FP8_MAX), FP8_MAX)
+    channels = first_channel + gl.arange(0, o.type.shape[1], layout=gl.SliceLayout(0, layout))
+    rows = gl.convert_layout(rows, gl.SliceLayout(1, layout))
+    pointers = out_ptr + gl.expand_dims(rows, 1) * stride_on + gl.expand_dims(channels, 0)
+    gl.store(pointers, out.to(out_ptr.dtype.element_ty),
+             mask=gl.expand_dims(rows < N_Q, 1) & gl.expand_dims(channels < HEAD_DIM, 0))
+
+
+@gluon.jit
+def _attention_kernel(q_desc, q_tail_desc, k_desc, k_tail_desc, v_desc, v_tail_desc, out_ptr, scales_ptr,
+                      out_scale_ptr, N_Q, N_K, HEADS, VALUE_ROWS, score_scale, out_split, stride_ob, stride_oh,
+                      stride_on, HEAD_DIM: gl.constexpr, OUT_CODES: gl.constexpr, NUM_STAGES: gl.constexpr,
+                      num_warps: gl.constexpr):
     """One program: BLOCK_M queries of one (batch, head) -> out [B, H, Nq, HEAD_DIM] (strides stride_ob / oh / on,
-    unit channel stride). VALUE_ROWS: V's stored channels per head (Dv); scales_ptr: Q / K / V's static scales
-    (fp32 [3]); score_scale: the softmax scale times log2(e); OUT_CODES, out_scale_ptr, out_split: as
+    unit channel stride). The descriptors: `kernel_arguments`' (the tail ones used when HEAD_DIM is wider than the
+    main tiles). VALUE_ROWS: V's stored channels per head (Dv); scales_ptr: Q / K / V's static scales (fp32 [3]);
+    score_scale: the softmax scale times log2(e); OUT_CODES, out_scale_ptr, out_split: as
     `attention._attention_kernel`'s; the schedule is the module docstring's."""
     BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]
     DIM: gl.constexpr = q_desc.block_type.shape[1]
     BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
+    TAIL: gl.constexpr = HEAD_DIM > DIM
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                        instr_shape=[16, BLOCK_N, MMA_K])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                        instr_shape=[16, DIM, MMA_K])
+    TAIL_ROWS: gl.constexpr = v_tail_desc.block_type.shape[0]
+    o_tail_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                            instr_shape=[16, TAIL_ROWS, MMA_K])
 
     query_blocks = gl.cdiv(N_Q, BLOCK_M)
     batch_head = gl.program_id(0) // query_blocks
@@ -151,6 +206,13 @@ def _attention_kernel(q_desc, k_desc, v_desc, out_ptr, scales_ptr, out_scale_ptr
     q_smem = gl.allocate_shared_memory(gl.float8e4nv, [BLOCK_M, DIM], q_desc.layout)
     k_smem = gl.allocate_shared_memory(gl.float8e4nv, [NUM_STAGES, BLOCK_N, DIM], k_desc.layout)
     v_smem = gl.allocate_shared_memory(gl.float8e4nv, [NUM_STAGES, DIM, BLOCK_N], v_desc.layout)
+    if TAIL:
+        TAIL_DIM: gl.constexpr = k_tail_desc.block_type.shape[1]
+        q_tail_smem = gl.allocate_shared_memory(gl.float8e4nv, [BLOCK_M, TAIL_DIM], q_tail_desc.layout)
+        k_tail_smem = gl.allocate_shared_memory(gl.float8e4nv, [NUM_STAGES, BLOCK_N, TAIL_DIM], k_tail_desc.layout)
+        v_tail_smem = gl.allocate_shared_memory(gl.float8e4nv, [NUM_STAGES, TAIL_ROWS, BLOCK_N], v_tail_desc.layout)
+    else:  # (never read)
+        q_tail_smem, k_tail_smem, v_tail_smem = q_smem, k_smem, v_smem
     p_smem = gl.allocate_shared_memory(gl.float8e4nv, [BLOCK_M, BLOCK_N],
                                        gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_N], gl.float8e4nv))
     q_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
@@ -158,35 +220,44 @@ def _attention_kernel(q_desc, k_desc, v_desc, out_ptr, scales_ptr, out_scale_ptr
     mbarrier.init(q_ready, count=1)
     for slot in gl.static_range(NUM_STAGES):
         mbarrier.init(ready.index(slot), count=1)
-    mbarrier.expect(q_ready, q_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(q_desc, [batch_head * N_Q + first_row, 0], q_ready, q_smem)
+    q_start = batch_head * N_Q + first_row
+    if TAIL:
+        mbarrier.expect(q_ready, q_desc.block_type.nbytes + q_tail_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(q_tail_desc, [q_start, DIM], q_ready, q_tail_smem)
+    else:
+        mbarrier.expect(q_ready, q_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(q_desc, [q_start, 0], q_ready, q_smem)
     for tile in gl.static_range(NUM_STAGES):  # slot (j - 1) % NUM_STAGES is refilled after key tile j's softmax
-        _load_tile(k_desc, v_desc, k_smem, v_smem, ready, tile, key_row, value_row, n_tiles, BLOCK_N, NUM_STAGES)
+        _load_tile(k_desc, k_tail_desc, v_desc, v_tail_desc, k_smem, k_tail_smem, v_smem, v_tail_smem, ready, tile,
+                   key_row, value_row, n_tiles, BLOCK_N, NUM_STAGES, TAIL)
 
     score_scale = gl.load(scales_ptr) * gl.load(scales_ptr + 1) * score_scale
     row_max = gl.full([BLOCK_M], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
     row_sum = gl.zeros([BLOCK_M], gl.float32, gl.SliceLayout(1, s_layout))
     o = gl.zeros([BLOCK_M, DIM], gl.float32, o_layout)
+    o_tail = gl.zeros([BLOCK_M, TAIL_ROWS], gl.float32, o_tail_layout)  # (unused without TAIL)
     # tile 0's scores and softmax alone (masked: it may be the only tile); then the steps, the last tile's masked
     mbarrier.wait(q_ready, 0)
     mbarrier.wait(ready.index(0), 0)
-    s = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout),
-                      use_acc=False, is_async=True)
+    s = _scores(q_smem, q_tail_smem, k_smem, k_tail_smem, 0, gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout),
+                TAIL)
     s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
     p, row_max, row_sum, _ = _softmax(s, row_max, row_sum, score_scale, 0, N_K, BLOCK_N, s_layout, True)
     p_smem.store(p.to(gl.float8e4nv))
     fence_async_shared()
     gl.thread_barrier()
     for j in range(1, n_tiles - 1):
-        s, o, row_max, row_sum = _key_tile(j, s, o, row_max, row_sum, score_scale, q_smem, k_smem, v_smem, p_smem,
-                                           ready, k_desc, v_desc, key_row, value_row, n_tiles, N_K, BLOCK_N,
-                                           NUM_STAGES, s_layout, o_layout, False)
+        s, o, o_tail, row_max, row_sum = _key_tile(
+            j, s, o, o_tail, row_max, row_sum, score_scale, q_smem, q_tail_smem, k_smem, k_tail_smem, v_smem,
+            v_tail_smem, p_smem, ready, k_desc, k_tail_desc, v_desc, v_tail_desc, key_row, value_row, n_tiles, N_K,
+            BLOCK_N, NUM_STAGES, s_layout, TAIL, False)
     if n_tiles > 1:
-        s, o, row_max, row_sum = _key_tile(n_tiles - 1, s, o, row_max, row_sum, score_scale, q_smem, k_smem, v_smem,
-                                           p_smem, ready, k_desc, v_desc, key_row, value_row, n_tiles, N_K, BLOCK_N,
-                                           NUM_STAGES, s_layout, o_layout, True)
-    o = warpgroup_mma(p_smem, v_smem.index((n_tiles - 1) % NUM_STAGES).permute((1, 0)), o, is_async=True)
-    o = warpgroup_mma_wait(num_outstanding=0, deps=(o, ))
+        s, o, o_tail, row_max, row_sum = _key_tile(
+            n_tiles - 1, s, o, o_tail, row_max, row_sum, score_scale, q_smem, q_tail_smem, k_smem, k_tail_smem,
+            v_smem, v_tail_smem, p_smem, ready, k_desc, k_tail_desc, v_desc, v_tail_desc, key_row, value_row,
+            n_tiles, N_K, BLOCK_N, NUM_STAGES, s_layout, TAIL, True)
+    o, o_tail = _values(p_smem, v_smem, v_tail_smem, (n_tiles - 1) % NUM_STAGES, o, o_tail, TAIL)
+    o, o_tail = warpgroup_mma_wait(num_outstanding=0, deps=(o, o_tail))
     for slot in gl.static_range(NUM_STAGES):
         mbarrier.invalidate(ready.index(slot))
     mbarrier.invalidate(q_ready)
@@ -200,16 +271,10 @@ def _attention_kernel(q_desc, k_desc, v_desc, out_ptr, scales_ptr, out_scale_ptr
     elif OUT_CODES == 2:
         norm *= gl.where(rows < out_split, gl.div_rn(1.0, gl.load(out_scale_ptr)),
                          gl.div_rn(1.0, gl.load(out_scale_ptr + 1)))
-    out = o * gl.expand_dims(norm, 1)
-    if OUT_CODES:
-        out = gl.minimum(gl.maximum(out, -FP8_MAX), FP8_MAX)
-    dims = gl.arange(0, DIM, layout=gl.SliceLayout(0, o_layout))
-    batch = batch_head // HEADS
-    head = batch_head % HEADS
-    pointers = (out_ptr + batch * stride_ob + head * stride_oh + gl.expand_dims(rows, 1) * stride_on
-                + gl.expand_dims(dims, 0))
-    gl.store(pointers, out.to(out_ptr.dtype.element_ty),
-             mask=gl.expand_dims(rows < N_Q, 1) & gl.expand_dims(dims < HEAD_DIM, 0))
+    head_out = out_ptr + (batch_head // HEADS) * stride_ob + (batch_head % HEADS) * stride_oh
+    _store(head_out, o, norm, rows, 0, N_Q, HEAD_DIM, OUT_CODES, stride_on)
+    if TAIL:
+        _store(head_out, o_tail, norm, rows, DIM, N_Q, HEAD_DIM, OUT_CODES, stride_on)
 
 
 # (BLOCK_M, BLOCK_N, num_warps, NUM_STAGES): tiles, each warp owning 16 query rows of a warpgroup MMA. Timed on an
@@ -228,16 +293,25 @@ def kernel_arguments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dim
                      operand_scales: torch.Tensor, out: torch.Tensor, scale: float, out_scale: torch.Tensor | None,
                      out_split: int, block_m: int, block_n: int) -> tuple:
     """`_attention_kernel`'s positional arguments for laid-out fp8 operands (q [B, H, Nq, Dp], k [B, H, Nk, Dp],
-    v keys-major [B, H, Dv, Nkp], all contiguous) writing out ([B, H, Nq, head_dim] view)."""
+    v keys-major [B, H, Dv, Nkp], all contiguous) writing out ([B, H, Nq, head_dim] view). The descriptors, in the
+    Triton kernel's split (`head_dim_split`): Q / K's main tiles the power-of-two part of the head dim wide, their
+    tail tiles the rest rounded up to an MMA's depth, V's main and tail row blocks likewise (the tail descriptors are
+    the main ones where the head dim is a power of two)."""
     batch, heads, n_q, padded = q.shape
     n_k, (value_rows, n_kp) = k.shape[2], v.shape[2:]
-    dim = tile_width(head_dim)
-    q_desc = _descriptor(q, [batch * heads * n_q, head_dim], [padded, 1], [block_m, dim])
-    k_desc = _descriptor(k, [batch * heads * n_k, head_dim], [padded, 1], [block_n, dim])
-    v_desc = _descriptor(v, [batch * heads * value_rows, n_k], [n_kp, 1], [dim, block_n])
+    dim, tail, value_tail = head_dim_split(head_dim)
+    rows = {"q": batch * heads * n_q, "k": batch * heads * n_k}
+    descriptors = []
+    for name, x, block in (("q", q, block_m), ("k", k, block_n)):
+        main = _descriptor(x, [rows[name], head_dim], [padded, 1], [block, dim])
+        descriptors += [main, _descriptor(x, [rows[name], head_dim], [padded, 1], [block, tail])
+                        if head_dim > dim else main]
+    value_shape = [batch * heads * value_rows, n_k]
+    main = _descriptor(v, value_shape, [n_kp, 1], [dim, block_n])
+    descriptors += [main, _descriptor(v, value_shape, [n_kp, 1], [value_tail, block_n]) if head_dim > dim else main]
     scales = operand_scales.float().contiguous()
     out_scale = scales if out_scale is None else out_scale.float().reshape(-1)  # (else never read)
-    return (q_desc, k_desc, v_desc, out, scales, out_scale, n_q, n_k, heads, value_rows, scale * LOG2E, out_split,
+    return (*descriptors, out, scales, out_scale, n_q, n_k, heads, value_rows, scale * LOG2E, out_split,
             *out.stride()[:3])
 
 
