@@ -67,10 +67,15 @@ FASTER_HEAD_DIMS = (64, 128)
 
 
 @gluon.jit
-def _load_tile(k_desc, k_tail_desc, v_desc, v_tail_desc, k_smem, k_tail_smem, v_smem, v_tail_smem, ready, tile,
-               key_row, value_row, n_tiles, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, TAIL: gl.constexpr):
-    """TMA-copy key / value tile `tile` (when it exists) into slot tile % NUM_STAGES, signalling ready[slot]; with
-    TAIL, the tail tiles too (K's channels from DIM on, V's rows from DIM on)."""
+def _load_tile(keys, values, k_tiles, v_tiles, ready, tile, key_row, value_row, n_tiles, BLOCK_N: gl.constexpr,
+               NUM_STAGES: gl.constexpr, TAIL: gl.constexpr):
+    """TMA-copy key / value tile `tile` (when it exists) into slot tile % NUM_STAGES, signalling ready[slot]: keys /
+    values, (main, tail) descriptors; k_tiles / v_tiles, (main, tail) slot rings; with TAIL, the tail tiles too (K's
+    channels from DIM on, V's rows from DIM on)."""
+    k_desc, k_tail_desc = keys
+    v_desc, v_tail_desc = values
+    k_smem, k_tail_smem = k_tiles
+    v_smem, v_tail_smem = v_tiles
     slot = tile % NUM_STAGES
     exists = tile < n_tiles
     DIM: gl.constexpr = k_desc.block_type.shape[1]
@@ -91,8 +96,11 @@ def _load_tile(k_desc, k_tail_desc, v_desc, v_tail_desc, k_smem, k_tail_smem, v_
 
 
 @gluon.jit
-def _scores(q_smem, q_tail_smem, k_smem, k_tail_smem, slot, s, TAIL: gl.constexpr):
-    """Issue S = Q K(slot)^T (one asynchronous MMA, two with TAIL: the tail channels' product added) -> s."""
+def _scores(q_tiles, k_tiles, slot, s, TAIL: gl.constexpr):
+    """Issue S = Q K(slot)^T (one asynchronous MMA, two with TAIL: the tail channels' product added) -> s; q_tiles /
+    k_tiles: (main, tail) tiles."""
+    q_smem, q_tail_smem = q_tiles
+    k_smem, k_tail_smem = k_tiles
     s = warpgroup_mma(q_smem, k_smem.index(slot).permute((1, 0)), s, use_acc=False, is_async=True)
     if TAIL:
         s = warpgroup_mma(q_tail_smem, k_tail_smem.index(slot).permute((1, 0)), s, is_async=True)
@@ -100,8 +108,10 @@ def _scores(q_smem, q_tail_smem, k_smem, k_tail_smem, slot, s, TAIL: gl.constexp
 
 
 @gluon.jit
-def _values(p_smem, v_smem, v_tail_smem, slot, o, o_tail, TAIL: gl.constexpr):
-    """Issue O += P V(slot) (one asynchronous MMA; with TAIL a second into the tail channels' output) -> o, o_tail."""
+def _values(p_smem, v_tiles, slot, o, o_tail, TAIL: gl.constexpr):
+    """Issue O += P V(slot) (one asynchronous MMA; with TAIL a second into the tail channels' output) -> o, o_tail;
+    v_tiles: (main, tail) slot rings."""
+    v_smem, v_tail_smem = v_tiles
     o = warpgroup_mma(p_smem, v_smem.index(slot).permute((1, 0)), o, is_async=True)
     if TAIL:
         o_tail = warpgroup_mma(p_smem, v_tail_smem.index(slot).permute((1, 0)), o_tail, is_async=True)
@@ -130,16 +140,15 @@ def _rescaled(o, rescale):
 
 
 @gluon.jit
-def _key_tile(j, s, o, o_tail, row_max, row_sum, score_scale, q_smem, q_tail_smem, k_smem, k_tail_smem, v_smem,
-              v_tail_smem, p_smem, ready, k_desc, k_tail_desc, v_desc, v_tail_desc, key_row, value_row, n_tiles, N_K,
-              BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, s_layout: gl.constexpr, TAIL: gl.constexpr,
-              MASKED: gl.constexpr):
+def _key_tile(j, s, o, o_tail, row_max, row_sum, score_scale, q_tiles, k_tiles, v_tiles, p_smem, ready, keys, values,
+              key_row, value_row, n_tiles, N_K, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
+              s_layout: gl.constexpr, TAIL: gl.constexpr, MASKED: gl.constexpr):
     """One step of the schedule in the module docstring: S(j) and P(j-1) V(j-1) in flight together."""
     slot = j % NUM_STAGES
     previous = (j - 1) % NUM_STAGES
     mbarrier.wait(ready.index(slot), (j // NUM_STAGES) & 1)
-    s = _scores(q_smem, q_tail_smem, k_smem, k_tail_smem, slot, s, TAIL)
-    o, o_tail = _values(p_smem, v_smem, v_tail_smem, previous, o, o_tail, TAIL)
+    s = _scores(q_tiles, k_tiles, slot, s, TAIL)
+    o, o_tail = _values(p_smem, v_tiles, previous, o, o_tail, TAIL)
     s = warpgroup_mma_wait(num_outstanding=2 if TAIL else 1, deps=(s, ))  # (groups finish in issue order)
     p, row_max, row_sum, rescale = _softmax(s, row_max, row_sum, score_scale, j * BLOCK_N, N_K, BLOCK_N, s_layout,
                                             MASKED)
@@ -152,8 +161,8 @@ def _key_tile(j, s, o, o_tail, row_max, row_sum, score_scale, q_smem, q_tail_sme
     p_smem.store(p.to(gl.float8e4nv))
     fence_async_shared()
     gl.thread_barrier()  # P written for the next MMAs; every warpgroup's MMAs done with slot `previous`
-    _load_tile(k_desc, k_tail_desc, v_desc, v_tail_desc, k_smem, k_tail_smem, v_smem, v_tail_smem, ready,
-               j - 1 + NUM_STAGES, key_row, value_row, n_tiles, BLOCK_N, NUM_STAGES, TAIL)
+    _load_tile(keys, values, k_tiles, v_tiles, ready, j - 1 + NUM_STAGES, key_row, value_row, n_tiles, BLOCK_N,
+               NUM_STAGES, TAIL)
     return s, o, o_tail, row_max, row_sum
 
 
@@ -227,9 +236,11 @@ def _attention_kernel(q_desc, q_tail_desc, k_desc, k_tail_desc, v_desc, v_tail_d
     else:
         mbarrier.expect(q_ready, q_desc.block_type.nbytes)
     tma.async_copy_global_to_shared(q_desc, [q_start, 0], q_ready, q_smem)
+    q_tiles, k_tiles, v_tiles = (q_smem, q_tail_smem), (k_smem, k_tail_smem), (v_smem, v_tail_smem)
+    keys, values = (k_desc, k_tail_desc), (v_desc, v_tail_desc)
     for tile in gl.static_range(NUM_STAGES):  # slot (j - 1) % NUM_STAGES is refilled after key tile j's softmax
-        _load_tile(k_desc, k_tail_desc, v_desc, v_tail_desc, k_smem, k_tail_smem, v_smem, v_tail_smem, ready, tile,
-                   key_row, value_row, n_tiles, BLOCK_N, NUM_STAGES, TAIL)
+        _load_tile(keys, values, k_tiles, v_tiles, ready, tile, key_row, value_row, n_tiles, BLOCK_N, NUM_STAGES,
+                   TAIL)
 
     score_scale = gl.load(scales_ptr) * gl.load(scales_ptr + 1) * score_scale
     row_max = gl.full([BLOCK_M], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
@@ -239,24 +250,21 @@ def _attention_kernel(q_desc, q_tail_desc, k_desc, k_tail_desc, v_desc, v_tail_d
     # tile 0's scores and softmax alone (masked: it may be the only tile); then the steps, the last tile's masked
     mbarrier.wait(q_ready, 0)
     mbarrier.wait(ready.index(0), 0)
-    s = _scores(q_smem, q_tail_smem, k_smem, k_tail_smem, 0, gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout),
-                TAIL)
+    s = _scores(q_tiles, k_tiles, 0, gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout), TAIL)
     s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
     p, row_max, row_sum, _ = _softmax(s, row_max, row_sum, score_scale, 0, N_K, BLOCK_N, s_layout, True)
     p_smem.store(p.to(gl.float8e4nv))
     fence_async_shared()
     gl.thread_barrier()
     for j in range(1, n_tiles - 1):
-        s, o, o_tail, row_max, row_sum = _key_tile(
-            j, s, o, o_tail, row_max, row_sum, score_scale, q_smem, q_tail_smem, k_smem, k_tail_smem, v_smem,
-            v_tail_smem, p_smem, ready, k_desc, k_tail_desc, v_desc, v_tail_desc, key_row, value_row, n_tiles, N_K,
-            BLOCK_N, NUM_STAGES, s_layout, TAIL, False)
+        s, o, o_tail, row_max, row_sum = _key_tile(j, s, o, o_tail, row_max, row_sum, score_scale, q_tiles, k_tiles,
+                                                   v_tiles, p_smem, ready, keys, values, key_row, value_row, n_tiles,
+                                                   N_K, BLOCK_N, NUM_STAGES, s_layout, TAIL, False)
     if n_tiles > 1:
-        s, o, o_tail, row_max, row_sum = _key_tile(
-            n_tiles - 1, s, o, o_tail, row_max, row_sum, score_scale, q_smem, q_tail_smem, k_smem, k_tail_smem,
-            v_smem, v_tail_smem, p_smem, ready, k_desc, k_tail_desc, v_desc, v_tail_desc, key_row, value_row,
-            n_tiles, N_K, BLOCK_N, NUM_STAGES, s_layout, TAIL, True)
-    o, o_tail = _values(p_smem, v_smem, v_tail_smem, (n_tiles - 1) % NUM_STAGES, o, o_tail, TAIL)
+        s, o, o_tail, row_max, row_sum = _key_tile(n_tiles - 1, s, o, o_tail, row_max, row_sum, score_scale, q_tiles,
+                                                   k_tiles, v_tiles, p_smem, ready, keys, values, key_row, value_row,
+                                                   n_tiles, N_K, BLOCK_N, NUM_STAGES, s_layout, TAIL, True)
+    o, o_tail = _values(p_smem, v_tiles, (n_tiles - 1) % NUM_STAGES, o, o_tail, TAIL)
     o, o_tail = warpgroup_mma_wait(num_outstanding=0, deps=(o, o_tail))
     for slot in gl.static_range(NUM_STAGES):
         mbarrier.invalidate(ready.index(slot))
