@@ -15,18 +15,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import time
 import traceback
 
 import torch
 import torch.nn.functional as F
-import triton
 
 import fxquant  # noqa: F401  (registers the ops)
 from fxquant.backends.triton.attention import attend, kernel_operands
 from fxquant.metrics import relative_l2
-from gpu_bench import ATTENTION_SHAPES, FP8_MAX, _attention_inputs, _graph_median_ms, _median_ms
+from gpu_bench import (ATTENTION_SHAPES, FP8_MAX, _attention_inputs, _graph_median_ms, _median_ms, attention_tflops,
+                       run_environment)
 
 
 def _fp8_codes(x: torch.Tensor, scale: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -123,8 +121,7 @@ def compare(name: str) -> dict:
     except Exception as err:  # recorded: the fxquant rows stand
         row["cudnn_error"] = f"{type(err).__name__}: {err}"[:2000]
         traceback.print_exc()
-    flops = 4 * batch * heads * tokens * tokens * head_dim
-    row["tflops"] = {key: flops / (t * 1e-3) / 1e12 for key, t in row["ms"].items()}
+    row["tflops"] = attention_tflops(batch, heads, tokens, head_dim, row["ms"])
     row["speedup_vs_sdpa_bf16"] = {key: row["ms"]["sdpa_bf16"] / t for key, t in row["ms"].items()}
     print(name, {key: round(t, 3) for key, t in row["ms"].items()}, row["rel_err_vs_fp32"], flush=True)
     return row
@@ -135,9 +132,7 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", default=list(ATTENTION_SHAPES), choices=list(ATTENTION_SHAPES))
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-              "cudnn": torch.backends.cudnn.version(), "python": platform.python_version(),
-              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "shapes": []}
+    result = {**run_environment(), "cudnn": torch.backends.cudnn.version(), "shapes": []}
     try:
         import cudnn
         result["cudnn_frontend"] = cudnn.__version__

@@ -15,20 +15,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 import traceback
 
 import torch
 import torch.nn.functional as F
-import triton
 
 import fxquant  # noqa: F401  (registers the ops)
 from fxquant.backends.triton import attention_hopper
 from fxquant.backends.triton.attention import attention_fp8_codes
 from fxquant.metrics import relative_l2
 from fxquant.ops import attention_operand_reference
-from gpu_bench import ATTENTION_SHAPES, FP8_MAX, _attention_inputs, _graph_median_ms
+from gpu_bench import (ATTENTION_SHAPES, FP8_MAX, _attention_inputs, _graph_median_ms, attention_tflops,
+                       run_environment)
 
 CHECK_SHAPES = {"one_tile": (1, 2, 200, 77, 64), "two_tiles": (1, 3, 300, 130, 64),
                 "one_tile_d128": (1, 2, 200, 77, 128), "two_tiles_d128": (1, 3, 300, 130, 128),
@@ -124,8 +123,7 @@ def compare(name: str) -> dict:
     default = f"gluon{attention_hopper.DEFAULT_CONFIG}"
     row["host_us"] = {key: host_microseconds(run) for key, run in
                       {"triton": runs["triton"], default: runs[default], **ops}.items()}
-    flops = 4 * batch * heads * tokens * tokens * head_dim
-    row["tflops"] = {key: flops / (t * 1e-3) / 1e12 for key, t in row["ms"].items()}
+    row["tflops"] = attention_tflops(batch, heads, tokens, head_dim, row["ms"])
     row["speedup_vs_triton"] = {key: row["ms"]["triton"] / t for key, t in row["ms"].items()}
     print(name, {key: round(t, 3) for key, t in row["ms"].items()}, row["host_us"], flush=True)
     return row
@@ -137,9 +135,7 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="*", default=list(ATTENTION_SHAPES), choices=list(ATTENTION_SHAPES))
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-              "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-              "checks": {}, "shapes": []}
+    result = {**run_environment(), "checks": {}, "shapes": []}
     for name in args.checks:
         result["checks"][name] = check(name, *CHECK_SHAPES[name])
         with open(args.out, "w") as f:

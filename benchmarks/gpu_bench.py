@@ -75,6 +75,18 @@ def _median_ms(fn, calls: int = CALLS) -> float:
     return statistics.median(times)
 
 
+def run_environment() -> dict:
+    """What a result file records about the run: GPU, torch / Triton / Python versions, UTC date."""
+    return {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+
+def attention_tflops(batch: int, heads: int, tokens: int, head_dim: int, ms: dict) -> dict:
+    """Self-attention's two products (4 B H N^2 D operations) per timing in ms -> TFLOP/s per key."""
+    flops = 4 * batch * heads * tokens * tokens * head_dim
+    return {key: flops / (t * 1e-3) / 1e12 for key, t in ms.items()}
+
+
 def _graph_median_ms(fn) -> float:
     fn()  # autotune / compile outside the graph
     torch.cuda.synchronize()
@@ -1114,8 +1126,8 @@ def attention_benchmark(shapes=tuple(ATTENTION_SHAPES)) -> list[dict]:
                 row.update(_error_row(err))
                 traceback.print_exc()
             torch._dynamo.reset()
-        flops = 4 * batch * heads * tokens * tokens * head_dim
-        row["tflops"] = {key: flops / (t * 1e-3) / 1e12 for key, t in row["ms"].items() if "operands" not in key}
+        row["tflops"] = attention_tflops(batch, heads, tokens, head_dim,
+                                         {key: t for key, t in row["ms"].items() if "operands" not in key})
         row["speedup_vs_sdpa_bf16"] = {key: row["ms"]["sdpa_bf16"] / t for key, t in row["ms"].items()}
         row["autotuned_configs"] = {str(key): str(config) for key, config in _attention_kernel.cache.items()
                                     if tuple(key[:3]) == (tokens, tokens, head_dim)}
@@ -1496,8 +1508,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.layers and not set(args.models) <= {"pixart", "pixart_256"}:
         parser.error("--layers applies to the PixArt models alone")
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-              "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    result = run_environment()
 
     def save():
         with open(args.out, "w") as f:

@@ -332,6 +332,11 @@ def attention_fp8_codes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_
     if not supported(q, head_dim):
         raise ValueError(f"The Gluon attention kernel runs on Hopper GPUs at head dims 32 to 256, not on {q.device} "
                          f"at head dim {head_dim}")
+    return _launch(q, k, v, head_dim, scale, operand_scales, out_dtype, out_scale, out_split, config)
+
+
+def _launch(q, k, v, head_dim, scale, operand_scales, out_dtype, out_scale, out_split, config) -> torch.Tensor:
+    """`attention_fp8_codes` on operands already known to be `supported`."""
     block_m, block_n, num_warps, num_stages = config
     batch, heads, n_q, _ = q.shape
     shape = q.new_empty(()).expand(batch, heads, n_q, head_dim)
@@ -352,5 +357,5 @@ def attention_fp8_codes_or_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     """fxquant::gluon_attention_fp8_codes on CUDA: this kernel at FASTER_HEAD_DIMS where it is `supported`, else the
     Triton one."""
     if head_dim in FASTER_HEAD_DIMS and supported(q, head_dim):
-        return attention_fp8_codes(q, k, v, head_dim, scale, operand_scales, out_dtype, out_scale, out_split)
+        return _launch(q, k, v, head_dim, scale, operand_scales, out_dtype, out_scale, out_split, DEFAULT_CONFIG)
     return triton_attention_fp8_codes(q, k, v, head_dim, scale, operand_scales, out_dtype, out_scale, out_split)

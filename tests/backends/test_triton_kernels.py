@@ -785,8 +785,11 @@ def test_attention_kernel_on_laid_out_codes_masks_unwritten_padding(head_dim):
         codes = attention_fp8_codes(*laid_out, head_dim, head_dim**-0.5, scales, torch.float32, out_scale,
                                     traced=traced)
         assert torch.equal(codes.view(torch.uint8), zero_padded_codes.view(torch.uint8))
-    # off a Hopper GPU (here: the interpreter) the Gluon op's launcher hands the call to the Triton kernel
+    # off a Hopper GPU (here: the interpreter) the Gluon launcher refuses the operands, and the Gluon op's launcher
+    # hands the call to the Triton kernel
     assert not attention_hopper.supported(laid_out[0], head_dim)
+    with pytest.raises(ValueError, match="runs on Hopper GPUs at head dims 32 to 256"):
+        attention_hopper.attention_fp8_codes(*laid_out, head_dim, head_dim**-0.5, scales, torch.float32)
     codes = attention_hopper.attention_fp8_codes_or_triton(*laid_out, head_dim, head_dim**-0.5, scales, torch.float32,
                                                            out_scale)
     assert torch.equal(codes.view(torch.uint8), zero_padded_codes.view(torch.uint8))
