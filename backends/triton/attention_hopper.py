@@ -60,10 +60,10 @@ def supported(q: torch.Tensor, head_dim: int) -> bool:
     return q.is_cuda and torch.cuda.get_device_capability(q.device) == (9, 0) and 32 <= head_dim <= 256
 
 
-# head dims where this kernel beat the Triton one on an H100 (session 33, kernels alone): 64 (CogVideoX 8.44 against
-# 9.07 ms, SD3 0.471 against 0.467) and 128 (Flux 0.348 against 0.373); at PixArt's 72 it then ran 128-wide tiles and
-# lost (0.39 against 0.35 ms at the best tile): the split tiles it has since are untimed, as are other head dims
-FASTER_HEAD_DIMS = (64, 128)
+# head dim -> the CONFIGS entry the op runs there: where this kernel beat the Triton one on an H100 (session 33,
+# kernels alone, 64 x 128 tiles): 64 (CogVideoX 8.44 against 9.07 ms, SD3 0.471 against 0.467) and 128 (Flux 0.348
+# against 0.373); other head dims run the Triton kernel
+FASTEST_CONFIGS = {64: (64, 128, 4, 3), 128: (64, 128, 4, 3)}
 
 
 @gluon.jit
@@ -287,8 +287,10 @@ def _attention_kernel(q_desc, q_tail_desc, k_desc, k_tail_desc, v_desc, v_tail_d
 
 # (BLOCK_M, BLOCK_N, num_warps, NUM_STAGES): tiles, each warp owning 16 query rows of a warpgroup MMA. Timed on an
 # H100 (session 33, `benchmarks/gluon_attention.py`): 64 x 128 with one warpgroup and 3 slots fastest at CogVideoX (8.44
-# ms, the Triton kernel 9.07), SD3 (0.471 / 0.467) and Flux (0.348 / 0.373); the last two entries are untimed
-CONFIGS = [(64, 128, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 128, 4, 4), (64, 64, 4, 3)]
+# ms, the Triton kernel 9.07), SD3 (0.471 / 0.467) and Flux (0.348 / 0.373); the last three entries are untimed
+# (at head dim 72 two slots take 59 KB of shared memory against three slots' 82 KB: three programs per SM, not two)
+CONFIGS = [(64, 128, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 128, 4, 4), (64, 64, 4, 3),
+           (64, 128, 4, 2)]
 DEFAULT_CONFIG = CONFIGS[0]
 
 
@@ -354,8 +356,9 @@ def _launch(q, k, v, head_dim, scale, operand_scales, out_dtype, out_scale, out_
 def attention_fp8_codes_or_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dim: int, scale: float,
                                   operand_scales: torch.Tensor, out_dtype: torch.dtype,
                                   out_scale: torch.Tensor | None = None, out_split: int = 0) -> torch.Tensor:
-    """fxquant::gluon_attention_fp8_codes on CUDA: this kernel at FASTER_HEAD_DIMS where it is `supported`, else the
-    Triton one."""
-    if head_dim in FASTER_HEAD_DIMS and supported(q, head_dim):
-        return _launch(q, k, v, head_dim, scale, operand_scales, out_dtype, out_scale, out_split, DEFAULT_CONFIG)
+    """fxquant::gluon_attention_fp8_codes on CUDA: this kernel at its FASTEST_CONFIGS head dims where it is
+    `supported`, else the Triton one."""
+    if head_dim in FASTEST_CONFIGS and supported(q, head_dim):
+        config = FASTEST_CONFIGS[head_dim]
+        return _launch(q, k, v, head_dim, scale, operand_scales, out_dtype, out_scale, out_split, config)
     return triton_attention_fp8_codes(q, k, v, head_dim, scale, operand_scales, out_dtype, out_scale, out_split)

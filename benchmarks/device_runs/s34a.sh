@@ -3,5 +3,5 @@
 # script), then kernel times and the host's time per call (launchers and ops) at the four models' shapes (~6 min)
 . .whl/setup.sh
 gluon_checks d72 partial_tiles two_tiles two_tiles_d128 d32 || exit 1
-timeout 330 python3 benchmarks/gluon_attention.py --checks --out $OUT/gluon-attention.json 2>&1 | grep -v Warning \
+timeout 400 python3 benchmarks/gluon_attention.py --checks --out $OUT/gluon-attention.json 2>&1 | grep -v Warning \
   | tail -6 | cut -c1-2500
