@@ -156,6 +156,7 @@ def translation_table(act_form: str = "per_token", zero_point_columns: dict | No
     # own scalars, so int8_linear can use those and ORT fuses the layer into DynamicQuantizeMatMul
     scalar_of: dict[int, tuple] = {}
     symmetric_scales: set[int] = set()  # per-row scales of symmetric activations (zero point: MIDDLE_U8)
+    static_scales: set[int] = set()  # static activation scales (one zero point, in every form)
 
     def quantize_per_token(x):
         if per_token:
@@ -172,6 +173,7 @@ def translation_table(act_form: str = "per_token", zero_point_columns: dict | No
         return q, scale_rows, zero_rows
 
     def quantize_per_tensor(x, scale, zero, bits: int = 8):
+        static_scales.add(id(scale))
         zero_u8 = op.Cast(_shift_to_uint8_grid(zero), to=U8)
         q = op.QuantizeLinear(x, op.Reshape(scale, _axes()), op.Reshape(zero_u8, _axes()))
         if bits == 8:
@@ -187,7 +189,7 @@ def translation_table(act_form: str = "per_token", zero_point_columns: dict | No
             return scalar_of[id(x_scale)]
         if id(x_scale) in symmetric_scales:
             return x_scale, op.Constant(value=ir.tensor(np.array(MIDDLE_U8, dtype=np.uint8)))
-        if per_token:
+        if per_token and id(x_scale) not in static_scales:
             return x_scale, None
         return x_scale, op.Cast(_first_element(_shift_to_uint8_grid(x_zero)), to=U8)  # static activations
 
@@ -202,16 +204,17 @@ def translation_table(act_form: str = "per_token", zero_point_columns: dict | No
             if columns:
                 return _augmented_product(x_q, weight, x_scale, zero, w_scale, w_sum, bias, columns)
             return _zero_point_product(x_q, weight, x_scale, zero, w_scale, w_sum, bias)
-        acc = op.MatMulInteger(x_q, weight, zero)
-        if id(x_scale) in scalar_of:  # DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul(a_scale * b_scale)
-            out = op.Mul(op.Cast(acc, to=F32), op.Mul(scale, w_scale))
-            return out if bias is None else op.Add(out, bias)
-        if id(x_scale) in symmetric_scales:  # MatMulInteger -> Cast -> Mul(x_scale * w_scale): MatMulIntegerToFloat
-            out = op.Mul(op.Cast(acc, to=F32), op.Mul(x_scale, w_scale))
-            # the bias as a Sub: ORT 1.31 and 1.32 fold an Add of a constant that follows the scaling Mul into
-            # MatMulIntegerToFloat, then multiply it by the per-row A scale as well (see _zero_point_product)
-            return out if bias is None else op.Sub(out, op.Neg(bias))
-        return _dequantize_product(acc, x_scale, w_scale, bias)  # static activations
+        # MatMulInteger -> Cast -> Mul(x_scale * w_scale): ORT fuses it into one MatMulIntegerToFloat (with
+        # DynamicQuantizeLinear's scalars: DynamicQuantizeMatMul) where x_scale is computed; a static x_scale folds
+        # with w_scale into one constant, which ORT's fusion does not take (it looks for the Mul of the two scales),
+        # so static layers stay MatMulInteger -> Cast -> Mul
+        out = op.Mul(op.Cast(op.MatMulInteger(x_q, weight, zero), to=F32), op.Mul(scale, w_scale))
+        if bias is None:
+            return out
+        # per-row (symmetric per-token) scales take the bias as a Sub: ORT 1.31 and 1.32 fold an Add of a constant
+        # that follows the scaling Mul into MatMulIntegerToFloat, then multiply it by the per-row A scale as well (see
+        # _zero_point_product); one scale for all rows folds it correctly
+        return op.Sub(out, op.Neg(bias)) if id(x_scale) in symmetric_scales else op.Add(out, bias)
 
     def group_wise_linear(x_q, x_scale, x_zero, w_q, w_scale, w_sum, bias):
         """Group-wise weight scales (w_scale / w_sum [N, G]): one integer product per group of inputs

@@ -152,7 +152,9 @@ def test_int8_attention_exports_as_integer_query_key_products(exported, name):
 
 
 def test_timestep_groups_select_scales_inside_the_graph(tmp_path):
-    """Static scales per timestep group: the ONNX graph computes the group from its timestep input."""
+    """Static scales per timestep group: the ONNX graph computes the group from its timestep input; each static
+    linear (one zero point, in every activation form) has its selected scale fused with the weight scales, so ORT runs
+    every one as MatMulIntegerToFloat."""
     family = FAMILIES["dit"]
     calibration = []
     for seed, t in enumerate([950, 500, 100, 50]):
@@ -161,6 +163,7 @@ def test_timestep_groups_select_scales_inside_the_graph(tmp_path):
         calibration.append(inputs)
     qmodel = fxquant.quantize(family.build(), fxquant.W8A8StaticConfig(timestep_groups=[300.0, 700.0]), calibration)
     path = fxquant.export_onnx(qmodel, tmp_path / "grouped.onnx", calibration[0])
+    assert optimized_op_counts(path)["MatMulIntegerToFloat"] == len(qmodel.plan.quantized_layers())
     outputs = {}
     for t in (50, 500, 950):
         inputs = family.inputs(batch=2, seed=9)
