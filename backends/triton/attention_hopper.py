@@ -36,6 +36,7 @@ and the GPU benchmark checks it against the Triton kernel and fp32 attention at 
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -60,10 +61,11 @@ def supported(q: torch.Tensor, head_dim: int) -> bool:
     return q.is_cuda and torch.cuda.get_device_capability(q.device) == (9, 0) and 32 <= head_dim <= 256
 
 
-# head dim -> the CONFIGS entry the op runs there: where this kernel beat the Triton one on an H100 (session 33,
-# kernels alone, 64 x 128 tiles): 64 (CogVideoX 8.44 against 9.07 ms, SD3 0.471 against 0.467) and 128 (Flux 0.348
-# against 0.373); other head dims run the Triton kernel
-FASTEST_CONFIGS = {64: (64, 128, 4, 3), 128: (64, 128, 4, 3)}
+# head dim -> the CONFIGS entry the op runs there: where this kernel beat the Triton one on an H100 (kernels alone,
+# bf16 / fp8-codes output, session 34): 64 with two slots (CogVideoX 8.36 / 8.32 against 9.09 / 9.16 ms, SD3 0.471 /
+# 0.479 against 0.473 / 0.481) and 128 with three (Flux 0.354 / 0.361 against 0.380 / 0.372); at PixArt's 72 the
+# split tiles tie (0.353 / 0.360 against 0.353 / 0.359), so the Triton kernel stays there, as at other head dims
+FASTEST_CONFIGS = {64: (64, 128, 4, 2), 128: (64, 128, 4, 3)}
 
 
 @gluon.jit
@@ -286,17 +288,23 @@ def _attention_kernel(q_desc, q_tail_desc, k_desc, k_tail_desc, v_desc, v_tail_d
 
 
 # (BLOCK_M, BLOCK_N, num_warps, NUM_STAGES): tiles, each warp owning 16 query rows of a warpgroup MMA. Timed on an
-# H100 (session 33, `benchmarks/gluon_attention.py`): 64 x 128 with one warpgroup and 3 slots fastest at CogVideoX (8.44
-# ms, the Triton kernel 9.07), SD3 (0.471 / 0.467) and Flux (0.348 / 0.373); the last three entries are untimed
-# (at head dim 72 two slots take 59 KB of shared memory against three slots' 82 KB: three programs per SM, not two)
+# H100 (sessions 33-34, `benchmarks/gluon_attention.py`, every entry at the four models' shapes): 64 x 128 with one
+# warpgroup is fastest everywhere, with 3 slots at head dim 128 (Flux 0.354 ms; 2 slots 0.413) and 2 slots at 64
+# (CogVideoX 8.36 against 8.45; SD3 0.471 against 0.482): FASTEST_CONFIGS; 128-row tiles trail at every shape
 CONFIGS = [(64, 128, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 128, 4, 4), (64, 64, 4, 3),
            (64, 128, 4, 2)]
 DEFAULT_CONFIG = CONFIGS[0]
 
 
+@functools.cache
+def _shared_layout(block: tuple[int, int]) -> gl.NVMMASharedLayout:
+    """The shared-memory layout of fp8 `block` tiles (built once: ~5 us each on the H100's host, six per launch)."""
+    return gl.NVMMASharedLayout.get_default_for(list(block), gl.float8e4nv)
+
+
 def _descriptor(x: torch.Tensor, shape: list[int], strides: list[int], block: list[int]) -> TensorDescriptor:
     """A TMA descriptor over fp8 codes x seen as the 2-D `shape` / `strides`, loading `block` tiles."""
-    return TensorDescriptor(x, shape, strides, block, gl.NVMMASharedLayout.get_default_for(block, gl.float8e4nv))
+    return TensorDescriptor(x, shape, strides, block, _shared_layout(tuple(block)))
 
 
 def kernel_arguments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dim: int,

@@ -1287,8 +1287,9 @@ BACKEND_OPTIONS = {
                                "that keeps its MMAs in flight across the softmax (Hopper, head dims 64 and 128), "
                                "else by the Triton kernel (default: only under CUDA graphs; measured on an H100 as "
                                "CUDA-graph replays, CogVideoX-2B 1.46x bf16 compile against 1.39x, the Flux stack "
-                               "1.438x against 1.422x; plain calls of the Flux stack 30.5 ms against 23.9: its per-"
-                               "call host work, not yet understood)",
+                               "1.438x against 1.422x, SD3 1.472x against 1.462x; plain calls are slower, SD3 34.1 ms "
+                               "against 31.6: the op takes 160-330 us of host time per call, where Inductor launches "
+                               "the traced Triton kernel from its own code)",
     "fxquant.fuse_quantize": "hand per-token quantization to Inductor as plain PyTorch, fused with the ops producing "
                              "its input (False: fxquant's one-pass quantize kernel, measured faster on Hopper)",
 }
