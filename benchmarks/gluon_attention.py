@@ -114,9 +114,14 @@ def compare(name: str) -> dict:
         except Exception as err:
             row.setdefault("errors", {})[key] = f"{type(err).__name__}: {err}"[:1500]
             traceback.print_exc()
-    # host time per call, the kernels queued: the launchers and the ops a compiled model calls (the Gluon op's plain
-    # calls made the Flux stack 30.5 ms against 23.9 in session 33, CUDA-graph replays 18.9 against 19.1)
-    ops = {"triton_op": lambda: torch.ops.fxquant.attention_fp8_codes(*codes, head_dim, scale, operand_scales,
+    # host time per call, the kernels queued: the launchers, the Gluon launcher's descriptors, and the ops a compiled
+    # model calls (the Gluon op's plain calls made the Flux stack 30.5 ms against 23.9 in session 33, CUDA-graph
+    # replays 18.9 against 19.1)
+    block_m, block_n = attention_hopper.DEFAULT_CONFIG[:2]
+    out = runs["triton"]()
+    ops = {"gluon_descriptors": lambda: attention_hopper.kernel_arguments(*codes, head_dim, operand_scales, out,
+                                                                          scale, None, 0, block_m, block_n),
+           "triton_op": lambda: torch.ops.fxquant.attention_fp8_codes(*codes, head_dim, scale, operand_scales,
                                                                        torch.bfloat16),
            "gluon_op": lambda: torch.ops.fxquant.gluon_attention_fp8_codes(*codes, head_dim, scale, operand_scales,
                                                                            torch.bfloat16)}
