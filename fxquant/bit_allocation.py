@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import mip
+import torch
 
 from .errors import RecipeError
 
@@ -99,7 +100,7 @@ def allocate_bits(sizes: Mapping[str, int], scores: Mapping[str, Mapping], targe
                           for n in layers for g, t in grouped[n].items() for b in t) <= latency_budget
     model.objective = mip.xsum(grouped[n][g][b] * run[n, g, b]
                                for n in layers for g, t in grouped[n].items() for b in t)
-    status = model.optimize(max_seconds=time_limit)
+    status = _optimize(model, time_limit)
     if status not in (mip.OptimizationStatus.OPTIMAL, mip.OptimizationStatus.FEASIBLE):
         raise RecipeError(
             f"No bit allocation meets average {target_bits} ± {tolerance} bits"
@@ -110,6 +111,17 @@ def allocate_bits(sizes: Mapping[str, int], scores: Mapping[str, Mapping], targe
         )
     choice = {n: {g: next(b for b in t if run[n, g, b].x >= 0.5) for g, t in grouped[n].items()} for n in layers}
     return {n: choice[n] if _per_group(scores[n]) else choice[n][None] for n in layers}
+
+
+def _optimize(model: mip.Model, time_limit: float) -> mip.OptimizationStatus:
+    """model.optimize within time_limit seconds, keeping torch's CPU thread count: CBC sets OpenMP's to 1 for the
+    whole process (the OpenMP runtime torch shares), which left torch single-threaded after every mixed-precision
+    quantization."""
+    threads = torch.get_num_threads()
+    try:
+        return model.optimize(max_seconds=time_limit)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def weight_bits_of(candidate: int | tuple) -> int:

@@ -5,6 +5,7 @@ import random
 import time
 
 import pytest
+import torch
 
 from fxquant.bit_allocation import allocate_bits, average_bits, require_solver
 from fxquant.errors import RecipeError
@@ -70,6 +71,20 @@ def test_latency_budget_against_brute_force(solver):
     choice = allocate_bits(sizes, scores, 6.0, 1.0, latency=latency, latency_budget=budget)
     assert sum(latency[n][choice[n]] for n in sizes) <= budget + 1e-9
     assert sum(scores[n][choice[n]] for n in sizes) == pytest.approx(best, abs=1e-6)
+
+
+def test_solving_leaves_torch_thread_count_alone(solver):
+    """CBC sets the OpenMP thread count torch shares to 1 for the whole process: after a bit allocation torch must
+    still run on as many CPU threads as before (the tiny UNet's eager and compiled outputs once parted by 4 % after a
+    `mixdq-w4a8-mp` quantization earlier in the test session)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        sizes, scores = _problem(6, 3)
+        allocate_bits(sizes, scores, 6.0, 1.0)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_unreachable_and_infeasible_budgets_are_clear_errors(solver):

@@ -264,13 +264,17 @@ def test_compile_blocks_compiles_one_graph_for_identical_blocks(quantized_family
     assert compile_counter["fused_prologues"] > 0
 
 
-@pytest.mark.parametrize("name,recipe", [
-    ("unet", "w8a8-fp8:static_conv_activations=true,static_hidden_activations=true"),
-    ("pixart", "w8a8-fp8:attention=fp8-static,static_attention_outputs=true"),
-    ("pixart", "w4a8-fp8:attention=fp8-static,static_attention_outputs=true,static_hidden_activations=true"),
-    ("flux", "w8a8-fp8:attention=fp8-static"), ("cogvideox", "w8a8-fp8:static_hidden_activations=true"),
-    ("pixart", f"w4a8-fp8:attention=fp8-static,static_attention_outputs=true,static_hidden_activations=true,{GROUPS}")])
-def test_cuda_lowering_computes_what_eager_does(quantized_family, name, recipe):
+@pytest.mark.parametrize("name,recipe,tolerance", [
+    ("unet", "w8a8-fp8:static_conv_activations=true,static_hidden_activations=true", 1e-6),
+    ("pixart", "w8a8-fp8:attention=fp8-static,static_attention_outputs=true", 1e-6),
+    ("pixart", "w4a8-fp8:attention=fp8-static,static_attention_outputs=true,static_hidden_activations=true", 1e-6),
+    ("flux", "w8a8-fp8:attention=fp8-static", 1e-6), ("cogvideox", "w8a8-fp8:static_hidden_activations=true", 1e-6),
+    # group-wise products are summed in fp32 per group, in another order than the reference's: a GELU output that
+    # lands within that rounding of an e4m3 boundary takes the neighbouring static fp8 code (6 % apart). Measured:
+    # 47 of 1024 outputs move by up to 7e-5 (8.4e-6 relative L2); without static hidden activations 1.1e-7
+    ("pixart", f"w4a8-fp8:attention=fp8-static,static_attention_outputs=true,static_hidden_activations=true,{GROUPS}",
+     1e-4)])
+def test_cuda_lowering_computes_what_eager_does(quantized_family, name, recipe, tolerance):
     """After every rewrite, the functions the backend hands Inductor on CUDA (`lower_to_inductor`: fxquant's Triton
     kernels, here in the interpreter, incl. fused prologues, code-writing epilogues (the UNet's GEGLU), fp8 convs and
     static fp8 attention on laid-out operands, fp8 GEMMs on packed int4 codes (the q / k / v operand GEMMs too: Q / K
@@ -283,7 +287,7 @@ def test_cuda_lowering_computes_what_eager_does(quantized_family, name, recipe):
     options = {"fxquant.fuse_residual_parts": True} if name == "cogvideox" else None
     (lowered, *_), graphs = _rewritten(qmodel, inputs, lower=True, options=options)
     with torch.no_grad():
-        assert relative_l2(lowered, qmodel(**inputs)[0]) <= 1e-6
+        assert relative_l2(lowered, qmodel(**inputs)[0]) <= tolerance
     if name == "cogvideox":
         assert any(node.op == "call_function" and node.target.__name__ == "_triton_linear_residual_parts"
                    for graph in graphs for node in graph.graph.nodes)

@@ -103,12 +103,14 @@ def zero_point_columns(qmodel: QuantizedModel) -> dict[tuple[int, int] | str, in
     `_augmented_product`): enough int8 weight rows to sum to -w_sum. Keyed per layer by the name its stored weight
     codes get in the exported graph (`weight_placeholder`: that layer's own sums), and per (N, K) weight shape for
     weights the graph computes (nested mixed-precision planes: every timestep group's sums) or whose name the exporter
-    spells differently: the largest of every integer linear of that shape. Static-activation linears take the same
-    path in this form. Counts above K / 4 are left out (those layers keep the float correction term)."""
+    spells differently: the largest of every per-token integer linear of that shape (static-activation linears have
+    one zero point, which MatMulInteger takes). Counts above K / 4 are left out (those layers keep the float
+    correction term)."""
     largest: dict[tuple[int, int], int] = {}
     columns: dict[tuple[int, int] | str, int] = {}
     for fqn, module in qmodel.model.named_modules():
-        if isinstance(module, QuantLinear) and module.weight_sum is not None and not module.inputs_per_scale:
+        if (isinstance(module, QuantLinear) and module.weight_sum is not None and not module.inputs_per_scale
+                and module.act_scale is None):
             sums = module.weight_sum if module.weight_sum.dim() == 1 else combined_weight_sums(
                 module.weight_sum, module.plane_multipliers)  # nested planes: every timestep group's codes
             shape, layer_largest = (module.out_features, module.in_features), int(sums.abs().max())
