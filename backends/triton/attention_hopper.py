@@ -318,15 +318,15 @@ def kernel_arguments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dim
     batch, heads, n_q, padded = q.shape
     n_k, (value_rows, n_kp) = k.shape[2], v.shape[2:]
     dim, tail, value_tail = head_dim_split(head_dim)
-    rows = {"q": batch * heads * n_q, "k": batch * heads * n_k}
-    descriptors = []
-    for name, x, block in (("q", q, block_m), ("k", k, block_n)):
-        main = _descriptor(x, [rows[name], head_dim], [padded, 1], [block, dim])
-        descriptors += [main, _descriptor(x, [rows[name], head_dim], [padded, 1], [block, tail])
-                        if head_dim > dim else main]
-    value_shape = [batch * heads * value_rows, n_k]
-    main = _descriptor(v, value_shape, [n_kp, 1], [dim, block_n])
-    descriptors += [main, _descriptor(v, value_shape, [n_kp, 1], [value_tail, block_n]) if head_dim > dim else main]
+
+    def main_and_tail(x, shape, strides, main_block, tail_block):
+        main = _descriptor(x, shape, strides, main_block)
+        return main, _descriptor(x, shape, strides, tail_block) if head_dim > dim else main
+
+    descriptors = (
+        *main_and_tail(q, [batch * heads * n_q, head_dim], [padded, 1], [block_m, dim], [block_m, tail]),
+        *main_and_tail(k, [batch * heads * n_k, head_dim], [padded, 1], [block_n, dim], [block_n, tail]),
+        *main_and_tail(v, [batch * heads * value_rows, n_k], [n_kp, 1], [dim, block_n], [value_tail, block_n]))
     scales = operand_scales.float().contiguous()
     out_scale = scales if out_scale is None else out_scale.float().reshape(-1)  # (else never read)
     return (*descriptors, out, scales, out_scale, n_q, n_k, heads, value_rows, scale * LOG2E, out_split,
