@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import cProfile
+import functools
 import json
 import platform
 import pstats
@@ -702,10 +703,20 @@ EPILOGUE_CONFIGS = [(128, 256, 128, 8, 3), (128, 128, 128, 8, 3), (128, 128, 128
                     (64, 256, 128, 4, 3), (128, 256, 64, 8, 4)]  # BLOCK_M, BLOCK_N, BLOCK_K, warps, stages
 
 
-def _gemm_tile(bm: int, bn: int, bk: int, warps: int, stages: int) -> tuple[str, dict]:
-    """A GEMM tile (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) -> (its label in the sweeps' JSON, the launch config)."""
-    return f"{bm}x{bn}x{bk}_w{warps}_s{stages}", dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=warps,
-                                                      num_stages=stages)
+def _gemm_tile(bm: int, bn: int, bk: int, warps: int, stages: int, *fill: int) -> tuple[str, dict]:
+    """A GEMM tile (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages[, FILL_M, FILL_N]) -> (its label in the sweeps' JSON,
+    the launch config); with fill tiles, the rows past the main tiles' full waves take FILL_M x FILL_N tiles."""
+    config = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=warps, num_stages=stages)
+    if fill:
+        config.update(FILL_M=fill[0], FILL_N=fill[1])
+    return f"{bm}x{bn}x{bk}_w{warps}_s{stages}" + ("_f{}x{}".format(*fill) if fill else ""), config
+
+
+def _tile_of_label(label: str) -> dict:
+    """The launch config of a `_gemm_tile` label."""
+    sizes, warps, stages, *fill = label.split("_")
+    return _gemm_tile(*map(int, sizes.split("x")), int(warps[1:]), int(stages[1:]),
+                      *(map(int, fill[0][1:].split("x")) if fill else ()))[1]
 
 
 def epilogue_sweep() -> list[dict]:
@@ -746,16 +757,25 @@ MODEL_GEMMS = [("cogvideox_proj", 35552, 1920, 1920, None), ("cogvideox_ff1", 35
                # SDXL at 1024 px, batch 2: 60 of its 70 transformer blocks at 1280 channels x 1024 tokens (q / k / v /
                # out: 160 tiles of 128 x 128 on 132 SMs, 1.2 waves), the other 10 at 640 x 4096
                ("sdxl_proj", 2048, 1280, 1280, None), ("sdxl_ff1", 2048, 1280, 10240, "geglu"),
-               ("sdxl_ff2", 2048, 5120, 1280, None), ("sdxl_proj_640", 8192, 640, 640, None)]
+               ("sdxl_ff2", 2048, 5120, 1280, None), ("sdxl_proj_640", 8192, 640, 640, None),
+               ("sdxl_ff1_640", 8192, 640, 5120, "geglu"), ("sdxl_ff2_640", 8192, 2560, 640, None)]
 # tiles `model_gemm_sweep` times: the autotuner's list, the epilogue sweep's, and deeper / wider Hopper tiles
 MODEL_GEMM_TILES = sorted({*EPILOGUE_CONFIGS, (128, 256, 128, 8, 4), (256, 128, 128, 8, 4), (128, 256, 64, 8, 3),
-                           (256, 128, 64, 8, 4), (128, 128, 64, 4, 5), (256, 256, 64, 8, 3)})
+                           (256, 128, 64, 8, 4), (128, 128, 64, 4, 5), (256, 256, 64, 8, 3),
+                           # 64-row / 64-column tiles: 2-4 programs per SM, so that SDXL's 1.2 waves of 128 x 128
+                           # tiles become many short ones
+                           (64, 128, 128, 4, 4), (64, 128, 128, 4, 5), (64, 128, 256, 4, 3), (128, 64, 128, 4, 4),
+                           (64, 64, 128, 4, 4), (64, 64, 256, 4, 3),
+                           # 128 x 128 tiles over the full waves, smaller ones over the last wave's rows
+                           (128, 128, 128, 8, 3, 64, 64), (128, 128, 128, 8, 3, 64, 128),
+                           (128, 128, 128, 8, 3, 128, 64), (128, 128, 128, 4, 4, 64, 64)})
 
 
-def model_gemm_sweep(names: list[str] | None = None) -> list[dict]:
-    """The fp8 GEMM at MODEL_GEMMS per tile of MODEL_GEMM_TILES (traced-style launches, the model's epilogue) against
-    the compile backend's tile (`fixed_config`), cuBLAS fp8 and bf16: TFLOP/s, and whether the backend's rule picks
-    the fastest tile at these larger shapes."""
+def model_gemm_sweep(names: list[str] | None = None, tiles: list[str] | None = None) -> list[dict]:
+    """The fp8 GEMM at MODEL_GEMMS per tile of MODEL_GEMM_TILES (or the `_gemm_tile` labels `tiles`; traced-style
+    launches, the model's epilogue) against the compile backend's tile (`fixed_config`), cuBLAS fp8 and bf16:
+    TFLOP/s, whether the backend's rule picks the fastest tile at these larger shapes, and each tile's output against
+    a plain 128 x 128 tile's (relative L2; 0 where the tiles add the same products in the same order)."""
     rows = []
     for name, m, k, n, activation in MODEL_GEMMS:
         if names and name not in names:
@@ -774,19 +794,24 @@ def model_gemm_sweep(names: list[str] | None = None) -> list[dict]:
                      q8, w8.t(), scale_a=s8, scale_b=ws8[None, :].contiguous(), bias=bias, out_dtype=torch.bfloat16)),
                  "fxquant_fixed_config": _graph_median_ms(lambda: quantized_gemm(
                      q8, s8, None, w8, ws8, None, bias, torch.bfloat16, traced=True, **extra))}
-        errors = {}
-        for tile in MODEL_GEMM_TILES:
-            key, config = _gemm_tile(*tile)
+        errors, rel_l2 = {}, {}
+        plain = quantized_gemm(q8, s8, None, w8, ws8, None, bias, torch.bfloat16, traced=True,
+                               config=_tile_of_label("128x128x128_w8_s3"), **extra).float()
+        for key, config in ([(label, _tile_of_label(label)) for label in tiles] if tiles else
+                            [_gemm_tile(*tile) for tile in MODEL_GEMM_TILES]):
+            launch = lambda: quantized_gemm(q8, s8, None, w8, ws8, None, bias, torch.bfloat16,  # noqa: E731
+                                            traced=True, config=config, **extra)
             try:
-                times[key] = _graph_median_ms(lambda: quantized_gemm(q8, s8, None, w8, ws8, None, bias, torch.bfloat16,
-                                                                     traced=True, config=config, **extra))
+                rel_l2[key] = relative_l2(launch().float(), plain)
+                times[key] = _graph_median_ms(launch)
             except Exception as err:  # out of shared memory / registers: recorded
                 errors[key] = _error_row(err)["error"]
-        tiles = {key: t for key, t in times.items() if key[0].isdigit()}
-        best = min(tiles, key=tiles.get)
+        tile_times = {key: t for key, t in times.items() if key[0].isdigit()}
+        best = min(tile_times, key=tile_times.get)
         row = {"name": name, "M": m, "K": k, "N": n, "epilogue": activation, "ms": times, "errors": errors,
                "tflops": {key: flops / (t * 1e-3) / 1e12 for key, t in times.items()}, "best": best,
-               "fixed_config": fixed, "best_vs_fixed_config": times["fxquant_fixed_config"] / times[best]}
+               "fixed_config": fixed, "best_vs_fixed_config": times["fxquant_fixed_config"] / times[best],
+               "rel_l2_vs_128x128": rel_l2}
         rows.append(row)
         print("model gemm", name, {key: round(row["tflops"][key]) for key in
                                    ("bf16_cublas", "fp8_cublas_scaled_mm", "fxquant_fixed_config", best)},
@@ -1352,7 +1377,9 @@ def _variant_model(variant: str, model, inputs: dict, name: str):
     inputs, the quantized model's own sensitivity to one bf16 step, against which a compiled-vs-eager difference
     is judged). Variants: bf16_eager, bf16_compile,
     bf16_compile_reduce_overhead, bf16_compile_blocks (its repeated blocks compiled),
-    fxquant:<recipe>[@<backend or Inductor option>=<0|1>,...] (the whole model compiled as one flat graph),
+    fxquant:<recipe>[@<backend or Inductor option>=<0|1>,...] (the whole model compiled as one flat graph; the
+    options bench.sweep_tiles=1 / bench.fill_tiles=0 change the GEMM tiles for the rest of the process:
+    `_use_swept_tiles`, `_without_fill_tiles`),
     fxquant-blocks:<recipe>[@...] (its repeated blocks compiled, QuantizedModel.compile_blocks),
     fxquant-nested:<recipe>[@...] (the whole model compiled with its repeated blocks as nested regions,
     QuantizedModel.nest_blocks: what torch.compile(qmodel, backend="fxquant") does by default),
@@ -1375,6 +1402,10 @@ def _variant_model(variant: str, model, inputs: dict, name: str):
         return model, None
     recipe_name, _, option_text = variant.split(":", 1)[1].partition("@")
     options = {key: value == "1" for key, value in (item.split("=") for item in option_text.split(",") if item)}
+    if options.pop("bench.sweep_tiles", False):
+        _use_swept_tiles(SWEPT_TILES["path"])
+    if not options.pop("bench.fill_tiles", True):
+        _without_fill_tiles()
     recipe = fxquant.get_config(recipe_name)
     qmodel = fxquant.quantize(model, recipe, _calibration_calls(inputs))
     with torch.no_grad():
@@ -1388,6 +1419,41 @@ def _variant_model(variant: str, model, inputs: dict, name: str):
         return torch.compile(qmodel, backend="fxquant", mode="reduce-overhead"), eager_outputs
     qmodel.nest_blocks(variant.startswith("fxquant-nested:"))  # fxquant: the flat whole-model graph
     return torch.compile(qmodel, backend="fxquant", options=options or None), eager_outputs
+
+
+SWEPT_TILES = {"path": None}  # --swept-tiles
+
+
+def _use_swept_tiles(path: str | None) -> None:
+    """From now on in this process, fp8 GEMMs of a shape that the model_gemms sweep in `path` (this script's JSON)
+    timed run on that sweep's fastest tile instead of `fixed_config`'s (whatever their epilogue: the sweep timed the
+    model's plain or activation epilogue only): what a perfect tile rule would give at those shapes end to end."""
+    if path is None:
+        raise ValueError("@bench.sweep_tiles=1 needs --swept-tiles FILE")
+    with open(path) as f:
+        rows = json.load(f)["model_gemms"]
+    swept = {}
+    for row in rows:
+        gated = bool(row["epilogue"]) and row["epilogue"].startswith("geglu")
+        swept[(row["M"], row["N"] // 2 if gated else row["N"], row["K"], gated)] = _tile_of_label(row["best"])
+    print("swept tiles", swept, flush=True)
+    from fxquant.backends.triton import gemm
+    rule = gemm._fixed_config
+
+    @functools.cache
+    def swept_or_rule(m, n, k, integer, residual, packed, gated, limits, interpret):
+        tile = None if integer or packed else swept.get((m, n, k, gated))
+        return tile or rule(m, n, k, integer, residual, packed, gated, limits, interpret)
+
+    gemm._fixed_config = swept_or_rule
+
+
+def _without_fill_tiles() -> None:
+    """From now on in this process, `fixed_config` gives no GEMM fill tiles (its rule before session 35): the A/B of
+    variants with @bench.fill_tiles=0 (run them last)."""
+    from fxquant.backends.triton import gemm
+    gemm.fill_tiles = lambda m, n, sm_count: None
+    gemm._fixed_config.cache_clear()
 
 
 def _compile_phase_seconds() -> dict[str, float]:
@@ -1499,13 +1565,18 @@ def main() -> None:
                         help="the models whose attention shapes the attention section times")
     parser.add_argument("--model-gemms", nargs="+", choices=[entry[0] for entry in MODEL_GEMMS],
                         help="the GEMMs the model_gemms section sweeps (default: all)")
+    parser.add_argument("--model-gemm-tiles", nargs="+", help="the tiles the model_gemms section times, as labelled in "
+                        "its JSON (e.g. 128x128x128_w8_s3_f64x64; default: MODEL_GEMM_TILES)")
     parser.add_argument("--quantize-cases", nargs="+", choices=list(QUANTIZE_SWEEP_CASES),
                         help="the cases the quantize_configs section sweeps (default: all)")
     parser.add_argument("--layers", type=int, help="blocks of the model (PixArt only; default: the full model)")
     parser.add_argument("--profile", help="write each variant's kernel profile to this text file")
     parser.add_argument("--compile-profile", help="write a cProfile of each variant's first (compiling) call here")
+    parser.add_argument("--swept-tiles", help="a model_gemms JSON of this script whose fastest tiles the variants "
+                        "with @bench.sweep_tiles=1 run at its shapes (an upper bound for fixed_config's rule)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
+    SWEPT_TILES["path"] = args.swept_tiles
     if args.layers and not set(args.models) <= {"pixart", "pixart_256"}:
         parser.error("--layers applies to the PixArt models alone")
     result = run_environment()
@@ -1524,8 +1595,9 @@ def main() -> None:
                 result[section] += run((shape,))
                 save()
         elif section in args.sections:
-            selected = {"model_gemms": args.model_gemms, "quantize_configs": args.quantize_cases}
-            result[section] = run(selected[section]) if section in selected else run()
+            selected = {"model_gemms": (args.model_gemms, args.model_gemm_tiles),
+                        "quantize_configs": (args.quantize_cases,)}
+            result[section] = run(*selected.get(section, ()))
             save()
     if "models" in args.sections:
         result["models"] = {}

@@ -124,7 +124,7 @@ def gemm_reports() -> dict:
     the GELU (tanh) + fp8 codes epilogue and with the GEGLU one (two products per tile), fp8 storing a
     keys-major attention operand's codes (split offsets, bias per row), a query operand's after a per-head
     RMSNorm and rotary embedding (Flux, head dim 128), and fp8 with gated residuals per token part (CogVideoX's
-    text / video rows); 128 x 128 x 128 tiles, 8 warps, 3 stages."""
+    text / video rows); 128 x 128 x 128 tiles, 8 warps, 3 stages; fp8 also with 64 x 64 fill tiles."""
     pointers = {"a_ptr": "*i8", "b_ptr": "*i8", "out_ptr": "*bf16", "a_scale_ptr": "*fp32", "a_zero_ptr": "*i32",
                 "b_scale_ptr": "*fp32", "b_sum_ptr": "*i32", "bias_ptr": "*bf16", "gate_ptr": "*bf16",
                 "residual_ptr": "*bf16", "out_scale_ptr": "*fp32", "out_zero_ptr": "*i32", "norm_weight_ptr": "*bf16",
@@ -149,9 +149,12 @@ def gemm_reports() -> dict:
                          OUT_CODES=2 if gelu or operand else 0, INT_ACC=not fp8, WEIGHT_BITS=bits, SPLIT_OUT=operand,
                          OUT_RUN=16 if operand else 1, GATED=gated, BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8,
                          stride_ak=1, stride_bk=1, stride_on=1, stride_as=1, stride_bs=1,
-                         FIELD_ACCUMULATORS=1 if "group" in label else 2, GROUP_K=128 if "group" in label else 0)
+                         FIELD_ACCUMULATORS=1 if "group" in label else 2, GROUP_K=128 if "group" in label else 0,
+                         FILL_M=0, FILL_N=0)
         types = {**pointers, "a_ptr": a_type, "b_ptr": b_type, "out_ptr": "*fp8e4nv" if gelu or operand else "*bf16"}
         reports[label] = _report(_gemm_kernel, types, constants, 8, 3)
+        if label == "fp8":  # the last wave's rows in 64 x 64 fill tiles: both tiles' buffers share shared memory
+            reports["fp8_fill_64x64"] = _report(_gemm_kernel, types, {**constants, "FILL_M": 64, "FILL_N": 64}, 8, 3)
         if label in ("w4a8", "w4a8_fp8"):  # few tokens: the 16-row K-loop tile fixed_config launches there
             few = fixed_config_for_size(16, 4608, 1152, not fp8, packed=True)
             tile = {key: few[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}

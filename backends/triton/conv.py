@@ -63,7 +63,7 @@ def _conv_kernel(
     with one scale and no zero point; w: int8 (FP8: float8 e4m3) [N, KH, KW, C] contiguous; out [B, N, OUT_H,
     OUT_W] contiguous. OUT_RUN: output positions come in aligned runs of this many (a power of two dividing
     OUT_H * OUT_W)."""
-    pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

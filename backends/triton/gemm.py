@@ -155,10 +155,9 @@ def unpack_field_e4m3(packed, field: tl.constexpr, WEIGHT_BITS: tl.constexpr):
 
 
 @triton.jit
-def grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """This program's output tile (row block, column block) of a 1-D grid over an M x N output, GROUP_M row blocks
+def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Program pid's output tile (row block, column block) of a 1-D grid over an M x N output, GROUP_M row blocks
     at a time sweeping the columns (neighbouring programs share operand tiles in L2)."""
-    pid = tl.program_id(0)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     first_m = (pid // (GROUP_M * num_pid_n)) * GROUP_M
     group_size = tl.minimum(tl.cdiv(M, BLOCK_M) - first_m, GROUP_M)
@@ -173,7 +172,8 @@ def _gate_row(gate_ptr, group, cols, col_ok, stride_gate_g, stride_gate_n):
 
 
 @triton.jit
-def _gemm_kernel(
+def _gemm_tile(
+    row_start, col_start,  # the output tile's first row and column
     # pointers
     a_ptr, b_ptr, out_ptr, a_scale_ptr, a_zero_ptr, b_scale_ptr, b_sum_ptr, bias_ptr, gate_ptr, residual_ptr,
     out_scale_ptr, out_zero_ptr, norm_weight_ptr, norm_bias_ptr, cos_ptr, sin_ptr,
@@ -201,7 +201,7 @@ def _gemm_kernel(
     # text / video rows): the head's are gate_ptr / residual_ptr / out_ptr, the tail's tail_*; rows_per_gate is the
     # sample's token count
     ROW_PARTS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     # packed K loop: the fields' products alternate between two accumulators, so that one field's MMAs run while the
     # next field is unpacked (with one, each waits for the previous MMA; 1: benchmarks compare). No default value:
     # torch's mutation analysis of traced launches fills none in (it would then copy every argument per call)
@@ -211,12 +211,11 @@ def _gemm_kernel(
     # into an fp32 accumulator; 0: per-channel scales
     GROUP_K: tl.constexpr,
 ):
+    """The output tile of BLOCK_M x BLOCK_N at (row_start, col_start) of `_gemm_kernel` (its parameters)."""
     PER_BYTE: tl.constexpr = 8 // WEIGHT_BITS
     BLOCK_KP: tl.constexpr = BLOCK_K // PER_BYTE  # packed rows per step; each field covers BLOCK_KP values of K
-    pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = row_start + tl.arange(0, BLOCK_M)
+    cols = col_start + tl.arange(0, BLOCK_N)
     row_ok = rows < M
     col_ok = cols < N
     tile_ok = row_ok[:, None] & col_ok[None, :]
@@ -316,8 +315,8 @@ def _gemm_kernel(
         head_rows = sample * head_tokens + token
         tail_rows = sample * tail_tokens + token - head_tokens
     if HAS_GATE and GATE_PER_TILE:  # rows_per_gate >= BLOCK_M: the tile's rows belong to at most two groups
-        first = (pid_m * BLOCK_M) // rows_per_gate
-        last = tl.minimum(pid_m * BLOCK_M + BLOCK_M - 1, M - 1) // rows_per_gate
+        first = row_start // rows_per_gate
+        last = tl.minimum(row_start + BLOCK_M - 1, M - 1) // rows_per_gate
         in_first = ((rows // rows_per_gate) == first)[:, None]
         gates = tl.where(in_first, _gate_row(gate_ptr, first, cols, col_ok, stride_gate_g, stride_gate_n),
                          _gate_row(gate_ptr, last, cols, col_ok, stride_gate_g, stride_gate_n))
@@ -377,6 +376,78 @@ def _gemm_kernel(
     tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=tile_ok)
 
 
+
+@triton.jit
+def _gemm_kernel(
+    # pointers
+    a_ptr, b_ptr, out_ptr, a_scale_ptr, a_zero_ptr, b_scale_ptr, b_sum_ptr, bias_ptr, gate_ptr, residual_ptr,
+    out_scale_ptr, out_zero_ptr, norm_weight_ptr, norm_bias_ptr, cos_ptr, sin_ptr,
+    tail_gate_ptr, tail_residual_ptr, tail_out_ptr,
+    # sizes (K: logical, before packing; ROW_PARTS: a sample's rows are head_tokens, then tail_tokens)
+    M, N, K, rows_per_gate, head_tokens, tail_tokens,
+    # rows [0, main_rows) in BLOCK_M x BLOCK_N tiles, the rest (FILL_M > 0) in FILL_M x FILL_N ones, whose programs
+    # follow the main tiles' and spread the last wave's work over more SMs
+    main_rows,
+    # strides (b's in its stored, possibly packed, units; stride_as / stride_bs: a_scale and a_zero / b_scale, 0
+    # where one value serves every row / column: a static scale, read without an expanded copy)
+    stride_am, stride_ak, stride_bn, stride_bk, stride_om, stride_on, stride_gate_g, stride_gate_n, stride_rm,
+    stride_as, stride_bs,
+    # SPLIT_OUT: out[m, n] is stored at out_offset + (m // split_m) * stride_om_outer + (m % split_m) * stride_om
+    #                                              + (n // split_n) * stride_on_outer + (n % split_n) * stride_on
+    split_m, split_n, stride_om_outer, stride_on_outer, out_offset,
+    # HEAD_NORM / ROPE: row m is token rope_offset + m % split_m of the rotary tables cos / sin [tokens, HEAD_DIM]
+    norm_eps, rope_offset,
+    # meta-parameters
+    HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_PER_ROW: tl.constexpr, HAS_GATE: tl.constexpr,
+    GATE_PER_TILE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACT: tl.constexpr, OUT_CODES: tl.constexpr,
+    INT_ACC: tl.constexpr, WEIGHT_BITS: tl.constexpr, SPLIT_OUT: tl.constexpr, OUT_RUN: tl.constexpr,
+    GATED: tl.constexpr,  # b has 2N rows: out = act(second half's product) times the first half's (8-bit b only)
+    # per head of HEAD_DIM channels (a tile holds whole heads): HEAD_NORM 1 RMSNorm (weight), 2 LayerNorm (weight,
+    # bias); ROPE: rotary embedding
+    HEAD_NORM: tl.constexpr, ROPE: tl.constexpr, HEAD_DIM: tl.constexpr,
+    # rows (sample, token) split into two token parts, each with its own gate, residual and output (CogVideoX's
+    # text / video rows): the head's are gate_ptr / residual_ptr / out_ptr, the tail's tail_*; rows_per_gate is the
+    # sample's token count
+    ROW_PARTS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    # packed K loop: the fields' products alternate between two accumulators, so that one field's MMAs run while the
+    # next field is unpacked (with one, each waits for the previous MMA; 1: benchmarks compare). No default value:
+    # torch's mutation analysis of traced launches fills none in (it would then copy every argument per call)
+    FIELD_ACCUMULATORS: tl.constexpr,
+    # group-wise weight scales: b_scale and b_sum are [N, K / GROUP_K]; each K step (a packed field's, or an 8-bit
+    # step of unpacked codes; within one group: the launcher's BLOCK_K) is its own product, scaled per output channel
+    # into an fp32 accumulator; 0: per-channel scales
+    GROUP_K: tl.constexpr,
+    FILL_M: tl.constexpr, FILL_N: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    if not FILL_M:  # (main_rows is M)
+        main_rows = M
+    main_programs = tl.cdiv(main_rows, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    if FILL_M and pid >= main_programs:  # (FILL_M 0: the branch is not compiled)
+        pid_m, pid_n = grouped_tile(pid - main_programs, M - main_rows, N, FILL_M, FILL_N, GROUP_M)
+        _gemm_tile(main_rows + pid_m * FILL_M, pid_n * FILL_N, a_ptr, b_ptr, out_ptr, a_scale_ptr, a_zero_ptr,
+                   b_scale_ptr, b_sum_ptr, bias_ptr, gate_ptr, residual_ptr, out_scale_ptr, out_zero_ptr,
+                   norm_weight_ptr, norm_bias_ptr, cos_ptr, sin_ptr, tail_gate_ptr, tail_residual_ptr, tail_out_ptr,
+                   M, N, K, rows_per_gate, head_tokens, tail_tokens, stride_am, stride_ak, stride_bn, stride_bk,
+                   stride_om, stride_on, stride_gate_g, stride_gate_n, stride_rm, stride_as, stride_bs, split_m,
+                   split_n, stride_om_outer, stride_on_outer, out_offset, norm_eps, rope_offset, HAS_ZERO, HAS_BIAS,
+                   BIAS_PER_ROW, HAS_GATE, GATE_PER_TILE, HAS_RESIDUAL, ACT, OUT_CODES, INT_ACC, WEIGHT_BITS,
+                   SPLIT_OUT, OUT_RUN, GATED, HEAD_NORM, ROPE, HEAD_DIM, ROW_PARTS, FILL_M, FILL_N, BLOCK_K,
+                   FIELD_ACCUMULATORS, GROUP_K)
+    else:
+        pid_m, pid_n = grouped_tile(pid, main_rows, N, BLOCK_M, BLOCK_N, GROUP_M)
+        _gemm_tile(pid_m * BLOCK_M, pid_n * BLOCK_N, a_ptr, b_ptr, out_ptr, a_scale_ptr, a_zero_ptr, b_scale_ptr,
+                   b_sum_ptr, bias_ptr, gate_ptr, residual_ptr, out_scale_ptr, out_zero_ptr, norm_weight_ptr,
+                   norm_bias_ptr, cos_ptr, sin_ptr, tail_gate_ptr, tail_residual_ptr, tail_out_ptr, M, N, K,
+                   rows_per_gate, head_tokens, tail_tokens, stride_am, stride_ak, stride_bn, stride_bk, stride_om,
+                   stride_on, stride_gate_g, stride_gate_n, stride_rm, stride_as, stride_bs, split_m, split_n,
+                   stride_om_outer, stride_on_outer, out_offset, norm_eps, rope_offset, HAS_ZERO, HAS_BIAS,
+                   BIAS_PER_ROW, HAS_GATE, GATE_PER_TILE, HAS_RESIDUAL, ACT, OUT_CODES, INT_ACC, WEIGHT_BITS, SPLIT_OUT,
+                   OUT_RUN, GATED, HEAD_NORM, ROPE, HEAD_DIM, ROW_PARTS, BLOCK_M, BLOCK_N, BLOCK_K, FIELD_ACCUMULATORS,
+                   GROUP_K)
+
+
 _autotuned_gemm_kernel = triton.autotune(configs=get_autotune_config(),
                                         key=["M", "N", "K", "HAS_ZERO", "WEIGHT_BITS", "GATED"])(_gemm_kernel)
 
@@ -424,8 +495,22 @@ _SMALLER_TILES = [dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_war
                   dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=256, GROUP_M=8, num_warps=4, num_stages=3)]
 
 
-def _programs(config: dict, m: int, n: int) -> int:
-    return ceil_div(m, config["BLOCK_M"]) * ceil_div(n, config["BLOCK_N"])
+def _programs(config: dict, m: int, n: int, main_rows: int | None = None) -> int:
+    """Programs of an m x n output in config's tiles; with main_rows < m, only rows [0, main_rows) in them and the
+    rest in its FILL_M x FILL_N fill tiles."""
+    main_rows = m if main_rows is None else main_rows
+    fill = ceil_div(m - main_rows, config["FILL_M"]) * ceil_div(n, config["FILL_N"]) if main_rows < m else 0
+    return ceil_div(main_rows, config["BLOCK_M"]) * ceil_div(n, config["BLOCK_N"]) + fill
+
+
+def fill_main_rows(config: dict, m: int, n: int, sm_count: int) -> int:
+    """The rows config's main tiles cover: all m without fill tiles (FILL_M), else the row blocks of its full waves
+    over sm_count SMs (the fill tiles take the rest, spreading the last wave's work over more, smaller programs)."""
+    if not config.get("FILL_M"):
+        return m
+    column_blocks = ceil_div(n, config["BLOCK_N"])
+    full_waves = _programs(config, m, n) // sm_count
+    return min(m, (full_waves * sm_count // column_blocks) * config["BLOCK_M"])
 
 
 @functools.cache
@@ -454,6 +539,21 @@ _WIDE_TILE = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=8,
 LARGE_TILE_EFFICIENCY = 1.2
 
 
+def fill_tiles(m: int, n: int, sm_count: int) -> dict | None:
+    """{FILL_M, FILL_N} where 128 x 128 tiles over an m x n output make one or two full waves over sm_count SMs and a
+    last wave at most half full, else None. Those rows then take 64 x 64 tiles after one full wave, 64 x 128 after
+    two, measured fastest at SDXL's fp8 GEMMs on an H100 (gpu-bench-h100/sdxl-gemm-tiles-s35.json; us against the
+    plain 128 x 128 tile / the rule's tile before): 2048 x 1280 x 1280 (160 programs, 1.21 waves) 9.0 against 11.2 /
+    11.4, 2048 x 5120 x 1280 25.1 against 29.7 / 28.2 (64 x 64: 24.3), 8192 x 640 x 640 (320 programs, 2.42 waves)
+    12.0 against 12.7 / 12.7, 8192 x 2560 x 640 29.2 against 29.7; not where the last wave is nearly full (SDXL's
+    GEGLU products: 640 programs, 4.85 waves, 67.4 against 64.9)."""
+    programs = _programs(_SMALLER_TILES[0], m, n)
+    full_waves, left = divmod(programs, sm_count)
+    if full_waves not in (1, 2) or not 0 < left <= sm_count // 2:
+        return None
+    return dict(FILL_M=64, FILL_N=64 if full_waves == 1 else 128)
+
+
 def _wave_time(config: dict, m: int, n: int, sm_count: int) -> float:
     """Relative time of a GEMM on `config`'s tiles: full waves of programs over the SMs, each as long as a tile's area
     over its efficiency (LARGE_TILE_EFFICIENCY for tiles larger than 128 x 128)."""
@@ -476,11 +576,14 @@ def _fixed_config(m: int, n: int, k: int, integer: bool, residual: bool, packed:
     128 x 256, and not with a residual epilogue, whose fastest tile was measured; on an H200,
     gpu-bench-h200/sdxl-gemm-tiles.json: SDXL's 8192 x 640 x 640 narrow,
     320 programs in 3 waves against 192 in 2, 445 -> 538 TFLOP/s; its 2048 x 1280 x 1280 and 2048 x 5120 x 1280 wide,
-    80 programs in one wave against 160 in two, 589 -> 605 and 877 -> 944); a 128 x 128 tile is stepped down through
-    _SMALLER_TILES while it leaves SMs idle: few rows AND few columns, e.g. the transposed V products of short text
-    parts (SD3's 333 text tokens: M 1536 channels, N 672 keys, 36 wide tiles; PixArt's 120-token cross-attention: M
-    1152, N 256, 9 tiles: gpu-bench-h100/operand-parts-tile-step-down.json, SD3's text V part 19.4 -> 15.3 us).
+    80 programs in one wave against 160 in two, 589 -> 605 and 877 -> 944; all three take fill tiles now, below); a
+    128 x 128 tile is stepped down through _SMALLER_TILES while it leaves SMs idle: few rows AND few columns, e.g. the
+    transposed V products of short text parts (SD3's 333 text tokens: M 1536 channels, N 672 keys, 36 wide tiles;
+    PixArt's 120-token cross-attention: M 1152, N 256, 9 tiles: gpu-bench-h100/operand-parts-tile-step-down.json,
+    SD3's text V part 19.4 -> 15.3 us).
     Gated (GEGLU) products hold two accumulators and read two weight tiles per step: at most 128 columns (untimed).
+    fp8 GEMMs whose 128 x 128 tiles make one or two full waves and a last one at most half full take those tiles
+    over the full waves and fill tiles over the rest (`fill_tiles`).
     limits: `device_limits` of the GPU (default: an H100's SM count, no shared-memory check); where the pipeline does
     not fit, fewer stages (down to 2), then smaller tiles (untimed: no such GPU here)."""
     sm_count, shared = limits or (SM_COUNT, None)
@@ -488,7 +591,10 @@ def _fixed_config(m: int, n: int, k: int, integer: bool, residual: bool, packed:
     narrow = _SMALLER_TILES[0]
     if gated and config["BLOCK_N"] > 128:
         config = narrow
-    if not packed:  # the packed K loop's tiles are taken as measured
+    fill = fill_tiles(m, n, sm_count) if not (integer or packed or gated) and _area(config) >= _area(narrow) else None
+    if fill:  # (the kernel's shared memory is then the 128 x 128 tile's: kernel-ir-sm90.json)
+        config = {**narrow, **fill}
+    elif not packed:  # the packed K loop's tiles are taken as measured
         candidates = [config]  # the first of equal wave times wins
         if _area(config) > _area(narrow):
             candidates.append(narrow)
@@ -666,11 +772,23 @@ def quantized_gemm(a: torch.Tensor, a_scale: torch.Tensor, a_zero: torch.Tensor 
     parts_pointers, parts_tokens = ((dummy,) * 3, (0, 0)) if tail is None else (
         (tail_gate if tail_gate is not None else dummy, tail_residual, tail_out), (out_shape[1], tail_residual.shape[1]))
 
+    assert config is None or config == "autotune" or isinstance(config, dict), f"config {config!r}"
+    limits = device_limits(a.device.index if a.device.index is not None else torch.cuda.current_device()) \
+        if a.is_cuda else None
+    if config is None:
+        config = fixed_config(m, n, k, a.dtype == torch.int8, residual is not None, weight_bits != 8, gated, limits)
+    if config != "autotune" and config["BLOCK_N"] % head_dim:  # per-head transforms need a tile of whole heads
+        config = {**config, "BLOCK_N": head_dim}
+    if config != "autotune" and config.get("FILL_N", 0) % head_dim:  # (fill tiles too, else none)
+        config = {key: value for key, value in config.items() if key not in ("FILL_M", "FILL_N")}
+    if config != "autotune" and group_k:  # K steps within one group
+        config = {**config, "BLOCK_K": min(config["BLOCK_K"], group_step(group_k, b.shape[1], weight_bits))}
+    main_rows = m if config == "autotune" else fill_main_rows(config, m, n, limits[0] if limits else SM_COUNT)
     args = (a, b, out, a_scale, a_zero if a_zero is not None else dummy, b_scale,
             b_sum if b_sum is not None else dummy, bias if bias is not None else dummy, gate_arg,
             residual if residual is not None else dummy, out_scale if out_scale is not None else dummy,
             out_zero if out_zero is not None else dummy, norm_weight, norm_bias if norm_bias is not None else dummy,
-            cos, sin, *parts_pointers, m, n, k, rows_per_gate, *parts_tokens,
+            cos, sin, *parts_pointers, m, n, k, rows_per_gate, *parts_tokens, main_rows,
             a.stride(0), a.stride(1), b.stride(0), b.stride(1), stride_om, stride_on,
             stride_gate_g, stride_gate_n, residual.stride(-2) if residual is not None and residual.dim() > 1 else n,
             stride_as, stride_bs,
@@ -683,24 +801,15 @@ def quantized_gemm(a: torch.Tensor, a_scale: torch.Tensor, a_zero: torch.Tensor 
                  else 2, INT_ACC=a.dtype == torch.int8, WEIGHT_BITS=weight_bits, SPLIT_OUT=split_out is not None,
                  OUT_RUN=out_run, GATED=gated, HEAD_NORM=("none", "rms", "layer").index(norm), ROPE=rope is not None,
                  HEAD_DIM=head_dim, ROW_PARTS=tail is not None, FIELD_ACCUMULATORS=1 if group_k else 2,
-                 GROUP_K=group_k)
-    assert config is None or config == "autotune" or isinstance(config, dict), f"config {config!r}"
+                 GROUP_K=group_k, FILL_M=0, FILL_N=0)
     if config == "autotune":
         assert not traced and head_dim == 1 and not group_k, \
             "autotuning launches eagerly, with no per-head transform, per-channel scales"
         _autotuned_gemm_kernel[lambda meta: (_programs(meta, m, n),)](*args, **flags)
     else:
-        if config is None:
-            limits = device_limits(a.device.index if a.device.index is not None else torch.cuda.current_device()) \
-                if a.is_cuda else None
-            config = fixed_config(m, n, k, a.dtype == torch.int8, residual is not None, weight_bits != 8, gated,
-                                  limits)
-        if config["BLOCK_N"] % head_dim:  # per-head transforms need a tile of whole heads
-            config = {**config, "BLOCK_N": head_dim}
-        if group_k:  # K steps within one group
-            config = {**config, "BLOCK_K": min(config["BLOCK_K"], group_step(group_k, b.shape[1], weight_bits))}
         launch = wrap_triton(_gemm_kernel) if traced else _gemm_kernel
-        launch[(_programs(config, m, n),)](*args, **{**flags, **config})  # a benchmark's config may set a flag
+        launch[(_programs(config, m, n, main_rows),)](*args, **{**flags, **config})  # a benchmark's config may set
+        # a flag
     if tail is not None:
         return out.view(out_shape), tail_out
     return out if residual is None else out.view(out_shape)

@@ -70,6 +70,11 @@ def main() -> None:
             torch.zeros(128, 96, dtype=torch.float8_e4m3fn), torch.ones(128), None,
             torch.zeros(96, 96, dtype=torch.float8_e4m3fn), torch.ones(96), None, None, torch.bfloat16, traced=True,
             gate=table[:, 2:3], residual=x),
+        "gemm_fp8_fill_tiles": lambda: gemm.quantized_gemm(  # the last wave's rows in smaller tiles: two tile sites
+            torch.zeros(128, 96, dtype=torch.float8_e4m3fn), torch.ones(128), None,
+            torch.zeros(96, 96, dtype=torch.float8_e4m3fn), torch.ones(96), None, None, torch.bfloat16, traced=True,
+            gate=table[:, 2:3], residual=x, config={**gemm.fixed_config(128, 96, 96, False), "FILL_M": 64,
+                                                    "FILL_N": 64}),
         "gemm_fp8_gate_per_tile": lambda: gemm.quantized_gemm(
             torch.zeros(128, 96, dtype=torch.float8_e4m3fn), torch.ones(128), None,
             torch.zeros(96, 96, dtype=torch.float8_e4m3fn), torch.ones(96), None, None, torch.bfloat16, traced=True,

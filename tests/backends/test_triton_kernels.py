@@ -448,6 +448,31 @@ def test_gemm_epilogue_writes_the_next_linears_codes(weights, activation):
             assert codes.max() <= 1 and (codes > 0).float().mean() < 0.01
 
 
+@pytest.mark.parametrize("weights,epilogue", [("int8", "bias"), ("fp8", "gate_residual"), ("fp8", "geglu_codes")])
+def test_fill_tiles_compute_what_main_tiles_do(monkeypatch, weights, epilogue):
+    """Rows past the main tiles' full waves go to smaller fill tiles (FILL_M x FILL_N): on 4 SMs a 70 x 40 output in
+    32 x 32 tiles makes 3 x 2 programs, one full wave of 2 row blocks, so rows 64-69 take 16 x 16 fill tiles; the
+    output equals one tile size throughout (int8 with zero points; fp8 with a per-sample gate loaded per tile and a
+    residual; fp8 GEGLU writing codes)."""
+    monkeypatch.setattr(gemm_module, "SM_COUNT", 4)
+    m, k, n = 70, 64, 40
+    gated = epilogue == "geglu_codes"
+    x, w, bias = torch.randn(m, k), torch.randn(2 * n if gated else n, k), torch.randn(2 * n if gated else n)
+    operands, _ = _linear_operands(x, w, bias, weights)
+    x_q, x_scale, x_zero, stored, bits, w_scale, w_sum = operands
+    extra = {}
+    if epilogue == "gate_residual":  # 35 tokens per sample: a 32-row tile's rows belong to at most two samples
+        extra = dict(gate=_adaln_operands(2, n)[0], residual=torch.randn(2, m // 2, n), gate_per_tile=True)
+    elif gated:
+        extra = dict(activation="geglu", out_scale=torch.full((1,), 0.05))
+    main = gemm_module.get_autotune_config()[0].all_kwargs()
+    fill = {**main, "FILL_M": 16, "FILL_N": 16}
+    assert gemm_module.fill_main_rows(fill, m, n, 4) == 64 and gemm_module._programs(fill, m, n, 64) == 4 + 3
+    outputs = [quantized_gemm(x_q, x_scale, x_zero, stored, w_scale, w_sum, bias, torch.float32, bits, config=config,
+                              **extra) for config in (main, fill)]
+    assert torch.equal(outputs[0].float(), outputs[1].float())
+
+
 def test_gpu_tiles_fill_the_sms_where_rows_and_columns_are_both_few(monkeypatch):
     """The traced GEMMs' tile rule (as on the GPU): a problem with few rows and few columns (SD3's 333-token text V
     product, PixArt's 120-key cross-attention V) steps down to smaller tiles until it has a program per SM; large
@@ -483,16 +508,26 @@ def test_traced_gemm_reads_a_static_scale_in_place(monkeypatch):
 
 
 def test_gpu_tiles_weigh_waves(monkeypatch):
-    """Between 128 x 128 and 128 x 256 tiles, the rule takes the one with less wave time, as measured on SDXL's fp8
-    GEMMs (gpu-bench-h200/sdxl-gemm-tiles.json): its 1280-wide projections and second feed-forward linear (2048
-    tokens: 80 wide programs in one wave against 160 in two) wide, its 640-wide projections (8192 tokens: 192 wide
-    programs in two waves against 320 in three) narrow; PixArt's projection (a tie: 3 wide waves, 5 narrow) keeps
-    the size rule's wide tile, and a residual epilogue its measured 128 x 128."""
+    """Between 128 x 128 and 128 x 256 fp8 tiles, the rule takes the one with less wave time: PixArt's projection (a
+    tie: 3 wide waves, 5 narrow) keeps the size rule's wide tile. fp8 GEMMs whose 128 x 128 tiles make one or two
+    full waves and a last one at most half full (SDXL's, which took the wide tile before:
+    gpu-bench-h100/sdxl-gemm-tiles-s35.json) cover the rows past the full waves in fill tiles, 64 x 64 after one
+    wave, 64 x 128 after two, also with a residual epilogue; not int8, GEGLU, packed or few-token GEMMs, nor where
+    the last wave is more than half full."""
     monkeypatch.setattr(gemm_module, "INTERPRET", False)
-    width = {shape: gemm_module.fixed_config(*shape, False)["BLOCK_N"]
-             for shape in ((2048, 1280, 1280), (2048, 1280, 5120), (8192, 640, 640), (8192, 1152, 1152))}
-    assert width == {(2048, 1280, 1280): 256, (2048, 1280, 5120): 256, (8192, 640, 640): 128, (8192, 1152, 1152): 256}
-    assert gemm_module.fixed_config(2048, 1280, 5120, False, residual=True)["BLOCK_N"] == 128
+    assert gemm_module.fixed_config(8192, 1152, 1152, False)["BLOCK_N"] == 256
+    fill = {shape: tuple(gemm_module.fixed_config(*shape, False, residual=residual).get(key)
+                         for key in ("BLOCK_M", "BLOCK_N", "FILL_M", "FILL_N"))
+            for shape in ((2048, 1280, 1280), (2048, 1280, 5120), (8192, 640, 640), (8192, 1152, 1152),
+                          (2048, 5120, 1280)) for residual in (False, True)}
+    assert {shape: tiles for shape, tiles in fill.items() if tiles[2]} == {
+        (2048, 1280, 1280): (128, 128, 64, 64), (2048, 1280, 5120): (128, 128, 64, 64),
+        (8192, 640, 640): (128, 128, 64, 128)}  # (PixArt: 576 programs; 2048 x 5120: 640, 4.85 waves)
+    assert all(fill[shape] == fill[shape[:3]] for shape in fill if len(shape) == 4)
+    assert gemm_module.fill_main_rows(gemm_module.fixed_config(2048, 1280, 1280, False), 2048, 1280, 132) == 1664
+    for kind in (dict(integer=True), dict(integer=False, gated=True), dict(integer=False, packed=True)):
+        assert "FILL_M" not in gemm_module.fixed_config(2048, 1280, 1280, **kind)
+    assert "FILL_M" not in gemm_module.fixed_config(512, 1280, 1280, False)
 
 
 def test_gpu_tiles_at_a_few_hundred_tokens(monkeypatch):
@@ -894,7 +929,8 @@ def test_inductor_sees_only_outputs_written():
                        "scale_ptr"], "quantize_geglu": ["q_ptr", "scale_ptr", "zero_ptr"],
                        "quantize_concat_fp8": ["q_ptr", "scale_ptr"], "gemm_int8": ["out_ptr"],
                        "gemm_w4a8_fp8": ["out_ptr"],
-                       "gemm_fp8_gate_residual": ["out_ptr"], "gemm_fp8_gate_per_tile": ["out_ptr"],
+                       "gemm_fp8_gate_residual": ["out_ptr"], "gemm_fp8_fill_tiles": ["out_ptr"],
+                       "gemm_fp8_gate_per_tile": ["out_ptr"],
                        "gemm_fp8_residual_parts": ["out_ptr", "tail_out_ptr"],
                        "gemm_fp8_gelu_quantize": ["out_ptr"], "gemm_fp8_attention_operand": ["out_ptr"],
                        "attention_fp8_laid_out": ["out_ptr"], "attention_fp8": ["out_ptr"], "conv_int8": ["out_ptr"],
@@ -916,6 +952,8 @@ def test_gpu_only_ptx_assembles_for_hopper(tmp_path):
     reports = json.loads((tmp_path / "ir.json").read_text())
     gemm = reports["gemm"]
     assert all(report["cubin_bytes"] > 0 for report in gemm.values())
+    # a kernel with fill tiles holds both tiles' code but one tile's shared memory (its K loop's buffers are reused)
+    assert gemm["fp8_fill_64x64"]["shared_bytes"] == gemm["fp8"]["shared_bytes"]
     assert reports["attention"]["d72_fp8_pv_fp8_codes"]["cubin_bytes"] > 0  # the attention writing fp8 codes
     assert reports["attention"]["d72_fp8_pv_fp8_codes_static_raw_tail"]["cubin_bytes"] > 0  # laid-out operands
     assert reports["attention"]["d64_fp8_pv_fp8_split_codes_static_raw_tail"]["cubin_bytes"] > 0  # two scales
