@@ -174,44 +174,20 @@ def _gate_row(gate_ptr, group, cols, col_ok, stride_gate_g, stride_gate_n):
 @triton.jit
 def _gemm_tile(
     row_start, col_start,  # the output tile's first row and column
-    # pointers
     a_ptr, b_ptr, out_ptr, a_scale_ptr, a_zero_ptr, b_scale_ptr, b_sum_ptr, bias_ptr, gate_ptr, residual_ptr,
-    out_scale_ptr, out_zero_ptr, norm_weight_ptr, norm_bias_ptr, cos_ptr, sin_ptr,
-    tail_gate_ptr, tail_residual_ptr, tail_out_ptr,
-    # sizes (K: logical, before packing; ROW_PARTS: a sample's rows are head_tokens, then tail_tokens)
-    M, N, K, rows_per_gate, head_tokens, tail_tokens,
-    # strides (b's in its stored, possibly packed, units; stride_as / stride_bs: a_scale and a_zero / b_scale, 0
-    # where one value serves every row / column: a static scale, read without an expanded copy)
-    stride_am, stride_ak, stride_bn, stride_bk, stride_om, stride_on, stride_gate_g, stride_gate_n, stride_rm,
-    stride_as, stride_bs,
-    # SPLIT_OUT: out[m, n] is stored at out_offset + (m // split_m) * stride_om_outer + (m % split_m) * stride_om
-    #                                              + (n // split_n) * stride_on_outer + (n % split_n) * stride_on
-    split_m, split_n, stride_om_outer, stride_on_outer, out_offset,
-    # HEAD_NORM / ROPE: row m is token rope_offset + m % split_m of the rotary tables cos / sin [tokens, HEAD_DIM]
-    norm_eps, rope_offset,
-    # meta-parameters
-    HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_PER_ROW: tl.constexpr, HAS_GATE: tl.constexpr,
-    GATE_PER_TILE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACT: tl.constexpr, OUT_CODES: tl.constexpr,
-    INT_ACC: tl.constexpr, WEIGHT_BITS: tl.constexpr, SPLIT_OUT: tl.constexpr, OUT_RUN: tl.constexpr,
-    GATED: tl.constexpr,  # b has 2N rows: out = act(second half's product) times the first half's (8-bit b only)
-    # per head of HEAD_DIM channels (a tile holds whole heads): HEAD_NORM 1 RMSNorm (weight), 2 LayerNorm (weight,
-    # bias); ROPE: rotary embedding
-    HEAD_NORM: tl.constexpr, ROPE: tl.constexpr, HEAD_DIM: tl.constexpr,
-    # rows (sample, token) split into two token parts, each with its own gate, residual and output (CogVideoX's
-    # text / video rows): the head's are gate_ptr / residual_ptr / out_ptr, the tail's tail_*; rows_per_gate is the
-    # sample's token count
-    ROW_PARTS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    # packed K loop: the fields' products alternate between two accumulators, so that one field's MMAs run while the
-    # next field is unpacked (with one, each waits for the previous MMA; 1: benchmarks compare). No default value:
-    # torch's mutation analysis of traced launches fills none in (it would then copy every argument per call)
-    FIELD_ACCUMULATORS: tl.constexpr,
-    # group-wise weight scales: b_scale and b_sum are [N, K / GROUP_K]; each K step (a packed field's, or an 8-bit
-    # step of unpacked codes; within one group: the launcher's BLOCK_K) is its own product, scaled per output channel
-    # into an fp32 accumulator; 0: per-channel scales
+    out_scale_ptr, out_zero_ptr, norm_weight_ptr, norm_bias_ptr, cos_ptr, sin_ptr, tail_gate_ptr, tail_residual_ptr,
+    tail_out_ptr, M, N, K, rows_per_gate, head_tokens, tail_tokens, stride_am, stride_ak, stride_bn, stride_bk,
+    stride_om, stride_on, stride_gate_g, stride_gate_n, stride_rm, stride_as, stride_bs, split_m, split_n,
+    stride_om_outer, stride_on_outer, out_offset, norm_eps, rope_offset, HAS_ZERO: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BIAS_PER_ROW: tl.constexpr, HAS_GATE: tl.constexpr, GATE_PER_TILE: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, ACT: tl.constexpr, OUT_CODES: tl.constexpr, INT_ACC: tl.constexpr,
+    WEIGHT_BITS: tl.constexpr, SPLIT_OUT: tl.constexpr, OUT_RUN: tl.constexpr, GATED: tl.constexpr,
+    HEAD_NORM: tl.constexpr, ROPE: tl.constexpr, HEAD_DIM: tl.constexpr, ROW_PARTS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FIELD_ACCUMULATORS: tl.constexpr,
     GROUP_K: tl.constexpr,
 ):
-    """The output tile of BLOCK_M x BLOCK_N at (row_start, col_start) of `_gemm_kernel` (its parameters)."""
+    """The output tile of BLOCK_M x BLOCK_N at (row_start, col_start) of `_gemm_kernel` (its parameters, described
+    there)."""
     PER_BYTE: tl.constexpr = 8 // WEIGHT_BITS
     BLOCK_KP: tl.constexpr = BLOCK_K // PER_BYTE  # packed rows per step; each field covers BLOCK_KP values of K
     rows = row_start + tl.arange(0, BLOCK_M)
