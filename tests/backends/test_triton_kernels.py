@@ -473,6 +473,22 @@ def test_fill_tiles_compute_what_main_tiles_do(monkeypatch, weights, epilogue):
     assert torch.equal(outputs[0].float(), outputs[1].float())
 
 
+@pytest.mark.parametrize("keys_major", [False, True])
+def test_fill_tiles_store_attention_operand_codes_where_main_tiles_do(monkeypatch, keys_major):
+    """An attention operand's codes (split output offsets; V as a transposed product) written with fill tiles: on 4
+    SMs the 66-row Q / K product (3 x 2 programs of 32 x 32) and the 64-channel V^T product (2 x 3) cover their last
+    rows with 16 x 16 tiles, storing exactly the codes one tile size stores."""
+    heads, batch, tokens, head_dim = 2, 2, [33], 32
+    parts = [list(operand) for operand in zip(_fp8_linear_operands(batch * tokens[0], 64, heads * head_dim, 8))]
+    out_scale = torch.full((1,), 0.02)
+    main = attention_operand_gemm(*parts, out_scale, heads, tokens, keys_major)
+    tile = gemm_module.get_autotune_config()[0].all_kwargs()
+    monkeypatch.setattr(gemm_module, "SM_COUNT", 4)
+    monkeypatch.setattr(gemm_module, "_fixed_config", lambda *key: {**tile, "FILL_M": 16, "FILL_N": 16})
+    filled = attention_operand_gemm(*parts, out_scale, heads, tokens, keys_major)
+    assert torch.equal(filled.float(), main.float()) and main.float().abs().sum() > 0
+
+
 def test_gpu_tiles_fill_the_sms_where_rows_and_columns_are_both_few(monkeypatch):
     """The traced GEMMs' tile rule (as on the GPU): a problem with few rows and few columns (SD3's 333-token text V
     product, PixArt's 120-key cross-attention V) steps down to smaller tiles until it has a program per SM; large
