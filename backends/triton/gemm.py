@@ -352,7 +352,6 @@ def _gemm_tile(
     tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=tile_ok)
 
 
-
 @triton.jit
 def _gemm_kernel(
     # pointers
@@ -518,11 +517,11 @@ LARGE_TILE_EFFICIENCY = 1.2
 def fill_tiles(m: int, n: int, sm_count: int) -> dict | None:
     """{FILL_M, FILL_N} where 128 x 128 tiles over an m x n output make one or two full waves over sm_count SMs and a
     last wave at most half full, else None. Those rows then take 64 x 64 tiles after one full wave, 64 x 128 after
-    two, measured fastest at SDXL's fp8 GEMMs on an H100 (gpu-bench-h100/sdxl-gemm-tiles-s35.json; us against the
-    plain 128 x 128 tile / the rule's tile before): 2048 x 1280 x 1280 (160 programs, 1.21 waves) 9.0 against 11.2 /
-    11.4, 2048 x 5120 x 1280 25.1 against 29.7 / 28.2 (64 x 64: 24.3), 8192 x 640 x 640 (320 programs, 2.42 waves)
-    12.0 against 12.7 / 12.7, 8192 x 2560 x 640 29.2 against 29.7; not where the last wave is nearly full (SDXL's
-    GEGLU products: 640 programs, 4.85 waves, 67.4 against 64.9)."""
+    two, measured fastest at SDXL's fp8 GEMMs on an H100 (gpu-bench-h100/sdxl-gemm-tiles-s35.json; M x K -> N, us
+    with these fill tiles against the plain 128 x 128 tile / the rule's tile before): 2048 x 1280 -> 1280 (160
+    programs, 1.21 waves) 9.0 against 11.2 / 11.4, 2048 x 5120 -> 1280 24.3 against 29.7 / 28.2, 8192 x 640 -> 640
+    (320 programs, 2.42 waves) 12.0 against 12.7 / 12.7, 8192 x 2560 -> 640 29.2 against 29.7 / 31.7; not where the
+    last wave is nearly full (SDXL's GEGLU products: 640 programs, 4.85 waves, 67.4 against 64.9)."""
     programs = _programs(_SMALLER_TILES[0], m, n)
     full_waves, left = divmod(programs, sm_count)
     if full_waves not in (1, 2) or not 0 < left <= sm_count // 2:
@@ -749,17 +748,20 @@ def quantized_gemm(a: torch.Tensor, a_scale: torch.Tensor, a_zero: torch.Tensor 
         (tail_gate if tail_gate is not None else dummy, tail_residual, tail_out), (out_shape[1], tail_residual.shape[1]))
 
     assert config is None or config == "autotune" or isinstance(config, dict), f"config {config!r}"
-    limits = device_limits(a.device.index if a.device.index is not None else torch.cuda.current_device()) \
-        if a.is_cuda else None
-    if config is None:
-        config = fixed_config(m, n, k, a.dtype == torch.int8, residual is not None, weight_bits != 8, gated, limits)
-    if config != "autotune" and config["BLOCK_N"] % head_dim:  # per-head transforms need a tile of whole heads
-        config = {**config, "BLOCK_N": head_dim}
-    if config != "autotune" and config.get("FILL_N", 0) % head_dim:  # (fill tiles too, else none)
-        config = {key: value for key, value in config.items() if key not in ("FILL_M", "FILL_N")}
-    if config != "autotune" and group_k:  # K steps within one group
-        config = {**config, "BLOCK_K": min(config["BLOCK_K"], group_step(group_k, b.shape[1], weight_bits))}
-    main_rows = m if config == "autotune" else fill_main_rows(config, m, n, limits[0] if limits else SM_COUNT)
+    main_rows = m
+    if config != "autotune":
+        limits = device_limits(a.device.index if a.device.index is not None else torch.cuda.current_device()) \
+            if a.is_cuda else None
+        if config is None:
+            config = fixed_config(m, n, k, a.dtype == torch.int8, residual is not None, weight_bits != 8, gated,
+                                  limits)
+        if config["BLOCK_N"] % head_dim:  # per-head transforms need a tile of whole heads
+            config = {**config, "BLOCK_N": head_dim}
+        if config.get("FILL_N", 0) % head_dim:  # (fill tiles too, else none)
+            config = {key: value for key, value in config.items() if key not in ("FILL_M", "FILL_N")}
+        if group_k:  # K steps within one group
+            config = {**config, "BLOCK_K": min(config["BLOCK_K"], group_step(group_k, b.shape[1], weight_bits))}
+        main_rows = fill_main_rows(config, m, n, limits[0] if limits else SM_COUNT)
     args = (a, b, out, a_scale, a_zero if a_zero is not None else dummy, b_scale,
             b_sum if b_sum is not None else dummy, bias if bias is not None else dummy, gate_arg,
             residual if residual is not None else dummy, out_scale if out_scale is not None else dummy,
@@ -784,8 +786,7 @@ def quantized_gemm(a: torch.Tensor, a_scale: torch.Tensor, a_zero: torch.Tensor 
         _autotuned_gemm_kernel[lambda meta: (_programs(meta, m, n),)](*args, **flags)
     else:
         launch = wrap_triton(_gemm_kernel) if traced else _gemm_kernel
-        launch[(_programs(config, m, n, main_rows),)](*args, **{**flags, **config})  # a benchmark's config may set
-        # a flag
+        launch[(_programs(config, m, n, main_rows),)](*args, **{**flags, **config})  # (config may set a flag)
     if tail is not None:
         return out.view(out_shape), tail_out
     return out if residual is None else out.view(out_shape)
