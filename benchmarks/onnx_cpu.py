@@ -9,7 +9,8 @@ weights) and the t2i-dit reference denoiser at a classifier-free-guidance batch.
 accuracy of each ORT graph against torch (fp32 and fxquant W8A8 per-token), ORT-vs-torch parity of W8A8 on the three
 reference models' recorded denoiser calls with the integer-op census. Timings are reported, never asserted.
 `--columns-ab`: only the stack's ORT graphs, the per-token form's zero-point columns per layer against per weight
-shape (and the symmetric form), interleaved. `--op-profile`: only ORT's kernel time per operator type of the
+shape (and the symmetric form), interleaved. `--weight-codes-ab`: only the stack's ORT graphs with int8 against
+uint8 weight codes, interleaved, with their parity. `--op-profile`: only ORT's kernel time per operator type of the
 stack's fp32 and int8 graphs. `--group-wise-ab`: only the stack's ORT graphs of W4A8 with group-wise against
 per-channel weight scales, interleaved.
 """
@@ -192,6 +193,34 @@ def group_wise_ab(model: torch.nn.Module, inputs: dict, runs: int, directory: Pa
                                                    for layer in plans[f"group {group}"].plan.quantized_layers())}
 
 
+def weight_codes_ab(model: torch.nn.Module, inputs: dict, runs: int, directory: Path) -> dict:
+    """ORT only, interleaved: fp32 and W8A8 in the exact and symmetric per-token forms with int8 weight codes (ORT's
+    u8 x s8 kernels) and uint8 ones (u8 x u8; `export_onnx`'s weight_codes); each int8 graph's parity with the plan's
+    torch reference (u8 x s8 saturates on x86 without VNNI) and whether this CPU is such a one."""
+    from fxquant.backends.onnx.export import saturating_u8s8
+
+    qmodel = fxquant.quantize(copy.deepcopy(model), "w8a8", [inputs])
+    reference = _torch_call(qmodel, inputs)()
+    variants = {"ort fp32": _ort_call(export_float_onnx(model, directory / "codes-fp32.onnx", inputs,
+                                                        dynamic_batch=False), inputs)}
+    parity = {}
+    for form in ("per_token", "per_token_symmetric"):
+        for codes in ("int8", "uint8"):
+            label = f"ort w8a8 {form} {codes} weights"
+            path = fxquant.export_onnx(qmodel, directory / f"{label.replace(' ', '-')}.onnx", inputs, act_form=form,
+                                       dynamic_batch=False, weight_codes=codes)
+            variants[label] = _ort_call(path, inputs)
+            parity[label] = relative_l2(variants[label](), reference)
+    medians = interleaved_medians(variants, runs)
+    rows = [{"variant": label, "median_ms": seconds * 1e3, "speedup_vs_ort_fp32": medians["ort fp32"] / seconds,
+             **({"rel_l2_vs_torch_same_plan": parity[label]} if label in parity else {})}
+            for label, seconds in medians.items()]
+    for row in rows:
+        print(f"weight codes A/B {row['variant']:44s} {row['median_ms']:8.1f} ms  {row['speedup_vs_ort_fp32']:.3f}x"
+              f"  {row.get('rel_l2_vs_torch_same_plan', 0):.4f}", flush=True)
+    return {"rows": rows, "cpu_saturates_u8s8": saturating_u8s8()}
+
+
 def op_profile(model: torch.nn.Module, inputs: dict, runs: int, directory: Path) -> dict:
     """ORT's kernel time per operator type, per run (its profiler; 3 warm-up runs not counted), for the model's fp32
     graph and each int8 activation form of its W8A8 plan: where each graph's time goes."""
@@ -263,9 +292,12 @@ def main() -> None:
                         "PixArt-width stack's fp32 and int8 graphs (written to --out)")
     parser.add_argument("--group-wise-ab", action="store_true", help="only the PixArt-width stack's ORT graphs, "
                         "W4A8 group-wise against per-channel weight scales (written to --out)")
+    parser.add_argument("--weight-codes-ab", action="store_true", help="only the PixArt-width stack's ORT graphs, "
+                        "int8 against uint8 weight codes (written to --out)")
     args = parser.parse_args()
     torch.set_num_threads(THREADS)
-    stack_only = {"op_profile": op_profile, "columns_ab": zero_point_columns_ab, "group_wise_ab": group_wise_ab}
+    stack_only = {"op_profile": op_profile, "columns_ab": zero_point_columns_ab, "group_wise_ab": group_wise_ab,
+                  "weight_codes_ab": weight_codes_ab}
     for option, run in stack_only.items():
         if getattr(args, option):
             with tempfile.TemporaryDirectory() as tmp:

@@ -173,9 +173,10 @@ def inspect_passes(model: nn.Module, recipe: str | QuantConfig, calibration: Cal
 
 
 def export_onnx(qmodel: QuantizedModel, path, example_kwargs: dict, act_form: str = "per_token",
-                dynamic_batch: bool = True):
+                dynamic_batch: bool = True, weight_codes: str = "auto"):
     """QuantizedModel -> ONNX graph at `path` that ONNX Runtime runs on integer kernels (see
     fxquant.backends.onnx.export_onnx; imported here on first use, so `import fxquant` does not load onnx)."""
     from .backends.onnx import export_onnx as export
 
-    return export(qmodel, path, example_kwargs, act_form=act_form, dynamic_batch=dynamic_batch)
+    return export(qmodel, path, example_kwargs, act_form=act_form, dynamic_batch=dynamic_batch,
+                  weight_codes=weight_codes)

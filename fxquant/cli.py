@@ -58,7 +58,7 @@ def _export_onnx(args) -> None:
     setattr(pipe, name, load(args.checkpoint))
     example = first_denoiser_call(pipe, name, prompt=args.prompt, **dict(args.pipe_arg))
     path = export_onnx(getattr(pipe, name), args.out, example, act_form=args.act_form,
-                       dynamic_batch=args.dynamic_batch)
+                       dynamic_batch=args.dynamic_batch, weight_codes=args.weight_codes)
     print(f"exported: {path} ({integer_op_count(path)} integer matmul / conv ops in ONNX Runtime's optimised graph)")
 
 
@@ -135,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--act-form", choices=["per_token", "per_token_symmetric", "per_tensor"], default="per_token",
                         help="per_token: fxquant's activations, exact; per_token_symmetric / per_tensor: faster "
                              "forms that change the numbers (README: ONNX Runtime)")
+    export.add_argument("--weight-codes", choices=["auto", "int8", "uint8"], default="auto",
+                        help="the integer products' weight codes: int8 (ORT's u8 x s8 kernels), uint8 (u8 x u8, exact "
+                             "on x86 CPUs without VNNI, where u8 x s8 saturates) or auto (by this CPU)")
     export.add_argument("--dynamic-batch", action="store_true",
                         help="keep the batch dimension symbolic (not every model exports so); default: the call's")
     export.add_argument("--prompt", default="a photo", help="prompt of the pipeline call whose first denoiser call gives the example inputs")

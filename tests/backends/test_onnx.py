@@ -1,6 +1,7 @@
 """ONNX export: every family's quantized layers run on ORT integer kernels and match fxquant's torch reference."""
 
 import json
+import platform
 from collections import Counter
 
 import onnx
@@ -11,7 +12,7 @@ import fxquant
 from families import FAMILIES
 from fxquant.backends.onnx import (INTEGER_OPS, OrtDenoiser, first_denoiser_call, graph_metadata, integer_op_count,
                                    optimized_op_counts, session)
-from fxquant.backends.onnx.export import weight_placeholder, zero_point_columns
+from fxquant.backends.onnx.export import saturating_u8s8, weight_placeholder, zero_point_columns
 from fxquant.errors import FxquantError
 from fxquant.metrics import relative_l2
 from fxquant.modules import QUANT_MODULES
@@ -223,3 +224,27 @@ def test_bad_export_arguments_are_clear_errors(quantized_family, tmp_path):
         fxquant.export_onnx(qmodel, tmp_path / "m.onnx", FAMILIES["pixart"].inputs(), act_form="per_row")
     with pytest.raises(FxquantError, match="QuantizedModel"):
         fxquant.export_onnx(reference, tmp_path / "m.onnx", FAMILIES["pixart"].inputs())
+    with pytest.raises(FxquantError, match="weight_codes"):
+        fxquant.export_onnx(qmodel, tmp_path / "m.onnx", FAMILIES["pixart"].inputs(), weight_codes="int4")
+
+
+def test_weight_codes_pick_the_integer_products_right_operand(quantized_family, tmp_path, monkeypatch):
+    """ORT's u8 x s8 integer GEMM saturates on x86 CPUs without VNNI (pairs of products summed in int16): there
+    weight_codes="auto" exports the right operands as uint8 codes + 128 with zero point 128 (u8 x u8 kernels, exact;
+    on ARM and with VNNI int8). Either form keeps one integer op per quantized layer; the uint8 one matches torch on
+    any CPU, the int8 one wherever its kernels do not saturate."""
+    _, qmodel, _ = quantized_family("dit", "w8a8")
+    inputs = FAMILIES["dit"].inputs(batch=2, seed=7)
+    for codes in ("int8", "uint8"):
+        path = fxquant.export_onnx(qmodel, tmp_path / f"{codes}.onnx", inputs, weight_codes=codes)
+        model = onnx.load(path)
+        products = [node for node in model.graph.node if node.op_type == "MatMulInteger"]
+        assert products and all((len(node.input) == 4) == (codes == "uint8") for node in products)
+        assert {prop.key: prop.value for prop in model.metadata_props}["fxquant_weight_codes"] == codes
+        assert integer_op_count(path) == len(qmodel.plan.quantized_layers())
+        if codes == "uint8" or not saturating_u8s8():
+            assert relative_l2(_run(path, inputs), _torch(qmodel, inputs)) <= MAX_PARITY
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    assert saturating_u8s8("flags : fpu sse2 avx2 fma") and not saturating_u8s8("flags : avx2 avx512_vnni")
+    monkeypatch.setattr(platform, "machine", lambda: "aarch64")
+    assert not saturating_u8s8("flags : fp asimd")
