@@ -3,8 +3,10 @@
 torch.onnx's dynamo exporter captures the quantized model (the QuantizedModel wrapper included, so a timestep-group
 index is computed from the timestep input inside the graph) and translates each fxquant op with
 `translations.translation_table`; the plan's scales, zero points and packed weights go in unchanged as initializers.
-The result is checked with onnx.checker (full check) and saved, with external data beside it when the weights
-exceed 1 GB (protobuf caps a file at 2 GB).
+The integer products' right operands (weight codes, attention's K^T) stay int8, or become uint8 codes + 128 with zero
+point 128 where ORT's u8 x s8 kernels saturate (`weight_codes`, `saturating_u8s8`). The result is checked with
+onnx.checker (full check) and saved, with external data beside it when the weights exceed 1 GB (protobuf caps a file
+at 2 GB).
 """
 
 from __future__ import annotations
