@@ -165,6 +165,19 @@ def zero_point_columns_ab(model: torch.nn.Module, inputs: dict, runs: int, direc
     return {"rows": rows, "column_counts": sorted(set(per_layer(qmodel).values()))}
 
 
+def _ab_rows(title: str, variants: dict, parity: dict, runs: int) -> list[dict]:
+    """The interleaved medians of `variants` (label -> call; "ort fp32" among them) as rows with their speedup over
+    ORT fp32 and, where `parity` has the label, the relative L2 against the plan's torch reference; printed."""
+    medians = interleaved_medians(variants, runs)
+    rows = [{"variant": label, "median_ms": seconds * 1e3, "speedup_vs_ort_fp32": medians["ort fp32"] / seconds,
+             **({"rel_l2_vs_torch_same_plan": parity[label]} if label in parity else {})}
+            for label, seconds in medians.items()]
+    for row in rows:
+        print(f"{title} {row['variant']:44s} {row['median_ms']:8.1f} ms  {row['speedup_vs_ort_fp32']:.3f}x  "
+              f"{row.get('rel_l2_vs_torch_same_plan', 0):.4f}", flush=True)
+    return rows
+
+
 def group_wise_ab(model: torch.nn.Module, inputs: dict, runs: int, directory: Path, group: int = 128) -> dict:
     """ORT only, interleaved: fp32, W4A8 per-channel and group-wise (batched MatMulInteger over the groups) in the
     exact and symmetric per-token forms; each int8 graph's parity with its own plan's torch reference."""
@@ -182,14 +195,7 @@ def group_wise_ab(model: torch.nn.Module, inputs: dict, runs: int, directory: Pa
                                        act_form=form, dynamic_batch=False)
             variants[label] = _ort_call(path, inputs)
             parity[label] = relative_l2(variants[label](), reference)
-    medians = interleaved_medians(variants, runs)
-    rows = [{"variant": label, "median_ms": seconds * 1e3, "speedup_vs_ort_fp32": medians["ort fp32"] / seconds,
-             **({"rel_l2_vs_torch_same_plan": parity[label]} if label in parity else {})}
-            for label, seconds in medians.items()]
-    for row in rows:
-        print(f"group-wise A/B {row['variant']:44s} {row['median_ms']:8.1f} ms  {row['speedup_vs_ort_fp32']:.3f}x",
-              flush=True)
-    return {"rows": rows, "group_wise_layers": sum(bool(layer.inputs_per_scale)
+    return {"rows": _ab_rows("group-wise A/B", variants, parity, runs), "group_wise_layers": sum(bool(layer.inputs_per_scale)
                                                    for layer in plans[f"group {group}"].plan.quantized_layers())}
 
 
@@ -211,14 +217,7 @@ def weight_codes_ab(model: torch.nn.Module, inputs: dict, runs: int, directory: 
                                        dynamic_batch=False, weight_codes=codes)
             variants[label] = _ort_call(path, inputs)
             parity[label] = relative_l2(variants[label](), reference)
-    medians = interleaved_medians(variants, runs)
-    rows = [{"variant": label, "median_ms": seconds * 1e3, "speedup_vs_ort_fp32": medians["ort fp32"] / seconds,
-             **({"rel_l2_vs_torch_same_plan": parity[label]} if label in parity else {})}
-            for label, seconds in medians.items()]
-    for row in rows:
-        print(f"weight codes A/B {row['variant']:44s} {row['median_ms']:8.1f} ms  {row['speedup_vs_ort_fp32']:.3f}x"
-              f"  {row.get('rel_l2_vs_torch_same_plan', 0):.4f}", flush=True)
-    return {"rows": rows, "cpu_saturates_u8s8": saturating_u8s8()}
+    return {"rows": _ab_rows("weight codes A/B", variants, parity, runs), "cpu_saturates_u8s8": saturating_u8s8()}
 
 
 def op_profile(model: torch.nn.Module, inputs: dict, runs: int, directory: Path) -> dict:
